@@ -1,0 +1,9 @@
+"""The base of every recipe section: frozen, typed, unknown keys forbidden."""
+
+from pydantic import BaseModel, ConfigDict
+
+
+class Section(BaseModel):
+    """A recipe section. ``lora_rnak: 8`` is an error naming the key, never a silent default."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)

@@ -1,0 +1,99 @@
+"""Turning examples into token ids and labels, with loss only where the recipe wants it.
+
+A conversation is rendered with the chat template one turn at a time: the text the template adds
+for an assistant reply (its content and end marker) is trained, everything else (system, user
+turns, role headers) is masked with ``IGNORE_INDEX``. Segments are tokenised separately so the
+prompt tokens at inference equal the prompt tokens seen in training.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from tunesmith.data.formats import Example
+from tunesmith.errors import TunesmithError
+
+IGNORE_INDEX = -100
+
+
+@dataclass(frozen=True)
+class EncodedExample:
+    """Token ids and labels of one example (labels equal the ids where trained, else -100)."""
+
+    input_ids: tuple[int, ...]
+    labels: tuple[int, ...]
+    truncated: bool = False
+
+    @property
+    def num_target_tokens(self) -> int:
+        """Tokens that contribute to the loss (after the one-token shift of causal LM)."""
+        return sum(1 for label in self.labels[1:] if label != IGNORE_INDEX)
+
+
+def render_prompt(tokenizer, messages: list[dict[str, str]]) -> str:
+    """The prompt text for generating the next assistant reply, exactly as in training."""
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def conversation_segments(tokenizer, messages: tuple[dict[str, str], ...]) -> list[tuple[str, bool]]:
+    """Split a rendered conversation into ``(text, trained)`` segments.
+
+    Raises:
+        TunesmithError: If the chat template is not prefix-stable (rendering more turns changes
+            the text of earlier ones), which makes per-turn masking impossible.
+    """
+    segments: list[tuple[str, bool]] = []
+    done = ""
+    for index, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        prompt = render_prompt(tokenizer, list(messages[:index])) if index else ""
+        full = tokenizer.apply_chat_template(list(messages[: index + 1]), tokenize=False)
+        if not (prompt.startswith(done) and full.startswith(prompt)):
+            raise TunesmithError(
+                "the chat template renders earlier turns differently as the conversation grows, so "
+                "assistant turns cannot be masked; choose another data.template (e.g. chatml)"
+            )
+        segments += [(prompt[len(done):], False), (full[len(prompt):], True)]
+        done = full
+    rest = tokenizer.apply_chat_template(list(messages), tokenize=False)[len(done):]
+    if rest:
+        segments.append((rest, False))
+    return [(text, trained) for text, trained in segments if text]
+
+
+def encode_example(
+    example: Example,
+    tokenizer,
+    max_length: int,
+    train_on: Literal["assistant", "all"] = "assistant",
+) -> EncodedExample | None:
+    """Tokenise one example and build its labels.
+
+    Returns:
+        The encoded example, truncated to ``max_length``, or None if nothing is left to train on
+        after truncation (the prompt alone is longer than ``max_length``).
+    """
+    if example.text is not None:
+        ids = _encode(tokenizer, example.text)
+        if tokenizer.bos_token_id is not None:
+            ids = [tokenizer.bos_token_id, *ids]
+        if tokenizer.eos_token_id is not None:
+            ids.append(tokenizer.eos_token_id)
+        labels = list(ids)
+    else:
+        if not any(message["role"] == "assistant" for message in example.messages):
+            raise TunesmithError(f"{example.where}: the conversation has no assistant turn to learn from")
+        ids, labels = [], []
+        for text, trained in conversation_segments(tokenizer, example.messages):
+            segment = _encode(tokenizer, text)
+            ids += segment
+            labels += segment if (trained or train_on == "all") else [IGNORE_INDEX] * len(segment)
+    truncated = len(ids) > max_length
+    encoded = EncodedExample(tuple(ids[:max_length]), tuple(labels[:max_length]), truncated)
+    return encoded if encoded.num_target_tokens > 0 else None
+
+
+def _encode(tokenizer, text: str) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])

@@ -1,0 +1,161 @@
+"""Data formats: how a record's fields become a conversation or a plain text.
+
+Each format is registered by name; ``auto`` picks the one whose fields a record has. A record
+missing a field of its format is an error naming the record, the field and the expected layout.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+from tunesmith.data.readers import RawRecord
+from tunesmith.errors import TunesmithError
+from tunesmith.registry import Registry
+
+ROLES = ("system", "user", "assistant")
+
+
+@dataclass(frozen=True)
+class Example:
+    """A training example: a conversation (``messages``) or a plain ``text``, never both."""
+
+    messages: tuple[dict[str, str], ...] = ()
+    text: Optional[str] = None
+    where: str = ""
+
+
+@dataclass(frozen=True)
+class DataFormat:
+    """A record layout.
+
+    Attributes:
+        name: Registered name.
+        layout: Human description of the expected fields, shown in errors.
+        detect_fields: Fields whose presence identifies the layout for ``format: auto``.
+        convert: Turns a record into an :class:`Example`.
+    """
+
+    name: str
+    layout: str
+    detect_fields: tuple[str, ...]
+    convert: Callable[[RawRecord, "FormatOptions"], Example]
+
+
+@dataclass(frozen=True)
+class FormatOptions:
+    """Options of the conversion that come from the recipe."""
+
+    text_field: str = "text"
+    system_prompt: Optional[str] = None
+
+
+FORMATS: Registry[DataFormat] = Registry("data format")
+
+
+def _require(record: RawRecord, name: str, layout: str, kind: type | tuple[type, ...] = str) -> Any:
+    value = record.fields.get(name)
+    if value is None:
+        raise TunesmithError(
+            f"{record.where}: missing field '{name}' expected by the {layout} "
+            f"(fields present: {', '.join(record.fields) or 'none'})"
+        )
+    if not isinstance(value, kind):
+        raise TunesmithError(f"{record.where}: field '{name}' must be {_kind_name(kind)}, got {type(value).__name__}")
+    return value
+
+
+def _kind_name(kind: type | tuple[type, ...]) -> str:
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    return " or ".join({str: "text", list: "a list", dict: "an object"}.get(k, k.__name__) for k in kinds)
+
+
+def _with_system(messages: list[dict[str, str]], system: Optional[str]) -> tuple[dict[str, str], ...]:
+    if system and (not messages or messages[0]["role"] != "system"):
+        messages = [{"role": "system", "content": system}, *messages]
+    return tuple(messages)
+
+
+ALPACA_LAYOUT = "alpaca format (instruction, input (optional), output, system (optional), history (optional))"
+
+
+def _alpaca(record: RawRecord, options: FormatOptions) -> Example:
+    instruction = _require(record, "instruction", ALPACA_LAYOUT)
+    output = _require(record, "output", ALPACA_LAYOUT)
+    extra = record.fields.get("input") or ""
+    messages: list[dict[str, str]] = []
+    for turn in record.fields.get("history") or []:
+        if not (isinstance(turn, (list, tuple)) and len(turn) == 2):
+            raise TunesmithError(f"{record.where}: each 'history' item must be a [question, answer] pair")
+        messages += [{"role": "user", "content": str(turn[0])}, {"role": "assistant", "content": str(turn[1])}]
+    prompt = f"{instruction}\n\n{extra}" if extra else instruction
+    messages += [{"role": "user", "content": prompt}, {"role": "assistant", "content": output}]
+    system = record.fields.get("system") or options.system_prompt
+    return Example(messages=_with_system(messages, system), where=record.where)
+
+
+SHAREGPT_LAYOUT = "sharegpt format (conversations: [{from: human|gpt|system, value}], system (optional))"
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                  "model": "assistant", "system": "system"}
+
+
+def _sharegpt(record: RawRecord, options: FormatOptions) -> Example:
+    turns = _require(record, "conversations", SHAREGPT_LAYOUT, list)
+    messages = []
+    for index, turn in enumerate(turns):
+        speaker = turn.get("from") if isinstance(turn, dict) else None
+        if speaker not in SHAREGPT_ROLES or not isinstance(turn.get("value"), str):
+            raise TunesmithError(
+                f"{record.where}: conversations[{index}] must have 'from' in "
+                f"{sorted(SHAREGPT_ROLES)} and a text 'value'"
+            )
+        messages.append({"role": SHAREGPT_ROLES[speaker], "content": turn["value"]})
+    system = record.fields.get("system") or options.system_prompt
+    return Example(messages=_with_system(messages, system), where=record.where)
+
+
+MESSAGES_LAYOUT = "messages format (messages: [{role: system|user|assistant, content}])"
+
+
+def _messages(record: RawRecord, options: FormatOptions) -> Example:
+    turns = _require(record, "messages", MESSAGES_LAYOUT, list)
+    messages = []
+    for index, turn in enumerate(turns):
+        if not isinstance(turn, dict) or turn.get("role") not in ROLES or not isinstance(turn.get("content"), str):
+            raise TunesmithError(
+                f"{record.where}: messages[{index}] must have 'role' in {list(ROLES)} and a text 'content'"
+            )
+        messages.append({"role": turn["role"], "content": turn["content"]})
+    return Example(messages=_with_system(messages, options.system_prompt), where=record.where)
+
+
+def _text(record: RawRecord, options: FormatOptions) -> Example:
+    text = _require(record, options.text_field, f"text format (field '{options.text_field}')")
+    return Example(text=text, where=record.where)
+
+
+for _format in (
+    DataFormat("alpaca", ALPACA_LAYOUT, ("instruction", "output"), _alpaca),
+    DataFormat("sharegpt", SHAREGPT_LAYOUT, ("conversations",), _sharegpt),
+    DataFormat("messages", MESSAGES_LAYOUT, ("messages",), _messages),
+    DataFormat("text", "text format", ("text",), _text),
+):
+    FORMATS.register(_format.name)(_format)
+
+
+def detect_format(record: RawRecord, text_field: str = "text") -> str:
+    """The name of the format whose identifying fields ``record`` has.
+
+    Raises:
+        TunesmithError: If no format matches; names the record and the known layouts.
+    """
+    for name in FORMATS:
+        data_format = FORMATS.get(name)
+        wanted = (text_field,) if name == "text" else data_format.detect_fields
+        if all(key in record.fields for key in wanted):
+            return name
+    layouts = "; ".join(FORMATS.get(name).layout for name in FORMATS)
+    raise TunesmithError(
+        f"{record.where}: cannot tell the data format from fields {sorted(record.fields)}; "
+        f"set data.format to one of: {layouts}"
+    )

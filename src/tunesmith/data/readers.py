@@ -1,0 +1,149 @@
+"""Reading records from data files: .json, .jsonl, .csv, .parquet and .txt, optionally gzipped.
+
+Every record keeps where it came from (file and line, or row), so a bad one can be named.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+from tunesmith.errors import TunesmithError
+
+SUPPORTED_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet", ".txt")
+
+
+@dataclass(frozen=True)
+class RawRecord:
+    """One record as read from a file.
+
+    Attributes:
+        source: File path the record came from.
+        position: "line N" for line-based files, "record N" otherwise (1-based).
+        fields: The record's fields.
+    """
+
+    source: str
+    position: str
+    fields: dict[str, Any]
+
+    @property
+    def where(self) -> str:
+        """``file, line N``: how error messages name this record."""
+        return f"{self.source}, {self.position}"
+
+
+def file_kind(path: Path) -> str:
+    """The data suffix of ``path`` ignoring a trailing .gz (``a.jsonl.gz`` -> ``.jsonl``)."""
+    suffixes = [s.lower() for s in path.suffixes]
+    if suffixes and suffixes[-1] == ".gz":
+        suffixes = suffixes[:-1]
+    kind = suffixes[-1] if suffixes else ""
+    if kind not in SUPPORTED_SUFFIXES:
+        raise TunesmithError(
+            f"{path}: unsupported file type '{kind or path.name}'; use one of "
+            f"{', '.join(SUPPORTED_SUFFIXES)} (optionally .gz)"
+        )
+    return kind
+
+
+def read_records(path: str | Path, text_field: str = "text") -> Iterator[RawRecord]:
+    """Yield the records of a data file, streaming where the format allows.
+
+    Args:
+        path: The file.
+        text_field: Field name given to each line of a .txt file.
+
+    Raises:
+        TunesmithError: If the file is missing, of an unknown type, or malformed (naming the line).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise TunesmithError(f"data file {path} does not exist")
+    kind = file_kind(path)
+    reader = {
+        ".jsonl": _read_jsonl,
+        ".json": _read_json,
+        ".csv": _read_csv,
+        ".parquet": _read_parquet,
+        ".txt": lambda p: _read_txt(p, text_field),
+    }[kind]
+    yield from reader(path)
+
+
+def _open_text(path: Path) -> io.TextIOBase:
+    if path.suffix.lower() == ".gz":
+        return gzip.open(path, "rt", encoding="utf-8")  # type: ignore[return-value]
+    return open(path, encoding="utf-8")
+
+
+def _read_jsonl(path: Path) -> Iterator[RawRecord]:
+    with _open_text(path) as handle:
+        for line_number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                fields = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise TunesmithError(
+                    f"{path}, line {line_number}: invalid JSON ({error.msg} at column {error.colno}); "
+                    "fix or remove that line"
+                ) from None
+            yield _as_record(path, f"line {line_number}", fields)
+
+
+def _read_json(path: Path) -> Iterator[RawRecord]:
+    with _open_text(path) as handle:
+        try:
+            data = json.load(handle)
+        except json.JSONDecodeError as error:
+            raise TunesmithError(
+                f"{path}, line {error.lineno}: invalid JSON ({error.msg} at column {error.colno})"
+            ) from None
+    if isinstance(data, dict) and len(data) == 1 and isinstance(next(iter(data.values())), list):
+        data = next(iter(data.values()))  # {"data": [...]} layouts
+    if not isinstance(data, list):
+        raise TunesmithError(f"{path}: a .json data file must hold a list of records")
+    for index, fields in enumerate(data, start=1):
+        yield _as_record(path, f"record {index}", fields)
+
+
+def _read_csv(path: Path) -> Iterator[RawRecord]:
+    with _open_text(path) as handle:
+        reader = csv.DictReader(handle)
+        for index, row in enumerate(reader, start=1):
+            # DictReader puts extra cells under the key None; a short row has None values.
+            if None in row or any(value is None for value in row.values()):
+                raise TunesmithError(
+                    f"{path}, line {reader.line_num}: expected {len(reader.fieldnames or [])} "
+                    "columns as in the header"
+                )
+            yield RawRecord(str(path), f"line {reader.line_num}", dict(row))
+
+
+def _read_parquet(path: Path) -> Iterator[RawRecord]:
+    import pyarrow.parquet as pq
+
+    index = 0
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
+        for fields in batch.to_pylist():
+            index += 1
+            yield RawRecord(str(path), f"row {index}", fields)
+
+
+def _read_txt(path: Path, text_field: str) -> Iterator[RawRecord]:
+    with _open_text(path) as handle:
+        for line_number, line in enumerate(handle, start=1):
+            if line.strip():
+                yield RawRecord(str(path), f"line {line_number}", {text_field: line.rstrip("\n")})
+
+
+def _as_record(path: Path, position: str, fields: Any) -> RawRecord:
+    if not isinstance(fields, dict):
+        raise TunesmithError(f"{path}, {position}: expected a JSON object, got {type(fields).__name__}")
+    return RawRecord(str(path), position, fields)

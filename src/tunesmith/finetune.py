@@ -1,0 +1,178 @@
+"""``finetune(recipe)``: the whole run as a list of steps."""
+
+from __future__ import annotations
+
+import json
+import logging
+import resource
+import shutil
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+from tunesmith.config import Recipe, recipe_to_yaml
+from tunesmith.data import prepare_data
+from tunesmith.errors import TunesmithError
+from tunesmith.evaluation import run_generation_task
+from tunesmith.methods import build_method, count_parameters
+from tunesmith.models import load_model_and_tokenizer
+from tunesmith.runtime import Runtime, cache_dir, init_runtime, shutdown_runtime
+from tunesmith.training.checkpoint import latest_checkpoint
+from tunesmith.training.hooks import Hook, MetricsFile, ProgressBar, TensorBoard
+from tunesmith.training.loop import Trainer
+
+logger = logging.getLogger(__name__)
+
+
+class Interrupted(TunesmithError):
+    """Training was stopped with Ctrl-C; the message says how to resume."""
+
+
+def finetune(recipe: Recipe, resume: bool = False, extra_hooks: Sequence[Hook] = (),
+             recipe_path: str = "RECIPE", progress: bool = True) -> dict:
+    """Load the model, prepare data, apply the method, train, evaluate and save.
+
+    Args:
+        recipe: The validated recipe.
+        resume: Continue from the newest checkpoint in the output folder.
+        extra_hooks: Hooks added to the default ones (main process only).
+        recipe_path: How to name the recipe in messages (the resume command).
+        progress: Show a progress bar.
+
+    Returns:
+        The summary also written to ``summary.json``.
+    """
+    runtime = init_runtime(recipe.train.device)
+    try:
+        out = prepare_output_dir(Path(recipe.output.dir), resume, recipe.output.overwrite, runtime)
+        if runtime.is_main:
+            (out / "config.yaml").write_text(recipe_to_yaml(recipe))
+        torch.manual_seed(recipe.train.seed)
+        say = print if runtime.is_main else (lambda *args, **kwargs: None)
+        model, tokenizer = load_model_and_tokenizer(recipe.model, cache_dir(), runtime.device)
+        data = prepare_data(recipe.data, tokenizer, recipe.train.seed)
+        for split, stats in data.stats.items():
+            say(stats.describe(split))
+        task_before = evaluate_task(model, tokenizer, recipe, runtime, out / "task_before.json", "before training")
+        method = build_method(recipe.method)
+        model = method.apply(model)
+        trainable, total = count_parameters(model)
+        say(f"method {method.kind}: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.3f}%)")
+        trainer = Trainer(model, method, data, recipe.train, recipe.eval, runtime, tokenizer.pad_token_id,
+                          checkpoint_dir=out / "checkpoints")
+        if resume:
+            checkpoint = latest_checkpoint(out / "checkpoints")
+            trainer.resume(checkpoint)
+            say(f"resuming from {checkpoint} (step {trainer.state.step} of {trainer.total_steps})")
+        if runtime.is_main:
+            trainer.hooks = build_hooks(recipe, out, progress, extra_hooks, trainer.state.step if resume else None)
+        try:
+            result = trainer.fit()
+        except KeyboardInterrupt:
+            raise Interrupted(interrupted_message(out, recipe_path)) from None
+        if runtime.is_main:
+            save_result(method, model, tokenizer, out, recipe, data.template)
+        task_after = evaluate_task(model, tokenizer, recipe, runtime, out / "task_after.json", "after training")
+        summary = {
+            "steps": result.state.step,
+            "total_steps": result.total_steps,
+            "stopped_early": result.state.stopped_early,
+            "tokens": result.state.tokens,
+            "wall_time_s": round(result.wall_time, 3),
+            "tokens_per_s": round(result.state.tokens / max(result.wall_time, 1e-9), 1),
+            "peak_memory_mb": round(peak_memory_mb(runtime.device), 1),
+            "train_loss": result.train_loss,
+            "val_loss": result.validation.get("loss"),
+            "val_perplexity": result.validation.get("perplexity"),
+            "trainable_parameters": trainable,
+            "total_parameters": total,
+            "method": method.kind,
+            "artifact": str(out / method.artifact),
+            "template": data.template,
+            "world_size": runtime.world_size,
+            "data": {split: vars(stats) for split, stats in data.stats.items()},
+        }
+        if task_before is not None and task_after is not None:
+            summary["task"] = {"metric": task_after["metric"], "before": task_before["score"], "after": task_after["score"]}
+            say(f"{task_after['metric']} on {recipe.eval.task.file}: before {task_before['score']:.3f} -> after {task_after['score']:.3f}")
+        if runtime.is_main:
+            (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+            say(f"saved {method.artifact} to {out / method.artifact}; summary in {out / 'summary.json'}")
+        return summary
+    finally:
+        shutdown_runtime(runtime)
+
+
+def prepare_output_dir(out: Path, resume: bool, overwrite: bool, runtime: Runtime) -> Path:
+    """Create the output folder; never replace a non-empty one unless asked.
+
+    Raises:
+        TunesmithError: If the folder has content and neither resume nor overwrite was asked.
+    """
+    occupied = out.is_dir() and any(out.iterdir())
+    if resume and not occupied:
+        raise TunesmithError(f"nothing to resume: output folder {out} is empty or missing")
+    if occupied and not resume:
+        if not overwrite:
+            raise TunesmithError(
+                f"output folder {out} is not empty; choose another output.dir, continue it with --resume, "
+                "or replace it with --overwrite"
+            )
+        if runtime.is_main:
+            shutil.rmtree(out)
+    if runtime.distributed:
+        torch.distributed.barrier()
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def build_hooks(recipe: Recipe, out: Path, progress: bool, extra_hooks: Sequence[Hook],
+                resume_step: Optional[int]) -> list[Hook]:
+    """The main process's hooks: metrics file, progress bar, TensorBoard, and the caller's own."""
+    hooks: list[Hook] = [MetricsFile(out / "metrics.jsonl", resume_step), *extra_hooks]
+    hooks += [ProgressBar()] if progress else []
+    hooks += [TensorBoard(out / "tensorboard")] if recipe.output.tensorboard else []
+    return hooks
+
+
+def evaluate_task(model, tokenizer, recipe: Recipe, runtime: Runtime, cache: Path, when: str) -> Optional[dict]:
+    """Score the recipe's task (main process only); the before-training score is kept for resumes."""
+    if recipe.eval.task is None or not runtime.is_main:
+        return None
+    if cache.name == "task_before.json" and cache.exists():
+        return json.loads(cache.read_text())
+    print(f"evaluating {recipe.eval.task.metric} on {recipe.eval.task.file} {when} ...")
+    result = run_generation_task(model, tokenizer, recipe.eval.task, recipe.data.system_prompt)
+    cache.write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def save_result(method, model, tokenizer, out: Path, recipe: Recipe, template: str) -> Path:
+    """Write the result folder atomically: method artifact, tokenizer (with the chat template), manifest."""
+    final = out / method.artifact
+    partial = out / f".{method.artifact}.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir()
+    method.save(model, partial)
+    tokenizer.save_pretrained(partial)
+    method.write_manifest(partial, base_model=recipe.model.name, template=template)
+    shutil.rmtree(final, ignore_errors=True)
+    partial.rename(final)
+    return final
+
+
+def interrupted_message(out: Path, recipe_path: str) -> str:
+    try:
+        checkpoint = latest_checkpoint(out / "checkpoints")
+    except TunesmithError:
+        return f"training interrupted before the first checkpoint; nothing to resume in {out}"
+    return (f"training interrupted; the last complete checkpoint is {checkpoint}. "
+            f"Continue with: tunesmith train {recipe_path} --resume")
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak GPU memory allocated on CUDA, else the peak resident memory of this process."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB

@@ -1,0 +1,15 @@
+"""Fine-tuning methods behind one contract (see :mod:`tunesmith.methods.base`).
+
+Importing this package registers every built-in method.
+"""
+
+from tunesmith.methods import full, lora, partial  # noqa: F401  (registers the methods)
+from tunesmith.methods.base import METHODS, MANIFEST, Method, NotMergeable, count_parameters
+
+
+def build_method(config) -> Method:
+    """The method object for a recipe's ``method`` section."""
+    return METHODS.get(config.kind)(config)
+
+
+__all__ = ["MANIFEST", "METHODS", "Method", "NotMergeable", "build_method", "count_parameters"]

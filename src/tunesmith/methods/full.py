@@ -1,0 +1,32 @@
+"""Full fine-tuning: every weight trains; the result is a complete model folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from torch import nn
+
+from tunesmith.methods.base import METHODS, Method
+
+
+@METHODS.register("full")
+class FullFineTuning(Method):
+    """All parameters train."""
+
+    kind = "full"
+    artifact = "model"
+
+    def apply(self, model: nn.Module) -> nn.Module:
+        model.requires_grad_(True)
+        return model
+
+    def save(self, model: nn.Module, directory: Path) -> None:
+        model.save_pretrained(directory)
+
+    def load(self, base_model: nn.Module, directory: Path) -> nn.Module:
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_pretrained(directory, dtype=base_model.dtype).to(base_model.device)
+
+    def merge(self, model: nn.Module) -> nn.Module:
+        return model  # already plain weights

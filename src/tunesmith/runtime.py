@@ -1,0 +1,76 @@
+"""The environment, read in one place: device, distributed rank and world size, cache folder.
+
+Nothing else in tunesmith reads environment variables; the results are passed along explicitly.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Where and how this process runs.
+
+    Attributes:
+        device: The torch device the model lives on.
+        rank: Global rank of this process (0 when not distributed).
+        local_rank: Rank on this machine.
+        world_size: Number of processes training together.
+    """
+
+    device: torch.device
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        """Only the main process writes files and prints progress."""
+        return self.rank == 0
+
+
+def cache_dir() -> Path:
+    """tunesmith's cache: ``$TUNESMITH_CACHE``, else ``$XDG_CACHE_HOME/tunesmith``, else ``~/.cache/tunesmith``."""
+    if os.environ.get("TUNESMITH_CACHE"):
+        return Path(os.environ["TUNESMITH_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "tunesmith"
+
+
+def pick_device(preference: str = "auto", local_rank: int = 0) -> torch.device:
+    """``auto`` is the GPU of this local rank when CUDA is available, else the CPU."""
+    if preference == "cuda" or (preference == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def init_runtime(device_preference: str = "auto") -> Runtime:
+    """Read the launcher's environment (torchrun sets RANK, LOCAL_RANK, WORLD_SIZE) and join the group.
+
+    Uses nccl on GPUs and gloo on the CPU.
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = pick_device(device_preference, local_rank)
+    if world_size > 1 and not torch.distributed.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        torch.distributed.init_process_group(backend=backend, rank=rank, world_size=world_size)
+    return Runtime(device=device, rank=rank, local_rank=local_rank, world_size=world_size)
+
+
+def shutdown_runtime(runtime: Runtime) -> None:
+    """Leave the process group if this process joined one."""
+    if runtime.distributed and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()

@@ -1,0 +1,84 @@
+"""Things that watch the loop without being woven into it: progress bar, metrics file, TensorBoard.
+
+A hook receives every logged record (training steps and evaluations) as a flat dictionary. Only
+the main process gets hooks.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+
+class Hook:
+    """Base hook: every method is optional."""
+
+    def on_train_start(self, total_steps: int, start_step: int) -> None: ...
+
+    def on_step(self, record: dict[str, Any]) -> None:
+        """Called after every optimizer step with at least step, loss, lr, tokens_per_s."""
+
+    def on_log(self, record: dict[str, Any]) -> None:
+        """Called for records worth keeping (every ``log_every`` steps, every evaluation)."""
+
+    def on_train_end(self) -> None: ...
+
+
+class ProgressBar(Hook):
+    """A tqdm bar with loss, learning rate, tokens/s and ETA."""
+
+    def __init__(self) -> None:
+        self.bar = None
+
+    def on_train_start(self, total_steps: int, start_step: int) -> None:
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
+
+    def on_step(self, record: dict[str, Any]) -> None:
+        self.bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
+                             tok_s=f"{record['tokens_per_s']:.0f}", refresh=False)
+        self.bar.update(1)
+
+    def on_log(self, record: dict[str, Any]) -> None:
+        if "val_loss" in record:
+            self.bar.write(f"step {record['step']}: val_loss {record['val_loss']:.4f}, "
+                           f"val_perplexity {record['val_perplexity']:.3f}")
+
+    def on_train_end(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+class MetricsFile(Hook):
+    """``metrics.jsonl``: one JSON object per logged step and evaluation."""
+
+    def __init__(self, path: Path, resume_step: Optional[int] = None) -> None:
+        self.path = path
+        if resume_step is not None and path.exists():
+            # Drop what was logged after the checkpoint we resume from: it will be logged again.
+            kept = [line for line in path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+            path.write_text("".join(line + "\n" for line in kept))
+
+    def on_log(self, record: dict[str, Any]) -> None:
+        with self.path.open("a") as handle:
+            handle.write(json.dumps(record) + "\n")
+
+
+class TensorBoard(Hook):
+    """TensorBoard event files in ``folder`` (needs the tensorboard package)."""
+
+    def __init__(self, folder: Path) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(str(folder))
+
+    def on_log(self, record: dict[str, Any]) -> None:
+        for key, value in record.items():
+            if key != "step" and isinstance(value, (int, float)):
+                self.writer.add_scalar(key, value, record["step"])
+
+    def on_train_end(self) -> None:
+        self.writer.close()

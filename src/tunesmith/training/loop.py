@@ -1,0 +1,177 @@
+"""The training loop: one loop for every method, short enough to read in one sitting.
+
+Each optimizer step sees one global batch. Its loss is the sum of token losses divided by the
+target tokens of the whole global batch (over micro-batches and processes), so gradient
+accumulation and DistributedDataParallel give the same update as one large batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from tunesmith.config import EvalSection, TrainSection
+from tunesmith.data.dataset import PreparedData
+from tunesmith.evaluation.perplexity import evaluate_loss
+from tunesmith.methods.base import Method
+from tunesmith.runtime import Runtime
+from tunesmith.training.batching import StepSampler, collate
+from tunesmith.training.checkpoint import TrainState, load_checkpoint, save_checkpoint, set_rng_state
+from tunesmith.training.hooks import Hook
+from tunesmith.training.loss import count_target_tokens, loss_sum
+from tunesmith.training.schedule import build_optimizer, build_scheduler
+
+LossFunction = Callable[[torch.nn.Module, dict], torch.Tensor]
+
+
+@dataclass
+class TrainResult:
+    """What the loop did."""
+
+    state: TrainState
+    total_steps: int
+    wall_time: float
+    train_loss: Optional[float] = None
+    validation: dict = field(default_factory=dict)
+
+
+@dataclass
+class Trainer:
+    """Trains ``model`` (already prepared by ``method``) on ``data``.
+
+    Attributes:
+        checkpoint_dir: Where checkpoints go (None: none are written).
+        hooks: Progress bar, metrics file, ... (main process only).
+        loss_fn: Sum of token losses of a batch; a seam for fused or chunked losses.
+    """
+
+    model: torch.nn.Module
+    method: Method
+    data: PreparedData
+    train_config: TrainSection
+    eval_config: EvalSection
+    runtime: Runtime
+    pad_token_id: int
+    checkpoint_dir: Optional[Path] = None
+    hooks: Sequence[Hook] = ()
+    loss_fn: LossFunction = loss_sum
+
+    def __post_init__(self) -> None:
+        config = self.train_config
+        self.sampler = StepSampler(len(self.data.train), config.batch_size, config.grad_accum,
+                                   self.runtime.world_size, self.runtime.rank, config.seed)
+        self.total_steps = config.max_steps or max(1, round(config.epochs * self.sampler.steps_per_epoch))
+        self.optimizer = build_optimizer(self.model, config)
+        self.scheduler = build_scheduler(self.optimizer, config, self.total_steps)
+        self.state = TrainState()
+        self.wrapped = self.model
+        if self.runtime.distributed:
+            device_ids = [self.runtime.device.index] if self.runtime.device.type == "cuda" else None
+            self.wrapped = DistributedDataParallel(self.model, device_ids=device_ids)
+
+    def resume(self, checkpoint: Path) -> None:
+        """Continue exactly where ``checkpoint`` left off (weights, optimizer, schedule, RNG, data)."""
+        trainable, training, self.state = load_checkpoint(checkpoint, self.runtime.device)
+        self.method.load_trainable_state(self.model, trainable)
+        self.optimizer.load_state_dict(training["optimizer"])
+        self.scheduler.load_state_dict(training["scheduler"])
+        set_rng_state(training["rng"])
+
+    def fit(self) -> TrainResult:
+        """Run the remaining steps; evaluate, stop early and checkpoint as configured."""
+        for hook in self.hooks:
+            hook.on_train_start(self.total_steps, self.state.step)
+        started = time.perf_counter()
+        last_loss = None
+        self.model.train()
+        try:
+            while self.state.step < self.total_steps and not self.state.stopped_early:
+                step_started = time.perf_counter()
+                last_loss, tokens = self.train_step(self.state.step)
+                self.state.step += 1
+                self.state.tokens += tokens
+                self.after_step(last_loss, tokens, time.perf_counter() - step_started)
+        finally:
+            for hook in self.hooks:
+                hook.on_train_end()
+        validation = self.evaluate() if self.data.validation else {}
+        return TrainResult(self.state, self.total_steps, time.perf_counter() - started, last_loss, validation)
+
+    def train_step(self, step: int) -> tuple[float, int]:
+        """One optimizer step over this process's micro-batches; returns (mean loss, global tokens)."""
+        for parameter in self.method.newly_trainable(self.model, step):
+            self.optimizer.add_param_group({"params": [parameter], "weight_decay": self.train_config.weight_decay})
+        batches = [collate([self.data.train[i] for i in indices], self.pad_token_id)
+                   for indices in self.sampler.micro_batches(step)]
+        target_tokens = self.all_reduce_sum(sum(count_target_tokens(batch) for batch in batches))
+        step_loss = torch.zeros((), dtype=torch.float64)
+        for index, batch in enumerate(batches):
+            batch = {key: value.to(self.runtime.device) for key, value in batch.items()}
+            is_last = index == len(batches) - 1
+            sync = contextlib.nullcontext() if is_last or not self.runtime.distributed else self.wrapped.no_sync()
+            with sync:
+                summed = self.loss_fn(self.wrapped, batch)
+                # DDP averages gradients over processes; scaling by world size turns that into a sum.
+                (summed * self.runtime.world_size / target_tokens).backward()
+            step_loss += summed.detach().double().cpu()
+        if self.train_config.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.train_config.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return self.all_reduce_sum(float(step_loss)) / target_tokens, int(target_tokens)
+
+    def after_step(self, loss: float, tokens: int, seconds: float) -> None:
+        """Logging, evaluation, early stopping and checkpointing after a step."""
+        step = self.state.step
+        record = {"step": step, "epoch": round(step / self.sampler.steps_per_epoch, 4), "loss": loss,
+                  "lr": self.scheduler.get_last_lr()[0], "tokens": self.state.tokens,
+                  "tokens_per_s": tokens / max(seconds, 1e-9)}
+        for hook in self.hooks:
+            hook.on_step(record)
+        if step % self.train_config.log_every == 0 or step == self.total_steps:
+            self.log(record)
+        every = self.eval_config.every_steps
+        if self.data.validation and every and step % every == 0:
+            self.log({"step": step, **{f"val_{k}": v for k, v in self.evaluate().items()}})
+        every = self.train_config.checkpoint_every
+        if self.checkpoint_dir and every and (step % every == 0 or self.state.stopped_early):
+            self.save_checkpoint()
+
+    def evaluate(self) -> dict[str, float]:
+        """Validation loss and perplexity; updates early stopping."""
+        metrics = evaluate_loss(self.model, self.data.validation, self.eval_config.batch_size,
+                                self.pad_token_id, self.runtime)
+        stopping = self.train_config.early_stopping
+        if stopping is not None:
+            value = metrics[stopping.metric.removeprefix("val_")]
+            if self.state.best_metric is None or value < self.state.best_metric - stopping.min_delta:
+                self.state.best_metric, self.state.evals_without_improvement = value, 0
+            else:
+                self.state.evals_without_improvement += 1
+                self.state.stopped_early = self.state.evals_without_improvement >= stopping.patience
+        return metrics
+
+    def save_checkpoint(self) -> Optional[Path]:
+        """Checkpoint from the main process (every process holds the same weights)."""
+        if not self.runtime.is_main:
+            return None
+        return save_checkpoint(self.checkpoint_dir, self.method.trainable_state(self.model), self.optimizer,
+                               self.scheduler, self.state, self.train_config.keep_checkpoints)
+
+    def log(self, record: dict) -> None:
+        for hook in self.hooks:
+            hook.on_log(record)
+
+    def all_reduce_sum(self, value: float) -> float:
+        if not self.runtime.distributed:
+            return value
+        tensor = torch.tensor([value], dtype=torch.float64, device=self.runtime.device)
+        torch.distributed.all_reduce(tensor)
+        return float(tensor)

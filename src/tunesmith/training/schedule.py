@@ -1,0 +1,54 @@
+"""Learning-rate schedules: linear warmup, then linear or cosine decay (or constant)."""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+
+from tunesmith.config import TrainSection
+
+
+def warmup_steps(section: TrainSection, total_steps: int) -> int:
+    """Warmup length: ``warmup_steps`` if given, else ``warmup_ratio`` of all steps."""
+    if section.warmup_steps is not None:
+        return min(section.warmup_steps, total_steps)
+    return int(section.warmup_ratio * total_steps)
+
+
+def lr_multiplier(section: TrainSection, total_steps: int) -> Callable[[int], float]:
+    """The factor applied to the peak learning rate before optimizer step ``step`` (0-based)."""
+    warmup = warmup_steps(section, total_steps)
+    floor = section.min_lr_ratio
+
+    def multiplier(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        if section.schedule == "constant":
+            return 1.0
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        progress = min(progress, 1.0)
+        if section.schedule == "linear":
+            decay = 1.0 - progress
+        else:
+            decay = 0.5 * (1.0 + math.cos(math.pi * progress))
+        return floor + (1.0 - floor) * decay
+
+    return multiplier
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, section: TrainSection, total_steps: int):
+    """A ``LambdaLR`` following :func:`lr_multiplier`; stepped once per optimizer step."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(section, total_steps))
+
+
+def build_optimizer(model: torch.nn.Module, section: TrainSection) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters; no weight decay on biases and norm weights (1-D)."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+    groups = [
+        {"params": decay, "weight_decay": section.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=section.lr, betas=section.betas)

@@ -1,0 +1,41 @@
+"""Shared fixtures: the offline assets folder and tiny real models.
+
+Tests that need ``../shared/assets`` find it through one setting, ``TUNESMITH_TEST_ASSETS``
+(default: ``../shared/assets`` beside the repository), and skip with a reason where it is missing.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+ASSETS = Path(os.environ.get("TUNESMITH_TEST_ASSETS", REPO.parent / "shared" / "assets"))
+
+
+def asset(relative: str) -> Path:
+    """Path of a file in the assets folder; skips the test when it is missing."""
+    path = ASSETS / relative
+    if not path.exists():
+        pytest.skip(f"test asset {path} is missing (set TUNESMITH_TEST_ASSETS to the shared assets folder)")
+    return path
+
+
+@pytest.fixture
+def stories260k() -> str:
+    """The tiny real Llama model (292,800 parameters) trained on TinyStories."""
+    return str(asset("models/stories260k"))
+
+
+@pytest.fixture
+def alpaca_demo() -> str:
+    """999 alpaca-format instruction records."""
+    return str(asset("data/llama_factory/alpaca_en_demo.json"))
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    """Keep tunesmith's cache out of the user's home, except the converted SmolLM2 (slow to make)."""
+    monkeypatch.setenv("TUNESMITH_CACHE", os.environ.get("TUNESMITH_TEST_CACHE", str(REPO / ".cache" / "tests")))
