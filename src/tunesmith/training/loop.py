@@ -18,6 +18,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from tunesmith.config import EvalSection, TrainSection
 from tunesmith.data.dataset import PreparedData
+from tunesmith.data.encode import EncodedExample
 from tunesmith.evaluation.perplexity import evaluate_loss
 from tunesmith.methods.base import Method
 from tunesmith.runtime import Runtime
@@ -28,6 +29,8 @@ from tunesmith.training.loss import count_target_tokens, loss_sum
 from tunesmith.training.schedule import build_optimizer, build_scheduler
 
 LossFunction = Callable[[torch.nn.Module, dict], torch.Tensor]
+Penalty = Callable[[torch.nn.Module], torch.Tensor]
+Collate = Callable[[list[EncodedExample], int], dict]
 
 
 @dataclass
@@ -49,6 +52,9 @@ class Trainer:
         checkpoint_dir: Where checkpoints go (None: none are written).
         hooks: Progress bar, metrics file, ... (main process only).
         loss_fn: Sum of token losses of a batch; a seam for fused or chunked losses.
+        collate_fn: Examples -> tensors; a seam for packing.
+        penalties: Terms added once per optimizer step to the mean token loss (EWC, L2-SP, ...).
+        sampler: Which examples each step sees; default :class:`StepSampler` (a seam for mixing).
     """
 
     model: torch.nn.Module
@@ -61,11 +67,15 @@ class Trainer:
     checkpoint_dir: Optional[Path] = None
     hooks: Sequence[Hook] = ()
     loss_fn: LossFunction = loss_sum
+    collate_fn: Collate = collate
+    penalties: Sequence[Penalty] = ()
+    sampler: Optional[StepSampler] = None
 
     def __post_init__(self) -> None:
         config = self.train_config
-        self.sampler = StepSampler(len(self.data.train), config.batch_size, config.grad_accum,
-                                   self.runtime.world_size, self.runtime.rank, config.seed)
+        if self.sampler is None:
+            self.sampler = StepSampler(len(self.data.train), config.batch_size, config.grad_accum,
+                                       self.runtime.world_size, self.runtime.rank, config.seed)
         self.total_steps = config.max_steps or max(1, round(config.epochs * self.sampler.steps_per_epoch))
         self.optimizer = build_optimizer(self.model, config)
         self.scheduler = build_scheduler(self.optimizer, config, self.total_steps)
@@ -107,7 +117,7 @@ class Trainer:
         """One optimizer step over this process's micro-batches; returns (mean loss, global tokens)."""
         for parameter in self.method.newly_trainable(self.model, step):
             self.optimizer.add_param_group({"params": [parameter], "weight_decay": self.train_config.weight_decay})
-        batches = [collate([self.data.train[i] for i in indices], self.pad_token_id)
+        batches = [self.collate_fn([self.data.train[i] for i in indices], self.pad_token_id)
                    for indices in self.sampler.micro_batches(step)]
         target_tokens = self.all_reduce_sum(sum(count_target_tokens(batch) for batch in batches))
         step_loss = torch.zeros((), dtype=torch.float64)
@@ -120,6 +130,8 @@ class Trainer:
                 # DDP averages gradients over processes; scaling by world size turns that into a sum.
                 (summed * self.runtime.world_size / target_tokens).backward()
             step_loss += summed.detach().double().cpu()
+        for penalty in self.penalties:
+            penalty(self.model).backward()  # the same on every process: no gradient sync needed
         if self.train_config.max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.train_config.max_grad_norm)
         self.optimizer.step()

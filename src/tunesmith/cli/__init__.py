@@ -1,0 +1,58 @@
+"""The ``tunesmith`` command line.
+
+Each command lives in its own module under :mod:`tunesmith.cli` and exposes ``register(commands)``,
+which adds its sub-parser and sets ``handler``; adding a command adds a module and one line to
+``COMMAND_MODULES``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from typing import Sequence
+
+from tunesmith.errors import TunesmithError
+
+COMMAND_MODULES = ("train", "inference", "evaluate", "config", "models")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; user errors print one sentence and exit with status 2."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    if args.command in ("train", "generate", "chat", "eval"):
+        quiet_libraries()
+    try:
+        return args.handler(args) or 0
+    except TunesmithError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The parser with every command registered."""
+    parser = argparse.ArgumentParser(prog="tunesmith", description="Fine-tune a language model from one recipe file.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="Log what each step does.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        importlib.import_module(f"tunesmith.cli.{name}").register(commands)
+    return parser
+
+
+def quiet_libraries() -> None:
+    """Hide the libraries' own loading bars and deprecation chatter; our progress bar is enough."""
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
+    transformers_logging.set_verbosity_error()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

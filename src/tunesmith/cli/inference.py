@@ -1,0 +1,61 @@
+"""``tunesmith generate`` and ``tunesmith chat``."""
+
+from __future__ import annotations
+
+import argparse
+
+from tunesmith.cli.common import add_model_arguments, load_model_from_args
+
+
+def register(commands) -> None:
+    for name, help_text in (("generate", "Answer one prompt."), ("chat", "Chat interactively, streaming tokens.")):
+        sub = commands.add_parser(name, help=help_text)
+        add_model_arguments(sub)
+        sub.add_argument("--system", help="System message.")
+        sub.add_argument("--max-new-tokens", type=int, default=256)
+        sub.add_argument("--temperature", type=float, default=0.0, help="0 means greedy.")
+        if name == "generate":
+            sub.add_argument("--prompt", required=True, help="The user message.")
+        sub.set_defaults(handler=cmd_generate if name == "generate" else cmd_chat)
+
+
+def _conversation(system: str | None) -> list[dict[str, str]]:
+    return [{"role": "system", "content": system}] if system else []
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from tunesmith.inference import generate
+
+    model, tokenizer = load_model_from_args(args)
+    conversation = _conversation(args.system) + [{"role": "user", "content": args.prompt}]
+    print(generate(model, tokenizer, [conversation], args.max_new_tokens, args.temperature)[0])
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from tunesmith.inference import stream_reply
+
+    model, tokenizer = load_model_from_args(args)
+    conversation = _conversation(args.system)
+    print("Chat with the model. /reset starts over, /exit (or Ctrl-D) quits.")
+    while True:
+        try:
+            user = input("you> ").strip()
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return 0
+        if user in ("/exit", "/quit"):
+            return 0
+        if user == "/reset":
+            conversation = _conversation(args.system)
+            continue
+        if not user:
+            continue
+        conversation.append({"role": "user", "content": user})
+        print("model> ", end="", flush=True)
+        reply = ""
+        for piece in stream_reply(model, tokenizer, conversation, args.max_new_tokens, args.temperature):
+            reply += piece
+            print(piece, end="", flush=True)
+        print()
+        conversation.append({"role": "assistant", "content": reply.strip()})

@@ -1,0 +1,25 @@
+"""``tunesmith train RECIPE [key.path=value ...]``."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(commands) -> None:
+    train = commands.add_parser("train", help="Fine-tune as a recipe says.")
+    train.add_argument("recipe", help="YAML recipe file.")
+    train.add_argument("overrides", nargs="*", help="Dotted overrides such as train.lr=1e-4.")
+    train.add_argument("--resume", action="store_true", help="Continue from the newest checkpoint.")
+    train.add_argument("--overwrite", action="store_true", help="Replace a non-empty output folder.")
+    train.add_argument("--no-progress", action="store_true", help="No progress bar.")
+    train.set_defaults(handler=cmd_train)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from tunesmith.config import load_recipe
+    from tunesmith.finetune import finetune
+
+    overrides = list(args.overrides) + (["output.overwrite=true"] if args.overwrite else [])
+    recipe = load_recipe(args.recipe, overrides)
+    finetune(recipe, resume=args.resume, recipe_path=args.recipe, progress=not args.no_progress)
+    return 0
