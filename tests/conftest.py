@@ -49,3 +49,23 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict[str, str] | None = No
     full_env = {**os.environ, "PYTHONPATH": str(REPO / "src"), **(env or {})}
     return subprocess.run([sys.executable, "-m", "tunesmith", *args], cwd=cwd or REPO, env=full_env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture
+def tiny_recipe(stories260k, alpaca_demo, tmp_path):
+    """Factory of a fast recipe on stories260k and the alpaca demo data; overrides as dotted keys."""
+    from tunesmith.config import apply_override, validate_recipe
+
+    def make(*overrides: str, output: str = "run"):
+        raw = {
+            "model": {"name": stories260k},
+            "data": {"train": alpaca_demo, "max_length": 96, "template": "simple"},
+            "method": {"kind": "lora", "r": 4, "alpha": 8, "dropout": 0.0},
+            "train": {"max_steps": 4, "batch_size": 4, "lr": 1e-3, "log_every": 1, "seed": 0},
+            "output": {"dir": str(tmp_path / output)},
+        }
+        for override in overrides:
+            apply_override(raw, override)
+        return validate_recipe(raw)
+
+    return make
