@@ -13,7 +13,9 @@ from typing import Any, Callable
 
 from tunesmith.evaluation import benchmarks
 from tunesmith.evaluation.multiple_choice import MultipleChoiceResult, PromptStyle, evaluate_multiple_choice
-from tunesmith.evaluation.tasks import (ClassificationTask, MmluTask, MultipleChoiceTask, PerplexityTask)
+from tunesmith.evaluation.metrics import compute_metrics
+from tunesmith.evaluation.tasks import (BiasTask, ClassificationTask, GenerationTask, LmEvalTask, MmluTask,
+                                        MultipleChoiceTask, PerplexityTask)
 from tunesmith.registry import Registry
 
 TaskRunner = Callable[..., dict[str, Any]]
@@ -94,3 +96,37 @@ def run_perplexity(model, tokenizer, task: PerplexityTask) -> dict[str, Any]:
                     "max_length": task.max_length}
     return task_result("perplexity", "perplexity", {k: float(v) for k, v in metrics.items()}, len(encoded),
                        tokenisation=tokenisation, lower_is_better=True)
+
+
+@TASK_RUNNERS.register("generation")
+def run_generation(model, tokenizer, task: GenerationTask) -> dict[str, Any]:
+    """Generate greedily (batched, chat template of training) and score against the references."""
+    from tunesmith.evaluation.generation import generate_for_records
+
+    predictions, references, prompts = generate_for_records(model, tokenizer, task)
+    metrics, tokenisation = compute_metrics(task.metrics, predictions, references, task.answer_pattern)
+    samples = [{"prompt": p, "prediction": pred, "references": list(refs)}
+               for p, pred, refs in list(zip(prompts, predictions, references))[:5]]
+    tokenisation["prompt"] = "chat template of the model (tunesmith.inference.generate), greedy decoding"
+    return task_result("generation", task.metrics[0], metrics, len(predictions), tokenisation=tokenisation,
+                       samples=samples)
+
+
+@TASK_RUNNERS.register("bias")
+def run_bias(model, tokenizer, task: BiasTask) -> dict[str, Any]:
+    """Share of counterfactual pairs where the stereotypical sentence is more likely, per category."""
+    from tunesmith.evaluation.bias import evaluate_bias_pairs, read_bias_pairs
+
+    pairs = read_bias_pairs(Path(task.path), task.limit)
+    result = evaluate_bias_pairs(model, tokenizer, pairs, task.batch_size)
+    metrics = {"stereotype_share": result["stereotype_share"], "mean_logprob_gap": result["mean_logprob_gap"]}
+    return task_result("bias", "stereotype_share", metrics, result["count"], details={"groups": result["categories"]},
+                       tokenisation=result["tokenisation"])
+
+
+@TASK_RUNNERS.register("lm_eval")
+def run_lm_eval(model, tokenizer, task: LmEvalTask) -> dict[str, Any]:
+    """Tasks of lm-evaluation-harness on the loaded model (optional extra)."""
+    from tunesmith.evaluation.harness import run_harness_tasks
+
+    return run_harness_tasks(model, tokenizer, task)
