@@ -68,7 +68,6 @@ def evaluate_spec(spec: ModelSpec, suites: Sequence[tuple[Suite, str]], dtype: s
     Returns:
         A run entry of the results document.
     """
-    from tunesmith.data.templates import resolve_template
     from tunesmith.inference import load_for_inference
 
     model, tokenizer = load_for_inference(spec.name, spec.adapter, dtype, device)
@@ -78,7 +77,14 @@ def evaluate_spec(spec: ModelSpec, suites: Sequence[tuple[Suite, str]], dtype: s
     for suite, role in suites:
         outcome = run_suite(model, tokenizer, suite, progress=progress)
         results[suite.name] = {"file": suite.file, "role": role, "tasks": outcome["tasks"]}
-    return run_entry(spec.name, spec.adapter, resolve_template(tokenizer, "auto"), results)
+    return run_entry(spec.name, spec.adapter, template_name(tokenizer), results)
+
+
+def template_name(tokenizer) -> str:
+    """The built-in template the tokenizer carries (as saved with a run's adapter), else ``tokenizer``."""
+    from tunesmith.data.templates import TEMPLATES
+
+    return next((name for name in TEMPLATES if TEMPLATES.get(name) == tokenizer.chat_template), "tokenizer")
 
 
 def write_outputs(document: dict, out_dir: Path) -> tuple[Path, Path]:
@@ -123,3 +129,26 @@ def compare_and_report(base: ModelSpec, tuned: ModelSpec, suites: Sequence[tuple
     document = new_document(runs, compare_runs(runs["base"], runs["tuned"]), training)
     write_outputs(document, out_dir)
     return document
+
+
+def report_after_training(recipe, out: Path, device: str = "cpu") -> dict:
+    """The recipe's ``eval.report``: base vs the run just saved, written to ``OUT/eval``.
+
+    Returns:
+        The comparison's headline numbers and where the report is (for ``summary.json``).
+    """
+    from tunesmith.evaluation.suite import load_suite
+
+    section = recipe.eval.report
+    suites = [(load_suite(p, section.data_root, section.limit), "task") for p in section.suites]
+    suites += [(load_suite(p, section.data_root, section.limit), "general") for p in section.general_suites]
+    suites += [(builtin_bias_suite(), "bias")] if section.bias else []
+    if not suites:
+        raise TunesmithError("eval.report needs at least one of suites, general_suites or bias: true")
+    print("writing the before/after evaluation report ...")
+    tuned = resolve_tuned(str(out), recipe.model.name)
+    document = compare_and_report(ModelSpec(recipe.model.name), tuned, suites, out / "eval",
+                                  dtype=recipe.model.dtype, device=device)
+    comparison = document["comparison"]
+    return {"task_gain": comparison["task_gain"], "general_change": comparison["general_change"],
+            "bias_change": comparison["bias_change"], "html": str(out / "eval" / REPORT_FILE)}
