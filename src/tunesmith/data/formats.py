@@ -187,7 +187,8 @@ def detect_format(record: RawRecord, text_field: str = "text") -> str:
     Raises:
         TunesmithError: If no format matches; names the record and the known layouts.
     """
-    for name in FORMATS:
+    # Most specific layouts first: a preference record also has 'messages' or 'conversations'.
+    for name in sorted(FORMATS, key=lambda n: -len(FORMATS.get(n).detect_fields)):
         data_format = FORMATS.get(name)
         wanted = (text_field,) if name == "text" else data_format.detect_fields
         if all(key in record.fields for key in wanted):
