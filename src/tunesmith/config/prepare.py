@@ -19,7 +19,9 @@ class CleanSection(Section):
     """Cleaning of every text field of a record; each step is optional and counted."""
 
     unicode: bool = Field(True, description="Unicode NFKC normalisation (full-width letters, ligatures).")
-    html: bool = Field(True, description="Strip HTML tags and decode entities where a text holds tags.")
+    html: bool = Field(
+        False, description="Strip HTML tags and decode entities where a text holds tags (off: it also strips code that shows HTML)."
+    )
     control: bool = Field(True, description="Remove control and zero-width characters (keeps newline and tab).")
     whitespace: bool = Field(True, description="Collapse runs of spaces, trim lines, at most one blank line.")
     pii: tuple[PiiKind, ...] = Field(

@@ -108,9 +108,23 @@ def _mask_card(match: re.Match) -> str:
     return "[CARD_NUMBER]" if luhn_valid(digits) else match.group()
 
 
+NOT_PHONE = re.compile(r"\d{4}[-.]\d{1,2}[-.]\d{1,2}|\d{1,3}(\.\d{1,3}){3}")  # dates, IPv4 addresses
+
+
+def looks_like_phone(candidate: str) -> bool:
+    """7 to 15 digits (E.164 allows at most 15) in three or more groups, or led by + or (area code).
+
+    Two groups (``2000-2015``), bare digit runs (``3571428571``), dates and IP addresses are not.
+    """
+    digits = re.sub(r"\D", "", candidate)
+    groups = re.findall(r"\d+", candidate)
+    if not 7 <= len(digits) <= 15 or NOT_PHONE.fullmatch(candidate):
+        return False
+    return len(groups) >= 3 or candidate.startswith(("+", "("))
+
+
 def _mask_phone(match: re.Match) -> str:
-    digits = re.sub(r"\D", "", match.group())
-    return "[PHONE]" if 7 <= len(digits) <= 15 else match.group()  # E.164 numbers have at most 15 digits
+    return "[PHONE]" if looks_like_phone(match.group()) else match.group()
 
 
 PII_MASKS: dict[str, Callable[[str], str]] = {
