@@ -12,6 +12,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from tunesmith.cli import quiet_libraries
+
 
 def register(commands) -> None:
     data = commands.add_parser("data", help="Inspect, clean, de-duplicate, augment, split or convert a data set.")
@@ -80,6 +82,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
     measure, unit, parameters = None, "words", None
     if args.model:
+        quiet_libraries()
         path, tokenizer = _load_tokenizer(args.model)
         resolve_template(tokenizer, args.template)
         measure, unit, parameters = token_measure(tokenizer), "tokens", model_parameters(path)
@@ -214,6 +217,7 @@ def _register_augment(steps) -> None:
 def cmd_augment(args: argparse.Namespace) -> int:
     from tunesmith.data.prepare.augment import AugmentSettings, augment_file, back_translation
 
+    quiet_libraries()
     rewrite_to = _model_rewriter(args, args.model, "to")
     if args.method == "paraphrase":
         rewrite = rewrite_to

@@ -1,8 +1,9 @@
 """``data clean``: normalise and mask the text of every record, drop the ones that fail the bounds.
 
 Each step is optional and counts the records it changed; applying the cleaning twice gives the
-same result as once (the steps run in an order that makes them idempotent, and HTML decoding is
-repeated to a fixed point so ``&amp;lt;b&amp;gt;`` cannot reappear as a tag on a second run).
+same result as once: the steps are repeated to a fixed point, so text one step exposes (decoding
+``&amp;lt;b&amp;gt;`` gives ``&lt;b&gt;``, NFKC turns full-width brackets into a tag) is cleaned
+in the same run rather than in the next.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from tunesmith.data.prepare.records import AtomicJsonlWriter, BadRecords, OnErro
 from tunesmith.data.readers import RawRecord
 from tunesmith.errors import TunesmithError
 
+MAX_ROUNDS = 5
 STRUCTURAL_KEYS = frozenset({"role", "from"})  # layout markers, never text to clean
 
 # --- the text steps -------------------------------------------------------------------------
@@ -204,11 +206,17 @@ class Cleaner:
         return cleaned
 
     def _clean_text(self, text: str, touched: set[str]) -> str:
-        for name, step in self.steps:
-            new = step(text)
-            if new != text:
-                touched.add(name)
-                text = new
+        # Repeat the steps to a fixed point: one step can expose work for an earlier one (NFKC
+        # turns "＜b＞" into a tag), and cleaning must give the same text when run again.
+        for _ in range(MAX_ROUNDS):
+            before = text
+            for name, step in self.steps:
+                new = step(text)
+                if new != text:
+                    touched.add(name)
+                    text = new
+            if text == before:
+                break
         return text
 
     def drop_reason(self, record: RawRecord) -> Optional[str]:
