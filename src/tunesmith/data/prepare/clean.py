@@ -30,7 +30,9 @@ STRUCTURAL_KEYS = frozenset({"role", "from"})  # layout markers, never text to c
 
 HTML_TAG = re.compile(r"</?[A-Za-z][A-Za-z0-9-]*(\s[^<>]*)?/?>|&(#\d+|#x[0-9A-Fa-f]+|[A-Za-z]+);")
 BLOCK_TAGS = frozenset({"br", "p", "div", "li", "tr", "h1", "h2", "h3", "h4", "h5", "h6", "ul", "ol", "table"})
-ZERO_WIDTH = frozenset({"\u200b", "\u2060", "\ufeff"})  # ZWJ/ZWNJ stay: emoji and some scripts need them
+# Unicode category Cc is exactly U+0000-001F and U+007F-009F; newline and tab stay. Of the
+# zero-width characters only ZWSP, word joiner and BOM go: ZWJ/ZWNJ are needed by emoji and scripts.
+CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u200b\u2060\ufeff]")
 
 
 class _TextOfHtml(HTMLParser):
@@ -82,7 +84,7 @@ def normalise_unicode(text: str) -> str:
 def remove_control(text: str) -> str:
     """Drop control characters except newline and tab, and zero-width spaces; CR LF becomes LF."""
     text = text.replace("\r\n", "\n").replace("\r", "\n")
-    return "".join(c for c in text if c in "\n\t" or (unicodedata.category(c) != "Cc" and c not in ZERO_WIDTH))
+    return CONTROL.sub("", text)
 
 
 def tidy_whitespace(text: str) -> str:
