@@ -8,6 +8,7 @@ from pydantic import Field, field_validator, model_validator
 
 from tunesmith.config.base import Section
 from tunesmith.config.methods import LoraMethod, MethodSection
+from tunesmith.config.prepare import PrepareSection
 
 
 class ModelSection(Section):
@@ -51,6 +52,9 @@ class DataSection(Section):
         "assistant", description="Compute the loss on assistant tokens only, or on every token."
     )
     text_field: str = Field("text", description="Field holding the text for the 'text' format.")
+    prepare: Optional[PrepareSection] = Field(
+        None, description="Clean and de-duplicate the training files before use (off unless given); see docs/data.md."
+    )
 
     @field_validator("train", mode="before")
     @classmethod

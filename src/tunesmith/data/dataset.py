@@ -101,7 +101,9 @@ def prepare_data(section: DataSection, tokenizer, seed: int) -> PreparedData:
     options = FormatOptions(text_field=section.text_field, system_prompt=section.system_prompt)
     formats: dict[str, str] = {}
     train_examples: list[Example] = []
-    for path in section.train:
+    from tunesmith.data.prepare.pipeline import prepare_for_training
+
+    for path in prepare_for_training(section, tokenizer, template):
         examples, formats[path] = load_examples(path, section.format, options)
         train_examples += examples
     validation_examples: Optional[list[Example]] = None

@@ -134,8 +134,46 @@ def _text(record: RawRecord, options: FormatOptions) -> Example:
     return Example(text=text, where=record.where)
 
 
+PREFERENCE_LAYOUT = (
+    "preference format (prompt text, or conversations/messages turns; chosen and rejected replies as "
+    "text or as a {from|role, value|content} turn)"
+)
+
+
+def preference_parts(record: RawRecord) -> tuple[list[dict[str, str]], str, str]:
+    """Split a preference record into its prompt turns, chosen reply and rejected reply.
+
+    Raises:
+        TunesmithError: If the prompt, ``chosen`` or ``rejected`` is missing or malformed.
+    """
+    if "conversations" in record.fields:
+        prompt = list(_sharegpt(record, FormatOptions()).messages)
+    elif "messages" in record.fields:
+        prompt = list(_messages(record, FormatOptions()).messages)
+    else:
+        prompt = [{"role": "user", "content": _require(record, "prompt", PREFERENCE_LAYOUT)}]
+    return prompt, _reply(record, "chosen"), _reply(record, "rejected")
+
+
+def _reply(record: RawRecord, name: str) -> str:
+    value = _require(record, name, PREFERENCE_LAYOUT, (str, dict))
+    if isinstance(value, dict):
+        value = value.get("value", value.get("content"))
+        if not isinstance(value, str):
+            raise TunesmithError(f"{record.where}: field '{name}' must hold a text 'value' or 'content'")
+    return value
+
+
+def _preference(record: RawRecord, options: FormatOptions) -> Example:
+    """The chosen conversation (prompt + chosen reply); the rejected reply is for preference methods."""
+    prompt, chosen, _ = preference_parts(record)
+    messages = [*prompt, {"role": "assistant", "content": chosen}]
+    return Example(messages=_with_system(messages, options.system_prompt), where=record.where)
+
+
 for _format in (
     DataFormat("alpaca", ALPACA_LAYOUT, ("instruction", "output"), _alpaca),
+    DataFormat("preference", PREFERENCE_LAYOUT, ("chosen", "rejected"), _preference),
     DataFormat("sharegpt", SHAREGPT_LAYOUT, ("conversations",), _sharegpt),
     DataFormat("messages", MESSAGES_LAYOUT, ("messages",), _messages),
     DataFormat("text", "text format", ("text",), _text),
@@ -149,7 +187,8 @@ def detect_format(record: RawRecord, text_field: str = "text") -> str:
     Raises:
         TunesmithError: If no format matches; names the record and the known layouts.
     """
-    for name in FORMATS:
+    # Most specific layouts first: a preference record also has 'messages' or 'conversations'.
+    for name in sorted(FORMATS, key=lambda n: -len(FORMATS.get(n).detect_fields)):
         data_format = FORMATS.get(name)
         wanted = (text_field,) if name == "text" else data_format.detect_fields
         if all(key in record.fields for key in wanted):

@@ -11,7 +11,7 @@ import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, Optional
 
 from tunesmith.errors import TunesmithError
 
@@ -52,12 +52,18 @@ def file_kind(path: Path) -> str:
     return kind
 
 
-def read_records(path: str | Path, text_field: str = "text") -> Iterator[RawRecord]:
+BadLineHandler = Callable[[TunesmithError], None]
+
+
+def read_records(path: str | Path, text_field: str = "text",
+                 on_bad_line: Optional[BadLineHandler] = None) -> Iterator[RawRecord]:
     """Yield the records of a data file, streaming where the format allows.
 
     Args:
         path: The file.
         text_field: Field name given to each line of a .txt file.
+        on_bad_line: Called with the error of a malformed line of a .jsonl or .csv file, which is
+            then skipped; None raises instead. Other files are read whole, so they still raise.
 
     Raises:
         TunesmithError: If the file is missing, of an unknown type, or malformed (naming the line).
@@ -67,9 +73,9 @@ def read_records(path: str | Path, text_field: str = "text") -> Iterator[RawReco
         raise TunesmithError(f"data file {path} does not exist")
     kind = file_kind(path)
     reader = {
-        ".jsonl": _read_jsonl,
+        ".jsonl": lambda p: _read_jsonl(p, on_bad_line),
         ".json": _read_json,
-        ".csv": _read_csv,
+        ".csv": lambda p: _read_csv(p, on_bad_line),
         ".parquet": _read_parquet,
         ".txt": lambda p: _read_txt(p, text_field),
     }[kind]
@@ -82,7 +88,12 @@ def _open_text(path: Path) -> io.TextIOBase:
     return open(path, encoding="utf-8")
 
 
-def _read_jsonl(path: Path) -> Iterator[RawRecord]:
+def _raise(error: TunesmithError) -> None:
+    raise error
+
+
+def _read_jsonl(path: Path, on_bad_line: Optional[BadLineHandler] = None) -> Iterator[RawRecord]:
+    report = on_bad_line or _raise
     with _open_text(path) as handle:
         for line_number, line in enumerate(handle, start=1):
             if not line.strip():
@@ -90,11 +101,15 @@ def _read_jsonl(path: Path) -> Iterator[RawRecord]:
             try:
                 fields = json.loads(line)
             except json.JSONDecodeError as error:
-                raise TunesmithError(
+                report(TunesmithError(
                     f"{path}, line {line_number}: invalid JSON ({error.msg} at column {error.colno}); "
                     "fix or remove that line"
-                ) from None
-            yield _as_record(path, f"line {line_number}", fields)
+                ))
+                continue
+            if not isinstance(fields, dict):
+                report(TunesmithError(f"{path}, line {line_number}: expected a JSON object, got {type(fields).__name__}"))
+                continue
+            yield RawRecord(str(path), f"line {line_number}", fields)
 
 
 def _read_json(path: Path) -> Iterator[RawRecord]:
@@ -113,16 +128,18 @@ def _read_json(path: Path) -> Iterator[RawRecord]:
         yield _as_record(path, f"record {index}", fields)
 
 
-def _read_csv(path: Path) -> Iterator[RawRecord]:
+def _read_csv(path: Path, on_bad_line: Optional[BadLineHandler] = None) -> Iterator[RawRecord]:
+    report = on_bad_line or _raise
     with _open_text(path) as handle:
         reader = csv.DictReader(handle)
         for index, row in enumerate(reader, start=1):
             # DictReader puts extra cells under the key None; a short row has None values.
             if None in row or any(value is None for value in row.values()):
-                raise TunesmithError(
+                report(TunesmithError(
                     f"{path}, line {reader.line_num}: expected {len(reader.fieldnames or [])} "
                     "columns as in the header"
-                )
+                ))
+                continue
             yield RawRecord(str(path), f"line {reader.line_num}", dict(row))
 
 

@@ -1,0 +1,138 @@
+"""What every preparation step shares: reading with an error policy, a record's text, atomic output.
+
+Steps stream records one at a time from the existing readers and write JSON Lines through
+:class:`AtomicJsonlWriter`, so a file larger than memory is processed in bounded memory, the input
+is never touched, and a half-written output never appears under the final name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import unicodedata
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Literal, Optional
+
+from tunesmith.data.formats import FORMATS, FormatOptions, detect_format, preference_parts
+from tunesmith.data.readers import RawRecord, read_records
+from tunesmith.errors import TunesmithError
+
+OnError = Literal["skip", "fail"]
+MAX_EXAMPLES_KEPT = 5
+
+
+@dataclass
+class BadRecords:
+    """Records skipped under ``on_error: skip``: how many, and the first few messages."""
+
+    policy: OnError = "fail"
+    count: int = 0
+    examples: list[str] = field(default_factory=list)
+
+    def handle(self, error: TunesmithError) -> None:
+        """Raise ``error`` under ``fail``; count it and keep its message under ``skip``."""
+        if self.policy == "fail":
+            raise error
+        self.count += 1
+        if len(self.examples) < MAX_EXAMPLES_KEPT:
+            self.examples.append(str(error))
+
+
+def stream_records(path: str | Path, bad: BadRecords, text_field: str = "text") -> Iterator[RawRecord]:
+    """The records of ``path``; malformed lines go to ``bad`` (raised or counted)."""
+    return read_records(path, text_field, on_bad_line=bad.handle)
+
+
+class RecordText:
+    """Turns records into the text that cleaning bounds, dedup hashes and inspect measures.
+
+    The text is the conversation's turns as ``role: content`` lines (or the plain text), read
+    through the data-format registry, so metadata fields such as ids never make two copies differ.
+
+    Args:
+        data_format: A registered format name or ``auto`` (detected from the first record).
+        options: Format options (the text field of the ``text`` format).
+    """
+
+    def __init__(self, data_format: str = "auto", options: FormatOptions = FormatOptions()) -> None:
+        self.data_format = data_format
+        self.options = options
+
+    def __call__(self, record: RawRecord) -> str:
+        """The record's text.
+
+        Raises:
+            TunesmithError: If the record does not fit the format (naming file and line).
+        """
+        if self.data_format == "auto":
+            self.data_format = detect_format(record, self.options.text_field)
+        if self.data_format == "preference":
+            prompt, chosen, rejected = preference_parts(record)
+            turns = [*prompt, {"role": "chosen", "content": chosen}, {"role": "rejected", "content": rejected}]
+            return "\n".join(f"{turn['role']}: {turn['content']}" for turn in turns)
+        example = FORMATS.get(self.data_format).convert(record, self.options)
+        if example.text is not None:
+            return example.text
+        return "\n".join(f"{message['role']}: {message['content']}" for message in example.messages)
+
+
+def normalise(text: str) -> str:
+    """The form two texts share when they differ only in case, width or spacing (for hashing)."""
+    return " ".join(unicodedata.normalize("NFKC", text).casefold().split())
+
+
+class AtomicJsonlWriter:
+    """Writes records as JSON Lines to a temporary sibling, renamed into place on success.
+
+    Args:
+        path: The output file; must end in ``.jsonl``.
+        force: Replace an existing file (never one of ``inputs``).
+        inputs: Files being read, which are never overwritten.
+
+    Raises:
+        TunesmithError: If the output exists without ``force``, is an input, or is not ``.jsonl``.
+    """
+
+    def __init__(self, path: str | Path, force: bool = False, inputs: tuple[str | Path, ...] = ()) -> None:
+        self.path = Path(path)
+        check_output(self.path, force, inputs)
+        self.count = 0
+        self._handle: Any = None
+        self._temporary: Optional[Path] = None
+
+    def __enter__(self) -> "AtomicJsonlWriter":
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        descriptor, name = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
+        self._temporary = Path(name)
+        self._handle = os.fdopen(descriptor, "w", encoding="utf-8")
+        return self
+
+    def write(self, fields: dict[str, Any]) -> None:
+        """Append one record."""
+        self._handle.write(json.dumps(fields, ensure_ascii=False) + "\n")
+        self.count += 1
+
+    def __exit__(self, error_type, error, traceback) -> None:
+        self._handle.close()
+        assert self._temporary is not None
+        if error_type is None:
+            os.replace(self._temporary, self.path)
+        else:
+            self._temporary.unlink(missing_ok=True)
+
+
+def check_output(path: Path, force: bool, inputs: tuple[str | Path, ...] = ()) -> None:
+    """Refuse an output that would overwrite an input, or an existing file without ``force``.
+
+    Raises:
+        TunesmithError: Naming the file and the fix.
+    """
+    if path.suffix != ".jsonl":
+        raise TunesmithError(f"output {path} must end in .jsonl (prepared data is written as JSON Lines)")
+    for source in inputs:
+        if Path(source).exists() and path.exists() and path.resolve() == Path(source).resolve():
+            raise TunesmithError(f"output {path} is also an input; the input is never modified, so choose another name")
+    if path.exists() and not force:
+        raise TunesmithError(f"output {path} already exists; choose another name or pass --force to replace it")
