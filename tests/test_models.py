@@ -1,0 +1,40 @@
+"""Model resolution: aliases, local folders, clear sentences for what cannot be loaded."""
+
+import pytest
+
+from tunesmith.config import ModelSection
+from tunesmith.errors import TunesmithError
+from tunesmith.models import ALIASES, load_model, resolve_model_path
+
+from conftest import run_cli
+
+
+def test_unknown_alias_is_one_sentence_with_a_hint(tmp_path):
+    with pytest.raises(TunesmithError, match=r"unknown model alias 'smollm2-135m'\. Did you mean 'smollm2-135m-instruct'\?"):
+        resolve_model_path("smollm2-135m", tmp_path)
+
+
+def test_folder_without_weights(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(TunesmithError, match="has no weights"):
+        resolve_model_path(str(tmp_path), tmp_path)
+
+
+def test_local_folder_loads_with_the_recipe_dtype(stories260k, tmp_path):
+    import torch
+
+    assert resolve_model_path(stories260k, tmp_path) == stories260k
+    model = load_model(stories260k, ModelSection(name=stories260k, dtype="bfloat16"))
+    assert next(model.parameters()).dtype == torch.bfloat16
+
+
+def test_hub_ids_pass_through_unchanged(tmp_path):
+    assert resolve_model_path("HuggingFaceTB/SmolLM2-135M-Instruct", tmp_path) == "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+def test_cli_errors_are_sentences_not_tracebacks(tmp_path):
+    result = run_cli("generate", "--model", "no-such-alias", "--prompt", "hi")
+    assert result.returncode == 2 and result.stderr.startswith("error: unknown model alias")
+    assert "Traceback" not in result.stderr
+    listing = run_cli("models")
+    assert listing.returncode == 0 and all(name in listing.stdout for name in ALIASES)
