@@ -115,7 +115,11 @@ def autocast_loss(loss_fn: Callable, dtype: torch.dtype, model: torch.nn.Module,
 def enable_activation_checkpointing(model: torch.nn.Module) -> None:
     """transformers' gradient checkpointing per decoder layer (non-reentrant: works with frozen inputs)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    # transformers 5 renamed gradient_checkpointing_enable (the old name warns it will go in v6).
+    if hasattr(base, "activation_checkpointing_enable"):
+        base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     base.config.use_cache = False
 
 
