@@ -22,6 +22,8 @@ from tunesmith.runtime import Runtime, cache_dir, init_runtime, shutdown_runtime
 from tunesmith.training.checkpoint import latest_checkpoint
 from tunesmith.training.hooks import Hook, MetricsFile, ProgressBar, TensorBoard
 from tunesmith.training.loop import Trainer
+from tunesmith.training.packing import restore_attention
+from tunesmith.training.speed import prepare_speed
 
 logger = logging.getLogger(__name__)
 
@@ -60,8 +62,10 @@ def finetune(recipe: Recipe, resume: bool = False, extra_hooks: Sequence[Hook] =
         model = method.apply(model)
         trainable, total = count_parameters(model)
         say(f"method {method.kind}: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.3f}%)")
+        speed = prepare_speed(model, recipe.train.speed, recipe.train, runtime, [len(e.input_ids) for e in data.train])
+        say(speed.describe())
         trainer = Trainer(model, method, data, recipe.train, recipe.eval, runtime, tokenizer.pad_token_id,
-                          checkpoint_dir=out / "checkpoints")
+                          checkpoint_dir=out / "checkpoints", **speed.seams)
         if resume:
             checkpoint = latest_checkpoint(out / "checkpoints")
             trainer.resume(checkpoint)
@@ -72,6 +76,7 @@ def finetune(recipe: Recipe, resume: bool = False, extra_hooks: Sequence[Hook] =
             result = trainer.fit()
         except KeyboardInterrupt:
             raise Interrupted(interrupted_message(out, recipe_path)) from None
+        restore_attention(model)
         if runtime.is_main:
             save_result(method, model, tokenizer, out, recipe, data.template)
         task_after = evaluate_task(model, tokenizer, recipe, runtime, out / "task_after.json", "after training")

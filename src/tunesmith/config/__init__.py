@@ -14,6 +14,7 @@ from tunesmith.config.recipe import (
     TrainSection,
 )
 from tunesmith.config.schema import schema_text
+from tunesmith.config.speed import SpeedSection
 
 __all__ = [
     "DataSection",
@@ -28,6 +29,7 @@ __all__ = [
     "OutputSection",
     "PartialMethod",
     "Recipe",
+    "SpeedSection",
     "TrainSection",
     "apply_override",
     "load_recipe",

@@ -9,6 +9,7 @@ from pydantic import Field, field_validator, model_validator
 from tunesmith.config.base import Section
 from tunesmith.config.methods import LoraMethod, MethodSection
 from tunesmith.config.prepare import PrepareSection
+from tunesmith.config.speed import SpeedSection
 
 
 class ModelSection(Section):
@@ -99,6 +100,7 @@ class TrainSection(Section):
     keep_checkpoints: int = Field(2, ge=1, description="Newest checkpoints kept on disk.")
     early_stopping: Optional[EarlyStoppingSection] = Field(None, description="Off unless given.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where to train.")
+    speed: SpeedSection = Field(default_factory=SpeedSection, description="Packing, chunked loss, autocast, compile.")
 
     @property
     def micro_batches_per_step(self) -> int:

@@ -130,13 +130,17 @@ def _is_complete(folder: Path) -> bool:
 def _convert_atomically(gguf_path: Path, folder: Path) -> None:
     """Convert into a temporary sibling of ``folder`` and rename it into place.
 
-    The caller must hold the lock. A stale, incomplete ``folder`` is removed first.
+    The caller must hold the lock, so leftovers of a killed conversion (a stale, incomplete
+    ``folder`` or old staging folders) can be removed safely.
 
     Args:
         gguf_path: The GGUF file to convert.
         folder: Where the finished folder must end up.
     """
-    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+    prefix = f".{folder.name}.tmp-"
+    for leftover in folder.parent.glob(f"{prefix}*"):
+        shutil.rmtree(leftover, ignore_errors=True)
+    staging = Path(tempfile.mkdtemp(prefix=prefix, dir=folder.parent))
     try:
         staging.chmod(0o755)  # mkdtemp makes it private; the cache may be shared
         logger.info("Converting %s into %s (once, about 30 seconds).", gguf_path.name, folder)

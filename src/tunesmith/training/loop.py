@@ -25,7 +25,7 @@ from tunesmith.runtime import Runtime
 from tunesmith.training.batching import StepSampler, collate
 from tunesmith.training.checkpoint import TrainState, load_checkpoint, save_checkpoint, set_rng_state
 from tunesmith.training.hooks import Hook
-from tunesmith.training.loss import count_target_tokens, loss_sum
+from tunesmith.training.loss import count_real_tokens, count_target_tokens, loss_sum
 from tunesmith.training.schedule import build_optimizer, build_scheduler
 
 LossFunction = Callable[[torch.nn.Module, dict], torch.Tensor]
@@ -114,12 +114,17 @@ class Trainer:
         return TrainResult(self.state, self.total_steps, time.perf_counter() - started, last_loss, validation)
 
     def train_step(self, step: int) -> tuple[float, int]:
-        """One optimizer step over this process's micro-batches; returns (mean loss, global tokens)."""
+        """One optimizer step over this process's micro-batches; returns (mean loss, global real tokens).
+
+        Real tokens are the input tokens read, padding excluded, so tokens/s means the same with and
+        without packing.
+        """
         for parameter in self.method.newly_trainable(self.model, step):
             self.optimizer.add_param_group({"params": [parameter], "weight_decay": self.train_config.weight_decay})
         batches = [self.collate_fn([self.data.train[i] for i in indices], self.pad_token_id)
                    for indices in self.sampler.micro_batches(step)]
         target_tokens = self.all_reduce_sum(sum(count_target_tokens(batch) for batch in batches))
+        real_tokens = self.all_reduce_sum(sum(count_real_tokens(batch) for batch in batches))
         step_loss = torch.zeros((), dtype=torch.float64)
         for index, batch in enumerate(batches):
             batch = {key: value.to(self.runtime.device) for key, value in batch.items()}
@@ -137,7 +142,7 @@ class Trainer:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return self.all_reduce_sum(float(step_loss)) / target_tokens, int(target_tokens)
+        return self.all_reduce_sum(float(step_loss)) / target_tokens, int(real_tokens)
 
     def after_step(self, loss: float, tokens: int, seconds: float) -> None:
         """Logging, evaluation, early stopping and checkpointing after a step."""

@@ -18,6 +18,11 @@ def count_target_tokens(batch: dict[str, torch.Tensor]) -> int:
     return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
 
+def count_real_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """Tokens the model actually reads: padding excluded (a packed row has none)."""
+    return int(batch["attention_mask"].sum())
+
+
 def loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Sum of the next-token cross-entropy over the batch's target tokens (a scalar)."""
     input_ids = batch["input_ids"]

@@ -1,0 +1,283 @@
+"""tunesmith against the plain Hugging Face stack: real tokens/s, peak RSS, MFU, final loss.
+
+One invocation runs, for LoRA (r=16 on every linear layer) and full fine-tuning, the reference
+stack (``transformers.Trainer`` + ``peft``, float32, examples padded per batch) and tunesmith's
+loop with its speed options, on the same generated Llama model and the same variable-length
+chat-like examples in the same order, each configuration in its own subprocess (so peak RSS is
+its own). Configurations are interleaved within each repeat and medians are reported: on a shared
+machine only the ratios measured in one run mean anything.
+
+    python benchmarks/speed.py              # model S: hidden 512, 8 layers, vocab 32,000 (~42M)
+    python benchmarks/speed.py --quick      # a small model, to check the script in a minute
+
+Real tokens are input tokens without padding; the first optimizer step is warm-up and not timed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "src"))
+
+MODELS = {
+    "S": dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=8, num_attention_heads=8,
+              num_key_value_heads=8, vocab_size=32000, lengths=(32, 512)),
+    "quick": dict(hidden_size=128, intermediate_size=344, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=4, vocab_size=4096, lengths=(16, 128)),
+}
+STACKS = ("reference", "tunesmith")
+METHODS = ("lora", "full")
+BATCH, LR, PROMPT_SHARE = 8, 2e-4, 0.3
+
+
+# ---------------------------------------------------------------- shared: model, data, FLOPs
+
+def build_model(size: str):
+    """The generated Llama model, identically initialised in every process (seed 0)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    shape = {k: v for k, v in MODELS[size].items() if k != "lengths"}
+    config = LlamaConfig(**shape, max_position_embeddings=1024, tie_word_embeddings=True)
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    return LlamaForCausalLM(config)
+
+
+def build_examples(size: str, count: int):
+    """Chat-like examples: lengths uniform in the model's range, the first 30% a masked prompt.
+
+    Tokens follow a Zipf law over the vocabulary so the loss falls as in real data.
+    """
+    from tunesmith.data.encode import IGNORE_INDEX, EncodedExample
+
+    low, high = MODELS[size]["lengths"]
+    vocab = MODELS[size]["vocab_size"]
+    generator = torch.Generator().manual_seed(1)
+    zipf = 1.0 / torch.arange(1, vocab + 1, dtype=torch.float64)
+    examples = []
+    for _ in range(count):
+        length = int(torch.randint(low, high + 1, (1,), generator=generator))
+        ids = torch.multinomial(zipf, length, replacement=True, generator=generator).tolist()
+        prompt = max(1, int(length * PROMPT_SHARE))
+        examples.append(EncodedExample(tuple(ids), tuple([IGNORE_INDEX] * prompt + ids[prompt:])))
+    return examples
+
+
+def training_flops(model, lora: bool, lengths: list[int]) -> float:
+    """Model FLOPs of one training pass over examples of ``lengths`` (real tokens only).
+
+    full = 3·(2·N·T + 4·L·d·Σl²); LoRA = 4·N·T + 6·N_lora·T + 3·4·L·d·Σl², with N the linear
+    weights including the output head, T the tokens, l each example's length.
+    """
+    config = model.config
+    linear = sum(m.weight.numel() for name, m in model.named_modules()
+                 if isinstance(m, torch.nn.Linear) and "lora_" not in name)
+    tokens, squares = sum(lengths), sum(length * length for length in lengths)
+    attention = 4 * config.num_hidden_layers * config.hidden_size * squares
+    if not lora:
+        return 3 * (2 * linear * tokens + attention)
+    adapters = sum(p.numel() for name, p in model.named_parameters() if "lora_" in name)
+    return 4 * linear * tokens + 6 * adapters * tokens + 3 * attention
+
+
+def matmul_ceiling(dtype: torch.dtype, seconds: float = 2.0) -> float:
+    """GFLOP/s of LLM-shaped matrix products (tokens 2048 × hidden 512 × FFN 1376) on this machine."""
+    a, b = torch.randn(2048, 512, dtype=dtype), torch.randn(512, 1376, dtype=dtype)
+    a @ b
+    count, started = 0, time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        a @ b
+        count += 1
+    return 2 * 2048 * 512 * 1376 * count / (time.perf_counter() - started) / 1e9
+
+
+# ---------------------------------------------------------------- one configuration (subprocess)
+
+def run_reference(model, examples, steps: int, lora: bool) -> tuple[list[float], list[float]]:
+    """transformers.Trainer (+ peft LoRA), float32, padded per batch, examples in the given order."""
+    from torch.utils.data import SequentialSampler
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    from tunesmith.training.batching import collate
+
+    if lora:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0,
+                                                 target_modules="all-linear", task_type="CAUSAL_LM"))
+    stamps, losses = [], []
+
+    class Clock(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            stamps.append(time.perf_counter())
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs:
+                losses.append(float(logs["loss"]))
+
+    class InOrder(Trainer):
+        def _get_train_sampler(self, *args, **kwargs):
+            return SequentialSampler(self.train_dataset)
+
+    with tempfile.TemporaryDirectory() as out:
+        args = TrainingArguments(output_dir=out, per_device_train_batch_size=BATCH, max_steps=steps,
+                                 learning_rate=LR, lr_scheduler_type="constant", warmup_steps=0,
+                                 weight_decay=0.0, max_grad_norm=1.0, logging_steps=1, save_strategy="no",
+                                 report_to=[], seed=0, use_cpu=True, remove_unused_columns=False,
+                                 dataloader_num_workers=0, disable_tqdm=True)
+        trainer = InOrder(model=model, args=args, train_dataset=examples, callbacks=[Clock()],
+                          data_collator=lambda batch: collate(batch, 0))
+        trainer.train()
+    return stamps, losses
+
+
+def run_tunesmith(model, examples, steps: int, lora: bool, speed: dict) -> tuple[list[float], list[float]]:
+    """tunesmith's loop with ``train.speed`` options, examples in the given order."""
+    from tunesmith.config import EvalSection, FullMethod, LoraMethod, SpeedSection, TrainSection
+    from tunesmith.data.dataset import PreparedData
+    from tunesmith.methods import build_method
+    from tunesmith.runtime import Runtime
+    from tunesmith.training.hooks import Hook
+    from tunesmith.training.loop import Trainer
+    from tunesmith.training.speed import prepare_speed
+
+    method = build_method(LoraMethod(r=16, alpha=32, dropout=0.0, targets="all-linear") if lora else FullMethod())
+    model = method.apply(model)
+    train = TrainSection(batch_size=BATCH, lr=LR, schedule="constant", max_steps=steps, log_every=10**6,
+                         speed=SpeedSection(**speed))
+    runtime = Runtime(torch.device("cpu"))
+    setup = prepare_speed(model, train.speed, train, runtime, [len(e.input_ids) for e in examples])
+    stamps, losses = [], []
+
+    class Clock(Hook):
+        def on_step(self, record):
+            stamps.append(time.perf_counter())
+            losses.append(record["loss"])
+
+    data = PreparedData(train=examples, validation=None, template="none")
+    trainer = Trainer(model, method, data, train, EvalSection(), runtime, 0, hooks=[Clock()],
+                      **{**setup.seams, "sampler": InOrder(len(examples))})
+    trainer.fit()
+    return stamps, losses
+
+
+class InOrder:
+    """Step s takes examples [s·batch, (s+1)·batch): the reference's order exactly."""
+
+    def __init__(self, count: int) -> None:
+        self.steps_per_epoch = count // BATCH
+
+    def epoch_of(self, step: int) -> int:
+        return 0
+
+    def micro_batches(self, step: int) -> list[list[int]]:
+        return [list(range(step * BATCH, (step + 1) * BATCH))]
+
+
+def worker(args) -> dict:
+    """Train one configuration; returns its measurements (printed as JSON by the subprocess)."""
+    lora = args.method == "lora"
+    model = build_model(args.size)
+    examples = build_examples(args.size, BATCH * args.steps)
+    speed = json.loads(args.speed)
+    if args.stack == "reference":
+        stamps, losses = run_reference(model, examples, args.steps, lora)
+    else:
+        stamps, losses = run_tunesmith(model, examples, args.steps, lora, speed)
+    timed = examples[BATCH:BATCH * args.steps]  # step 1 is warm-up
+    lengths = [len(e.input_ids) for e in timed]
+    seconds = stamps[-1] - stamps[0]
+    flop_model = build_model(args.size)
+    if lora:
+        from peft import LoraConfig, get_peft_model
+
+        flop_model = get_peft_model(flop_model, LoraConfig(r=16, target_modules="all-linear", task_type="CAUSAL_LM"))
+    return {"tokens_per_s": sum(lengths) / seconds, "flops_per_s": training_flops(flop_model, lora, lengths) / seconds,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "losses": losses,
+            "final_loss": losses[-1]}
+
+
+# ---------------------------------------------------------------- the comparison
+
+def run_configuration(size: str, stack: str, method: str, steps: int, speed: dict, threads) -> dict:
+    command = [sys.executable, __file__, "--worker", "--size", size, "--stack", stack, "--method", method,
+               "--steps", str(steps), "--speed", json.dumps(speed)] + (["--threads", str(threads)] if threads else [])
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"{stack}/{method} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def median_of(runs: list[dict], key: str) -> float:
+    return statistics.median(run[key] for run in runs)
+
+
+def report(results: dict, ceilings: dict) -> str:
+    """A Markdown table: medians per configuration and ours/reference ratios."""
+    lines = [f"matmul ceiling: float32 {ceilings['float32']:.0f} GFLOP/s, bfloat16 {ceilings['bfloat16']:.0f} GFLOP/s",
+             "", "| method | stack | real tokens/s | peak RSS (MB) | MFU of bf16 ceiling | MFU of fp32 ceiling "
+             "| final loss | max loss gap |", "|---|---|---|---|---|---|---|---|"]
+    for method in METHODS:
+        if not all((stack, method) in results for stack in STACKS):
+            continue
+        ref_losses = results[("reference", method)][0]["losses"]
+        for stack in STACKS:
+            runs = results[(stack, method)]
+            flops = median_of(runs, "flops_per_s") / 1e9
+            gap = max(abs(a - b) for a, b in zip(runs[0]["losses"], ref_losses))
+            lines.append(f"| {method} | {stack} | {median_of(runs, 'tokens_per_s'):.0f} | "
+                         f"{median_of(runs, 'peak_rss_mb'):.0f} | {100 * flops / ceilings['bfloat16']:.0f}% | "
+                         f"{100 * flops / ceilings['float32']:.0f}% | {median_of(runs, 'final_loss'):.4f} | {gap:.4f} |")
+        ours, ref = results[("tunesmith", method)], results[("reference", method)]
+        lines.append(f"| {method} | **ours/reference** | **{median_of(ours, 'tokens_per_s') / median_of(ref, 'tokens_per_s'):.2f}×** "
+                     f"| **{median_of(ours, 'peak_rss_mb') / median_of(ref, 'peak_rss_mb'):.2f}×** | | | | |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="small model and short examples")
+    parser.add_argument("--repeats", type=int, default=3, help="runs of every configuration (medians reported)")
+    parser.add_argument("--steps", type=int, default=6, help="optimizer steps per run (the first is warm-up)")
+    parser.add_argument("--methods", default="lora,full", help="comma-separated: lora, full")
+    parser.add_argument("--speed", default='{"autocast": "auto"}', help="tunesmith's train.speed as JSON")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads in every run (default: torch's)")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--size", default="S", help=argparse.SUPPRESS)
+    parser.add_argument("--stack", help=argparse.SUPPRESS)
+    parser.add_argument("--method", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.worker:
+        print(json.dumps(worker(args)))
+        return
+    size = "quick" if args.quick else args.size
+    print(f"model {size}: {MODELS[size]}; batch {BATCH}; {args.steps} steps; {args.repeats} repeats; "
+          f"tunesmith train.speed = {args.speed}; {torch.get_num_threads()} threads", flush=True)
+    ceilings = {"float32": matmul_ceiling(torch.float32), "bfloat16": matmul_ceiling(torch.bfloat16)}
+    results: dict = {}
+    for repeat in range(args.repeats):
+        for method in args.methods.split(","):
+            for stack in STACKS:
+                run = run_configuration(size, stack, method, args.steps, json.loads(args.speed), args.threads)
+                results.setdefault((stack, method), []).append(run)
+                print(f"repeat {repeat + 1} {method:4} {stack:9}: {run['tokens_per_s']:7.0f} tokens/s, "
+                      f"{run['peak_rss_mb']:6.0f} MB, final loss {run['final_loss']:.4f}", flush=True)
+    print()
+    print(report(results, ceilings))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,45 @@
+"""The ``train.speed`` section: levers that make training faster or leaner without changing the maths.
+
+Defaults are the levers that are exact (packing with per-example attention, the chunked loss,
+length grouping inside a step); the ones that change numerics or cost warm-up (bfloat16 autocast,
+``torch.compile``, activation checkpointing) are off until asked for. See ``docs/speed.md``.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from tunesmith.config.base import Section
+
+
+class SpeedSection(Section):
+    """How each micro-batch is laid out and computed."""
+
+    packing: bool = Field(
+        True,
+        description="Concatenate each micro-batch's examples into one row without padding; attention stays "
+        "inside each example. Falls back to padding for models or methods that cannot honour it.",
+    )
+    chunked_loss: bool = Field(
+        True, description="Cross-entropy over chunks of target tokens; the full (tokens x vocabulary) logits "
+        "are never built. Exact."
+    )
+    loss_chunk_tokens: int = Field(1024, ge=16, description="Target tokens per chunk of the chunked loss.")
+    autocast: Literal["off", "auto", "bfloat16"] = Field(
+        "off",
+        description="bfloat16 autocast with float32 master weights: 'auto' turns it on where the hardware "
+        "computes bfloat16 natively (AVX-512 BF16/AMX CPUs, Ampere+ GPUs); 'bfloat16' forces it.",
+    )
+    compile: bool = Field(
+        False, description="torch.compile the decoder layers (about a minute of warm-up; falls back to eager "
+        "where compilation fails)."
+    )
+    group_by_length: bool = Field(
+        True, description="Without packing: sort each step's examples by length before splitting them into "
+        "micro-batches (same global batch, less padding)."
+    )
+    activation_checkpointing: bool = Field(
+        False, description="Recompute activations in the backward pass: less memory, some speed lost."
+    )

@@ -1,0 +1,128 @@
+"""Padding-free packing: a micro-batch's examples in one row, attention kept inside each example.
+
+A packed micro-batch is one row of the concatenated examples (no padding at all) with
+``position_ids`` restarting at 0 for every example and ``cu_seq_lens_q``/``cu_seq_lens_k``, the
+cumulative example boundaries that transformers' varlen (flash) attention kernels read. On
+devices without those kernels we register our own attention implementation with transformers'
+:class:`~transformers.AttentionInterface`: it runs PyTorch's scaled-dot-product attention once
+per example, so packing costs ``sum(l²)`` attention work instead of ``(sum l)²`` and no example
+ever sees another. transformers' own answer on CPU (position ids alone) builds a dense
+block-diagonal mask over the whole row and is honoured only with the KV cache off; measured
+slower, and easy to lose silently (see docs/speed.md).
+
+The micro-batch still holds exactly the examples the sampler chose, so gradient accumulation,
+token normalisation, resuming and DDP are unchanged: only the layout differs.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from tunesmith.data.encode import IGNORE_INDEX, EncodedExample
+
+logger = logging.getLogger(__name__)
+
+VARLEN_ATTENTION = "tunesmith_varlen_sdpa"
+
+
+def pack_collate(examples: list[EncodedExample], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Concatenate examples into one padding-free row.
+
+    Args:
+        examples: The micro-batch.
+        pad_token_id: Unused (nothing is padded); kept for the collate signature.
+
+    Returns:
+        ``input_ids``, ``labels``, ``position_ids``, ``attention_mask`` (all ones), each (1, total);
+        ``cu_seq_lens_q``/``cu_seq_lens_k`` (examples + 1,) int32 boundaries; ``max_length_q``/``k``.
+        The first label of every example is ignored: in a packed row it would be predicted from
+        the previous example's last token, and unpacked it is never a target either.
+    """
+    lengths = [len(example.input_ids) for example in examples]
+    input_ids = torch.tensor([token for example in examples for token in example.input_ids], dtype=torch.long)
+    labels = torch.tensor([label for example in examples for label in example.labels], dtype=torch.long)
+    boundaries = torch.tensor([0, *lengths], dtype=torch.int32).cumsum(0, dtype=torch.int32)
+    labels[boundaries[:-1].long()] = IGNORE_INDEX
+    position_ids = torch.cat([torch.arange(length) for length in lengths])
+    longest = torch.tensor(max(lengths))
+    return {
+        "input_ids": input_ids[None],  # (1, total)
+        "labels": labels[None],
+        "position_ids": position_ids[None],
+        # All ones: transformers then skips mask building instead of deriving a dense one from position ids.
+        "attention_mask": torch.ones_like(input_ids)[None],
+        "cu_seq_lens_q": boundaries,
+        "cu_seq_lens_k": boundaries,
+        "max_length_q": longest,
+        "max_length_k": longest,
+    }
+
+
+def varlen_sdpa_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                          attention_mask, dropout: float = 0.0, scaling=None, cu_seq_lens_q=None, **kwargs):
+    """transformers' SDPA attention, run per example when the batch is packed.
+
+    Without ``cu_seq_lens_q`` (evaluation, generation) it is exactly transformers' ``sdpa``.
+
+    Args:
+        query, key, value: (1, heads, total, head_dim) for a packed row.
+        cu_seq_lens_q: Cumulative example boundaries (examples + 1,), or None.
+
+    Returns:
+        (attention output (batch, total, heads, head_dim), None), as every transformers attention.
+    """
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if cu_seq_lens_q is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    bounds = cu_seq_lens_q.tolist()
+    outputs = [
+        sdpa_attention_forward(module, query[:, :, start:end], key[:, :, start:end], value[:, :, start:end], None,
+                               dropout=dropout, scaling=scaling, is_causal=True)[0]
+        for start, end in zip(bounds[:-1], bounds[1:])
+    ]
+    return torch.cat(outputs, dim=1), None
+
+
+def register_varlen_attention() -> None:
+    """Make ``VARLEN_ATTENTION`` a valid ``attn_implementation`` (idempotent; transformers' own registry)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(VARLEN_ATTENTION, torch.compiler.disable(varlen_sdpa_attention))
+    if VARLEN_ATTENTION not in ALL_MASK_ATTENTION_FUNCTIONS:
+        AttentionMaskInterface.register(VARLEN_ATTENTION, sdpa_mask)
+
+
+def enable_packed_attention(model: torch.nn.Module) -> bool:
+    """Switch ``model`` to attention that honours packed boundaries, if it can.
+
+    Prompt-learning methods (virtual tokens prepended to every row) and models without SDPA
+    support cannot be packed; they keep padding.
+
+    Returns:
+        Whether packed batches are now safe for this model.
+    """
+    if getattr(getattr(model, "active_peft_config", None), "is_prompt_learning", False):
+        logger.info("packing off: the method prepends virtual tokens to every row")
+        return False
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    current = getattr(base.config, "_attn_implementation", None)
+    if current and current.startswith("flash_attention"):
+        return True  # flash varlen kernels read cu_seq_lens themselves
+    if current != "sdpa" and current != VARLEN_ATTENTION:
+        logger.info("packing off: the model uses %s attention, not sdpa", current)
+        return False
+    register_varlen_attention()
+    base.set_attn_implementation(VARLEN_ATTENTION)
+    return base.config._attn_implementation == VARLEN_ATTENTION
+
+
+def restore_attention(model: torch.nn.Module) -> None:
+    """Back to transformers' own ``sdpa`` (before saving, so no artifact names our implementation)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if getattr(base.config, "_attn_implementation", None) == VARLEN_ATTENTION:
+        base.set_attn_implementation("sdpa")

@@ -1,0 +1,142 @@
+"""From ``train.speed`` to the loop's seams: loss function, collation, sampler, model preparation.
+
+``finetune`` calls :func:`prepare_speed` once after the method is applied; the loop itself never
+asks which levers are on.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from tunesmith.config import SpeedSection, TrainSection
+from tunesmith.runtime import Runtime
+from tunesmith.training.batching import StepSampler, collate
+from tunesmith.training.chunked_loss import chunked_loss_sum, plain_loss_sum, unwrap
+from tunesmith.training.length_grouping import LengthGroupedSampler
+from tunesmith.training.packing import enable_packed_attention, pack_collate
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class SpeedSetup:
+    """What :func:`prepare_speed` decided; ``seams`` go straight into the loop's ``Trainer``.
+
+    Attributes:
+        packing: Micro-batches are packed rows.
+        autocast_dtype: The autocast dtype, or None for full precision.
+        notes: One phrase per lever, for the run's log.
+    """
+
+    loss_fn: Callable
+    collate_fn: Callable
+    sampler: Optional[object]
+    packing: bool
+    autocast_dtype: Optional[torch.dtype]
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def seams(self) -> dict:
+        return {"loss_fn": self.loss_fn, "collate_fn": self.collate_fn, "sampler": self.sampler}
+
+    def describe(self) -> str:
+        return "speed: " + ", ".join(self.notes)
+
+
+def native_bfloat16(device: torch.device) -> bool:
+    """Whether ``device`` computes bfloat16 natively (emulated bfloat16 is slower than float32).
+
+    CPUs: AVX-512 BF16 or AMX tiles (torch's own detection); GPUs: what CUDA reports (Ampere on).
+    """
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    detectors = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in detectors)
+
+
+def autocast_dtype(section: SpeedSection, device: torch.device) -> Optional[torch.dtype]:
+    """bfloat16 when asked for (or 'auto' and native), else None."""
+    if section.autocast == "bfloat16" or (section.autocast == "auto" and native_bfloat16(device)):
+        return torch.bfloat16
+    return None
+
+
+def prepare_speed(model: torch.nn.Module, section: SpeedSection, train: TrainSection, runtime: Runtime,
+                  lengths: Sequence[int]) -> SpeedSetup:
+    """Prepare ``model`` in place and build the loop's seams for ``section``.
+
+    Args:
+        model: The model after ``method.apply`` (peft-wrapped or plain).
+        section: The recipe's ``train.speed``.
+        train: The recipe's ``train`` (batch size, accumulation, seed).
+        runtime: Device, rank and world size.
+        lengths: Token length of every training example (for length grouping).
+
+    Returns:
+        The seams and what was switched on.
+    """
+    notes = []
+    packing = section.packing and enable_packed_attention(model)
+    notes.append("packing" if packing else "padding")
+    loss = functools.partial(chunked_loss_sum, chunk_tokens=section.loss_chunk_tokens) if section.chunked_loss \
+        else plain_loss_sum
+    notes.append(f"chunked loss ({section.loss_chunk_tokens} tokens)" if section.chunked_loss else "full logits")
+    dtype = autocast_dtype(section, runtime.device)
+    if dtype is not None:
+        loss = functools.partial(autocast_loss, loss, dtype)
+    notes.append("bfloat16 autocast" if dtype is not None else "float32")
+    if section.activation_checkpointing:
+        enable_activation_checkpointing(model)
+        notes.append("activation checkpointing")
+    if section.compile:
+        compile_decoder_layers(model)
+        notes.append("torch.compile")
+    sampler = None
+    if section.group_by_length and not packing and train.grad_accum > 1:
+        sampler = LengthGroupedSampler(StepSampler(len(lengths), train.batch_size, train.grad_accum,
+                                                   runtime.world_size, runtime.rank, train.seed), lengths)
+        notes.append("length-grouped micro-batches")
+    return SpeedSetup(loss, pack_collate if packing else collate, sampler, packing, dtype, notes)
+
+
+def autocast_loss(loss_fn: Callable, dtype: torch.dtype, model: torch.nn.Module,
+                  batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """``loss_fn`` with its forward pass under autocast; weights and optimizer stay float32."""
+    device_type = next(unwrap(model).parameters()).device.type
+    with torch.autocast(device_type=device_type, dtype=dtype):
+        return loss_fn(model, batch)
+
+
+def enable_activation_checkpointing(model: torch.nn.Module) -> None:
+    """transformers' gradient checkpointing per decoder layer (non-reentrant: works with frozen inputs)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    # transformers 5 renamed gradient_checkpointing_enable (the old name warns it will go in v6).
+    if hasattr(base, "activation_checkpointing_enable"):
+        base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    base.config.use_cache = False
+
+
+def compile_decoder_layers(model: torch.nn.Module) -> None:
+    """``torch.compile`` each decoder layer in place (dynamic shapes: packed rows vary in length).
+
+    Compiling layers rather than the whole model keeps the per-example attention (a Python loop
+    over boundaries) out of the graph. Where compilation fails, dynamo's ``suppress_errors``
+    runs that layer eagerly instead of stopping the run.
+    """
+    import torch._dynamo
+
+    torch._dynamo.config.suppress_errors = True  # the fallback: eager where a graph cannot be compiled
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    layers = getattr(base.get_decoder(), "layers", None)
+    if layers is None:
+        logger.warning("torch.compile skipped: the model has no decoder.layers")
+        return
+    for layer in layers:
+        layer.compile(dynamic=True)

@@ -1,0 +1,207 @@
+"""train.speed: fast paths tested against the plain ones (packing, chunked loss, bf16, grouping, end to end)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tunesmith.config import EvalSection, FullMethod, SpeedSection, TrainSection
+from tunesmith.data.dataset import PreparedData
+from tunesmith.data.encode import IGNORE_INDEX, EncodedExample
+from tunesmith.methods import build_method
+from tunesmith.runtime import Runtime
+from tunesmith.training.batching import StepSampler, collate
+from tunesmith.training.chunked_loss import chunked_loss_sum, model_inputs, plain_loss_sum
+from tunesmith.training.length_grouping import LengthGroupedSampler
+from tunesmith.training.loop import Trainer
+from tunesmith.training.loss import count_real_tokens, count_target_tokens
+from tunesmith.training.packing import VARLEN_ATTENTION, enable_packed_attention, pack_collate, restore_attention
+from tunesmith.training.speed import autocast_dtype, native_bfloat16, prepare_speed
+
+CPU = Runtime(torch.device("cpu"))
+
+
+def make_examples(count: int, vocab: int = 512, seed: int = 0) -> list[EncodedExample]:
+    """Examples of varied lengths with a masked prompt, like encoded chat data."""
+    generator = torch.Generator().manual_seed(seed)
+    examples = []
+    for index in range(count):
+        length = 6 + (index * 7) % 23
+        ids = torch.randint(3, vocab, (length,), generator=generator).tolist()
+        prompt = 1 + index % 4
+        examples.append(EncodedExample(tuple(ids), tuple([IGNORE_INDEX] * prompt + ids[prompt:])))
+    return examples
+
+
+def load_stories(path: str):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa")
+    return model.train()
+
+
+def per_example_losses(logits: torch.Tensor, labels: torch.Tensor, bounds: list[int]) -> list[float]:
+    """Summed next-token loss of each example of a packed row."""
+    return [float(F.cross_entropy(logits[0, start:end - 1].float(), labels[0, start + 1:end],
+                                  ignore_index=IGNORE_INDEX, reduction="sum"))
+            for start, end in zip(bounds[:-1], bounds[1:])]
+
+
+def test_pack_collate_layout() -> None:
+    examples = [EncodedExample((5, 6, 7), (-100, 6, 7)), EncodedExample((8, 9), (8, 9))]
+    batch = pack_collate(examples, pad_token_id=0)
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 8, 9]]
+    assert batch["labels"].tolist() == [[-100, 6, 7, -100, 9]]  # each example's first label never scored
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1]]
+    assert batch["cu_seq_lens_q"].tolist() == [0, 3, 5]
+    padded = collate(examples, pad_token_id=0)
+    assert count_target_tokens(batch) == count_target_tokens(padded) == 3
+    assert count_real_tokens(batch) == count_real_tokens(padded) == 5
+
+
+def test_packed_per_example_losses_equal_unpacked(stories260k) -> None:
+    model = load_stories(stories260k)
+    examples = make_examples(5)
+    with torch.no_grad():
+        unpacked = [float(plain_loss_sum(model, collate([example], 0))) for example in examples]
+    packed = pack_collate(examples, 0)
+    bounds = packed["cu_seq_lens_q"].tolist()
+
+    assert enable_packed_attention(model)
+    assert model.config._attn_implementation == VARLEN_ATTENTION
+    logits = model(**model_inputs(packed), use_cache=False).logits
+    assert per_example_losses(logits, packed["labels"], bounds) == pytest.approx(unpacked, rel=1e-5, abs=1e-5)
+    # Evaluation (padded, no boundaries) under the varlen implementation is plain SDPA.
+    padded = collate(examples, 0)
+    assert float(plain_loss_sum(model, padded)) == pytest.approx(sum(unpacked), rel=1e-5)
+
+    # The pitfall this guards against: plain SDPA with position ids and an all-ones mask lets
+    # examples see each other, and the losses differ.
+    restore_attention(model)
+    leaky = model(**model_inputs(packed), use_cache=False).logits
+    assert per_example_losses(leaky, packed["labels"], bounds)[1:] != pytest.approx(unpacked[1:], rel=1e-3)
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_chunked_loss_and_gradients_equal_plain(stories260k, packed: bool) -> None:
+    model = load_stories(stories260k)
+    if packed:
+        enable_packed_attention(model)
+    examples = make_examples(6)
+    batch = pack_collate(examples, 0) if packed else collate(examples, 0)
+
+    plain = plain_loss_sum(model, batch)
+    plain.backward()
+    plain_grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    chunked = chunked_loss_sum(model, batch, chunk_tokens=7)  # several chunks, the last one partial
+    chunked.backward()
+
+    assert float(chunked) == pytest.approx(float(plain), rel=1e-6)
+    for name, parameter in model.named_parameters():
+        # Summation order differs, so compare against each gradient's own scale.
+        scale = float(plain_grads[name].abs().max())
+        torch.testing.assert_close(parameter.grad, plain_grads[name], rtol=1e-4, atol=1e-6 * max(scale, 1.0),
+                                   msg=name)
+
+
+def test_bfloat16_autocast_close_to_float32(stories260k) -> None:
+    model = load_stories(stories260k)
+    batch = pack_collate(make_examples(6), 0)
+    enable_packed_attention(model)
+    train = TrainSection()
+    full = prepare_speed(model, SpeedSection(), train, CPU, [])
+    fast = prepare_speed(model, SpeedSection(autocast="bfloat16"), train, CPU, [])
+    assert full.autocast_dtype is None and fast.autocast_dtype is torch.bfloat16
+
+    reference = full.loss_fn(model, batch)
+    reference.backward()
+    reference_grad = torch.cat([p.grad.flatten() for p in model.parameters()])
+    model.zero_grad(set_to_none=True)
+    autocast = fast.loss_fn(model, batch)
+    autocast.backward()
+    autocast_grad = torch.cat([p.grad.flatten() for p in model.parameters()])
+
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # master weights stay float32
+    assert float(autocast) == pytest.approx(float(reference), rel=2e-2)
+    assert float(autocast) != float(reference)  # bfloat16 really ran
+    assert F.cosine_similarity(autocast_grad, reference_grad, dim=0) > 0.99
+
+
+def test_autocast_detection() -> None:
+    cpu = torch.device("cpu")
+    assert autocast_dtype(SpeedSection(), cpu) is None
+    assert autocast_dtype(SpeedSection(autocast="bfloat16"), cpu) is torch.bfloat16
+    expected = torch.bfloat16 if native_bfloat16(cpu) else None
+    assert autocast_dtype(SpeedSection(autocast="auto"), cpu) is expected
+
+
+def test_length_grouping_keeps_each_step_and_sorts_micro_batches() -> None:
+    lengths = [3, 9, 1, 7, 5, 8, 2, 6, 4, 10, 11, 12]
+    plain = StepSampler(len(lengths), batch_size=2, grad_accum=3, seed=3)
+    grouped = LengthGroupedSampler(plain, lengths)
+    for step in range(plain.steps_per_epoch * 2):
+        chosen = sorted(i for batch in plain.micro_batches(step) for i in batch)
+        regrouped = grouped.micro_batches(step)
+        assert sorted(i for batch in regrouped for i in batch) == chosen
+        flat = [lengths[i] for batch in regrouped for i in batch]
+        assert flat == sorted(flat, reverse=True)
+        assert [len(batch) for batch in regrouped] == [2, 2, 2]
+
+
+def train_losses(model_path: str, speed: SpeedSection, examples: list[EncodedExample]) -> list[float]:
+    """Two optimizer steps of full fine-tuning with two accumulated micro-batches."""
+    model = load_stories(model_path)
+    method = build_method(FullMethod())
+    model = method.apply(model)
+    train = TrainSection(batch_size=3, grad_accum=2, max_steps=2, lr=1e-3, schedule="constant", log_every=1,
+                         speed=speed)
+    setup = prepare_speed(model, speed, train, CPU, [len(e.input_ids) for e in examples])
+    data = PreparedData(train=examples, validation=None, template="none")
+    losses = []
+
+    class Record:
+        def on_train_start(self, *args): ...
+        def on_step(self, record): losses.append(record["loss"])
+        def on_log(self, record): ...
+        def on_train_end(self): ...
+
+    Trainer(model, method, data, train, EvalSection(), CPU, 0, hooks=[Record()], **setup.seams).fit()
+    return losses
+
+
+def test_packed_chunked_training_equals_plain_training(stories260k) -> None:
+    examples = make_examples(12)
+    plain = train_losses(stories260k, SpeedSection(packing=False, chunked_loss=False, group_by_length=False),
+                         examples)
+    fast = train_losses(stories260k, SpeedSection(loss_chunk_tokens=16), examples)
+    grouped = train_losses(stories260k, SpeedSection(packing=False, chunked_loss=False), examples)
+    assert fast == pytest.approx(plain, rel=1e-5)
+    assert grouped == pytest.approx(plain, rel=1e-5)
+    assert plain[-1] < plain[0]
+
+
+def test_train_end_to_end_with_fast_options(tmp_path, stories260k, alpaca_demo) -> None:
+    from tunesmith.config import validate_recipe
+    from tunesmith.finetune import finetune
+
+    recipe = validate_recipe({
+        "model": {"name": stories260k},
+        "data": {"train": alpaca_demo, "max_length": 64, "template": "chatml"},
+        "method": {"kind": "lora", "r": 4},
+        "train": {"max_steps": 2, "batch_size": 2, "grad_accum": 2, "log_every": 1,
+                  "speed": {"autocast": "auto", "activation_checkpointing": True, "loss_chunk_tokens": 64}},
+        "output": {"dir": str(tmp_path / "run")},
+    })
+    summary = finetune(recipe, progress=False)
+    assert summary["steps"] == 2 and summary["tokens_per_s"] > 0
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in records)
+    # Real tokens: every token read, no padding (packed), more than the scored ones.
+    assert summary["tokens"] == records[-1]["tokens"] > 0
+    saved = (tmp_path / "run" / "adapter" / "adapter_config.json").read_text()
+    assert VARLEN_ATTENTION not in saved
