@@ -1,0 +1,132 @@
+"""One runner per task kind: ``(model, tokenizer, task) -> task result`` registered by kind.
+
+Every task result has the same keys, so reports and comparisons never ask which kind ran:
+``kind``, ``metric`` (the headline metric's name), ``score`` (its value; higher is better
+except where ``lower_is_better``), ``metrics`` (every number), ``count``, ``details``
+(per subject/category tables), ``tokenisation`` and ``samples``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+from tunesmith.evaluation import benchmarks
+from tunesmith.evaluation.multiple_choice import MultipleChoiceResult, PromptStyle, evaluate_multiple_choice
+from tunesmith.evaluation.metrics import compute_metrics
+from tunesmith.evaluation.tasks import (BiasTask, ClassificationTask, GenerationTask, LmEvalTask, MmluTask,
+                                        MultipleChoiceTask, PerplexityTask)
+from tunesmith.registry import Registry
+
+TaskRunner = Callable[..., dict[str, Any]]
+TASK_RUNNERS: Registry[TaskRunner] = Registry("evaluation task kind")
+
+
+def task_result(kind: str, metric: str, metrics: dict[str, float], count: int, *, details: dict | None = None,
+                tokenisation: dict | None = None, samples: list | None = None,
+                lower_is_better: bool = False) -> dict[str, Any]:
+    """The common result form of every task."""
+    return {"kind": kind, "metric": metric, "score": metrics[metric], "lower_is_better": lower_is_better,
+            "metrics": metrics, "count": count, "details": details or {}, "tokenisation": tokenisation or {},
+            "samples": samples or []}
+
+
+def choice_result(kind: str, result: MultipleChoiceResult, metric: str = "accuracy") -> dict[str, Any]:
+    """A multiple-choice result in the common form (macro accuracy headlines grouped tasks)."""
+    raw = result.as_dict()
+    metrics = {"accuracy": raw["accuracy"],
+               **{f"accuracy_{n}": v for n, v in raw["accuracy_by_normalisation"].items()}}
+    if "macro_accuracy" in raw:
+        metrics["macro_accuracy"] = raw["macro_accuracy"]
+    details = {"groups": raw["groups"]} if "groups" in raw else {}
+    tokenisation = {**raw["tokenisation"], "normalisation": raw["normalisation"], "few_shot": raw["few_shot"]}
+    return task_result(kind, metric, metrics, raw["count"], details=details, tokenisation=tokenisation)
+
+
+@TASK_RUNNERS.register("mmlu")
+def run_mmlu(model, tokenizer, task: MmluTask) -> dict[str, Any]:
+    """Per-subject accuracies and their macro average over an MMLU split."""
+    folder = Path(task.path)
+    items = benchmarks.read_mmlu(folder, task.split, task.subjects, task.limit)
+    pool = benchmarks.read_mmlu(folder, task.few_shot_split, task.subjects) if task.few_shot else []
+    style = PromptStyle("letter", task.chat_template, task.description)
+    result = evaluate_multiple_choice(model, tokenizer, items, normalisation=task.normalisation, few_shot=task.few_shot,
+                                      few_shot_pool=pool, style=style, batch_size=task.batch_size)
+    return choice_result("mmlu", result, "macro_accuracy")
+
+
+@TASK_RUNNERS.register("multiple_choice")
+def run_multiple_choice(model, tokenizer, task: MultipleChoiceTask) -> dict[str, Any]:
+    """Accuracy on a generic JSONL multiple-choice file."""
+    fields = (task.question_field, task.choices_field, task.answer_field, task.group_field)
+    items = benchmarks.read_jsonl_choices(Path(task.path), *fields, limit=task.limit)
+    pool = benchmarks.read_jsonl_choices(Path(task.few_shot_path), *fields) if task.few_shot_path else []
+    style = PromptStyle(task.choice_style, task.chat_template)
+    result = evaluate_multiple_choice(model, tokenizer, items, normalisation=task.normalisation, few_shot=task.few_shot,
+                                      few_shot_pool=pool, style=style, batch_size=task.batch_size)
+    return choice_result("multiple_choice", result)
+
+
+@TASK_RUNNERS.register("classification")
+def run_classification(model, tokenizer, task: ClassificationTask) -> dict[str, Any]:
+    """Accuracy of choosing the most likely label word."""
+    items = benchmarks.read_classification(Path(task.path), task.text_field, task.label_field, task.label_words,
+                                           task.prompt, task.limit)
+    style = PromptStyle("text", task.chat_template, cue="")
+    result = evaluate_multiple_choice(model, tokenizer, items, normalisation=task.normalisation, few_shot=task.few_shot,
+                                      style=style, batch_size=task.batch_size)
+    return choice_result("classification", result)
+
+
+@TASK_RUNNERS.register("perplexity")
+def run_perplexity(model, tokenizer, task: PerplexityTask) -> dict[str, Any]:
+    """Loss and perplexity on a data file, encoded exactly as training encodes it."""
+    from tunesmith.config import DataSection
+    from tunesmith.data.dataset import encode_all, load_examples
+    from tunesmith.evaluation.perplexity import evaluate_loss
+    from tunesmith.runtime import Runtime
+
+    examples, _ = load_examples(task.path, task.format)
+    examples = examples[: task.limit] if task.limit else examples
+    section = DataSection(train=(task.path,), format=task.format, max_length=task.max_length)
+    encoded, _ = encode_all(examples, tokenizer, section, "evaluation")
+    runtime = Runtime(device=next(model.parameters()).device)
+    metrics = evaluate_loss(model, encoded, task.batch_size, tokenizer.pad_token_id, runtime)
+    tokenisation = {"method": "as in training: chat template for conversations, BOS/EOS around plain text",
+                    "max_length": task.max_length}
+    return task_result("perplexity", "perplexity", {k: float(v) for k, v in metrics.items()}, len(encoded),
+                       tokenisation=tokenisation, lower_is_better=True)
+
+
+@TASK_RUNNERS.register("generation")
+def run_generation(model, tokenizer, task: GenerationTask) -> dict[str, Any]:
+    """Generate greedily (batched, chat template of training) and score against the references."""
+    from tunesmith.evaluation.generation import generate_for_records
+
+    predictions, references, prompts = generate_for_records(model, tokenizer, task)
+    metrics, tokenisation = compute_metrics(task.metrics, predictions, references, task.answer_pattern)
+    samples = [{"prompt": p, "prediction": pred, "references": list(refs)}
+               for p, pred, refs in list(zip(prompts, predictions, references))[:5]]
+    tokenisation["prompt"] = "chat template of the model (tunesmith.inference.generate), greedy decoding"
+    return task_result("generation", task.metrics[0], metrics, len(predictions), tokenisation=tokenisation,
+                       samples=samples)
+
+
+@TASK_RUNNERS.register("bias")
+def run_bias(model, tokenizer, task: BiasTask) -> dict[str, Any]:
+    """Share of counterfactual pairs where the stereotypical sentence is more likely, per category."""
+    from tunesmith.evaluation.bias import evaluate_bias_pairs, read_bias_pairs
+
+    pairs = read_bias_pairs(Path(task.path), task.limit)
+    result = evaluate_bias_pairs(model, tokenizer, pairs, task.batch_size)
+    metrics = {"stereotype_share": result["stereotype_share"], "mean_logprob_gap": result["mean_logprob_gap"]}
+    return task_result("bias", "stereotype_share", metrics, result["count"], details={"groups": result["categories"]},
+                       tokenisation=result["tokenisation"])
+
+
+@TASK_RUNNERS.register("lm_eval")
+def run_lm_eval(model, tokenizer, task: LmEvalTask) -> dict[str, Any]:
+    """Tasks of lm-evaluation-harness on the loaded model (optional extra)."""
+    from tunesmith.evaluation.harness import run_harness_tasks
+
+    return run_harness_tasks(model, tokenizer, task)

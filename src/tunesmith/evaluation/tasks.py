@@ -1,0 +1,183 @@
+"""Task files: one small YAML file per benchmark, validated into a frozen section chosen by ``kind``.
+
+Paths inside a task file may start with ``{data_root}`` (the suite's data folder, which the user
+points at their own copy with ``--data-root``) or ``{probes}`` (the probe files shipped with
+tunesmith); other relative paths are relative to the task file's own folder.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal, Optional, Union
+
+import yaml
+from pydantic import Field, TypeAdapter, ValidationError, field_validator
+
+from tunesmith.config.base import Section
+from tunesmith.errors import TunesmithError
+
+PROBES_DIR = Path(__file__).resolve().parent / "probes"
+
+
+class TaskBase(Section):
+    """Fields every task has."""
+
+    name: str = Field(..., description="Name of the task in results and reports.")
+    limit: Optional[int] = Field(None, ge=1, description="Score only the first N items (per subject for MMLU).")
+    batch_size: int = Field(16, ge=1, description="Sequences per forward pass or generation batch.")
+    chat_template: bool = Field(
+        False, description="Render prompts with the model's chat template (the one saved with the adapter)."
+    )
+
+
+class ChoiceOptions(Section):
+    """Options shared by the log-likelihood choice tasks."""
+
+    few_shot: int = Field(0, ge=0, description="Solved examples put before each question.")
+    normalisation: Literal["sum", "per_token", "per_char"] = Field(
+        "sum", description="Log-likelihood normalisation that decides the prediction."
+    )
+
+
+class MmluTask(TaskBase, ChoiceOptions):
+    """MMLU layout: a folder per split of CSV files `question,choice0..3,answer`, one per subject."""
+
+    kind: Literal["mmlu"] = "mmlu"
+    path: str = Field(..., description="Folder holding the split folders (e.g. {data_root}/mmlu).")
+    split: str = Field("test", description="Split folder scored.")
+    few_shot_split: str = Field("dev", description="Split folder the few-shot examples come from.")
+    subjects: Optional[tuple[str, ...]] = Field(None, description="Subjects scored (all when omitted).")
+    description: str = Field(
+        "The following are multiple choice questions (with answers) about {group}.\n\n",
+        description="Text before the questions; {group} becomes the subject.",
+    )
+
+
+class MultipleChoiceTask(TaskBase, ChoiceOptions):
+    """Generic JSONL multiple choice: one object per line with question, choices and answer index."""
+
+    kind: Literal["multiple_choice"] = "multiple_choice"
+    path: str = Field(..., description="JSONL file of items.")
+    few_shot_path: Optional[str] = Field(None, description="JSONL file of few-shot examples (default: the items).")
+    question_field: str = Field("question", description="Field holding the question.")
+    choices_field: str = Field("choices", description="Field holding the list of choices.")
+    answer_field: str = Field("answer", description="Field holding the 0-based answer index.")
+    group_field: Optional[str] = Field(None, description="Field grouping items for per-group averages.")
+    choice_style: Literal["letter", "text"] = Field(
+        "letter", description="Score option letters after listing the options, or the choice texts."
+    )
+
+
+class ClassificationTask(TaskBase, ChoiceOptions):
+    """Classification by label words: the predicted label is the most likely label word (SST-2 style)."""
+
+    kind: Literal["classification"] = "classification"
+    path: str = Field(..., description="TSV, CSV or JSONL file with a text and a label column.")
+    text_field: str = Field("sentence", description="Column holding the text.")
+    label_field: str = Field("label", description="Column holding the label.")
+    label_words: dict[str, str] = Field(..., description="Label value -> the word scored for it.")
+    prompt: str = Field("{text}\nSentiment:", description="Prompt; {text} becomes the text.")
+
+    @field_validator("label_words", mode="before")
+    @classmethod
+    def _labels_as_text(cls, value: object) -> object:
+        # YAML reads `0: negative` with an integer key; labels are compared as the file's text.
+        return {str(k): v for k, v in value.items()} if isinstance(value, dict) else value
+
+
+class GenerationTask(TaskBase):
+    """Generation scored against references: summarisation, translation, question answering."""
+
+    kind: Literal["generation"] = "generation"
+    path: str = Field(..., description="JSONL file with prompt fields and reference(s).")
+    prompt: str = Field("{question}", description="Prompt template; {field} becomes the record's field.")
+    reference_field: str = Field("answer", description="Field holding a reference string or a list of them.")
+    metrics: tuple[str, ...] = Field(("exact_match",), description="Metric names (see tunesmith.evaluation.metrics).")
+    answer_pattern: Optional[str] = Field(
+        None, description="Regex whose last match (group 1) is the answer, for accuracy by extraction (GSM8K '#### (\\S+)')."
+    )
+    few_shot: int = Field(0, ge=0, description="Solved records (the first of few_shot_path or the file) before each prompt.")
+    few_shot_path: Optional[str] = Field(None, description="JSONL file of few-shot records.")
+    max_new_tokens: int = Field(64, ge=1, description="Longest generated answer.")
+
+
+class PerplexityTask(TaskBase):
+    """Loss and perplexity on a data file in any training format."""
+
+    kind: Literal["perplexity"] = "perplexity"
+    path: str = Field(..., description="Data file (any supported training format).")
+    format: str = Field("auto", description="Record layout, as data.format in a recipe.")
+    max_length: int = Field(512, ge=8, description="Longest token sequence.")
+
+
+class BiasTask(TaskBase):
+    """Counterfactual sentence pairs in the CrowS-Pairs CSV layout."""
+
+    kind: Literal["bias"] = "bias"
+    path: str = Field(..., description="CSV with sent_more, sent_less, stereo_antistereo, bias_type.")
+
+
+class LmEvalTask(TaskBase):
+    """Tasks run by lm-evaluation-harness (optional extra `tunesmith[lm-eval]`)."""
+
+    kind: Literal["lm_eval"] = "lm_eval"
+    tasks: tuple[str, ...] = Field(..., description="lm-eval task names.")
+    include_path: Optional[str] = Field(None, description="Folder of local lm-eval task YAMLs.")
+    num_fewshot: Optional[int] = Field(None, ge=0, description="Few-shot count passed to lm-eval.")
+
+
+TaskSection = Annotated[
+    Union[MmluTask, MultipleChoiceTask, ClassificationTask, GenerationTask, PerplexityTask, BiasTask, LmEvalTask],
+    Field(discriminator="kind"),
+]
+TASK_KINDS = ("mmlu", "multiple_choice", "classification", "generation", "perplexity", "bias", "lm_eval")
+_TASK_ADAPTER = TypeAdapter(TaskSection)
+PATH_FIELDS = ("path", "few_shot_path", "include_path")
+
+
+def resolve_path(value: str, base_dir: Path, data_root: Optional[Path]) -> str:
+    """Expand ``{data_root}``/``{probes}`` and make a relative path relative to ``base_dir``.
+
+    Raises:
+        TunesmithError: If ``{data_root}`` is used but no data root is known.
+    """
+    if "{data_root}" in value:
+        if data_root is None:
+            raise TunesmithError(f"path '{value}' uses {{data_root}}; give the suite a data_root or pass --data-root")
+        value = value.replace("{data_root}", str(data_root))
+    value = value.replace("{probes}", str(PROBES_DIR))
+    path = Path(value).expanduser()
+    return str(path if path.is_absolute() else (base_dir / path))
+
+
+def parse_task(raw: dict, where: str, base_dir: Path, data_root: Optional[Path]) -> TaskSection:
+    """Validate one task mapping and resolve its paths.
+
+    Raises:
+        TunesmithError: Naming ``where`` and the offending field.
+    """
+    if not isinstance(raw, dict):
+        raise TunesmithError(f"{where}: a task must be a mapping with at least 'name' and 'kind'")
+    if raw.get("kind") not in TASK_KINDS:
+        raise TunesmithError(f"{where}: task kind {raw.get('kind')!r} is not one of {', '.join(TASK_KINDS)}")
+    resolved = {k: (resolve_path(v, base_dir, data_root) if k in PATH_FIELDS and isinstance(v, str) else v)
+                for k, v in raw.items()}
+    try:
+        return _TASK_ADAPTER.validate_python(resolved)
+    except ValidationError as error:
+        first = error.errors()[0]
+        field = ".".join(str(p) for p in first["loc"][1:]) or "task"
+        raise TunesmithError(f"{where}: field '{field}': {first['msg']}") from None
+
+
+def load_task_file(path: Path, data_root: Optional[Path], overrides: Optional[dict] = None) -> TaskSection:
+    """Read and validate a task YAML file (``overrides`` replace its fields, e.g. a suite's ``limit``)."""
+    if not path.is_file():
+        raise TunesmithError(f"task file {path} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise TunesmithError(f"task file {path} is not valid YAML: {error}") from None
+    if isinstance(raw, dict) and overrides:
+        raw = {**raw, **overrides}
+    return parse_task(raw, str(path), path.parent, data_root)
