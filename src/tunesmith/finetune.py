@@ -15,6 +15,7 @@ from tunesmith.config import Recipe, recipe_to_yaml
 from tunesmith.data import prepare_data
 from tunesmith.errors import TunesmithError
 from tunesmith.evaluation import run_generation_task
+from tunesmith.forgetting.safeguards import Safeguards
 from tunesmith.methods import build_method, count_parameters
 from tunesmith.models import load_model_and_tokenizer
 from tunesmith.runtime import Runtime, cache_dir, init_runtime, shutdown_runtime
@@ -55,12 +56,15 @@ def finetune(recipe: Recipe, resume: bool = False, extra_hooks: Sequence[Hook] =
         for split, stats in data.stats.items():
             say(stats.describe(split))
         task_before = evaluate_task(model, tokenizer, recipe, runtime, out / "task_before.json", "before training")
+        safeguards = Safeguards(recipe, runtime, out, say, progress)
+        safeguards.before_method(model, tokenizer, data)
         method = build_method(recipe.method)
         model = method.apply(model)
         trainable, total = count_parameters(model)
         say(f"method {method.kind}: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.3f}%)")
         trainer = Trainer(model, method, data, recipe.train, recipe.eval, runtime, tokenizer.pad_token_id,
-                          checkpoint_dir=out / "checkpoints")
+                          checkpoint_dir=out / "checkpoints", penalties=safeguards.penalties(model, tokenizer, method),
+                          sampler=safeguards.sampler(data))
         if resume:
             checkpoint = latest_checkpoint(out / "checkpoints")
             trainer.resume(checkpoint)
@@ -71,6 +75,7 @@ def finetune(recipe: Recipe, resume: bool = False, extra_hooks: Sequence[Hook] =
             result = trainer.fit()
         except KeyboardInterrupt:
             raise Interrupted(interrupted_message(out, recipe_path)) from None
+        forgetting = safeguards.after_training(model, tokenizer, data)
         if runtime.is_main:
             save_result(method, model, tokenizer, out, recipe, data.template)
         task_after = evaluate_task(model, tokenizer, recipe, runtime, out / "task_after.json", "after training")
@@ -92,7 +97,10 @@ def finetune(recipe: Recipe, resume: bool = False, extra_hooks: Sequence[Hook] =
             "template": data.template,
             "world_size": runtime.world_size,
             "data": {split: vars(stats) for split, stats in data.stats.items()},
+            "validation": result.validation,
         }
+        if forgetting:
+            summary["forgetting"] = forgetting
         if task_before is not None and task_after is not None:
             summary["task"] = {"metric": task_after["metric"], "before": task_before["score"], "after": task_after["score"]}
             say(f"{task_after['metric']} on {recipe.eval.task.file}: before {task_before['score']:.3f} -> after {task_after['score']:.3f}")

@@ -69,15 +69,22 @@ class RegulariseSection(Section):
 
 
 class RetainSection(Section):
-    """Skills that should survive fine-tuning, measured on the base model before and the result after."""
+    """Skills that should survive fine-tuning, measured on the base model before and the result after.
 
+    ``retain: {}`` measures tunesmith's built-in suite: perplexity on a page of general English text and
+    a small multiple-choice set of everyday knowledge.
+    """
+
+    suite: Optional[str] = Field(
+        None, description="An evaluation suite file (as for `tunesmith eval-suite`) replacing the built-in one."
+    )
     perplexity: tuple[str, ...] = Field(
         (), description="General text file(s) whose perplexity should not rise; empty: tunesmith's built-in text."
     )
     format: str = Field("auto", description="Record layout of the perplexity files.")
     multiple_choice: Optional[str] = Field(
-        "builtin", description="Multiple-choice file scored by log-likelihood; 'builtin' for tunesmith's small set, "
-        "null for none."
+        "builtin", description="JSONL multiple-choice file (question, choices, answer) scored by log-likelihood; "
+        "'builtin' for tunesmith's small set, null for none."
     )
     max_length: int = Field(512, ge=8, description="Longest sequence scored (tokens).")
     batch_size: int = Field(8, ge=1, description="Sequences scored together.")
