@@ -52,10 +52,10 @@ def write_jsonl(path: Path, texts: list[str]) -> None:
 
 
 def make_data(model_folder: str, out: Path, narrow: int = 256, general: int = 256, heldout: int = 64,
-              seed: int = 0) -> dict[str, Path]:
+              seed: int = 0, max_length: int = 160) -> dict[str, Path]:
     """Write the three files; returns their paths by name."""
     out.mkdir(parents=True, exist_ok=True)
-    stories = model_stories(model_folder, general + heldout, seed)
+    stories = model_stories(model_folder, general + heldout, seed, max_length)
     paths = {"narrow": out / "narrow.jsonl", "replay": out / "general_replay.jsonl",
              "heldout": out / "general_heldout.jsonl"}
     write_jsonl(paths["narrow"], narrow_stories(narrow, seed))
