@@ -91,7 +91,7 @@ def test_ewc_penalty_is_zero_at_the_anchor_and_its_gradient_is_2_lambda_f_delta(
     value.backward()
     expected = sum(float((importance[n] * (p.detach() - anchors[n]) ** 2).sum()) for n, p in model.named_parameters()
                    if n in importance)
-    assert float(value) == pytest.approx(0.7 * expected, rel=1e-5)
+    assert float(value.detach()) == pytest.approx(0.7 * expected, rel=1e-5)
     for name, parameter in model.named_parameters():
         if name in importance:
             torch.testing.assert_close(parameter.grad, 2 * 0.7 * importance[name] * (parameter.detach() - anchors[name]))
@@ -212,3 +212,15 @@ def test_galore_optimizer_projects_block_weights(stories260k):
     optimizer.step()
     q_weight = model.model.layers[0].self_attn.q_proj.weight
     assert optimizer.state[q_weight]["exp_avg"].shape[0] == 4 or optimizer.state[q_weight]["exp_avg"].shape[1] == 4
+
+
+def test_every_forgetting_example_recipe_is_valid():
+    from tunesmith.config import load_recipe
+
+    from tests.conftest import REPO
+
+    recipes = sorted((REPO / "examples" / "forgetting").rglob("*.yaml"))
+    assert len(recipes) == 5
+    for path in recipes:
+        recipe = load_recipe(path)
+        assert recipe.retain is not None and path.read_text().startswith(f"# tunesmith train examples/forgetting/{path.name}")
