@@ -224,3 +224,26 @@ def test_every_forgetting_example_recipe_is_valid():
     for path in recipes:
         recipe = load_recipe(path)
         assert recipe.retain is not None and path.read_text().startswith(f"# tunesmith train examples/forgetting/{path.name}")
+
+
+def test_fisher_of_a_lora_adapter_on_the_models_own_generations(stories260k):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tunesmith.config import LoraMethod
+    from tunesmith.forgetting.reference import sample_from_model
+    from tunesmith.methods import build_method
+
+    tokenizer = AutoTokenizer.from_pretrained(stories260k)
+    model = build_method(LoraMethod(r=2, dropout=0.0)).apply(AutoModelForCausalLM.from_pretrained(stories260k))
+    state = torch.get_rng_state()
+    samples = sample_from_model(model, tokenizer, count=3, max_length=20, seed=0)
+    assert torch.equal(torch.get_rng_state(), state)  # sampling leaves the run's random stream alone
+    assert samples == sample_from_model(model, tokenizer, count=3, max_length=20, seed=0)
+    for sample in samples:
+        assert sample.input_ids[0] == tokenizer.bos_token_id and sample.labels == sample.input_ids
+        assert len(sample.input_ids) <= 20 and tokenizer.eos_token_id not in sample.input_ids[1:-1]
+    fisher, used = diagonal_fisher(model, samples, tokenizer.pad_token_id)
+    assert used == 3 and fisher and all("lora_" in name for name in fisher)
+    # At initialisation B = 0, so A gets no gradient and only B has Fisher information.
+    assert all(float(v.abs().sum()) == 0 for n, v in fisher.items() if "lora_A" in n)
+    assert all(float(v.sum()) > 0 for n, v in fisher.items() if "lora_B" in n)
