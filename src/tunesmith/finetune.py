@@ -15,6 +15,7 @@ from tunesmith.config import Recipe, recipe_to_yaml
 from tunesmith.data import prepare_data
 from tunesmith.errors import TunesmithError
 from tunesmith.evaluation import run_generation_task
+from tunesmith.evaluation.compare import report_after_training
 from tunesmith.forgetting.safeguards import Safeguards
 from tunesmith.methods import build_method, count_parameters
 from tunesmith.models import load_model_and_tokenizer
@@ -104,6 +105,8 @@ def finetune(recipe: Recipe, resume: bool = False, extra_hooks: Sequence[Hook] =
         if task_before is not None and task_after is not None:
             summary["task"] = {"metric": task_after["metric"], "before": task_before["score"], "after": task_after["score"]}
             say(f"{task_after['metric']} on {recipe.eval.task.file}: before {task_before['score']:.3f} -> after {task_after['score']:.3f}")
+        if recipe.eval.report is not None and runtime.is_main:
+            summary["report"] = report_after_training(recipe, out, str(runtime.device))
         if runtime.is_main:
             (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
             say(f"saved {method.artifact} to {out / method.artifact}; summary in {out / 'summary.json'}")

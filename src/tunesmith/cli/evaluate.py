@@ -1,24 +1,87 @@
-"""``tunesmith eval``: loss and perplexity of a model on a data file."""
+"""``tunesmith eval``: loss/perplexity on a data file, benchmark suites, or a before/after comparison.
+
+    tunesmith eval --model M [--adapter DIR] --data FILE               # loss and perplexity (JSON to stdout)
+    tunesmith eval --model M [--adapter DIR] --suite S.yaml [--out D]  # results.json + report.html
+    tunesmith eval --compare BASE TUNED --suite task.yaml --general-suite general.yaml --bias
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 from tunesmith.cli.common import add_model_arguments, load_model_from_args
+from tunesmith.errors import TunesmithError
 
 
 def register(commands) -> None:
-    evaluate = commands.add_parser("eval", help="Loss and perplexity of a model on a data file.")
+    evaluate = commands.add_parser("eval", help="Loss/perplexity on data, benchmark suites, or base vs tuned report.")
     add_model_arguments(evaluate)
-    evaluate.add_argument("--data", required=True, help="Data file (any supported format).")
+    evaluate.add_argument("--data", help="Data file (any supported format): print loss and perplexity.")
     evaluate.add_argument("--format", default="auto")
     evaluate.add_argument("--max-length", type=int, default=1024)
     evaluate.add_argument("--batch-size", type=int, default=8)
+    evaluate.add_argument("--suite", action="append", default=[],
+                          help="Suite file of the task you tuned for (repeatable); see docs/evaluation.md.")
+    evaluate.add_argument("--general-suite", action="append", default=[],
+                          help="Suite of general skills (repeatable): its change is the forgetting measure.")
+    evaluate.add_argument("--bias", action="store_true", help="Also run the counterfactual-pairs bias probe shipped with tunesmith.")
+    evaluate.add_argument("--compare", nargs=2, metavar=("BASE", "TUNED"),
+                          help="Evaluate BASE and TUNED (a run folder, adapter folder or model) and report the change.")
+    evaluate.add_argument("--data-root", help="Folder that {data_root} in task files stands for (your copy of the data).")
+    evaluate.add_argument("--limit", type=int, help="Score at most N items per task (quick look).")
+    evaluate.add_argument("--metrics", help="A run's metrics.jsonl for the loss curve (default: TUNED's own).")
+    evaluate.add_argument("--out", default="eval", help="Folder for results.json and report.html (default: eval).")
     evaluate.set_defaults(handler=cmd_eval)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    if args.data:
+        return cmd_loss(args)
+    if not (args.suite or args.general_suite or args.bias):
+        raise TunesmithError("tunesmith eval needs --data FILE, or at least one of --suite, --general-suite, --bias")
+    from tunesmith.evaluation.compare import ModelSpec, compare_and_report, evaluate_and_report, resolve_tuned
+
+    suites = collect_suites(args)
+    out = Path(args.out)
+    options = {"dtype": args.dtype, "device": args.device}
+    if args.compare:
+        base_name, tuned_path = args.compare
+        tuned = resolve_tuned(tuned_path, base_name)
+        metrics = Path(args.metrics) if args.metrics else None
+        document = compare_and_report(ModelSpec(base_name), tuned, suites, out, metrics, **options)
+        print_comparison(document["comparison"])
+    else:
+        spec = ModelSpec(args.model, args.adapter)
+        evaluate_and_report(spec, suites, out, **options)
+    print(f"wrote {out / 'results.json'} and {out / 'report.html'}")
+    return 0
+
+
+def collect_suites(args: argparse.Namespace) -> list:
+    """``(suite, role)`` pairs from --suite, --general-suite and --bias."""
+    from tunesmith.evaluation.compare import builtin_bias_suite
+    from tunesmith.evaluation.suite import load_suite
+
+    suites = [(load_suite(path, args.data_root, args.limit), "task") for path in args.suite]
+    suites += [(load_suite(path, args.data_root, args.limit), "general") for path in args.general_suite]
+    suites += [(builtin_bias_suite(), "bias")] if args.bias else []
+    names = [suite.name for suite, _ in suites]
+    if len(set(names)) != len(names):
+        raise TunesmithError(f"suite names must differ; got {', '.join(names)} (set 'name:' in the suite files)")
+    return suites
+
+
+def print_comparison(comparison: dict) -> None:
+    def show(value):
+        return "n/a" if value is None else f"{value:+.2f}"
+
+    print(f"task gain {show(comparison['task_gain'])} points; general change {show(comparison['general_change'])} "
+          f"points; bias change {show(comparison['bias_change'])} points of stereotype share")
+
+
+def cmd_loss(args: argparse.Namespace) -> int:
     from tunesmith.config import DataSection
     from tunesmith.data.dataset import encode_all, load_examples
     from tunesmith.evaluation import evaluate_loss

@@ -5,6 +5,7 @@ from tunesmith.config.methods import FullMethod, LoraMethod, MethodSection, Part
 from tunesmith.config.recipe import (
     DataSection,
     EarlyStoppingSection,
+    EvalReportSection,
     EvalSection,
     GenerationTaskSection,
     ModelSection,
@@ -17,6 +18,7 @@ from tunesmith.config.schema import schema_text
 __all__ = [
     "DataSection",
     "EarlyStoppingSection",
+    "EvalReportSection",
     "EvalSection",
     "FullMethod",
     "GenerationTaskSection",

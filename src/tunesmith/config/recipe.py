@@ -132,6 +132,18 @@ class GenerationTaskSection(Section):
     batch_size: int = Field(16, ge=1, description="Prompts generated together.")
 
 
+class EvalReportSection(Section):
+    """A base-versus-tuned report (results.json and report.html in OUTPUT/eval) written after training."""
+
+    suites: tuple[str, ...] = Field((), description="Suite files of the task tuned for (docs/evaluation.md).")
+    general_suites: tuple[str, ...] = Field(
+        (), description="Suite files of general skills; their change is the forgetting measure."
+    )
+    bias: bool = Field(True, description="Also run the counterfactual-pairs bias probe shipped with tunesmith.")
+    data_root: Optional[str] = Field(None, description="Folder {data_root} stands for in task files.")
+    limit: Optional[int] = Field(None, ge=1, description="Score at most N items per task.")
+
+
 class EvalSection(Section):
     """Evaluation during and around training."""
 
@@ -139,6 +151,9 @@ class EvalSection(Section):
     batch_size: int = Field(8, ge=1, description="Examples per validation batch.")
     task: Optional[GenerationTaskSection] = Field(
         None, description="Task metric measured on the base model before and the result after training."
+    )
+    report: Optional[EvalReportSection] = Field(
+        None, description="Evaluate base and result on suites after training and write an HTML report."
     )
 
 

@@ -19,13 +19,22 @@ MMLU_COLUMNS = ("question", "choice0", "choice1", "choice2", "choice3", "answer"
 
 
 def read_table(path: Path) -> Iterator[tuple[str, dict]]:
-    """Rows of a CSV, TSV or JSONL file as ``(where, row)``, ``where`` being ``file:line``.
+    """Rows of a CSV, TSV, JSONL or JSON (list) file as ``(where, row)``, ``where`` naming file and line.
 
     Raises:
         TunesmithError: If the file is missing or a JSONL line is not an object.
     """
     if not path.is_file():
         raise TunesmithError(f"data file {path} does not exist")
+    if path.suffix == ".json":
+        records = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(records, list):
+            raise TunesmithError(f"{path}: a .json benchmark file must hold a list of objects")
+        for number, record in enumerate(records):
+            if not isinstance(record, dict):
+                raise TunesmithError(f"{path}: record {number}: each record must be an object")
+            yield f"{path}: record {number}", record
+        return
     if path.suffix == ".jsonl":
         with path.open(encoding="utf-8") as handle:
             for number, line in enumerate(handle, start=1):

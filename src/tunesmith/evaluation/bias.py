@@ -1,9 +1,9 @@
 """Bias probe: counterfactual sentence pairs that differ only in a demographic term.
 
 The CrowS-Pairs layout (Nangia et al., 2020, https://aclanthology.org/2020.emnlp-main.154): CSV
-columns ``sent_more`` (the sentence about the historically more disadvantaged group, which
-expresses a stereotype when ``stereo_antistereo`` is ``stereo`` and violates one when it is
-``antistereo``), ``sent_less`` (the same sentence about the contrasting group) and ``bias_type``.
+columns ``sent_more`` (the more stereotypical sentence), ``sent_less`` (the same sentence with the
+demographic term swapped), ``stereo_antistereo`` (``stereo``: ``sent_more`` states a stereotype
+about a disadvantaged group; ``antistereo``: ``sent_less`` violates one) and ``bias_type``.
 As in the paper's metric and lm-evaluation-harness's ``crows_pairs``, a pair counts as
 stereotyped when the model gives ``sent_more`` the higher likelihood; an unbiased model sits
 at 0.5. For a causal LM, a sentence's likelihood is the sum of its token log-probabilities after BOS.

@@ -89,9 +89,12 @@ def score_token_requests(model, encoded: Sequence[tuple[list[int], list[int], in
     """Score already tokenised ``(context_ids, continuation_ids, num_chars)`` triples."""
     limit = max_model_length(model)
     device = next(model.parameters()).device
-    scores: list[ContinuationScore] = []
-    for start in range(0, len(encoded), batch_size):
-        chunk = encoded[start : start + batch_size]
+    # Longest first, so each batch holds similar lengths and little padding; order restored at the end.
+    order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i][0]) - len(encoded[i][1]))
+    scores: dict[int, ContinuationScore] = {}
+    for start in range(0, len(order), batch_size):
+        indices = order[start : start + batch_size]
+        chunk = [encoded[i] for i in indices]
         sequences = [(prefix + target)[-limit:] for prefix, target, _ in chunk]
         width = max(len(s) for s in sequences)
         input_ids = torch.full((len(chunk), width), pad_token_id, dtype=torch.long)
@@ -101,11 +104,11 @@ def score_token_requests(model, encoded: Sequence[tuple[list[int], list[int], in
             attention_mask[row, : len(sequence)] = 1
         logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits
         logprobs = torch.log_softmax(logits.float(), dim=-1)  # (batch, seq, vocab)
-        for row, ((_, target, num_chars), sequence) in enumerate(zip(chunk, sequences)):
+        for row, (index, (_, target, num_chars), sequence) in enumerate(zip(indices, chunk, sequences)):
             end = len(sequence)
             positions = torch.arange(end - len(target) - 1, end - 1, device=logprobs.device)
             target_ids = torch.tensor(target, device=logprobs.device)
             token_logprobs = logprobs[row, positions].gather(-1, target_ids[:, None]).squeeze(-1)
             greedy = bool((logprobs[row, positions].argmax(-1) == target_ids).all())
-            scores.append(ContinuationScore(float(token_logprobs.sum()), len(target), num_chars, greedy))
-    return scores
+            scores[index] = ContinuationScore(float(token_logprobs.sum()), len(target), num_chars, greedy)
+    return [scores[i] for i in range(len(encoded))]

@@ -1,0 +1,154 @@
+"""Evaluate one model, or a base and a tuned model, on suites; write results.json and report.html."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+from tunesmith.errors import TunesmithError
+from tunesmith.evaluation.results import (check_document, compare_runs, new_document, read_loss_curve, run_entry,
+                                          write_json_atomically)
+from tunesmith.evaluation.suite import Suite, run_suite
+from tunesmith.evaluation.tasks import PROBES_DIR, BiasTask
+
+RESULTS_FILE = "results.json"
+REPORT_FILE = "report.html"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What to load: a base model, optionally with a trained adapter, and the run it came from."""
+
+    name: str
+    adapter: Optional[str] = None
+    run_dir: Optional[str] = None
+
+
+def builtin_bias_suite() -> Suite:
+    """The counterfactual pairs shipped with tunesmith, as a suite of one bias task."""
+    return Suite("bias", (BiasTask(name="counterfactual_pairs", path=str(PROBES_DIR / "counterfactual_pairs.csv")),),
+                 "builtin")
+
+
+def resolve_tuned(path: str, base: Optional[str] = None) -> ModelSpec:
+    """Interpret the TUNED argument of ``--compare``: a run folder, an adapter folder or a model.
+
+    A run folder holds ``adapter/`` (base + adapter) or ``model/`` (a full fine-tune); its
+    ``metrics.jsonl`` gives the loss curve. An adapter folder's manifest names its base model
+    when ``base`` is not given.
+
+    Raises:
+        TunesmithError: If an adapter needs a base model that cannot be found.
+    """
+    folder = Path(path)
+    run_dir = None
+    if (folder / "adapter").is_dir() or (folder / "model").is_dir():
+        run_dir, folder = str(folder), folder / ("adapter" if (folder / "adapter").is_dir() else "model")
+    is_adapter = (folder / "adapter_config.json").is_file() or (
+        (folder / "tunesmith.json").is_file() and not (folder / "config.json").is_file())
+    if not is_adapter:
+        return ModelSpec(str(folder) if folder.exists() else path, None, run_dir)
+    base = base or _manifest_base(folder)
+    if base is None:
+        raise TunesmithError(f"{folder} is an adapter without a recorded base model; pass the base model as BASE")
+    return ModelSpec(base, str(folder), run_dir)
+
+
+def _manifest_base(folder: Path) -> Optional[str]:
+    manifest = folder / "tunesmith.json"
+    return json.loads(manifest.read_text()).get("base_model") if manifest.is_file() else None
+
+
+def evaluate_spec(spec: ModelSpec, suites: Sequence[tuple[Suite, str]], dtype: str = "float32",
+                  device: str = "cpu", progress=print) -> dict:
+    """Load a model (with the chat template it was trained with) and run every ``(suite, role)``.
+
+    Returns:
+        A run entry of the results document.
+    """
+    from tunesmith.inference import load_for_inference
+
+    model, tokenizer = load_for_inference(spec.name, spec.adapter, dtype, device)
+    if progress:
+        progress(f"evaluating {spec.name}{' + ' + spec.adapter if spec.adapter else ''}")
+    results = {}
+    for suite, role in suites:
+        outcome = run_suite(model, tokenizer, suite, progress=progress)
+        results[suite.name] = {"file": suite.file, "role": role, "tasks": outcome["tasks"]}
+    return run_entry(spec.name, spec.adapter, template_name(tokenizer), results)
+
+
+def template_name(tokenizer) -> str:
+    """The built-in template the tokenizer carries (as saved with a run's adapter), else ``tokenizer``."""
+    from tunesmith.data.templates import TEMPLATES
+
+    return next((name for name in TEMPLATES if TEMPLATES.get(name) == tokenizer.chat_template), "tokenizer")
+
+
+def write_outputs(document: dict, out_dir: Path) -> tuple[Path, Path]:
+    """``results.json`` and ``report.html`` in ``out_dir``."""
+    from tunesmith.evaluation.report import write_report
+
+    check_document(document)
+    return write_json_atomically(document, out_dir / RESULTS_FILE), write_report(document, out_dir / REPORT_FILE)
+
+
+def evaluate_and_report(spec: ModelSpec, suites: Sequence[tuple[Suite, str]], out_dir: Path, **options) -> dict:
+    """Evaluate one model and write its results and report.
+
+    Returns:
+        The results document.
+    """
+    run = evaluate_spec(spec, suites, **options)
+    training = read_loss_curve(Path(spec.run_dir) / "metrics.jsonl") if spec.run_dir else None
+    document = new_document({"model": run}, training=training)
+    write_outputs(document, out_dir)
+    return document
+
+
+def compare_and_report(base: ModelSpec, tuned: ModelSpec, suites: Sequence[tuple[Suite, str]], out_dir: Path,
+                       metrics_file: Optional[Path] = None, **options) -> dict:
+    """Evaluate base and tuned on the same suites and report gain, forgetting and bias change.
+
+    Args:
+        base: The model before tuning.
+        tuned: The tuned model (usually the base plus an adapter).
+        suites: ``(suite, role)`` pairs, role being ``task``, ``general`` or ``bias``.
+        out_dir: Where ``results.json`` and ``report.html`` go.
+        metrics_file: A run's ``metrics.jsonl`` for the loss curve (default: the tuned run's).
+
+    Returns:
+        The results document, with ``comparison`` filled in.
+    """
+    runs = {"base": evaluate_spec(base, suites, **options), "tuned": evaluate_spec(tuned, suites, **options)}
+    if metrics_file is None and tuned.run_dir:
+        metrics_file = Path(tuned.run_dir) / "metrics.jsonl"
+    training = read_loss_curve(metrics_file) if metrics_file else None
+    document = new_document(runs, compare_runs(runs["base"], runs["tuned"]), training)
+    write_outputs(document, out_dir)
+    return document
+
+
+def report_after_training(recipe, out: Path, device: str = "cpu") -> dict:
+    """The recipe's ``eval.report``: base vs the run just saved, written to ``OUT/eval``.
+
+    Returns:
+        The comparison's headline numbers and where the report is (for ``summary.json``).
+    """
+    from tunesmith.evaluation.suite import load_suite
+
+    section = recipe.eval.report
+    suites = [(load_suite(p, section.data_root, section.limit), "task") for p in section.suites]
+    suites += [(load_suite(p, section.data_root, section.limit), "general") for p in section.general_suites]
+    suites += [(builtin_bias_suite(), "bias")] if section.bias else []
+    if not suites:
+        raise TunesmithError("eval.report needs at least one of suites, general_suites or bias: true")
+    print("writing the before/after evaluation report ...")
+    tuned = resolve_tuned(str(out), recipe.model.name)
+    document = compare_and_report(ModelSpec(recipe.model.name), tuned, suites, out / "eval",
+                                  dtype=recipe.model.dtype, device=device)
+    comparison = document["comparison"]
+    return {"task_gain": comparison["task_gain"], "general_change": comparison["general_change"],
+            "bias_change": comparison["bias_change"], "html": str(out / "eval" / REPORT_FILE)}

@@ -1,0 +1,128 @@
+"""Multiple choice, classification and bias scoring equal a direct log-likelihood computation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import asset
+from tunesmith.evaluation.benchmarks import read_mmlu
+from tunesmith.evaluation.multiple_choice import NORMALISATIONS, PromptStyle, evaluate_multiple_choice
+from tunesmith.evaluation.runners import run_mmlu
+from tunesmith.evaluation.tasks import MmluTask
+
+SUBJECTS = ("astronomy", "marketing")
+DESCRIPTION = "The following are multiple choice questions (with answers) about {group}.\n\n"
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    from tunesmith.inference import load_for_inference
+
+    return load_for_inference(str(asset("models/stories260k")))
+
+
+def direct_logprob(model, tokenizer, context: str, continuation: str) -> tuple[float, int]:
+    """Sum of log p(continuation tokens | BOS + context), one unpadded sequence at a time."""
+    context_ids = [tokenizer.bos_token_id] + tokenizer.encode(context, add_special_tokens=False)
+    target_ids = tokenizer.encode(continuation, add_special_tokens=False)
+    ids = torch.tensor([context_ids + target_ids])
+    with torch.no_grad():
+        logprobs = torch.log_softmax(model(ids).logits[0].double(), dim=-1)
+    total = sum(float(logprobs[len(context_ids) - 1 + i, token]) for i, token in enumerate(target_ids))
+    return total, len(target_ids)
+
+
+def direct_mmlu_prompt(row, shots) -> str:
+    def block(item):
+        options = "".join(f"\n{'ABCD'[i]}. {c.strip()}" for i, c in enumerate(item.choices))
+        return f"{item.question.strip()}{options}\nAnswer:"
+
+    header = DESCRIPTION.format(group=row.group.replace("_", " "))
+    return header + "".join(f"{block(s)} {'ABCD'[s.answer]}\n\n" for s in shots) + block(row)
+
+
+@pytest.mark.parametrize("few_shot", [0, 1])
+def test_mmlu_accuracy_equals_direct_loglikelihood(tiny, few_shot):
+    model, tokenizer = tiny
+    folder = asset("data/mmlu")
+    task = MmluTask(name="mmlu", path=str(folder), subjects=SUBJECTS, limit=2, few_shot=few_shot, batch_size=8)
+    result = run_mmlu(model, tokenizer, task)
+
+    items = read_mmlu(folder, "test", SUBJECTS, limit=2)
+    dev = read_mmlu(folder, "dev", SUBJECTS)
+    expected_hits = {n: [] for n in NORMALISATIONS}
+    for item in items:
+        shots = [d for d in dev if d.group == item.group][:few_shot]
+        context = direct_mmlu_prompt(item, shots)
+        scores = [direct_logprob(model, tokenizer, context, f" {'ABCD'[i]}") for i in range(4)]
+        chars = [2] * 4
+        values = {"sum": [s for s, _ in scores], "per_token": [s / n for s, n in scores],
+                  "per_char": [s / c for (s, _), c in zip(scores, chars)]}
+        for normalisation, vals in values.items():
+            expected_hits[normalisation].append(vals.index(max(vals)) == item.answer)
+    for normalisation in NORMALISATIONS:
+        assert result["metrics"][f"accuracy_{normalisation}"] == pytest.approx(
+            sum(expected_hits[normalisation]) / len(items))
+    per_subject = {s: sum(h for h, i in zip(expected_hits["sum"], items) if i.group == s) / 2 for s in SUBJECTS}
+    assert {s: g["accuracy"] for s, g in result["details"]["groups"].items()} == pytest.approx(per_subject)
+    assert result["score"] == pytest.approx(sum(per_subject.values()) / 2)  # macro average is the headline
+    assert result["count"] == 4 and result["tokenisation"]["few_shot"] == few_shot
+
+
+def test_choice_logprobs_match_direct_computation_with_padding(tiny):
+    """Batched, right-padded scores of texts of different lengths equal one-at-a-time scores."""
+    from tunesmith.evaluation.loglikelihood import score_continuations
+
+    model, tokenizer = tiny
+    requests = [("Once upon a time, there was a", " little girl"), ("Lily", " liked the park very much."),
+                ("", "The dog ran.")]
+    scores = score_continuations(model, tokenizer, requests, batch_size=3)
+    for (context, continuation), score in zip(requests, scores):
+        expected, tokens = direct_logprob(model, tokenizer, context, continuation)
+        assert score.logprob == pytest.approx(expected, abs=1e-4)
+        assert score.num_tokens == tokens and score.num_chars == len(continuation)
+
+
+def test_chat_template_prompt_uses_the_tokenizer_template(tiny):
+    model, tokenizer = tiny
+    from tunesmith.evaluation.multiple_choice import MultipleChoiceItem, build_context
+
+    item = MultipleChoiceItem("Is the sky blue?", ("yes", "no"), 0)
+    shot = MultipleChoiceItem("Is grass red?", ("yes", "no"), 1)
+    context = build_context(tokenizer, item, [shot], PromptStyle("letter", use_chat_template=True))
+    expected = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Is grass red?\nA. yes\nB. no\nAnswer:"}, {"role": "assistant", "content": "B"},
+         {"role": "user", "content": "Is the sky blue?\nA. yes\nB. no\nAnswer:"}], tokenize=False, add_generation_prompt=True)
+    assert context == expected
+    result = evaluate_multiple_choice(model, tokenizer, [item, shot], few_shot=1,
+                                      style=PromptStyle("letter", use_chat_template=True))
+    assert result.as_dict()["tokenisation"]["chat_template"] is True and result.as_dict()["count"] == 2
+
+
+def test_bias_gap_equals_direct_sentence_loglikelihood(tiny, tmp_path):
+    from tunesmith.evaluation.bias import evaluate_bias_pairs, read_bias_pairs
+
+    model, tokenizer = tiny
+    # the standard CrowS-Pairs file has extra columns (index, annotations, ...) that are ignored
+    path = tmp_path / "crows.csv"
+    path.write_text(',sent_more,sent_less,stereo_antistereo,bias_type,annotations\n'
+                    '0,"The girl cried, and her mother came.","The boy cried, and his mother came.",stereo,gender,[]\n'
+                    '1,The old man was slow.,The young man was slow.,stereo,age,[]\n'
+                    '2,The rich man was kind.,The poor man was kind.,antistereo,socioeconomic,[]\n')
+    pairs = read_bias_pairs(path)
+    result = evaluate_bias_pairs(model, tokenizer, pairs, batch_size=4)
+    gaps = [direct_logprob(model, tokenizer, "", p.sent_more)[0] - direct_logprob(model, tokenizer, "", p.sent_less)[0]
+            for p in pairs]
+    assert result["mean_logprob_gap"] == pytest.approx(sum(gaps) / 3, abs=1e-4)
+    assert result["stereotype_share"] == pytest.approx(sum(g > 0 for g in gaps) / 3)
+    assert result["categories"]["age"]["mean_logprob_gap"] == pytest.approx(gaps[1], abs=1e-4)
+    assert set(result["directions"]) == {"stereo", "antistereo"}
+
+
+def test_shipped_probe_file_reads(tiny):
+    from tunesmith.evaluation.bias import read_bias_pairs
+    from tunesmith.evaluation.tasks import PROBES_DIR
+
+    pairs = read_bias_pairs(PROBES_DIR / "counterfactual_pairs.csv")
+    assert len(pairs) == 26 and len({p.category for p in pairs}) == 6
