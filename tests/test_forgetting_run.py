@@ -138,6 +138,35 @@ def test_comparison_table_and_plot_from_the_runs(runs, tmp_path):
     assert plot_comparison(rows, tmp_path / "comparison.png") == (importlib.util.find_spec("matplotlib") is not None)
 
 
+def test_resume_is_exact_with_mixing_ewc_on_generations_neftune_and_lora(runs, tmp_path, monkeypatch):
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from tunesmith.finetune import finetune
+
+    root, _ = runs
+    monkeypatch.setenv("TUNESMITH_CACHE", str(tmp_path / "cache"))
+    data = root / "data"
+    recipe = validate_recipe({
+        "model": {"name": str(root / "full" / "model")},
+        "data": {"train": str(data / "narrow.jsonl"), "format": "text", "max_length": 48,
+                 "sources": [{"name": "replay", "train": str(data / "general_replay.jsonl"), "weight": 0.4}]},
+        "method": {"kind": "lora", "r": 2},
+        "train": {"max_steps": 4, "batch_size": 4, "lr": 2e-3, "checkpoint_every": 2, "device": "cpu"},
+        "regularise": {"ewc": {"strength": 1.0, "data": "generations", "samples": 4, "max_length": 24},
+                       "neftune_alpha": 5.0},
+        "output": {"dir": str(tmp_path / "run")}})
+    uninterrupted = finetune(recipe, progress=False)
+    last = tmp_path / "run" / "checkpoints" / "step-00000004"
+    expected = load_file(last / "trainable.safetensors")
+    shutil.rmtree(last)
+    resumed = finetune(recipe, resume=True, progress=False)
+    got = load_file(last / "trainable.safetensors")
+    assert resumed["train_loss"] == uninterrupted["train_loss"]
+    assert all(torch.equal(expected[name], got[name]) for name in expected)
+
+
 @pytest.mark.slow
 def test_compare_command_writes_table_json_and_plot(runs, tmp_path):
     from tests.conftest import run_cli
