@@ -16,6 +16,7 @@ from tunesmith.data import prepare_data
 from tunesmith.errors import TunesmithError
 from tunesmith.evaluation import run_generation_task
 from tunesmith.evaluation.compare import report_after_training
+from tunesmith.forgetting.safeguards import Safeguards
 from tunesmith.methods import build_method, count_parameters
 from tunesmith.models import load_model_and_tokenizer
 from tunesmith.runtime import Runtime, cache_dir, init_runtime, shutdown_runtime
@@ -58,14 +59,18 @@ def finetune(recipe: Recipe, resume: bool = False, extra_hooks: Sequence[Hook] =
         for split, stats in data.stats.items():
             say(stats.describe(split))
         task_before = evaluate_task(model, tokenizer, recipe, runtime, out / "task_before.json", "before training")
+        safeguards = Safeguards(recipe, runtime, out, say, progress)
+        safeguards.before_method(model, tokenizer, data)
         method = build_method(recipe.method)
         model = method.apply(model)
         trainable, total = count_parameters(model)
         say(f"method {method.kind}: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.3f}%)")
-        speed = prepare_speed(model, recipe.train.speed, recipe.train, runtime, [len(e.input_ids) for e in data.train])
+        speed = prepare_speed(model, recipe.train.speed, recipe.train, runtime, [len(e.input_ids) for e in data.train],
+                              base_sampler=safeguards.sampler(data))
         say(speed.describe())
         trainer = Trainer(model, method, data, recipe.train, recipe.eval, runtime, tokenizer.pad_token_id,
-                          checkpoint_dir=out / "checkpoints", **speed.seams)
+                          checkpoint_dir=out / "checkpoints", penalties=safeguards.penalties(model, tokenizer, method),
+                          **speed.seams)
         if resume:
             checkpoint = latest_checkpoint(out / "checkpoints")
             trainer.resume(checkpoint)
@@ -77,6 +82,7 @@ def finetune(recipe: Recipe, resume: bool = False, extra_hooks: Sequence[Hook] =
         except KeyboardInterrupt:
             raise Interrupted(interrupted_message(out, recipe_path)) from None
         restore_attention(model)
+        forgetting = safeguards.after_training(model, tokenizer, data)
         if runtime.is_main:
             save_result(method, model, tokenizer, out, recipe, data.template)
         task_after = evaluate_task(model, tokenizer, recipe, runtime, out / "task_after.json", "after training")
@@ -98,7 +104,10 @@ def finetune(recipe: Recipe, resume: bool = False, extra_hooks: Sequence[Hook] =
             "template": data.template,
             "world_size": runtime.world_size,
             "data": {split: vars(stats) for split, stats in data.stats.items()},
+            "validation": result.validation,
         }
+        if forgetting:
+            summary["forgetting"] = forgetting
         if task_before is not None and task_after is not None:
             summary["task"] = {"metric": task_after["metric"], "before": task_before["score"], "after": task_after["score"]}
             say(f"{task_after['metric']} on {recipe.eval.task.file}: before {task_before['score']:.3f} -> after {task_after['score']:.3f}")

@@ -15,7 +15,7 @@ from typing import Sequence
 
 from tunesmith.errors import TunesmithError
 
-COMMAND_MODULES = ("train", "inference", "evaluate", "config", "models", "data")
+COMMAND_MODULES = ("train", "inference", "evaluate", "config", "models", "data", "compare")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

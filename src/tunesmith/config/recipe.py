@@ -7,6 +7,12 @@ from typing import Literal, Optional
 from pydantic import Field, field_validator, model_validator
 
 from tunesmith.config.base import Section
+from tunesmith.config.forgetting import (
+    DataSourceSection,
+    GaloreSection,
+    RegulariseSection,
+    RetainSection,
+)
 from tunesmith.config.methods import LoraMethod, MethodSection
 from tunesmith.config.prepare import PrepareSection
 from tunesmith.config.speed import SpeedSection
@@ -32,7 +38,7 @@ class DataSection(Section):
     """Where the training data is and how it becomes token sequences."""
 
     train: tuple[str, ...] = Field(
-        ..., description="Training file(s): .json, .jsonl, .csv, .parquet or .txt, optionally .gz."
+        (), description="Training file(s): .json, .jsonl, .csv, .parquet or .txt, optionally .gz."
     )
     format: str = Field(
         "auto", description="Record layout: alpaca, sharegpt, messages, text, or auto (detected)."
@@ -56,6 +62,13 @@ class DataSection(Section):
     prepare: Optional[PrepareSection] = Field(
         None, description="Clean and de-duplicate the training files before use (off unless given); see docs/data.md."
     )
+    sources: tuple[DataSourceSection, ...] = Field(
+        (), description="More data sources mixed into training (e.g. a general 'replay' set), each with a weight; "
+        "data.train, if given, is the source named 'train' and takes the weight the others leave."
+    )
+    mix_temperature: float = Field(
+        1.0, gt=0, description="Without weights, source i is drawn with probability ~ size_i^(1/T)."
+    )
 
     @field_validator("train", mode="before")
     @classmethod
@@ -66,6 +79,8 @@ class DataSection(Section):
     def _one_validation_source(self) -> "DataSection":
         if self.validation and self.validation_fraction:
             raise ValueError("give either data.validation or data.validation_fraction, not both")
+        if not self.train and not self.sources:
+            raise ValueError("give the training data as data.train (or data.sources)")
         return self
 
 
@@ -101,6 +116,10 @@ class TrainSection(Section):
     early_stopping: Optional[EarlyStoppingSection] = Field(None, description="Off unless given.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where to train.")
     speed: SpeedSection = Field(default_factory=SpeedSection, description="Packing, chunked loss, autocast, compile.")
+    optimizer: Literal["adamw", "galore_adamw"] = Field(
+        "adamw", description="adamw, or galore_adamw (GaLore low-rank gradient projection; needs galore-torch)."
+    )
+    galore: GaloreSection = Field(default_factory=GaloreSection, description="GaLore settings.")
 
     @property
     def micro_batches_per_step(self) -> int:
@@ -161,5 +180,11 @@ class Recipe(Section):
     train: TrainSection = Field(default_factory=TrainSection)
     eval: EvalSection = Field(default_factory=EvalSection)
     output: OutputSection = Field(default_factory=OutputSection)
+    regularise: RegulariseSection = Field(
+        default_factory=RegulariseSection, description="EWC, L2-SP, NEFTune and dropout (all off by default)."
+    )
+    retain: Optional[RetainSection] = Field(
+        None, description="Skills measured before and after training to report forgetting ({} for the defaults)."
+    )
 
 

@@ -41,6 +41,8 @@ class PreparedData:
     template: str
     formats: dict[str, str] = field(default_factory=dict)
     stats: dict[str, EncodeStats] = field(default_factory=dict)
+    sources: list = field(default_factory=list)  # SourceSlice per data source when mixing (data.sources)
+    validation_by_source: dict[str, list[EncodedExample]] = field(default_factory=dict)
 
 
 def load_examples(path: str, data_format: str = "auto", options: FormatOptions = FormatOptions()) -> tuple[list[Example], str]:
@@ -97,6 +99,10 @@ def prepare_data(section: DataSection, tokenizer, seed: int) -> PreparedData:
         tokenizer: The model's tokenizer; its chat template is set to the one the run uses.
         seed: Seed of the validation split by fraction.
     """
+    if section.sources:
+        from tunesmith.data.mixing import prepare_mixture
+
+        return prepare_mixture(section, tokenizer, seed)
     template = resolve_template(tokenizer, section.template)
     options = FormatOptions(text_field=section.text_field, system_prompt=section.system_prompt)
     formats: dict[str, str] = {}

@@ -28,6 +28,11 @@ class LengthGroupedSampler:
     def epoch_of(self, step: int) -> int:
         return self.sampler.epoch_of(step)
 
+    def describe(self, step: int) -> dict:
+        """What the wrapped sampler reports for ``step`` (e.g. the mixture seen), if anything."""
+        describe = getattr(self.sampler, "describe", None)
+        return describe(step) if describe else {}
+
     def micro_batches(self, step: int) -> list[list[int]]:
         """The same examples as the wrapped sampler's, regrouped longest first."""
         chosen = [index for batch in self.sampler.micro_batches(step) for index in batch]

@@ -153,7 +153,8 @@ class Trainer:
         for hook in self.hooks:
             hook.on_step(record)
         if step % self.train_config.log_every == 0 or step == self.total_steps:
-            self.log(record)
+            describe = getattr(self.sampler, "describe", None)  # a mixing sampler reports the mixture seen
+            self.log({**record, **describe(step)} if describe else record)
         every = self.eval_config.every_steps
         if self.data.validation and every and step % every == 0:
             self.log({"step": step, **{f"val_{k}": v for k, v in self.evaluate().items()}})
@@ -165,6 +166,9 @@ class Trainer:
         """Validation loss and perplexity; updates early stopping."""
         metrics = evaluate_loss(self.model, self.data.validation, self.eval_config.batch_size,
                                 self.pad_token_id, self.runtime)
+        for source, examples in self.data.validation_by_source.items():
+            per_source = evaluate_loss(self.model, examples, self.eval_config.batch_size, self.pad_token_id, self.runtime)
+            metrics.update({f"{name}/{source}": value for name, value in per_source.items() if name != "tokens"})
         stopping = self.train_config.early_stopping
         if stopping is not None:
             value = metrics[stopping.metric.removeprefix("val_")]

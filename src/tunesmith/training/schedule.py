@@ -45,6 +45,10 @@ def build_scheduler(optimizer: torch.optim.Optimizer, section: TrainSection, tot
 
 def build_optimizer(model: torch.nn.Module, section: TrainSection) -> torch.optim.AdamW:
     """AdamW over the trainable parameters; no weight decay on biases and norm weights (1-D)."""
+    if section.optimizer == "galore_adamw":
+        from tunesmith.training.galore import build_galore_optimizer
+
+        return build_galore_optimizer(model, section)
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
     groups = [

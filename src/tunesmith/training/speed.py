@@ -67,7 +67,7 @@ def autocast_dtype(section: SpeedSection, device: torch.device) -> Optional[torc
 
 
 def prepare_speed(model: torch.nn.Module, section: SpeedSection, train: TrainSection, runtime: Runtime,
-                  lengths: Sequence[int]) -> SpeedSetup:
+                  lengths: Sequence[int], base_sampler: Optional[object] = None) -> SpeedSetup:
     """Prepare ``model`` in place and build the loop's seams for ``section``.
 
     Args:
@@ -76,6 +76,8 @@ def prepare_speed(model: torch.nn.Module, section: SpeedSection, train: TrainSec
         train: The recipe's ``train`` (batch size, accumulation, seed).
         runtime: Device, rank and world size.
         lengths: Token length of every training example (for length grouping).
+        base_sampler: The run's sampler when it is not the default one (e.g. data mixing); length
+            grouping regroups within its steps.
 
     Returns:
         The seams and what was switched on.
@@ -96,10 +98,11 @@ def prepare_speed(model: torch.nn.Module, section: SpeedSection, train: TrainSec
     if section.compile:
         compile_decoder_layers(model)
         notes.append("torch.compile")
-    sampler = None
+    sampler = base_sampler
     if section.group_by_length and not packing and train.grad_accum > 1:
-        sampler = LengthGroupedSampler(StepSampler(len(lengths), train.batch_size, train.grad_accum,
-                                                   runtime.world_size, runtime.rank, train.seed), lengths)
+        sampler = LengthGroupedSampler(base_sampler or StepSampler(len(lengths), train.batch_size, train.grad_accum,
+                                                                   runtime.world_size, runtime.rank, train.seed),
+                                       lengths)
         notes.append("length-grouped micro-batches")
     return SpeedSetup(loss, pack_collate if packing else collate, sampler, packing, dtype, notes)
 

@@ -1,0 +1,120 @@
+"""What a run does against forgetting, as a few steps that ``finetune()`` calls by name.
+
+``Safeguards`` sets dropout before the method is applied, measures the retain suite and the task loss
+before training, builds the penalties (EWC, L2-SP), NEFTune noise and the mixture sampler for the
+loop, and measures again afterwards. With none of it in the recipe every step does nothing.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+
+from tunesmith.config import Recipe
+from tunesmith.data.dataset import PreparedData
+from tunesmith.evaluation.perplexity import evaluate_loss
+from tunesmith.forgetting.regularisers import AnchorPenalty, add_neftune_noise, set_model_dropout
+from tunesmith.forgetting.retain import forgetting_report, measure_retained
+from tunesmith.runtime import Runtime
+
+TASK_PROBE_EXAMPLES = 256  # training examples scored for the task gain when there is no validation data
+
+
+@dataclass
+class Safeguards:
+    """The recipe's protections against forgetting, and its measurement, for one run."""
+
+    recipe: Recipe
+    runtime: Runtime
+    out: Path
+    say: Callable[..., None] = print
+    progress: bool = True
+    retain_before: Optional[dict] = None
+    task_loss_before: Optional[float] = None
+    handles: list = field(default_factory=list)
+
+    def before_method(self, model, tokenizer, data: PreparedData) -> None:
+        """Dropout rates; the retain suite and the task loss of the model before training."""
+        regularise = self.recipe.regularise
+        for change in set_model_dropout(model, regularise.attention_dropout, regularise.hidden_dropout):
+            self.say(f"regularise: {change}")
+        if self.recipe.retain is None:
+            return
+        self.retain_before = self.cached(self.out / "retain_before.json",
+                                         lambda: self.measure(model, tokenizer, "before training"))
+        self.task_loss_before = self.cached(self.out / "task_loss_before.json",
+                                            lambda: self.task_loss(model, data, tokenizer.pad_token_id))
+
+    def penalties(self, model, tokenizer, method) -> list[AnchorPenalty]:
+        """EWC and L2-SP penalties towards the weights now in ``model``; adds NEFTune noise.
+
+        Call after the method is applied and before a resume loads later weights.
+        """
+        regularise = self.recipe.regularise
+        penalties = []
+        if regularise.ewc is not None:
+            from tunesmith.forgetting.fisher_cache import fisher_for_run
+
+            fisher = fisher_for_run(self.recipe, model, tokenizer, self.runtime, self.say, self.progress)
+            penalties.append(AnchorPenalty(model, regularise.ewc.strength, fisher, name="ewc"))
+            self.say(f"regularise: EWC with strength {regularise.ewc.strength:g}")
+        if regularise.l2sp:
+            penalties.append(AnchorPenalty(model, regularise.l2sp, name="l2sp"))
+            self.say(f"regularise: L2-SP with strength {regularise.l2sp:g}")
+        if regularise.neftune_alpha:
+            self.handles.append(add_neftune_noise(model, regularise.neftune_alpha))
+            self.say(f"regularise: NEFTune noise alpha {regularise.neftune_alpha:g}")
+        return penalties
+
+    def sampler(self, data: PreparedData):
+        """The mixture sampler when the recipe has data.sources, else None (the loop's default)."""
+        if not data.sources:
+            return None
+        from tunesmith.data.mixing import MixtureSampler
+
+        config = self.recipe.train
+        mixture = ", ".join(f"{s.name} {s.weight:.3f} ({s.count} examples)" for s in data.sources)
+        self.say(f"data mixture: {mixture}")
+        return MixtureSampler(data.sources, config.batch_size, config.grad_accum, self.runtime.world_size,
+                              self.runtime.rank, config.seed)
+
+    def after_training(self, model, tokenizer, data: PreparedData) -> dict[str, Any]:
+        """Remove the training-only hooks; measure again; the summary's ``forgetting`` block (or {})."""
+        for handle in self.handles:
+            handle.remove()
+        if self.recipe.retain is None:
+            return {}
+        retain_after = self.measure(model, tokenizer, "after training")
+        task_loss_after = self.task_loss(model, data, tokenizer.pad_token_id)
+        report = forgetting_report(self.retain_before, retain_after, self.task_loss_before, task_loss_after)
+        if "forgetting" in report:
+            self.say(f"forgetting: {report['forgetting']:+.4f} ({report['forgetting_measure']}); task gain "
+                     f"{report.get('task_gain', float('nan')):+.4f} nats/token")
+        return report
+
+    def measure(self, model, tokenizer, when: str) -> dict:
+        self.say(f"retain suite {when} ...")
+        return measure_retained(model, tokenizer, self.recipe.retain, progress=self.say)
+
+    def task_loss(self, model, data: PreparedData, pad_token_id: int) -> float:
+        """Loss of the task's validation data (source 'train' when mixing), else of early training examples."""
+        from tunesmith.data.mixing import TRAIN_SOURCE
+
+        examples = data.validation_by_source.get(TRAIN_SOURCE) if data.sources else data.validation
+        if not examples:
+            task = data.sources[0] if data.sources else None
+            examples = data.train[task.start : task.start + task.count] if task else data.train
+            examples = examples[:TASK_PROBE_EXAMPLES]
+        return evaluate_loss(model, examples, self.recipe.eval.batch_size, pad_token_id, self.runtime)["loss"]
+
+    def cached(self, path: Path, compute: Callable[[], Any]) -> Any:
+        """Reuse a before-training measurement on resume (the model has moved on since)."""
+        if path.exists():
+            return json.loads(path.read_text())
+        value = compute()
+        if self.runtime.is_main:
+            path.write_text(json.dumps(value, indent=2) + "\n")
+        return value
