@@ -86,26 +86,7 @@ def finetune(recipe: Recipe, resume: bool = False, extra_hooks: Sequence[Hook] =
         if runtime.is_main:
             save_result(method, model, tokenizer, out, recipe, data.template)
         task_after = evaluate_task(model, tokenizer, recipe, runtime, out / "task_after.json", "after training")
-        summary = {
-            "steps": result.state.step,
-            "total_steps": result.total_steps,
-            "stopped_early": result.state.stopped_early,
-            "tokens": result.state.tokens,
-            "wall_time_s": round(result.wall_time, 3),
-            "tokens_per_s": round(result.state.tokens / max(result.wall_time, 1e-9), 1),
-            "peak_memory_mb": round(peak_memory_mb(runtime.device), 1),
-            "train_loss": result.train_loss,
-            "val_loss": result.validation.get("loss"),
-            "val_perplexity": result.validation.get("perplexity"),
-            "trainable_parameters": trainable,
-            "total_parameters": total,
-            "method": method.kind,
-            "artifact": str(out / method.artifact),
-            "template": data.template,
-            "world_size": runtime.world_size,
-            "data": {split: vars(stats) for split, stats in data.stats.items()},
-            "validation": result.validation,
-        }
+        summary = summarise(result, method, data, runtime, out, (trainable, total))
         if forgetting:
             summary["forgetting"] = forgetting
         if task_before is not None and task_after is not None:
@@ -119,6 +100,31 @@ def finetune(recipe: Recipe, resume: bool = False, extra_hooks: Sequence[Hook] =
         return summary
     finally:
         shutdown_runtime(runtime)
+
+
+def summarise(result, method, data, runtime: Runtime, out: Path, parameters: tuple[int, int]) -> dict:
+    """The run's headline numbers, as written to ``summary.json``."""
+    trainable, total = parameters
+    return {
+        "steps": result.state.step,
+        "total_steps": result.total_steps,
+        "stopped_early": result.state.stopped_early,
+        "tokens": result.state.tokens,
+        "wall_time_s": round(result.wall_time, 3),
+        "tokens_per_s": round(result.state.tokens / max(result.wall_time, 1e-9), 1),
+        "peak_memory_mb": round(peak_memory_mb(runtime.device), 1),
+        "train_loss": result.train_loss,
+        "val_loss": result.validation.get("loss"),
+        "val_perplexity": result.validation.get("perplexity"),
+        "trainable_parameters": trainable,
+        "total_parameters": total,
+        "method": method.kind,
+        "artifact": str(out / method.artifact),
+        "template": data.template,
+        "world_size": runtime.world_size,
+        "data": {split: vars(stats) for split, stats in data.stats.items()},
+        "validation": result.validation,
+    }
 
 
 def prepare_output_dir(out: Path, resume: bool, overwrite: bool, runtime: Runtime) -> Path:
