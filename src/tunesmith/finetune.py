@@ -165,9 +165,12 @@ def evaluate_task(model, tokenizer, recipe: Recipe, runtime: Runtime, cache: Pat
         return None
     if cache.name == "task_before.json" and cache.exists():
         return json.loads(cache.read_text())
-    print(f"evaluating {recipe.eval.task.metric} on {recipe.eval.task.file} {when} ...")
+    print(f"evaluating {recipe.eval.task.metric} on {recipe.eval.task.file} {when} ...", flush=True)
     result = run_generation_task(model, tokenizer, recipe.eval.task, recipe.data.system_prompt)
     cache.write_text(json.dumps(result, indent=2) + "\n")
+    sample = result["samples"][0]
+    print(f"{result['metric']} {when}: {result['score']:.3f} on {result['count']} examples "
+          f"(e.g. {sample['prompt']!r} -> {sample['prediction']!r}, expected {sample['reference']!r})")
     return result
 
 
