@@ -41,14 +41,15 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("TUNESMITH_CACHE", os.environ.get("TUNESMITH_TEST_CACHE", str(REPO / ".cache" / "tests")))
 
 
-def run_cli(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None, timeout: float = 600):
+def run_cli(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None, timeout: float = 600,
+            input: str | None = None):
     """Run ``python -m tunesmith ARGS`` with this checkout's sources; returns the CompletedProcess."""
     import subprocess
     import sys
 
     full_env = {**os.environ, "PYTHONPATH": str(REPO / "src"), **(env or {})}
     return subprocess.run([sys.executable, "-m", "tunesmith", *args], cwd=cwd or REPO, env=full_env,
-                          capture_output=True, text=True, timeout=timeout)
+                          capture_output=True, text=True, timeout=timeout, input=input)
 
 
 @pytest.fixture
