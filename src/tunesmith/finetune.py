@@ -61,6 +61,8 @@ def finetune(recipe: Recipe, resume: bool = False, extra_hooks: Sequence[Hook] =
         say(f"method {method.kind}: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.3f}%)")
         trainer = Trainer(model, method, data, recipe.train, recipe.eval, runtime, tokenizer.pad_token_id,
                           checkpoint_dir=out / "checkpoints")
+        if method.summary():
+            say(method.summary())
         if resume:
             checkpoint = latest_checkpoint(out / "checkpoints")
             trainer.resume(checkpoint)
