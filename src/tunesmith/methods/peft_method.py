@@ -42,4 +42,8 @@ class PeftMethod(Method):
         return PeftModel.from_pretrained(base_model, directory)
 
     def merge(self, model: nn.Module) -> nn.Module:
+        from peft import PeftModel
+
+        if not isinstance(model, PeftModel):
+            return model  # already merged: merging twice changes nothing
         return model.merge_and_unload()
