@@ -159,27 +159,22 @@ def test_one_optimizer_step_changes_only_trainable_parameters(case_id: str) -> N
 
 
 @pytest.mark.parametrize("case_id", IDS)
-def test_save_then_load_gives_identical_logits(case_id: str, tmp_path: Path) -> None:
+def test_save_then_load_gives_identical_logits_and_generation_works(case_id: str, tmp_path: Path) -> None:
     _, model = saved(case_id, tmp_path)
     reloaded = load_trained(tiny_llama(), tmp_path).eval()
     assert not torch.allclose(logits(model), logits(tiny_llama()), atol=1e-4)  # the saved state is not trivial
     torch.testing.assert_close(logits(reloaded), logits(model), rtol=0, atol=1e-6)
-
-
-@pytest.mark.parametrize("case_id", IDS)
-def test_generation_after_reload_matches_greedy_forward_also_batched(case_id: str, tmp_path: Path) -> None:
-    saved(case_id, tmp_path)
-    model = load_trained(tiny_llama(), tmp_path).eval()
+    # generate == greedy decoding by forward passes, one sequence at a time and batched with left padding
     short = INPUT_IDS[1:, 2:]  # (1, 4)
-    expected = [greedy_by_forward(model, INPUT_IDS[:1], 5), greedy_by_forward(model, short, 5)]
-    one_by_one = [model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=5,
-                                 do_sample=False)[0, -5:].tolist() for ids in (INPUT_IDS[:1], short)]
+    expected = [greedy_by_forward(reloaded, INPUT_IDS[:1], 5), greedy_by_forward(reloaded, short, 5)]
+    one_by_one = [reloaded.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=5,
+                                    do_sample=False)[0, -5:].tolist() for ids in (INPUT_IDS[:1], short)]
     assert one_by_one == expected
     left_padded = INPUT_IDS.clone()
     left_padded[1, :2] = 0
     mask = torch.ones_like(left_padded)
     mask[1, :2] = 0
-    batched = model.generate(input_ids=left_padded, attention_mask=mask, max_new_tokens=5, do_sample=False)
+    batched = reloaded.generate(input_ids=left_padded, attention_mask=mask, max_new_tokens=5, do_sample=False)
     assert batched[:, -5:].tolist() == expected
 
 
@@ -294,8 +289,6 @@ def test_prefix_needs_a_model_with_a_key_value_cache() -> None:
 # On stories260k: a tokenizer, the inference functions and whole runs.
 
 def test_prompt_text_init_and_inference_functions(stories260k: str) -> None:
-    from transformers import AutoModelForCausalLM
-
     from tunesmith.inference import generate, load_for_inference, stream_reply
 
     text = "Once upon a time"
