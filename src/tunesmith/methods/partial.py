@@ -53,7 +53,7 @@ class PartialFineTuning(FullFineTuning):
                 )
             logger.info("partial: '%s' matched %s", wanted, ", ".join(matches))
             chosen += [named[name] for name in matches]
-        if not chosen and self.config.unfreeze_every is None:
+        if not chosen:  # with gradual unfreezing too: the optimizer needs something from the first step
             raise TunesmithError("method 'partial' trains nothing: set method.blocks > 0 or method.modules")
         logger.info("partial: %d of %d blocks train (%s)", count, len(blocks), self.config.blocks_from)
         return chosen
