@@ -71,6 +71,8 @@ def finetune(recipe: Recipe, resume: bool = False, extra_hooks: Sequence[Hook] =
         trainer = Trainer(model, method, data, recipe.train, recipe.eval, runtime, tokenizer.pad_token_id,
                           checkpoint_dir=out / "checkpoints", penalties=safeguards.penalties(model, tokenizer, method),
                           **speed.seams)
+        if method.summary():
+            say(method.summary())
         if resume:
             checkpoint = latest_checkpoint(out / "checkpoints")
             trainer.resume(checkpoint)

@@ -3,7 +3,7 @@
 Importing this package registers every built-in method.
 """
 
-from tunesmith.methods import full, lora, partial  # noqa: F401  (registers the methods)
+from tunesmith.methods import adapter, full, ia3, lora, partial, prefix, prompt, ptuning  # noqa: F401  (registers the methods)
 from tunesmith.methods.base import METHODS, MANIFEST, Method, NotMergeable, count_parameters
 
 

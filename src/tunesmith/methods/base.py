@@ -7,6 +7,7 @@ The loop, checkpoints, evaluation and inference never ask which method is runnin
 
 from __future__ import annotations
 
+import difflib
 import json
 from abc import ABC, abstractmethod
 from pathlib import Path
@@ -32,10 +33,12 @@ class Method(ABC):
         kind: The ``method.kind`` it is registered under.
         artifact: Name of the result folder: ``adapter`` (small, needs the base model) or ``model``
             (a complete Hugging Face model folder).
+        description: One line shown by ``tunesmith methods``.
     """
 
     kind: ClassVar[str]
     artifact: ClassVar[str]
+    description: ClassVar[str] = ""
 
     def __init__(self, config) -> None:
         self.config = config
@@ -65,8 +68,27 @@ class Method(ABC):
         raise NotMergeable(f"method '{self.kind}' has nothing to merge")
 
     def newly_trainable(self, model: nn.Module, step: int) -> list[nn.Parameter]:
-        """Parameters that start training at ``step`` (e.g. gradual unfreezing); none by default."""
+        """Parameters that start training at ``step`` (e.g. gradual unfreezing); none by default.
+
+        Must depend on ``step`` alone (not on earlier calls): a resumed run replays it for every
+        step already done to rebuild the optimizer's parameter groups.
+        """
         return []
+
+    def bind_training(self, steps_per_epoch: int, total_steps: int) -> None:
+        """Told once by the trainer how long an epoch and the run are (for schedules in epochs)."""
+
+    def summary(self) -> str:
+        """A line the run prints after the method is set up (e.g. an unfreezing schedule); may be empty."""
+        return ""
+
+    def param_groups(self, model: nn.Module, train_config) -> list[dict]:
+        """The optimizer's parameter groups: by default weight decay on matrices, none on 1-D.
+
+        A method overrides this to give some parameters their own learning rate (LoRA+).
+        """
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        return decay_groups(trainable, train_config.weight_decay)
 
     # Shared behaviour, the same for every method.
 
@@ -120,6 +142,31 @@ def transformer_blocks(model: nn.Module) -> nn.ModuleList:
     if not lists:
         raise TunesmithError(f"cannot find the transformer blocks of {type(model).__name__}")
     return max(lists, key=len)
+
+
+def decay_groups(parameters: list[nn.Parameter], weight_decay: float, **options) -> list[dict]:
+    """Split ``parameters`` into a weight-decay group (matrices) and a no-decay group (biases, norms)."""
+    decay = [p for p in parameters if p.ndim >= 2]
+    no_decay = [p for p in parameters if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": weight_decay, **options},
+              {"params": no_decay, "weight_decay": 0.0, **options}]
+    return [group for group in groups if group["params"]]
+
+
+def check_module_names(model: nn.Module, wanted: list[str] | tuple[str, ...], field: str) -> None:
+    """Every name in ``wanted`` must be the last part of some module's name (how peft matches targets).
+
+    Raises:
+        TunesmithError: For a name that matches nothing, listing the model's closest module names.
+    """
+    leaf_names = sorted({name.rsplit(".", 1)[-1] for name, _ in model.named_modules() if name})
+    for name in wanted:
+        if name not in leaf_names:
+            close = difflib.get_close_matches(name, leaf_names, n=5, cutoff=0.3) or leaf_names[:8]
+            raise TunesmithError(
+                f"{field}: no module named '{name}' in {type(model).__name__}; closest module names: "
+                f"{', '.join(close)}"
+            )
 
 
 METHODS: Registry[type[Method]] = Registry("method")

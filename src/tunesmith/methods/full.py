@@ -15,6 +15,7 @@ class FullFineTuning(Method):
 
     kind = "full"
     artifact = "model"
+    description = "Every weight trains; the result is a complete model folder."
 
     def apply(self, model: nn.Module) -> nn.Module:
         model.requires_grad_(True)

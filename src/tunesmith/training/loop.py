@@ -20,13 +20,13 @@ from tunesmith.config import EvalSection, TrainSection
 from tunesmith.data.dataset import PreparedData
 from tunesmith.data.encode import EncodedExample
 from tunesmith.evaluation.perplexity import evaluate_loss
-from tunesmith.methods.base import Method
+from tunesmith.methods.base import Method, decay_groups
 from tunesmith.runtime import Runtime
 from tunesmith.training.batching import StepSampler, collate
 from tunesmith.training.checkpoint import TrainState, load_checkpoint, save_checkpoint, set_rng_state
 from tunesmith.training.hooks import Hook
 from tunesmith.training.loss import count_real_tokens, count_target_tokens, loss_sum
-from tunesmith.training.schedule import build_optimizer, build_scheduler
+from tunesmith.training.schedule import add_param_groups, build_optimizer, build_scheduler
 
 LossFunction = Callable[[torch.nn.Module, dict], torch.Tensor]
 Penalty = Callable[[torch.nn.Module], torch.Tensor]
@@ -77,17 +77,39 @@ class Trainer:
             self.sampler = StepSampler(len(self.data.train), config.batch_size, config.grad_accum,
                                        self.runtime.world_size, self.runtime.rank, config.seed)
         self.total_steps = config.max_steps or max(1, round(config.epochs * self.sampler.steps_per_epoch))
-        self.optimizer = build_optimizer(self.model, config)
+        self.method.bind_training(self.sampler.steps_per_epoch, self.total_steps)
+        self.optimizer = build_optimizer(self.model, config, self.method.param_groups(self.model, config))
         self.scheduler = build_scheduler(self.optimizer, config, self.total_steps)
         self.state = TrainState()
-        self.wrapped = self.model
+        self.wrapped = self.wrap_for_processes()
+
+    def wrap_for_processes(self) -> torch.nn.Module:
+        """The model in DistributedDataParallel when several processes train, else the model itself.
+
+        DDP records which parameters require gradients when it is built; parameters that start
+        training later (gradual unfreezing) are only synchronised after :meth:`add_trainable` builds
+        it again (on every process at the same step, since the schedule depends on the step alone).
+        """
+        if not self.runtime.distributed:
+            return self.model
+        device_ids = [self.runtime.device.index] if self.runtime.device.type == "cuda" else None
+        return DistributedDataParallel(self.model, device_ids=device_ids)
+
+    def add_trainable(self, step: int) -> None:
+        """Give the optimizer the parameters that the method starts training at ``step``."""
+        parameters = self.method.newly_trainable(self.model, step)
+        if not parameters:
+            return
+        add_param_groups(self.optimizer, self.scheduler, decay_groups(parameters, self.train_config.weight_decay))
         if self.runtime.distributed:
-            device_ids = [self.runtime.device.index] if self.runtime.device.type == "cuda" else None
-            self.wrapped = DistributedDataParallel(self.model, device_ids=device_ids)
+            self.wrapped = None  # release the old DDP reducer and its hooks before building a new one
+            self.wrapped = self.wrap_for_processes()
 
     def resume(self, checkpoint: Path) -> None:
         """Continue exactly where ``checkpoint`` left off (weights, optimizer, schedule, RNG, data)."""
         trainable, training, self.state = load_checkpoint(checkpoint, self.runtime.device)
+        for step in range(self.state.step):  # rebuild the parameter groups of gradual unfreezing
+            self.add_trainable(step)
         self.method.load_trainable_state(self.model, trainable)
         self.optimizer.load_state_dict(training["optimizer"])
         self.scheduler.load_state_dict(training["scheduler"])
@@ -119,8 +141,7 @@ class Trainer:
         Real tokens are the input tokens read, padding excluded, so tokens/s means the same with and
         without packing.
         """
-        for parameter in self.method.newly_trainable(self.model, step):
-            self.optimizer.add_param_group({"params": [parameter], "weight_decay": self.train_config.weight_decay})
+        self.add_trainable(step)
         batches = [self.collate_fn([self.data.train[i] for i in indices], self.pad_token_id)
                    for indices in self.sampler.micro_batches(step)]
         target_tokens = self.all_reduce_sum(sum(count_target_tokens(batch) for batch in batches))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
@@ -43,16 +43,44 @@ def build_scheduler(optimizer: torch.optim.Optimizer, section: TrainSection, tot
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(section, total_steps))
 
 
-def build_optimizer(model: torch.nn.Module, section: TrainSection) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters; no weight decay on biases and norm weights (1-D)."""
+def build_optimizer(model: torch.nn.Module, section: TrainSection,
+                    param_groups: Optional[list[dict]] = None) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters.
+
+    Args:
+        param_groups: The method's groups (see ``Method.param_groups``); default: weight decay on
+            matrices, none on biases and norm weights (1-D). A group may set its own ``lr``.
+    """
     if section.optimizer == "galore_adamw":
         from tunesmith.training.galore import build_galore_optimizer
 
         return build_galore_optimizer(model, section)
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
-    groups = [
-        {"params": decay, "weight_decay": section.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=section.lr, betas=section.betas)
+    if param_groups is None:
+        decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
+        no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+        param_groups = [
+            {"params": decay, "weight_decay": section.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
+    return torch.optim.AdamW([g for g in param_groups if g["params"]], lr=section.lr, betas=section.betas)
+
+
+def add_param_groups(optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR,
+                     groups: list[dict]) -> None:
+    """Add parameter groups to a running optimizer and put them on the same schedule.
+
+    ``LambdaLR`` only knows the groups that existed when it was built (its ``base_lrs`` and
+    ``lr_lambdas``); a group added later would keep the peak learning rate forever. Each new group
+    gets the first group's multiplier and starts at the current point of the schedule.
+    """
+    multiplier = scheduler.lr_lambdas[0]
+    for group in groups:
+        if not group["params"]:
+            continue
+        optimizer.add_param_group(group)
+        added = optimizer.param_groups[-1]
+        added["initial_lr"] = added["lr"]
+        scheduler.base_lrs.append(added["lr"])
+        scheduler.lr_lambdas.append(multiplier)
+        added["lr"] = added["initial_lr"] * multiplier(scheduler.last_epoch)
+        scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]

@@ -1,0 +1,116 @@
+"""``tunesmith methods``, ``tunesmith export`` and the example recipe per method."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import run_cli
+from tunesmith.config import load_recipe
+from tunesmith.config.loader import validate_method
+from tunesmith.methods import METHODS, build_method
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLES = REPO / "examples" / "methods"
+
+
+def test_every_method_has_an_example_recipe_that_validates_and_names_its_command() -> None:
+    recipes = sorted(EXAMPLES.rglob("*.yaml"))
+    assert len(recipes) == 13
+    kinds = set()
+    for path in recipes:
+        first_line = path.read_text().splitlines()[0]
+        assert first_line == f"# tunesmith train examples/methods/{path.name}"
+        recipe = load_recipe(path)
+        kinds.add(recipe.method.kind)
+        assert recipe.data.train == ("examples/data/tiny/train.jsonl",)  # the same task for every method
+    assert kinds == set(METHODS.names())
+
+
+def test_methods_command_lists_every_method_and_counts_parameters(stories260k: str) -> None:
+    result = run_cli("methods", "--model", stories260k)
+    assert result.returncode == 0, result.stderr
+    for kind in METHODS.names():
+        assert re.search(rf"^{kind} ", result.stdout, re.MULTILINE), kind
+    # prompt tuning's default: 20 virtual tokens of stories260k's width 64, of 292,800 + 1,280 parameters
+    assert "1,280 of 294,080 parameters train (0.435%)" in result.stdout
+
+
+def _trained_result(method_settings: dict, stories260k: str, folder: Path) -> Path:
+    """A result folder as a run writes it: stories260k with a perturbed method applied."""
+    from tunesmith.inference import load_for_inference
+
+    method = build_method(validate_method(method_settings))
+    model, tokenizer = load_for_inference(stories260k)
+    model = method.apply(model)
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.requires_grad:
+                parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.05)
+    folder.mkdir()
+    method.save(model, folder)
+    tokenizer.save_pretrained(folder)
+    method.write_manifest(folder, base_model=stories260k, template="chatml")
+    return folder
+
+
+@pytest.mark.parametrize("settings", [{"kind": "lora", "r": 4}, {"kind": "ia3"}], ids=["lora", "ia3"])
+def test_export_merges_and_the_plain_folder_reproduces_the_logits(settings: dict, stories260k: str,
+                                                                 tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from tunesmith.export import export_result
+    from tunesmith.inference import load_for_inference
+
+    result = _trained_result(settings, stories260k, tmp_path / "adapter")
+    report = export_result(result, tmp_path / "plain", merge=True)
+    assert report.max_logit_difference < 1e-4
+    trained, _ = load_for_inference(stories260k, str(result))
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "plain").eval()
+    base = AutoModelForCausalLM.from_pretrained(stories260k).eval()
+    probe = torch.tensor([[1, 200, 300, 400, 17]])
+    with torch.no_grad():
+        torch.testing.assert_close(plain(input_ids=probe).logits, trained(input_ids=probe).logits, rtol=0, atol=1e-4)
+        assert not torch.allclose(plain(input_ids=probe).logits, base(input_ids=probe).logits, atol=1e-3)
+    assert not (tmp_path / "plain" / "adapter_config.json").exists()
+
+
+def test_export_of_an_unmergeable_method_says_why(stories260k: str, tmp_path: Path) -> None:
+    from tunesmith.export import export_result
+    from tunesmith.methods import NotMergeable
+
+    result = _trained_result({"kind": "prefix", "virtual_tokens": 4}, stories260k, tmp_path / "adapter")
+    with pytest.raises(NotMergeable, match="^prefix tuning adds keys and values"):
+        export_result(result, tmp_path / "plain", merge=True)
+    assert not (tmp_path / "plain").exists()
+
+
+def test_export_of_an_adapter_without_merge_asks_for_it(stories260k: str, tmp_path: Path) -> None:
+    from tunesmith.errors import TunesmithError
+    from tunesmith.export import export_result
+
+    result = _trained_result({"kind": "lora", "r": 4}, stories260k, tmp_path / "adapter")
+    with pytest.raises(TunesmithError, match="add --merge"):
+        export_result(result, tmp_path / "plain", merge=False)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", sorted(p.name for p in EXAMPLES.glob("*.yaml")))
+def test_every_method_reduces_validation_loss_on_smollm2(recipe: str, tmp_path: Path) -> None:
+    """SmolLM2-135M-Instruct, the example recipe at 30 steps: validation loss falls for every method."""
+    import json
+
+    from tunesmith.finetune import finetune
+
+    path = EXAMPLES / recipe
+    overrides = [f"output.dir={tmp_path / 'run'}", "train.max_steps=30", "eval.every_steps=null",
+                 f"data.train={REPO / 'examples/data/tiny/train.jsonl'}",
+                 f"data.validation={REPO / 'examples/data/tiny/validation.jsonl'}"]
+    summary_before = finetune(load_recipe(path, overrides + ["train.max_steps=1", "train.lr=1e-12"]),
+                              progress=False)
+    summary = finetune(load_recipe(path, overrides + ["output.overwrite=true"]), progress=False)
+    assert summary["val_loss"] < summary_before["val_loss"], json.dumps(summary)
