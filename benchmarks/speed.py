@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -29,6 +28,8 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
+
+from tunesmith.runtime import peak_memory_mb  # noqa: E402  (after the path is set)
 
 MODELS = {
     "S": dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=8, num_attention_heads=8,
@@ -204,7 +205,7 @@ def worker(args) -> dict:
 
         flop_model = get_peft_model(flop_model, LoraConfig(r=16, target_modules="all-linear", task_type="CAUSAL_LM"))
     return {"tokens_per_s": sum(lengths) / seconds, "flops_per_s": training_flops(flop_model, lora, lengths) / seconds,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "losses": losses,
+            "peak_rss_mb": peak_memory_mb(torch.device("cpu")), "losses": losses,
             "final_loss": losses[-1]}
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import resource
 import shutil
 from pathlib import Path
 from typing import Optional, Sequence
@@ -19,7 +18,7 @@ from tunesmith.evaluation.compare import report_after_training
 from tunesmith.forgetting.safeguards import Safeguards
 from tunesmith.methods import build_method, count_parameters
 from tunesmith.models import load_model_and_tokenizer
-from tunesmith.runtime import Runtime, cache_dir, init_runtime, shutdown_runtime
+from tunesmith.runtime import Runtime, cache_dir, init_runtime, peak_memory_mb, shutdown_runtime
 from tunesmith.training.checkpoint import latest_checkpoint
 from tunesmith.training.hooks import Hook, MetricsFile, ProgressBar, TensorBoard
 from tunesmith.training.loop import Trainer
@@ -197,10 +196,3 @@ def interrupted_message(out: Path, recipe_path: str) -> str:
         return f"training interrupted before the first checkpoint; nothing to resume in {out}"
     return (f"training interrupted; the last complete checkpoint is {checkpoint}. "
             f"Continue with: tunesmith train {recipe_path} --resume")
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    """Peak GPU memory allocated on CUDA, else the peak resident memory of this process."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB

@@ -6,6 +6,7 @@ Nothing else in tunesmith reads environment variables; the results are passed al
 from __future__ import annotations
 
 import os
+import resource
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,3 +75,17 @@ def shutdown_runtime(runtime: Runtime) -> None:
     """Leave the process group if this process joined one."""
     if runtime.distributed and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak GPU memory allocated on CUDA, else this process's peak resident memory."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    status = Path("/proc/self/status")
+    if status.exists():
+        # VmHWM is this process's own peak; ru_maxrss would include a parent's memory, which Linux
+        # carries across fork + exec (runs started by `tunesmith compare` or a benchmark driver).
+        line = next((l for l in status.read_text().splitlines() if l.startswith("VmHWM:")), None)
+        if line:
+            return int(line.split()[1]) / 1024  # kB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
