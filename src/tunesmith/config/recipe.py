@@ -121,11 +121,6 @@ class TrainSection(Section):
     )
     galore: GaloreSection = Field(default_factory=GaloreSection, description="GaLore settings.")
 
-    @property
-    def micro_batches_per_step(self) -> int:
-        """Micro-batches each process runs per optimizer step."""
-        return self.grad_accum
-
 
 class GenerationTaskSection(Section):
     """A generation task scored by a metric, e.g. exact match of greedy answers."""
