@@ -57,7 +57,8 @@ def finetune(recipe: Recipe, resume: bool = False, extra_hooks: Sequence[Hook] =
         data = prepare_data(recipe.data, tokenizer, recipe.train.seed)
         for split, stats in data.stats.items():
             say(stats.describe(split))
-        task_before = evaluate_task(model, tokenizer, recipe, runtime, out / "task_before.json", "before training")
+        task_before = evaluate_task(model, tokenizer, recipe, runtime, out / "task_before.json", "before training",
+                                    reuse_saved=True)
         safeguards = Safeguards(recipe, runtime, out, say, progress)
         safeguards.before_method(model, tokenizer, data)
         method = build_method(recipe.method)
@@ -160,11 +161,12 @@ def build_hooks(recipe: Recipe, out: Path, progress: bool, extra_hooks: Sequence
     return hooks
 
 
-def evaluate_task(model, tokenizer, recipe: Recipe, runtime: Runtime, cache: Path, when: str) -> Optional[dict]:
+def evaluate_task(model, tokenizer, recipe: Recipe, runtime: Runtime, cache: Path, when: str,
+                  reuse_saved: bool = False) -> Optional[dict]:
     """Score the recipe's task (main process only); the before-training score is kept for resumes."""
     if recipe.eval.task is None or not runtime.is_main:
         return None
-    if cache.name == "task_before.json" and cache.exists():
+    if reuse_saved and cache.exists():
         return json.loads(cache.read_text())
     print(f"evaluating {recipe.eval.task.metric} on {recipe.eval.task.file} {when} ...", flush=True)
     result = run_generation_task(model, tokenizer, recipe.eval.task, recipe.data.system_prompt)

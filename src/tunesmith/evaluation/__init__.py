@@ -1,6 +1,6 @@
 """Evaluation: loss and perplexity, and generation task metrics."""
 
 from tunesmith.evaluation.perplexity import evaluate_loss
-from tunesmith.evaluation.task import exact_match, run_generation_task
+from tunesmith.evaluation.task import run_generation_task
 
-__all__ = ["evaluate_loss", "exact_match", "run_generation_task"]
+__all__ = ["evaluate_loss", "run_generation_task"]

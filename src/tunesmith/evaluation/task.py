@@ -7,16 +7,7 @@ from typing import Any
 from tunesmith.config import GenerationTaskSection
 from tunesmith.data.dataset import load_examples
 from tunesmith.errors import TunesmithError
-
-
-def normalise_answer(text: str) -> str:
-    """Whitespace-trimmed, inner whitespace collapsed: what exact match compares."""
-    return " ".join(text.split())
-
-
-def exact_match(prediction: str, reference: str) -> float:
-    """1.0 when the normalised strings are equal, else 0.0."""
-    return float(normalise_answer(prediction) == normalise_answer(reference))
+from tunesmith.evaluation.metrics import exact_match_score
 
 
 def run_generation_task(model, tokenizer, section: GenerationTaskSection, system_prompt: str | None = None) -> dict[str, Any]:
@@ -37,7 +28,7 @@ def run_generation_task(model, tokenizer, section: GenerationTaskSection, system
         prompts.append(list(example.messages[:-1]))
         references.append(example.messages[-1]["content"])
     predictions = generate(model, tokenizer, prompts, section.max_new_tokens, batch_size=section.batch_size)
-    scores = [exact_match(p, r) for p, r in zip(predictions, references)]
+    scores = [exact_match_score([p], [[r]]) for p, r in zip(predictions, references)]
     samples = [{"prompt": p[-1]["content"], "prediction": pred, "reference": ref}
                for p, pred, ref in list(zip(prompts, predictions, references))[:5]]
     return {"metric": section.metric, "score": sum(scores) / len(scores), "count": len(scores), "samples": samples}
