@@ -14,7 +14,7 @@ from tunesmith.data.encode import IGNORE_INDEX, EncodedExample
 from tunesmith.methods import build_method
 from tunesmith.runtime import Runtime
 from tunesmith.training.batching import StepSampler, collate
-from tunesmith.training.chunked_loss import chunked_loss_sum, model_inputs, plain_loss_sum
+from tunesmith.training.chunked_loss import LinearCrossEntropy, chunked_loss_sum, model_inputs, plain_loss_sum
 from tunesmith.training.length_grouping import LengthGroupedSampler
 from tunesmith.training.loop import Trainer
 from tunesmith.training.loss import count_real_tokens, count_target_tokens
@@ -107,6 +107,47 @@ def test_chunked_loss_and_gradients_equal_plain(stories260k, packed: bool) -> No
         scale = float(plain_grads[name].abs().max())
         torch.testing.assert_close(parameter.grad, plain_grads[name], rtol=1e-4, atol=1e-6 * max(scale, 1.0),
                                    msg=name)
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_linear_cross_entropy_equals_autograd(with_bias: bool) -> None:
+    """The fused head + cross-entropy: loss and every gradient equal autograd's, chunked or not."""
+    generator = torch.Generator().manual_seed(0)
+    hidden = torch.randn(37, 16, generator=generator, requires_grad=True)
+    weight = torch.randn(50, 16, generator=generator, requires_grad=True)
+    bias = torch.randn(50, generator=generator, requires_grad=True) if with_bias else None
+    targets = torch.randint(0, 50, (37,), generator=generator)
+
+    expected = F.cross_entropy(F.linear(hidden, weight, bias), targets, reduction="sum")
+    (expected * 0.3).backward()  # a non-unit incoming gradient, as the loop's 1/target_tokens
+    expected_grads = [t.grad.clone() for t in (hidden, weight, bias) if t is not None]
+    for t in (hidden, weight, bias):
+        if t is not None:
+            t.grad = None
+    fused = LinearCrossEntropy.apply(hidden, weight, bias, targets, 8, torch.float32)  # 5 chunks, last partial
+    (fused * 0.3).backward()
+
+    assert float(fused) == pytest.approx(float(expected), rel=1e-6)
+    for tensor, grad in zip([t for t in (hidden, weight, bias) if t is not None], expected_grads):
+        torch.testing.assert_close(tensor.grad, grad, rtol=1e-5, atol=1e-6)
+
+
+def test_chunked_loss_falls_back_for_wrapped_heads(stories260k) -> None:
+    """A head that is not a plain Linear (here LoRA on lm_head) goes through the checkpointed chunks."""
+    from peft import LoraConfig, get_peft_model
+
+    model = load_stories(stories260k)
+    model = get_peft_model(model, LoraConfig(r=4, target_modules=["lm_head"], init_lora_weights=False))
+    batch = collate(make_examples(4), 0)
+    plain = plain_loss_sum(model, batch)
+    plain.backward()
+    plain_grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad(set_to_none=True)
+    chunked = chunked_loss_sum(model, batch, chunk_tokens=7)
+    chunked.backward()
+    assert float(chunked) == pytest.approx(float(plain), rel=1e-6)
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(dict(model.named_parameters())[name].grad, grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
 def test_bfloat16_autocast_close_to_float32(stories260k) -> None:

@@ -78,11 +78,11 @@ def varlen_sdpa_attention(module: torch.nn.Module, query: torch.Tensor, key: tor
     if cu_seq_lens_q is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
-    bounds = cu_seq_lens_q.tolist()
+    lengths = cu_seq_lens_q.diff().tolist()
+    # split, not slicing: a slice's backward builds a zero tensor of the whole row per example.
     outputs = [
-        sdpa_attention_forward(module, query[:, :, start:end], key[:, :, start:end], value[:, :, start:end], None,
-                               dropout=dropout, scaling=scaling, is_causal=True)[0]
-        for start, end in zip(bounds[:-1], bounds[1:])
+        sdpa_attention_forward(module, q, k, v, None, dropout=dropout, scaling=scaling, is_causal=True)[0]
+        for q, k, v in zip(query.split(lengths, dim=2), key.split(lengths, dim=2), value.split(lengths, dim=2))
     ]
     return torch.cat(outputs, dim=1), None
 

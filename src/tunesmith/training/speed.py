@@ -91,6 +91,7 @@ def prepare_speed(model: torch.nn.Module, section: SpeedSection, train: TrainSec
     dtype = autocast_dtype(section, runtime.device)
     if dtype is not None:
         loss = functools.partial(autocast_loss, loss, dtype)
+        skip_adapter_input_casts(model)
     notes.append("bfloat16 autocast" if dtype is not None else "float32")
     if section.activation_checkpointing:
         enable_activation_checkpointing(model)
@@ -113,6 +114,26 @@ def autocast_loss(loss_fn: Callable, dtype: torch.dtype, model: torch.nn.Module,
     device_type = next(unwrap(model).parameters()).device.type
     with torch.autocast(device_type=device_type, dtype=dtype):
         return loss_fn(model, batch)
+
+
+def skip_adapter_input_casts(model: torch.nn.Module) -> bool:
+    """Switch off peft's cast of each adapted layer's input to the adapter's dtype, where it is a no-op.
+
+    Under autocast that cast turns every adapted bfloat16 activation into float32, and autocast
+    turns it straight back (two copies per layer). Outside autocast it only matters when the base
+    weights and the adapters differ in dtype, so it is switched off only when all weights share one.
+
+    Returns:
+        Whether it was switched off.
+    """
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    if len({p.dtype for p in model.parameters() if p.is_floating_point()}) != 1:
+        return False
+    layers = [module for module in model.modules() if isinstance(module, BaseTunerLayer)]
+    for layer in layers:
+        layer.cast_input_dtype_enabled = False  # peft's own switch (peft.helpers.disable_input_dtype_casting)
+    return bool(layers)
 
 
 def enable_activation_checkpointing(model: torch.nn.Module) -> None:
