@@ -220,10 +220,25 @@ def test_every_forgetting_example_recipe_is_valid():
     from tests.conftest import REPO
 
     recipes = sorted((REPO / "examples" / "forgetting").rglob("*.yaml"))
-    assert len(recipes) == 5
+    assert len(recipes) == 6
     for path in recipes:
         recipe = load_recipe(path)
         assert recipe.retain is not None and path.read_text().startswith(f"# tunesmith train examples/forgetting/{path.name}")
+        assert recipe.model.name == "smollm2-135m-instruct", f"{path}: a user's example needs no test assets"
+
+
+def test_the_stories260k_comparison_recipes_are_valid():
+    """The recipes behind the stories260k table in docs/forgetting.md (they need the test assets)."""
+    from tunesmith.config import load_recipe
+
+    from tests.conftest import REPO
+
+    recipes = sorted((REPO / "tests" / "recipes" / "forgetting_stories260k").glob("*.yaml"))
+    assert [p.stem for p in recipes] == ["ewc", "full", "l2sp_neftune", "lora", "replay"]
+    for path in recipes:
+        recipe = load_recipe(path)
+        assert recipe.model.name == "../shared/assets/models/stories260k" and recipe.retain is not None
+        assert path.read_text().startswith(f"# tunesmith train tests/recipes/forgetting_stories260k/{path.name}")
 
 
 def test_fisher_of_a_lora_adapter_on_the_models_own_generations(stories260k):
