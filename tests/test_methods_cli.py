@@ -99,7 +99,7 @@ def test_export_of_an_adapter_without_merge_asks_for_it(stories260k: str, tmp_pa
 
 
 @pytest.mark.slow
-@pytest.mark.heavy  # 13 SmolLM2 runs, about 25 minutes on two cores: python -m pytest -m heavy
+@pytest.mark.heavy  # 13 SmolLM2 runs, about 16 minutes on two cores: python -m pytest -m heavy
 @pytest.mark.parametrize("recipe", sorted(p.name for p in EXAMPLES.glob("*.yaml")))
 def test_every_method_reduces_validation_loss_on_smollm2(recipe: str, tmp_path: Path) -> None:
     """SmolLM2-135M-Instruct, the example recipe at 30 steps: validation loss falls for every method."""
