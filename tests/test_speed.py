@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 
 import pytest
@@ -51,6 +52,18 @@ def per_example_losses(logits: torch.Tensor, labels: torch.Tensor, bounds: list[
             for start, end in zip(bounds[:-1], bounds[1:])]
 
 
+def plain_and_chunked(model, batch):
+    """Both losses on ``batch`` and the trainable parameters' gradients of each (chunks of 7: the last partial)."""
+    losses, grads = [], []
+    for loss_fn in (plain_loss_sum, functools.partial(chunked_loss_sum, chunk_tokens=7)):
+        model.zero_grad(set_to_none=True)
+        loss = loss_fn(model, batch)
+        loss.backward()
+        losses.append(loss)
+        grads.append({name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad})
+    return (*losses, *grads)
+
+
 def test_pack_collate_layout() -> None:
     examples = [EncodedExample((5, 6, 7), (-100, 6, 7)), EncodedExample((8, 9), (8, 9))]
     batch = pack_collate(examples, pad_token_id=0)
@@ -94,19 +107,14 @@ def test_chunked_loss_and_gradients_equal_plain(stories260k, packed: bool) -> No
     examples = make_examples(6)
     batch = pack_collate(examples, 0) if packed else collate(examples, 0)
 
-    plain = plain_loss_sum(model, batch)
-    plain.backward()
-    plain_grads = {name: p.grad.clone() for name, p in model.named_parameters()}
-    model.zero_grad(set_to_none=True)
-    chunked = chunked_loss_sum(model, batch, chunk_tokens=7)  # several chunks, the last one partial
-    chunked.backward()
+    plain, chunked, plain_grads, chunked_grads = plain_and_chunked(model, batch)
 
     assert float(chunked) == pytest.approx(float(plain), rel=1e-6)
-    for name, parameter in model.named_parameters():
+    assert plain_grads.keys() == dict(model.named_parameters()).keys()
+    for name, grad in plain_grads.items():
         # Summation order differs, so compare against each gradient's own scale.
-        scale = float(plain_grads[name].abs().max())
-        torch.testing.assert_close(parameter.grad, plain_grads[name], rtol=1e-4, atol=1e-6 * max(scale, 1.0),
-                                   msg=name)
+        scale = float(grad.abs().max())
+        torch.testing.assert_close(chunked_grads[name], grad, rtol=1e-4, atol=1e-6 * max(scale, 1.0), msg=name)
 
 
 @pytest.mark.parametrize("with_bias", [False, True])
@@ -139,15 +147,10 @@ def test_chunked_loss_falls_back_for_wrapped_heads(stories260k) -> None:
     model = load_stories(stories260k)
     model = get_peft_model(model, LoraConfig(r=4, target_modules=["lm_head"], init_lora_weights=False))
     batch = collate(make_examples(4), 0)
-    plain = plain_loss_sum(model, batch)
-    plain.backward()
-    plain_grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
-    model.zero_grad(set_to_none=True)
-    chunked = chunked_loss_sum(model, batch, chunk_tokens=7)
-    chunked.backward()
+    plain, chunked, plain_grads, chunked_grads = plain_and_chunked(model, batch)
     assert float(chunked) == pytest.approx(float(plain), rel=1e-6)
     for name, grad in plain_grads.items():
-        torch.testing.assert_close(dict(model.named_parameters())[name].grad, grad, rtol=1e-4, atol=1e-6, msg=name)
+        torch.testing.assert_close(chunked_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
 def test_bfloat16_autocast_close_to_float32(stories260k) -> None:
