@@ -116,24 +116,20 @@ def autocast_loss(loss_fn: Callable, dtype: torch.dtype, model: torch.nn.Module,
         return loss_fn(model, batch)
 
 
-def skip_adapter_input_casts(model: torch.nn.Module) -> bool:
+def skip_adapter_input_casts(model: torch.nn.Module) -> None:
     """Switch off peft's cast of each adapted layer's input to the adapter's dtype, where it is a no-op.
 
     Under autocast that cast turns every adapted bfloat16 activation into float32, and autocast
     turns it straight back (two copies per layer). Outside autocast it only matters when the base
     weights and the adapters differ in dtype, so it is switched off only when all weights share one.
-
-    Returns:
-        Whether it was switched off.
     """
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     if len({p.dtype for p in model.parameters() if p.is_floating_point()}) != 1:
-        return False
-    layers = [module for module in model.modules() if isinstance(module, BaseTunerLayer)]
-    for layer in layers:
-        layer.cast_input_dtype_enabled = False  # peft's own switch (peft.helpers.disable_input_dtype_casting)
-    return bool(layers)
+        return
+    for module in model.modules():
+        if isinstance(module, BaseTunerLayer):
+            module.cast_input_dtype_enabled = False  # peft's own switch (peft.helpers.disable_input_dtype_casting)
 
 
 def enable_activation_checkpointing(model: torch.nn.Module) -> None:
