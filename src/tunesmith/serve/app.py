@@ -9,7 +9,7 @@ from typing import Optional
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, RedirectResponse
+from fastapi.responses import FileResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -85,6 +85,10 @@ def create_app(workspace: str | Path, api_key: Optional[str] = None, bases: Opti
     @app.get("/", include_in_schema=False)
     async def studio():
         return FileResponse(STATIC / "index.html", headers={"Content-Security-Policy": _CSP})
+
+    @app.get("/favicon.ico", include_in_schema=False)
+    async def no_icon():
+        return Response(status_code=204)
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
