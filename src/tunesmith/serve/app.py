@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import ipaddress
 from pathlib import Path
@@ -49,7 +50,14 @@ def create_app(workspace: str | Path, api_key: Optional[str] = None, bases: Opti
     from tunesmith.serve.batching import BatchingGenerator
     from tunesmith.serve.jobs import JobRunner
 
-    app = FastAPI(title="tunesmith serve", docs_url="/api/docs", openapi_url="/api/openapi.json", redoc_url=None)
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        app.state.generator.close()
+        app.state.jobs.close()  # running jobs go on in their own process; the next server follows them
+
+    app = FastAPI(title="tunesmith serve", docs_url="/api/docs", openapi_url="/api/openapi.json", redoc_url=None,
+                  lifespan=lifespan)
     app.state.workspace = Workspace(workspace)
     app.state.pool = ModelPool(app.state.workspace, bases, device)
     app.state.generator = BatchingGenerator(app.state.pool, batch_window_ms / 1000, max_batch)
@@ -91,11 +99,6 @@ def create_app(workspace: str | Path, api_key: Optional[str] = None, bases: Opti
         return Response(status_code=204)
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
-
-    @app.on_event("shutdown")
-    def _close():
-        app.state.generator.close()
-        app.state.jobs.close()
 
     return app
 

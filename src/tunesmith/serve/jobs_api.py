@@ -83,7 +83,7 @@ async def submit(body: JobBody, request: Request):
 
         run = workspace.resolve(body.run, must_exist=True)
         result = run / "adapter" if (run / "adapter").is_dir() else run / "model"
-        base = ModelPool._base_of(result) if (result / "tunesmith.json").is_file() else str(result)
+        base = ModelPool._base_of(result, workspace.root) if (result / "tunesmith.json").is_file() else str(result)
         out = unique_path(run, "eval", "")
         args = ["eval", "--compare", base, str(run), "--bias", "--out", str(out)]
         if body.suite:

@@ -123,7 +123,7 @@ class ModelPool:
             folder = folder / "adapter" if (folder / "adapter").is_dir() else folder / "model"
             kind = self._folder_kind(folder)
         if kind == "result":
-            return ModelSpec(model_id, self._base_of(folder), str(folder))
+            return ModelSpec(model_id, self._base_of(folder, self.workspace.root), str(folder))
         if kind == "hf":
             return ModelSpec(model_id, str(folder))
         raise UnknownModel(f"workspace folder '{model_id}' holds no model, trained result or finished run")
@@ -139,17 +139,21 @@ class ModelPool:
         return None
 
     @staticmethod
-    def _base_of(result: Path) -> str:
-        """The base model a trained result was trained from (its manifest, or the peft config)."""
+    def _base_of(result: Path, root: Path) -> str:
+        """The base model a trained result was trained from (its manifest, or the peft config).
+
+        A relative folder is relative to the workspace: the studio's jobs run there.
+        """
+        name = None
         if (result / MANIFEST).is_file():
-            manifest = json.loads((result / MANIFEST).read_text())
-            if manifest.get("base_model"):
-                return manifest["base_model"]
-        if (result / "adapter_config.json").is_file():
+            name = json.loads((result / MANIFEST).read_text()).get("base_model")
+        if not name and (result / "adapter_config.json").is_file():
             name = json.loads((result / "adapter_config.json").read_text()).get("base_model_name_or_path")
-            if name:
-                return name
-        raise UnknownModel(f"{result} does not record its base model")
+        if not name:
+            raise UnknownModel(f"{result} does not record its base model")
+        if not Path(name).is_absolute() and (root / name).is_dir():
+            return str((root / name).resolve())
+        return name
 
     # --- loading -------------------------------------------------------------------------------
 

@@ -254,10 +254,10 @@ async def plan(body: RecipeBody, request: Request):
     recipe, errors = check_recipe(body.recipe, request)
     if recipe is None:
         raise TunesmithError("; ".join(f"{e['loc']}: {e['message']}" for e in errors))
-    return await asyncio.to_thread(estimate_plan, recipe)
+    return await asyncio.to_thread(estimate_plan, recipe, _workspace(request).root)
 
 
-def estimate_plan(recipe) -> dict:
+def estimate_plan(recipe, root: Path) -> dict:
     """Parameters and trainable share (the model built on the meta device: no weights read) and a
     first memory estimate (weights + gradients + Adam moments of the trainable part)."""
     import torch
@@ -267,7 +267,8 @@ def estimate_plan(recipe) -> dict:
     from tunesmith.models import resolve_model_path
     from tunesmith.runtime import cache_dir
 
-    path = resolve_model_path(recipe.model.name, cache_dir())
+    name = recipe.model.name
+    path = resolve_model_path(str(root / name) if (root / name).is_dir() else name, cache_dir())
     config = AutoConfig.from_pretrained(path)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
