@@ -135,7 +135,8 @@ async function uploadYaml() {
 
 async function plan() {
   const result = await api("/api/plan", { method: "POST", body: { recipe: state.recipe } });
-  const rows = [["model", result.model], ["method", result.method], ["parameters", result.total_parameters.toLocaleString()],
+  const rows = [["model", result.model], ["method", result.method], ["base model parameters", result.base_parameters.toLocaleString()],
+    ["parameters with the method", result.total_parameters.toLocaleString()],
     ["trainable", `${result.trainable_parameters.toLocaleString()} (${(100 * result.trainable_share).toFixed(3)}%)`],
     ["weights + gradients + Adam", `${result.weights_and_optimizer_mb} MB`], ["steps", result.max_steps ?? "epochs"],
     ["batch size", result.batch_size], ["max length", result.max_length], ["not yet known", result.note]];
@@ -162,6 +163,9 @@ function watch(jobId, totalSteps = null) {
   state.logOffset = 0;
   state.metricsOffset = 0;
   $("#train-log").textContent = "";
+  $("#train-job").textContent = `job ${jobId}: starting`;
+  $("#train-job").dataset.status = "";
+  $("#train-chart").dataset.points = "0";
   show("train");
   const tick = async () => {
     const update = await api(`/api/jobs/${jobId}/progress?log_offset=${state.logOffset}&metrics_offset=${state.metricsOffset}`);
@@ -288,7 +292,8 @@ async function refreshRuns() {
     run.summary ? fmt(run.summary.val_loss) : "", run.summary ? run.summary.method : ""]));
 }
 
-const fmt = (value) => (typeof value === "number" ? value.toFixed(4) : value == null ? "" : String(value));
+const fmt = (value) => (typeof value !== "number" ? (value == null ? "" : String(value))
+  : Number.isInteger(value) ? value.toLocaleString() : value.toFixed(4));
 
 async function compareRuns() {
   const picked = [...document.querySelectorAll(".compare-pick:checked")].map((box) => box.value);
