@@ -1,6 +1,6 @@
 """The studio in real headless Chromium (Debian's ``chromium`` through Playwright), the whole flow on
 stories260k: upload -> preview -> recipe form -> train with a live curve -> chat side by side with a
-preference click -> compare two runs -> export.
+preference click -> compare two runs -> export -> evaluate (report in the page).
 
 Screenshots go to a temporary folder; to refresh the ones in the docs run
 ``TUNESMITH_STUDIO_SCREENSHOTS=docs/studio python -m pytest tests/test_studio_browser.py``.
@@ -83,6 +83,16 @@ def train_in_browser(page, run: str, lr: str) -> list[tuple[str, int]]:
     return seen
 
 
+def run_job_on_screen(page, screen: str, run: str, prefix: str | None = None) -> None:
+    """Open ``screen``, pick ``run``, press its button and wait until the job is done."""
+    prefix = prefix or screen
+    page.click(f"button[data-screen={screen}]")
+    page.wait_for_selector(f'#{prefix}-run option[value="{run}"]', state="attached")
+    page.select_option(f"#{prefix}-run", run)
+    page.click(f"#{prefix}-button")
+    expect(page, f"#{prefix}-status").to_contain_text(" done", timeout=180_000)
+
+
 def test_studio_whole_flow(studio, tmp_path):
     page, server, workspace, upload, errors = studio
     shots = tmp_path / "screenshots"
@@ -156,12 +166,13 @@ def test_studio_whole_flow(studio, tmp_path):
     shoot(page, "runs", shots)
 
     # Export: merged into a plain model folder, as a job
-    page.click("button[data-screen=export]")
-    page.wait_for_selector('#export-run option[value="runs/first-run"]', state="attached")
-    page.select_option("#export-run", "runs/first-run")
-    page.click("#export-button")
-    expect(page, "#export-status").to_contain_text(" done", timeout=180_000)
+    run_job_on_screen(page, "export", "runs/first-run")
     assert (workspace / "exports" / "first-run-merged" / "config.json").is_file()
     assert "exports/first-run-merged" in page.inner_text("#exports-list")
     shoot(page, "export", shots)
+
+    # Evaluate: base vs tuned (the bias probe) as a job; its report.html opened in the page
+    run_job_on_screen(page, "evaluate", "runs/first-run", prefix="eval")
+    sync_api.expect(page.frame_locator("#report-frame").locator("body")).to_contain_text("stereotype")
+    shoot(page, "evaluate", shots)
     assert errors == []

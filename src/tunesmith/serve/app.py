@@ -17,7 +17,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from tunesmith.errors import TunesmithError
 from tunesmith.serve.openai_api import error_response
 from tunesmith.serve.pool import ModelPool, UnknownModel
-from tunesmith.serve.workspace import PathRefused, Workspace
+from tunesmith.serve.workspace import PathRefused, TooLarge, Workspace
 
 STATIC = Path(__file__).parent / "static"
 KEY_COOKIE = "tunesmith_key"
@@ -124,6 +124,10 @@ def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(PathRefused)
     async def path_refused(request: Request, error: PathRefused):
         return error_response(403, str(error), "permission_error", param="path", code="path_refused")
+
+    @app.exception_handler(TooLarge)
+    async def too_large(request: Request, error: TooLarge):
+        return error_response(413, str(error), code="too_large")
 
     @app.exception_handler(TunesmithError)
     async def user_error(request: Request, error: TunesmithError):

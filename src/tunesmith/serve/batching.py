@@ -9,6 +9,7 @@ stops on its own end-of-sequence token, stop string or token limit.
 
 from __future__ import annotations
 
+import collections
 import itertools
 import logging
 import queue
@@ -140,7 +141,7 @@ class BatchingGenerator:
         self.pool, self.window_s, self.max_batch = pool, window_s, max_batch
         self.queue: queue.Queue[Optional[GenerationRequest]] = queue.Queue()
         self.serials = itertools.count()
-        self.batch_sizes: list[int] = []  # rows per generate call, for tests and the benchmark
+        self.batch_sizes: collections.deque[int] = collections.deque(maxlen=1000)  # rows per generate call (recent)
         self.thread = threading.Thread(target=self._run, name="tunesmith-generate", daemon=True)
         self.thread.start()
 

@@ -22,6 +22,7 @@ from fastapi.responses import FileResponse
 from pydantic import BaseModel, Field, ValidationError
 
 from tunesmith.errors import TunesmithError
+from tunesmith.serve.workspace import TooLarge
 
 router = APIRouter(prefix="/api")
 
@@ -55,7 +56,7 @@ async def upload(request: Request, file: UploadFile = File(...)):
             if size > limit:
                 handle.close()
                 partial.unlink()
-                raise TunesmithError(f"upload is larger than the limit of {limit // (1 << 20)} MiB (serve --max-upload-mb)")
+                raise TooLarge(f"upload is larger than the limit of {limit // (1 << 20)} MiB (serve --max-upload-mb)")
             handle.write(chunk)
     os.replace(partial, target)
     return {"path": workspace.relative(target), "size": size, "original_name": file.filename}
@@ -254,7 +255,12 @@ async def plan(body: RecipeBody, request: Request):
     recipe, errors = check_recipe(body.recipe, request)
     if recipe is None:
         raise TunesmithError("; ".join(f"{e['loc']}: {e['message']}" for e in errors))
-    return await asyncio.to_thread(estimate_plan, recipe, _workspace(request).root)
+    try:
+        return await asyncio.to_thread(estimate_plan, recipe, _workspace(request).root)
+    except TunesmithError:
+        raise
+    except Exception as error:  # a model or method the meta device cannot build: say so, not a 500
+        raise TunesmithError(f"could not work out the plan for {recipe.model.name}: {error}") from None
 
 
 def estimate_plan(recipe, root: Path) -> dict:

@@ -19,6 +19,10 @@ class PathRefused(TunesmithError):
     """A path from the browser or the API that is not inside the workspace."""
 
 
+class TooLarge(TunesmithError):
+    """An upload over the server's size limit."""
+
+
 class Workspace:
     """The root folder and the rules for paths under it."""
 

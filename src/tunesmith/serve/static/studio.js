@@ -9,6 +9,7 @@ const state = { dataFile: null, form: null, recipe: {}, job: null, poll: null, m
 // --- navigation ------------------------------------------------------------------------------------
 
 function show(screen) {
+  notice("");
   for (const button of document.querySelectorAll("#tabs button")) button.classList.toggle("active", button.dataset.screen === screen);
   for (const section of document.querySelectorAll(".screen")) section.classList.toggle("active", section.id === `screen-${screen}`);
   const refresh = { data: refreshDataFiles, runs: refreshRuns, chat: refreshChatModels, evaluate: refreshRunPickers,
