@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 from pathlib import Path
 
@@ -57,9 +56,11 @@ def shoot(page, name: str, folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(folder / f"{name}.png"))
     target = os.environ.get("TUNESMITH_STUDIO_SCREENSHOTS")
-    if target:
+    if target:  # for the docs: a 64-colour palette keeps each picture small
+        from PIL import Image
+
         Path(target).mkdir(parents=True, exist_ok=True)
-        shutil.copy(folder / f"{name}.png", Path(target) / f"{name}.png")
+        Image.open(folder / f"{name}.png").convert("RGB").quantize(colors=64).save(Path(target) / f"{name}.png", optimize=True)
 
 
 def train_in_browser(page, run: str, lr: str) -> list[tuple[str, int]]:
