@@ -43,8 +43,11 @@ class ProgressBar(Hook):
 
     def on_log(self, record: dict[str, Any]) -> None:
         if "val_loss" in record:
-            self.bar.write(f"step {record['step']}: val_loss {record['val_loss']:.4f}, "
-                           f"val_perplexity {record['val_perplexity']:.3f}")
+            shown = [f"{key} {value:.4f}" for key, value in record.items()
+                     if key.startswith("val_") and "/" not in key and isinstance(value, float)]
+            self.bar.write(f"step {record['step']}: " + ", ".join(shown))
+        for sample in record.get("samples", ()):  # online RL: a completion and its reward
+            self.bar.write(f"step {record['step']}: reward {sample['reward']:+.3f} <- {sample['completion'][:120]!r}")
 
     def on_train_end(self) -> None:
         if self.bar is not None:
