@@ -20,7 +20,7 @@ class RewardBase(Section):
     """What every reward has: its weight in the sum and the name it is logged under."""
 
     weight: float = Field(1.0, description="Weight of this reward in the sum that the advantages are computed from.")
-    name: Optional[str] = Field(None, description="Name in logs and metrics (default: the kind).")
+    name: Optional[str] = Field(None, description="Name in logs and metrics (default: the kind; a function's module:name).")
 
 
 def _compiles(pattern: str) -> str:

@@ -252,9 +252,12 @@ def load_reward_model(path: str, device: torch.device | str = "cpu"):
     if model.config.num_labels != 1:
         raise TunesmithError(f"stage.rewards: reward model {folder} has {model.config.num_labels} outputs; a reward "
                              "model gives one score (num_labels 1), as stage: rm trains")
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
-    if model.config.pad_token_id is None:  # it finds each row's last real token by the pad id
+    # The head finds each row's last real token by the config's pad id: pad with exactly that id.
+    if model.config.pad_token_id is not None:
+        tokenizer.pad_token_id = model.config.pad_token_id
+    else:
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
         model.config.pad_token_id = tokenizer.pad_token_id
     return model.to(device).eval().requires_grad_(False), tokenizer
 
@@ -298,8 +301,8 @@ def build_rewards(sections, policy_tokenizer, device: torch.device | str = "cpu"
     """The :class:`RewardSet` of the recipe's ``stage.rewards`` (reward models loaded on ``device``)."""
     built = []
     for section in sections:
-        built.append(NamedReward(section.name or section.kind, section.weight, _build_one(section, policy_tokenizer,
-                                                                                          device),
+        name = section.name or (section.function if isinstance(section, FunctionReward) else section.kind)
+        built.append(NamedReward(name, section.weight, _build_one(section, policy_tokenizer, device),
                                  needs_reference=section.kind in REFERENCE_KINDS))
     return RewardSet(built)
 
