@@ -96,3 +96,11 @@ def test_prompts_from_gsm8k_the_quickstart_and_plain_files(stories260k, tmp_path
     conversation.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
     with pytest.raises(TunesmithError, match="turns.jsonl, line 1: the conversation must end with the assistant"):
         prepare_prompts(DataSection(train=str(conversation), template="simple"), tokenizer, 0, 16, False)
+
+
+def test_the_shipped_reward_function_imports_from_the_repository_root(monkeypatch):
+    from tunesmith.stages.rewards import user_function
+
+    monkeypatch.chdir(REPO)
+    score = user_function("examples.rl.rewards:date_digits")
+    assert score(["p", "p"], ["2025-10-06", "2025-10-07 is it"], ["2025-10-06"] * 2, [4, 6]) == [1.0, 0.9]

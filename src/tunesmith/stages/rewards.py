@@ -10,10 +10,13 @@ prompt plus completion with its scalar head.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import inspect
 import math
+import os
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -191,6 +194,20 @@ def length_penalty(target: int, tolerance: int = 0) -> RewardFunction:
     return score
 
 
+@contextlib.contextmanager
+def working_folder_importable():
+    """The working folder on ``sys.path`` while a user's module is imported (the console script leaves it off)."""
+    folder = os.getcwd()
+    added = folder not in sys.path
+    if added:
+        sys.path.insert(0, folder)
+    try:
+        yield
+    finally:
+        if added and folder in sys.path:
+            sys.path.remove(folder)
+
+
 def user_function(spec: str) -> RewardFunction:
     """The function named ``module:function``, called with the keywords it accepts.
 
@@ -199,7 +216,8 @@ def user_function(spec: str) -> RewardFunction:
     """
     module_name, _, name = spec.partition(":")
     try:
-        module = importlib.import_module(module_name)
+        with working_folder_importable():
+            module = importlib.import_module(module_name)
     except Exception as error:  # any import failure of the user's module is a configuration error
         raise TunesmithError(f"stage.rewards: cannot import module {module_name!r} of reward function {spec!r} "
                              f"({type(error).__name__}: {error}); put it on PYTHONPATH or in the working folder") \
