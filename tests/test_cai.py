@@ -6,7 +6,7 @@ import json
 import shutil
 
 import pytest
-from tunesmith.constitutional import critique_and_revise, local_chat, read_principles, read_prompts
+from tunesmith.constitutional import critique_and_revise, local_chat, read_principles, read_prompts, run_cai
 from tunesmith.data.formats import preference_parts
 from tunesmith.data.readers import read_records
 from tunesmith.errors import TunesmithError
@@ -36,9 +36,8 @@ def test_cai_writes_sft_and_preference_data_with_every_step_kept(stories260k, tm
         prompt, chosen, rejected = preference_parts(record)
         assert (prompt[0]["content"], chosen, rejected) == (row["prompt"], row["revision"], row["draft"])
         assert chosen != rejected
-    again = run_cli("cai", "--principles", str(PRINCIPLES), "--prompts", str(PROMPTS), "--out", str(out),
-                    "--model", stories260k)
-    assert again.returncode == 2 and "not empty" in again.stderr  # nothing written is replaced silently
+    with pytest.raises(TunesmithError, match="not empty"):  # nothing written is replaced silently
+        run_cai(lambda conversations: [""] * len(conversations), str(PRINCIPLES), str(PROMPTS), out)
 
 
 def test_the_critique_sees_the_draft_and_the_revision_sees_the_critique(stories260k):

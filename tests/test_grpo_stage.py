@@ -15,7 +15,8 @@ from safetensors.torch import load_file
 from tunesmith.config import validate_recipe
 from tunesmith.errors import TunesmithError
 from tunesmith.finetune import finetune
-from tunesmith.training.hooks import Hook
+
+from test_training import StopAt
 
 NAMES = ["Lily", "Tom", "Ben", "Sue", "Max", "Amy", "Sam", "Mia"]
 
@@ -66,15 +67,6 @@ def test_reward_rises_on_a_verifiable_toy_task(grpo_recipe, prompts, tmp_path):
     assert logged[-1]["kl"] > 0  # the policy moved away from the reference
     assert {"prompt", "completion", "reward"} <= set(first["samples"][0])
     assert {"loss", "reward", "reward/says_she", "completion_length"} <= set(summary["validation"])
-
-
-class StopAt(Hook):
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_step(self, record: dict) -> None:
-        if record["step"] == self.step:
-            raise KeyboardInterrupt
 
 
 def test_resume_is_exact_sampling_included(grpo_recipe, tmp_path):

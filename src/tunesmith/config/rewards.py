@@ -23,12 +23,17 @@ class RewardBase(Section):
     name: Optional[str] = Field(None, description="Name in logs and metrics (default: the kind; a function's module:name).")
 
 
-def _compiles(pattern: str) -> str:
-    try:
-        re.compile(pattern)
-    except re.error as error:
-        raise ValueError(f"not a valid regular expression ({error})") from None
-    return pattern
+class PatternReward(RewardBase):
+    """A reward with a regular expression ``pattern``, checked when the recipe is read."""
+
+    @field_validator("pattern", check_fields=False)
+    @classmethod
+    def _valid_pattern(cls, value: str) -> str:
+        try:
+            re.compile(value)
+        except re.error as error:
+            raise ValueError(f"not a valid regular expression ({error})") from None
+        return value
 
 
 class ExactMatchReward(RewardBase):
@@ -38,7 +43,7 @@ class ExactMatchReward(RewardBase):
     case_sensitive: bool = Field(False, description="Compare letter case too.")
 
 
-class AnswerMatchReward(RewardBase):
+class AnswerMatchReward(PatternReward):
     """1 when the answer extracted by ``pattern`` from the completion equals the reference's, else 0.
 
     The reference's answer is extracted by the same pattern where it matches (GSM8K's ``#### N``),
@@ -48,23 +53,13 @@ class AnswerMatchReward(RewardBase):
     kind: Literal["answer_match"] = "answer_match"
     pattern: str = Field(GSM8K_ANSWER, description="Regular expression; its first group (or the match) is the answer.")
 
-    @field_validator("pattern")
-    @classmethod
-    def _valid_pattern(cls, value: str) -> str:
-        return _compiles(value)
 
-
-class FormatReward(RewardBase):
+class FormatReward(PatternReward):
     """1 when the completion has the required form (the regular expression matches), else 0."""
 
     kind: Literal["format"] = "format"
     pattern: str = Field(..., description="Regular expression the completion must match.")
     match: Literal["search", "full"] = Field("search", description="Anywhere in the completion, or the whole of it.")
-
-    @field_validator("pattern")
-    @classmethod
-    def _valid_pattern(cls, value: str) -> str:
-        return _compiles(value)
 
 
 class LengthReward(RewardBase):

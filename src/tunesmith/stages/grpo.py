@@ -59,7 +59,8 @@ class GroupRelativePolicyOptimisation(Stage):
         return model
 
     def objective(self, speed: SpeedSetup) -> "GroupPolicyObjective":
-        return GroupPolicyObjective(self.config, self.tokenizer, self.rewards, self.reference, speed.autocast_dtype)
+        reference, self.reference = self.reference, None  # the objective alone holds it (and may drop it)
+        return GroupPolicyObjective(self.config, self.tokenizer, self.rewards, reference, speed.autocast_dtype)
 
 
 def completion_mask(completion_ids: torch.Tensor, stop_ids: list[int]) -> torch.Tensor:
@@ -73,14 +74,16 @@ def token_logps(model: nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.T
                 completion_mask: torch.Tensor, temperature: float) -> torch.Tensor:
     """Log-probabilities of the completion tokens under ``model`` at ``temperature``, (N, T).
 
-    Logits are divided by the sampling temperature, as TRL does, so the ratio and KL refer to the
-    distribution sampled from. Positions are not passed: with rotary embeddings a row's constant
-    left-padding offset leaves attention unchanged.
+    Only the last T + 1 positions get logits (``logits_to_keep``: the prompt's would be most of a
+    (N, P + T, vocabulary) tensor). Logits are divided by the sampling temperature, as TRL does, so
+    the ratio and KL refer to the distribution sampled from. Positions are not passed: with rotary
+    embeddings a row's constant left-padding offset leaves attention unchanged.
     """
     input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
     attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits  # (N, P + T, vocab)
-    logits = logits[:, prompt_ids.shape[1] - 1 : -1].float() / temperature  # (N, T, vocab): predicts each completion token
+    length = completion_ids.shape[1]
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=length + 1).logits
+    logits = logits[:, -length - 1 : -1].float() / temperature  # (N, T, vocab): each predicts the next completion token
     chosen = logits.gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1)
     return chosen - torch.logsumexp(logits, dim=-1)
 
@@ -163,7 +166,7 @@ class GroupPolicyObjective:
         mask = completion_mask(completion_ids, self.stop_ids)
         repeated = [example for example in examples for _ in range(group)]
         per_reward, texts = self.score(repeated, completion_ids, mask)
-        total = self.rewards.total(per_reward)
+        total = raw = self.rewards.total(per_reward)  # (N,); rloo subtracts its KL penalty from total below
         out = {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "completion_ids": completion_ids,
                "completion_mask": mask}
         ref_logps = self.reference_logps(policy, prompt_ids, prompt_mask, completion_ids, mask) \
@@ -178,10 +181,10 @@ class GroupPolicyObjective:
             out["advantages"] = pl.group_advantages(total, group, self.config.scale_rewards)
             if ref_logps is not None:
                 out["ref_logps"] = ref_logps
-        self.step.add_rollout(per_reward, total, mask, self.truncated(completion_ids, mask), seconds)
+        self.step.add_rollout(per_reward, raw, mask, self.truncated(completion_ids, mask), seconds)
         if not self.step.samples:  # the step's first prompt, two of its completions
             self.step.samples = [{"prompt": examples[0].prompt_text, "completion": texts[i],
-                                  "reward": round(float(total[i]), 4)} for i in range(min(2, group))]
+                                  "reward": round(float(raw[i]), 4)} for i in range(min(2, group))]
         return out
 
     def loss_sum(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -295,8 +298,9 @@ class GroupPolicyObjective:
         lengths = mask.sum(dim=1).tolist()
         kept = [row[: n].tolist() for row, n in zip(completion_ids, lengths)]
         texts = [text.strip() for text in self.tokenizer.batch_decode(kept, skip_special_tokens=True)]
+        conversations = [[*e.messages, {"role": "assistant", "content": text}] for e, text in zip(examples, texts)]
         per_reward = self.rewards.score([e.prompt_text for e in examples], texts, [e.reference for e in examples],
-                                        lengths)
+                                        lengths, conversations)
         return per_reward.to(completion_ids.device), texts
 
     def reference_logps(self, policy: nn.Module, prompt_ids, prompt_mask, completion_ids, mask) -> torch.Tensor:

@@ -1,11 +1,13 @@
 """Rewards of the online-RL stage: one small interface, built-in verifiable rewards, user functions, reward models.
 
-A reward is a callable ``(prompts, completions, references, completion_lengths) -> list[float]``,
-all lists of the same length (``references`` hold None where the data has no answer). The
-built-ins are pure functions of the text; a user function named ``module:function`` is called with
-keywords (``prompts=``, ``completions=``, ``references=``, ``completion_lengths=``; only those it
-accepts, so TRL-style ``def f(completions, **kwargs)`` works); a reward model scores the rendered
-prompt plus completion with its scalar head.
+A reward is a callable ``(prompts, completions, references, completion_lengths, conversations) ->
+list[float]``, all lists of the same length: prompts as rendered for generation, ``references``
+None where the data has no answer, ``conversations`` the prompt turns followed by the completion as
+the assistant's turn. The built-ins are pure functions of the text; a user function named
+``module:function`` is called with the keywords it accepts (so TRL-style ``def f(completions,
+**kwargs)`` works); a reward model scores each completion with its scalar head: a
+sequence-classification folder reads the rendered prompt plus completion, a result of ``stage: rm``
+reads the conversation encoded as that stage trained on it.
 """
 
 from __future__ import annotations
@@ -34,7 +36,8 @@ from tunesmith.config.rewards import (
 )
 from tunesmith.errors import TunesmithError
 
-RewardFunction = Callable[[list[str], list[str], list[Optional[str]], list[int]], list[float]]
+RewardFunction = Callable[..., list[float]]
+"""``(prompts, completions, references, completion_lengths, conversations) -> one score per completion``."""
 
 
 @dataclass(frozen=True)
@@ -79,20 +82,21 @@ class RewardSet:
         return next((reward.name for reward in self.rewards if reward.needs_reference), None)
 
     def score(self, prompts: list[str], completions: list[str], references: list[Optional[str]],
-              lengths: list[int]) -> torch.Tensor:
+              lengths: list[int], conversations: Optional[list[list[dict[str, str]]]] = None) -> torch.Tensor:
         """(N, rewards) float32 scores, column k from reward k.
 
         Raises:
             TunesmithError: If a reward raises or returns other than one number per completion; the
                 message names the reward and the prompt.
         """
-        columns = [self._checked(reward, prompts, completions, references, lengths) for reward in self.rewards]
+        columns = [self._checked(reward, prompts, completions, references, lengths, conversations)
+                   for reward in self.rewards]
         return torch.tensor(columns, dtype=torch.float32).T.reshape(len(completions), len(self.rewards))
 
     def to(self, device: torch.device | str) -> "RewardSet":
         """Move reward models to ``device`` (the policy's)."""
         for reward in self.rewards:
-            if isinstance(reward.score, ScalarRewardModel):
+            if isinstance(reward.score, (ScalarRewardModel, StageRewardModel)):
                 reward.score.to(device)
         return self
 
@@ -101,9 +105,9 @@ class RewardSet:
         return per_reward @ self.weights.to(per_reward.device)
 
     @staticmethod
-    def _checked(reward: NamedReward, prompts, completions, references, lengths) -> list[float]:
+    def _checked(reward: NamedReward, prompts, completions, references, lengths, conversations) -> list[float]:
         try:
-            values = reward.score(prompts, completions, references, lengths)
+            values = reward.score(prompts, completions, references, lengths, conversations)
         except TunesmithError:
             raise
         except Exception as error:  # a user's function: name it and the prompt instead of a traceback
@@ -136,7 +140,7 @@ def _normalised(text: str, case_sensitive: bool) -> str:
 
 def exact_match(case_sensitive: bool = False) -> RewardFunction:
     """1.0 where the completion equals the reference (whitespace runs collapsed; case ignored unless asked)."""
-    def score(prompts, completions, references, lengths):
+    def score(prompts, completions, references, lengths, conversations=None):
         return [float(_normalised(c, case_sensitive) == _normalised(r, case_sensitive))
                 for c, r in zip(completions, references)]
 
@@ -163,7 +167,7 @@ def answer_match(pattern: str) -> RewardFunction:
     """1.0 where the answer ``pattern`` extracts from the completion equals the reference's answer."""
     compiled = re.compile(pattern)
 
-    def score(prompts, completions, references, lengths):
+    def score(prompts, completions, references, lengths, conversations=None):
         scores = []
         for completion, reference in zip(completions, references):
             expected = extract_answer(reference, compiled) or reference.strip()
@@ -179,7 +183,7 @@ def required_format(pattern: str, match: str = "search") -> RewardFunction:
     compiled = re.compile(pattern, re.DOTALL)
     test = compiled.fullmatch if match == "full" else compiled.search
 
-    def score(prompts, completions, references, lengths):
+    def score(prompts, completions, references, lengths, conversations=None):
         return [float(test(completion.strip() if match == "full" else completion) is not None)
                 for completion in completions]
 
@@ -188,7 +192,7 @@ def required_format(pattern: str, match: str = "search") -> RewardFunction:
 
 def length_penalty(target: int, tolerance: int = 0) -> RewardFunction:
     """0 within ``tolerance`` tokens of ``target``; beyond, -(distance - tolerance) / target, down to -1."""
-    def score(prompts, completions, references, lengths):
+    def score(prompts, completions, references, lengths, conversations=None):
         return [-min(1.0, max(0, abs(n - target) - tolerance) / target) for n in lengths]
 
     return score
@@ -228,9 +232,9 @@ def user_function(spec: str) -> RewardFunction:
     parameters = inspect.signature(function).parameters
     takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
 
-    def score(prompts, completions, references, lengths):
+    def score(prompts, completions, references, lengths, conversations=None):
         offered = {"prompts": prompts, "completions": completions, "references": references,
-                   "completion_lengths": lengths}
+                   "completion_lengths": lengths, "conversations": conversations}
         return function(**{k: v for k, v in offered.items() if takes_any or k in parameters})
 
     return score
@@ -238,18 +242,54 @@ def user_function(spec: str) -> RewardFunction:
 
 # ---- reward models ---------------------------------------------------------------------------------
 
-def reward_model_folder(path: str) -> Path:
-    """The sequence-classification model folder named by ``path`` (itself, or a run folder's ``model/``).
+HEAD_FILE = "head.safetensors"  # the scalar head a result of ``stage: rm`` keeps beside its method artifact
+
+
+def reward_model_folder(path: str) -> tuple[Path, str]:
+    """The reward model named by ``path`` and how it loads: ``stage_rm`` or ``sequence_classification``.
+
+    A result of ``stage: rm`` (its folder, or the run folder holding ``adapter/`` or ``model/``) has
+    ``head.safetensors``; otherwise ``path`` or its ``model/`` is a sequence-classification folder.
 
     Raises:
-        TunesmithError: If neither holds a model ``config.json``.
+        TunesmithError: If neither is found.
     """
     folder = Path(path)
+    for candidate in (folder, folder / "adapter", folder / "model"):
+        if (candidate / HEAD_FILE).is_file():
+            return candidate, "stage_rm"
     for candidate in (folder, folder / "model"):
         if (candidate / "config.json").is_file():
-            return candidate
+            return candidate, "sequence_classification"
     raise TunesmithError(f"stage.rewards: reward model {path} has no config.json (nor a model/ folder holding one); "
                          "give the folder of a sequence-classification model or of a run trained with stage: rm")
+
+
+class StageRewardModel:
+    """A result of ``stage: rm`` scoring conversations through that stage's own encoding."""
+
+    def __init__(self, folder: Path, batch_size: int = 16, max_length: int = 1024) -> None:
+        try:
+            self.rm = importlib.import_module("tunesmith.stages.rm")
+        except ModuleNotFoundError as error:
+            if error.name != "tunesmith.stages.rm":
+                raise
+            raise TunesmithError(f"stage.rewards: {folder} is a result of stage: rm, which this tunesmith does not "
+                                 "have; update tunesmith") from None
+        self.model, self.tokenizer = self.rm.load_reward_model(folder)
+        self.model.requires_grad_(False)
+        self.batch_size, self.max_length = batch_size, max_length
+
+    def to(self, device: torch.device | str) -> "StageRewardModel":
+        self.model.to(device)
+        return self
+
+    def __call__(self, prompts, completions, references, lengths, conversations=None) -> list[float]:
+        scores: list[float] = []
+        for start in range(0, len(conversations), self.batch_size):
+            scores += self.rm.score_conversations(self.model, self.tokenizer,
+                                                  conversations[start : start + self.batch_size], self.max_length)
+        return scores
 
 
 def load_reward_model(path: str, device: torch.device | str = "cpu"):
@@ -260,7 +300,7 @@ def load_reward_model(path: str, device: torch.device | str = "cpu"):
     """
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    folder = reward_model_folder(path)
+    folder, _ = reward_model_folder(path)
     try:
         model = AutoModelForSequenceClassification.from_pretrained(folder)
         tokenizer = AutoTokenizer.from_pretrained(folder)
@@ -303,7 +343,7 @@ class ScalarRewardModel:
         return self
 
     @torch.no_grad()
-    def __call__(self, prompts, completions, references, lengths) -> list[float]:
+    def __call__(self, prompts, completions, references, lengths, conversations=None) -> list[float]:
         texts = [prompt + completion for prompt, completion in zip(prompts, completions)]
         device = next(self.model.parameters()).device
         self.tokenizer.padding_side = "right"
@@ -337,6 +377,11 @@ def _build_one(section, policy_tokenizer, device) -> RewardFunction:
     if isinstance(section, FunctionReward):
         return user_function(section.function)
     if isinstance(section, ModelReward):
+        folder, kind = reward_model_folder(section.path)
+        if kind == "stage_rm":
+            scorer = StageRewardModel(folder, section.batch_size, section.max_length)
+            check_same_tokenizer(scorer.tokenizer, policy_tokenizer, section.path)
+            return scorer
         model, tokenizer = load_reward_model(section.path, device)
         check_same_tokenizer(tokenizer, policy_tokenizer, section.path)
         return ScalarRewardModel(model, tokenizer, section.batch_size, section.max_length)
