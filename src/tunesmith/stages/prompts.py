@@ -25,6 +25,15 @@ LAYOUT = ("prompt/question (text or turns) with an optional answer/reference/sol
           "(alpaca, messages, sharegpt) whose last assistant turn is the reference")
 
 
+@dataclass
+class PromptStats(EncodeStats):
+    """What happened to the prompts of one split (no targets: the completions are sampled)."""
+
+    def describe(self, split: str) -> str:
+        return (f"{split}: {self.records - self.dropped} prompts ({self.dropped} dropped as longer than "
+                f"data.max_length - stage.max_new_tokens), the longest {self.longest} tokens")
+
+
 @dataclass(frozen=True)
 class PromptRecord:
     """A prompt as turns, its reference answer, and where it came from."""
@@ -102,13 +111,13 @@ def read_prompts(path: str, data_format: str, options: FormatOptions) -> list[Pr
 
 
 def encode_prompts(prompts: list[PromptRecord], tokenizer, max_prompt_length: int, split: str,
-                   need_reference: bool) -> tuple[list[PromptExample], EncodeStats]:
+                   need_reference: bool) -> tuple[list[PromptExample], PromptStats]:
     """Render and tokenise prompts; drop those longer than ``max_prompt_length`` (counted in the stats).
 
     Raises:
         TunesmithError: If a reward compares with references and a prompt has none, or nothing is left.
     """
-    stats, encoded = EncodeStats(), []
+    stats, encoded = PromptStats(), []
     for prompt in prompts:
         stats.records += 1
         if need_reference and prompt.reference is None:
