@@ -86,10 +86,11 @@ class FunctionReward(RewardBase):
 
 
 class ModelReward(RewardBase):
-    """The scalar score of a reward model (a sequence-classification folder, e.g. from ``stage: rm``)."""
+    """The scalar score of a reward model: a result of ``stage: rm``, or a sequence-classification folder."""
 
     kind: Literal["model"] = "model"
-    path: str = Field(..., description="Reward model folder, or a run folder whose model/ holds it.")
+    path: str = Field(..., description="A stage: rm run or result folder (head.safetensors), or a folder that "
+                      "AutoModelForSequenceClassification loads with one output (itself or its model/).")
     batch_size: int = Field(16, ge=1, description="Completions scored together.")
     max_length: int = Field(1024, ge=8, description="Longest prompt + completion scored (tokens; longer are cut).")
 
