@@ -252,12 +252,23 @@ def score_token_requests(model, encoded: Sequence[TokenRequest | tuple], batch_s
         cache = prefix_cache(model, members[0].tokens[:prefix_length], device) if prefix_length >= MIN_SHARED_PREFIX else None
         prefix_length = prefix_length if cache is not None else 0
         members = sorted(members, key=lambda r: -len(r.tokens))  # longest first: little padding, early OOM
-        for start in range(0, len(members), batch_size):
-            batch = members[start : start + batch_size]
+        for batch in length_batches(members, batch_size, prefix_length):
             scores.update(score_rows(model, encoded, batch, prefix_length, cache, pad_token_id, device, fast))
             if on_scored:
                 on_scored([i for row in batch for i in row.requests])
     return [scores[i] for i in range(len(encoded))]
+
+
+def length_batches(rows: Sequence[_Row], batch_size: int, prefix_length: int, min_fill: float = 0.8) -> list[list[_Row]]:
+    """Consecutive batches of rows sorted longest first, each at most ``batch_size`` rows, a new one
+    started when a row is shorter than ``min_fill`` of the batch's first (padding is computed in vain)."""
+    batches: list[list[_Row]] = []
+    for row in rows:
+        length = len(row.tokens) - prefix_length
+        if not batches or len(batches[-1]) >= batch_size or length < min_fill * (len(batches[-1][0].tokens) - prefix_length):
+            batches.append([])
+        batches[-1].append(row)
+    return batches
 
 
 def cache_argument(model) -> str:
