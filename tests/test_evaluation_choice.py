@@ -23,19 +23,28 @@ def tiny():
 
 
 def direct_logprob(model, tokenizer, context: str, continuation: str) -> tuple[float, int]:
-    """Sum of log p(continuation tokens | BOS + context), one unpadded sequence at a time."""
-    context_ids = [tokenizer.bos_token_id] + tokenizer.encode(context, add_special_tokens=False)
-    target_ids = tokenizer.encode(continuation, add_special_tokens=False)
-    ids = torch.tensor([context_ids + target_ids])
+    """Sum of log p(continuation tokens | context), one unpadded, uncached sequence at a time.
+
+    The continuation's tokens are what follows the context's own encoding in the encoding of both
+    (BOS from the tokenizer); an empty context is BOS; the last 512 + 1 tokens are kept.
+    """
+    if context:
+        context_ids = tokenizer.encode(context)
+        target_ids = tokenizer.encode(context + continuation)[len(context_ids):]
+    else:
+        context_ids, target_ids = [tokenizer.bos_token_id], tokenizer.encode(continuation, add_special_tokens=False)
+    window = (context_ids + target_ids)[-(model.config.max_position_embeddings + 1):]
+    ids = torch.tensor([window[:-1]])
     with torch.no_grad():
         logprobs = torch.log_softmax(model(ids).logits[0].double(), dim=-1)
-    total = sum(float(logprobs[len(context_ids) - 1 + i, token]) for i, token in enumerate(target_ids))
+    first = len(window) - 1 - len(target_ids)
+    total = sum(float(logprobs[first + i, token]) for i, token in enumerate(target_ids))
     return total, len(target_ids)
 
 
 def direct_mmlu_prompt(row, shots) -> str:
     def block(item):
-        options = "".join(f"\n{'ABCD'[i]}. {c.strip()}" for i, c in enumerate(item.choices))
+        options = "".join(f"\n{'ABCD'[i]}. {c}" for i, c in enumerate(item.choices))
         return f"{item.question.strip()}{options}\nAnswer:"
 
     header = DESCRIPTION.format(group=row.group.replace("_", " "))
@@ -56,9 +65,8 @@ def test_mmlu_accuracy_equals_direct_loglikelihood(tiny, few_shot):
         shots = [d for d in dev if d.group == item.group][:few_shot]
         context = direct_mmlu_prompt(item, shots)
         scores = [direct_logprob(model, tokenizer, context, f" {'ABCD'[i]}") for i in range(4)]
-        chars = [2] * 4
         values = {"sum": [s for s, _ in scores], "per_token": [s / n for s, n in scores],
-                  "per_char": [s / c for (s, _), c in zip(scores, chars)]}
+                  "per_char": [s / 1 for s, _ in scores], "per_byte": [s / 1 for s, _ in scores]}
         for normalisation, vals in values.items():
             expected_hits[normalisation].append(vals.index(max(vals)) == item.answer)
     for normalisation in NORMALISATIONS:

@@ -100,7 +100,8 @@ def harness_documents(model, tokenizer, tasks, include_path, num_fewshot: int = 
 
     wrapped = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
     output = lm_eval.simple_evaluate(model=wrapped, tasks=list(tasks), num_fewshot=num_fewshot, limit=limit,
-                                     task_manager=TaskManager(include_path=str(include_path)), log_samples=True,
+                                     task_manager=TaskManager(include_path=str(include_path), include_defaults=False),
+                                     log_samples=True,
                                      bootstrap_iters=0)
     documents = {}
     for task in tasks:

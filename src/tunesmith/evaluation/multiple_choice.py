@@ -102,6 +102,7 @@ class MultipleChoiceResult:
             "few_shot": self.few_shot,
             "tokenisation": {
                 "method": TOKENISATIONS[self.style.tokenisation],
+                "tokenisation": self.style.tokenisation,
                 "choice_style": self.style.choice_style,
                 "chat_template": self.style.use_chat_template,
             },

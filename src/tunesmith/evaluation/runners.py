@@ -49,7 +49,7 @@ def run_mmlu(model, tokenizer, task: MmluTask) -> dict[str, Any]:
     folder = Path(task.path)
     items = benchmarks.read_mmlu(folder, task.split, task.subjects, task.limit)
     pool = benchmarks.read_mmlu(folder, task.few_shot_split, task.subjects) if task.few_shot else []
-    style = PromptStyle("letter", task.chat_template, task.description)
+    style = PromptStyle("letter", task.chat_template, task.description, tokenisation=task.tokenisation)
     result = evaluate_multiple_choice(model, tokenizer, items, normalisation=task.normalisation, few_shot=task.few_shot,
                                       few_shot_pool=pool, style=style, batch_size=task.batch_size)
     return choice_result("mmlu", result, "macro_accuracy")
@@ -61,7 +61,7 @@ def run_multiple_choice(model, tokenizer, task: MultipleChoiceTask) -> dict[str,
     fields = (task.question_field, task.choices_field, task.answer_field, task.group_field)
     items = benchmarks.read_jsonl_choices(Path(task.path), *fields, limit=task.limit)
     pool = benchmarks.read_jsonl_choices(Path(task.few_shot_path), *fields) if task.few_shot_path else []
-    style = PromptStyle(task.choice_style, task.chat_template)
+    style = PromptStyle(task.choice_style, task.chat_template, tokenisation=task.tokenisation)
     result = evaluate_multiple_choice(model, tokenizer, items, normalisation=task.normalisation, few_shot=task.few_shot,
                                       few_shot_pool=pool, style=style, batch_size=task.batch_size)
     return choice_result("multiple_choice", result)
@@ -72,7 +72,7 @@ def run_classification(model, tokenizer, task: ClassificationTask) -> dict[str, 
     """Accuracy of choosing the most likely label word."""
     items = benchmarks.read_classification(Path(task.path), task.text_field, task.label_field, task.label_words,
                                            task.prompt, task.limit)
-    style = PromptStyle("text", task.chat_template, cue="")
+    style = PromptStyle("text", task.chat_template, cue="", tokenisation=task.tokenisation)
     result = evaluate_multiple_choice(model, tokenizer, items, normalisation=task.normalisation, few_shot=task.few_shot,
                                       style=style, batch_size=task.batch_size)
     return choice_result("classification", result)
