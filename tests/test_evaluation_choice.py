@@ -134,3 +134,25 @@ def test_shipped_probe_file_reads(tiny):
 
     pairs = read_bias_pairs(PROBES_DIR / "counterfactual_pairs.csv")
     assert len(pairs) == 26 and len({p.category for p in pairs}) == 6
+
+
+def test_shared_prefix_cache_gives_the_uncached_scores_and_counts_progress(tiny, monkeypatch):
+    """Questions of one subject share the description and shots: one cached prefix, the same scores
+    as full rows; the progress callback hears of every item exactly once."""
+    from tunesmith.evaluation import loglikelihood
+
+    model, tokenizer = tiny
+    folder = asset("data/mmlu")
+    items = read_mmlu(folder, "test", ("marketing",), limit=6)
+    style = PromptStyle("letter", description=DESCRIPTION)
+    prefixes, finished = [], []
+    original = loglikelihood.prefix_cache
+    monkeypatch.setattr(loglikelihood, "prefix_cache", lambda m, tokens, d: prefixes.append(len(tokens)) or original(m, tokens, d))
+    cached = evaluate_multiple_choice(model, tokenizer, items, style=style, batch_size=4, progress=finished.append)
+    assert len(prefixes) == 1 and prefixes[0] >= loglikelihood.MIN_SHARED_PREFIX  # the description, once
+    assert sum(finished) == len(items) and len(finished) > 1
+    monkeypatch.setattr(loglikelihood, "supports_fast_path", lambda m: False)
+    plain = evaluate_multiple_choice(model, tokenizer, items, style=style, batch_size=4)
+    for ours, reference in zip(cached.scores, plain.scores):
+        assert [s.logprob for s in ours] == pytest.approx([s.logprob for s in reference], abs=1e-5)
+    assert cached.predictions == plain.predictions
