@@ -17,6 +17,7 @@ only the logits that are scored are computed.
 
 from __future__ import annotations
 
+import functools
 import inspect
 from dataclasses import dataclass
 from typing import Callable, Hashable, Literal, Optional, Sequence
@@ -100,13 +101,16 @@ def context_ids(tokenizer, context: str, add_bos: bool) -> list[int]:
 
 
 def encode_pair(tokenizer, context: str, continuation: str, method: TokenisationMethod = "joint",
-                add_bos: Optional[bool] = None) -> tuple[list[int], list[int]]:
+                add_bos: Optional[bool] = None,
+                encode: Optional[Callable[[str], list[int]]] = None) -> tuple[list[int], list[int]]:
     """``(context ids, continuation ids)`` of one request.
 
     Args:
         method: ``joint`` (lm-eval's) or ``separate`` (see the module docstring).
         add_bos: ``joint``: None keeps the tokenizer's own special tokens (lm-eval's default),
             True/False force them; ``separate``: whether BOS goes before the context.
+        encode: ``joint``: the encoder of a context (a memo of :func:`encode_with_specials`, as
+            every choice of a question has the same context).
 
     Raises:
         ValueError: If the continuation tokenises to nothing.
@@ -120,7 +124,7 @@ def encode_pair(tokenizer, context: str, continuation: str, method: Tokenisation
         if spaces:
             context, continuation = context[:-spaces], context[-spaces:] + continuation
         whole = encode_with_specials(tokenizer, context + continuation, add_bos)
-        prefix = encode_with_specials(tokenizer, context, add_bos)
+        prefix = encode(context) if encode else encode_with_specials(tokenizer, context, add_bos)
         ids = (prefix, whole[len(prefix):])
     elif method == "separate":
         prefix = context_ids(tokenizer, context, add_bos is not False) or [prefix_token_id(tokenizer)]
@@ -168,8 +172,9 @@ def score_continuations(model, tokenizer, requests: Sequence[tuple[str, str]], b
         ValueError: If a continuation tokenises to nothing.
     """
     encoded = []
+    encode_context = functools.lru_cache(maxsize=64)(lambda text: encode_with_specials(tokenizer, text, add_bos))
     for index, (context, continuation) in enumerate(requests):
-        prefix, target = encode_pair(tokenizer, context, continuation, tokenisation, add_bos)
+        prefix, target = encode_pair(tokenizer, context, continuation, tokenisation, add_bos, encode_context)
         encoded.append(TokenRequest(prefix, target, len(continuation), groups[index] if groups else None))
     return score_token_requests(model, encoded, batch_size, max_length=max_model_length(model, tokenizer),
                                 on_scored=on_scored)
