@@ -156,9 +156,9 @@ def test_mmlu_equals_lm_eval_per_document_on_smollm2(tmp_path):
     folder, subjects = asset("data/mmlu"), ("high_school_geography", "us_foreign_policy")
     names = write_mmlu_task_yamls(folder, tmp_path, subjects)
     for few_shot in (0, 5):
-        reference = harness_documents(model, tokenizer, names, tmp_path, few_shot, limit=3, batch_size=8)
+        reference = harness_documents(model, tokenizer, names, tmp_path, few_shot, limit=2, batch_size=8)
         for name, subject in zip(names, subjects):
-            items = read_mmlu(folder, "test", (subject,), limit=3)
+            items = read_mmlu(folder, "test", (subject,), limit=2)
             pool = read_mmlu(folder, "dev", (subject,))
             assert_same_documents(model, tokenizer, items, pool, few_shot,
                                   PromptStyle("letter", description=DESCRIPTION), reference[name])
