@@ -77,14 +77,17 @@ def write_mmlu_task_yamls(folder, out_dir, subjects, split: str = "test", few_sh
     shots = mmlu_subject_files(folder, few_shot_split, tuple(subjects))
     names = []
     for subject in subjects:
+        about = subject.replace("_", " ")
+        description = f"The following are multiple choice questions (with answers) about {about}.\n\n"
         task = {"task": prefix + subject, "dataset_path": "csv",
                 "dataset_kwargs": {"data_files": {"test": str(tests[subject]), "dev": str(shots[subject])},
                                    "na_filter": False},
                 "test_split": "test", "fewshot_split": "dev", "fewshot_config": {"sampler": "first_n"},
                 "output_type": "multiple_choice",
-                "description": f"The following are multiple choice questions (with answers) about {subject.replace('_', ' ')}.\n\n",
+                "description": description,
                 "doc_to_text": MMLU_DOC_TO_TEXT, "doc_to_choice": ["A", "B", "C", "D"], "doc_to_target": "{{answer}}",
-                "metric_list": [{"metric": m, "aggregation": "mean", "higher_is_better": True} for m in ("acc", "acc_norm")]}
+                "metric_list": [{"metric": m, "aggregation": "mean", "higher_is_better": True}
+                                for m in ("acc", "acc_norm")]}
         (out_dir / f"{prefix}{subject}.yaml").write_text(yaml.safe_dump(task, sort_keys=False))
         names.append(prefix + subject)
     return names

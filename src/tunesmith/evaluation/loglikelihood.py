@@ -254,7 +254,8 @@ def score_token_requests(model, encoded: Sequence[TokenRequest | tuple], batch_s
     scores: dict[int, ContinuationScore] = {}
     for group, members in by_group.items():
         prefix_length = shared_prefix_length(members) if group is not None and len(members) > 1 else 0
-        cache = prefix_cache(model, members[0].tokens[:prefix_length], device) if prefix_length >= MIN_SHARED_PREFIX else None
+        shared = members[0].tokens[:prefix_length]
+        cache = prefix_cache(model, shared, device) if prefix_length >= MIN_SHARED_PREFIX else None
         prefix_length = prefix_length if cache is not None else 0
         members = sorted(members, key=lambda r: -len(r.tokens))  # longest first: little padding, early OOM
         for batch in length_batches(members, batch_size, prefix_length):
@@ -264,13 +265,15 @@ def score_token_requests(model, encoded: Sequence[TokenRequest | tuple], batch_s
     return [scores[i] for i in range(len(encoded))]
 
 
-def length_batches(rows: Sequence[_Row], batch_size: int, prefix_length: int, min_fill: float = 0.8) -> list[list[_Row]]:
+def length_batches(rows: Sequence[_Row], batch_size: int, prefix_length: int,
+                   min_fill: float = 0.8) -> list[list[_Row]]:
     """Consecutive batches of rows sorted longest first, each at most ``batch_size`` rows, a new one
     started when a row is shorter than ``min_fill`` of the batch's first (padding is computed in vain)."""
     batches: list[list[_Row]] = []
     for row in rows:
         length = len(row.tokens) - prefix_length
-        if not batches or len(batches[-1]) >= batch_size or length < min_fill * (len(batches[-1][0].tokens) - prefix_length):
+        longest = len(batches[-1][0].tokens) - prefix_length if batches else 0
+        if not batches or len(batches[-1]) >= batch_size or length < min_fill * longest:
             batches.append([])
         batches[-1].append(row)
     return batches
