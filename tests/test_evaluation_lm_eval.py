@@ -162,3 +162,34 @@ def test_mmlu_equals_lm_eval_per_document_on_smollm2(tmp_path):
             pool = read_mmlu(folder, "dev", (subject,))
             assert_same_documents(model, tokenizer, items, pool, few_shot,
                                   PromptStyle("letter", description=DESCRIPTION), reference[name])
+
+
+def test_generation_equals_lm_eval_generate_until(tiny, tmp_path):
+    """Greedy replies through the chat template: lm-eval's ``generate_until`` (``apply_chat_template``)
+    and tunesmith's generation task give the same text (tunesmith strips surrounding whitespace)."""
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    from tunesmith.evaluation.generation import generate_for_records
+    from tunesmith.evaluation.tasks import GenerationTask
+
+    model, tokenizer = tiny
+    records = [{"question": q, "answer": "x"} for q in ("Once upon a time, there was a little girl named Lily.",
+                                                        "Tom had a big red ball.", "What did the cat see?",
+                                                        "The sun was hot and the sky was blue.")]
+    data = tmp_path / "records.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    task = {"task": "tunesmith_generation", "dataset_path": "json", "dataset_kwargs": {"data_files": {"test": str(data)}},
+            "test_split": "test", "output_type": "generate_until", "doc_to_text": "{{question}}",
+            "doc_to_target": "{{answer}}", "metric_list": [{"metric": "exact_match"}],
+            "generation_kwargs": {"until": [tokenizer.eos_token], "do_sample": False, "max_gen_toks": 24}}
+    (tmp_path / "generation.yaml").write_text(yaml.safe_dump(task))
+    output = lm_eval.simple_evaluate(model=HFLM(pretrained=model, tokenizer=tokenizer, batch_size=4),
+                                     tasks=["tunesmith_generation"], apply_chat_template=True, log_samples=True,
+                                     task_manager=TaskManager(include_path=str(tmp_path), include_defaults=False))
+    theirs = [s["resps"][0][0].strip() for s in sorted(output["samples"]["tunesmith_generation"],
+                                                        key=lambda s: s["doc_id"])]
+    ours, _, _ = generate_for_records(model, tokenizer, GenerationTask(name="g", path=str(data), max_new_tokens=24,
+                                                                       batch_size=4))
+    assert ours == theirs and sum(len(reply.split()) >= 3 for reply in ours) >= 2  # real replies, not empty
