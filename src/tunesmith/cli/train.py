@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 
 
 def register(commands) -> None:
@@ -21,5 +22,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     overrides = list(args.overrides) + (["output.overwrite=true"] if args.overwrite else [])
     recipe = load_recipe(args.recipe, overrides)
-    finetune(recipe, resume=args.resume, recipe_path=args.recipe, progress=not args.no_progress)
+    # The resume command printed on interruption must name the same run: keep the overrides (output.dir=...).
+    command = " ".join(shlex.quote(part) for part in [args.recipe, *args.overrides])
+    finetune(recipe, resume=args.resume, recipe_path=command, progress=not args.no_progress)
     return 0

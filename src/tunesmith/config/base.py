@@ -4,6 +4,7 @@ from pydantic import BaseModel, ConfigDict
 
 
 class Section(BaseModel):
-    """A recipe section. ``lora_rnak: 8`` is an error naming the key, never a silent default."""
+    """A recipe section. ``lora_rnak: 8`` is an error naming the key, never a silent default; ``.inf``
+    and ``.nan`` are errors too (``lr: .inf`` would train every weight into NaN)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True, allow_inf_nan=False)
