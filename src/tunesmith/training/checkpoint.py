@@ -17,6 +17,7 @@ import errno
 import hashlib
 import json
 import os
+import pickle
 import random
 import shutil
 from dataclasses import asdict, dataclass
@@ -228,8 +229,12 @@ def _safe_globals() -> list:
 def load_checkpoint(path: Path, device: torch.device) -> tuple[dict[str, torch.Tensor], dict, TrainState]:
     """Read a checkpoint: (trainable weights, optimizer/scheduler/RNG states, loop state)."""
     trainable = load_file(path / "trainable.safetensors", device=str(device))
-    with torch.serialization.safe_globals(_safe_globals()):
-        training = torch.load(path / "training.pt", map_location=device, weights_only=True)
+    try:
+        with torch.serialization.safe_globals(_safe_globals()):
+            training = torch.load(path / "training.pt", map_location=device, weights_only=True)
+    except pickle.UnpicklingError:
+        raise TunesmithError(f"{path / 'training.pt'} holds objects other than tensors and numbers; refusing to load "
+                             "it (it may run code); resume from a checkpoint that tunesmith wrote") from None
     training["rng"] = {name: tensor.cpu() for name, tensor in training["rng"].items()}
     state = TrainState(**json.loads((path / "state.json").read_text()))
     return trainable, training, state

@@ -141,6 +141,7 @@ def open_run_folder(out: Path, resume: bool, overwrite: bool, max_steps: Optiona
     Raises:
         TunesmithError: For anything that would lose a user's file or cannot continue, as one sentence.
     """
+    out = out.expanduser()
     occupied = out.is_dir() and any(out.iterdir())
     if out.exists() and not out.is_dir():
         raise TunesmithError(f"output.dir {out} is a file; give a folder")
