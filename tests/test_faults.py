@@ -21,7 +21,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import REPO, run_cli
+from tests.conftest import REPO, StartedAt, run_cli
 from tunesmith.errors import TunesmithError
 from tunesmith.finetune import finetune
 from tunesmith.training.checkpoint import checkpoint_problem, latest_checkpoint, list_checkpoints
@@ -37,15 +37,6 @@ class StopAt(Hook):
     def on_step(self, record: dict) -> None:
         if record["step"] == self.step:
             raise KeyboardInterrupt
-
-
-class StartedAt(Hook):
-    """Records the step training started at (0 for a new run, the checkpoint's step for a resume)."""
-
-    step = None
-
-    def on_train_start(self, total_steps: int, start_step: int) -> None:
-        self.step = start_step
 
 
 def adapter_weights(run: Path) -> dict[str, torch.Tensor]:
@@ -81,9 +72,8 @@ def test_overwrite_never_replaces_the_current_folder_a_parent_or_home(tiny_recip
         monkeypatch.setenv("HOME", str(run))
         monkeypatch.chdir(tmp_path)
     target = {".": ".", "..": "..", "home": "~"}[where]
-    recipe = tiny_recipe("output.overwrite=true")
     with pytest.raises(TunesmithError, match="refuses to replace"):
-        finetune(recipe.model_copy(update={"output": recipe.output.model_copy(update={"dir": target})}), progress=False)
+        finetune(with_changes(tiny_recipe("output.overwrite=true"), "output", dir=target), progress=False)
     assert (run / "config.yaml").read_text() == "a run's marker" and (run / "inner").is_dir()
 
 
@@ -197,21 +187,46 @@ def test_nan_loss_stops_with_exit_2_naming_the_step_and_records_and_saves_nothin
 
 # --- resume ---------------------------------------------------------------------------------------------
 
-@pytest.fixture
-def interrupted(tiny_recipe, tmp_path):
-    """A run stopped (Ctrl-C) at step 5 of 6 with checkpoints at steps 2 and 4, and a straight reference run."""
-    common = ("train.max_steps=6", "train.checkpoint_every=2", "train.keep_checkpoints=2", "method.dropout=0.1")
-    finetune(tiny_recipe(*common, output="straight"), progress=False)
-    recipe = tiny_recipe(*common)
+def with_changes(recipe, section: str, **changes):
+    """``recipe`` with fields of one section replaced."""
+    return recipe.model_copy(update={section: getattr(recipe, section).model_copy(update=changes)})
+
+
+@pytest.fixture(scope="module")
+def interrupted_once(tmp_path_factory):
+    """Made once per module: a run stopped (Ctrl-C) at step 5 of 6, checkpoints at steps 2 and 4, and
+    the same recipe trained straight through."""
+    from tests.conftest import asset
+    from tunesmith.config import validate_recipe
+
+    root = tmp_path_factory.mktemp("interrupted")
+    recipe = validate_recipe({
+        "model": {"name": str(asset("models/stories260k"))},
+        "data": {"train": str(asset("data/llama_factory/alpaca_en_demo.json")), "max_length": 96, "template": "simple"},
+        "method": {"kind": "lora", "r": 4, "alpha": 8, "dropout": 0.1},
+        "train": {"max_steps": 6, "batch_size": 4, "lr": 1e-3, "log_every": 1, "seed": 0, "checkpoint_every": 2,
+                  "keep_checkpoints": 2},
+        "output": {"dir": str(root / "straight")},
+    })
+    finetune(recipe, progress=False)
     with pytest.raises(TunesmithError, match="interrupted"):
-        finetune(recipe, extra_hooks=[StopAt(5)], progress=False)
-    return recipe, tmp_path / "run", tmp_path / "straight"
+        finetune(with_changes(recipe, "output", dir=str(root / "run")), extra_hooks=[StopAt(5)], progress=False)
+    return recipe, root
 
 
-def test_resume_below_the_checkpoint_step_is_refused_before_anything_changes(interrupted, tiny_recipe):
-    _, out, _ = interrupted
+@pytest.fixture
+def interrupted(interrupted_once, tmp_path):
+    """A copy of :func:`interrupted_once` in this test's folder: (recipe of the stopped run, its folder, straight run)."""
+    recipe, root = interrupted_once
+    for name in ("run", "straight"):
+        shutil.copytree(root / name, tmp_path / name)
+    return with_changes(recipe, "output", dir=str(tmp_path / "run")), tmp_path / "run", tmp_path / "straight"
+
+
+def test_resume_below_the_checkpoint_step_is_refused_before_anything_changes(interrupted):
+    recipe, out, _ = interrupted
     config = (out / "config.yaml").read_text()
-    short = tiny_recipe("train.max_steps=3", "train.checkpoint_every=2")
+    short = with_changes(recipe, "train", max_steps=3)
     with pytest.raises(TunesmithError, match=r"train.max_steps=3 is below step 4 of checkpoint"):
         finetune(short, resume=True, progress=False)
     assert (out / "config.yaml").read_text() == config  # the recipe that did not run is not recorded
@@ -221,8 +236,7 @@ def test_resume_of_a_finished_run_says_so_and_changes_nothing(interrupted):
     recipe, _, straight = interrupted
     summary = (straight / "summary.json").read_text()
     with pytest.raises(TunesmithError, match="has finished"):
-        finetune(recipe.model_copy(update={"output": recipe.output.model_copy(update={"dir": str(straight)})}),
-                 resume=True, progress=False)
+        finetune(with_changes(recipe, "output", dir=str(straight)), resume=True, progress=False)
     assert (straight / "summary.json").read_text() == summary
 
 
@@ -383,6 +397,8 @@ ZYGOTE = r"""
 import json, os, sys, traceback
 import torch
 torch.set_num_threads(1)
+import peft, transformers  # imported once here, not in every child
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 from tunesmith.config import load_recipe
 from tunesmith.errors import TunesmithError
 from tunesmith.finetune import finetune

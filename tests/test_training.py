@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 
+from tests.conftest import StartedAt
 from tunesmith.errors import TunesmithError
 from tunesmith.finetune import finetune
 from tunesmith.training.hooks import Hook
@@ -62,7 +63,9 @@ def test_resume_continues_exactly(tiny_recipe, tmp_path):
     recipe = tiny_recipe(*common, output="stopped")
     with pytest.raises(TunesmithError, match=r"last complete checkpoint is .*step-00000010.*--resume"):
         finetune(recipe, extra_hooks=[StopAt(12)], progress=False)
-    finetune(recipe, resume=True, progress=False)
+    started = StartedAt()
+    finetune(recipe, resume=True, extra_hooks=[started], progress=False)
+    assert started.step == 10  # really resumed at the checkpoint, not restarted from step 0
     assert losses(tmp_path / "stopped") == pytest.approx(losses(tmp_path / "straight"), rel=1e-6)
     straight, resumed = trained_weights(tmp_path / "straight"), trained_weights(tmp_path / "stopped")
     for name in straight:
