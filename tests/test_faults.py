@@ -506,3 +506,50 @@ def _kill_at_a_random_moment(pid: int, out: Path, started_at: int, rng: random.R
         time.sleep(0.0005)
     os.kill(pid, signal.SIGKILL)
     return aim_at_writes and in_write
+
+
+# --- an adapter on another base model -------------------------------------------------------------------
+
+@pytest.fixture
+def adapter_and_bases(tiny_recipe, tmp_path, stories260k):
+    """A LoRA adapter trained on stories260k, a same-shaped copy of stories260k elsewhere, and a narrower model."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    finetune(tiny_recipe("train.max_steps=1"), progress=False)
+    copy = tmp_path / "copy"
+    AutoModelForCausalLM.from_pretrained(stories260k).save_pretrained(copy)
+    torch.manual_seed(0)
+    narrow = tmp_path / "narrow"
+    LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                 num_key_value_heads=2, vocab_size=512)).save_pretrained(narrow)
+    return tmp_path / "run" / "adapter", copy, narrow
+
+
+def test_an_adapter_names_the_base_it_needs(adapter_and_bases, stories260k):
+    from tunesmith.inference import load_for_inference
+
+    adapter, copy, narrow = adapter_and_bases
+    manifest = json.loads((adapter / "tunesmith.json").read_text())
+    assert manifest["base_model"] == str(Path(stories260k).resolve())
+    assert manifest["base_config"] == {"model_type": "llama", "hidden_size": 64, "vocab_size": 512,
+                                       "num_hidden_layers": 5}
+    with pytest.raises(TunesmithError, match=rf"trained on base model .*stories260k, which differs from .*narrow "
+                                             rf"\(hidden_size 64 there, 32 here, num_hidden_layers 5 there, 2 here\); "
+                                             rf"load it with --model .*stories260k"):
+        load_for_inference(str(narrow), str(adapter))
+    with pytest.raises(TunesmithError, match=r"trained on base model .*stories260k, not .*copy; load it with --model"):
+        load_for_inference(str(copy), str(adapter))
+    model, _ = load_for_inference(stories260k, str(adapter))  # the right base loads
+    assert model is not None
+
+
+def test_an_old_manifest_on_a_narrower_base_is_a_sentence_not_a_traceback(adapter_and_bases):
+    from tunesmith.inference import load_for_inference
+
+    adapter, _, narrow = adapter_and_bases
+    manifest = json.loads((adapter / "tunesmith.json").read_text())
+    del manifest["base_config"]  # written before the shape was recorded
+    manifest["base_model"] = "someone/stories260k"
+    (adapter / "tunesmith.json").write_text(json.dumps(manifest))
+    with pytest.raises(TunesmithError, match=r"does not fit this base model.*load it with --model someone/stories260k"):
+        load_for_inference(str(narrow), str(adapter))
