@@ -21,22 +21,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import REPO, StartedAt, run_cli
+from tests.conftest import REPO, StartedAt, StopAt, run_cli
 from tunesmith.errors import TunesmithError
 from tunesmith.finetune import finetune
 from tunesmith.training.checkpoint import checkpoint_problem, latest_checkpoint, list_checkpoints
-from tunesmith.training.hooks import Hook
-
-
-class StopAt(Hook):
-    """Simulates Ctrl-C after a given step."""
-
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_step(self, record: dict) -> None:
-        if record["step"] == self.step:
-            raise KeyboardInterrupt
 
 
 def adapter_weights(run: Path) -> dict[str, torch.Tensor]:

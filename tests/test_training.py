@@ -5,10 +5,9 @@ import json
 import pytest
 import torch
 
-from tests.conftest import StartedAt
+from tests.conftest import StartedAt, StopAt
 from tunesmith.errors import TunesmithError
 from tunesmith.finetune import finetune
-from tunesmith.training.hooks import Hook
 
 
 def losses(run_dir) -> list[float]:
@@ -44,17 +43,6 @@ def test_gradient_accumulation_equals_the_large_batch(tiny_recipe, tmp_path):
         # becomes an update of up to lr. Nearly all weights agree to 1e-5; none by more than lr.
         assert (difference < 1e-5).float().mean() > 0.99, name
         assert difference.max() < 1e-3, name
-
-
-class StopAt(Hook):
-    """Simulates Ctrl-C after a given step."""
-
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_step(self, record: dict) -> None:
-        if record["step"] == self.step:
-            raise KeyboardInterrupt
 
 
 def test_resume_continues_exactly(tiny_recipe, tmp_path):

@@ -139,9 +139,14 @@ def summarise(result, method, data, runtime: Runtime, out: Path, parameters: tup
 
 
 def prepare_output_dir(out: Path, resume: bool, overwrite: bool, max_steps: Optional[int], runtime: Runtime) -> RunFolder:
-    """Check (and on the main process, create or set aside) the output folder; see :mod:`training.run_folder`."""
+    """Check (and on the main process, create or set aside) the output folder; see :mod:`training.run_folder`.
+
+    The other processes look only after the main process has moved or created it.
+    """
+    if runtime.distributed and not runtime.is_main:
+        torch.distributed.barrier()
     folder = open_run_folder(out, resume, overwrite, max_steps, runtime.is_main)
-    if runtime.distributed:
+    if runtime.distributed and runtime.is_main:
         torch.distributed.barrier()
     return folder
 
