@@ -174,7 +174,8 @@ class Trainer:
                      else torch.nn.utils.get_total_norm([p.grad for p in parameters]))
         loss = self.all_reduce_sum(float(step_loss)) / units
         check_finite(step + 1, loss, float(grad_norm), self.scheduler.get_last_lr()[0], self.checkpoint_dir,
-                     lambda: [getattr(self.data.train[i], "source", "") for indices in self.sampler.micro_batches(step) for i in indices])
+                     lambda: [getattr(self.data.train[i], "source", "")
+                              for indices in self.sampler.micro_batches(step) for i in indices])
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
