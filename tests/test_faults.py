@@ -86,6 +86,23 @@ def test_failed_overwrite_leaves_the_old_run_and_a_good_one_replaces_it(tiny_rec
     assert sorted(os.listdir(tmp_path)) == ["bad.jsonl", "run"]
 
 
+def test_an_interrupted_overwrite_keeps_the_old_run_aside_until_the_new_one_finishes(tiny_recipe, tmp_path, capfd):
+    finetune(tiny_recipe("train.max_steps=1"), progress=False)
+    old_summary = (tmp_path / "run" / "summary.json").read_text()
+    replacing = tiny_recipe("train.max_steps=4", "train.checkpoint_every=1", "output.overwrite=true")
+    with pytest.raises(TunesmithError, match="interrupted"):
+        finetune(replacing, extra_hooks=[StopAt(3)], progress=False)
+    aside = tmp_path / "run.tunesmith-old"
+    assert (aside / "summary.json").read_text() == old_summary
+    assert f"kept in {aside} until this one finishes" in capfd.readouterr().err
+    with pytest.raises(TunesmithError, match="still holds a run replaced by an earlier --overwrite"):
+        finetune(replacing, progress=False)
+    started = StartedAt()
+    assert finetune(tiny_recipe("train.max_steps=4", "train.checkpoint_every=1"), resume=True, extra_hooks=[started],
+                    progress=False)["steps"] == 4
+    assert started.step == 2 and not aside.exists()
+
+
 def test_a_failed_run_leaves_nothing_that_blocks_the_corrected_rerun(tiny_recipe, tmp_path):
     with pytest.raises(TunesmithError, match="line 2: invalid JSON"):
         finetune(tiny_recipe("train.max_steps=1", f"data.train={bad_data(tmp_path)}"), progress=False)
