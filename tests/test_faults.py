@@ -120,8 +120,7 @@ def test_read_only_output_folder_is_one_sentence_before_the_model_loads(tiny_rec
     locked = tmp_path / "locked"
     locked.mkdir()
     if os.geteuid() == 0:  # root ignores file modes: a read-only tmpfs where it can be mounted, else EROFS patched
-        mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(locked)],
-                                 capture_output=True).returncode == 0
+        mounted = _mount_tmpfs(locked, "ro,size=64k")
         if not mounted:
             import tempfile
 
@@ -316,17 +315,21 @@ def test_a_planted_training_pt_does_not_run_code(interrupted, tmp_path):
 
 # --- disk full ------------------------------------------------------------------------------------------
 
-def _small_tmpfs(folder: Path, size: str) -> bool:
-    folder.mkdir(parents=True)
+def _mount_tmpfs(folder: Path, options: str) -> bool:
+    """Mount a tmpfs on ``folder`` (needs root and the right to mount); False where that is not possible."""
     if os.geteuid() != 0:
         return False
-    return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
-                          capture_output=True).returncode == 0
+    try:
+        return subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)],
+                              capture_output=True).returncode == 0
+    except OSError:  # no mount command
+        return False
 
 
 def test_disk_full_while_checkpointing_keeps_the_last_complete_checkpoint(tiny_recipe, tmp_path, monkeypatch):
     disk = tmp_path / "disk"
-    mounted = _small_tmpfs(disk, "1200k")  # room for the run's files and three checkpoints (about 370 kB each)
+    disk.mkdir()
+    mounted = _mount_tmpfs(disk, "size=1200k")  # room for the run's files and three checkpoints (about 370 kB each)
     if not mounted:  # where no tmpfs can be mounted: the writer of training.pt fails as a full disk does
         import tunesmith.training.checkpoint as checkpoint_module
 
