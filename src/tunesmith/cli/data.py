@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from tunesmith.cli import quiet_libraries
+from tunesmith.cli.common import at_least, device
 
 
 def register(commands) -> None:
@@ -69,9 +70,9 @@ def _register_inspect(steps) -> None:
     _common(inspect, output=False)
     inspect.add_argument("--model", help="Measure lengths in this model's tokens (alias, hub id or folder); else words.")
     inspect.add_argument("--template", default="auto", help="Chat template used for token lengths (as data.template).")
-    inspect.add_argument("--max-length", type=int, default=1024, help="Training max_length, for the truncated share.")
+    inspect.add_argument("--max-length", type=at_least(1), default=1024, help="Training max_length, for the truncated share.")
     inspect.add_argument("--plot", help="Write the length histogram as a PNG here.")
-    inspect.add_argument("--near-sample", type=int, default=20000, help="Records checked for near duplicates.")
+    inspect.add_argument("--near-sample", type=at_least(0), default=20000, help="Records checked for near duplicates.")
     inspect.set_defaults(handler=cmd_inspect, on_error="skip")
 
 
@@ -206,11 +207,11 @@ def _register_augment(steps) -> None:
     augment.add_argument("--fields", default="", help="Top-level fields to rewrite (default: the prompt side).")
     augment.add_argument("--min-similarity", type=float, default=0.3, help="Drop rewrites less similar than this.")
     augment.add_argument("--max-similarity", type=float, default=0.95, help="Drop rewrites more similar than this.")
-    augment.add_argument("--max-new-tokens", type=int, default=256)
-    augment.add_argument("--batch-size", type=int, default=8)
-    augment.add_argument("--limit", type=int, help="Rewrite only the first N records.")
+    augment.add_argument("--max-new-tokens", type=at_least(1), default=256)
+    augment.add_argument("--batch-size", type=at_least(1), default=8)
+    augment.add_argument("--limit", type=at_least(1), help="Rewrite only the first N records.")
     augment.add_argument("--only-new", action="store_true", help="Write only the new rows.")
-    augment.add_argument("--device", default="cpu")
+    augment.add_argument("--device", default="cpu", type=device)
     augment.set_defaults(handler=cmd_augment)
 
 

@@ -31,15 +31,40 @@ def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
     path = Path(path)
     if not path.is_file():
         raise TunesmithError(f"recipe file {path} does not exist")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as error:
-        raise TunesmithError(f"{path} is not valid YAML: {error}") from None
+    raw = read_yaml(path, "recipe") or {}
     if not isinstance(raw, dict):
         raise TunesmithError(f"{path} must be a mapping of sections (model, data, method, ...)")
     for override in overrides:
         apply_override(raw, override)
     return validate_recipe(raw, source=str(path))
+
+
+def read_yaml(path: Path, what: str = "file") -> Any:
+    """The YAML document in ``path``, read as UTF-8 (a byte-order mark dropped).
+
+    Raises:
+        TunesmithError: If the file cannot be read, is not UTF-8 or not YAML, naming the line.
+    """
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        raise TunesmithError(f"{what} {path} cannot be read ({error.strerror or error})") from None
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        line = data[: error.start].count(b"\n") + 1
+        raise TunesmithError(
+            f"{path}, line {line}: not UTF-8 text (byte 0x{data[error.start]:02x}); re-save the {what} as UTF-8"
+        ) from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f"{path}, line {mark.line + 1}" if mark is not None else str(path)
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise TunesmithError(f"{where}: not valid YAML ({problem}); fix the {what}'s syntax there") from None
+    except RecursionError:
+        raise TunesmithError(f"{path}: the YAML is nested too deeply to be a {what}") from None
 
 
 def validate_recipe(raw: dict[str, Any], source: str = "recipe") -> Recipe:
@@ -62,7 +87,11 @@ def apply_override(raw: dict[str, Any], override: str) -> None:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise TunesmithError(f"override '{override}': '{part}' is not a section")
-    node[leaf] = yaml.safe_load(value)
+    try:
+        node[leaf] = yaml.safe_load(value)
+    except yaml.YAMLError as error:
+        problem = getattr(error, "problem", None) or "not YAML"
+        raise TunesmithError(f"override '{override}': the value is not valid YAML ({problem}); quote it") from None
 
 
 def describe_error(item: dict[str, Any]) -> str:

@@ -119,6 +119,27 @@ class Method(ABC):
         (directory / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
 
 
+def read_manifest(folder: Path) -> dict:
+    """The manifest (``tunesmith.json``) a method wrote beside its result.
+
+    Raises:
+        TunesmithError: If it is missing, not JSON, or lacks the method and its settings.
+    """
+    path = Path(folder) / MANIFEST
+    if not path.is_file():
+        raise TunesmithError(f"{folder} is not a tunesmith result (no {MANIFEST}); give a run's adapter/ or model/ folder")
+    try:
+        manifest = json.loads(path.read_bytes().decode("utf-8-sig"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as error:
+        where = f", line {error.lineno}" if isinstance(error, json.JSONDecodeError) else ""
+        raise TunesmithError(f"{path}{where}: the manifest is damaged ({str(error).splitlines()[0]}); "
+                             "restore it from the run, or train again") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("config"), dict) or "kind" not in manifest["config"]:
+        raise TunesmithError(f"{path}: the manifest lacks the method's settings ('config' with a 'kind'); "
+                             "restore it from the run, or train again")
+    return manifest
+
+
 def count_parameters(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts; tied weights are counted once."""
     seen: set[int] = set()
