@@ -27,7 +27,7 @@ def register(commands) -> None:
     _register_convert(steps)
 
 
-def _common(parser: argparse.ArgumentParser, output: bool = True) -> None:
+def _common(parser: argparse.ArgumentParser, output: bool = True, on_error_help: str = "") -> None:
     parser.add_argument("file", help="Data file (.json, .jsonl, .csv, .parquet, .txt, optionally .gz).")
     if output:
         parser.add_argument("-o", "--output", required=True, help="New .jsonl file to write.")
@@ -35,7 +35,7 @@ def _common(parser: argparse.ArgumentParser, output: bool = True) -> None:
     parser.add_argument("--format", default="auto", help="Record layout: alpaca, sharegpt, messages, preference, text, auto.")
     parser.add_argument("--text-field", default="text", help="Field of the 'text' layout.")
     parser.add_argument("--on-error", choices=["skip", "fail"], default="fail",
-                        help="Skip and count malformed records, or stop at the first (default).")
+                        help=on_error_help or "Skip and count malformed records, or stop at the first (default).")
     parser.add_argument("--report", help="Also write the report as JSON to this file.")
 
 
@@ -67,7 +67,8 @@ def _load_tokenizer(name: str):
 
 def _register_inspect(steps) -> None:
     inspect = steps.add_parser("inspect", help="Counts, lengths, duplicates, language and a sufficiency verdict.")
-    _common(inspect, output=False)
+    _common(inspect, output=False, on_error_help="skip (default): report malformed and empty records and exit 0; "
+            "fail: report them, then exit with status 2 if any record is malformed or none is usable.")
     inspect.add_argument("--model", help="Measure lengths in this model's tokens (alias, hub id or folder); else words.")
     inspect.add_argument("--template", default="auto", help="Chat template used for token lengths (as data.template).")
     inspect.add_argument("--max-length", type=at_least(1), default=1024, help="Training max_length, for the truncated share.")
@@ -108,7 +109,21 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         print(f"histogram written to {args.plot}")
     if args.report:
         Path(args.report).write_text(json.dumps(summary, indent=2, ensure_ascii=False))
+    if args.on_error == "fail":
+        _fail_on_bad(report)
     return 0
+
+
+def _fail_on_bad(report) -> None:
+    """Under ``--on-error fail``: a malformed record, or a file without one usable record, is an error."""
+    from tunesmith.errors import TunesmithError
+
+    if report.bad.count:
+        raise TunesmithError(f"{report.file}: {report.bad.count} malformed record(s), the first: "
+                             f"{report.bad.examples[0]}")
+    if not report.lengths:
+        found = f"{report.records} record(s), all empty" if report.records else "no records"
+        raise TunesmithError(f"{report.file} holds {found}; nothing in it can be trained on")
 
 
 # --- clean ------------------------------------------------------------------------------------

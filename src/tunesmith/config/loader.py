@@ -109,8 +109,11 @@ def describe_error(item: dict[str, Any]) -> str:
         return f"unknown {dotted}.kind '{tag}'.{did_you_mean(tag, kinds)} Valid kinds: {', '.join(kinds)}"
     if item["type"] == "missing":
         return f"'{dotted}' is required"
+    if item["type"] == "value_error":  # a validator's own sentence; the input may be a whole section
+        return f"'{dotted}': {item['msg'].removeprefix('Value error, ')}"
     given = item.get("input")
-    return f"'{dotted}': {item['msg']} (got {given!r})"
+    shown = repr(given) if len(repr(given)) <= 80 else repr(given)[:77] + "..."
+    return f"'{dotted}': {item['msg']} (got {shown})"
 
 
 def _dotted(location: tuple[Any, ...]) -> str:
