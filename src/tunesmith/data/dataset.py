@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import random
 from dataclasses import dataclass, field
 from typing import Iterable, Optional
@@ -12,6 +13,8 @@ from tunesmith.data.formats import FORMATS, Example, FormatOptions, detect_forma
 from tunesmith.data.readers import read_records
 from tunesmith.data.templates import resolve_template
 from tunesmith.errors import TunesmithError
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -73,11 +76,13 @@ def encode_all(
     """Encode examples; report truncated and dropped ones, and refuse an empty result."""
     stats = EncodeStats()
     encoded: list[EncodedExample] = []
+    first_dropped = ""
     for example in examples:
         stats.records += 1
         item = encode_example(example, tokenizer, section.max_length, section.train_on)
         if item is None:
             stats.dropped += 1
+            first_dropped = first_dropped or example.where
             continue
         stats.truncated += item.truncated
         stats.target_tokens += item.num_target_tokens
@@ -88,6 +93,10 @@ def encode_all(
             f"every {split} example was dropped: data.max_length={section.max_length} is shorter than "
             "each prompt, so no answer token is left to learn; raise data.max_length"
         )
+    if stats.dropped:
+        logger.warning("%d of %d %s examples dropped: no answer token within data.max_length=%d (the first: %s); "
+                       "raise data.max_length or shorten those prompts", stats.dropped, stats.records, split,
+                       section.max_length, first_dropped)
     return encoded, stats
 
 
