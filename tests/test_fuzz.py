@@ -184,3 +184,33 @@ def test_recipe_loader_on_deep_nesting(tmp_path, text):
 def test_json_readers_on_deep_nesting(tmp_path, suffix):
     path = write_file(tmp_path, suffix, b"[" * 100_000 + b"]" * 100_000)
     only_tunesmith_errors(lambda: read_everything(path, skip_bad_lines=False))
+
+
+@pytest.fixture(scope="module")
+def stories_tokenizer():
+    from conftest import asset
+    from transformers import AutoTokenizer
+
+    from tunesmith.data.templates import resolve_template
+
+    tokenizer = AutoTokenizer.from_pretrained(str(asset("models/stories260k")))
+    resolve_template(tokenizer, "simple")
+    return tokenizer
+
+
+@settings(max_examples=30, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(record=records, max_length=st.integers(8, 64), train_on=st.sampled_from(("assistant", "all")))
+def test_encoding_random_records(stories_tokenizer, record, max_length, train_on):
+    """What a record becomes in training: detected, converted, templated and tokenised."""
+    from tunesmith.data.encode import encode_example
+    from tunesmith.data.formats import FORMATS, FormatOptions, detect_format
+    from tunesmith.data.readers import RawRecord
+
+    def encode():
+        raw = RawRecord("fuzz.jsonl", "line 1", record)
+        example = FORMATS.get(detect_format(raw)).convert(raw, FormatOptions(system_prompt="Be brief."))
+        encoded = encode_example(example, stories_tokenizer, max_length, train_on)
+        assert encoded is None or len(encoded.input_ids) <= max_length
+
+    only_tunesmith_errors(encode)

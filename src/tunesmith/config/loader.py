@@ -10,7 +10,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from tunesmith.config.recipe import Recipe
-from tunesmith.errors import TunesmithError
+from tunesmith.errors import TunesmithError, decode_utf8
 from tunesmith.registry import did_you_mean
 
 
@@ -49,13 +49,7 @@ def read_yaml(path: Path, what: str = "file") -> Any:
         data = path.read_bytes()
     except OSError as error:
         raise TunesmithError(f"{what} {path} cannot be read ({error.strerror or error})") from None
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as error:
-        line = data[: error.start].count(b"\n") + 1
-        raise TunesmithError(
-            f"{path}, line {line}: not UTF-8 text (byte 0x{data[error.start]:02x}); re-save the {what} as UTF-8"
-        ) from None
+    text = decode_utf8(path, data, what)
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError as error:

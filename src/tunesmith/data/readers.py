@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Iterator, Optional
 
-from tunesmith.errors import TunesmithError
+from tunesmith.errors import TunesmithError, decode_utf8
 
 SUPPORTED_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet", ".txt")
 
@@ -152,13 +152,7 @@ def _read_jsonl(path: Path, on_bad_line: Optional[BadLineHandler] = None) -> Ite
 def _read_json(path: Path) -> Iterator[RawRecord]:
     with _open_binary(path) as handle:
         data = handle.read()
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as error:
-        line = data[: error.start].count(b"\n") + 1
-        raise TunesmithError(
-            f"{path}, line {line}: not UTF-8 text (byte 0x{data[error.start]:02x}); re-save the file as UTF-8"
-        ) from None
+    text = decode_utf8(path, data)
     del data
     try:
         data = json.loads(text)

@@ -16,7 +16,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from tunesmith.errors import TunesmithError
+from tunesmith.errors import TunesmithError, decode_utf8
 from tunesmith.registry import Registry
 
 MANIFEST = "tunesmith.json"
@@ -129,8 +129,8 @@ def read_manifest(folder: Path) -> dict:
     if not path.is_file():
         raise TunesmithError(f"{folder} is not a tunesmith result (no {MANIFEST}); give a run's adapter/ or model/ folder")
     try:
-        manifest = json.loads(path.read_bytes().decode("utf-8-sig"))
-    except (UnicodeDecodeError, ValueError, RecursionError) as error:
+        manifest = json.loads(decode_utf8(path, path.read_bytes(), "manifest"))
+    except (ValueError, RecursionError) as error:
         where = f", line {error.lineno}" if isinstance(error, json.JSONDecodeError) else ""
         raise TunesmithError(f"{path}{where}: the manifest is damaged ({str(error).splitlines()[0]}); "
                              "restore it from the run, or train again") from None
