@@ -147,11 +147,12 @@ def run_reference(model, examples, steps: int, lora: bool) -> tuple[list[float],
 def run_tunesmith(model, examples, steps: int, lora: bool, speed: dict) -> tuple[list[float], list[float]]:
     """tunesmith's loop with ``train.speed`` options, examples in the given order."""
     from tunesmith.config import EvalSection, FullMethod, LoraMethod, SpeedSection, TrainSection
-    from tunesmith.data.dataset import PreparedData
+    from tunesmith.data.prepared import PreparedData
     from tunesmith.methods import build_method
     from tunesmith.runtime import Runtime
     from tunesmith.training.hooks import Hook
-    from tunesmith.training.loop import Trainer
+    from tunesmith.training.loop import LoopSeams, Trainer
+    from tunesmith.training.objective import TokenCrossEntropy
     from tunesmith.training.speed import prepare_speed
 
     method = build_method(LoraMethod(r=16, alpha=32, dropout=0.0, targets="all-linear") if lora else FullMethod())
@@ -159,7 +160,7 @@ def run_tunesmith(model, examples, steps: int, lora: bool, speed: dict) -> tuple
     train = TrainSection(batch_size=BATCH, lr=LR, schedule="constant", max_steps=steps, log_every=10**6,
                          speed=SpeedSection(**speed))
     runtime = Runtime(torch.device("cpu"))
-    setup = prepare_speed(model, train.speed, train, runtime, [len(e.input_ids) for e in examples])
+    setup = prepare_speed(model, method, train.speed, train, runtime.device)
     stamps, losses = [], []
 
     class Clock(Hook):
@@ -168,8 +169,8 @@ def run_tunesmith(model, examples, steps: int, lora: bool, speed: dict) -> tuple
             losses.append(record["loss"])
 
     data = PreparedData(train=examples, validation=None, template="none")
-    trainer = Trainer(model, method, data, train, EvalSection(), runtime, 0, hooks=[Clock()],
-                      **{**setup.seams, "sampler": InOrder(len(examples))})
+    seams = LoopSeams(TokenCrossEntropy(setup.token_loss, setup.collate_fn), InOrder(len(examples)), hooks=(Clock(),))
+    trainer = Trainer(model, method, data, train, EvalSection(), runtime, 0, seams)
     trainer.fit()
     return stamps, losses
 
@@ -185,6 +186,9 @@ class InOrder:
 
     def micro_batches(self, step: int) -> list[list[int]]:
         return [list(range(step * BATCH, (step + 1) * BATCH))]
+
+    def describe(self, step: int) -> dict:
+        return {}
 
 
 def worker(args) -> dict:

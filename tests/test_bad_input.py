@@ -300,7 +300,7 @@ def test_relative_data_root_flag_is_relative_to_the_current_folder(tmp_path, mon
 ])
 def test_typo_suggestion_is_the_nearest_key(typo, choices, expected):
     from tunesmith.config.methods import LoraMethod
-    from tunesmith.config.recipe import DataSection, TrainSection
+    from tunesmith.config import DataSection, TrainSection
     from tunesmith.registry import nearest_name
 
     keys = {"lora": LoraMethod, "train": TrainSection, "data": DataSection}[choices].model_fields

@@ -104,6 +104,10 @@ class Registry(Generic[T]):
 
         return decorator
 
+    def register_kind(self, obj: T) -> T:
+        """Decorator that registers a class under its own ``kind`` attribute (the name is written once)."""
+        return self.register(obj.kind)(obj)
+
     def get(self, name: str) -> T:
         """Return the object registered as ``name``.
 
