@@ -71,7 +71,7 @@ def _register_inspect(steps) -> None:
             "fail: report them, then exit with status 2 if any record is malformed or none is usable.")
     inspect.add_argument("--model", help="Measure lengths in this model's tokens (alias, hub id or folder); else words.")
     inspect.add_argument("--template", default="auto", help="Chat template used for token lengths (as data.template).")
-    inspect.add_argument("--max-length", type=at_least(1), default=1024, help="Training max_length, for the truncated share.")
+    inspect.add_argument("--max-length", type=at_least(1), default=1024, help="Training max_length, for the truncated share (lengths are measured up to 64 times it).")
     inspect.add_argument("--plot", help="Write the length histogram as a PNG here.")
     inspect.add_argument("--near-sample", type=at_least(0), default=20000, help="Records checked for near duplicates.")
     inspect.set_defaults(handler=cmd_inspect, on_error="skip")
@@ -79,7 +79,8 @@ def _register_inspect(steps) -> None:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     from tunesmith.data.formats import FormatOptions
-    from tunesmith.data.prepare.inspect import histogram_text, inspect_file, model_parameters, save_histogram_png, token_measure
+    from tunesmith.data.prepare.inspect import (MEASURED_LENGTH_FACTOR, histogram_text, inspect_file, model_parameters,
+                                                save_histogram_png, token_measure)
     from tunesmith.data.templates import resolve_template
 
     measure, unit, parameters = None, "words", None
@@ -87,7 +88,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         quiet_libraries()
         path, tokenizer = _load_tokenizer(args.model)
         resolve_template(tokenizer, args.template)
-        measure, unit, parameters = token_measure(tokenizer), "tokens", model_parameters(path)
+        measure, unit, parameters = token_measure(tokenizer, longest=MEASURED_LENGTH_FACTOR * args.max_length), "tokens", model_parameters(path)
     report = inspect_file(args.file, data_format=args.format, options=FormatOptions(text_field=args.text_field),
                           measure=measure, unit=unit, max_length=args.max_length, parameters=parameters,
                           near_sample=args.near_sample)
