@@ -186,7 +186,9 @@ def _read_csv(path: Path, on_bad_line: Optional[BadLineHandler] = None) -> Itera
         except StopIteration:
             return
         except csv.Error as error:  # e.g. a field over csv.field_size_limit(), or a stray quote at the end
-            report(TunesmithError(f"{path}, line {position['line']}: malformed CSV ({_first_line(error)})"))
+            fix = ("; CSV cells are limited to csv.field_size_limit() characters, so convert the file to JSON Lines"
+                   if "field limit" in str(error) else "; check its quotes")
+            report(TunesmithError(f"{path}, line {position['line']}: malformed CSV ({_first_line(error)}){fix}"))
             continue
         # DictReader puts extra cells under the key None; a short row has None values.
         if None in row or any(value is None for value in row.values()):
