@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import threading
 from pathlib import Path
 from typing import Iterator, Optional
@@ -13,6 +12,7 @@ from tunesmith.config import ModelSection
 from tunesmith.data.encode import render_prompt
 from tunesmith.errors import TunesmithError
 from tunesmith.methods import MANIFEST, build_method
+from tunesmith.methods.base import read_manifest
 from tunesmith.models import load_model, load_tokenizer, resolve_model_path
 from tunesmith.runtime import cache_dir
 
@@ -49,10 +49,10 @@ def load_for_inference(model_name: str, adapter: Optional[str] = None, dtype: st
 def load_trained(base_model: torch.nn.Module, folder: Path) -> torch.nn.Module:
     """Put the result in ``folder`` onto ``base_model`` with the method that wrote it."""
     if (folder / MANIFEST).is_file():
-        manifest = json.loads((folder / MANIFEST).read_text())
+        manifest = read_manifest(folder)
         from tunesmith.config.loader import validate_method
 
-        method = build_method(validate_method(manifest["config"]))
+        method = build_method(validate_method(manifest["config"], source=str(folder / MANIFEST)))
         return method.load(base_model, folder)
     from peft import PeftModel  # a plain peft adapter written by another tool
 
