@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import threading
 from pathlib import Path
 from typing import Iterator, Optional
@@ -13,6 +12,7 @@ from tunesmith.config import ModelSection
 from tunesmith.data.encode import render_prompt
 from tunesmith.errors import TunesmithError
 from tunesmith.methods import MANIFEST, build_method
+from tunesmith.methods.base import read_manifest
 from tunesmith.models import load_model, load_tokenizer, resolve_model_path
 from tunesmith.runtime import cache_dir
 
@@ -56,14 +56,15 @@ def load_trained(base_model: torch.nn.Module, folder: Path, model_name: Optional
     Raises:
         TunesmithError: If the result was trained on another base model.
     """
-    manifest = json.loads((folder / MANIFEST).read_text()) if (folder / MANIFEST).is_file() else None
+    manifest = read_manifest(folder) if (folder / MANIFEST).is_file() else None
     if manifest is not None:
         check_base_model(manifest, base_model, model_name, folder)
     try:
         if manifest is not None:
             from tunesmith.config.loader import validate_method
 
-            return build_method(validate_method(manifest["config"])).load(base_model, folder)
+            method = build_method(validate_method(manifest["config"], source=str(folder / MANIFEST)))
+            return method.load(base_model, folder)
         from peft import PeftModel  # a plain peft adapter written by another tool
 
         return PeftModel.from_pretrained(base_model, folder)
@@ -106,7 +107,7 @@ def check_base_model(manifest: dict, model: torch.nn.Module, model_name: Optiona
         TunesmithError: Saying which base model the result needs.
     """
     needed = manifest.get("base_model")
-    recorded = manifest.get("base_config") or {}
+    recorded = manifest.get("base_config") if isinstance(manifest.get("base_config"), dict) else {}
     actual = base_shape(model)
     differences = [f"{key} {recorded[key]} there, {actual[key]} here" for key in BASE_SHAPE_KEYS
                    if recorded.get(key) is not None and actual.get(key) is not None and recorded[key] != actual[key]]
