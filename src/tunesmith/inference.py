@@ -112,7 +112,8 @@ def check_base_model(manifest: dict, model: torch.nn.Module, model_name: Optiona
     differences = [f"{key} {recorded[key]} there, {actual[key]} here" for key in BASE_SHAPE_KEYS
                    if recorded.get(key) is not None and actual.get(key) is not None and recorded[key] != actual[key]]
     if differences:
-        raise TunesmithError(f"{folder} was trained on base model {needed}, which differs from {model_name or 'this model'} "
+        given = model_name or "this model"
+        raise TunesmithError(f"{folder} was trained on base model {needed}, which differs from {given} "
                              f"({', '.join(differences)}); load it with --model {needed}")
     if needed and model_name and _same_model_name(str(needed), model_name) is False:
         raise TunesmithError(f"{folder} was trained on base model {needed}, not {model_name}; "

@@ -11,7 +11,7 @@ def register(commands) -> None:
     train.add_argument("recipe", help="YAML recipe file.")
     train.add_argument("overrides", nargs="*", help="Dotted overrides such as train.lr=1e-4.")
     train.add_argument("--resume", action="store_true", help="Continue from the newest checkpoint.")
-    train.add_argument("--overwrite", action="store_true", help="Replace a non-empty output folder.")
+    train.add_argument("--overwrite", action="store_true", help="Replace the output folder if it is a tunesmith run.")
     train.add_argument("--no-progress", action="store_true", help="No progress bar.")
     train.set_defaults(handler=cmd_train)
 

@@ -39,7 +39,8 @@ def run_names(recipes: Sequence[str]) -> list[str]:
     return names
 
 
-def train_one(recipe: str, out: Path, overrides: Sequence[str], progress: bool, overwrite: bool = False) -> dict[str, Any]:
+def train_one(recipe: str, out: Path, overrides: Sequence[str], progress: bool,
+              overwrite: bool = False) -> dict[str, Any]:
     """Train one recipe in a child process; returns its summary.
 
     ``overwrite`` passes ``--overwrite`` on, which replaces an earlier run in ``out`` (and nothing else).

@@ -47,12 +47,14 @@ def is_run_folder(folder: Path) -> bool:
 
 def _temporary(name: str) -> bool:
     """A run's own leftovers of an interrupted write: ``.NAME...partial``, ``.NAME.old``, a write probe."""
-    return name.startswith(".") and (".partial" in name or name.endswith(".old") or name.startswith(".tunesmith-probe-"))
+    return name.startswith(".") and (".partial" in name or name.endswith(".old")
+                                     or name.startswith(".tunesmith-probe-"))
 
 
 def foreign_entries(folder: Path) -> list[str]:
     """Names in ``folder`` that no run writes."""
-    return sorted(entry.name for entry in folder.iterdir() if entry.name not in RUN_ENTRIES and not _temporary(entry.name))
+    return sorted(entry.name for entry in folder.iterdir()
+                  if entry.name not in RUN_ENTRIES and not _temporary(entry.name))
 
 
 def refuse_unsafe_replacement(out: Path) -> None:
