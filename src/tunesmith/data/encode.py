@@ -9,7 +9,7 @@ prompt tokens at inference equal the prompt tokens seen in training.
 from __future__ import annotations
 
 import weakref
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from tunesmith.data.formats import Example
@@ -25,6 +25,7 @@ class EncodedExample:
     input_ids: tuple[int, ...]
     labels: tuple[int, ...]
     truncated: bool = False
+    source: str = field(default="", compare=False)  # "file, line N": named when a batch's loss is not finite
 
     @property
     def num_target_tokens(self) -> int:
@@ -93,7 +94,7 @@ def encode_example(
             ids += segment
             labels += segment if (trained or train_on == "all") else [IGNORE_INDEX] * len(segment)
     truncated = len(ids) > max_length
-    encoded = EncodedExample(tuple(ids[:max_length]), tuple(labels[:max_length]), truncated)
+    encoded = EncodedExample(tuple(ids[:max_length]), tuple(labels[:max_length]), truncated, example.where)
     return encoded if encoded.num_target_tokens > 0 else None
 
 
