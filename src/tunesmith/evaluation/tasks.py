@@ -34,8 +34,13 @@ class ChoiceOptions(Section):
     """Options shared by the log-likelihood choice tasks."""
 
     few_shot: int = Field(0, ge=0, description="Solved examples put before each question.")
-    normalisation: Literal["sum", "per_token", "per_char"] = Field(
-        "sum", description="Log-likelihood normalisation that decides the prediction."
+    normalisation: Literal["sum", "per_token", "per_char", "per_byte"] = Field(
+        "sum", description="Log-likelihood normalisation that decides the prediction (per_char is lm-eval's "
+        "acc_norm, per_byte its acc_bytes: divided by the choice's characters or UTF-8 bytes)."
+    )
+    tokenisation: Literal["joint", "separate"] = Field(
+        "joint", description="joint: lm-evaluation-harness 0.4's (context + continuation encoded whole, then split); "
+        "separate: each encoded on its own and concatenated after BOS, as training encodes segments."
     )
 
 
