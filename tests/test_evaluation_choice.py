@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import asset
 from tunesmith.evaluation.benchmarks import read_mmlu
 from tunesmith.evaluation.multiple_choice import NORMALISATIONS, PromptStyle, evaluate_multiple_choice
 from tunesmith.evaluation.runners import run_mmlu
@@ -15,11 +14,47 @@ SUBJECTS = ("astronomy", "marketing")
 DESCRIPTION = "The following are multiple choice questions (with answers) about {group}.\n\n"
 
 
+# A small MMLU folder in the real layout (split folders of `<subject>_<split>.csv` files with the
+# header question,choice0..3,answer), written by the project: the scoring is judged against a direct
+# computation, so the questions need not be MMLU's own.
+MMLU_ROWS = {
+    "astronomy": [("Which planet is closest to the Sun?", "Mercury", "Venus", "Earth", "Mars", 0),
+                  ("What is the Moon?", "A star", "A natural satellite of the Earth", "A comet", "A galaxy", 1),
+                  ("Which star is the Sun?", "A red giant", "A white dwarf", "A yellow dwarf", "A neutron star", 2),
+                  ("How long does the Earth take to orbit the Sun?", "A day", "A month", "A decade", "A year", 3),
+                  ("What are the rings of Saturn made of?", "Ice and rock", "Gas", "Fire", "Metal plates", 0),
+                  ("Which planet is the largest?", "Mars", "Jupiter", "Venus", "Mercury", 1)],
+    "marketing": [("What is a brand?", "A tax", "A name and image that set a product apart", "A loan", "A shop", 1),
+                  ("What does a price discount aim at?", "More sales", "Fewer customers", "Higher costs", "Less stock", 0),
+                  ("What is market research?", "Building shops", "Printing money", "Learning what customers want",
+                   "Hiring staff", 2),
+                  ("What is a target market?", "A shooting range", "A shop front", "A warehouse",
+                   "The customers a product is meant for", 3),
+                  ("Which is an advertising channel?", "Television", "A receipt", "A contract", "A pallet", 0),
+                  ("What is a slogan?", "A price", "A short memorable phrase", "A bill", "A barcode", 1)],
+}
+
+
 @pytest.fixture(scope="module")
-def tiny():
+def mmlu_folder(tmp_path_factory):
+    import csv
+
+    root = tmp_path_factory.mktemp("mmlu")
+    for split, rows in (("dev", slice(0, 3)), ("test", slice(3, 6))):
+        (root / split).mkdir()
+        for subject, items in MMLU_ROWS.items():
+            with open(root / split / f"{subject}_{split}.csv", "w", newline="") as handle:
+                writer = csv.writer(handle)
+                writer.writerow(["question", "choice0", "choice1", "choice2", "choice3", "answer"])
+                writer.writerows(items[rows])
+    return root
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_llama):
     from tunesmith.inference import load_for_inference
 
-    return load_for_inference(str(asset("models/stories260k")))
+    return load_for_inference(tiny_llama)
 
 
 def direct_logprob(model, tokenizer, context: str, continuation: str) -> tuple[float, int]:
@@ -43,9 +78,9 @@ def direct_mmlu_prompt(row, shots) -> str:
 
 
 @pytest.mark.parametrize("few_shot", [0, 1])
-def test_mmlu_accuracy_equals_direct_loglikelihood(tiny, few_shot):
+def test_mmlu_accuracy_equals_direct_loglikelihood(tiny, mmlu_folder, few_shot):
     model, tokenizer = tiny
-    folder = asset("data/mmlu")
+    folder = mmlu_folder
     task = MmluTask(name="mmlu", path=str(folder), subjects=SUBJECTS, limit=2, few_shot=few_shot, batch_size=8)
     result = run_mmlu(model, tokenizer, task)
 
@@ -56,7 +91,7 @@ def test_mmlu_accuracy_equals_direct_loglikelihood(tiny, few_shot):
         shots = [d for d in dev if d.group == item.group][:few_shot]
         context = direct_mmlu_prompt(item, shots)
         scores = [direct_logprob(model, tokenizer, context, f" {'ABCD'[i]}") for i in range(4)]
-        chars = [2] * 4
+        chars = [2] * 4  # " A": MMLU's continuations are letters, so the normalisations rarely disagree
         values = {"sum": [s for s, _ in scores], "per_token": [s / n for s, n in scores],
                   "per_char": [s / c for (s, _), c in zip(scores, chars)]}
         for normalisation, vals in values.items():
@@ -68,6 +103,49 @@ def test_mmlu_accuracy_equals_direct_loglikelihood(tiny, few_shot):
     assert {s: g["accuracy"] for s, g in result["details"]["groups"].items()} == pytest.approx(per_subject)
     assert result["score"] == pytest.approx(sum(per_subject.values()) / 2)  # macro average is the headline
     assert result["count"] == 4 and result["tokenisation"]["few_shot"] == few_shot
+
+
+@pytest.mark.parametrize("normalisation", ["sum", "per_token", "per_char"])
+def test_text_choices_tell_the_three_normalisations_apart(tiny, tmp_path, normalisation):
+    """Choice texts of very different lengths: each normalisation picks what a direct computation picks,
+    and on these items the three pick differently, so a mix-up of any two would fail."""
+    import json
+
+    from tunesmith.evaluation.runners import run_multiple_choice
+    from tunesmith.evaluation.tasks import MultipleChoiceTask
+
+    model, tokenizer = tiny
+    items = [
+        {"question": "What colour is a ripe banana?", "choices": ["Yellow", "It is usually a bright and sunny yellow colour",
+                                                            "Green"], "answer": 1},
+        {"question": "Name an animal.", "choices": ["A cat", "A big grey whale that swims in the sea", "Dog"], "answer": 0},
+        {"question": "What is the opposite of hot?", "choices": ["Cold", "The opposite of hot is cold",
+                                                               "Not at all warm, rather chilly"], "answer": 2},
+        {"question": "Give a healthy tip.", "choices": ["Drink plenty of water every day.", "Sleep",
+                                                      "Eat fresh vegetables with every meal."], "answer": 1},
+        {"question": "Who helped the lost fox?", "choices": ["Lily", "Tom helped it find its way home", "Anna and Ben"],
+         "answer": 0},
+        {"question": "Add 2 and 3.", "choices": ["5", "The sum is 5.", "Five, which is two plus three"], "answer": 2},
+    ]
+    path = tmp_path / "items.jsonl"
+    path.write_text("".join(json.dumps(item) + "\n" for item in items))
+    task = MultipleChoiceTask(name="mc", path=str(path), choice_style="text", normalisation=normalisation)
+    result = run_multiple_choice(model, tokenizer, task)
+
+    direct = {n: [] for n in NORMALISATIONS}
+    for item in items:
+        context = f"{item['question']}\nAnswer:"  # text style: the options are not listed
+        scores = [direct_logprob(model, tokenizer, context, f" {choice}") for choice in item["choices"]]
+        values = {"sum": [s for s, _ in scores], "per_token": [s / n for s, n in scores],
+                  "per_char": [s / len(f" {c}") for (s, _), c in zip(scores, item["choices"])]}
+        for name, vals in values.items():
+            direct[name].append(vals.index(max(vals)))
+    assert direct["sum"] != direct["per_token"] != direct["per_char"] != direct["sum"]
+    accuracies = {n: sum(p == i["answer"] for p, i in zip(direct[n], items)) / len(items) for n in NORMALISATIONS}
+    assert len(set(accuracies.values())) == 3  # the reported accuracies differ too
+    assert result["score"] == pytest.approx(accuracies[normalisation])
+    for name in NORMALISATIONS:
+        assert result["metrics"][f"accuracy_{name}"] == pytest.approx(accuracies[name]), name
 
 
 def test_choice_logprobs_match_direct_computation_with_padding(tiny):
