@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from conftest import REPO
 from tunesmith.evaluation.benchmarks import read_mmlu
 from tunesmith.evaluation.multiple_choice import NORMALISATIONS, PromptStyle, evaluate_multiple_choice
 from tunesmith.evaluation.runners import run_mmlu
@@ -14,40 +15,10 @@ SUBJECTS = ("astronomy", "marketing")
 DESCRIPTION = "The following are multiple choice questions (with answers) about {group}.\n\n"
 
 
-# A small MMLU folder in the real layout (split folders of `<subject>_<split>.csv` files with the
-# header question,choice0..3,answer), written by the project: the scoring is judged against a direct
-# computation, so the questions need not be MMLU's own.
-MMLU_ROWS = {
-    "astronomy": [("Which planet is closest to the Sun?", "Mercury", "Venus", "Earth", "Mars", 0),
-                  ("What is the Moon?", "A star", "A natural satellite of the Earth", "A comet", "A galaxy", 1),
-                  ("Which star is the Sun?", "A red giant", "A white dwarf", "A yellow dwarf", "A neutron star", 2),
-                  ("How long does the Earth take to orbit the Sun?", "A day", "A month", "A decade", "A year", 3),
-                  ("What are the rings of Saturn made of?", "Ice and rock", "Gas", "Fire", "Metal plates", 0),
-                  ("Which planet is the largest?", "Mars", "Jupiter", "Venus", "Mercury", 1)],
-    "marketing": [("What is a brand?", "A tax", "A name and image that set a product apart", "A loan", "A shop", 1),
-                  ("What does a price discount aim at?", "More sales", "Fewer customers", "Higher costs", "Less stock", 0),
-                  ("What is market research?", "Building shops", "Printing money", "Learning what customers want",
-                   "Hiring staff", 2),
-                  ("What is a target market?", "A shooting range", "A shop front", "A warehouse",
-                   "The customers a product is meant for", 3),
-                  ("Which is an advertising channel?", "Television", "A receipt", "A contract", "A pallet", 0),
-                  ("What is a slogan?", "A price", "A short memorable phrase", "A bill", "A barcode", 1)],
-}
-
-
-@pytest.fixture(scope="module")
-def mmlu_folder(tmp_path_factory):
-    import csv
-
-    root = tmp_path_factory.mktemp("mmlu")
-    for split, rows in (("dev", slice(0, 3)), ("test", slice(3, 6))):
-        (root / split).mkdir()
-        for subject, items in MMLU_ROWS.items():
-            with open(root / split / f"{subject}_{split}.csv", "w", newline="") as handle:
-                writer = csv.writer(handle)
-                writer.writerow(["question", "choice0", "choice1", "choice2", "choice3", "answer"])
-                writer.writerows(items[rows])
-    return root
+# tests/data/mmlu: a small MMLU folder in the real layout (split folders of `<subject>_<split>.csv`
+# with the header question,choice0..3,answer), written by the project: the scoring is judged against
+# a direct computation, so the questions need not be MMLU's own.
+MMLU = REPO / "tests" / "data" / "mmlu"
 
 
 @pytest.fixture(scope="module")
@@ -78,9 +49,9 @@ def direct_mmlu_prompt(row, shots) -> str:
 
 
 @pytest.mark.parametrize("few_shot", [0, 1])
-def test_mmlu_accuracy_equals_direct_loglikelihood(tiny, mmlu_folder, few_shot):
+def test_mmlu_accuracy_equals_direct_loglikelihood(tiny, few_shot):
     model, tokenizer = tiny
-    folder = mmlu_folder
+    folder = MMLU
     task = MmluTask(name="mmlu", path=str(folder), subjects=SUBJECTS, limit=2, few_shot=few_shot, batch_size=8)
     result = run_mmlu(model, tokenizer, task)
 
