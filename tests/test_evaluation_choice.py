@@ -108,6 +108,9 @@ def test_text_choices_tell_the_three_normalisations_apart(tiny, tmp_path, normal
         context = f"{item['question']}\nAnswer:"  # text style: the options are not listed
         scores = [direct_logprob(model, tokenizer, context, f" {choice}") for choice in item["choices"]]
         values = {"sum": [s for s, _ in scores], "per_token": [s / n for s, n in scores],
+                  # tunesmith counts the continuation's characters, its leading space included;
+                  # lm-eval's acc_norm divides by len(choice) alone, which on the second item here
+                  # picks choice 1, not 0 (reported with issue 11; the evaluation code is unchanged).
                   "per_char": [s / len(f" {c}") for (s, _), c in zip(scores, item["choices"])]}
         for name, vals in values.items():
             direct[name].append(vals.index(max(vals)))
