@@ -71,7 +71,7 @@ def direct_perplexity(model, tokenizer, path, limit: int, max_length: int) -> fl
     import torch
 
     from tunesmith.config import DataSection
-    from tunesmith.data.dataset import encode_all, load_examples
+    from tunesmith.data.prepared import encode_all, load_examples
 
     examples, _ = load_examples(str(path))
     encoded, _ = encode_all(examples[:limit], tokenizer, DataSection(train=(str(path),), max_length=max_length),
