@@ -70,12 +70,12 @@ def direct_perplexity(model, tokenizer, path, limit: int, max_length: int) -> fl
 
     import torch
 
-    from tunesmith.config import DataSection
-    from tunesmith.data.prepared import encode_all, load_examples
+    from tunesmith.data.encode import encode_example
+    from tunesmith.data.prepared import load_examples
 
     examples, _ = load_examples(str(path))
-    encoded, _ = encode_all(examples[:limit], tokenizer, DataSection(train=(str(path),), max_length=max_length),
-                            "evaluation")
+    encoded = [e for e in (encode_example(x, tokenizer, max_length) for x in examples[:limit]) if e is not None]
+    assert len(encoded) == limit
     total, count = 0.0, 0
     with torch.no_grad():
         for example in encoded:
