@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import asset
+from conftest import REPO
 from tunesmith.evaluation.benchmarks import read_mmlu
 from tunesmith.evaluation.multiple_choice import NORMALISATIONS, PromptStyle, evaluate_multiple_choice
 from tunesmith.evaluation.runners import run_mmlu
@@ -15,11 +15,17 @@ SUBJECTS = ("astronomy", "marketing")
 DESCRIPTION = "The following are multiple choice questions (with answers) about {group}.\n\n"
 
 
+# tests/data/mmlu: a small MMLU folder in the real layout (split folders of `<subject>_<split>.csv`
+# with the header question,choice0..3,answer), written by the project: the scoring is judged against
+# a direct computation, so the questions need not be MMLU's own.
+MMLU = REPO / "tests" / "data" / "mmlu"
+
+
 @pytest.fixture(scope="module")
-def tiny():
+def tiny(tiny_llama):
     from tunesmith.inference import load_for_inference
 
-    return load_for_inference(str(asset("models/stories260k")))
+    return load_for_inference(tiny_llama)
 
 
 def direct_logprob(model, tokenizer, context: str, continuation: str) -> tuple[float, int]:
@@ -54,7 +60,7 @@ def direct_mmlu_prompt(row, shots) -> str:
 @pytest.mark.parametrize("few_shot", [0, 1])
 def test_mmlu_accuracy_equals_direct_loglikelihood(tiny, few_shot):
     model, tokenizer = tiny
-    folder = asset("data/mmlu")
+    folder = MMLU
     task = MmluTask(name="mmlu", path=str(folder), subjects=SUBJECTS, limit=2, few_shot=few_shot, batch_size=8)
     result = run_mmlu(model, tokenizer, task)
 
@@ -76,6 +82,52 @@ def test_mmlu_accuracy_equals_direct_loglikelihood(tiny, few_shot):
     assert {s: g["accuracy"] for s, g in result["details"]["groups"].items()} == pytest.approx(per_subject)
     assert result["score"] == pytest.approx(sum(per_subject.values()) / 2)  # macro average is the headline
     assert result["count"] == 4 and result["tokenisation"]["few_shot"] == few_shot
+
+
+@pytest.mark.parametrize("normalisation", ["sum", "per_token", "per_char"])
+def test_text_choices_tell_the_three_normalisations_apart(tiny, tmp_path, normalisation):
+    """Choice texts of very different lengths: each normalisation picks what a direct computation picks,
+    and on these items the three pick differently, so a mix-up of any two would fail."""
+    import json
+
+    from tunesmith.evaluation.runners import run_multiple_choice
+    from tunesmith.evaluation.tasks import MultipleChoiceTask
+
+    model, tokenizer = tiny
+    items = [
+        {"question": "What colour is a ripe banana?", "choices": ["Yellow", "It is usually a bright and sunny yellow colour",
+                                                            "Green"], "answer": 1},
+        {"question": "Name an animal.", "choices": ["A cat", "A big grey whale that swims in the sea", "Dog"], "answer": 0},
+        {"question": "What is the opposite of hot?", "choices": ["Cold", "The opposite of hot is cold",
+                                                               "Not at all warm, rather chilly"], "answer": 2},
+        {"question": "Give a healthy tip.", "choices": ["Drink plenty of water every day.", "Sleep",
+                                                      "Eat fresh vegetables with every meal."], "answer": 1},
+        {"question": "Who helped the lost fox?", "choices": ["Lily", "Tom helped it find its way home", "Anna and Ben"],
+         "answer": 0},
+        {"question": "Add 2 and 3.", "choices": ["5", "The sum is 5.", "Five, which is two plus three"], "answer": 2},
+    ]
+    path = tmp_path / "items.jsonl"
+    path.write_text("".join(json.dumps(item) + "\n" for item in items))
+    task = MultipleChoiceTask(name="mc", path=str(path), choice_style="text", normalisation=normalisation)
+    result = run_multiple_choice(model, tokenizer, task)
+
+    direct = {n: [] for n in NORMALISATIONS}
+    for item in items:
+        context = f"{item['question']}\nAnswer:"  # text style: the options are not listed
+        scores = [direct_logprob(model, tokenizer, context, f" {choice}") for choice in item["choices"]]
+        values = {"sum": [s for s, _ in scores], "per_token": [s / n for s, n in scores],
+                  # tunesmith counts the continuation's characters, its leading space included;
+                  # lm-eval's acc_norm divides by len(choice) alone, which on the second item here
+                  # picks choice 1, not 0 (reported with issue 11; the evaluation code is unchanged).
+                  "per_char": [s / len(f" {c}") for (s, _), c in zip(scores, item["choices"])]}
+        for name, vals in values.items():
+            direct[name].append(vals.index(max(vals)))
+    assert direct["sum"] != direct["per_token"] != direct["per_char"] != direct["sum"]
+    accuracies = {n: sum(p == i["answer"] for p, i in zip(direct[n], items)) / len(items) for n in NORMALISATIONS}
+    assert len(set(accuracies.values())) == 3  # the reported accuracies differ too
+    assert result["score"] == pytest.approx(accuracies[normalisation])
+    for name in NORMALISATIONS:
+        assert result["metrics"][f"accuracy_{name}"] == pytest.approx(accuracies[name]), name
 
 
 def test_choice_logprobs_match_direct_computation_with_padding(tiny):
