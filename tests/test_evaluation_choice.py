@@ -94,17 +94,18 @@ def test_text_choices_tell_the_three_normalisations_apart(tiny, tmp_path, normal
     from tunesmith.evaluation.tasks import MultipleChoiceTask
 
     model, tokenizer = tiny
+    # The model is random, so the answers are labels, not truths: chosen so the three accuracies differ.
     items = [
         {"question": "What colour is a ripe banana?", "choices": ["Yellow", "It is usually a bright and sunny yellow colour",
-                                                            "Green"], "answer": 1},
-        {"question": "Name an animal.", "choices": ["A cat", "A big grey whale that swims in the sea", "Dog"], "answer": 0},
+                                                            "Green"], "answer": 2},
+        {"question": "Name an animal.", "choices": ["A cat", "A big grey whale that swims in the sea", "Dog"], "answer": 1},
         {"question": "What is the opposite of hot?", "choices": ["Cold", "The opposite of hot is cold",
-                                                               "Not at all warm, rather chilly"], "answer": 2},
+                                                               "Not at all warm, rather chilly"], "answer": 0},
         {"question": "Give a healthy tip.", "choices": ["Drink plenty of water every day.", "Sleep",
-                                                      "Eat fresh vegetables with every meal."], "answer": 1},
+                                                      "Eat fresh vegetables with every meal."], "answer": 0},
         {"question": "Who helped the lost fox?", "choices": ["Lily", "Tom helped it find its way home", "Anna and Ben"],
          "answer": 0},
-        {"question": "Add 2 and 3.", "choices": ["5", "The sum is 5.", "Five, which is two plus three"], "answer": 2},
+        {"question": "Add 2 and 3.", "choices": ["5", "The sum is 5.", "Five, which is two plus three"], "answer": 1},
     ]
     path = tmp_path / "items.jsonl"
     path.write_text("".join(json.dumps(item) + "\n" for item in items))
@@ -116,15 +117,14 @@ def test_text_choices_tell_the_three_normalisations_apart(tiny, tmp_path, normal
         context = f"{item['question']}\nAnswer:"  # text style: the options are not listed
         scores = [direct_logprob(model, tokenizer, context, f" {choice}") for choice in item["choices"]]
         values = {"sum": [s for s, _ in scores], "per_token": [s / n for s, n in scores],
-                  # tunesmith counts the continuation's characters, its leading space included;
-                  # lm-eval's acc_norm divides by len(choice) alone, which on the second item here
-                  # picks choice 1, not 0 (reported with issue 11; the evaluation code is unchanged).
-                  "per_char": [s / len(f" {c}") for (s, _), c in zip(scores, item["choices"])]}
+                  # as lm-eval's acc_norm / acc_bytes: the choice's own length, its leading space not counted
+                  "per_char": [s / len(c) for (s, _), c in zip(scores, item["choices"])],
+                  "per_byte": [s / len(c.encode()) for (s, _), c in zip(scores, item["choices"])]}
         for name, vals in values.items():
             direct[name].append(vals.index(max(vals)))
     assert direct["sum"] != direct["per_token"] != direct["per_char"] != direct["sum"]
     accuracies = {n: sum(p == i["answer"] for p, i in zip(direct[n], items)) / len(items) for n in NORMALISATIONS}
-    assert len(set(accuracies.values())) == 3  # the reported accuracies differ too
+    assert len({accuracies[n] for n in ("sum", "per_token", "per_char")}) == 3  # the reported accuracies differ too
     assert result["score"] == pytest.approx(accuracies[normalisation])
     for name in NORMALISATIONS:
         assert result["metrics"][f"accuracy_{name}"] == pytest.approx(accuracies[name]), name
@@ -194,7 +194,7 @@ def test_shared_prefix_cache_gives_the_uncached_scores_and_counts_progress(tiny,
     from tunesmith.evaluation import loglikelihood
 
     model, tokenizer = tiny
-    folder = asset("data/mmlu")
+    folder = MMLU
     items = read_mmlu(folder, "test", ("marketing",), limit=6)
     style = PromptStyle("letter", description=DESCRIPTION)
     prefixes, finished = [], []
