@@ -148,12 +148,26 @@ def plan_recipe(recipe: Recipe, methods: str = "recipe", calibrate: bool = True,
 
 
 def training_process_bytes() -> int:
-    """Resident memory of a fresh process that imported what a training run imports, before any model."""
+    """Resident memory of a fresh process that imported what a training run imports, before any model.
+
+    Measured once per interpreter and library versions, and cached.
+    """
+    import transformers
+
+    key = hashlib.sha256(f"{sys.executable} {torch.__version__} {transformers.__version__}".encode()).hexdigest()[:12]
+    cache = cache_dir() / "plan" / f"process-{key}.json"
+    if cache.is_file():
+        return json.loads(cache.read_text())["bytes"]
     code = ("import tunesmith.finetune, transformers.models.llama.modeling_llama, peft\n"
             "from tunesmith.runtime import process_memory_bytes\nprint(process_memory_bytes())")
     completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                                env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
-    return int(completed.stdout.strip().splitlines()[-1]) if completed.returncode == 0 else process_memory_bytes()
+    if completed.returncode != 0:
+        return process_memory_bytes()
+    measured = int(completed.stdout.strip().splitlines()[-1])
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    cache.write_text(json.dumps({"bytes": measured}) + "\n")
+    return measured
 
 
 def run_steps(recipe: Recipe, examples: int) -> int:

@@ -87,20 +87,28 @@ def check_field(key: str, raw: dict, kinds: tuple, source: Path) -> None:
         fields = set().union(*(method_fields(kind) for kind in kinds)) | set(raw["method"])
         if parts[1] not in fields:
             raise TunesmithError(f"{source}: '{key}' is not a field of the methods searched ({', '.join(kinds)})."
-                                 f"{did_you_mean(parts[1], sorted(fields))}")
+                                 f"{nearest(parts[1], sorted(fields))}")
         return
     node: Any = raw
     for depth, part in enumerate(parts):
         if not isinstance(node, dict) or part not in node:
             choices = sorted(node) if isinstance(node, dict) else []
             prefix = ".".join(parts[:depth])
-            hint = did_you_mean(part, choices)
+            hint = nearest(part, choices)
             hint = hint.replace("'", f"'{prefix}.", 1) if prefix and hint else hint
             raise TunesmithError(f"{source}: '{key}' is not a recipe field.{hint} (tunesmith config lists every field)")
         node = node[part]
     if isinstance(node, dict):
         raise TunesmithError(f"{source}: '{key}' is a section, not a field; name one of its fields "
                              f"({', '.join(sorted(node))})")
+
+
+def nearest(name: str, choices: list[str]) -> str:
+    """A " Did you mean 'x'?" hint: a field the name starts with (``rank`` -> ``r``), else the closest spelling."""
+    prefixes = [choice for choice in choices if name.startswith(choice) or choice.startswith(name)]
+    if prefixes:
+        return f" Did you mean '{max(prefixes, key=len)}'?"
+    return did_you_mean(name, choices)
 
 
 def method_fields(kind: str) -> set[str]:
@@ -134,9 +142,7 @@ def trial_recipe(base: dict, params: dict[str, Any], out: Path) -> dict:
     raw = copy.deepcopy(base)
     kind = params.get("method.kind", raw["method"]["kind"])
     if kind != raw["method"]["kind"]:
-        allowed = method_fields(kind)
-        raw["method"] = {k: v for k, v in raw["method"].items() if k in allowed}
-        raw["method"]["kind"] = kind
+        raw["method"] = {"kind": kind}  # another method: its own defaults, plus the searched fields it has
     for key, value in params.items():
         *parents, leaf = key.split(".")
         if parents == ["method"] and leaf not in method_fields(kind):
