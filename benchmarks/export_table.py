@@ -20,6 +20,12 @@ from tunesmith.export import export
 FORMATS = (("hf", None), ("peft", None), ("gguf", "f16"), ("gguf", "q8_0"), ("gguf", "q4_0"))
 
 
+def stops(check) -> str:
+    if not check.stops:
+        return "NO"
+    return "yes" if check.reference_stops else "n/a (the trained model runs to the limit too)"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("result")
@@ -40,7 +46,7 @@ def main() -> None:
         for loader, check in report.checks.items():
             print(f"| {name} | {report.size_bytes / 2**20:.2f} MiB | {loader} | {check.max_logit_difference:.3g} | "
                   f"{100 * check.relative_logit_difference:.3f} | {check.kl_divergence:.2e} | "
-                  f"{100 * check.top1_agreement:.1f}% | {'yes' if check.stops else 'no'} | "
+                  f"{100 * check.top1_agreement:.1f}% | {stops(check)} | "
                   f"{100 * check.reply_agreement:.0f}% | {report.load_seconds:.2f} |")
         for loader, reason in report.skipped.items():
             print(f"| {name} | | {loader} | skipped: {reason} | | | | | | |")

@@ -60,6 +60,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--length", type=int, default=128)
     parser.add_argument("--layouts", default=",".join(LAYOUTS))
+    parser.add_argument("--methods", default=",".join(METHODS))
     args = parser.parse_args()
     print("| layout | method | memory est. | measured | ratio | s/step est. | measured | ratio |")
     print("|---|---|---|---|---|---|---|---|")
@@ -69,7 +70,8 @@ def main() -> None:
             speed = LAYOUTS[layout]
             base = recipe_dict(args.model, METHODS["lora r=16"], speed, args.steps, folder / "run", args.batch, args.length)
             calibration = calibrate_time(validate_recipe(base), say=lambda *a: None)
-            for label, method in METHODS.items():
+            for label in args.methods.split(","):
+                method = METHODS[label]
                 raw = recipe_dict(args.model, method, speed, args.steps, folder / "run", args.batch, args.length)
                 plan = plan_recipe(validate_recipe(raw), calibration=calibration, say=lambda *a: None).methods[0]
                 peak_mb, seconds = measure(raw, folder)
