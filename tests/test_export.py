@@ -157,7 +157,7 @@ def test_export_command_new_and_old_flags(trained_run: Path, tmp_path: Path, cap
     assert "is not empty" in capsys.readouterr().err
 
 
-@pytest.mark.slow
+@pytest.mark.heavy  # about a minute on a quiet machine (transformers dequantises the GGUF in Python)
 def test_smollm2_gguf_replies_stop_at_im_end(tmp_path: Path) -> None:
     from tunesmith.export import export
 
