@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from conftest import REPO, run_cli
 from tunesmith.errors import TunesmithError

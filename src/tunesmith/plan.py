@@ -140,10 +140,9 @@ def plan_recipe(recipe: Recipe, methods: str = "recipe", calibrate: bool = True,
     plans = [plan_method(recipe, section, model, tokenizer, data, process, micro_tokens, steps, calibration, device)
              for section in sections]
     total = plans[0].total if plans else 0
-    tokens = sum(lengths)
     plan = Plan(recipe.model.name, str(device), micro_tokens, steps, data_summary(data, lengths, total), plans,
                 available_memory_bytes(device), calibration)
-    plan.recommendation, plan.reasons = recommend(plan, recipe.method.kind, tokens)
+    plan.recommendation, plan.reasons = recommend(plan, recipe.method.kind)
     return plan
 
 
@@ -405,14 +404,14 @@ def data_summary(data, lengths: list[int], parameters: int) -> dict:
             "verdict": sufficiency_verdict(len(set(ids)), sum(lengths), parameters)}
 
 
-def recommend(plan: Plan, recipe_kind: str, tokens: int) -> tuple[str, list[str]]:
+def recommend(plan: Plan, recipe_kind: str) -> tuple[str, list[str]]:
     """The method to use, and why: it fits in memory, the data suffice for it, and it is quick."""
     reasons = []
     for method in plan.methods:
         memory = f"{method.memory.total / 2**30:.2f} GB"
         time = f", about {human_seconds(method.run_seconds)}" if method.run_seconds is not None else ""
         problems = ([] if method.fits else ["does not fit in the memory available"]) + \
-            ([f"{plan.data['examples']:,} examples are few for it"] if method.data_level in ("few", "too few") else [])
+            ([method.data_note] if method.data_level in ("few", "too few") else [])
         reasons.append(f"{method.label}: {memory}{time}" + (f" and {' and '.join(problems)}" if problems else ""))
     usable = [m for m in plan.methods if m.fits and m.data_level == "enough"] or [m for m in plan.methods if m.fits]
     if not usable:
