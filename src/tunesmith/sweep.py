@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -216,8 +217,15 @@ def run_sweep(recipe_path: str | Path, space_path: str | Path, trials: int = 8, 
             validate_recipe(trial_recipe(base, {dimension.path: value}, out / "check"), source=f"{space_path} "
                             f"({dimension.path}={value})")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    # a heartbeat lets a later run of the command find trials of a crashed or killed process,
+    # mark them failed and run their parameters again (Optuna's RetryFailedTrialCallback)
+    with warnings.catch_warnings():  # the callback is marked experimental since Optuna 2.8; its use here is not
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        retry = optuna.storages.RetryFailedTrialCallback(max_retry=1)
+    storage = optuna.storages.RDBStorage(f"sqlite:///{out / 'study.db'}", heartbeat_interval=30, grace_period=90,
+                                         failed_trial_callback=retry)
     study = optuna.create_study(
-        study_name="tunesmith", storage=f"sqlite:///{out / 'study.db'}", load_if_exists=True,
+        study_name="tunesmith", storage=storage, load_if_exists=True,
         direction="minimize" if objective == "val_loss" else "maximize",
         sampler=optuna.samplers.TPESampler(seed=recipe.train.seed),
         pruner=optuna.pruners.MedianPruner(n_startup_trials=2) if pruning else optuna.pruners.NopPruner())
