@@ -219,11 +219,11 @@ def run_sweep(recipe_path: str | Path, space_path: str | Path, trials: int = 8, 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     # a heartbeat lets a later run of the command find trials of a crashed or killed process,
     # mark them failed and run their parameters again (Optuna's RetryFailedTrialCallback)
-    with warnings.catch_warnings():  # the callback is marked experimental since Optuna 2.8; its use here is not
+    with warnings.catch_warnings():  # heartbeats and the retry callback are marked experimental in Optuna
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        retry = optuna.storages.RetryFailedTrialCallback(max_retry=1)
-    storage = optuna.storages.RDBStorage(f"sqlite:///{out / 'study.db'}", heartbeat_interval=30, grace_period=90,
-                                         failed_trial_callback=retry)
+        storage = optuna.storages.RDBStorage(
+            f"sqlite:///{out / 'study.db'}", heartbeat_interval=30, grace_period=90,
+            failed_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=1))
     study = optuna.create_study(
         study_name="tunesmith", storage=storage, load_if_exists=True,
         direction="minimize" if objective == "val_loss" else "maximize",
