@@ -68,7 +68,7 @@ def test_export_merges_and_the_plain_folder_reproduces_the_logits(settings: dict
 
     result = _trained_result(settings, stories260k, tmp_path / "adapter")
     report = export_result(result, tmp_path / "plain", merge=True)
-    assert report.max_logit_difference < 1e-4
+    assert report.max_logit_difference < 1e-3  # over every position of the export check's probe conversations
     trained, _ = load_for_inference(stories260k, str(result))
     plain = AutoModelForCausalLM.from_pretrained(tmp_path / "plain").eval()
     base = AutoModelForCausalLM.from_pretrained(stories260k).eval()

@@ -23,7 +23,7 @@ def check_with_llama_cpp(path: Path, probe: Probe, tolerance: Tolerance) -> Unio
         import llama_cpp
     except ImportError:
         return "llama-cpp-python is not installed (pip install llama-cpp-python builds llama.cpp from source)"
-    longest = max(len(ids) for ids in probe.prompts) + REPLY_TOKENS + 8
+    longest = max(len(ids) for ids in probe.prompts) + 2 * REPLY_TOKENS + 8
     llm = llama_cpp.Llama(model_path=str(path), n_ctx=longest, logits_all=True, verbose=False,
                           n_threads=max(1, min(4, os.cpu_count() or 1)), seed=0)
 
@@ -32,11 +32,11 @@ def check_with_llama_cpp(path: Path, probe: Probe, tolerance: Tolerance) -> Unio
         llm.eval(ids)
         return torch.from_numpy(np.array(llm.scores[: len(ids)], dtype=np.float32))
 
-    def reply_of(ids: list[int], stop: int) -> list[int]:
+    def reply_of(ids: list[int], stop: int, limit: int) -> list[int]:
         reply: list[int] = []
         for token in llm.generate(ids, top_k=1, temp=0.0, reset=True):
             reply.append(int(token))
-            if token == stop or len(reply) >= REPLY_TOKENS:
+            if token == stop or len(reply) >= limit:
                 break
         return reply
 
