@@ -9,6 +9,7 @@ import os
 import resource
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -119,3 +120,26 @@ def peak_memory_mb(device: torch.device) -> float:
         if line:
             return int(line.split()[1]) / 1024  # kB
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def process_memory_bytes() -> int:
+    """This process's resident memory now (what the interpreter and the imported libraries take)."""
+    status = Path("/proc/self/status")
+    if status.exists():
+        line = next((l for l in status.read_text().splitlines() if l.startswith("VmRSS:")), None)
+        if line:
+            return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def available_memory_bytes(device: torch.device) -> Optional[int]:
+    """Memory a run could still use: free GPU memory on CUDA, else the system's MemAvailable (None if unknown)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    meminfo = Path("/proc/meminfo")
+    if meminfo.exists():
+        line = next((l for l in meminfo.read_text().splitlines() if l.startswith("MemAvailable:")), None)
+        if line:
+            return int(line.split()[1]) * 1024
+    return None

@@ -15,7 +15,8 @@ from typing import Sequence
 
 from tunesmith.errors import TunesmithError
 
-COMMAND_MODULES = ("train", "inference", "evaluate", "config", "models", "methods", "export", "data", "compare", "serve")
+COMMAND_MODULES = ("train", "plan", "sweep", "inference", "evaluate", "config", "models", "methods", "export", "data",
+                   "compare", "serve")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -24,7 +25,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-    if args.command in ("train", "generate", "chat", "eval", "methods", "export"):
+    if args.command in ("train", "plan", "sweep", "generate", "chat", "eval", "methods", "export"):
         quiet_libraries()
     try:
         return args.handler(args) or 0
