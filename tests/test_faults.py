@@ -519,13 +519,13 @@ def _kill_at_a_random_moment(pid: int, out: Path, started_at: int, rng: random.R
 # --- an adapter on another base model -------------------------------------------------------------------
 
 @pytest.fixture
-def adapter_and_bases(tiny_recipe, tmp_path, stories260k):
-    """A LoRA adapter trained on stories260k, a same-shaped copy of stories260k elsewhere, and a narrower model."""
+def adapter_and_bases(tiny_recipe, tmp_path, tiny_llama):
+    """A LoRA adapter trained on the tiny model, a same-shaped copy of tiny_llama elsewhere, and a narrower model."""
     from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-    finetune(tiny_recipe("train.max_steps=1"), progress=False)
+    finetune(tiny_recipe("train.max_steps=1", f"model.name={tiny_llama}"), progress=False)
     copy = tmp_path / "copy"
-    AutoModelForCausalLM.from_pretrained(stories260k).save_pretrained(copy)
+    AutoModelForCausalLM.from_pretrained(tiny_llama).save_pretrained(copy)
     torch.manual_seed(0)
     narrow = tmp_path / "narrow"
     LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -533,21 +533,21 @@ def adapter_and_bases(tiny_recipe, tmp_path, stories260k):
     return tmp_path / "run" / "adapter", copy, narrow
 
 
-def test_an_adapter_names_the_base_it_needs(adapter_and_bases, stories260k):
+def test_an_adapter_names_the_base_it_needs(adapter_and_bases, tiny_llama):
     from tunesmith.inference import load_for_inference
 
     adapter, copy, narrow = adapter_and_bases
     manifest = json.loads((adapter / "tunesmith.json").read_text())
-    assert manifest["base_model"] == str(Path(stories260k).resolve())
+    assert manifest["base_model"] == str(Path(tiny_llama).resolve())
     assert manifest["base_config"] == {"model_type": "llama", "hidden_size": 64, "vocab_size": 512,
                                        "num_hidden_layers": 5}
-    with pytest.raises(TunesmithError, match=rf"trained on base model .*stories260k, which differs from .*narrow "
+    with pytest.raises(TunesmithError, match=rf"trained on base model .*tiny_llama\d*, which differs from .*narrow "
                                              rf"\(hidden_size 64 there, 32 here, num_hidden_layers 5 there, 2 here\); "
-                                             rf"load it with --model .*stories260k"):
+                                             rf"load it with --model .*tiny_llama\d*"):
         load_for_inference(str(narrow), str(adapter))
-    with pytest.raises(TunesmithError, match=r"trained on base model .*stories260k, not .*copy; load it with --model"):
+    with pytest.raises(TunesmithError, match=r"trained on base model .*tiny_llama\d*, not .*copy; load it with --model"):
         load_for_inference(str(copy), str(adapter))
-    model, _ = load_for_inference(stories260k, str(adapter))  # the right base loads
+    model, _ = load_for_inference(tiny_llama, str(adapter))  # the right base loads
     assert model is not None
 
 

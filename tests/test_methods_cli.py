@@ -110,7 +110,7 @@ def test_export_command_writes_a_folder_that_reloads_with_the_trained_outputs(ti
     out = tmp_path / "plain"
     done = run_cli("export", "--adapter", str(result), "--out", str(out), "--merge")
     assert done.returncode == 0, done.stderr
-    assert f"exported lora result to {out}" in done.stdout
+    assert f"exported lora result as hf to {out}" in done.stdout
     assert not (out / "adapter_config.json").exists() and (out / "config.json").is_file()
 
     trained, trained_tokenizer = load_for_inference(tiny_llama, str(result))
