@@ -20,7 +20,7 @@ from tunesmith.training.length_grouping import LengthGroupedSampler
 from tunesmith.training.loop import Trainer
 from tunesmith.training.loss import count_real_tokens, count_target_tokens
 from tunesmith.training.packing import VARLEN_ATTENTION, enable_packed_attention, pack_collate, restore_attention
-from tunesmith.training.speed import autocast_dtype, native_bfloat16, prepare_speed
+from tunesmith.training.speed import autocast_choice, autocast_dtype, native_bfloat16, prepare_speed
 
 CPU = Runtime(torch.device("cpu"))
 
@@ -158,7 +158,7 @@ def test_bfloat16_autocast_close_to_float32(stories260k) -> None:
     batch = pack_collate(make_examples(6), 0)
     enable_packed_attention(model)
     train = TrainSection()
-    full = prepare_speed(model, SpeedSection(), train, CPU, [])
+    full = prepare_speed(model, SpeedSection(autocast="off"), train, CPU, [])
     fast = prepare_speed(model, SpeedSection(autocast="bfloat16"), train, CPU, [])
     assert full.autocast_dtype is None and fast.autocast_dtype is torch.bfloat16
 
@@ -176,12 +176,21 @@ def test_bfloat16_autocast_close_to_float32(stories260k) -> None:
     assert F.cosine_similarity(autocast_grad, reference_grad, dim=0) > 0.99
 
 
-def test_autocast_detection() -> None:
+def test_autocast_detection_defaults_to_native_bfloat16_and_says_why() -> None:
     cpu = torch.device("cpu")
-    assert autocast_dtype(SpeedSection(), cpu) is None
+    assert autocast_dtype(SpeedSection(autocast="off"), cpu) is None
     assert autocast_dtype(SpeedSection(autocast="bfloat16"), cpu) is torch.bfloat16
-    expected = torch.bfloat16 if native_bfloat16(cpu) else None
+    native = native_bfloat16(cpu)
+    expected = torch.bfloat16 if native else None
     assert autocast_dtype(SpeedSection(autocast="auto"), cpu) is expected
+    assert autocast_dtype(SpeedSection(), cpu) is expected  # the default is auto
+    dtype, why = autocast_choice(SpeedSection(), cpu)
+    flags = {"CPU has AMX": torch.cpu._is_amx_tile_supported(), "CPU has AVX-512 BF16": torch.cpu._is_avx512_bf16_supported()}
+    if native:
+        assert why.startswith("bfloat16 autocast (auto: CPU has ") and flags[why[len("bfloat16 autocast (auto: "):-1]]
+    else:
+        assert why == "float32 (autocast auto: no native bfloat16 on this CPU)"
+    assert autocast_choice(SpeedSection(autocast="off"), cpu)[1] == "float32 (train.speed.autocast: off)"
 
 
 def test_length_grouping_keeps_each_step_and_sorts_micro_batches() -> None:
@@ -220,16 +229,17 @@ def train_losses(model_path: str, speed: SpeedSection, examples: list[EncodedExa
 
 def test_packed_chunked_training_equals_plain_training(stories260k) -> None:
     examples = make_examples(12)
-    plain = train_losses(stories260k, SpeedSection(packing=False, chunked_loss=False, group_by_length=False),
+    exact = {"autocast": "off"}  # float32: the fast paths are exact there
+    plain = train_losses(stories260k, SpeedSection(packing=False, chunked_loss=False, group_by_length=False, **exact),
                          examples)
-    fast = train_losses(stories260k, SpeedSection(loss_chunk_tokens=16), examples)
-    grouped = train_losses(stories260k, SpeedSection(packing=False, chunked_loss=False), examples)
+    fast = train_losses(stories260k, SpeedSection(loss_chunk_tokens=16, **exact), examples)
+    grouped = train_losses(stories260k, SpeedSection(packing=False, chunked_loss=False, **exact), examples)
     assert fast == pytest.approx(plain, rel=1e-5)
     assert grouped == pytest.approx(plain, rel=1e-5)
     assert plain[-1] < plain[0]
 
 
-def test_train_end_to_end_with_fast_options(tmp_path, stories260k, alpaca_demo) -> None:
+def test_train_end_to_end_with_fast_options(tmp_path, stories260k, alpaca_demo, capsys) -> None:
     from tunesmith.config import validate_recipe
     from tunesmith.finetune import finetune
 
@@ -243,6 +253,8 @@ def test_train_end_to_end_with_fast_options(tmp_path, stories260k, alpaca_demo) 
     })
     summary = finetune(recipe, progress=False)
     assert summary["steps"] == 2 and summary["tokens_per_s"] > 0
+    speed_line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("speed: "))
+    assert autocast_choice(recipe.train.speed, torch.device("cpu"))[1] in speed_line  # what was chosen and why
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in records)
     # Real tokens: every token read, no padding (packed), more than the scored ones.

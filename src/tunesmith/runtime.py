@@ -1,6 +1,8 @@
-"""The environment, read in one place: device, distributed rank and world size, cache folder.
+"""The environment, read in one place: threads, device, distributed rank and world size, cache folder.
 
 Nothing else in tunesmith reads environment variables; the results are passed along explicitly.
+torch is imported inside the functions that need it, so that :func:`configure_threads` can set
+OpenMP's environment before torch loads the OpenMP runtime (which reads it once, when it loads).
 """
 
 from __future__ import annotations
@@ -9,8 +11,13 @@ import os
 import resource
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Mapping
 
-import torch
+if TYPE_CHECKING:
+    import torch
+
+# Variables through which a user chooses OpenMP's threads or wait policy; tunesmith keeps theirs.
+WAIT_POLICY_VARIABLES = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME")
 
 
 @dataclass(frozen=True)
@@ -39,6 +46,36 @@ class Runtime:
         return self.rank == 0
 
 
+def thread_environment(environ: Mapping[str, str]) -> dict[str, str]:
+    """The OpenMP variables tunesmith sets before torch loads, unless the user chose their own.
+
+    OpenMP's threads spin-wait for work between parallel regions (libgomp: 300,000 spins before
+    they sleep). On a machine where another process keeps a core busy, a spinning thread takes
+    that core's time from the thread that has the work, and each step waits for the slowest
+    thread: steps went 5 to 18 times slower beside one busy process. ``PASSIVE`` makes idle
+    threads sleep at once (benchmarks/busy.py measures both sides). A user who sets
+    ``OMP_WAIT_POLICY``, ``GOMP_SPINCOUNT`` or ``KMP_BLOCKTIME`` keeps it.
+    """
+    if any(name in environ for name in WAIT_POLICY_VARIABLES):
+        return {}
+    return {"OMP_WAIT_POLICY": "PASSIVE"}
+
+
+def configure_threads() -> str:
+    """Set OpenMP's wait policy for this process; the CLI calls it first, before torch is imported.
+
+    OpenMP reads its environment once, when torch loads it, so this must run before ``import
+    torch`` to take effect. Returns a phrase for the run's log.
+    """
+    chosen = thread_environment(os.environ)
+    os.environ.update(chosen)
+    policy = os.environ.get("OMP_WAIT_POLICY") or (f"GOMP_SPINCOUNT={os.environ['GOMP_SPINCOUNT']}"
+                                                   if "GOMP_SPINCOUNT" in os.environ else "OpenMP's default")
+    return f"threads: idle OpenMP threads {'sleep' if policy.upper() == 'PASSIVE' else 'wait'} " \
+           f"({'OMP_WAIT_POLICY=' + policy if policy in ('PASSIVE', 'ACTIVE', 'passive', 'active') else policy}" \
+           f"{', set by tunesmith' if chosen else ', as set in the environment'})"
+
+
 def cache_dir() -> Path:
     """tunesmith's cache: ``$TUNESMITH_CACHE``, else ``$XDG_CACHE_HOME/tunesmith``, else ``~/.cache/tunesmith``."""
     if os.environ.get("TUNESMITH_CACHE"):
@@ -49,6 +86,8 @@ def cache_dir() -> Path:
 
 def pick_device(preference: str = "auto", local_rank: int = 0) -> torch.device:
     """``auto`` is the GPU of this local rank when CUDA is available, else the CPU."""
+    import torch
+
     if preference == "cuda" or (preference == "auto" and torch.cuda.is_available()):
         return torch.device("cuda", local_rank)
     return torch.device("cpu")
@@ -59,6 +98,8 @@ def init_runtime(device_preference: str = "auto") -> Runtime:
 
     Uses nccl on GPUs and gloo on the CPU.
     """
+    import torch
+
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -73,6 +114,8 @@ def init_runtime(device_preference: str = "auto") -> Runtime:
 
 def shutdown_runtime(runtime: Runtime) -> None:
     """Leave the process group if this process joined one."""
+    import torch
+
     if runtime.distributed and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
 
@@ -80,6 +123,8 @@ def shutdown_runtime(runtime: Runtime) -> None:
 def peak_memory_mb(device: torch.device) -> float:
     """Peak GPU memory allocated on CUDA, else this process's peak resident memory."""
     if device.type == "cuda":
+        import torch
+
         return torch.cuda.max_memory_allocated(device) / 2**20
     status = Path("/proc/self/status")
     if status.exists():
