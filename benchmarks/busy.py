@@ -36,7 +36,6 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-ASSETS = Path(os.environ.get("TUNESMITH_TEST_ASSETS", REPO.parent / "shared" / "assets"))
 THREAD_VARIABLES = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
 COMPETITOR_SECONDS = 900  # upper bound on a competitor's life, even if this script is killed
 
@@ -88,20 +87,12 @@ def loop_worker(policy: str, steps: int, size: str) -> dict:
 
 
 def cli_recipe(folder: Path, steps: int) -> Path:
-    """A LoRA recipe on SmolLM2-135M-Instruct and the alpaca demo set (real variable-length chat data)."""
-    data = ASSETS / "data" / "llama_factory" / "alpaca_en_demo.json"
-    if not data.exists():
-        raise SystemExit(f"{data} is missing (set TUNESMITH_TEST_ASSETS to the shared assets folder)")
-    recipe = {
-        "model": {"name": "smollm2-135m-instruct"},
-        "data": {"train": str(data), "max_length": 512},
-        "method": {"kind": "lora", "r": 16, "alpha": 32, "dropout": 0.0, "targets": "all-linear"},
-        "train": {"max_steps": steps, "batch_size": 8, "lr": 2e-4, "schedule": "constant", "log_every": 1,
-                  "seed": 0},
-        "output": {"dir": str(folder / "run"), "overwrite": True},
-    }
+    """The LoRA recipe of ``speed.py --model smollm2``: SmolLM2-135M-Instruct on the alpaca demo set."""
+    sys.path.insert(0, str(HERE))
+    import speed
+
     path = folder / "recipe.yaml"
-    path.write_text(json.dumps(recipe))  # JSON is YAML
+    path.write_text(json.dumps(speed.smollm2_recipe(folder, "lora", steps, {})))  # JSON is YAML
     return path
 
 
@@ -118,9 +109,7 @@ def run_cli_workload(policy: str, steps: int) -> dict:
         tokens = sum(r["tokens"] - previous["tokens"] for previous, r in zip(records, records[1:]) if r in timed)
         seconds = sum((r["tokens"] - previous["tokens"]) / r["tokens_per_s"]
                       for previous, r in zip(records, records[1:]) if r in timed)
-        first = next(line for line in done.stdout.splitlines() if line.startswith("threads:")) \
-            if "threads:" in done.stdout else ""
-        return {"tokens_per_s": tokens / seconds, "threads": first}
+        return {"tokens_per_s": tokens / seconds, "threads": "torch's"}
 
 
 def run_workload(workload: str, policy: str, steps: int) -> dict:

@@ -307,16 +307,23 @@ def worker(args) -> dict:
 
 # ---------------------------------------------------------------- the comparison
 
-def stack_environment(stack: str) -> dict:
-    """tunesmith runs with the thread policy its CLI sets at start; the reference with torch's defaults."""
+def stack_environment(stack: str, reference_policy: str) -> dict:
+    """tunesmith runs with the thread policy its CLI sets at start (idle OpenMP threads sleep).
+
+    The reference gets the same policy by default, so that the ratios compare the stacks, not the
+    policies (on a busy machine torch's spin-waiting alone makes it several times slower:
+    benchmarks/busy.py); ``--reference-policy torch`` gives it torch's defaults instead.
+    """
     from tunesmith.runtime import thread_environment
 
     env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
-    return {**env, **thread_environment(env)} if stack == "tunesmith" else env
+    same = stack == "tunesmith" or reference_policy == "tunesmith"
+    return {**env, **thread_environment(env)} if same else env
 
 
-def run_configuration(size: str, stack: str, method: str, steps: int, speed: dict, threads) -> dict:
-    env = stack_environment(stack)
+def run_configuration(size: str, stack: str, method: str, steps: int, speed: dict, threads,
+                      reference_policy: str = "tunesmith") -> dict:
+    env = stack_environment(stack, reference_policy)
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
     if size == "smollm2" and stack == "tunesmith":
@@ -385,6 +392,9 @@ def main() -> None:
                         help=f"comma-separated reference configurations: {', '.join(REFERENCES)}")
     parser.add_argument("--speed", default="{}", help="tunesmith's train.speed as JSON (default: its defaults)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads in every run (default: torch's)")
+    parser.add_argument("--reference-policy", choices=("tunesmith", "torch"), default="tunesmith",
+                        help="the reference's OpenMP wait policy: tunesmith's (the default, so that only the "
+                        "stacks differ) or torch's own")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--size", default="S", help=argparse.SUPPRESS)
     parser.add_argument("--stack", help=argparse.SUPPRESS)
@@ -400,6 +410,7 @@ def main() -> None:
     shape = MODELS.get(size, "SmolLM2-135M-Instruct, alpaca_en_demo.json, max_length 512")
     print(f"model {size}: {shape}; batch {BATCH}; {args.steps} steps; {args.repeats} repeats; "
           f"tunesmith train.speed = {args.speed}; {torch.get_num_threads()} threads; "
+          f"reference wait policy: {args.reference_policy}'s; "
           f"load average before: {os.getloadavg()[0]:.2f}", flush=True)
     if size == "smollm2":
         from tunesmith.models.smollm2 import ensure_smollm2_folder
@@ -411,7 +422,8 @@ def main() -> None:
     for repeat in range(args.repeats):
         for method in args.methods.split(","):
             for stack in stacks:
-                run = run_configuration(size, stack, method, args.steps, json.loads(args.speed), args.threads)
+                run = run_configuration(size, stack, method, args.steps, json.loads(args.speed), args.threads,
+                                        args.reference_policy)
                 results.setdefault((stack, method), []).append(run)
                 print(f"repeat {repeat + 1} {method:4} {stack:19}: {run['tokens_per_s']:7.0f} tokens/s, "
                       f"{run['peak_rss_mb']:6.0f} MB, final loss {run['final_loss']:.4f}, "
