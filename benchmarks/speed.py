@@ -185,11 +185,12 @@ def run_reference(model, examples, steps: int, lora: bool, config: str,
 def run_tunesmith(model, examples, steps: int, lora: bool, speed: dict) -> tuple[list[float], list[float]]:
     """tunesmith's loop with ``train.speed`` options, examples in the given order."""
     from tunesmith.config import EvalSection, FullMethod, LoraMethod, SpeedSection, TrainSection
-    from tunesmith.data.dataset import PreparedData
+    from tunesmith.data.prepared import PreparedData
     from tunesmith.methods import build_method
     from tunesmith.runtime import Runtime
     from tunesmith.training.hooks import Hook
-    from tunesmith.training.loop import Trainer
+    from tunesmith.training.loop import LoopSeams, Trainer
+    from tunesmith.training.objective import TokenCrossEntropy
     from tunesmith.training.speed import prepare_speed
 
     method = build_method(LoraMethod(r=16, alpha=32, dropout=0.0, targets="all-linear") if lora else FullMethod())
@@ -197,7 +198,7 @@ def run_tunesmith(model, examples, steps: int, lora: bool, speed: dict) -> tuple
     train = TrainSection(batch_size=BATCH, lr=LR, schedule="constant", max_steps=steps, log_every=10**6,
                          speed=SpeedSection(**speed))
     runtime = Runtime(torch.device("cpu"))
-    setup = prepare_speed(model, train.speed, train, runtime, [len(e.input_ids) for e in examples])
+    setup = prepare_speed(model, method, train.speed, train, runtime.device)
     stamps, losses = [], []
 
     class Clock(Hook):
@@ -206,8 +207,8 @@ def run_tunesmith(model, examples, steps: int, lora: bool, speed: dict) -> tuple
             losses.append(record["loss"])
 
     data = PreparedData(train=examples, validation=None, template="none")
-    trainer = Trainer(model, method, data, train, EvalSection(), runtime, 0, hooks=[Clock()],
-                      **{**setup.seams, "sampler": InOrder(len(examples))})
+    seams = LoopSeams(TokenCrossEntropy(setup.token_loss, setup.collate_fn), InOrder(len(examples)), hooks=(Clock(),))
+    trainer = Trainer(model, method, data, train, EvalSection(), runtime, 0, seams)
     trainer.fit()
     return stamps, losses
 
@@ -223,6 +224,9 @@ class InOrder:
 
     def micro_batches(self, step: int) -> list[list[int]]:
         return [list(range(step * BATCH, (step + 1) * BATCH))]
+
+    def describe(self, step: int) -> dict:
+        return {}
 
 
 def smollm2_recipe(folder: Path, method: str, steps: int, speed: dict) -> dict:
@@ -245,7 +249,7 @@ def smollm2_reference(args) -> dict:
     from tunesmith.data import prepare_data
     from tunesmith.models import load_model_and_tokenizer
     from tunesmith.runtime import cache_dir
-    from tunesmith.training.batching import StepSampler
+    from tunesmith.training.sampler import StepSampler
 
     with tempfile.TemporaryDirectory() as folder:
         recipe = validate_recipe(smollm2_recipe(Path(folder), args.method, args.steps, {}))

@@ -6,8 +6,9 @@ import json
 from pathlib import Path
 
 from tunesmith.data.prepare.augment import (
-    AugmentSettings, augment_file, back_translation, causal_lm_translator, load_rewrite_model, similarity,
+    AugmentSettings, augment_file, back_translation, similarity,
 )
+from tunesmith.rewriters import causal_lm_translator, load_rewrite_model
 
 ROWS = [
     {"instruction": "Give three tips for staying healthy.", "input": "", "output": "Eat, sleep, move."},
@@ -95,7 +96,7 @@ def test_conversation_layouts_rewrite_user_turns_only(tmp_path):
 
 def test_back_translation_end_to_end_with_a_real_model(tmp_path, stories260k):
     """stories260k stands in for a translator: it cannot translate, so only the plumbing is judged."""
-    kind, model, tokenizer = load_rewrite_model(stories260k)
+    kind, model, tokenizer = load_rewrite_model(stories260k, tmp_path)
     assert kind == "causal"
     source = write(tmp_path / "in.jsonl", ROWS[:3])
     rewrite = back_translation(causal_lm_translator(model, tokenizer, max_new_tokens=12, batch_size=3), "English", "German")

@@ -106,6 +106,7 @@ def test_replay_reports_validation_per_source_and_logs_the_mixture_seen(runs):
 def test_ewc_fisher_is_cached_and_reused(runs, monkeypatch):
     from safetensors.torch import load_file
 
+    from tunesmith.assembly import run_identity
     from tunesmith.config import load_recipe
     from tunesmith.forgetting.fisher_cache import fisher_for_run
     from tunesmith.methods import build_method
@@ -120,7 +121,8 @@ def test_ewc_fisher_is_cached_and_reused(runs, monkeypatch):
     model, tokenizer = load_model_and_tokenizer(recipe.model, root / "cache")
     model = build_method(recipe.method).apply(model)
     messages = []
-    fisher = fisher_for_run(recipe, model, tokenizer, Runtime(torch.device("cpu")), say=messages.append)
+    fisher = fisher_for_run(recipe.regularise.ewc, run_identity(recipe), model, tokenizer, Runtime(torch.device("cpu")),
+                            say=messages.append)
     assert messages == [f"EWC: Fisher from cache {cached[0]}"]
     raw = load_file(cached[0])
     assert set(fisher) == {name for name, p in model.named_parameters()} == set(raw)

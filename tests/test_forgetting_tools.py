@@ -9,9 +9,10 @@ import torch
 from torch import nn
 
 from tunesmith.config import validate_recipe
-from tunesmith.config.forgetting import DataSourceSection
+from tunesmith.config import DataSourceSection
 from tunesmith.data.encode import EncodedExample
-from tunesmith.data.mixing import MixtureSampler, SourceSlice, mixture_weights, resolve_sources
+from tunesmith.data.mixing import SourceSlice, mixture_weights, resolve_sources
+from tunesmith.training.sampler import MixtureSampler
 from tunesmith.errors import TunesmithError
 from tunesmith.forgetting.ewc import diagonal_fisher, normalise_fisher
 from tunesmith.forgetting.regularisers import AnchorPenalty, add_neftune_noise, set_model_dropout

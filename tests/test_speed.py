@@ -10,14 +10,15 @@ import torch
 import torch.nn.functional as F
 
 from tunesmith.config import EvalSection, FullMethod, SpeedSection, TrainSection
-from tunesmith.data.dataset import PreparedData
+from tunesmith.data.prepared import PreparedData
 from tunesmith.data.encode import IGNORE_INDEX, EncodedExample
 from tunesmith.methods import build_method
 from tunesmith.runtime import Runtime
-from tunesmith.training.batching import StepSampler, collate
+from tunesmith.training.batching import collate
 from tunesmith.training.chunked_loss import LinearCrossEntropy, chunked_loss_sum, model_inputs, plain_loss_sum
-from tunesmith.training.length_grouping import LengthGroupedSampler
-from tunesmith.training.loop import Trainer
+from tunesmith.training.loop import LoopSeams, Trainer
+from tunesmith.training.objective import TokenCrossEntropy
+from tunesmith.training.sampler import LengthGroupedSampler, StepSampler, build_sampler
 from tunesmith.training.loss import count_real_tokens, count_target_tokens
 from tunesmith.training.packing import VARLEN_ATTENTION, enable_packed_attention, pack_collate, restore_attention
 from tunesmith.training.speed import autocast_choice, autocast_dtype, native_bfloat16, prepare_speed
@@ -157,16 +158,16 @@ def test_bfloat16_autocast_close_to_float32(stories260k) -> None:
     model = load_stories(stories260k)
     batch = pack_collate(make_examples(6), 0)
     enable_packed_attention(model)
-    train = TrainSection()
-    full = prepare_speed(model, SpeedSection(autocast="off"), train, CPU, [])
-    fast = prepare_speed(model, SpeedSection(autocast="bfloat16"), train, CPU, [])
+    train, method = TrainSection(), build_method(FullMethod())
+    full = prepare_speed(model, method, SpeedSection(autocast="off"), train, CPU.device)
+    fast = prepare_speed(model, method, SpeedSection(autocast="bfloat16"), train, CPU.device)
     assert full.autocast_dtype is None and fast.autocast_dtype is torch.bfloat16
 
-    reference = full.loss_fn(model, batch)
+    reference = full.token_loss(model, batch)
     reference.backward()
     reference_grad = torch.cat([p.grad.flatten() for p in model.parameters()])
     model.zero_grad(set_to_none=True)
-    autocast = fast.loss_fn(model, batch)
+    autocast = fast.token_loss(model, batch)
     autocast.backward()
     autocast_grad = torch.cat([p.grad.flatten() for p in model.parameters()])
 
@@ -213,8 +214,10 @@ def train_losses(model_path: str, speed: SpeedSection, examples: list[EncodedExa
     model = method.apply(model)
     train = TrainSection(batch_size=3, grad_accum=2, max_steps=2, lr=1e-3, schedule="constant", log_every=1,
                          speed=speed)
-    setup = prepare_speed(model, speed, train, CPU, [len(e.input_ids) for e in examples])
+    setup = prepare_speed(model, method, speed, train, CPU.device)
     data = PreparedData(train=examples, validation=None, template="none")
+    lengths = [len(e.input_ids) for e in examples] if setup.group_by_length else None
+    sampler = build_sampler(len(examples), [], train.batch_size, train.grad_accum, 1, 0, train.seed, lengths)
     losses = []
 
     class Record:
@@ -223,7 +226,8 @@ def train_losses(model_path: str, speed: SpeedSection, examples: list[EncodedExa
         def on_log(self, record): ...
         def on_train_end(self): ...
 
-    Trainer(model, method, data, train, EvalSection(), CPU, 0, hooks=[Record()], **setup.seams).fit()
+    seams = LoopSeams(TokenCrossEntropy(setup.token_loss, setup.collate_fn), sampler, hooks=(Record(),))
+    Trainer(model, method, data, train, EvalSection(), CPU, 0, seams).fit()
     return losses
 
 

@@ -10,20 +10,19 @@ from typing import Optional, Sequence
 
 import torch
 
+from tunesmith.assembly import assemble_loop, build_safeguards
 from tunesmith.config import Recipe, recipe_to_yaml
-from tunesmith.data import prepare_data
 from tunesmith.errors import TunesmithError
 from tunesmith.evaluation import run_generation_task
 from tunesmith.evaluation.compare import report_after_training
-from tunesmith.forgetting.safeguards import Safeguards
+from tunesmith.files import atomic_folder, write_text_atomic
 from tunesmith.methods import build_method, count_parameters
 from tunesmith.models import load_model_and_tokenizer
-from tunesmith.runtime import Runtime, cache_dir, init_runtime, peak_memory_mb, shutdown_runtime
+from tunesmith.runtime import Runtime, init_runtime, peak_memory_mb, shutdown_runtime
+from tunesmith.stages import build_stage
 from tunesmith.training.checkpoint import latest_checkpoint
-from tunesmith.training.hooks import Hook, MetricsFile, ProgressBar, TensorBoard
+from tunesmith.training.hooks import Hook
 from tunesmith.training.loop import Trainer
-from tunesmith.training.packing import restore_attention
-from tunesmith.training.speed import prepare_speed
 
 logger = logging.getLogger(__name__)
 
@@ -53,55 +52,65 @@ def finetune(recipe: Recipe, resume: bool = False, extra_hooks: Sequence[Hook] =
             (out / "config.yaml").write_text(recipe_to_yaml(recipe))
         torch.manual_seed(recipe.train.seed)
         say = print if runtime.is_main else (lambda *args, **kwargs: None)
-        model, tokenizer = load_model_and_tokenizer(recipe.model, cache_dir(), runtime.device)
-        data = prepare_data(recipe.data, tokenizer, recipe.train.seed)
+        model, tokenizer = load_model_and_tokenizer(recipe.model, runtime.cache, runtime.device)
+        stage = build_stage(recipe.stage)
+        data = stage.prepare_data(recipe.data, tokenizer, recipe.train.seed, runtime.cache)
         for split, stats in data.stats.items():
             say(stats.describe(split))
         task_before = evaluate_task(model, tokenizer, recipe, runtime, out / "task_before.json", "before training",
                                     reuse_saved=True)
-        safeguards = Safeguards(recipe, runtime, out, say, progress)
+        safeguards = build_safeguards(recipe, runtime, out, say, progress)
         safeguards.before_method(model, tokenizer, data)
         method = build_method(recipe.method)
-        model = method.apply(model)
-        trainable, total = count_parameters(model)
-        say(f"method {method.kind}: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.3f}%)")
-        speed = prepare_speed(model, recipe.train.speed, recipe.train, runtime, [len(e.input_ids) for e in data.train],
-                              base_sampler=safeguards.sampler(data))
-        say(speed.describe())
-        trainer = Trainer(model, method, data, recipe.train, recipe.eval, runtime, tokenizer.pad_token_id,
-                          checkpoint_dir=out / "checkpoints", penalties=safeguards.penalties(model, tokenizer, method),
-                          **speed.seams)
+        model = method.apply(stage.prepare_model(model))
+        parameters = count_parameters(model)  # before gradual unfreezing adds any
+        say(describe_parameters(method, parameters))
+        loop = assemble_loop(recipe, stage, model, method, tokenizer, data, safeguards, runtime, out, say, progress,
+                             extra_hooks)
+        trainer = Trainer(model, method, data, recipe.train, recipe.eval, runtime, tokenizer.pad_token_id, loop.seams,
+                          checkpoint_dir=out / "checkpoints")
         if method.summary():
             say(method.summary())
         if resume:
             checkpoint = latest_checkpoint(out / "checkpoints")
             trainer.resume(checkpoint)
             say(f"resuming from {checkpoint} (step {trainer.state.step} of {trainer.total_steps})")
-        if runtime.is_main:
-            trainer.hooks = build_hooks(recipe, out, progress, extra_hooks, trainer.state.step if resume else None)
         try:
             result = trainer.fit()
         except KeyboardInterrupt:
             raise Interrupted(interrupted_message(out, recipe_path)) from None
-        restore_attention(model)
+        finally:
+            loop.speed.undo()  # e.g. transformers' own attention again, before anything is saved
         forgetting = safeguards.after_training(model, tokenizer, data)
         if runtime.is_main:
             save_result(method, model, tokenizer, out, recipe, data.template)
         task_after = evaluate_task(model, tokenizer, recipe, runtime, out / "task_after.json", "after training")
-        summary = summarise(result, method, data, runtime, out, (trainable, total))
-        if forgetting:
-            summary["forgetting"] = forgetting
-        if task_before is not None and task_after is not None:
-            summary["task"] = {"metric": task_after["metric"], "before": task_before["score"], "after": task_after["score"]}
-            say(f"{task_after['metric']} on {recipe.eval.task.file}: before {task_before['score']:.3f} -> after {task_after['score']:.3f}")
-        if recipe.eval.report is not None and runtime.is_main:
-            summary["report"] = report_after_training(recipe, out, str(runtime.device))
-        if runtime.is_main:
-            (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-            say(f"saved {method.artifact} to {out / method.artifact}; summary in {out / 'summary.json'}")
-        return summary
+        return finish(recipe, result, method, data, runtime, out, parameters, forgetting, task_before, task_after, say)
     finally:
         shutdown_runtime(runtime)
+
+
+def describe_parameters(method, parameters: tuple[int, int]) -> str:
+    trainable, total = parameters
+    return f"method {method.kind}: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.3f}%)"
+
+
+def finish(recipe: Recipe, result, method, data, runtime: Runtime, out: Path, parameters: tuple[int, int],
+           forgetting: dict, task_before: Optional[dict], task_after: Optional[dict], say) -> dict:
+    """The summary: headline numbers, forgetting, task before/after, the report; written by the main process."""
+    summary = summarise(result, method, data, runtime, out, parameters)
+    if forgetting:
+        summary["forgetting"] = forgetting
+    if task_before is not None and task_after is not None:
+        summary["task"] = {"metric": task_after["metric"], "before": task_before["score"], "after": task_after["score"]}
+        say(f"{task_after['metric']} on {recipe.eval.task.file}: before {task_before['score']:.3f} -> after "
+            f"{task_after['score']:.3f}")
+    if recipe.eval.report is not None and runtime.is_main:
+        summary["report"] = report_after_training(recipe, out, str(runtime.device))
+    if runtime.is_main:
+        write_text_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+        say(f"saved {method.artifact} to {out / method.artifact}; summary in {out / 'summary.json'}")
+    return summary
 
 
 def summarise(result, method, data, runtime: Runtime, out: Path, parameters: tuple[int, int]) -> dict:
@@ -152,15 +161,6 @@ def prepare_output_dir(out: Path, resume: bool, overwrite: bool, runtime: Runtim
     return out
 
 
-def build_hooks(recipe: Recipe, out: Path, progress: bool, extra_hooks: Sequence[Hook],
-                resume_step: Optional[int]) -> list[Hook]:
-    """The main process's hooks: metrics file, progress bar, TensorBoard, and the caller's own."""
-    hooks: list[Hook] = [MetricsFile(out / "metrics.jsonl", resume_step), *extra_hooks]
-    hooks += [ProgressBar()] if progress else []
-    hooks += [TensorBoard(out / "tensorboard")] if recipe.output.tensorboard else []
-    return hooks
-
-
 def evaluate_task(model, tokenizer, recipe: Recipe, runtime: Runtime, cache: Path, when: str,
                   reuse_saved: bool = False) -> Optional[dict]:
     """Score the recipe's task (main process only); the before-training score is kept for resumes."""
@@ -180,14 +180,10 @@ def evaluate_task(model, tokenizer, recipe: Recipe, runtime: Runtime, cache: Pat
 def save_result(method, model, tokenizer, out: Path, recipe: Recipe, template: str) -> Path:
     """Write the result folder atomically: method artifact, tokenizer (with the chat template), manifest."""
     final = out / method.artifact
-    partial = out / f".{method.artifact}.partial"
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir()
-    method.save(model, partial)
-    tokenizer.save_pretrained(partial)
-    method.write_manifest(partial, base_model=recipe.model.name, template=template)
-    shutil.rmtree(final, ignore_errors=True)
-    partial.rename(final)
+    with atomic_folder(final) as partial:
+        method.save(model, partial)
+        tokenizer.save_pretrained(partial)
+        method.write_manifest(partial, base_model=recipe.model.name, template=template)
     return final
 
 

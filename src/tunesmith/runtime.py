@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import resource
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Mapping
 
@@ -29,12 +29,14 @@ class Runtime:
         rank: Global rank of this process (0 when not distributed).
         local_rank: Rank on this machine.
         world_size: Number of processes training together.
+        cache: tunesmith's cache folder (converted models, prepared data, Fisher estimates).
     """
 
     device: torch.device
     rank: int = 0
     local_rank: int = 0
     world_size: int = 1
+    cache: Path = field(default_factory=lambda: cache_dir())
 
     @property
     def distributed(self) -> bool:

@@ -236,9 +236,10 @@ def cmd_augment(args: argparse.Namespace) -> int:
 
 def _model_rewriter(args: argparse.Namespace, name: str, direction: str):
     """A translator (back-translation) or rewriter (paraphrase) around the named model."""
-    from tunesmith.data.prepare import augment
+    from tunesmith import rewriters as augment
+    from tunesmith.runtime import cache_dir
 
-    kind, model, tokenizer = augment.load_rewrite_model(name, args.device)
+    kind, model, tokenizer = augment.load_rewrite_model(name, cache_dir(), args.device)
     if kind == "seq2seq":
         rewrite = augment.seq2seq_rewriter(model, tokenizer, args.max_new_tokens, args.batch_size, args.prefix)
         return rewrite if args.method == "paraphrase" else (lambda texts, source, target: rewrite(texts))

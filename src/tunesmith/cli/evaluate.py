@@ -82,15 +82,13 @@ def print_comparison(comparison: dict) -> None:
 
 
 def cmd_loss(args: argparse.Namespace) -> int:
-    from tunesmith.config import DataSection
-    from tunesmith.data.dataset import encode_all, load_examples
+    from tunesmith.data.prepared import encode_all, load_examples
     from tunesmith.evaluation import evaluate_loss
     from tunesmith.runtime import Runtime, pick_device
 
     model, tokenizer = load_model_from_args(args)
-    section = DataSection(train=(args.data,), format=args.format, max_length=args.max_length)
     examples, _ = load_examples(args.data, args.format)
-    encoded, stats = encode_all(examples, tokenizer, section, "evaluation")
+    encoded, stats = encode_all(examples, tokenizer, args.max_length, "evaluation")
     runtime = Runtime(device=pick_device(args.device.split(":")[0]))
     metrics = evaluate_loss(model, encoded, args.batch_size, tokenizer.pad_token_id, runtime)
     print(json.dumps({"data": args.data, "examples": len(encoded), **metrics}, indent=2))

@@ -1,27 +1,31 @@
 """Recipes: the typed, frozen description of a run."""
 
+from tunesmith.config.data import DataSection, DataSourceSection
+from tunesmith.config.forgetting import EwcSection, RegulariseSection, RetainSection
 from tunesmith.config.loader import apply_override, load_recipe, recipe_to_yaml, validate_recipe
 from tunesmith.config.methods import FullMethod, LoraMethod, MethodSection, PartialMethod
 from tunesmith.config.recipe import (
-    DataSection,
-    EarlyStoppingSection,
     EvalReportSection,
     EvalSection,
     GenerationTaskSection,
     ModelSection,
     OutputSection,
     Recipe,
-    TrainSection,
 )
 from tunesmith.config.schema import schema_text
 from tunesmith.config.speed import SpeedSection
+from tunesmith.config.stages import SftStage, StageSection
+from tunesmith.config.train import EarlyStoppingSection, GaloreSection, TrainSection
 
 __all__ = [
     "DataSection",
+    "DataSourceSection",
     "EarlyStoppingSection",
     "EvalReportSection",
     "EvalSection",
+    "EwcSection",
     "FullMethod",
+    "GaloreSection",
     "GenerationTaskSection",
     "LoraMethod",
     "MethodSection",
@@ -29,7 +33,11 @@ __all__ = [
     "OutputSection",
     "PartialMethod",
     "Recipe",
+    "RegulariseSection",
+    "RetainSection",
+    "SftStage",
     "SpeedSection",
+    "StageSection",
     "TrainSection",
     "apply_override",
     "load_recipe",

@@ -1,4 +1,4 @@
-"""Recipe sections against catastrophic forgetting: regularisers, data mixing, the retain suite, GaLore.
+"""Recipe sections against catastrophic forgetting: regularisers and the retain suite.
 
 They are additive: a recipe without them trains exactly as before.
 """
@@ -10,27 +10,6 @@ from typing import Literal, Optional
 from pydantic import Field, field_validator
 
 from tunesmith.config.base import Section
-
-
-class DataSourceSection(Section):
-    """One data source of a mixture (``data.sources``), e.g. the task data or a general 'replay' set."""
-
-    name: str = Field(..., description="Short name used in logs and per-source validation metrics.")
-    train: tuple[str, ...] = Field(..., description="Training file(s) of this source (any supported format).")
-    format: str = Field("auto", description="Record layout of this source's files (as data.format).")
-    weight: Optional[float] = Field(
-        None, gt=0, description="Sampling weight (normalised over sources); leave every weight empty "
-        "to use temperature-based weights from data.mix_temperature."
-    )
-    validation: Optional[str] = Field(None, description="Validation file of this source.")
-    validation_fraction: float = Field(
-        0.0, ge=0.0, lt=1.0, description="Share of this source held out for validation."
-    )
-
-    @field_validator("train", mode="before")
-    @classmethod
-    def _one_or_many(cls, value: object) -> object:
-        return (value,) if isinstance(value, str) else value
 
 
 class EwcSection(Section):
@@ -94,14 +73,3 @@ class RetainSection(Section):
     @classmethod
     def _one_or_many(cls, value: object) -> object:
         return (value,) if isinstance(value, str) else value
-
-
-class GaloreSection(Section):
-    """GaLore (gradient low-rank projection) settings, used when ``train.optimizer`` is galore_adamw."""
-
-    rank: int = Field(128, ge=1, description="Rank of the projected gradients and optimizer states.")
-    update_proj_gap: int = Field(200, ge=1, description="Steps between recomputing the projection.")
-    scale: float = Field(0.25, gt=0, description="Scale of the projected-back update.")
-    proj_type: Literal["std", "reverse_std", "left", "right", "full"] = Field(
-        "std", description="Which side of each weight matrix is projected."
-    )

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from tunesmith.errors import TunesmithError
+from tunesmith.evaluation.results import task_result
 from tunesmith.evaluation.tasks import LmEvalTask
 
 
@@ -29,7 +30,6 @@ def run_harness_tasks(model, tokenizer, task: LmEvalTask) -> dict[str, Any]:
         from lm_eval.tasks import TaskManager
     except ImportError:
         raise TunesmithError("task kind 'lm_eval' needs lm-evaluation-harness: pip install 'tunesmith[lm-eval]'") from None
-    from tunesmith.evaluation.runners import task_result
 
     wrapped = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=task.batch_size)
     manager = TaskManager(include_path=task.include_path) if task.include_path else TaskManager()

@@ -8,6 +8,8 @@ import io
 from pathlib import Path
 from typing import Optional
 
+from tunesmith.files import write_text_atomic
+
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2rem auto; max-width: 60rem; color: #222; }
 table { border-collapse: collapse; margin: 1rem 0; } td, th { border: 1px solid #ccc; padding: .3rem .6rem; }
@@ -160,10 +162,4 @@ def render_report(document: dict) -> str:
 
 def write_report(document: dict, path: Path) -> Path:
     """Write ``report.html`` next to the results (temporary sibling, then rename)."""
-    import os
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.partial")
-    partial.write_text(render_report(document), encoding="utf-8")
-    os.replace(partial, path)
-    return path
+    return write_text_atomic(path, render_report(document))

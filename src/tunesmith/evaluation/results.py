@@ -20,9 +20,10 @@ from __future__ import annotations
 
 import datetime
 import json
-import os
 from pathlib import Path
 from typing import Any, Optional
+
+from tunesmith.files import write_text_atomic
 
 SCHEMA_VERSION = 1
 RESULT_KEYS = ("schema_version", "created", "tunesmith_version", "runs", "comparison", "training")
@@ -111,11 +112,7 @@ def read_loss_curve(metrics_file: Path) -> Optional[dict]:
 
 def write_json_atomically(document: dict, path: Path) -> Path:
     """Write ``document`` to a temporary sibling and rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.partial")
-    partial.write_text(json.dumps(document, indent=2) + "\n")
-    os.replace(partial, path)
-    return path
+    return write_text_atomic(path, json.dumps(document, indent=2) + "\n")
 
 
 def check_document(document: dict[str, Any]) -> None:
@@ -133,3 +130,12 @@ def check_document(document: dict[str, Any]) -> None:
                 missing = [k for k in TASK_RESULT_KEYS if k not in result]
                 if missing:
                     raise ValueError(f"{run_name}/{suite_name}/{task_name} lacks {missing}")
+
+
+def task_result(kind: str, metric: str, metrics: dict[str, float], count: int, *, details: dict | None = None,
+                tokenisation: dict | None = None, samples: list | None = None,
+                lower_is_better: bool = False) -> dict[str, Any]:
+    """The common result form of every task."""
+    return {"kind": kind, "metric": metric, "score": metrics[metric], "lower_is_better": lower_is_better,
+            "metrics": metrics, "count": count, "details": details or {}, "tokenisation": tokenisation or {},
+            "samples": samples or []}

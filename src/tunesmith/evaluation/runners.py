@@ -12,23 +12,16 @@ from pathlib import Path
 from typing import Any, Callable
 
 from tunesmith.evaluation import benchmarks
+from tunesmith.evaluation.harness import run_harness_tasks
 from tunesmith.evaluation.multiple_choice import MultipleChoiceResult, PromptStyle, evaluate_multiple_choice
 from tunesmith.evaluation.metrics import compute_metrics
+from tunesmith.evaluation.results import task_result
 from tunesmith.evaluation.tasks import (BiasTask, ClassificationTask, GenerationTask, LmEvalTask, MmluTask,
                                         MultipleChoiceTask, PerplexityTask)
 from tunesmith.registry import Registry
 
 TaskRunner = Callable[..., dict[str, Any]]
 TASK_RUNNERS: Registry[TaskRunner] = Registry("evaluation task kind")
-
-
-def task_result(kind: str, metric: str, metrics: dict[str, float], count: int, *, details: dict | None = None,
-                tokenisation: dict | None = None, samples: list | None = None,
-                lower_is_better: bool = False) -> dict[str, Any]:
-    """The common result form of every task."""
-    return {"kind": kind, "metric": metric, "score": metrics[metric], "lower_is_better": lower_is_better,
-            "metrics": metrics, "count": count, "details": details or {}, "tokenisation": tokenisation or {},
-            "samples": samples or []}
 
 
 def choice_result(kind: str, result: MultipleChoiceResult, metric: str = "accuracy") -> dict[str, Any]:
@@ -81,15 +74,13 @@ def run_classification(model, tokenizer, task: ClassificationTask) -> dict[str, 
 @TASK_RUNNERS.register("perplexity")
 def run_perplexity(model, tokenizer, task: PerplexityTask) -> dict[str, Any]:
     """Loss and perplexity on a data file, encoded exactly as training encodes it."""
-    from tunesmith.config import DataSection
-    from tunesmith.data.dataset import encode_all, load_examples
-    from tunesmith.evaluation.perplexity import evaluate_loss
+    from tunesmith.data.prepared import encode_all, load_examples
     from tunesmith.runtime import Runtime
+    from tunesmith.training.validation import evaluate_loss
 
     examples, _ = load_examples(task.path, task.format)
     examples = examples[: task.limit] if task.limit else examples
-    section = DataSection(train=(task.path,), format=task.format, max_length=task.max_length)
-    encoded, _ = encode_all(examples, tokenizer, section, "evaluation")
+    encoded, _ = encode_all(examples, tokenizer, task.max_length, "evaluation")
     runtime = Runtime(device=next(model.parameters()).device)
     metrics = evaluate_loss(model, encoded, task.batch_size, tokenizer.pad_token_id, runtime)
     tokenisation = {"method": "as in training: chat template for conversations, BOS/EOS around plain text",
@@ -127,6 +118,4 @@ def run_bias(model, tokenizer, task: BiasTask) -> dict[str, Any]:
 @TASK_RUNNERS.register("lm_eval")
 def run_lm_eval(model, tokenizer, task: LmEvalTask) -> dict[str, Any]:
     """Tasks of lm-evaluation-harness on the loaded model (optional extra)."""
-    from tunesmith.evaluation.harness import run_harness_tasks
-
     return run_harness_tasks(model, tokenizer, task)

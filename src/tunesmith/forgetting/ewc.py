@@ -103,7 +103,7 @@ def save_cached_fisher(path: Path, fisher: dict[str, torch.Tensor], metadata: di
     """Write atomically (temporary sibling, then rename)."""
     from safetensors.torch import save_file
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(".partial")
-    save_file({n: f.contiguous().cpu() for n, f in fisher.items()}, str(partial), metadata=metadata)
-    partial.rename(path)
+    from tunesmith.files import atomic_path
+
+    with atomic_path(path) as partial:
+        save_file({n: f.contiguous().cpu() for n, f in fisher.items()}, str(partial), metadata=metadata)

@@ -4,20 +4,17 @@ from __future__ import annotations
 
 import torch
 
-from tunesmith.config import DataSection
-from tunesmith.config.forgetting import EwcSection
+from tunesmith.config import EwcSection
 from tunesmith.data.encode import EncodedExample
+from tunesmith.data.prepared import encode_all, load_examples
 
 
 def reference_examples(section: EwcSection, model, tokenizer, seed: int) -> list[EncodedExample]:
     """``section.samples`` encoded reference examples (every token is a target)."""
     if section.data == "generations":
         return sample_from_model(model, tokenizer, section.samples, section.max_length, seed)
-    from tunesmith.data.dataset import encode_all, load_examples
-
     examples, _ = load_examples(section.data, section.format)
-    encoding = DataSection(train=(section.data,), max_length=section.max_length, train_on="all")
-    encoded, _ = encode_all(examples[: section.samples], tokenizer, encoding, "EWC reference")
+    encoded, _ = encode_all(examples[: section.samples], tokenizer, section.max_length, "EWC reference", "all")
     return encoded
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Optional
 
-from tunesmith.config.forgetting import RetainSection
+from tunesmith.config import RetainSection
 from tunesmith.evaluation.suite import Suite, load_suite, run_suite
 from tunesmith.evaluation.tasks import MultipleChoiceTask, PerplexityTask
 

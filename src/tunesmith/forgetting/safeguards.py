@@ -1,8 +1,10 @@
 """What a run does against forgetting, as a few steps that ``finetune()`` calls by name.
 
 ``Safeguards`` sets dropout before the method is applied, measures the retain suite and the task loss
-before training, builds the penalties (EWC, L2-SP), NEFTune noise and the mixture sampler for the
-loop, and measures again afterwards. With none of it in the recipe every step does nothing.
+before training, contributes the penalties (EWC, L2-SP) and NEFTune noise to the loop's assembly,
+and measures again afterwards. It is given the sections it reads (``regularise``, ``retain``), not
+the whole recipe. With none of it in the recipe every step does nothing. (Replay is data mixing:
+``data.sources``, sampled by :class:`tunesmith.training.sampler.MixtureSampler`.)
 """
 
 from __future__ import annotations
@@ -13,21 +15,32 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 
-from tunesmith.config import Recipe
-from tunesmith.data.dataset import PreparedData
-from tunesmith.evaluation.perplexity import evaluate_loss
+from tunesmith.config import RegulariseSection, RetainSection
+from tunesmith.data.mixing import TRAIN_SOURCE
+from tunesmith.data.prepared import PreparedData
+from tunesmith.forgetting.fisher_cache import fisher_for_run
 from tunesmith.forgetting.regularisers import AnchorPenalty, add_neftune_noise, set_model_dropout
 from tunesmith.forgetting.retain import forgetting_report, measure_retained
 from tunesmith.runtime import Runtime
+from tunesmith.training.validation import evaluate_loss
 
 TASK_PROBE_EXAMPLES = 256  # training examples scored for the task gain when there is no validation data
 
 
 @dataclass
 class Safeguards:
-    """The recipe's protections against forgetting, and its measurement, for one run."""
+    """The recipe's protections against forgetting, and its measurement, for one run.
 
-    recipe: Recipe
+    Attributes:
+        identity: What the EWC Fisher cache is keyed by besides its own settings: ``model`` (name),
+            ``method`` (section as a dict) and ``seed``.
+        batch_size: Examples per batch when measuring the task loss (``eval.batch_size``).
+    """
+
+    regularise: RegulariseSection
+    retain: Optional[RetainSection]
+    identity: dict
+    batch_size: int
     runtime: Runtime
     out: Path
     say: Callable[..., None] = print
@@ -38,10 +51,10 @@ class Safeguards:
 
     def before_method(self, model, tokenizer, data: PreparedData) -> None:
         """Dropout rates; the retain suite and the task loss of the model before training."""
-        regularise = self.recipe.regularise
+        regularise = self.regularise
         for change in set_model_dropout(model, regularise.attention_dropout, regularise.hidden_dropout):
             self.say(f"regularise: {change}")
-        if self.recipe.retain is None:
+        if self.retain is None:
             return
         self.retain_before = self.cached(self.out / "retain_before.json",
                                          lambda: self.measure(model, tokenizer, "before training"))
@@ -53,12 +66,11 @@ class Safeguards:
 
         Call after the method is applied and before a resume loads later weights.
         """
-        regularise = self.recipe.regularise
+        regularise = self.regularise
         penalties = []
         if regularise.ewc is not None:
-            from tunesmith.forgetting.fisher_cache import fisher_for_run
-
-            fisher = fisher_for_run(self.recipe, model, tokenizer, self.runtime, self.say, self.progress)
+            fisher = fisher_for_run(regularise.ewc, self.identity, model, tokenizer, self.runtime, self.say,
+                                    self.progress)
             penalties.append(AnchorPenalty(model, regularise.ewc.strength, fisher, name="ewc"))
             self.say(f"regularise: EWC with strength {regularise.ewc.strength:g}")
         if regularise.l2sp:
@@ -69,23 +81,11 @@ class Safeguards:
             self.say(f"regularise: NEFTune noise alpha {regularise.neftune_alpha:g}")
         return penalties
 
-    def sampler(self, data: PreparedData):
-        """The mixture sampler when the recipe has data.sources, else None (the loop's default)."""
-        if not data.sources:
-            return None
-        from tunesmith.data.mixing import MixtureSampler
-
-        config = self.recipe.train
-        mixture = ", ".join(f"{s.name} {s.weight:.3f} ({s.count} examples)" for s in data.sources)
-        self.say(f"data mixture: {mixture}")
-        return MixtureSampler(data.sources, config.batch_size, config.grad_accum, self.runtime.world_size,
-                              self.runtime.rank, config.seed)
-
     def after_training(self, model, tokenizer, data: PreparedData) -> dict[str, Any]:
         """Remove the training-only hooks; measure again; the summary's ``forgetting`` block (or {})."""
         for handle in self.handles:
             handle.remove()
-        if self.recipe.retain is None:
+        if self.retain is None:
             return {}
         retain_after = self.measure(model, tokenizer, "after training")
         task_loss_after = self.task_loss(model, data, tokenizer.pad_token_id)
@@ -97,18 +97,16 @@ class Safeguards:
 
     def measure(self, model, tokenizer, when: str) -> dict:
         self.say(f"retain suite {when} ...")
-        return measure_retained(model, tokenizer, self.recipe.retain, progress=self.say)
+        return measure_retained(model, tokenizer, self.retain, progress=self.say)
 
     def task_loss(self, model, data: PreparedData, pad_token_id: int) -> float:
         """Loss of the task's validation data (source 'train' when mixing), else of early training examples."""
-        from tunesmith.data.mixing import TRAIN_SOURCE
-
         examples = data.validation_by_source.get(TRAIN_SOURCE) if data.sources else data.validation
         if not examples:
             task = data.sources[0] if data.sources else None
             examples = data.train[task.start : task.start + task.count] if task else data.train
             examples = examples[:TASK_PROBE_EXAMPLES]
-        return evaluate_loss(model, examples, self.recipe.eval.batch_size, pad_token_id, self.runtime)["loss"]
+        return evaluate_loss(model, examples, self.batch_size, pad_token_id, self.runtime)["loss"]
 
     def cached(self, path: Path, compute: Callable[[], Any]) -> Any:
         """Reuse a before-training measurement on resume (the model has moved on since)."""

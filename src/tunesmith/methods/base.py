@@ -39,6 +39,7 @@ class Method(ABC):
     kind: ClassVar[str]
     artifact: ClassVar[str]
     description: ClassVar[str] = ""
+    supports_packing: ClassVar[bool] = True  # False where every row gets virtual tokens prepended
 
     def __init__(self, config) -> None:
         self.config = config
@@ -90,6 +91,13 @@ class Method(ABC):
         trainable = [p for p in model.parameters() if p.requires_grad]
         return decay_groups(trainable, train_config.weight_decay)
 
+    def prepare_for_autocast(self, model: nn.Module) -> None:
+        """Adjust ``model`` (after :meth:`apply`) for training under autocast; nothing by default."""
+
+    def base_model(self, model: nn.Module) -> nn.Module:
+        """The transformers model inside what :meth:`apply` returned (its config, decoder, attention)."""
+        return base_model_of(model)
+
     # Shared behaviour, the same for every method.
 
     def trainable_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
@@ -117,6 +125,14 @@ class Method(ABC):
         """Record which method wrote ``directory`` so inference can load it back."""
         manifest = {"method": self.kind, "config": self.config.model_dump(mode="json"), **extra}
         (directory / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+def base_model_of(model: nn.Module) -> nn.Module:
+    """The transformers model inside DDP, tunesmith's and peft's wrappers (the model itself if none)."""
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        model = model.module
+    model = getattr(model, "peft_model", model)  # VirtualTokenModel
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:

@@ -36,6 +36,21 @@ class PeftMethod(Method):
     def save(self, model: nn.Module, directory: Path) -> None:
         model.save_pretrained(directory)
 
+    def prepare_for_autocast(self, model: nn.Module) -> None:
+        """Switch off peft's cast of each adapted layer's input to the adapter's dtype, where it is a no-op.
+
+        Under autocast that cast turns every adapted bfloat16 activation into float32, and autocast
+        turns it straight back (two copies per layer). Outside autocast it only matters when the base
+        weights and the adapters differ in dtype, so it is switched off only when all weights share one.
+        """
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        if len({p.dtype for p in model.parameters() if p.is_floating_point()}) != 1:
+            return
+        for module in model.modules():
+            if isinstance(module, BaseTunerLayer):
+                module.cast_input_dtype_enabled = False  # peft's own switch (peft.helpers.disable_input_dtype_casting)
+
     def load(self, base_model: nn.Module, directory: Path) -> nn.Module:
         from peft import PeftModel
 

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from tunesmith.errors import TunesmithError
-from tunesmith.methods.base import NotMergeable
+from tunesmith.methods.base import NotMergeable, base_model_of
 from tunesmith.methods.peft_method import PeftMethod
 
 
@@ -55,7 +55,7 @@ class VirtualTokenModel(nn.Module):
         virtual = torch.ones(batch_size, self.peft_config.num_virtual_tokens, dtype=attention_mask.dtype,
                              device=attention_mask.device)
         attention_mask = torch.cat([virtual, attention_mask], dim=1)  # (batch, virtual + seq)
-        base = self.peft_model.get_base_model()
+        base = base_model_of(self)
         if self.uses_prefix_cache:
             cache = {cache_argument(base): self.peft_model.get_prompt(batch_size=batch_size)}
             return base.generate(input_ids=input_ids, attention_mask=attention_mask, **cache, **kwargs)
@@ -76,6 +76,7 @@ class VirtualTokenMethod(PeftMethod):
     """A peft prompt-learning method; the model trains and generates through :class:`VirtualTokenModel`."""
 
     not_mergeable_because: str = ""
+    supports_packing = False  # virtual tokens are prepended to every row
 
     def apply(self, model: nn.Module) -> nn.Module:
         check_fits(model, self.kind, self.config.virtual_tokens)

@@ -32,8 +32,7 @@ def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def plain_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Summed next-token cross-entropy from the full logits (the reference the chunked loss must equal)."""
-    input_ids = batch["input_ids"]
-    logits = model(**model_inputs(batch), use_cache=False).logits[:, -input_ids.shape[1]:]  # (batch, seq, vocab)
+    logits = model(**model_inputs(batch), use_cache=False).logits  # (batch, seq, vocab); see loss.loss_sum
     return F.cross_entropy(logits[:, :-1].float().flatten(0, 1), batch["labels"][:, 1:].flatten(),
                            ignore_index=IGNORE_INDEX, reduction="sum")
 
@@ -56,7 +55,7 @@ def chunked_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor], chu
     input_ids = batch["input_ids"]
     no_positions = torch.zeros(0, dtype=torch.long, device=input_ids.device)
     output = model(**model_inputs(batch), use_cache=False, output_hidden_states=True, logits_to_keep=no_positions)
-    hidden = output.hidden_states[-1][:, -input_ids.shape[1]:]  # (batch, seq, hidden)
+    hidden = output.hidden_states[-1][:, -input_ids.shape[1]:]  # (batch, seq, hidden); virtual tokens dropped
     labels = batch["labels"][:, 1:]
     scored = labels != IGNORE_INDEX
     scored_hidden = hidden[:, :-1][scored]  # (targets, hidden)

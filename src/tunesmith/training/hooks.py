@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 
 class Hook:
@@ -54,13 +54,15 @@ class ProgressBar(Hook):
 class MetricsFile(Hook):
     """``metrics.jsonl``: one JSON object per logged step and evaluation."""
 
-    def __init__(self, path: Path, resume_step: Optional[int] = None) -> None:
+    def __init__(self, path: Path) -> None:
         self.path = path
-        if resume_step is not None and path.exists():
+
+    def on_train_start(self, total_steps: int, start_step: int) -> None:
+        if start_step and self.path.exists():
             # Drop what was logged after the checkpoint we resume from: it will be logged again.
-            kept = [line for line in path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-            path.write_text("".join(line + "\n" for line in kept))
+            kept = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= start_step]
+            self.path.write_text("".join(line + "\n" for line in kept))
 
     def on_log(self, record: dict[str, Any]) -> None:
         with self.path.open("a") as handle:

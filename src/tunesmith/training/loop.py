@@ -1,8 +1,9 @@
 """The training loop: one loop for every method, short enough to read in one sitting.
 
-Each optimizer step sees one global batch. Its loss is the sum of token losses divided by the
-target tokens of the whole global batch (over micro-batches and processes), so gradient
-accumulation and DistributedDataParallel give the same update as one large batch.
+Each optimizer step sees one global batch. Its loss is the objective's summed loss divided by the
+objective's units (target tokens, pairs, ...) of the whole global batch (over micro-batches and
+processes), so gradient accumulation and DistributedDataParallel give the same update as one large
+batch. Which stage, method and speed levers are running reaches the loop only through its seams.
 """
 
 from __future__ import annotations
@@ -11,26 +12,39 @@ import contextlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from tunesmith.config import EvalSection, TrainSection
-from tunesmith.data.dataset import PreparedData
-from tunesmith.data.encode import EncodedExample
-from tunesmith.evaluation.perplexity import evaluate_loss
+from tunesmith.data.prepared import PreparedData
 from tunesmith.methods.base import Method, decay_groups
 from tunesmith.runtime import Runtime
-from tunesmith.training.batching import StepSampler, collate
 from tunesmith.training.checkpoint import TrainState, load_checkpoint, save_checkpoint, set_rng_state
 from tunesmith.training.hooks import Hook
-from tunesmith.training.loss import count_real_tokens, count_target_tokens, loss_sum
+from tunesmith.training.objective import Objective
+from tunesmith.training.sampler import Sampler
 from tunesmith.training.schedule import add_param_groups, build_optimizer, build_scheduler
 
-LossFunction = Callable[[torch.nn.Module, dict], torch.Tensor]
 Penalty = Callable[[torch.nn.Module], torch.Tensor]
-Collate = Callable[[list[EncodedExample], int], dict]
+
+
+@dataclass(frozen=True)
+class LoopSeams:
+    """Everything the loop is told rather than asks, built once per run (:func:`tunesmith.assembly.assemble_loop`).
+
+    Attributes:
+        objective: What a batch is, its loss and its validation metrics (the stage's seam).
+        sampler: Which examples each step sees.
+        penalties: Terms added once per optimizer step to the mean loss (EWC, L2-SP, ...).
+        hooks: Progress bar, metrics file, ... (main process only; empty elsewhere).
+    """
+
+    objective: Objective
+    sampler: Sampler
+    penalties: tuple[Penalty, ...] = ()
+    hooks: tuple[Hook, ...] = ()
 
 
 @dataclass
@@ -46,15 +60,10 @@ class TrainResult:
 
 @dataclass
 class Trainer:
-    """Trains ``model`` (already prepared by ``method``) on ``data``.
+    """Trains ``model`` (already prepared by ``method``) on ``data`` through the run's ``seams``.
 
     Attributes:
         checkpoint_dir: Where checkpoints go (None: none are written).
-        hooks: Progress bar, metrics file, ... (main process only).
-        loss_fn: Sum of token losses of a batch; a seam for fused or chunked losses.
-        collate_fn: Examples -> tensors; a seam for packing.
-        penalties: Terms added once per optimizer step to the mean token loss (EWC, L2-SP, ...).
-        sampler: Which examples each step sees; default :class:`StepSampler` (a seam for mixing).
     """
 
     model: torch.nn.Module
@@ -64,18 +73,12 @@ class Trainer:
     eval_config: EvalSection
     runtime: Runtime
     pad_token_id: int
+    seams: LoopSeams
     checkpoint_dir: Optional[Path] = None
-    hooks: Sequence[Hook] = ()
-    loss_fn: LossFunction = loss_sum
-    collate_fn: Collate = collate
-    penalties: Sequence[Penalty] = ()
-    sampler: Optional[StepSampler] = None
 
     def __post_init__(self) -> None:
         config = self.train_config
-        if self.sampler is None:
-            self.sampler = StepSampler(len(self.data.train), config.batch_size, config.grad_accum,
-                                       self.runtime.world_size, self.runtime.rank, config.seed)
+        self.sampler, self.objective, self.hooks = self.seams.sampler, self.seams.objective, self.seams.hooks
         self.total_steps = config.max_steps or max(1, round(config.epochs * self.sampler.steps_per_epoch))
         self.method.bind_training(self.sampler.steps_per_epoch, self.total_steps)
         self.optimizer = build_optimizer(self.model, config, self.method.param_groups(self.model, config))
@@ -142,28 +145,28 @@ class Trainer:
         without packing.
         """
         self.add_trainable(step)
-        batches = [self.collate_fn([self.data.train[i] for i in indices], self.pad_token_id)
+        batches = [self.objective.collate([self.data.train[i] for i in indices], self.pad_token_id)
                    for indices in self.sampler.micro_batches(step)]
-        target_tokens = self.all_reduce_sum(sum(count_target_tokens(batch) for batch in batches))
-        real_tokens = self.all_reduce_sum(sum(count_real_tokens(batch) for batch in batches))
+        units = self.all_reduce_sum(sum(self.objective.units(batch) for batch in batches))
+        real_tokens = self.all_reduce_sum(sum(self.objective.real_tokens(batch) for batch in batches))
         step_loss = torch.zeros((), dtype=torch.float64)
         for index, batch in enumerate(batches):
             batch = {key: value.to(self.runtime.device) for key, value in batch.items()}
             is_last = index == len(batches) - 1
             sync = contextlib.nullcontext() if is_last or not self.runtime.distributed else self.wrapped.no_sync()
             with sync:
-                summed = self.loss_fn(self.wrapped, batch)
+                summed = self.objective.loss_sum(self.wrapped, batch)
                 # DDP averages gradients over processes; scaling by world size turns that into a sum.
-                (summed * self.runtime.world_size / target_tokens).backward()
+                (summed * self.runtime.world_size / units).backward()
             step_loss += summed.detach().double().cpu()
-        for penalty in self.penalties:
+        for penalty in self.seams.penalties:
             penalty(self.model).backward()  # the same on every process: no gradient sync needed
         if self.train_config.max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.train_config.max_grad_norm)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return self.all_reduce_sum(float(step_loss)) / target_tokens, int(real_tokens)
+        return self.all_reduce_sum(float(step_loss)) / units, int(real_tokens)
 
     def after_step(self, loss: float, tokens: int, seconds: float) -> None:
         """Logging, evaluation, early stopping and checkpointing after a step."""
@@ -174,8 +177,7 @@ class Trainer:
         for hook in self.hooks:
             hook.on_step(record)
         if step % self.train_config.log_every == 0 or step == self.total_steps:
-            describe = getattr(self.sampler, "describe", None)  # a mixing sampler reports the mixture seen
-            self.log({**record, **describe(step)} if describe else record)
+            self.log({**record, **self.sampler.describe(step)})  # e.g. the mixture seen so far
         every = self.eval_config.every_steps
         if self.data.validation and every and step % every == 0:
             self.log({"step": step, **{f"val_{k}": v for k, v in self.evaluate().items()}})
@@ -184,11 +186,11 @@ class Trainer:
             self.save_checkpoint()
 
     def evaluate(self) -> dict[str, float]:
-        """Validation loss and perplexity; updates early stopping."""
-        metrics = evaluate_loss(self.model, self.data.validation, self.eval_config.batch_size,
-                                self.pad_token_id, self.runtime)
+        """The objective's validation metrics (overall and per data source); updates early stopping."""
+        batch_size = self.eval_config.batch_size
+        metrics = self.objective.evaluate(self.model, self.data.validation, batch_size, self.pad_token_id, self.runtime)
         for source, examples in self.data.validation_by_source.items():
-            per_source = evaluate_loss(self.model, examples, self.eval_config.batch_size, self.pad_token_id, self.runtime)
+            per_source = self.objective.evaluate(self.model, examples, batch_size, self.pad_token_id, self.runtime)
             metrics.update({f"{name}/{source}": value for name, value in per_source.items() if name != "tokens"})
         stopping = self.train_config.early_stopping
         if stopping is not None:

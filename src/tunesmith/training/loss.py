@@ -25,10 +25,8 @@ def count_real_tokens(batch: dict[str, torch.Tensor]) -> int:
 
 def loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Sum of the next-token cross-entropy over the batch's target tokens (a scalar)."""
-    input_ids = batch["input_ids"]
-    logits = model(input_ids=input_ids, attention_mask=batch["attention_mask"]).logits
-    # Methods that prepend virtual tokens (prompt tuning) return longer logits: keep the real positions.
-    logits = logits[:, -input_ids.shape[1] :]  # (batch, seq, vocab)
+    # One logit row per input token: methods that prepend virtual tokens trim theirs (VirtualTokenModel).
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (batch, seq, vocab)
     shifted_logits = logits[:, :-1].float().reshape(-1, logits.shape[-1])
     shifted_labels = batch["labels"][:, 1:].reshape(-1)
     return F.cross_entropy(shifted_logits, shifted_labels, ignore_index=IGNORE_INDEX, reduction="sum")

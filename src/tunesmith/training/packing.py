@@ -97,19 +97,15 @@ def register_varlen_attention() -> None:
         AttentionMaskInterface.register(VARLEN_ATTENTION, sdpa_mask)
 
 
-def enable_packed_attention(model: torch.nn.Module) -> bool:
-    """Switch ``model`` to attention that honours packed boundaries, if it can.
+def enable_packed_attention(base: torch.nn.Module) -> bool:
+    """Switch the transformers model ``base`` to attention that honours packed boundaries, if it can.
 
-    Prompt-learning methods (virtual tokens prepended to every row) and models without SDPA
-    support cannot be packed; they keep padding.
+    Models without SDPA support cannot be packed (nor methods that prepend virtual tokens to every
+    row: the method says so, see ``Method.supports_packing``); they keep padding.
 
     Returns:
         Whether packed batches are now safe for this model.
     """
-    if getattr(getattr(model, "active_peft_config", None), "is_prompt_learning", False):
-        logger.info("packing off: the method prepends virtual tokens to every row")
-        return False
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
     current = getattr(base.config, "_attn_implementation", None)
     if current and current.startswith("flash_attention"):
         return True  # flash varlen kernels read cu_seq_lens themselves
@@ -121,8 +117,7 @@ def enable_packed_attention(model: torch.nn.Module) -> bool:
     return base.config._attn_implementation == VARLEN_ATTENTION
 
 
-def restore_attention(model: torch.nn.Module) -> None:
+def restore_attention(base: torch.nn.Module) -> None:
     """Back to transformers' own ``sdpa`` (before saving, so no artifact names our implementation)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
     if getattr(base.config, "_attn_implementation", None) == VARLEN_ATTENTION:
         base.set_attn_implementation("sdpa")

@@ -1,7 +1,7 @@
-"""From ``train.speed`` to the loop's seams: loss function, collation, sampler, model preparation.
+"""From ``train.speed`` to how a run computes: token loss, collation, autocast, model preparation.
 
-``finetune`` calls :func:`prepare_speed` once after the method is applied; the loop itself never
-asks which levers are on.
+The run's assembly (:mod:`tunesmith.assembly`) calls :func:`prepare_speed` once after the method is
+applied and hands the result to the stage; the loop itself never asks which levers are on.
 """
 
 from __future__ import annotations
@@ -9,43 +9,51 @@ from __future__ import annotations
 import functools
 import logging
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional
 
 import torch
 
 from tunesmith.config import SpeedSection, TrainSection
-from tunesmith.runtime import Runtime
-from tunesmith.training.batching import StepSampler, collate
+from tunesmith.methods.base import Method
+from tunesmith.training.batching import collate
 from tunesmith.training.chunked_loss import chunked_loss_sum, plain_loss_sum, unwrap
-from tunesmith.training.length_grouping import LengthGroupedSampler
-from tunesmith.training.packing import enable_packed_attention, pack_collate
+from tunesmith.training.packing import enable_packed_attention, pack_collate, restore_attention
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
 class SpeedSetup:
-    """What :func:`prepare_speed` decided; ``seams`` go straight into the loop's ``Trainer``.
+    """What :func:`prepare_speed` decided.
 
     Attributes:
+        token_loss: Summed next-token loss of a batch with the chosen levers (chunked, autocast).
+        collate_fn: Examples -> tensors: packed rows or padded batches.
         packing: Micro-batches are packed rows.
         autocast_dtype: The autocast dtype, or None for full precision.
+        group_by_length: Regroup each step's micro-batches by length (padding only, with accumulation).
         notes: One phrase per lever, for the run's log.
     """
 
-    loss_fn: Callable
+    token_loss: Callable
     collate_fn: Callable
-    sampler: Optional[object]
     packing: bool
     autocast_dtype: Optional[torch.dtype]
+    group_by_length: bool = False
     notes: list[str] = field(default_factory=list)
+    restore: list[Callable[[], None]] = field(default_factory=list)
 
-    @property
-    def seams(self) -> dict:
-        return {"loss_fn": self.loss_fn, "collate_fn": self.collate_fn, "sampler": self.sampler}
+    def under_autocast(self, loss_fn: Callable) -> Callable:
+        """``loss_fn`` with its forward under this run's autocast (itself when there is none)."""
+        return loss_fn if self.autocast_dtype is None else functools.partial(autocast_loss, loss_fn, self.autocast_dtype)
 
     def describe(self) -> str:
         return "speed: " + ", ".join(self.notes)
+
+    def undo(self) -> None:
+        """Put back what was switched process-wide or on the model (attention implementation, dynamo)."""
+        while self.restore:
+            self.restore.pop()()
 
 
 def native_bfloat16(device: torch.device) -> bool:
@@ -81,46 +89,44 @@ def autocast_choice(section: SpeedSection, device: torch.device) -> tuple[Option
     return torch.bfloat16, f"bfloat16 autocast (auto: {support})"
 
 
-def prepare_speed(model: torch.nn.Module, section: SpeedSection, train: TrainSection, runtime: Runtime,
-                  lengths: Sequence[int], base_sampler: Optional[object] = None) -> SpeedSetup:
-    """Prepare ``model`` in place and build the loop's seams for ``section``.
+def prepare_speed(model: torch.nn.Module, method: Method, section: SpeedSection, train: TrainSection,
+                  device: torch.device) -> SpeedSetup:
+    """Prepare ``model`` in place for ``section`` and say how batches and the token loss are made.
 
     Args:
         model: The model after ``method.apply`` (peft-wrapped or plain).
+        method: The method that wrapped it: it answers whether it packs and what autocast needs.
         section: The recipe's ``train.speed``.
-        train: The recipe's ``train`` (batch size, accumulation, seed).
-        runtime: Device, rank and world size.
-        lengths: Token length of every training example (for length grouping).
-        base_sampler: The run's sampler when it is not the default one (e.g. data mixing); length
-            grouping regroups within its steps.
+        train: The recipe's ``train`` (accumulation decides whether length grouping helps).
+        device: Where the model trains.
 
     Returns:
-        The seams and what was switched on.
+        The levers switched on; call :meth:`SpeedSetup.undo` when training ends.
     """
-    notes = []
-    packing = section.packing and enable_packed_attention(model)
+    notes, restore = [], []
+    base = method.base_model(model)
+    packing = section.packing and method.supports_packing and enable_packed_attention(base)
+    if packing:
+        restore.append(functools.partial(restore_attention, base))
     notes.append("packing" if packing else "padding")
     loss = functools.partial(chunked_loss_sum, chunk_tokens=section.loss_chunk_tokens) if section.chunked_loss \
         else plain_loss_sum
     notes.append(f"chunked loss ({section.loss_chunk_tokens} tokens)" if section.chunked_loss else "full logits")
-    dtype, why = autocast_choice(section, runtime.device)
+    dtype, why = autocast_choice(section, device)
     if dtype is not None:
         loss = functools.partial(autocast_loss, loss, dtype)
-        skip_adapter_input_casts(model)
+        method.prepare_for_autocast(model)
     notes.append(why)
     if section.activation_checkpointing:
-        enable_activation_checkpointing(model)
+        enable_activation_checkpointing(base)
         notes.append("activation checkpointing")
     if section.compile:
-        compile_decoder_layers(model)
+        restore.append(compile_decoder_layers(base))
         notes.append("torch.compile")
-    sampler = base_sampler
-    if section.group_by_length and not packing and train.grad_accum > 1:
-        sampler = LengthGroupedSampler(base_sampler or StepSampler(len(lengths), train.batch_size, train.grad_accum,
-                                                                   runtime.world_size, runtime.rank, train.seed),
-                                       lengths)
+    group = section.group_by_length and not packing and train.grad_accum > 1
+    if group:
         notes.append("length-grouped micro-batches")
-    return SpeedSetup(loss, pack_collate if packing else collate, sampler, packing, dtype, notes)
+    return SpeedSetup(loss, pack_collate if packing else collate, packing, dtype, group, notes, restore)
 
 
 def autocast_loss(loss_fn: Callable, dtype: torch.dtype, model: torch.nn.Module,
@@ -131,25 +137,8 @@ def autocast_loss(loss_fn: Callable, dtype: torch.dtype, model: torch.nn.Module,
         return loss_fn(model, batch)
 
 
-def skip_adapter_input_casts(model: torch.nn.Module) -> None:
-    """Switch off peft's cast of each adapted layer's input to the adapter's dtype, where it is a no-op.
-
-    Under autocast that cast turns every adapted bfloat16 activation into float32, and autocast
-    turns it straight back (two copies per layer). Outside autocast it only matters when the base
-    weights and the adapters differ in dtype, so it is switched off only when all weights share one.
-    """
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    if len({p.dtype for p in model.parameters() if p.is_floating_point()}) != 1:
-        return
-    for module in model.modules():
-        if isinstance(module, BaseTunerLayer):
-            module.cast_input_dtype_enabled = False  # peft's own switch (peft.helpers.disable_input_dtype_casting)
-
-
-def enable_activation_checkpointing(model: torch.nn.Module) -> None:
+def enable_activation_checkpointing(base: torch.nn.Module) -> None:
     """transformers' gradient checkpointing per decoder layer (non-reentrant: works with frozen inputs)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
     # transformers 5 renamed gradient_checkpointing_enable (the old name warns it will go in v6).
     if hasattr(base, "activation_checkpointing_enable"):
         base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -158,20 +147,28 @@ def enable_activation_checkpointing(model: torch.nn.Module) -> None:
     base.config.use_cache = False
 
 
-def compile_decoder_layers(model: torch.nn.Module) -> None:
+def compile_decoder_layers(base: torch.nn.Module) -> Callable[[], None]:
     """``torch.compile`` each decoder layer in place (dynamic shapes: packed rows vary in length).
 
     Compiling layers rather than the whole model keeps the per-example attention (a Python loop
     over boundaries) out of the graph. Where compilation fails, dynamo's ``suppress_errors``
     runs that layer eagerly instead of stopping the run.
+
+    Returns:
+        What puts dynamo's process-wide setting back.
     """
     import torch._dynamo
 
+    before = torch._dynamo.config.suppress_errors
     torch._dynamo.config.suppress_errors = True  # the fallback: eager where a graph cannot be compiled
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+
+    def restore() -> None:
+        torch._dynamo.config.suppress_errors = before
+
     layers = getattr(base.get_decoder(), "layers", None)
     if layers is None:
         logger.warning("torch.compile skipped: the model has no decoder.layers")
-        return
+        return restore
     for layer in layers:
         layer.compile(dynamic=True)
+    return restore

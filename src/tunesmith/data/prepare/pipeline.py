@@ -158,14 +158,20 @@ def _write_json_atomically(path: Path, data: dict[str, Any]) -> None:
     os.replace(name, path)
 
 
-def prepare_for_training(section, tokenizer, template: str) -> tuple[str, ...]:
+def prepare_for_training(section, tokenizer, template: str, cache: Optional[Path] = None) -> tuple[str, ...]:
     """The training files ``train`` reads: the recipe's own, or their prepared copies when
-    ``data.prepare`` is given (the small hook called by :func:`tunesmith.data.dataset.prepare_data`)."""
+    ``data.prepare`` is given (the small hook called by :func:`tunesmith.data.dataset.prepare_data`).
+
+    Prepared copies go to ``data.prepare.cache_dir``, else ``cache/prepared`` (``cache`` defaults to
+    tunesmith's cache folder)."""
     if section.prepare is None:
         return section.train
-    from tunesmith.runtime import cache_dir
+    if section.prepare.cache_dir:
+        root = Path(section.prepare.cache_dir)
+    else:
+        from tunesmith.runtime import cache_dir
 
-    root = Path(section.prepare.cache_dir) if section.prepare.cache_dir else cache_dir() / "prepared"
+        root = (cache or cache_dir()) / "prepared"
     options = FormatOptions(text_field=section.text_field, system_prompt=section.system_prompt)
     prepared = prepare_training_files(section.train, section.prepare, root, data_format=section.format,
                                       options=options, tokenizer=tokenizer, template=template)

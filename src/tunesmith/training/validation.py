@@ -1,4 +1,7 @@
-"""Loss and perplexity of a model on encoded examples (sharded over processes)."""
+"""Loss and perplexity of a model on encoded examples (sharded over processes).
+
+The validation metric of token-level stages; evaluation suites call it too.
+"""
 
 from __future__ import annotations
 

@@ -1,0 +1,54 @@
+"""The stage contract: what a run trains for, next to the method contract (how weights change).
+
+A run is data -> model -> method -> objective -> loop -> result. The stage owns the two ends that
+differ between supervised tuning, reward modelling, preference tuning and online RL: how the
+recipe's data becomes examples, and the :class:`~tunesmith.training.objective.Objective` the loop
+calls (what a batch is, its loss and its validation metrics). Adding a stage is one module here,
+its section in :mod:`tunesmith.config.stages`, and its test.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import ClassVar
+
+from torch import nn
+
+from tunesmith.config import DataSection
+from tunesmith.data.prepared import PreparedData
+from tunesmith.registry import Registry
+from tunesmith.training.objective import Objective
+from tunesmith.training.speed import SpeedSetup
+
+
+class Stage(ABC):
+    """One training stage, configured by the recipe's ``stage`` section.
+
+    Attributes:
+        kind: The ``stage.kind`` it is registered under.
+    """
+
+    kind: ClassVar[str]
+
+    def __init__(self, config) -> None:
+        self.config = config
+
+    @abstractmethod
+    def prepare_data(self, section: DataSection, tokenizer, seed: int, cache: Path) -> PreparedData:
+        """The training and validation examples of this stage, read from ``data``.
+
+        Raises:
+            TunesmithError: If the data lacks what the stage needs (the message names the layout expected).
+        """
+
+    def prepare_model(self, model: nn.Module) -> nn.Module:
+        """Adapt the loaded model before the method is applied (e.g. a scalar head); unchanged by default."""
+        return model
+
+    @abstractmethod
+    def objective(self, speed: SpeedSetup) -> Objective:
+        """The loop's objective, using the speed levers that apply to it (packing, fused loss, autocast)."""
+
+
+STAGES: Registry[type[Stage]] = Registry("stage")

@@ -1,0 +1,25 @@
+"""``stage: sft``: supervised tuning, next-token cross-entropy on the trained tokens."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tunesmith.config import DataSection
+from tunesmith.data import prepare_data
+from tunesmith.data.prepared import PreparedData
+from tunesmith.stages.base import STAGES, Stage
+from tunesmith.training.objective import Objective, TokenCrossEntropy
+from tunesmith.training.speed import SpeedSetup
+
+
+@STAGES.register("sft")
+class SupervisedFineTuning(Stage):
+    """Conversations, instructions or text; loss on assistant tokens (or all, by ``data.train_on``)."""
+
+    kind = "sft"
+
+    def prepare_data(self, section: DataSection, tokenizer, seed: int, cache: Path) -> PreparedData:
+        return prepare_data(section, tokenizer, seed, cache)
+
+    def objective(self, speed: SpeedSetup) -> Objective:
+        return TokenCrossEntropy(speed.token_loss, speed.collate_fn)
