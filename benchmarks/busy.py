@@ -143,9 +143,9 @@ def measure(workload: str, policy: str, steps: int, competitor: str | None) -> d
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--workload", choices=("XS", "S", "cli"), default="XS",
-                        help="generated model XS (4 layers, hidden 256) or S (model S of speed.py) through "
-                        "tunesmith's loop, or `tunesmith train` on SmolLM2")
+    parser.add_argument("--workload", choices=("quick", "XS", "S", "cli"), default="XS",
+                        help="a generated model of speed.py (quick: 2 layers, hidden 128; XS: 4 layers, hidden 256; "
+                        "S: 8 layers, hidden 512) through tunesmith's loop, or `tunesmith train` on SmolLM2")
     parser.add_argument("--policies", default="torch,tunesmith", help="comma-separated, see above")
     parser.add_argument("--competitor", choices=tuple(COMPETITORS), default="python")
     parser.add_argument("--repeats", type=int, default=2)
