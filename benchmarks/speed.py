@@ -1,14 +1,17 @@
 """tunesmith against the plain Hugging Face stack: real tokens/s, peak RSS, MFU, final loss.
 
 One invocation runs, for LoRA (r=16 on every linear layer) and full fine-tuning, the reference
-stack (``transformers.Trainer`` + ``peft``, float32, examples padded per batch) and tunesmith's
-loop with its speed options, on the same generated Llama model and the same variable-length
-chat-like examples in the same order, each configuration in its own subprocess (so peak RSS is
-its own). Configurations are interleaved within each repeat and medians are reported: on a shared
-machine only the ratios measured in one run mean anything.
+stack (``transformers.Trainer`` + ``peft``) in the configurations a user would choose (float32
+padded; ``bf16=True``; ``bf16=True`` with transformers' padding-free ``DataCollatorWithFlattening``)
+and tunesmith with its default ``train.speed``, on the same model and the same variable-length
+examples in the same order, each configuration in its own subprocess (so peak RSS is its own).
+tunesmith's ratios are reported against every reference configuration and against the fastest.
+Configurations are interleaved within each repeat and medians are reported: on a shared machine
+only the ratios measured in one run mean anything.
 
     python benchmarks/speed.py              # model S: hidden 512, 8 layers, vocab 32,000 (~42M)
     python benchmarks/speed.py --quick      # a small model, to check the script in a minute
+    python benchmarks/speed.py --model smollm2 --repeats 1 --steps 5   # SmolLM2 + alpaca demo via `tunesmith train`
 
 Real tokens are input tokens without padding; the first optimizer step is warm-up and not timed.
 """

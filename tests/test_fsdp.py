@@ -43,7 +43,7 @@ def write_recipe(folder: Path, method: dict) -> Path:
 def train(recipe: Path, out: Path, processes: int, *extra: str) -> None:
     """``tunesmith train`` in ``processes`` processes (torchrun when more than one), batch split between them."""
     command = ["-m", "tunesmith", "train", str(recipe), f"output.dir={out}",
-               f"train.batch_size={GLOBAL_BATCH // processes}", "--no-progress", *extra]
+               f"train.batch_size={GLOBAL_BATCH // processes}", *extra, "--no-progress"]
     if processes > 1:
         command = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"] + command
     run([sys.executable, *command])
