@@ -41,6 +41,40 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("TUNESMITH_CACHE", os.environ.get("TUNESMITH_TEST_CACHE", str(REPO / ".cache" / "tests")))
 
 
+class StopAt:
+    """A training hook that simulates Ctrl-C after a given step."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_start(self, total_steps: int, start_step: int) -> None: ...
+
+    def on_step(self, record: dict) -> None:
+        if record["step"] == self.step:
+            raise KeyboardInterrupt
+
+    def on_log(self, record: dict) -> None: ...
+
+    def on_train_end(self) -> None: ...
+
+
+class StartedAt:
+    """A training hook recording the step training started at: 0 for a new run, the checkpoint's step
+    for a resume. A resume that silently restarted from step 0 would give the same losses and weights
+    (training is deterministic), so exact-resume tests assert this too."""
+
+    step = None
+
+    def on_train_start(self, total_steps: int, start_step: int) -> None:
+        self.step = start_step
+
+    def on_step(self, record: dict) -> None: ...
+
+    def on_log(self, record: dict) -> None: ...
+
+    def on_train_end(self) -> None: ...
+
+
 def run_cli(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None, timeout: float = 600,
             input: str | None = None):
     """Run ``python -m tunesmith ARGS`` with this checkout's sources; returns the CompletedProcess."""

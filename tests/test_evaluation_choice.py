@@ -23,19 +23,28 @@ def tiny():
 
 
 def direct_logprob(model, tokenizer, context: str, continuation: str) -> tuple[float, int]:
-    """Sum of log p(continuation tokens | BOS + context), one unpadded sequence at a time."""
-    context_ids = [tokenizer.bos_token_id] + tokenizer.encode(context, add_special_tokens=False)
-    target_ids = tokenizer.encode(continuation, add_special_tokens=False)
-    ids = torch.tensor([context_ids + target_ids])
+    """Sum of log p(continuation tokens | context), one unpadded, uncached sequence at a time.
+
+    The continuation's tokens are what follows the context's own encoding in the encoding of both
+    (BOS from the tokenizer); an empty context is BOS; the last 512 + 1 tokens are kept.
+    """
+    if context:
+        context_ids = tokenizer.encode(context)
+        target_ids = tokenizer.encode(context + continuation)[len(context_ids):]
+    else:
+        context_ids, target_ids = [tokenizer.bos_token_id], tokenizer.encode(continuation, add_special_tokens=False)
+    window = (context_ids + target_ids)[-(model.config.max_position_embeddings + 1):]
+    ids = torch.tensor([window[:-1]])
     with torch.no_grad():
         logprobs = torch.log_softmax(model(ids).logits[0].double(), dim=-1)
-    total = sum(float(logprobs[len(context_ids) - 1 + i, token]) for i, token in enumerate(target_ids))
+    first = len(window) - 1 - len(target_ids)
+    total = sum(float(logprobs[first + i, token]) for i, token in enumerate(target_ids))
     return total, len(target_ids)
 
 
 def direct_mmlu_prompt(row, shots) -> str:
     def block(item):
-        options = "".join(f"\n{'ABCD'[i]}. {c.strip()}" for i, c in enumerate(item.choices))
+        options = "".join(f"\n{'ABCD'[i]}. {c}" for i, c in enumerate(item.choices))
         return f"{item.question.strip()}{options}\nAnswer:"
 
     header = DESCRIPTION.format(group=row.group.replace("_", " "))
@@ -56,9 +65,8 @@ def test_mmlu_accuracy_equals_direct_loglikelihood(tiny, few_shot):
         shots = [d for d in dev if d.group == item.group][:few_shot]
         context = direct_mmlu_prompt(item, shots)
         scores = [direct_logprob(model, tokenizer, context, f" {'ABCD'[i]}") for i in range(4)]
-        chars = [2] * 4
         values = {"sum": [s for s, _ in scores], "per_token": [s / n for s, n in scores],
-                  "per_char": [s / c for (s, _), c in zip(scores, chars)]}
+                  "per_char": [s / 1 for s, _ in scores], "per_byte": [s / 1 for s, _ in scores]}
         for normalisation, vals in values.items():
             expected_hits[normalisation].append(vals.index(max(vals)) == item.answer)
     for normalisation in NORMALISATIONS:
@@ -126,3 +134,25 @@ def test_shipped_probe_file_reads(tiny):
 
     pairs = read_bias_pairs(PROBES_DIR / "counterfactual_pairs.csv")
     assert len(pairs) == 26 and len({p.category for p in pairs}) == 6
+
+
+def test_shared_prefix_cache_gives_the_uncached_scores_and_counts_progress(tiny, monkeypatch):
+    """Questions of one subject share the description and shots: one cached prefix, the same scores
+    as full rows; the progress callback hears of every item exactly once."""
+    from tunesmith.evaluation import loglikelihood
+
+    model, tokenizer = tiny
+    folder = asset("data/mmlu")
+    items = read_mmlu(folder, "test", ("marketing",), limit=6)
+    style = PromptStyle("letter", description=DESCRIPTION)
+    prefixes, finished = [], []
+    original = loglikelihood.prefix_cache
+    monkeypatch.setattr(loglikelihood, "prefix_cache", lambda m, tokens, d: prefixes.append(len(tokens)) or original(m, tokens, d))
+    cached = evaluate_multiple_choice(model, tokenizer, items, style=style, batch_size=4, progress=finished.append)
+    assert len(prefixes) == 1 and prefixes[0] >= loglikelihood.MIN_SHARED_PREFIX  # the description, once
+    assert sum(finished) == len(items) and len(finished) > 1
+    monkeypatch.setattr(loglikelihood, "supports_fast_path", lambda m: False)
+    plain = evaluate_multiple_choice(model, tokenizer, items, style=style, batch_size=4)
+    for ours, reference in zip(cached.scores, plain.scores):
+        assert [s.logprob for s in ours] == pytest.approx([s.logprob for s in reference], abs=1e-5)
+    assert cached.predictions == plain.predictions

@@ -15,7 +15,7 @@ import json
 import pytest
 import torch
 
-from tests.conftest import REPO
+from tests.conftest import REPO, StartedAt
 from tunesmith.config import validate_recipe
 
 
@@ -164,7 +164,10 @@ def test_resume_is_exact_with_mixing_ewc_on_generations_neftune_and_lora(runs, t
     last = tmp_path / "run" / "checkpoints" / "step-00000004"
     expected = load_file(last / "trainable.safetensors")
     shutil.rmtree(last)
-    resumed = finetune(recipe, resume=True, progress=False)
+    (tmp_path / "run" / "summary.json").unlink()  # as if killed after step 2: a finished run is not resumed
+    started = StartedAt()
+    resumed = finetune(recipe, resume=True, extra_hooks=[started], progress=False)
+    assert started.step == 2  # really resumed at the checkpoint, not restarted from step 0
     got = load_file(last / "trainable.safetensors")
     assert resumed["train_loss"] == uninterrupted["train_loss"]
     assert all(torch.equal(expected[name], got[name]) for name in expected)

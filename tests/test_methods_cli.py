@@ -45,7 +45,7 @@ def _trained_result(method_settings: dict, stories260k: str, folder: Path) -> Pa
 
     method = build_method(validate_method(method_settings))
     model, tokenizer = load_for_inference(stories260k)
-    torch.manual_seed(0)  # LoRA's A comes from the global RNG: the same adapter whichever tests ran before
+    torch.manual_seed(0)  # the method's own initialisation (LoRA's A) too: the same folder every run
     model = method.apply(model)
     generator = torch.Generator().manual_seed(3)
     with torch.no_grad():

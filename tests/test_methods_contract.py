@@ -17,6 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests.conftest import StartedAt
 from tunesmith.config import TrainSection
 from tunesmith.config.loader import validate_method, validate_recipe
 from tunesmith.errors import TunesmithError
@@ -334,7 +335,9 @@ def test_resume_from_a_checkpoint_equals_training_straight_through(method: dict,
     for name in ("adapter", "model", "summary.json", "metrics.jsonl"):
         path = resumed / name
         shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
-    finetune(_recipe(stories260k, method, resumed), resume=True, progress=False)
+    started = StartedAt()
+    finetune(_recipe(stories260k, method, resumed), resume=True, extra_hooks=[started], progress=False)
+    assert started.step == 2  # really resumed at the checkpoint, not restarted from step 0
     expected = load_file(straight / "checkpoints" / "step-00000004" / "trainable.safetensors")
     got = load_file(resumed / "checkpoints" / "step-00000004" / "trainable.safetensors")
     assert sorted(got) == sorted(expected)

@@ -5,9 +5,9 @@ import json
 import pytest
 import torch
 
+from tests.conftest import StartedAt, StopAt
 from tunesmith.errors import TunesmithError
 from tunesmith.finetune import finetune
-from tunesmith.training.hooks import Hook
 
 
 def losses(run_dir) -> list[float]:
@@ -45,24 +45,15 @@ def test_gradient_accumulation_equals_the_large_batch(tiny_recipe, tmp_path):
         assert difference.max() < 1e-3, name
 
 
-class StopAt(Hook):
-    """Simulates Ctrl-C after a given step."""
-
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_step(self, record: dict) -> None:
-        if record["step"] == self.step:
-            raise KeyboardInterrupt
-
-
 def test_resume_continues_exactly(tiny_recipe, tmp_path):
     common = ("train.max_steps=20", "train.checkpoint_every=5", "method.dropout=0.1")
     finetune(tiny_recipe(*common, output="straight"), progress=False)
     recipe = tiny_recipe(*common, output="stopped")
     with pytest.raises(TunesmithError, match=r"last complete checkpoint is .*step-00000010.*--resume"):
         finetune(recipe, extra_hooks=[StopAt(12)], progress=False)
-    finetune(recipe, resume=True, progress=False)
+    started = StartedAt()
+    finetune(recipe, resume=True, extra_hooks=[started], progress=False)
+    assert started.step == 10  # really resumed at the checkpoint, not restarted from step 0
     assert losses(tmp_path / "stopped") == pytest.approx(losses(tmp_path / "straight"), rel=1e-6)
     straight, resumed = trained_weights(tmp_path / "straight"), trained_weights(tmp_path / "stopped")
     for name in straight:

@@ -8,7 +8,6 @@ those of base + result before merging.
 
 from __future__ import annotations
 
-import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,10 +78,9 @@ def read_manifest(result: Path) -> dict:
     Raises:
         TunesmithError: If ``result`` has none.
     """
-    path = result / MANIFEST
-    if not path.is_file():
-        raise TunesmithError(f"{result} is not a tunesmith result (no {MANIFEST}); give a run's adapter/ or model/ folder")
-    return json.loads(path.read_text())
+    from tunesmith.methods.base import read_manifest as read_method_manifest
+
+    return read_method_manifest(result)
 
 
 def write_folder(model: torch.nn.Module, tokenizer, out: Path) -> None:

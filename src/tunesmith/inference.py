@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import threading
 from pathlib import Path
 from typing import Iterator, Optional
@@ -13,6 +12,7 @@ from tunesmith.config import ModelSection
 from tunesmith.data.encode import render_prompt
 from tunesmith.errors import TunesmithError
 from tunesmith.methods import MANIFEST, build_method
+from tunesmith.methods.base import read_manifest
 from tunesmith.models import load_model, load_tokenizer, resolve_model_path
 from tunesmith.runtime import cache_dir
 
@@ -36,7 +36,7 @@ def load_for_inference(model_name: str, adapter: Optional[str] = None, dtype: st
         folder = Path(adapter)
         if not (folder / MANIFEST).is_file() and not (folder / "adapter_config.json").is_file():
             raise TunesmithError(f"{folder} is not a trained result: it has neither {MANIFEST} nor adapter_config.json")
-        model = load_trained(model, folder)
+        model = load_trained(model, folder, model_name)
         if (folder / "tokenizer_config.json").is_file():
             tokenizer_path = str(folder)
     tokenizer = load_tokenizer(tokenizer_path, section)
@@ -46,17 +46,78 @@ def load_for_inference(model_name: str, adapter: Optional[str] = None, dtype: st
     return model.eval(), tokenizer
 
 
-def load_trained(base_model: torch.nn.Module, folder: Path) -> torch.nn.Module:
-    """Put the result in ``folder`` onto ``base_model`` with the method that wrote it."""
-    if (folder / MANIFEST).is_file():
-        manifest = json.loads((folder / MANIFEST).read_text())
-        from tunesmith.config.loader import validate_method
+def load_trained(base_model: torch.nn.Module, folder: Path, model_name: Optional[str] = None) -> torch.nn.Module:
+    """Put the result in ``folder`` onto ``base_model`` with the method that wrote it.
 
-        method = build_method(validate_method(manifest["config"]))
-        return method.load(base_model, folder)
-    from peft import PeftModel  # a plain peft adapter written by another tool
+    Args:
+        model_name: How the base model was named (alias, hub id or folder), compared with the
+            manifest's ``base_model``; None compares only the shapes.
 
-    return PeftModel.from_pretrained(base_model, folder)
+    Raises:
+        TunesmithError: If the result was trained on another base model.
+    """
+    manifest = read_manifest(folder) if (folder / MANIFEST).is_file() else None
+    if manifest is not None:
+        check_base_model(manifest, base_model, model_name, folder)
+    try:
+        if manifest is not None:
+            from tunesmith.config.loader import validate_method
+
+            method = build_method(validate_method(manifest["config"], source=str(folder / MANIFEST)))
+            return method.load(base_model, folder)
+        from peft import PeftModel  # a plain peft adapter written by another tool
+
+        return PeftModel.from_pretrained(base_model, folder)
+    except RuntimeError as error:
+        if "size mismatch" not in str(error):
+            raise
+        needed = (manifest or {}).get("base_model", "the model it was trained on")
+        raise TunesmithError(f"{folder} does not fit this base model: its weights have other shapes; "
+                             f"load it with --model {needed}") from None
+
+
+BASE_SHAPE_KEYS = ("model_type", "hidden_size", "vocab_size", "num_hidden_layers")
+
+
+def base_shape(model: torch.nn.Module) -> dict:
+    """What an adapter depends on in its base model's config (type, hidden size, vocabulary, layers)."""
+    config = getattr(model, "config", None)
+    return {key: getattr(config, key, None) for key in BASE_SHAPE_KEYS}
+
+
+def _same_model_name(recorded: str, given: str) -> Optional[bool]:
+    """Whether two model names mean the same model; None when that cannot be told without loading."""
+    if recorded == given:
+        return True
+    recorded_path, given_path = Path(recorded).expanduser(), Path(given).expanduser()
+    if recorded_path.is_dir() and given_path.is_dir():
+        return recorded_path.resolve() == given_path.resolve()
+    if recorded_path.is_dir() or given_path.is_dir():  # a folder against an alias or hub id
+        return None
+    return False
+
+
+def check_base_model(manifest: dict, model: torch.nn.Module, model_name: Optional[str], folder: Path) -> None:
+    """Refuse a result trained on another base model than ``model`` (named ``model_name``).
+
+    The config shape recorded at training (``base_config``) must match; so must the name, where two
+    names can be compared without loading anything (two folders, or two aliases/hub ids).
+
+    Raises:
+        TunesmithError: Saying which base model the result needs.
+    """
+    needed = manifest.get("base_model")
+    recorded = manifest.get("base_config") if isinstance(manifest.get("base_config"), dict) else {}
+    actual = base_shape(model)
+    differences = [f"{key} {recorded[key]} there, {actual[key]} here" for key in BASE_SHAPE_KEYS
+                   if recorded.get(key) is not None and actual.get(key) is not None and recorded[key] != actual[key]]
+    if differences:
+        given = model_name or "this model"
+        raise TunesmithError(f"{folder} was trained on base model {needed}, which differs from {given} "
+                             f"({', '.join(differences)}); load it with --model {needed}")
+    if needed and model_name and _same_model_name(str(needed), model_name) is False:
+        raise TunesmithError(f"{folder} was trained on base model {needed}, not {model_name}; "
+                             f"load it with --model {needed}")
 
 
 def _stop_ids(tokenizer) -> list[int]:

@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, Mapping
 if TYPE_CHECKING:
     import torch
 
+from tunesmith.errors import TunesmithError
+
 # Variables through which a user chooses OpenMP's threads or wait policy; tunesmith keeps theirs.
 WAIT_POLICY_VARIABLES = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME")
 
@@ -85,10 +87,38 @@ def cache_dir() -> Path:
     return Path(base) / "tunesmith"
 
 
-def pick_device(preference: str = "auto", local_rank: int = 0) -> torch.device:
-    """``auto`` is the GPU of this local rank when CUDA is available, else the CPU."""
+def check_device(spec: str, setting: str = "--device") -> None:
+    """Refuse a device this machine does not have (``cuda`` without a GPU, ``cuda:3`` of two, ``gpu``).
+
+    Args:
+        spec: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
+        setting: How the user gave it (flag or recipe field), for the message.
+
+    Raises:
+        TunesmithError: Naming the setting and what to use instead.
+    """
     import torch
 
+    kind, _, index = spec.partition(":")
+    if kind not in ("auto", "cpu", "cuda") or (index and not (kind == "cuda" and index.isdigit())):
+        raise TunesmithError(f"{setting} {spec!r} is not a device; use cpu, cuda or cuda:N")
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise TunesmithError(f"{setting} {spec} asks for a CUDA GPU, but this machine has none that torch can use; "
+                             "use cpu (or install a CUDA build of torch)")
+    if kind == "cuda" and index and int(index) >= torch.cuda.device_count():
+        raise TunesmithError(f"{setting} {spec}: this machine has {torch.cuda.device_count()} CUDA GPU(s), "
+                             f"numbered from 0; use cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+
+
+def pick_device(preference: str = "auto", local_rank: int = 0, setting: str = "train.device") -> torch.device:
+    """``auto`` is the GPU of this local rank when CUDA is available, else the CPU.
+
+    Raises:
+        TunesmithError: For ``cuda`` on a machine without a usable GPU.
+    """
+    import torch
+
+    check_device(preference, setting)
     if preference == "cuda" or (preference == "auto" and torch.cuda.is_available()):
         return torch.device("cuda", local_rank)
     return torch.device("cpu")

@@ -16,7 +16,7 @@ from typing import Sequence
 from tunesmith.errors import TunesmithError
 from tunesmith.runtime import configure_threads
 
-COMMAND_MODULES = ("train", "inference", "evaluate", "config", "models", "methods", "export", "data", "compare")
+COMMAND_MODULES = ("train", "inference", "evaluate", "config", "models", "methods", "export", "data", "compare", "serve")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

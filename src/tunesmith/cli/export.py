@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from tunesmith.cli.common import device
+
 
 def register(commands) -> None:
     export = commands.add_parser("export", help="Write a trained result as a plain model folder (merging adapters).")
@@ -11,7 +13,7 @@ def register(commands) -> None:
     export.add_argument("--out", required=True, help="Folder to write (must not exist or be empty).")
     export.add_argument("--merge", action="store_true", help="Fold the adapter into the base weights.")
     export.add_argument("--model", help="Base model (default: the one the run trained).")
-    export.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    export.add_argument("--device", default="cpu", type=device, help="cpu, cuda, cuda:1, ...")
     export.set_defaults(handler=cmd_export)
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
@@ -57,8 +56,9 @@ def resolve_tuned(path: str, base: Optional[str] = None) -> ModelSpec:
 
 
 def _manifest_base(folder: Path) -> Optional[str]:
-    manifest = folder / "tunesmith.json"
-    return json.loads(manifest.read_text()).get("base_model") if manifest.is_file() else None
+    from tunesmith.methods.base import read_manifest
+
+    return read_manifest(folder).get("base_model") if (folder / "tunesmith.json").is_file() else None
 
 
 def evaluate_spec(spec: ModelSpec, suites: Sequence[tuple[Suite, str]], dtype: str = "float32",

@@ -54,7 +54,7 @@ def _apply_adapter_hook(adapter: BottleneckAdapter):
     return hook
 
 
-@METHODS.register("adapter")
+@METHODS.register_kind
 class BottleneckAdapters(Method):
     """Bottleneck adapters in every transformer block; the result is an adapter folder (safetensors)."""
 

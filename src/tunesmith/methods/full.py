@@ -10,7 +10,7 @@ from torch import nn
 from tunesmith.methods.base import METHODS, Method
 
 
-@METHODS.register("full")
+@METHODS.register_kind
 class FullFineTuning(Method):
     """All parameters train."""
 

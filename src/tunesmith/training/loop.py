@@ -22,6 +22,7 @@ from tunesmith.errors import TunesmithError
 from tunesmith.methods.base import Method, decay_groups
 from tunesmith.runtime import Runtime
 from tunesmith.training.checkpoint import TrainState, load_checkpoint, save_checkpoint, set_rng_state
+from tunesmith.training.faults import StopRequest, check_finite
 from tunesmith.training.hooks import Hook
 from tunesmith.training.objective import Objective
 from tunesmith.training.sampler import Sampler
@@ -128,6 +129,9 @@ class Trainer:
         self.optimizer.load_state_dict(training["optimizer"])
         self.scheduler.load_state_dict(training["scheduler"])
         set_rng_state(training["rng"])
+        if self.state.step > self.total_steps:
+            raise TunesmithError(f"checkpoint {checkpoint} is at step {self.state.step}, beyond the {self.total_steps} "
+                                 "steps of this recipe; raise train.max_steps or train.epochs to resume")
 
     def fit(self) -> TrainResult:
         """Run the remaining steps; evaluate, stop early and checkpoint as configured."""
@@ -137,12 +141,14 @@ class Trainer:
         last_loss = None
         self.model.train()
         try:
-            while self.state.step < self.total_steps and not self.state.stopped_early:
-                step_started = time.perf_counter()
-                last_loss, tokens = self.train_step(self.state.step)
-                self.state.step += 1
-                self.state.tokens += tokens
-                self.after_step(last_loss, tokens, time.perf_counter() - step_started)
+            with StopRequest() as stop:
+                while self.state.step < self.total_steps and not self.state.stopped_early:
+                    step_started = time.perf_counter()
+                    last_loss, tokens = self.train_step(self.state.step)
+                    self.state.step += 1
+                    self.state.tokens += tokens
+                    self.after_step(last_loss, tokens, time.perf_counter() - step_started)
+                    self.stop_if_asked(stop)
         finally:
             for hook in self.hooks:
                 hook.on_train_end()
@@ -171,12 +177,18 @@ class Trainer:
             step_loss += summed.detach().double().cpu()
         for penalty in self.seams.penalties:
             penalty(self.model).backward()  # the same on every process: no gradient sync needed
-        if self.train_config.max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.train_config.max_grad_norm)
+        parameters = [p for p in self.model.parameters() if p.grad is not None]
+        max_norm = self.train_config.max_grad_norm
+        grad_norm = (torch.nn.utils.clip_grad_norm_(parameters, max_norm) if max_norm is not None
+                     else torch.nn.utils.get_total_norm([p.grad for p in parameters]))
+        loss = self.all_reduce_sum(float(step_loss)) / units
+        check_finite(step + 1, loss, float(grad_norm), self.scheduler.get_last_lr()[0], self.checkpoint_dir,
+                     lambda: [getattr(self.data.train[i], "source", "")
+                              for indices in self.sampler.micro_batches(step) for i in indices])
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return self.all_reduce_sum(float(step_loss)) / units, int(real_tokens)
+        return loss, int(real_tokens)
 
     def after_step(self, loss: float, tokens: int, seconds: float) -> None:
         """Logging, evaluation, early stopping and checkpointing after a step."""
@@ -194,6 +206,15 @@ class Trainer:
         every = self.train_config.checkpoint_every
         if self.checkpoint_dir and every and (step % every == 0 or self.state.stopped_early):
             self.save_checkpoint()
+
+    def stop_if_asked(self, stop: StopRequest) -> None:
+        """After SIGTERM or Ctrl-C (on any process): checkpoint this step and stop with KeyboardInterrupt."""
+        if not self.all_reduce_sum(float(stop.requested)):
+            return
+        every = self.train_config.checkpoint_every
+        if self.checkpoint_dir and not (every and self.state.step % every == 0):  # else after_step just saved it
+            self.save_checkpoint()
+        raise KeyboardInterrupt(stop.signal_name)
 
     def evaluate(self) -> dict[str, float]:
         """The objective's validation metrics (overall and per data source); updates early stopping."""
