@@ -21,7 +21,7 @@ from tunesmith.training.objective import TokenCrossEntropy
 from tunesmith.training.sampler import LengthGroupedSampler, StepSampler, build_sampler
 from tunesmith.training.loss import count_real_tokens, count_target_tokens
 from tunesmith.training.packing import VARLEN_ATTENTION, enable_packed_attention, pack_collate, restore_attention
-from tunesmith.training.speed import autocast_dtype, native_bfloat16, prepare_speed
+from tunesmith.training.speed import autocast_choice, autocast_dtype, native_bfloat16, prepare_speed
 
 CPU = Runtime(torch.device("cpu"))
 
@@ -159,7 +159,7 @@ def test_bfloat16_autocast_close_to_float32(tiny_llama) -> None:
     batch = pack_collate(make_examples(6), 0)
     enable_packed_attention(model)
     train, method = TrainSection(), build_method(FullMethod())
-    full = prepare_speed(model, method, SpeedSection(), train, CPU.device)
+    full = prepare_speed(model, method, SpeedSection(autocast="off"), train, CPU.device)
     fast = prepare_speed(model, method, SpeedSection(autocast="bfloat16"), train, CPU.device)
     assert full.autocast_dtype is None and fast.autocast_dtype is torch.bfloat16
 
@@ -177,12 +177,21 @@ def test_bfloat16_autocast_close_to_float32(tiny_llama) -> None:
     assert F.cosine_similarity(autocast_grad, reference_grad, dim=0) > 0.99
 
 
-def test_autocast_detection() -> None:
+def test_autocast_detection_defaults_to_native_bfloat16_and_says_why() -> None:
     cpu = torch.device("cpu")
-    assert autocast_dtype(SpeedSection(), cpu) is None
+    assert autocast_dtype(SpeedSection(autocast="off"), cpu) is None
     assert autocast_dtype(SpeedSection(autocast="bfloat16"), cpu) is torch.bfloat16
-    expected = torch.bfloat16 if native_bfloat16(cpu) else None
+    native = native_bfloat16(cpu)
+    expected = torch.bfloat16 if native else None
     assert autocast_dtype(SpeedSection(autocast="auto"), cpu) is expected
+    assert autocast_dtype(SpeedSection(), cpu) is expected  # the default is auto
+    dtype, why = autocast_choice(SpeedSection(), cpu)
+    flags = {"CPU has AMX": torch.cpu._is_amx_tile_supported(), "CPU has AVX-512 BF16": torch.cpu._is_avx512_bf16_supported()}
+    if native:
+        assert why.startswith("bfloat16 autocast (auto: CPU has ") and flags[why[len("bfloat16 autocast (auto: "):-1]]
+    else:
+        assert why == "float32 (autocast auto: no native bfloat16 on this CPU)"
+    assert autocast_choice(SpeedSection(autocast="off"), cpu)[1] == "float32 (train.speed.autocast: off)"
 
 
 def test_length_grouping_keeps_each_step_and_sorts_micro_batches() -> None:
@@ -224,16 +233,17 @@ def train_losses(model_path: str, speed: SpeedSection, examples: list[EncodedExa
 
 def test_packed_chunked_training_equals_plain_training(tiny_llama) -> None:
     examples = make_examples(12)
-    plain = train_losses(tiny_llama, SpeedSection(packing=False, chunked_loss=False, group_by_length=False),
+    exact = {"autocast": "off"}  # float32: the fast paths are exact there
+    plain = train_losses(tiny_llama, SpeedSection(packing=False, chunked_loss=False, group_by_length=False, **exact),
                          examples)
-    fast = train_losses(tiny_llama, SpeedSection(loss_chunk_tokens=16), examples)
-    grouped = train_losses(tiny_llama, SpeedSection(packing=False, chunked_loss=False), examples)
+    fast = train_losses(tiny_llama, SpeedSection(loss_chunk_tokens=16, **exact), examples)
+    grouped = train_losses(tiny_llama, SpeedSection(packing=False, chunked_loss=False, **exact), examples)
     assert fast == pytest.approx(plain, rel=1e-5)
     assert grouped == pytest.approx(plain, rel=1e-5)
     assert plain[-1] < plain[0]
 
 
-def test_train_end_to_end_with_fast_options(tmp_path, tiny_llama, tiny_data) -> None:
+def test_train_end_to_end_with_fast_options(tmp_path, tiny_llama, tiny_data, capsys) -> None:
     from tunesmith.config import validate_recipe
     from tunesmith.finetune import finetune
 
@@ -247,6 +257,8 @@ def test_train_end_to_end_with_fast_options(tmp_path, tiny_llama, tiny_data) -> 
     })
     summary = finetune(recipe, progress=False)
     assert summary["steps"] == 2 and summary["tokens_per_s"] > 0
+    speed_line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("speed: "))
+    assert autocast_choice(recipe.train.speed, torch.device("cpu"))[1] in speed_line  # what was chosen and why
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in records)
     # Real tokens: every token read, no padding (packed), more than the scored ones.

@@ -24,6 +24,7 @@ from tunesmith.training.checkpoint import latest_checkpoint
 from tunesmith.training.run_folder import RunFolder, open_run_folder
 from tunesmith.training.hooks import Hook
 from tunesmith.training.loop import Trainer
+from tunesmith.training.sharding import check_sharded_recipe
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +47,7 @@ def finetune(recipe: Recipe, resume: bool = False, extra_hooks: Sequence[Hook] =
     Returns:
         The summary also written to ``summary.json``.
     """
+    check_sharded_recipe(recipe)
     runtime = init_runtime(recipe.train.device)
     folder = None
     try:
@@ -86,8 +88,9 @@ def finetune(recipe: Recipe, resume: bool = False, extra_hooks: Sequence[Hook] =
         finally:
             loop.speed.undo()  # e.g. transformers' own attention again, before anything is saved
         forgetting = safeguards.after_training(model, tokenizer, data)
+        gathered = trainer.saveable_state()  # FSDP: the shards joined into one state dict (a collective)
         if runtime.is_main:
-            save_result(method, model, tokenizer, out, recipe, data.template)
+            save_result(method, model, tokenizer, out, recipe, data.template, gathered)
         task_after = evaluate_task(model, tokenizer, recipe, runtime, out / "task_after.json", "after training")
         summary = finish(recipe, result, method, data, runtime, out, parameters, forgetting, task_before, task_after, say)
         if runtime.is_main:
@@ -178,11 +181,15 @@ def evaluate_task(model, tokenizer, recipe: Recipe, runtime: Runtime, cache: Pat
     return result
 
 
-def save_result(method, model, tokenizer, out: Path, recipe: Recipe, template: str) -> Path:
-    """Write the result folder atomically: method artifact, tokenizer (with the chat template), manifest."""
+def save_result(method, model, tokenizer, out: Path, recipe: Recipe, template: str,
+                state_dict: Optional[dict] = None) -> Path:
+    """Write the result folder atomically: method artifact, tokenizer (with the chat template), manifest.
+
+    ``state_dict``: the model's state gathered from its shards (FSDP), saved instead of its parameters.
+    """
     final = out / method.artifact
     with atomic_folder(final) as partial:
-        method.save(model, partial)
+        method.save(model, partial, state_dict=state_dict)
         tokenizer.save_pretrained(partial)
         local = Path(recipe.model.name).expanduser()
         base_model = str(local.resolve()) if local.is_dir() else recipe.model.name  # a folder: valid from any cwd

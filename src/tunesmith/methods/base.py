@@ -11,7 +11,7 @@ import difflib
 import json
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, Optional
 
 import torch
 from torch import nn
@@ -53,8 +53,12 @@ class Method(ABC):
         """
 
     @abstractmethod
-    def save(self, model: nn.Module, directory: Path) -> None:
-        """Write the trained result to ``directory`` (created by the caller)."""
+    def save(self, model: nn.Module, directory: Path, state_dict: Optional[dict] = None) -> None:
+        """Write the trained result to ``directory`` (created by the caller).
+
+        ``state_dict``: the model's whole state gathered from its shards (``train.distributed:
+        fsdp``), to save instead of the model's own parameters.
+        """
 
     @abstractmethod
     def load(self, base_model: nn.Module, directory: Path) -> nn.Module:

@@ -8,7 +8,6 @@ batch. Which stage, method and speed levers are running reaches the loop only th
 
 from __future__ import annotations
 
-import contextlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +27,8 @@ from tunesmith.training.hooks import Hook
 from tunesmith.training.objective import Objective
 from tunesmith.training.sampler import Sampler
 from tunesmith.training.schedule import add_param_groups, build_optimizer, build_scheduler
+from tunesmith.training.sharding import (full_state_dict, gradient_sync, load_sharded_checkpoint,
+                                         save_sharded_checkpoint, shard_model)
 
 Penalty = Callable[[torch.nn.Module], torch.Tensor]
 
@@ -83,6 +84,9 @@ class Trainer:
         self.sampler, self.objective, self.hooks = self.seams.sampler, self.seams.objective, self.seams.hooks
         self.total_steps = config.max_steps or max(1, round(config.epochs * self.sampler.steps_per_epoch))
         self.method.bind_training(self.sampler.steps_per_epoch, self.total_steps)
+        self.sharded = config.distributed == "fsdp"
+        if self.sharded:  # before the optimizer: it must hold the sharded parameters
+            shard_model(self.model, self.method.base_model(self.model), self.runtime)
         self.optimizer = build_optimizer(self.model, config, self.method.param_groups(self.model, config))
         self.scheduler = build_scheduler(self.optimizer, config, self.total_steps)
         self.state = TrainState()
@@ -95,8 +99,8 @@ class Trainer:
         training later (gradual unfreezing) are only synchronised after :meth:`add_trainable` builds
         it again (on every process at the same step, since the schedule depends on the step alone).
         """
-        if not self.runtime.distributed:
-            return self.model
+        if not self.runtime.distributed or self.sharded:
+            return self.model  # fully_shard changed the model in place
         device_ids = [self.runtime.device.index] if self.runtime.device.type == "cuda" else None
         return DistributedDataParallel(self.model, device_ids=device_ids)
 
@@ -105,6 +109,9 @@ class Trainer:
         parameters = self.method.newly_trainable(self.model, step)
         if not parameters:
             return
+        if self.sharded:
+            raise TunesmithError("gradual unfreezing (method.unfreeze_every) does not work with train.distributed: "
+                                 "fsdp; use ddp")
         add_param_groups(self.optimizer, self.scheduler, decay_groups(parameters, self.train_config.weight_decay))
         if self.runtime.distributed:
             self.wrapped = None  # release the old DDP reducer and its hooks before building a new one
@@ -112,6 +119,9 @@ class Trainer:
 
     def resume(self, checkpoint: Path) -> None:
         """Continue exactly where ``checkpoint`` left off (weights, optimizer, schedule, RNG, data)."""
+        if self.sharded:  # at any world size: DCP reshards
+            self.state = load_sharded_checkpoint(checkpoint, self.model, self.optimizer, self.scheduler, self.runtime)
+            return
         trainable, training, self.state = load_checkpoint(checkpoint, self.runtime.device)
         for step in range(self.state.step):  # rebuild the parameter groups of gradual unfreezing
             self.add_trainable(step)
@@ -160,10 +170,9 @@ class Trainer:
         for index, batch in enumerate(batches):
             batch = {key: value.to(self.runtime.device) for key, value in batch.items()}
             is_last = index == len(batches) - 1
-            sync = contextlib.nullcontext() if is_last or not self.runtime.distributed else self.wrapped.no_sync()
-            with sync:
+            with gradient_sync(self.wrapped, self.runtime, self.sharded, sync=is_last):
                 summed = self.objective.loss_sum(self.wrapped, batch)
-                # DDP averages gradients over processes; scaling by world size turns that into a sum.
+                # DDP and FSDP average gradients over processes; scaling by world size turns that into a sum.
                 (summed * self.runtime.world_size / units).backward()
             step_loss += summed.detach().double().cpu()
         for penalty in self.seams.penalties:
@@ -225,11 +234,18 @@ class Trainer:
         return metrics
 
     def save_checkpoint(self) -> Optional[Path]:
-        """Checkpoint from the main process (every process holds the same weights)."""
+        """Checkpoint from the main process (every process holds the same weights), or sharded from every one."""
+        if self.sharded:
+            return save_sharded_checkpoint(self.checkpoint_dir, self.model, self.optimizer, self.scheduler, self.state,
+                                           self.train_config.keep_checkpoints, self.runtime)
         if not self.runtime.is_main:
             return None
         return save_checkpoint(self.checkpoint_dir, self.method.trainable_state(self.model), self.optimizer,
                                self.scheduler, self.state, self.train_config.keep_checkpoints)
+
+    def saveable_state(self) -> Optional[dict]:
+        """The whole model's state gathered on the main process when sharded (every process must call it), else None."""
+        return full_state_dict(self.model) if self.sharded and self.runtime.distributed else None
 
     def log(self, record: dict) -> None:
         for hook in self.hooks:
