@@ -16,7 +16,7 @@ from tunesmith.config import validate_recipe
 from tunesmith.errors import TunesmithError
 from tunesmith.finetune import finetune
 
-from test_training import StopAt
+from conftest import StartedAt, StopAt
 
 NAMES = ["Lily", "Tom", "Ben", "Sue", "Max", "Amy", "Sam", "Mia"]
 
@@ -75,7 +75,9 @@ def test_resume_is_exact_sampling_included(grpo_recipe, tmp_path):
     stopped = grpo_recipe(*common, output="stopped", group_size=4, max_new_tokens=8)
     with pytest.raises(TunesmithError, match="step-00000002"):
         finetune(stopped, extra_hooks=[StopAt(3)], progress=False)
-    finetune(stopped, resume=True, progress=False)
+    started = StartedAt()
+    finetune(stopped, resume=True, progress=False, extra_hooks=[started])
+    assert started.step == 2
     straight, resumed = records(tmp_path / "straight"), records(tmp_path / "stopped")
     assert [r["samples"] for r in resumed] == [r["samples"] for r in straight]  # the same completions sampled
     assert [r["loss"] for r in resumed] == pytest.approx([r["loss"] for r in straight], rel=1e-6)

@@ -73,7 +73,7 @@ def smoothed_stage(monkeypatch):
     monkeypatch.setitem(STAGES._entries, "sft_smoothed", LabelSmoothed)
 
 
-def test_a_new_stage_trains_through_the_real_run(smoothed_stage, tiny_recipe, stories260k, tmp_path):
+def test_a_new_stage_trains_through_the_real_run(smoothed_stage, tiny_recipe, tmp_path):
     from tunesmith.finetune import finetune
     from tunesmith.models import load_model_and_tokenizer
 

@@ -146,7 +146,9 @@ class ModelPool:
         """
         name = None
         if (result / MANIFEST).is_file():
-            name = json.loads((result / MANIFEST).read_text()).get("base_model")
+            from tunesmith.methods.base import read_manifest  # a damaged manifest is a sentence, not a traceback
+
+            name = read_manifest(result).get("base_model")
         if not name and (result / "adapter_config.json").is_file():
             name = json.loads((result / "adapter_config.json").read_text()).get("base_model_name_or_path")
         if not name:

@@ -62,14 +62,22 @@ class MetricsFile(Hook):
 
     def on_train_start(self, total_steps: int, start_step: int) -> None:
         if start_step and self.path.exists():
-            # Drop what was logged after the checkpoint we resume from: it will be logged again.
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= start_step]
+            # Drop what was logged after the checkpoint we resume from: it will be logged again. A line
+            # that does not parse was torn by a process killed while appending it: drop it too.
+            records = [_parse(line) for line in self.path.read_text(errors="replace").splitlines()]
+            kept = [json.dumps(r) for r in records if isinstance(r, dict) and r.get("step", 0) <= start_step]
             self.path.write_text("".join(line + "\n" for line in kept))
 
     def on_log(self, record: dict[str, Any]) -> None:
         with self.path.open("a") as handle:
             handle.write(json.dumps(record) + "\n")
+
+
+def _parse(line: str) -> Optional[Any]:
+    try:
+        return json.loads(line)
+    except ValueError:
+        return None
 
 
 class TensorBoard(Hook):
