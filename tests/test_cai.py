@@ -1,4 +1,4 @@
-"""``tunesmith cai`` on stories260k: the draft -> critique -> revision chain, its two data sets, bad input, endpoints."""
+"""``tunesmith cai`` on the session's tiny Llama: the draft -> critique -> revision chain, its two data sets, bad input, endpoints."""
 
 from __future__ import annotations
 
@@ -17,10 +17,10 @@ PRINCIPLES = REPO / "examples" / "cai" / "principles.jsonl"
 PROMPTS = REPO / "examples" / "cai" / "prompts.jsonl"
 
 
-def test_cai_writes_sft_and_preference_data_with_every_step_kept(stories260k, tmp_path):
+def test_cai_writes_sft_and_preference_data_with_every_step_kept(tiny_llama, tmp_path):
     out = tmp_path / "cai"
     result = run_cli("cai", "--principles", str(PRINCIPLES), "--prompts", str(PROMPTS), "--out", str(out),
-                     "--model", stories260k, "--max-new-tokens", "8", "--limit", "4")
+                     "--model", tiny_llama, "--max-new-tokens", "8", "--limit", "4")
     assert result.returncode == 0, result.stderr
     summary = json.loads((out / "summary.json").read_text())
     sft = [json.loads(line) for line in (out / "sft.jsonl").read_text().splitlines()]
@@ -40,10 +40,10 @@ def test_cai_writes_sft_and_preference_data_with_every_step_kept(stories260k, tm
         run_cai(lambda conversations: [""] * len(conversations), str(PRINCIPLES), str(PROMPTS), out)
 
 
-def test_the_critique_sees_the_draft_and_the_revision_sees_the_critique(stories260k):
+def test_the_critique_sees_the_draft_and_the_revision_sees_the_critique(tiny_llama):
     from tunesmith.inference import load_for_inference
 
-    model, tokenizer = load_for_inference(stories260k)
+    model, tokenizer = load_for_inference(tiny_llama)
     real = local_chat(model, tokenizer, max_new_tokens=8)
     seen = []
 
@@ -81,7 +81,7 @@ def test_only_a_loopback_endpoint_is_used():
 
 
 @pytest.mark.slow
-def test_an_openai_compatible_endpoint_answers_as_the_local_model(stories260k, tmp_path):
+def test_an_openai_compatible_endpoint_answers_as_the_local_model(tiny_llama, tmp_path):
     pytest.importorskip("fastapi")
     from serve_support import Server
     from tunesmith.constitutional import endpoint_chat
@@ -89,13 +89,13 @@ def test_an_openai_compatible_endpoint_answers_as_the_local_model(stories260k, t
 
     workspace = tmp_path / "workspace"
     (workspace / "models").mkdir(parents=True)
-    shutil.copytree(stories260k, workspace / "models" / "stories260k")
+    shutil.copytree(tiny_llama, workspace / "models" / "tiny_llama")
     prompts = read_prompts(PROMPTS)[:2]
-    model, tokenizer = load_for_inference(stories260k)
+    model, tokenizer = load_for_inference(tiny_llama)
     expected = critique_and_revise(local_chat(model, tokenizer, max_new_tokens=8), prompts, read_principles(PRINCIPLES))
     server = Server(workspace).start()
     try:
-        served = endpoint_chat(server.url + "/v1", "models/stories260k", max_new_tokens=8)
+        served = endpoint_chat(server.url + "/v1", "models/tiny_llama", max_new_tokens=8)
         assert critique_and_revise(served, prompts, read_principles(PRINCIPLES)) == expected
     finally:
         server.stop()

@@ -48,13 +48,13 @@ def test_rewards_combine_with_weights_and_keep_each_column():
         RewardSet([NamedReward("right", 1.0, exact_match())] * 2)
 
 
-def test_reward_model_folder_scores_like_its_sequence_classification_head(stories260k, tmp_path):
+def test_reward_model_folder_scores_like_its_sequence_classification_head(tiny_llama, tmp_path):
     from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
-    config = AutoConfig.from_pretrained(stories260k, num_labels=1)
+    config = AutoConfig.from_pretrained(tiny_llama, num_labels=1)
     torch.manual_seed(0)
     model = AutoModelForSequenceClassification.from_config(config)
-    tokenizer = AutoTokenizer.from_pretrained(stories260k)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
     model.config.pad_token_id = tokenizer.eos_token_id
     run = tmp_path / "rm_run"
     model.save_pretrained(run / "model")
@@ -66,7 +66,7 @@ def test_reward_model_folder_scores_like_its_sequence_classification_head(storie
         expected = [float(model(**tokenizer(p + c, return_tensors="pt", add_special_tokens=False)).logits[0, 0])
                     for p, c in zip(*texts)]
     torch.testing.assert_close(scores, torch.tensor(expected), rtol=1e-5, atol=1e-5)
-    other = AutoTokenizer.from_pretrained(stories260k)
+    other = AutoTokenizer.from_pretrained(tiny_llama)
     other.add_tokens(["<not-in-the-policy>"])
     other.save_pretrained(tmp_path / "other")
     model.save_pretrained(tmp_path / "other")
@@ -76,22 +76,29 @@ def test_reward_model_folder_scores_like_its_sequence_classification_head(storie
         build_rewards([ModelReward(path=str(tmp_path))], tokenizer)
 
 
-def test_prompts_from_gsm8k_the_quickstart_and_plain_files(stories260k, tmp_path):
+def test_prompts_from_gsm8k(tiny_llama):
     from transformers import AutoTokenizer
     from tunesmith.stages.prompts import prepare_prompts
 
-    tokenizer = AutoTokenizer.from_pretrained(stories260k)
-    gsm8k = asset("data/gsm8k")
-    test_file = next(p for p in sorted(gsm8k.iterdir()) if "test" in p.name and p.suffix == ".jsonl")
-    data = prepare_prompts(DataSection(train=str(test_file), template="simple", max_length=512), tokenizer, 0, 32, True)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    test_file = asset("data/gsm8k/test.jsonl")
+    data = prepare_prompts(DataSection(train=str(test_file), template="simple", max_length=1024), tokenizer, 0, 32,
+                           True)
     first = json.loads(test_file.read_text().splitlines()[0])
     assert data.train[0].messages[-1]["content"] == first["question"] and data.train[0].reference == first["answer"]
     assert data.train[0].prompt_text.endswith("Assistant: ")
+
+
+def test_prompts_from_the_quickstart_and_conversations(tiny_llama, tmp_path):
+    from transformers import AutoTokenizer
+    from tunesmith.stages.prompts import prepare_prompts
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
     quickstart = REPO / "examples" / "data" / "quickstart"
     data = prepare_prompts(DataSection(train=str(quickstart / "train.jsonl"), validation=str(quickstart / "test.jsonl"),
                                        template="simple", max_length=128), tokenizer, 0, 16, True)
     assert data.validation[0].reference == "2025-10-06" and "6 October 2025" in data.validation[0].prompt_text
-    assert len(data.train) == 400
+    assert len(data.train) == 400 and data.stats["train"].dropped == 0
     conversation = tmp_path / "turns.jsonl"
     conversation.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
     with pytest.raises(TunesmithError, match="turns.jsonl, line 1: the conversation must end with the assistant"):

@@ -1,7 +1,9 @@
-"""``stage: grpo`` end to end on stories260k: reward rises, resume is exact, the reference is the base, bad input.
+"""``stage: grpo`` end to end: reward rises (stories260k), resume is exact, the reference is the base, bad input.
 
-The toy task is verifiable and learnable in a few steps: the reward is 1 when the completion of a
-story opening contains the word "she". The base model says it in about 3% of samples.
+The toy task is verifiable and learnable in a few steps: the reward is 1 when stories260k's
+completion of a story opening contains the word "she" (it says it in about 3% of samples). The
+other tests run on the session's random tiny Llama (no ../shared needed) with a length reward,
+which varies between completions and so gives non-zero advantages.
 """
 
 from __future__ import annotations
@@ -30,15 +32,15 @@ def prompts(tmp_path) -> Path:
 
 
 @pytest.fixture
-def grpo_recipe(stories260k, prompts, tmp_path):
+def grpo_recipe(tiny_llama, prompts, tmp_path):
     def make(*overrides: str, output: str = "run", **stage):
         from tunesmith.config import apply_override
 
         raw = {
-            "model": {"name": stories260k},
+            "model": {"name": tiny_llama},
             "data": {"train": str(prompts), "max_length": 96, "template": "simple"},
             "stage": {"kind": "grpo", "group_size": 8, "max_new_tokens": 16, "beta": 0.04,
-                      "rewards": [{"kind": "format", "pattern": r"\bshe\b", "name": "says_she"}], **stage},
+                      "rewards": [{"kind": "length", "target": 6, "name": "short"}], **stage},
             "method": {"kind": "lora", "r": 8, "alpha": 16, "dropout": 0.0},
             "train": {"max_steps": 6, "batch_size": 4, "lr": 5e-3, "log_every": 1, "seed": 0, "schedule": "constant"},
             "output": {"dir": str(tmp_path / output)},
@@ -54,8 +56,9 @@ def records(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if "reward" in line]
 
 
-def test_reward_rises_on_a_verifiable_toy_task(grpo_recipe, prompts, tmp_path):
-    recipe = grpo_recipe(f"data.validation={prompts}")
+def test_reward_rises_on_a_verifiable_toy_task(grpo_recipe, stories260k, prompts, tmp_path):
+    recipe = grpo_recipe(f"model.name={stories260k}", f"data.validation={prompts}",
+                         rewards=[{"kind": "format", "pattern": r"\bshe\b", "name": "says_she"}])
     summary = finetune(recipe, progress=False)
     logged = [r for r in records(tmp_path / "run") if "loss" in r and "val_loss" not in r]
     rewards = [r["reward"] for r in logged]
@@ -94,7 +97,7 @@ def test_every_estimator_and_loss_type_trains(grpo_recipe, stage, tmp_path):
     assert summary["steps"] == 2 and all("reward" in r for r in records(tmp_path / "run"))
 
 
-def test_peft_reference_is_the_separately_loaded_base(grpo_recipe, stories260k):
+def test_peft_reference_is_the_separately_loaded_base(grpo_recipe):
     from tunesmith.methods import build_method
     from tunesmith.models import load_model_and_tokenizer
     from tunesmith.stages import build_stage
@@ -140,11 +143,11 @@ def test_full_fine_tuning_keeps_a_frozen_copy_as_reference(grpo_recipe):
     assert not reference[name].requires_grad and not torch.equal(reference[name], moved)
 
 
-def test_recipe_without_rewards_is_a_schema_error(stories260k, prompts):
+def test_recipe_without_rewards_is_a_schema_error(tiny_llama, prompts):
     with pytest.raises(TunesmithError, match="stage.rewards"):
-        validate_recipe({"model": {"name": stories260k}, "data": {"train": str(prompts)}, "stage": "grpo"})
+        validate_recipe({"model": {"name": tiny_llama}, "data": {"train": str(prompts)}, "stage": "grpo"})
     with pytest.raises(TunesmithError, match="stage.rewards"):
-        validate_recipe({"model": {"name": stories260k}, "data": {"train": str(prompts)},
+        validate_recipe({"model": {"name": tiny_llama}, "data": {"train": str(prompts)},
                          "stage": {"kind": "grpo", "rewards": []}})
 
 
