@@ -37,7 +37,8 @@ class ProgressBar(Hook):
         self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
 
     def on_step(self, record: dict[str, Any]) -> None:
-        self.bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
+        reward = {"reward": f"{record['reward']:.3f}"} if "reward" in record else {}  # online RL
+        self.bar.set_postfix(loss=f"{record['loss']:.4f}", **reward, lr=f"{record['lr']:.2e}",
                              tok_s=f"{record['tokens_per_s']:.0f}", refresh=False)
         self.bar.update(1)
 
