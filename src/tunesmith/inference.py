@@ -37,7 +37,8 @@ def load_for_inference(model_name: str, adapter: Optional[str] = None, dtype: st
     return loaded.model, loaded.tokenizer
 
 
-def _stop_ids(tokenizer) -> list[int]:
+def stop_token_ids(tokenizer) -> list[int]:
+    """Token ids that end a reply: EOS and the chat templates' end-of-turn markers the vocabulary has."""
     ids = {tokenizer.eos_token_id}
     for token in ("<|im_end|>", "<|eot_id|>", "<|end|>"):
         token_id = tokenizer.convert_tokens_to_ids(token)
@@ -47,7 +48,7 @@ def _stop_ids(tokenizer) -> list[int]:
 
 
 def _generation_kwargs(tokenizer, max_new_tokens: int, temperature: float) -> dict:
-    kwargs = {"max_new_tokens": max_new_tokens, "eos_token_id": _stop_ids(tokenizer),
+    kwargs = {"max_new_tokens": max_new_tokens, "eos_token_id": stop_token_ids(tokenizer),
               "pad_token_id": tokenizer.pad_token_id, "do_sample": temperature > 0}
     if temperature > 0:
         kwargs["temperature"] = temperature

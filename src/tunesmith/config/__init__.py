@@ -14,7 +14,7 @@ from tunesmith.config.recipe import (
 )
 from tunesmith.config.schema import schema_text
 from tunesmith.config.speed import SpeedSection
-from tunesmith.config.stages import SftStage, StageSection
+from tunesmith.config.stages import GrpoStage, SftStage, StageSection
 from tunesmith.config.train import EarlyStoppingSection, GaloreSection, TrainSection
 
 __all__ = [
@@ -27,6 +27,7 @@ __all__ = [
     "FullMethod",
     "GaloreSection",
     "GenerationTaskSection",
+    "GrpoStage",
     "LoraMethod",
     "MethodSection",
     "ModelSection",

@@ -164,11 +164,14 @@ class Trainer:
         self.add_trainable(step)
         batches = [self.objective.collate([self.data.train[i] for i in indices], self.pad_token_id)
                    for indices in self.sampler.micro_batches(step)]
+        rollout = getattr(self.objective, "rollout", None)  # online RL samples every micro-batch's completions first
+        if rollout is not None:
+            batches = [rollout(self.wrapped, self.to_device(batch)) for batch in batches]
         units = self.all_reduce_sum(sum(self.objective.units(batch) for batch in batches))
         real_tokens = self.all_reduce_sum(sum(self.objective.real_tokens(batch) for batch in batches))
         step_loss = torch.zeros((), dtype=torch.float64)
         for index, batch in enumerate(batches):
-            batch = {key: value.to(self.runtime.device) for key, value in batch.items()}
+            batch = self.to_device(batch)
             is_last = index == len(batches) - 1
             with gradient_sync(self.wrapped, self.runtime, self.sharded, sync=is_last):
                 summed = self.objective.loss_sum(self.wrapped, batch)
@@ -190,12 +193,18 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         return loss, int(real_tokens)
 
+    def to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {key: value.to(self.runtime.device) for key, value in batch.items()}
+
     def after_step(self, loss: float, tokens: int, seconds: float) -> None:
         """Logging, evaluation, early stopping and checkpointing after a step."""
         step = self.state.step
         record = {"step": step, "epoch": round(step / self.sampler.steps_per_epoch, 4), "loss": loss,
                   "lr": self.scheduler.get_last_lr()[0], "tokens": self.state.tokens,
-                  "tokens_per_s": tokens / max(seconds, 1e-9)}
+                  "tokens_per_s": tokens / max(seconds, 1e-9), "step_s": seconds}
+        step_metrics = getattr(self.objective, "step_metrics", None)  # e.g. online RL's rewards and samples
+        if step_metrics is not None:
+            record.update(step_metrics())
         for hook in self.hooks:
             hook.on_step(record)
         if step % self.train_config.log_every == 0 or step == self.total_steps:
