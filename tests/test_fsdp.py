@@ -81,7 +81,7 @@ def test_fsdp_lora_on_two_processes_equals_one_process(lora_runs):
         torch.testing.assert_close(two[name], one[name], rtol=1e-4, atol=1e-5)
     assert json.loads((root / "two" / "adapter" / "adapter_config.json").read_text())["peft_type"] == "LORA"
     assert sorted(p.name for p in (root / "two" / "checkpoints" / "step-00000004").iterdir()) == \
-        ["rng-0.pt", "rng-1.pt", "shards", "state.json", "training.pt"]
+        ["manifest.json", "rng-0.pt", "rng-1.pt", "shards", "state.json", "training.pt"]
 
 
 @pytest.mark.slow

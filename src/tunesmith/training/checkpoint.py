@@ -33,6 +33,7 @@ from tunesmith.errors import TunesmithError
 PREFIX = "step-"
 MANIFEST = "manifest.json"
 FILES = ("trainable.safetensors", "training.pt", "state.json")
+REQUIRED = ("training.pt", "state.json")  # in every layout, plain or sharded
 
 
 @dataclass
@@ -107,11 +108,22 @@ def _write_files(partial: Path, trainable: dict[str, torch.Tensor], optimizer, s
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state()},
                    handle)
     (partial / "state.json").write_text(json.dumps(asdict(state), indent=2))
+    write_checkpoint_manifest(partial, state.step)
+
+
+def write_checkpoint_manifest(partial: Path, step: int) -> None:
+    """Flush every file of a checkpoint being written and record its size and SHA-256 in ``manifest.json``.
+
+    Plain checkpoints hold :data:`FILES`; sharded ones (``train.distributed: fsdp``) a shard folder,
+    the RNG of every process, ``training.pt`` and ``state.json``: every file is listed, whatever the layout.
+    """
     files = {}
-    for name in FILES:
-        _fsync(partial / name)
-        files[name] = {"bytes": (partial / name).stat().st_size, "sha256": _sha256(partial / name)}
-    (partial / MANIFEST).write_text(json.dumps({"format": 1, "step": state.step, "files": files}, indent=2))
+    for file in sorted(p for p in partial.rglob("*") if p.is_file() and p.name != MANIFEST):
+        _fsync(file)
+        files[file.relative_to(partial).as_posix()] = {"bytes": file.stat().st_size, "sha256": _sha256(file)}
+    for folder in sorted({p.parent for p in partial.rglob("*") if p.is_file()}, reverse=True):
+        _fsync(folder)
+    (partial / MANIFEST).write_text(json.dumps({"format": 1, "step": step, "files": files}, indent=2))
     _fsync(partial / MANIFEST)
     _fsync(partial)
 
@@ -168,8 +180,10 @@ def checkpoint_problem(path: Path) -> Optional[str]:
         files = manifest["files"]
     except (OSError, ValueError, KeyError, TypeError):
         return f"{MANIFEST} is missing or unreadable"
-    for name in FILES:
-        expected = files.get(name) if isinstance(files, dict) else None
+    if not isinstance(files, dict):
+        return f"{MANIFEST} is unreadable"
+    for name in sorted(set(files) | set(REQUIRED)):
+        expected = files.get(name)
         file = path / name
         if not isinstance(expected, dict) or not file.is_file():
             return f"{name} is missing"

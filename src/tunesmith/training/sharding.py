@@ -25,7 +25,8 @@ from torch import nn
 
 from tunesmith.errors import TunesmithError
 from tunesmith.runtime import Runtime
-from tunesmith.training.checkpoint import PREFIX, TrainState, list_checkpoints, rng_state, set_rng_state
+from tunesmith.training.checkpoint import (PREFIX, TrainState, list_checkpoints, rng_state, set_rng_state,
+                                          write_checkpoint_manifest)
 
 SHARDS = "shards"  # the DCP folder inside a checkpoint
 SHARDABLE_METHODS = ("full", "partial", "lora", "ia3")  # their result is the model's own state dict (or peft's part)
@@ -119,6 +120,7 @@ def save_sharded_checkpoint(folder: Path, model: nn.Module, optimizer, scheduler
         (partial / "state.json").write_text(json.dumps(asdict(state), indent=2))
     barrier(runtime)
     if runtime.is_main:
+        write_checkpoint_manifest(partial, state.step)  # resume validates every shard against it
         shutil.rmtree(final, ignore_errors=True)
         partial.rename(final)
         for old in list_checkpoints(folder)[:-keep]:
@@ -147,11 +149,11 @@ def load_sharded_checkpoint(path: Path, model: nn.Module, optimizer, scheduler, 
     if trainable_missing or keys.unexpected_keys:
         raise TunesmithError(f"{path} does not fit this model: missing {sorted(trainable_missing)[:3]}, unexpected "
                              f"{sorted(keys.unexpected_keys)[:3]}; resume with the recipe that wrote it")
-    training = torch.load(path / "training.pt", weights_only=False)
+    training = torch.load(path / "training.pt", weights_only=True)
     scheduler.load_state_dict(training["scheduler"])
     rng = path / f"rng-{runtime.rank}.pt"
     if training["world_size"] == runtime.world_size and rng.exists():
-        set_rng_state(torch.load(rng, weights_only=False))  # same processes: continue each one's random stream
+        set_rng_state(torch.load(rng, weights_only=True))  # same processes: continue each one's random stream
     return TrainState(**json.loads((path / "state.json").read_text()))
 
 
