@@ -63,6 +63,7 @@ def finetune(recipe: Recipe, resume: bool = False, extra_hooks: Sequence[Hook] =
         safeguards.before_method(model, tokenizer, data)
         method = build_method(recipe.method)
         model = method.apply(stage.prepare_model(model))
+        stage.after_method(model)  # e.g. a reward head trains; DPO keeps its reference
         parameters = count_parameters(model)  # before gradual unfreezing adds any
         say(describe_parameters(method, parameters))
         loop = assemble_loop(recipe, stage, model, method, tokenizer, data, safeguards, runtime, out, say, progress,
@@ -83,7 +84,7 @@ def finetune(recipe: Recipe, resume: bool = False, extra_hooks: Sequence[Hook] =
             loop.speed.undo()  # e.g. transformers' own attention again, before anything is saved
         forgetting = safeguards.after_training(model, tokenizer, data)
         if runtime.is_main:
-            save_result(method, model, tokenizer, out, recipe, data.template)
+            save_result(method, model, tokenizer, out, recipe, data.template, stage)
         task_after = evaluate_task(model, tokenizer, recipe, runtime, out / "task_after.json", "after training")
         return finish(recipe, result, method, data, runtime, out, parameters, forgetting, task_before, task_after, say)
     finally:
@@ -177,13 +178,15 @@ def evaluate_task(model, tokenizer, recipe: Recipe, runtime: Runtime, cache: Pat
     return result
 
 
-def save_result(method, model, tokenizer, out: Path, recipe: Recipe, template: str) -> Path:
-    """Write the result folder atomically: method artifact, tokenizer (with the chat template), manifest."""
+def save_result(method, model, tokenizer, out: Path, recipe: Recipe, template: str, stage=None) -> Path:
+    """Write the result folder atomically: method artifact, what the stage adds (a head), tokenizer, manifest."""
     final = out / method.artifact
     with atomic_folder(final) as partial:
         method.save(model, partial)
+        if stage is not None:
+            stage.save(model, partial)
         tokenizer.save_pretrained(partial)
-        method.write_manifest(partial, base_model=recipe.model.name, template=template)
+        method.write_manifest(partial, base_model=recipe.model.name, template=template, stage=recipe.stage.kind)
     return final
 
 

@@ -35,7 +35,7 @@ class DataSection(Section):
     """Where the training data is and how it becomes token sequences."""
 
     train: tuple[str, ...] = Field(
-        (), description="Training file(s): .json, .jsonl, .csv, .parquet or .txt, optionally .gz."
+        (), description="Training file(s): .json, .jsonl, .csv, .tsv, .parquet or .txt, optionally .gz."
     )
     format: str = Field(
         "auto", description="Record layout: alpaca, sharegpt, messages, text, or auto (detected)."
