@@ -280,3 +280,99 @@ def test_resume_is_exact(stories260k, tmp_path, stage):
     assert [r["loss"] for r in records(tmp_path / "stopped")] == pytest.approx(straight, rel=1e-6)
     for name, value in trained_weights(tmp_path / "straight").items():
         torch.testing.assert_close(trained_weights(tmp_path / "stopped")[name], value)
+
+
+def trl_self(**attributes):
+    """What TRL's loss methods read from their trainer (they are plain functions of tensors otherwise)."""
+    return SimpleNamespace(accelerator=SimpleNamespace(device=torch.device("cpu")), **attributes)
+
+
+def reference_free_losses(stage: str, model, pairs, tokenizer, **config):
+    """(TRL's mean loss over the pairs, computed one pair at a time; ours over the batch), both with gradients."""
+    from trl.experimental.cpo import CPOTrainer
+    from trl.experimental.orpo import ORPOTrainer
+
+    from tunesmith.config import OrpoStage, SimpoStage
+    from tunesmith.stages.orpo import ReferenceFreeObjective
+
+    trl_total = 0.0
+    for pair in pairs:
+        batch = collate([pair.chosen, pair.rejected], tokenizer.pad_token_id)
+        sums, counts = reply_logps(model, batch)
+        averages = sums / counts
+        if stage == "orpo":
+            nll = plain_loss_sum(model, collate([pair.chosen], tokenizer.pad_token_id)) / counts[0]
+            terms = ORPOTrainer.odds_ratio_loss(trl_self(beta=config["beta"]), averages[:1], averages[1:])[0]
+            trl_total = trl_total + nll - terms.mean()
+        else:
+            fake = trl_self(beta=config["beta"], alpha=0.0, loss_type="simpo", simpo_gamma=config["gamma"],
+                            label_smoothing=config["label_smoothing"])
+            trl_total = trl_total + CPOTrainer.cpo_loss(fake, averages[:1], averages[1:])[0].mean()
+    section = OrpoStage(**config) if stage == "orpo" else SimpoStage(**config)
+    objective = ReferenceFreeObjective(padded_speed(), section)
+    batch = objective.collate(pairs, tokenizer.pad_token_id)
+    return trl_total / len(pairs), objective.loss_sum(model, batch) / objective.units(batch)
+
+
+@pytest.mark.parametrize("stage, config", [("orpo", {"beta": 0.2}),
+                                           ("simpo", {"beta": 2.0, "gamma": 0.7, "label_smoothing": 0.1})])
+def test_reference_free_losses_and_gradients_equal_trl(stories260k, stage, config):
+    pytest.importorskip("trl")
+    model, tokenizer = load(stories260k)
+    pairs = demo_pairs(tokenizer, 3)
+    trl_loss, ours = reference_free_losses(stage, model, pairs, tokenizer, **config)
+    trl_loss.backward()
+    trl_grads = gradients(model)
+    _, ours = reference_free_losses(stage, model, pairs, tokenizer, **config)
+    ours.backward()
+    our_grads = gradients(model)
+    assert float(ours) == pytest.approx(float(trl_loss), rel=1e-5)
+    scale = max(float(g.abs().max()) for g in trl_grads.values())
+    for name in trl_grads:
+        torch.testing.assert_close(our_grads[name], trl_grads[name], rtol=1e-4, atol=1e-5 * scale)
+
+
+def kto_examples(tokenizer, count: int = 4, max_length: int = 160):
+    from tunesmith.data.preference import encode_labelled
+    from tunesmith.data.templates import resolve_template
+
+    resolve_template(tokenizer, "simple")
+    rows = list(read_records(asset("data/llama_factory/kto_en_demo.json")))
+    examples, _ = encode_labelled(rows[:150], tokenizer, max_length)
+    good = [e for e in examples if e.desirable][: count // 2]
+    bad = [e for e in examples if not e.desirable][: count // 2]
+    return [item for pair in zip(good, bad) for item in pair]
+
+
+def test_kto_loss_and_gradients_equal_trl(stories260k, tmp_path):
+    pytest.importorskip("trl")
+    from datasets import Dataset
+    from trl import KTOConfig, KTOTrainer
+    from trl.trainer.kto_trainer import DataCollatorForUnpairedPreference
+
+    from tunesmith.config import KtoStage
+    from tunesmith.stages.kto import KtoObjective
+
+    base, tokenizer = load(stories260k)
+    examples = kto_examples(tokenizer, 4)
+    args = KTOConfig(output_dir=str(tmp_path / "trl"), beta=0.3, desirable_weight=1.0, undesirable_weight=1.5,
+                     report_to="none", use_cpu=True, bf16=False, max_length=None, per_device_train_batch_size=4)
+    dataset = Dataset.from_dict({"prompt": ["a", "b"], "completion": ["c", "d"], "label": [True, False]})
+    trainer = KTOTrainer(model=base, args=args, train_dataset=dataset, processing_class=tokenizer,
+                         peft_config=build_method(LORA).peft_config(base))
+    model = randomise_lora(trainer.model)
+    model.train()
+    rows = [{"prompt_ids": list(e.prompt_ids), "completion_ids": list(e.reply_ids), "label": e.desirable,
+             "KL_completion_ids": list(examples[i - 1].reply_ids)} for i, e in enumerate(examples)]
+    trl_loss = trainer.compute_loss(trainer.model, DataCollatorForUnpairedPreference(tokenizer.pad_token_id)(rows))
+    trl_loss.backward()
+    trl_grads = gradients(model)
+    objective = KtoObjective(padded_speed(), KtoStage(beta=0.3, undesirable_weight=1.5), Reference(model))
+    batch = objective.collate(examples, tokenizer.pad_token_id)
+    ours = objective.loss_sum(model, batch) / objective.units(batch)
+    ours.backward()
+    our_grads = gradients(model)
+    assert float(ours) == pytest.approx(float(trl_loss), rel=1e-4)
+    scale = max(float(g.abs().max()) for g in trl_grads.values())
+    for name in trl_grads:
+        torch.testing.assert_close(our_grads[name], trl_grads[name], rtol=1e-3, atol=1e-4 * scale)

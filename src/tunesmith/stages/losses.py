@@ -49,17 +49,22 @@ def orpo(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, chosen_tokens
          rejected_tokens: torch.Tensor, beta: float = 0.1) -> tuple[torch.Tensor, torch.Tensor]:
     """ORPO (https://arxiv.org/abs/2403.07691): per-pair ``NLL(chosen) - beta * log s(log-odds ratio)``.
 
-    The NLL is the chosen reply's mean per token; the odds use mean per-token log-probabilities.
+    The NLL is the chosen reply's mean per token (TRL's ORPOTrainer scores the prompt tokens too and
+    averages over the batch's tokens; we train the reply as SFT does, per pair so that accumulation
+    equals one large batch); the odds use mean per-token log-probabilities, as TRL's.
 
     Returns:
         The per-pair loss and the per-pair log-odds ratio (for metrics).
     """
     chosen_mean = chosen_logps / chosen_tokens.clamp(min=1)
     rejected_mean = rejected_logps / rejected_tokens.clamp(min=1)
-    # log(p / (1 - p)) with log(1 - p) = log1p(-exp(log p)), as in the paper's reference code.
-    log_odds = (chosen_mean - rejected_mean) - (torch.log1p(-torch.exp(chosen_mean)) -
-                                                torch.log1p(-torch.exp(rejected_mean)))
+    log_odds = (chosen_mean - rejected_mean) - (log1mexp(chosen_mean) - log1mexp(rejected_mean))  # log(p / (1 - p))
     return -chosen_mean - beta * F.logsigmoid(log_odds), log_odds
+
+
+def log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """``log(1 - exp(x))`` for ``x < 0``, branching at -ln 2 to avoid cancellation (Maechler 2012)."""
+    return torch.where(x < -0.6931471805599453, torch.log1p(-torch.exp(x)), torch.log(-torch.expm1(x)))
 
 
 def simpo(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, chosen_tokens: torch.Tensor,

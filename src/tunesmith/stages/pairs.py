@@ -29,6 +29,8 @@ PairValues = tuple[torch.Tensor, dict[str, torch.Tensor]]  # (pairs,) loss and (
 class PairObjective(ABC):
     """An :class:`~tunesmith.training.objective.Objective` over preference pairs; units are pairs."""
 
+    counted: str = "pairs"  # how evaluate names the number of items it scored
+
     def __init__(self, speed: SpeedSetup) -> None:
         self.collate_fn = speed.collate_fn
         self.forward = speed.under_autocast(self.per_pair)
@@ -71,7 +73,7 @@ class PairObjective(ABC):
             torch.distributed.all_reduce(totals)
             totals = totals.cpu()
         model.train(was_training)
-        return {**{name: float(totals[i] / totals[-1]) for i, name in enumerate(names)}, "pairs": int(totals[-1])}
+        return {**{name: float(totals[i] / totals[-1]) for i, name in enumerate(names)}, self.counted: int(totals[-1])}
 
 
 def split_pairs(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
