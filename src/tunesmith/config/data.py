@@ -55,6 +55,10 @@ class DataSection(Section):
     train_on: Literal["assistant", "all"] = Field(
         "assistant", description="Compute the loss on assistant tokens only, or on every token."
     )
+    reasoning: Literal["keep", "strip", "mask"] = Field(
+        "keep", description="<think>...</think> traces in assistant turns: kept and trained, stripped from the "
+        "text, or kept as context but masked out of the loss."
+    )
     text_field: str = Field("text", description="Field holding the text for the 'text' format.")
     prepare: Optional[PrepareSection] = Field(
         None, description="Clean and de-duplicate the training files before use (off unless given); see docs/data.md."
