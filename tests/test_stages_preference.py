@@ -280,6 +280,12 @@ def test_resume_is_exact(stories260k, tmp_path, stage):
     assert [r["loss"] for r in records(tmp_path / "stopped")] == pytest.approx(straight, rel=1e-6)
     for name, value in trained_weights(tmp_path / "straight").items():
         torch.testing.assert_close(trained_weights(tmp_path / "stopped")[name], value)
+    if stage == "dpo":  # the result generates like an SFT result
+        from tunesmith.inference import generate, load_for_inference
+
+        model, tokenizer = load_for_inference(stories260k, str(tmp_path / "stopped" / "adapter"))
+        replies = generate(model, tokenizer, [[{"role": "user", "content": "Tell me a story."}]], max_new_tokens=8)
+        assert len(replies) == 1 and isinstance(replies[0], str) and replies[0]
 
 
 def trl_self(**attributes):
