@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import asset
-from tunesmith.config import DpoStage, LoraMethod, ModelSection, validate_recipe
+from tunesmith.config import DpoStage, LoraMethod, ModelSection
 from tunesmith.data.preference import EncodedPair, encode_pairs
 from tunesmith.data.readers import read_records
 from tunesmith.errors import TunesmithError
@@ -112,6 +112,14 @@ def trl_batch(pairs: list[EncodedPair], pad_token_id: int) -> dict:
     return DataCollatorForPreference(pad_token_id=pad_token_id)(rows)
 
 
+def assert_same_gradients(ours: dict, trl: dict, rtol: float, noise: float) -> None:
+    """Every gradient equal; TRL's chunked log-softmax sums in another order, so allow ``noise`` x the largest."""
+    scale = max(float(g.abs().max()) for g in trl.values())
+    assert set(ours) == set(trl) and ours
+    for name in trl:
+        torch.testing.assert_close(ours[name], trl[name], rtol=rtol, atol=noise * scale)
+
+
 def gradients(model) -> dict[str, torch.Tensor]:
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad(set_to_none=True)
@@ -137,10 +145,8 @@ def test_dpo_loss_and_gradients_equal_trl(stories260k, tmp_path, loss, label_smo
     ours.backward()
     our_grads = gradients(model)
     assert float(ours) == pytest.approx(float(trl_loss), rel=1e-4, abs=1e-6)
-    assert float(ours) != 0 and set(our_grads) == set(trl_grads) and our_grads
-    scale = max(float(g.abs().max()) for g in trl_grads.values())
-    for name in trl_grads:  # TRL's chunked log-softmax sums in another order: float noise of ~1e-5 of the scale
-        torch.testing.assert_close(our_grads[name], trl_grads[name], rtol=1e-3, atol=1e-4 * scale)
+    assert float(ours) != 0
+    assert_same_gradients(our_grads, trl_grads, rtol=1e-3, noise=1e-4)
 
 
 def test_dpo_label_smoothing_golden():
@@ -231,17 +237,11 @@ def test_reward_loss_equals_trl_reward_trainer(stories260k):
 
 
 def pair_recipe(stories260k, tmp_path, stage, *overrides, output="run"):
-    from tunesmith.config import apply_override
+    from test_stages_text import recipe
 
-    raw = {"stage": stage, "model": {"name": stories260k},
-           "data": {"train": str(asset("data/llama_factory/dpo_en_demo.json")), "max_length": 256,
-                    "template": "simple", "validation_fraction": 0.1},
-           "method": {"kind": "lora", "r": 4, "alpha": 8, "dropout": 0.0},
-           "train": {"max_steps": 8, "batch_size": 4, "lr": 2e-3, "log_every": 1, "seed": 0},
-           "output": {"dir": str(tmp_path / output)}}
-    for override in overrides:
-        apply_override(raw, override)
-    return validate_recipe(raw)
+    data = {"train": str(asset("data/llama_factory/dpo_en_demo.json")), "max_length": 256, "template": "simple",
+            "validation_fraction": 0.1}
+    return recipe(stories260k, tmp_path, stage, data, "train.max_steps=8", *overrides, output=output)
 
 
 def records(run_dir) -> list[dict]:
@@ -333,9 +333,7 @@ def test_reference_free_losses_and_gradients_equal_trl(stories260k, stage, confi
     ours.backward()
     our_grads = gradients(model)
     assert float(ours) == pytest.approx(float(trl_loss), rel=1e-5)
-    scale = max(float(g.abs().max()) for g in trl_grads.values())
-    for name in trl_grads:
-        torch.testing.assert_close(our_grads[name], trl_grads[name], rtol=1e-4, atol=1e-5 * scale)
+    assert_same_gradients(our_grads, trl_grads, rtol=1e-4, noise=1e-5)
 
 
 def kto_examples(tokenizer, count: int = 4, max_length: int = 160):
@@ -379,6 +377,4 @@ def test_kto_loss_and_gradients_equal_trl(stories260k, tmp_path):
     ours.backward()
     our_grads = gradients(model)
     assert float(ours) == pytest.approx(float(trl_loss), rel=1e-4)
-    scale = max(float(g.abs().max()) for g in trl_grads.values())
-    for name in trl_grads:
-        torch.testing.assert_close(our_grads[name], trl_grads[name], rtol=1e-3, atol=1e-4 * scale)
+    assert_same_gradients(our_grads, trl_grads, rtol=1e-3, noise=1e-4)

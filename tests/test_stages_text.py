@@ -159,3 +159,14 @@ def test_stage_data_without_the_layout_says_which_it_expects(stories260k, tmp_pa
         finetune(recipe(stories260k, tmp_path, "dpo", data), progress=False)
     with pytest.raises(TunesmithError, match="missing field 'messages' expected by the kto format"):
         finetune(recipe(stories260k, tmp_path, "kto", data, output="kto"), progress=False)
+
+
+def test_stage_sections_validate_by_kind():
+    data = {"train": "pairs.json"}
+    assert validate_recipe({"stage": "dpo", "data": data}).stage.loss == "sigmoid"
+    with pytest.raises(TunesmithError, match=r"stage.loss.*'sigmoid', 'ipo', 'hinge' or 'robust'"):
+        validate_recipe({"stage": {"kind": "dpo", "loss": "sigmoidd"}, "data": data})
+    with pytest.raises(TunesmithError, match="stage.label_smoothing"):
+        validate_recipe({"stage": {"kind": "dpo", "label_smoothing": 0.5}, "data": data})
+    with pytest.raises(TunesmithError, match="retain .* applies to stage sft and pt, not rm"):
+        validate_recipe({"stage": "rm", "data": data, "retain": {}})

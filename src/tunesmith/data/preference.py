@@ -15,12 +15,11 @@ A missing or malformed field is an error naming the row.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Callable, Iterable, Optional, TypeVar
+from typing import Callable, Iterable, Optional
 
 from tunesmith.config import DataSection
 from tunesmith.data.encode import IGNORE_INDEX, EncodedExample, conversation_segments
-from tunesmith.data.formats import PREFERENCE_LAYOUT, _messages, _sharegpt, FormatOptions, preference_parts
+from tunesmith.data.formats import PREFERENCE_LAYOUT, FormatOptions, _messages, _sharegpt, preference_parts
 from tunesmith.data.prepared import EncodeStats, PreparedData, split_by_fraction
 from tunesmith.data.readers import RawRecord, read_records
 from tunesmith.data.templates import resolve_template
@@ -185,9 +184,6 @@ def encode_labelled(records: Iterable[RawRecord], tokenizer, max_length: int) ->
         reply_ids = encoded.reply_ids[: max_length - len(encoded.prompt_ids)]
         examples.append(EncodedLabelledReply(encoded.prompt_ids, reply_ids, desirable, max_length))
     return examples, stats
-
-
-Item = TypeVar("Item")
 
 
 def prepare_judged(section: DataSection, tokenizer, seed: int, stage: str, layout: str,

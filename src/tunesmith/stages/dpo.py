@@ -8,18 +8,13 @@ their margin, and the share of pairs where the chosen reply's reward is higher (
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Optional
-
 import torch
 from torch import nn
 
-from tunesmith.config import DataSection
-from tunesmith.data.preference import PREFERENCE_LAYOUT, encode_pairs, prepare_judged
-from tunesmith.data.prepared import PreparedData
-from tunesmith.stages.base import STAGES, Stage
+from tunesmith.data.preference import PREFERENCE_LAYOUT, encode_pairs
+from tunesmith.stages.base import STAGES
 from tunesmith.stages.losses import dpo
-from tunesmith.stages.pairs import PairObjective, PairValues, Reference, split_pairs
+from tunesmith.stages.pairs import PairObjective, PairValues, Reference, ReferenceStage, split_pairs
 from tunesmith.stages.scoring import reply_logps
 from tunesmith.training.speed import SpeedSetup
 
@@ -50,21 +45,10 @@ def preference_metrics(chosen_rewards: torch.Tensor, rejected_rewards: torch.Ten
 
 
 @STAGES.register("dpo")
-class DirectPreference(Stage):
+class DirectPreference(ReferenceStage):
     """Preference pairs; loss ``stage.loss`` with ``stage.beta`` and ``stage.label_smoothing``."""
 
     kind = "dpo"
-
-    def __init__(self, config) -> None:
-        super().__init__(config)
-        self.reference: Optional[Reference] = None
-
-    def prepare_data(self, section: DataSection, tokenizer, seed: int, cache: Path) -> PreparedData:
-        return prepare_judged(section, tokenizer, seed, self.kind, PREFERENCE_LAYOUT, encode_pairs)
-
-    def after_method(self, model: nn.Module) -> None:
-        self.reference = Reference(model)
-
-    def objective(self, speed: SpeedSetup) -> DpoObjective:
-        self.reference.use_packing(speed)
-        return DpoObjective(speed, self.config, self.reference)
+    objective_class = DpoObjective
+    encode = staticmethod(encode_pairs)
+    layout = PREFERENCE_LAYOUT

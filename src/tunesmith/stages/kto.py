@@ -13,18 +13,13 @@ examples where it is positive (``accuracy``).
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Optional
-
 import torch
 from torch import nn
 
-from tunesmith.config import DataSection
-from tunesmith.data.preference import KTO_LAYOUT, EncodedLabelledReply, EncodedReply, encode_labelled, prepare_judged
-from tunesmith.data.prepared import PreparedData
-from tunesmith.stages.base import STAGES, Stage
+from tunesmith.data.preference import KTO_LAYOUT, EncodedLabelledReply, EncodedReply, encode_labelled
+from tunesmith.stages.base import STAGES
 from tunesmith.stages.losses import kto
-from tunesmith.stages.pairs import PairObjective, PairValues, Reference, split_pairs
+from tunesmith.stages.pairs import PairObjective, PairValues, Reference, ReferenceStage, split_pairs
 from tunesmith.stages.scoring import reply_logps
 from tunesmith.training.speed import SpeedSetup
 
@@ -58,21 +53,10 @@ class KtoObjective(PairObjective):
 
 
 @STAGES.register("kto")
-class KahnemanTverskyOptimisation(Stage):
+class KahnemanTverskyOptimisation(ReferenceStage):
     """Conversations ending in a reply, each with a boolean ``label``; against the frozen reference."""
 
     kind = "kto"
-
-    def __init__(self, config) -> None:
-        super().__init__(config)
-        self.reference: Optional[Reference] = None
-
-    def prepare_data(self, section: DataSection, tokenizer, seed: int, cache: Path) -> PreparedData:
-        return prepare_judged(section, tokenizer, seed, self.kind, KTO_LAYOUT, encode_labelled)
-
-    def after_method(self, model: nn.Module) -> None:
-        self.reference = Reference(model)
-
-    def objective(self, speed: SpeedSetup) -> KtoObjective:
-        self.reference.use_packing(speed)
-        return KtoObjective(speed, self.config, self.reference)
+    objective_class = KtoObjective
+    encode = staticmethod(encode_labelled)
+    layout = KTO_LAYOUT

@@ -11,13 +11,17 @@ from __future__ import annotations
 import copy
 from abc import ABC, abstractmethod
 from contextlib import contextmanager
-from typing import Callable, Iterator, Optional, Sequence
+from pathlib import Path
+from typing import Callable, ClassVar, Iterator, Optional, Sequence
 
 import torch
 from torch import nn
 
-from tunesmith.data.preference import EncodedPair
+from tunesmith.config import DataSection
+from tunesmith.data.preference import EncodedPair, prepare_judged
+from tunesmith.data.prepared import PreparedData
 from tunesmith.runtime import Runtime
+from tunesmith.stages.base import Stage
 from tunesmith.stages.scoring import count_sequences, reply_logps
 from tunesmith.training.chunked_loss import unwrap
 from tunesmith.training.packing import enable_packed_attention
@@ -106,6 +110,33 @@ class Reference:
             return forward(self.copy, batch)
         with adapter_off(unwrap(model)):
             return forward(unwrap(model), batch)
+
+
+class ReferenceStage(Stage):
+    """A stage that compares with the frozen base (dpo, kto): keeps a :class:`Reference` once the method is applied.
+
+    Attributes:
+        objective_class: Built as ``objective_class(speed, config, reference)``.
+        encode: Encodes the stage's rows (:mod:`tunesmith.data.preference`); ``layout`` names them in errors.
+    """
+
+    objective_class: ClassVar[type]
+    encode: ClassVar[Callable]
+    layout: ClassVar[str]
+
+    def __init__(self, config) -> None:
+        super().__init__(config)
+        self.reference: Optional[Reference] = None
+
+    def prepare_data(self, section: DataSection, tokenizer, seed: int, cache: Path) -> PreparedData:
+        return prepare_judged(section, tokenizer, seed, self.kind, self.layout, type(self).encode)
+
+    def after_method(self, model: nn.Module) -> None:
+        self.reference = Reference(model)
+
+    def objective(self, speed: SpeedSetup):
+        self.reference.use_packing(speed)
+        return self.objective_class(speed, self.config, self.reference)
 
 
 def adapter_owner(model: nn.Module):
