@@ -1,14 +1,17 @@
 """tunesmith against the plain Hugging Face stack: real tokens/s, peak RSS, MFU, final loss.
 
 One invocation runs, for LoRA (r=16 on every linear layer) and full fine-tuning, the reference
-stack (``transformers.Trainer`` + ``peft``, float32, examples padded per batch) and tunesmith's
-loop with its speed options, on the same generated Llama model and the same variable-length
-chat-like examples in the same order, each configuration in its own subprocess (so peak RSS is
-its own). Configurations are interleaved within each repeat and medians are reported: on a shared
-machine only the ratios measured in one run mean anything.
+stack (``transformers.Trainer`` + ``peft``) in the configurations a user would choose (float32
+padded; ``bf16=True``; ``bf16=True`` with transformers' padding-free ``DataCollatorWithFlattening``)
+and tunesmith with its default ``train.speed``, on the same model and the same variable-length
+examples in the same order, each configuration in its own subprocess (so peak RSS is its own).
+tunesmith's ratios are reported against every reference configuration and against the fastest.
+Configurations are interleaved within each repeat and medians are reported: on a shared machine
+only the ratios measured in one run mean anything.
 
     python benchmarks/speed.py              # model S: hidden 512, 8 layers, vocab 32,000 (~42M)
     python benchmarks/speed.py --quick      # a small model, to check the script in a minute
+    python benchmarks/speed.py --model smollm2 --repeats 1 --steps 5   # SmolLM2 + alpaca demo via `tunesmith train`
 
 Real tokens are input tokens without padding; the first optimizer step is warm-up and not timed.
 """
@@ -17,16 +20,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+ASSETS = Path(os.environ.get("TUNESMITH_TEST_ASSETS", REPO.parent / "shared" / "assets"))
 sys.path.insert(0, str(REPO / "src"))
 
 from tunesmith.runtime import peak_memory_mb  # noqa: E402  (after the path is set)
@@ -34,10 +40,17 @@ from tunesmith.runtime import peak_memory_mb  # noqa: E402  (after the path is s
 MODELS = {
     "S": dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=8, num_attention_heads=8,
               num_key_value_heads=8, vocab_size=32000, lengths=(32, 512)),
+    "XS": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4,
+               num_key_value_heads=4, vocab_size=8192, lengths=(32, 256)),
     "quick": dict(hidden_size=128, intermediate_size=344, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=4, vocab_size=4096, lengths=(16, 128)),
 }
-STACKS = ("reference", "tunesmith")
+# The reference stack's configurations: what a user of Trainer + peft would switch on.
+REFERENCES = {
+    "fp32": {"bf16": False, "flat": False},
+    "bf16": {"bf16": True, "flat": False},
+    "bf16-flat": {"bf16": True, "flat": True},
+}
 METHODS = ("lora", "full")
 BATCH, LR, PROMPT_SHARE = 8, 2e-4, 0.3
 LOSS_TOLERANCE = 0.01  # nats: the largest per-step gap from the reference's loss curve that counts as the same curve
@@ -106,19 +119,29 @@ def matmul_ceiling(dtype: torch.dtype, seconds: float = 2.0) -> float:
 
 # ---------------------------------------------------------------- one configuration (subprocess)
 
-def run_reference(model, examples, steps: int, lora: bool) -> tuple[list[float], list[float]]:
-    """transformers.Trainer (+ peft LoRA), float32, padded per batch, examples in the given order."""
-    from torch.utils.data import SequentialSampler
-    from transformers import Trainer, TrainerCallback, TrainingArguments
+def run_reference(model, examples, steps: int, lora: bool, config: str,
+                  order: Optional[list[int]] = None) -> tuple[list[float], list[float]]:
+    """transformers.Trainer (+ peft LoRA) as a user sets it up: ``config`` is one of REFERENCES.
+
+    ``fp32``: float32, examples padded per batch; ``bf16``: ``bf16=True`` (bfloat16 autocast, float32
+    master weights); ``bf16-flat``: bf16 and transformers' own padding-free path,
+    ``DataCollatorWithFlattening`` (one row per batch, ``position_ids`` restarting at each example,
+    the KV cache off so that transformers builds the per-example mask from them). Examples are
+    taken in ``order`` (default: as given).
+    """
+    from torch.utils.data import Sampler
+    from transformers import DataCollatorWithFlattening, Trainer, TrainerCallback, TrainingArguments
 
     from tunesmith.training.batching import collate
 
+    options = REFERENCES[config]
     if lora:
         from peft import LoraConfig, get_peft_model
 
         model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0,
                                                  target_modules="all-linear", task_type="CAUSAL_LM"))
     stamps, losses = [], []
+    indices = list(order) if order is not None else list(range(len(examples)))
 
     class Clock(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
@@ -128,18 +151,36 @@ def run_reference(model, examples, steps: int, lora: bool) -> tuple[list[float],
             if logs and "loss" in logs:
                 losses.append(float(logs["loss"]))
 
-    class InOrder(Trainer):
+    class InOrder(Sampler):
+        def __len__(self):
+            return len(indices)
+
+        def __iter__(self):
+            return iter(indices)
+
+    class InOrderTrainer(Trainer):
         def _get_train_sampler(self, *args, **kwargs):
-            return SequentialSampler(self.train_dataset)
+            return InOrder()
+
+    if options["flat"]:
+        model.config.use_cache = False  # packed sequences are detected from position_ids only without a cache
+        flatten = DataCollatorWithFlattening()
+
+        def data_collator(batch):
+            return flatten([{"input_ids": list(e.input_ids), "labels": list(e.labels)} for e in batch])
+    else:
+        def data_collator(batch):
+            return collate(batch, 0)
 
     with tempfile.TemporaryDirectory() as out:
         args = TrainingArguments(output_dir=out, per_device_train_batch_size=BATCH, max_steps=steps,
                                  learning_rate=LR, lr_scheduler_type="constant", warmup_steps=0,
                                  weight_decay=0.0, max_grad_norm=1.0, logging_steps=1, save_strategy="no",
-                                 report_to=[], seed=0, use_cpu=True, remove_unused_columns=False,
-                                 dataloader_num_workers=0, disable_tqdm=True)
-        trainer = InOrder(model=model, args=args, train_dataset=examples, callbacks=[Clock()],
-                          data_collator=lambda batch: collate(batch, 0))
+                                 report_to=[], seed=0, use_cpu=not torch.cuda.is_available(),
+                                 remove_unused_columns=False, dataloader_num_workers=0, disable_tqdm=True,
+                                 bf16=options["bf16"])
+        trainer = InOrderTrainer(model=model, args=args, train_dataset=examples, callbacks=[Clock()],
+                                 data_collator=data_collator)
         trainer.train()
     return stamps, losses
 
@@ -191,14 +232,71 @@ class InOrder:
         return {}
 
 
+def smollm2_recipe(folder: Path, method: str, steps: int, speed: dict) -> dict:
+    """The SmolLM2 run: the alpaca demo set (real chat data of varied length) in ChatML, batch 8."""
+    data = ASSETS / "data" / "llama_factory" / "alpaca_en_demo.json"
+    if not data.exists():
+        raise SystemExit(f"{data} is missing (set TUNESMITH_TEST_ASSETS to the shared assets folder)")
+    kind = {"kind": "lora", "r": 16, "alpha": 32, "dropout": 0.0, "targets": "all-linear"} if method == "lora" \
+        else {"kind": "full"}
+    return {"model": {"name": "smollm2-135m-instruct"}, "data": {"train": str(data), "max_length": 512},
+            "method": kind,
+            "train": {"max_steps": steps, "batch_size": BATCH, "lr": LR, "schedule": "constant", "warmup_ratio": 0.0,
+                      "weight_decay": 0.0, "max_grad_norm": 1.0, "log_every": 1, "seed": 0, "speed": speed},
+            "output": {"dir": str(folder / "run"), "overwrite": True}}
+
+
+def smollm2_reference(args) -> dict:
+    """The reference on SmolLM2 and the examples tunesmith prepares, in the order tunesmith's sampler takes them."""
+    from tunesmith.config import validate_recipe
+    from tunesmith.data import prepare_data
+    from tunesmith.models import load_model_and_tokenizer
+    from tunesmith.runtime import cache_dir
+    from tunesmith.training.sampler import StepSampler
+
+    with tempfile.TemporaryDirectory() as folder:
+        recipe = validate_recipe(smollm2_recipe(Path(folder), args.method, args.steps, {}))
+    model, tokenizer = load_model_and_tokenizer(recipe.model, cache_dir(), torch.device("cpu"))
+    examples = prepare_data(recipe.data, tokenizer, recipe.train.seed).train
+    sampler = StepSampler(len(examples), BATCH, 1, 1, 0, recipe.train.seed)
+    order = [i for step in range(args.steps) for i in sampler.micro_batches(step)[0]]
+    stamps, losses = run_reference(model, examples, args.steps, args.method == "lora", args.stack.split(":")[1], order)
+    lengths = [len(examples[i].input_ids) for i in order[BATCH:]]  # step 1 is warm-up
+    return {"tokens_per_s": sum(lengths) / (stamps[-1] - stamps[0]), "flops_per_s": None,
+            "peak_rss_mb": peak_memory_mb(torch.device("cpu")), "losses": losses, "final_loss": losses[-1]}
+
+
+def smollm2_tunesmith(method: str, steps: int, speed: dict, env: dict) -> dict:
+    """``tunesmith train`` in its own process; per-step tokens/s and losses from metrics.jsonl."""
+    with tempfile.TemporaryDirectory() as folder:
+        recipe = Path(folder) / "recipe.yaml"
+        recipe.write_text(json.dumps(smollm2_recipe(Path(folder), method, steps, speed)))  # JSON is YAML
+        done = subprocess.run([sys.executable, "-m", "tunesmith", "train", str(recipe), "--no-progress"],
+                              env=env, capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            raise RuntimeError(f"tunesmith train failed:\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}")
+        records = [json.loads(line) for line in (Path(folder) / "run" / "metrics.jsonl").read_text().splitlines()]
+        summary = json.loads((Path(folder) / "run" / "summary.json").read_text())
+    steps_logged = [r for r in records if "loss" in r and "tokens_per_s" in r]
+    timed = steps_logged[1:]  # step 1 is warm-up
+    tokens = [b["tokens"] - a["tokens"] for a, b in zip(steps_logged, steps_logged[1:])]
+    seconds = sum(t / r["tokens_per_s"] for t, r in zip(tokens, timed))
+    first_lines = [line for line in done.stdout.splitlines() if line.startswith(("speed:", "threads:"))]
+    return {"tokens_per_s": sum(tokens) / seconds, "flops_per_s": None, "peak_rss_mb": summary["peak_memory_mb"],
+            "losses": [r["loss"] for r in steps_logged], "final_loss": steps_logged[-1]["loss"],
+            "notes": first_lines}
+
+
 def worker(args) -> dict:
     """Train one configuration; returns its measurements (printed as JSON by the subprocess)."""
     lora = args.method == "lora"
+    if args.size == "smollm2":
+        return smollm2_reference(args)
     model = build_model(args.size)
     examples = build_examples(args.size, BATCH * args.steps)
     speed = json.loads(args.speed)
-    if args.stack == "reference":
-        stamps, losses = run_reference(model, examples, args.steps, lora)
+    if args.stack.startswith("reference:"):
+        stamps, losses = run_reference(model, examples, args.steps, lora, args.stack.split(":")[1])
     else:
         stamps, losses = run_tunesmith(model, examples, args.steps, lora, speed)
     timed = examples[BATCH:BATCH * args.steps]  # step 1 is warm-up
@@ -216,10 +314,30 @@ def worker(args) -> dict:
 
 # ---------------------------------------------------------------- the comparison
 
-def run_configuration(size: str, stack: str, method: str, steps: int, speed: dict, threads) -> dict:
+def stack_environment(stack: str, reference_policy: str) -> dict:
+    """tunesmith runs with the thread policy its CLI sets at start (idle OpenMP threads sleep).
+
+    The reference gets the same policy by default, so that the ratios compare the stacks, not the
+    policies (on a busy machine torch's spin-waiting alone makes it several times slower:
+    benchmarks/busy.py); ``--reference-policy torch`` gives it torch's defaults instead.
+    """
+    from tunesmith.runtime import thread_environment
+
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    same = stack == "tunesmith" or reference_policy == "tunesmith"
+    return {**env, **thread_environment(env)} if same else env
+
+
+def run_configuration(size: str, stack: str, method: str, steps: int, speed: dict, threads,
+                      reference_policy: str = "tunesmith") -> dict:
+    env = stack_environment(stack, reference_policy)
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+    if size == "smollm2" and stack == "tunesmith":
+        return smollm2_tunesmith(method, steps, speed, env)
     command = [sys.executable, __file__, "--worker", "--size", size, "--stack", stack, "--method", method,
                "--steps", str(steps), "--speed", json.dumps(speed)] + (["--threads", str(threads)] if threads else [])
-    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    done = subprocess.run(command, capture_output=True, text=True, check=False, env=env)
     if done.returncode != 0:
         raise RuntimeError(f"{stack}/{method} failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -229,38 +347,61 @@ def median_of(runs: list[dict], key: str) -> float:
     return statistics.median(run[key] for run in runs)
 
 
-def report(results: dict, ceilings: dict) -> str:
-    """A Markdown table: medians per configuration and ours/reference ratios."""
+def report(results: dict, ceilings: dict, stacks: list[str]) -> str:
+    """A Markdown table: medians per configuration, and tunesmith against each reference and the fastest one."""
     lines = [f"matmul ceiling: float32 {ceilings['float32']:.0f} GFLOP/s, bfloat16 {ceilings['bfloat16']:.0f} GFLOP/s; "
-             f"same loss curve = every per-step loss within {LOSS_TOLERANCE} of the reference's",
+             f"loss gap = largest per-step gap from the float32 reference's curve (same curve: within {LOSS_TOLERANCE})",
              "", "| method | stack | real tokens/s | peak RSS (MB) | MFU of bf16 ceiling | MFU of fp32 ceiling "
-             "| final loss | max loss gap |", "|---|---|---|---|---|---|---|---|"]
+             "| final loss | loss gap | tunesmith speed / this | tunesmith RSS / this |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for method in METHODS:
-        if not all((stack, method) in results for stack in STACKS):
+        if not all((stack, method) in results for stack in stacks):
             continue
-        ref_losses = results[("reference", method)][0]["losses"]
-        for stack in STACKS:
+        baseline = next((s for s in stacks if s == "reference:fp32"), stacks[0])
+        ref_losses = results[(baseline, method)][0]["losses"]
+        ours = results[("tunesmith", method)]
+        for stack in stacks:
             runs = results[(stack, method)]
-            flops = median_of(runs, "flops_per_s") / 1e9
+            if runs[0]["flops_per_s"] is not None:
+                flops = median_of(runs, "flops_per_s") / 1e9
+                mfu = f"{100 * flops / ceilings['bfloat16']:.0f}% | {100 * flops / ceilings['float32']:.0f}%"
+            else:
+                mfu = " | "
             gap = max(abs(a - b) for run in runs for a, b in zip(run["losses"], ref_losses))
+            speed_ratio = median_of(ours, "tokens_per_s") / median_of(runs, "tokens_per_s")
+            rss_ratio = median_of(ours, "peak_rss_mb") / median_of(runs, "peak_rss_mb")
+            ratios = "| |" if stack == "tunesmith" else f"| {speed_ratio:.2f}× | {rss_ratio:.2f}× |"
             lines.append(f"| {method} | {stack} | {median_of(runs, 'tokens_per_s'):.0f} | "
-                         f"{median_of(runs, 'peak_rss_mb'):.0f} | {100 * flops / ceilings['bfloat16']:.0f}% | "
-                         f"{100 * flops / ceilings['float32']:.0f}% | {median_of(runs, 'final_loss'):.4f} | {gap:.4f}"
-                         f"{'' if gap <= LOSS_TOLERANCE else ' (over tolerance)'} |")
-        ours, ref = results[("tunesmith", method)], results[("reference", method)]
-        lines.append(f"| {method} | **ours/reference** | **{median_of(ours, 'tokens_per_s') / median_of(ref, 'tokens_per_s'):.2f}×** "
-                     f"| **{median_of(ours, 'peak_rss_mb') / median_of(ref, 'peak_rss_mb'):.2f}×** | | | | |")
+                         f"{median_of(runs, 'peak_rss_mb'):.0f} | {mfu} | {median_of(runs, 'final_loss'):.4f} | {gap:.4f}"
+                         f"{'' if gap <= LOSS_TOLERANCE else ' (over tolerance)'} {ratios}")
+        references = [s for s in stacks if s != "tunesmith"]
+        fastest = max(references, key=lambda s: median_of(results[(s, method)], "tokens_per_s"))
+        ref = results[(fastest, method)]
+        lines.append(f"| {method} | **tunesmith / fastest reference ({fastest})** | "
+                     f"**{median_of(ours, 'tokens_per_s') / median_of(ref, 'tokens_per_s'):.2f}×** "
+                     f"| **{median_of(ours, 'peak_rss_mb') / median_of(ref, 'peak_rss_mb'):.2f}×** | | | | | | |")
+        per_repeat = [a["tokens_per_s"] / b["tokens_per_s"] for a, b in zip(ours, ref)]
+        lines.append(f"| {method} | per repeat vs {fastest} | " + ", ".join(f"{r:.2f}×" for r in per_repeat)
+                     + " | | | | | | | |")
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small model and short examples")
+    parser.add_argument("--model", default="S", choices=("S", "XS", "smollm2"),
+                        help="generated model S or XS, or SmolLM2-135M-Instruct on the alpaca demo set through "
+                        "`tunesmith train`")
     parser.add_argument("--repeats", type=int, default=3, help="runs of every configuration (medians reported)")
     parser.add_argument("--steps", type=int, default=6, help="optimizer steps per run (the first is warm-up)")
     parser.add_argument("--methods", default="lora,full", help="comma-separated: lora, full")
-    parser.add_argument("--speed", default='{"autocast": "auto"}', help="tunesmith's train.speed as JSON")
+    parser.add_argument("--references", default="fp32,bf16,bf16-flat",
+                        help=f"comma-separated reference configurations: {', '.join(REFERENCES)}")
+    parser.add_argument("--speed", default="{}", help="tunesmith's train.speed as JSON (default: its defaults)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads in every run (default: torch's)")
+    parser.add_argument("--reference-policy", choices=("tunesmith", "torch"), default="tunesmith",
+                        help="the reference's OpenMP wait policy: tunesmith's (the default, so that only the "
+                        "stacks differ) or torch's own")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--size", default="S", help=argparse.SUPPRESS)
     parser.add_argument("--stack", help=argparse.SUPPRESS)
@@ -271,20 +412,31 @@ def main() -> None:
     if args.worker:
         print(json.dumps(worker(args)))
         return
-    size = "quick" if args.quick else args.size
-    print(f"model {size}: {MODELS[size]}; batch {BATCH}; {args.steps} steps; {args.repeats} repeats; "
-          f"tunesmith train.speed = {args.speed}; {torch.get_num_threads()} threads", flush=True)
+    size = "quick" if args.quick else args.model
+    stacks = [f"reference:{name}" for name in args.references.split(",")] + ["tunesmith"]
+    shape = MODELS.get(size, "SmolLM2-135M-Instruct, alpaca_en_demo.json, max_length 512")
+    print(f"model {size}: {shape}; batch {BATCH}; {args.steps} steps; {args.repeats} repeats; "
+          f"tunesmith train.speed = {args.speed}; {torch.get_num_threads()} threads; "
+          f"reference wait policy: {args.reference_policy}'s; "
+          f"load average before: {os.getloadavg()[0]:.2f}", flush=True)
+    if size == "smollm2":
+        from tunesmith.models.smollm2 import ensure_smollm2_folder
+        from tunesmith.runtime import cache_dir
+
+        ensure_smollm2_folder(cache_dir())  # convert once, outside every timed run
     ceilings = {"float32": matmul_ceiling(torch.float32), "bfloat16": matmul_ceiling(torch.bfloat16)}
     results: dict = {}
     for repeat in range(args.repeats):
         for method in args.methods.split(","):
-            for stack in STACKS:
-                run = run_configuration(size, stack, method, args.steps, json.loads(args.speed), args.threads)
+            for stack in stacks:
+                run = run_configuration(size, stack, method, args.steps, json.loads(args.speed), args.threads,
+                                        args.reference_policy)
                 results.setdefault((stack, method), []).append(run)
-                print(f"repeat {repeat + 1} {method:4} {stack:9}: {run['tokens_per_s']:7.0f} tokens/s, "
-                      f"{run['peak_rss_mb']:6.0f} MB, final loss {run['final_loss']:.4f}", flush=True)
+                print(f"repeat {repeat + 1} {method:4} {stack:19}: {run['tokens_per_s']:7.0f} tokens/s, "
+                      f"{run['peak_rss_mb']:6.0f} MB, final loss {run['final_loss']:.4f}, "
+                      f"load {os.getloadavg()[0]:.1f} {' / '.join(run.get('notes', []))}", flush=True)
     print()
-    print(report(results, ceilings))
+    print(report(results, ceilings, stacks))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,10 @@
-"""Shared fixtures: the offline assets folder and tiny real models.
+"""Shared fixtures: tiny models and data made in the test session, and the offline assets folder.
 
-Tests that need ``../shared/assets`` find it through one setting, ``TUNESMITH_TEST_ASSETS``
+Most tests need only *a* small Llama model and *some* instruction data: ``tiny_llama`` (a random
+Llama with stories260k's shapes and a byte-level BPE tokenizer, both built deterministically once per
+session) and ``tiny_data`` (``tests/data/instructions.json``, written by the project) serve them, so
+they run on a fresh clone. Tests that need a *trained* model or real data use ``stories260k`` and
+the shared data sets; they find ``../shared/assets`` through one setting, ``TUNESMITH_TEST_ASSETS``
 (default: ``../shared/assets`` beside the repository), and skip with a reason where it is missing.
 """
 
@@ -13,6 +17,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 ASSETS = Path(os.environ.get("TUNESMITH_TEST_ASSETS", REPO.parent / "shared" / "assets"))
+TINY_DATA = REPO / "tests" / "data" / "instructions.json"
 
 
 def asset(relative: str) -> Path:
@@ -35,10 +40,89 @@ def alpaca_demo() -> str:
     return str(asset("data/llama_factory/alpaca_en_demo.json"))
 
 
+@pytest.fixture(scope="session")
+def tiny_data() -> str:
+    """323 alpaca-format English instruction records shipped with the tests (3 planted exact duplicates)."""
+    return str(TINY_DATA)
+
+
+def build_tiny_llama(folder: Path) -> Path:
+    """Save a random Llama shaped like stories260k (292,800 parameters) and its tokenizer into ``folder``.
+
+    Deterministic: the tokenizer is a byte-level BPE of 512 tokens (``<unk>`` = pad, ``<s>``, ``</s>``)
+    trained on ``tests/data/instructions.json``, without a chat template (like stories260k); the
+    weights come from seed 0. Golden numbers computed on it hold on every machine.
+    """
+    import json
+
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    rows = json.loads(TINY_DATA.read_text())
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    bpe.train_from_iterator([f"{r['instruction']}\n{r['input']}\n{r['output']}" for r in rows], trainer)
+    bpe.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                       special_tokens=[("<s>", 1)])
+    PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                            pad_token="<unk>").save_pretrained(folder)
+    config = LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=172, num_hidden_layers=5,
+                         num_attention_heads=8, num_key_value_heads=4, head_dim=8, max_position_embeddings=512,
+                         rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        LlamaForCausalLM(config).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> str:
+    """A random (untrained) Llama with stories260k's shapes and a tokenizer, saved once per session."""
+    return str(build_tiny_llama(tmp_path_factory.mktemp("tiny_llama")))
+
+
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path_factory, monkeypatch):
     """Keep tunesmith's cache out of the user's home, except the converted SmolLM2 (slow to make)."""
     monkeypatch.setenv("TUNESMITH_CACHE", os.environ.get("TUNESMITH_TEST_CACHE", str(REPO / ".cache" / "tests")))
+
+
+class StopAt:
+    """A training hook that simulates Ctrl-C after a given step."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_start(self, total_steps: int, start_step: int) -> None: ...
+
+    def on_step(self, record: dict) -> None:
+        if record["step"] == self.step:
+            raise KeyboardInterrupt
+
+    def on_log(self, record: dict) -> None: ...
+
+    def on_train_end(self) -> None: ...
+
+
+class StartedAt:
+    """A training hook recording the step training started at: 0 for a new run, the checkpoint's step
+    for a resume. A resume that silently restarted from step 0 would give the same losses and weights
+    (training is deterministic), so exact-resume tests assert this too."""
+
+    step = None
+
+    def on_train_start(self, total_steps: int, start_step: int) -> None:
+        self.step = start_step
+
+    def on_step(self, record: dict) -> None: ...
+
+    def on_log(self, record: dict) -> None: ...
+
+    def on_train_end(self) -> None: ...
 
 
 def run_cli(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None, timeout: float = 600,
@@ -53,16 +137,19 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict[str, str] | None = No
 
 
 @pytest.fixture
-def tiny_recipe(stories260k, alpaca_demo, tmp_path):
-    """Factory of a fast recipe on stories260k and the alpaca demo data; overrides as dotted keys."""
+def tiny_recipe(tiny_llama, tiny_data, tmp_path):
+    """Factory of a fast recipe on the tiny Llama and the tiny data; overrides as dotted keys."""
     from tunesmith.config import apply_override, validate_recipe
 
     def make(*overrides: str, output: str = "run"):
         raw = {
-            "model": {"name": stories260k},
-            "data": {"train": alpaca_demo, "max_length": 96, "template": "simple"},
+            "model": {"name": tiny_llama},
+            "data": {"train": tiny_data, "max_length": 96, "template": "simple"},
             "method": {"kind": "lora", "r": 4, "alpha": 8, "dropout": 0.0},
-            "train": {"max_steps": 4, "batch_size": 4, "lr": 1e-3, "log_every": 1, "seed": 0},
+            # float32: the golden losses and the exact-equality tests (accumulation, DDP, resume) were
+            # taken in float32; train.speed.autocast defaults to bfloat16 where the CPU computes it.
+            "train": {"max_steps": 4, "batch_size": 4, "lr": 1e-3, "log_every": 1, "seed": 0,
+                      "speed": {"autocast": "off"}},
             "output": {"dir": str(tmp_path / output)},
         }
         for override in overrides:

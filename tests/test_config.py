@@ -65,7 +65,7 @@ SHIPPED_RECIPES = sorted(p for p in (REPO / "examples").rglob("*.yaml"))
 
 
 def test_every_shipped_recipe_validates_and_starts_with_its_command():
-    assert len(SHIPPED_RECIPES) == 20, [str(p) for p in SHIPPED_RECIPES]
+    assert len(SHIPPED_RECIPES) == 25, [str(p) for p in SHIPPED_RECIPES]
     for path in SHIPPED_RECIPES:
         load_recipe(path)
         first = path.read_text().splitlines()[0]

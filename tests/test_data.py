@@ -18,12 +18,12 @@ ALPACA = [
 
 
 @pytest.fixture
-def tokenizer(stories260k):
+def tokenizer(tiny_llama):
     from transformers import AutoTokenizer
 
     from tunesmith.data import resolve_template
 
-    tok = AutoTokenizer.from_pretrained(stories260k)
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
     resolve_template(tok, "simple")
     return tok
 

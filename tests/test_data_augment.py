@@ -94,18 +94,18 @@ def test_conversation_layouts_rewrite_user_turns_only(tmp_path):
     assert [m["content"] for m in new["messages"]] == ["Be brief.", "Hello there friend", "Hi."]
 
 
-def test_back_translation_end_to_end_with_a_real_model(tmp_path, stories260k):
-    """stories260k stands in for a translator: it cannot translate, so only the plumbing is judged."""
-    kind, model, tokenizer = load_rewrite_model(stories260k, tmp_path)
+def test_back_translation_end_to_end_with_a_real_model(tmp_path, tiny_llama):
+    """The tiny Llama stands in for a translator: it cannot translate, so only the plumbing is judged."""
+    kind, model, tokenizer = load_rewrite_model(tiny_llama, tmp_path)
     assert kind == "causal"
     source = write(tmp_path / "in.jsonl", ROWS[:3])
     rewrite = back_translation(causal_lm_translator(model, tokenizer, max_new_tokens=12, batch_size=3), "English", "German")
     report = augment_file(source, tmp_path / "out.jsonl", rewrite,
-                          AugmentSettings(origin={"method": "back-translation", "model": "stories260k"},
+                          AugmentSettings(origin={"method": "back-translation", "model": "tiny-llama"},
                                           min_similarity=0.0, max_similarity=1.0))
     out = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
     assert report.originals == 3 and report.generated == 3
     assert report.kept + sum(report.dropped.values()) == 3
     assert len(out) == 3 + report.kept
     for row in out[3:]:
-        assert row["origin"]["model"] == "stories260k" and row["output"] in {r["output"] for r in ROWS}
+        assert row["origin"]["model"] == "tiny-llama" and row["output"] in {r["output"] for r in ROWS}

@@ -24,7 +24,24 @@ def test_verdict_follows_the_rules_of_thumb():
     assert "unknown without the model size" in sufficiency_verdict(10, 100, None)
 
 
-def test_inspect_counts_lengths_duplicates_and_language(tmp_path, stories260k, alpaca_demo):
+def shingles(text: str, size: int = 5) -> set[str]:
+    text = " ".join(text.lower().split())
+    return {text[i : i + size] for i in range(len(text) - size + 1)}
+
+
+def dissimilar_rows(rows: list[dict], count: int, most_similar: float = 0.5) -> list[dict]:
+    """The first ``count`` rows whose exact 5-character-shingle Jaccard with every earlier pick is below
+    ``most_similar``: far enough under inspect's 0.8 that MinHash's estimate cannot call them near."""
+    picked: list[tuple[dict, set[str]]] = []
+    for row in rows:
+        own = shingles(" ".join(row.values()))
+        if all(len(own & other) / len(own | other) < most_similar for _, other in picked):
+            picked.append((row, own))
+    assert len(picked) >= count
+    return [row for row, _ in picked[:count]]
+
+
+def test_inspect_counts_lengths_duplicates_and_language(tmp_path, tiny_llama, tiny_data):
     from tunesmith.config import ModelSection
     from tunesmith.data.encode import encode_example
     from tunesmith.data.formats import FORMATS, FormatOptions
@@ -32,33 +49,43 @@ def test_inspect_counts_lengths_duplicates_and_language(tmp_path, stories260k, a
     from tunesmith.data.templates import resolve_template
     from tunesmith.models import load_tokenizer
 
-    rows = json.loads(open(alpaca_demo).read())[:20]
+    rows = dissimilar_rows(json.loads(open(tiny_data).read()), 20)
     rows += [rows[0], {"instruction": "", "input": "", "output": ""}, {"instruction": "Der Hund läuft schnell über die Straße.", "input": "", "output": "Ja, das stimmt, der Hund ist schnell."}]
     path = tmp_path / "data.jsonl"
     path.write_text("".join(json.dumps(row) + "\n" for row in rows) + "{broken\n" + json.dumps({"text": "x"}) + "\n")
-    tokenizer = load_tokenizer(stories260k, ModelSection(name=stories260k))
+    tokenizer = load_tokenizer(tiny_llama, ModelSection(name=tiny_llama))
     resolve_template(tokenizer, "auto")
     report = inspect_file(path, measure=token_measure(tokenizer), unit="tokens", max_length=60, parameters=292_800)
     expected = [len(encode_example(FORMATS.get("alpaca").convert(RawRecord("f", "l", row), FormatOptions()),
                                    tokenizer, 10**6, "all").input_ids) for row in rows[:21] + rows[22:]]
     assert report.records == 24 and report.bad.count == 2 and report.empty == 1  # broken JSON; no alpaca fields
     assert list(report.lengths) == expected
-    assert report.truncated == sum(length > 60 for length in expected)
-    assert report.exact_duplicates == 1 and report.near_duplicates == 1
+    assert 0 < report.truncated == sum(length > 60 for length in expected) < len(expected)
+    assert report.exact_duplicates == 1 and report.near_duplicates == 1  # the planted copy of row 1
     assert report.languages["en"] == 21 and report.languages["de"] == 1
     assert report.verdict().startswith("21 examples")
 
 
-def test_inspect_cli_prints_histogram_and_writes_png(tmp_path, alpaca_demo):
+def test_inspect_cli_prints_histogram_and_writes_png(tmp_path, tiny_data):
+    rows = json.loads(open(tiny_data).read())
+    # Independently of inspect: a record is an exact duplicate when its fields were seen before
+    # (this data has no copies that differ only in case or spacing).
+    seen: set[tuple] = set()
+    duplicates = 0
+    for row in rows:
+        key = (row["instruction"], row["input"], row["output"])
+        duplicates += key in seen
+        seen.add(key)
+    assert duplicates > 3  # the three planted copies and the generator's own repeats
     plot = tmp_path / "lengths.png"
-    result = run_cli("data", "inspect", alpaca_demo, "--plot", str(plot), "--max-length", "200",
+    result = run_cli("data", "inspect", tiny_data, "--plot", str(plot), "--max-length", "200",
                      "--report", str(tmp_path / "r.json"))
     assert result.returncode == 0, result.stderr
-    assert "length in words" in result.stdout and "999 records (alpaca)" in result.stdout
+    assert "length in words" in result.stdout and f"{len(rows)} records (alpaca)" in result.stdout
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     report = json.loads((tmp_path / "r.json").read_text())
-    assert report["exact_duplicates"] == 14 and report["languages"]["en"] >= 990
-    assert report["verdict"].startswith("985 examples")
+    assert report["exact_duplicates"] == duplicates and report["languages"]["en"] == len(rows)
+    assert report["verdict"].startswith(f"{len(rows) - duplicates} examples")
 
 
 @pytest.mark.slow

@@ -191,25 +191,33 @@ def test_split_is_seeded_exact_and_stratified(tmp_path):
     assert all_texts == sorted(row["text"] for row in rows)
 
 
-def test_convert_round_trips_between_layouts(tmp_path, alpaca_demo):
-    convert_file(alpaca_demo, tmp_path / "messages.jsonl", "messages")
+def test_convert_round_trips_between_layouts(tmp_path, tiny_data):
+    convert_file(tiny_data, tmp_path / "messages.jsonl", "messages")
     convert_file(tmp_path / "messages.jsonl", tmp_path / "sharegpt.jsonl", "sharegpt")
     convert_file(tmp_path / "sharegpt.jsonl", tmp_path / "alpaca.jsonl", "alpaca")
-    original = json.loads(Path(alpaca_demo).read_text())
+    original = json.loads(Path(tiny_data).read_text())
     back = read_jsonl(tmp_path / "alpaca.jsonl")
-    assert len(back) == len(original) == 999
+    assert len(back) == len(original) == 323 and any(row["input"] for row in original)
     for before, after in zip(original, back):
         prompt = f"{before['instruction']}\n\n{before['input']}" if before["input"] else before["instruction"]
         assert (after["instruction"], after["output"]) == (prompt, before["output"])
 
 
-def test_convert_preference_pairs(tmp_path):
-    from conftest import asset
+# LLaMA-Factory's preference layout (as in its dpo_en_demo.json): ShareGPT turns, chosen and rejected replies.
+PREFERENCE_PAIRS = [
+    {"conversations": [{"from": "human", "value": f"Name an animal that starts with {letter}."}],
+     "chosen": {"from": "gpt", "value": f"{animal.capitalize()} starts with {letter}."},
+     "rejected": {"from": "gpt", "value": "I do not know any animals."}}
+    for letter, animal in (("C", "cat"), ("D", "dog"), ("F", "fox"))
+]
 
-    source = asset("data/llama_factory/dpo_en_demo.json")
+
+def test_convert_preference_pairs(tmp_path):
+    source = tmp_path / "dpo.json"
+    source.write_text(json.dumps(PREFERENCE_PAIRS))
     report = convert_file(source, tmp_path / "pref.jsonl", "preference")
     first_in, first_out = json.loads(source.read_text())[0], read_jsonl(tmp_path / "pref.jsonl")[0]
-    assert report.source_format == "preference" and report.written == 300
+    assert report.source_format == "preference" and report.written == 3
     assert first_out["chosen"] == first_in["chosen"]["value"] and first_out["rejected"] == first_in["rejected"]["value"]
     assert first_out["messages"] == [{"role": "user", "content": first_in["conversations"][0]["value"]}]
     report = convert_file(tmp_path / "pref.jsonl", tmp_path / "m.jsonl", "messages")  # detected as preference
@@ -251,7 +259,7 @@ def test_manifest_changes_with_any_input_or_step(tmp_path):
     assert changed_train.manifest["sources"][0]["sha256"] != first.manifest["sources"][0]["sha256"]
 
 
-def test_train_recipe_prepare_section_feeds_prepare_data(tmp_path, stories260k):
+def test_train_recipe_prepare_section_feeds_prepare_data(tmp_path, tiny_llama):
     from tunesmith.config import DataSection
     from tunesmith.data import prepare_data
     from tunesmith.config import ModelSection
@@ -260,7 +268,7 @@ def test_train_recipe_prepare_section_feeds_prepare_data(tmp_path, stories260k):
     rows = [{"instruction": f"question {i} <b>bold</b>", "output": f"answer {i}"} for i in range(6)]
     rows += [rows[0], rows[1]]
     train = write_jsonl(tmp_path / "train.jsonl", rows)
-    tokenizer = load_tokenizer(stories260k, ModelSection(name=stories260k))
+    tokenizer = load_tokenizer(tiny_llama, ModelSection(name=tiny_llama))
     plain = prepare_data(DataSection(train=(str(train),), max_length=64), tokenizer, seed=0)
     section = DataSection(train=(str(train),), max_length=64, prepare={
         "clean": {"html": True}, "dedup": {"near": False}, "cache_dir": str(tmp_path / "cache")})

@@ -92,7 +92,7 @@ def test_suite_paths_resolve_against_data_root_and_probes(tmp_path):
                      "  - {name: b, kind: perplexity, path: '{data_root}/x.txt'}\n")
     loaded = load_suite(suite)
     assert loaded.tasks[0].path.endswith("probes/counterfactual_pairs.csv") and Path(loaded.tasks[0].path).is_file()
-    assert Path(loaded.tasks[1].path) == tmp_path / "suites" / ".." / "data" / "x.txt"
+    assert Path(loaded.tasks[1].path) == (tmp_path / "data" / "x.txt").resolve()  # absolute: applied once
     assert all(t.limit == 3 for t in loaded.tasks)
     assert load_suite(suite, data_root="/elsewhere").tasks[1].path == "/elsewhere/x.txt"
 

@@ -6,8 +6,6 @@ import json
 
 import pytest
 
-from conftest import asset
-
 pytest.importorskip("lm_eval", reason="lm-eval is an optional extra: pip install 'tunesmith[lm-eval]'")
 
 ITEMS = [{"question": "Lily went to the", "choices": ["park", "moon"], "answer": 0},
@@ -16,7 +14,7 @@ ITEMS = [{"question": "Lily went to the", "choices": ["park", "moon"], "answer":
 
 
 @pytest.mark.slow
-def test_local_lm_eval_task_matches_our_multiple_choice(tmp_path, monkeypatch):
+def test_local_lm_eval_task_matches_our_multiple_choice(tmp_path, monkeypatch, tiny_llama):
     from tunesmith.evaluation.multiple_choice import MultipleChoiceItem, PromptStyle, evaluate_multiple_choice
     from tunesmith.evaluation.suite import Suite, run_suite
     from tunesmith.evaluation.tasks import LmEvalTask
@@ -29,7 +27,7 @@ def test_local_lm_eval_task_matches_our_multiple_choice(tmp_path, monkeypatch):
         f"task: tiny_choice\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data}\n"
         "test_split: test\noutput_type: multiple_choice\ndoc_to_text: \"{{question}}\\nAnswer:\"\n"
         "doc_to_choice: \"{{choices}}\"\ndoc_to_target: answer\nmetric_list:\n  - metric: acc\n")
-    model, tokenizer = load_for_inference(str(asset("models/stories260k")))
+    model, tokenizer = load_for_inference(tiny_llama)
     task = LmEvalTask(name="harness", tasks=("tiny_choice",), include_path=str(tmp_path))
     result = run_suite(model, tokenizer, Suite("s", (task,)), progress=None)["tasks"]["harness"]
     assert result["metric"] == "tiny_choice/acc" and result["count"] == 3

@@ -15,7 +15,7 @@ import json
 import pytest
 import torch
 
-from tests.conftest import REPO
+from tests.conftest import REPO, StartedAt
 from tunesmith.config import validate_recipe
 
 
@@ -46,7 +46,8 @@ def runs(tmp_path_factory):
                     "data": {"train": str(paths["narrow"]), "format": "text", "max_length": 96, "validation_fraction": 0.1},
                     "method": {"kind": "full"},
                     "train": {"max_steps": 30, "batch_size": 16, "lr": 2e-3, "seed": 0, "warmup_steps": 0,
-                              "schedule": "constant", "log_every": 10, "device": "cpu"},
+                              "schedule": "constant", "log_every": 10, "device": "cpu",
+                              "speed": {"autocast": "off"}},  # the figures above were measured in float32
                     "retain": {"perplexity": str(paths["heldout"]), "multiple_choice": None, "batch_size": 32}}
             replay_source = {"name": "replay", "train": str(paths["replay"]), "weight": 0.5, "validation_fraction": 0.1}
             variants = {
@@ -163,7 +164,10 @@ def test_resume_is_exact_with_mixing_ewc_on_generations_neftune_and_lora(runs, t
     last = tmp_path / "run" / "checkpoints" / "step-00000004"
     expected = load_file(last / "trainable.safetensors")
     shutil.rmtree(last)
-    resumed = finetune(recipe, resume=True, progress=False)
+    (tmp_path / "run" / "summary.json").unlink()  # as if killed after step 2: a finished run is not resumed
+    started = StartedAt()
+    resumed = finetune(recipe, resume=True, extra_hooks=[started], progress=False)
+    assert started.step == 2  # really resumed at the checkpoint, not restarted from step 0
     got = load_file(last / "trainable.safetensors")
     assert resumed["train_loss"] == uninterrupted["train_loss"]
     assert all(torch.equal(expected[name], got[name]) for name in expected)

@@ -126,10 +126,10 @@ def test_neftune_noise_only_in_training_and_bounded_by_alpha_over_sqrt_length_ti
     torch.testing.assert_close(model.embed(ids), clean)
 
 
-def test_dropout_is_set_on_llama_attention_and_missing_hidden_dropout_is_named(stories260k):
+def test_dropout_is_set_on_llama_attention_and_missing_hidden_dropout_is_named(tiny_llama):
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(stories260k)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama)
     assert set_model_dropout(model, attention=0.2, hidden=None) == ["attention dropout 0.2 in 5 attention modules"]
     assert {m.attention_dropout for m in model.modules() if hasattr(m, "attention_dropout")} == {0.2}
     with pytest.raises(TunesmithError, match="no dropout layers"):
@@ -196,13 +196,13 @@ def test_forgetting_report_compares_before_and_after():
     assert without_text["forgetting"] == 0.25 and "task_gain" not in without_text
 
 
-def test_galore_optimizer_projects_block_weights(stories260k):
+def test_galore_optimizer_projects_block_weights(tiny_llama):
     pytest.importorskip("galore_torch")
     from transformers import AutoModelForCausalLM
 
     from tunesmith.training.schedule import build_optimizer
 
-    model = AutoModelForCausalLM.from_pretrained(stories260k)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama)
     section = validate_recipe({"data": {"train": "x.jsonl"},
                                "train": {"optimizer": "galore_adamw", "galore": {"rank": 4}}}).train
     optimizer = build_optimizer(model, section)
@@ -242,15 +242,15 @@ def test_the_stories260k_comparison_recipes_are_valid():
         assert path.read_text().startswith(f"# tunesmith train tests/recipes/forgetting_stories260k/{path.name}")
 
 
-def test_fisher_of_a_lora_adapter_on_the_models_own_generations(stories260k):
+def test_fisher_of_a_lora_adapter_on_the_models_own_generations(tiny_llama):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from tunesmith.config import LoraMethod
     from tunesmith.forgetting.reference import sample_from_model
     from tunesmith.methods import build_method
 
-    tokenizer = AutoTokenizer.from_pretrained(stories260k)
-    model = build_method(LoraMethod(r=2, dropout=0.0)).apply(AutoModelForCausalLM.from_pretrained(stories260k))
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    model = build_method(LoraMethod(r=2, dropout=0.0)).apply(AutoModelForCausalLM.from_pretrained(tiny_llama))
     state = torch.get_rng_state()
     samples = sample_from_model(model, tokenizer, count=3, max_length=20, seed=0)
     assert torch.equal(torch.get_rng_state(), state)  # sampling leaves the run's random stream alone

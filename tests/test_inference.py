@@ -1,26 +1,56 @@
-"""generate and chat use the training chat template; chat streams and keeps the conversation."""
+"""generate and chat use the training chat template; chat streams, keeps the conversation and resets it."""
 
 from conftest import run_cli
 
 
-def test_generate_and_chat_commands_on_a_trained_adapter(tiny_recipe, tmp_path, stories260k):
+def chat_replies(stdout: str) -> list[str]:
+    """The model's replies as ``tunesmith chat`` printed them, one per ``model> `` line."""
+    return [part.split("\n", 1)[0].strip() for part in stdout.split("model> ")[1:]]
+
+
+def test_generate_and_chat_commands_on_a_trained_adapter(tiny_recipe, tmp_path, tiny_llama):
+    from tunesmith.data.templates import TEMPLATES
     from tunesmith.finetune import finetune
-
-    finetune(tiny_recipe("train.max_steps=2"), progress=False)
-    adapter = str(tmp_path / "run" / "adapter")
-    generated = run_cli("generate", "--model", stories260k, "--adapter", adapter, "--prompt", "Once upon a time",
-                        "--max-new-tokens", "8")
-    assert generated.returncode == 0 and generated.stdout.strip(), generated.stderr
-    chat = run_cli("chat", "--model", stories260k, "--adapter", adapter, "--max-new-tokens", "8",
-                   input="Tell me a story.\n/reset\nAnother one.\n/exit\n")
-    assert chat.returncode == 0, chat.stderr
-    assert chat.stdout.count("model> ") == 2
-
-
-def test_stream_reply_equals_batched_greedy_generation(stories260k):
     from tunesmith.inference import generate, load_for_inference, stream_reply
 
-    model, tokenizer = load_for_inference(stories260k)
+    # Trained with the alpaca template, which the base tokenizer's fallback (simple) is not: the
+    # replies below can only match if generate and chat take the template saved with the adapter.
+    finetune(tiny_recipe("train.max_steps=2", "data.template=alpaca"), progress=False)
+    adapter = str(tmp_path / "run" / "adapter")
+    model, tokenizer = load_for_inference(tiny_llama, adapter)
+    assert tokenizer.chat_template == TEMPLATES.get("alpaca")
+    _, base_tokenizer = load_for_inference(tiny_llama)
+    assert base_tokenizer.chat_template == TEMPLATES.get("simple")
+
+    generated = run_cli("generate", "--model", tiny_llama, "--adapter", adapter, "--prompt", "Once upon a time",
+                        "--max-new-tokens", "8")
+    assert generated.returncode == 0, generated.stderr
+    once = [{"role": "user", "content": "Once upon a time"}]
+    assert generated.stdout.strip() == generate(model, tokenizer, [once], max_new_tokens=8)[0]
+
+    system = {"role": "system", "content": "Be brief."}
+    first, second = "Tell me a story.", "What is the opposite of hot?"
+    chat = run_cli("chat", "--model", tiny_llama, "--adapter", adapter, "--max-new-tokens", "8", "--system",
+                   "Be brief.", input=f"{first}\n{second}\n/reset\n{second}\n/exit\n")
+    assert chat.returncode == 0, chat.stderr
+
+    def reply(conversation, tok=tokenizer):
+        return "".join(stream_reply(model, tok, conversation, max_new_tokens=8)).strip()
+
+    one = reply([system, {"role": "user", "content": first}])
+    with_history = [system, {"role": "user", "content": first}, {"role": "assistant", "content": one},
+                    {"role": "user", "content": second}]
+    two = reply(with_history)
+    after_reset = reply([system, {"role": "user", "content": second}])
+    # The checks below can tell history from none and one template from another on this model.
+    assert all((one, two, after_reset)) and two != after_reset and two != reply(with_history, base_tokenizer)
+    assert chat_replies(chat.stdout) == [one, two, after_reset], chat.stdout
+
+
+def test_stream_reply_equals_batched_greedy_generation(tiny_llama):
+    from tunesmith.inference import generate, load_for_inference, stream_reply
+
+    model, tokenizer = load_for_inference(tiny_llama)
     conversation = [{"role": "user", "content": "Lily went to the park."}]
     streamed = "".join(stream_reply(model, tokenizer, conversation, max_new_tokens=12)).strip()
     assert streamed == generate(model, tokenizer, [conversation], max_new_tokens=12)[0]

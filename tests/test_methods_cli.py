@@ -30,21 +30,22 @@ def test_every_method_has_an_example_recipe_that_validates_and_names_its_command
     assert kinds == set(METHODS.names())
 
 
-def test_methods_command_lists_every_method_and_counts_parameters(stories260k: str) -> None:
-    result = run_cli("methods", "--model", stories260k)
+def test_methods_command_lists_every_method_and_counts_parameters(tiny_llama: str) -> None:
+    result = run_cli("methods", "--model", tiny_llama)
     assert result.returncode == 0, result.stderr
     for kind in METHODS.names():
         assert re.search(rf"^{kind} ", result.stdout, re.MULTILINE), kind
-    # prompt tuning's default: 20 virtual tokens of stories260k's width 64, of 292,800 + 1,280 parameters
+    # prompt tuning's default: 20 virtual tokens of the tiny Llama's width (tiny_llama's shapes) 64, of 292,800 + 1,280 parameters
     assert "1,280 of 294,080 parameters train (0.435%)" in result.stdout
 
 
-def _trained_result(method_settings: dict, stories260k: str, folder: Path) -> Path:
-    """A result folder as a run writes it: stories260k with a perturbed method applied."""
+def _trained_result(method_settings: dict, tiny_llama: str, folder: Path) -> Path:
+    """A result folder as a run writes it: the tiny Llama with a perturbed method applied."""
     from tunesmith.inference import load_for_inference
 
     method = build_method(validate_method(method_settings))
-    model, tokenizer = load_for_inference(stories260k)
+    model, tokenizer = load_for_inference(tiny_llama)
+    torch.manual_seed(0)  # the method's own initialisation (LoRA's A) too: the same folder every run
     model = method.apply(model)
     generator = torch.Generator().manual_seed(3)
     with torch.no_grad():
@@ -54,24 +55,24 @@ def _trained_result(method_settings: dict, stories260k: str, folder: Path) -> Pa
     folder.mkdir()
     method.save(model, folder)
     tokenizer.save_pretrained(folder)
-    method.write_manifest(folder, base_model=stories260k, template="chatml")
+    method.write_manifest(folder, base_model=tiny_llama, template="chatml")
     return folder
 
 
 @pytest.mark.parametrize("settings", [{"kind": "lora", "r": 4}, {"kind": "ia3"}], ids=["lora", "ia3"])
-def test_export_merges_and_the_plain_folder_reproduces_the_logits(settings: dict, stories260k: str,
+def test_export_merges_and_the_plain_folder_reproduces_the_logits(settings: dict, tiny_llama: str,
                                                                  tmp_path: Path) -> None:
     from transformers import AutoModelForCausalLM
 
     from tunesmith.export import export_result
     from tunesmith.inference import load_for_inference
 
-    result = _trained_result(settings, stories260k, tmp_path / "adapter")
+    result = _trained_result(settings, tiny_llama, tmp_path / "adapter")
     report = export_result(result, tmp_path / "plain", merge=True)
     assert report.max_logit_difference < 1e-4
-    trained, _ = load_for_inference(stories260k, str(result))
+    trained, _ = load_for_inference(tiny_llama, str(result))
     plain = AutoModelForCausalLM.from_pretrained(tmp_path / "plain").eval()
-    base = AutoModelForCausalLM.from_pretrained(stories260k).eval()
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
     probe = torch.tensor([[1, 200, 300, 400, 17]])
     with torch.no_grad():
         torch.testing.assert_close(plain(input_ids=probe).logits, trained(input_ids=probe).logits, rtol=0, atol=1e-4)
@@ -79,23 +80,55 @@ def test_export_merges_and_the_plain_folder_reproduces_the_logits(settings: dict
     assert not (tmp_path / "plain" / "adapter_config.json").exists()
 
 
-def test_export_of_an_unmergeable_method_says_why(stories260k: str, tmp_path: Path) -> None:
+def test_export_of_an_unmergeable_method_says_why(tiny_llama: str, tmp_path: Path) -> None:
     from tunesmith.export import export_result
     from tunesmith.methods import NotMergeable
 
-    result = _trained_result({"kind": "prefix", "virtual_tokens": 4}, stories260k, tmp_path / "adapter")
+    result = _trained_result({"kind": "prefix", "virtual_tokens": 4}, tiny_llama, tmp_path / "adapter")
     with pytest.raises(NotMergeable, match="^prefix tuning adds keys and values"):
         export_result(result, tmp_path / "plain", merge=True)
     assert not (tmp_path / "plain").exists()
 
 
-def test_export_of_an_adapter_without_merge_asks_for_it(stories260k: str, tmp_path: Path) -> None:
+def test_export_of_an_adapter_without_merge_asks_for_it(tiny_llama: str, tmp_path: Path) -> None:
     from tunesmith.errors import TunesmithError
     from tunesmith.export import export_result
 
-    result = _trained_result({"kind": "lora", "r": 4}, stories260k, tmp_path / "adapter")
+    result = _trained_result({"kind": "lora", "r": 4}, tiny_llama, tmp_path / "adapter")
     with pytest.raises(TunesmithError, match="add --merge"):
         export_result(result, tmp_path / "plain", merge=False)
+
+
+def test_export_command_writes_a_folder_that_reloads_with_the_trained_outputs(tiny_llama: str, tmp_path: Path) -> None:
+    """``tunesmith export`` as a user runs it: a LoRA result merged, reloaded by plain transformers,
+    gives the trained model's logits and greedy text; a second export into the same folder is refused."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tunesmith.inference import generate, load_for_inference
+
+    result = _trained_result({"kind": "lora", "r": 4}, tiny_llama, tmp_path / "adapter")
+    out = tmp_path / "plain"
+    done = run_cli("export", "--adapter", str(result), "--out", str(out), "--merge")
+    assert done.returncode == 0, done.stderr
+    assert f"exported lora result as hf to {out}" in done.stdout
+    assert not (out / "adapter_config.json").exists() and (out / "config.json").is_file()
+
+    trained, trained_tokenizer = load_for_inference(tiny_llama, str(result))
+    plain = AutoModelForCausalLM.from_pretrained(out).eval()
+    plain_tokenizer = AutoTokenizer.from_pretrained(out)
+    assert plain_tokenizer.chat_template == trained_tokenizer.chat_template  # the training template travels
+    assert plain.num_parameters() == AutoModelForCausalLM.from_pretrained(tiny_llama).num_parameters()
+    probe = trained_tokenizer("Give three tips for staying healthy.", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        torch.testing.assert_close(plain(input_ids=probe).logits, trained(input_ids=probe).logits, rtol=0, atol=1e-4)
+    conversation = [[{"role": "user", "content": "Name a colour."}]]
+    assert generate(plain, plain_tokenizer, conversation, max_new_tokens=8) == generate(
+        trained, trained_tokenizer, conversation, max_new_tokens=8)
+
+    again = run_cli("export", "--adapter", str(result), "--out", str(out), "--merge")
+    assert again.returncode == 2 and "is not empty" in again.stderr and "Traceback" not in again.stderr
+    refused = run_cli("export", "--adapter", str(result), "--out", str(tmp_path / "other"))
+    assert refused.returncode == 2 and "add --merge" in refused.stderr and not (tmp_path / "other").exists()
 
 
 @pytest.mark.slow

@@ -20,11 +20,11 @@ def test_folder_without_weights(tmp_path):
         resolve_model_path(str(tmp_path), tmp_path)
 
 
-def test_local_folder_loads_with_the_recipe_dtype(stories260k, tmp_path):
+def test_local_folder_loads_with_the_recipe_dtype(tiny_llama, tmp_path):
     import torch
 
-    assert resolve_model_path(stories260k, tmp_path) == stories260k
-    model = load_model(stories260k, ModelSection(name=stories260k, dtype="bfloat16"))
+    assert resolve_model_path(tiny_llama, tmp_path) == tiny_llama
+    model = load_model(tiny_llama, ModelSection(name=tiny_llama, dtype="bfloat16"))
     assert next(model.parameters()).dtype == torch.bfloat16
 
 

@@ -21,7 +21,7 @@ from tunesmith.training.objective import TokenCrossEntropy
 from tunesmith.training.sampler import LengthGroupedSampler, StepSampler, build_sampler
 from tunesmith.training.loss import count_real_tokens, count_target_tokens
 from tunesmith.training.packing import VARLEN_ATTENTION, enable_packed_attention, pack_collate, restore_attention
-from tunesmith.training.speed import autocast_dtype, native_bfloat16, prepare_speed
+from tunesmith.training.speed import autocast_choice, autocast_dtype, native_bfloat16, prepare_speed
 
 CPU = Runtime(torch.device("cpu"))
 
@@ -38,7 +38,7 @@ def make_examples(count: int, vocab: int = 512, seed: int = 0) -> list[EncodedEx
     return examples
 
 
-def load_stories(path: str):
+def load_llama(path: str):
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
@@ -77,8 +77,8 @@ def test_pack_collate_layout() -> None:
     assert count_real_tokens(batch) == count_real_tokens(padded) == 5
 
 
-def test_packed_per_example_losses_equal_unpacked(stories260k) -> None:
-    model = load_stories(stories260k)
+def test_packed_per_example_losses_equal_unpacked(tiny_llama) -> None:
+    model = load_llama(tiny_llama)
     examples = make_examples(5)
     with torch.no_grad():
         unpacked = [float(plain_loss_sum(model, collate([example], 0))) for example in examples]
@@ -101,8 +101,8 @@ def test_packed_per_example_losses_equal_unpacked(stories260k) -> None:
 
 
 @pytest.mark.parametrize("packed", [False, True])
-def test_chunked_loss_and_gradients_equal_plain(stories260k, packed: bool) -> None:
-    model = load_stories(stories260k)
+def test_chunked_loss_and_gradients_equal_plain(tiny_llama, packed: bool) -> None:
+    model = load_llama(tiny_llama)
     if packed:
         enable_packed_attention(model)
     examples = make_examples(6)
@@ -141,11 +141,11 @@ def test_linear_cross_entropy_equals_autograd(with_bias: bool) -> None:
         torch.testing.assert_close(tensor.grad, grad, rtol=1e-5, atol=1e-6)
 
 
-def test_chunked_loss_falls_back_for_wrapped_heads(stories260k) -> None:
+def test_chunked_loss_falls_back_for_wrapped_heads(tiny_llama) -> None:
     """A head that is not a plain Linear (here LoRA on lm_head) goes through the checkpointed chunks."""
     from peft import LoraConfig, get_peft_model
 
-    model = load_stories(stories260k)
+    model = load_llama(tiny_llama)
     model = get_peft_model(model, LoraConfig(r=4, target_modules=["lm_head"], init_lora_weights=False))
     batch = collate(make_examples(4), 0)
     plain, chunked, plain_grads, chunked_grads = plain_and_chunked(model, batch)
@@ -154,12 +154,12 @@ def test_chunked_loss_falls_back_for_wrapped_heads(stories260k) -> None:
         torch.testing.assert_close(chunked_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_bfloat16_autocast_close_to_float32(stories260k) -> None:
-    model = load_stories(stories260k)
+def test_bfloat16_autocast_close_to_float32(tiny_llama) -> None:
+    model = load_llama(tiny_llama)
     batch = pack_collate(make_examples(6), 0)
     enable_packed_attention(model)
     train, method = TrainSection(), build_method(FullMethod())
-    full = prepare_speed(model, method, SpeedSection(), train, CPU.device)
+    full = prepare_speed(model, method, SpeedSection(autocast="off"), train, CPU.device)
     fast = prepare_speed(model, method, SpeedSection(autocast="bfloat16"), train, CPU.device)
     assert full.autocast_dtype is None and fast.autocast_dtype is torch.bfloat16
 
@@ -177,12 +177,21 @@ def test_bfloat16_autocast_close_to_float32(stories260k) -> None:
     assert F.cosine_similarity(autocast_grad, reference_grad, dim=0) > 0.99
 
 
-def test_autocast_detection() -> None:
+def test_autocast_detection_defaults_to_native_bfloat16_and_says_why() -> None:
     cpu = torch.device("cpu")
-    assert autocast_dtype(SpeedSection(), cpu) is None
+    assert autocast_dtype(SpeedSection(autocast="off"), cpu) is None
     assert autocast_dtype(SpeedSection(autocast="bfloat16"), cpu) is torch.bfloat16
-    expected = torch.bfloat16 if native_bfloat16(cpu) else None
+    native = native_bfloat16(cpu)
+    expected = torch.bfloat16 if native else None
     assert autocast_dtype(SpeedSection(autocast="auto"), cpu) is expected
+    assert autocast_dtype(SpeedSection(), cpu) is expected  # the default is auto
+    dtype, why = autocast_choice(SpeedSection(), cpu)
+    flags = {"CPU has AMX": torch.cpu._is_amx_tile_supported(), "CPU has AVX-512 BF16": torch.cpu._is_avx512_bf16_supported()}
+    if native:
+        assert why.startswith("bfloat16 autocast (auto: CPU has ") and flags[why[len("bfloat16 autocast (auto: "):-1]]
+    else:
+        assert why == "float32 (autocast auto: no native bfloat16 on this CPU)"
+    assert autocast_choice(SpeedSection(autocast="off"), cpu)[1] == "float32 (train.speed.autocast: off)"
 
 
 def test_length_grouping_keeps_each_step_and_sorts_micro_batches() -> None:
@@ -200,7 +209,7 @@ def test_length_grouping_keeps_each_step_and_sorts_micro_batches() -> None:
 
 def train_losses(model_path: str, speed: SpeedSection, examples: list[EncodedExample]) -> list[float]:
     """Two optimizer steps of full fine-tuning with two accumulated micro-batches."""
-    model = load_stories(model_path)
+    model = load_llama(model_path)
     method = build_method(FullMethod())
     model = method.apply(model)
     train = TrainSection(batch_size=3, grad_accum=2, max_steps=2, lr=1e-3, schedule="constant", log_every=1,
@@ -222,24 +231,25 @@ def train_losses(model_path: str, speed: SpeedSection, examples: list[EncodedExa
     return losses
 
 
-def test_packed_chunked_training_equals_plain_training(stories260k) -> None:
+def test_packed_chunked_training_equals_plain_training(tiny_llama) -> None:
     examples = make_examples(12)
-    plain = train_losses(stories260k, SpeedSection(packing=False, chunked_loss=False, group_by_length=False),
+    exact = {"autocast": "off"}  # float32: the fast paths are exact there
+    plain = train_losses(tiny_llama, SpeedSection(packing=False, chunked_loss=False, group_by_length=False, **exact),
                          examples)
-    fast = train_losses(stories260k, SpeedSection(loss_chunk_tokens=16), examples)
-    grouped = train_losses(stories260k, SpeedSection(packing=False, chunked_loss=False), examples)
+    fast = train_losses(tiny_llama, SpeedSection(loss_chunk_tokens=16, **exact), examples)
+    grouped = train_losses(tiny_llama, SpeedSection(packing=False, chunked_loss=False, **exact), examples)
     assert fast == pytest.approx(plain, rel=1e-5)
     assert grouped == pytest.approx(plain, rel=1e-5)
     assert plain[-1] < plain[0]
 
 
-def test_train_end_to_end_with_fast_options(tmp_path, stories260k, alpaca_demo) -> None:
+def test_train_end_to_end_with_fast_options(tmp_path, tiny_llama, tiny_data, capsys) -> None:
     from tunesmith.config import validate_recipe
     from tunesmith.finetune import finetune
 
     recipe = validate_recipe({
-        "model": {"name": stories260k},
-        "data": {"train": alpaca_demo, "max_length": 64, "template": "chatml"},
+        "model": {"name": tiny_llama},
+        "data": {"train": tiny_data, "max_length": 64, "template": "chatml"},
         "method": {"kind": "lora", "r": 4},
         "train": {"max_steps": 2, "batch_size": 2, "grad_accum": 2, "log_every": 1,
                   "speed": {"autocast": "auto", "activation_checkpointing": True, "loss_chunk_tokens": 64}},
@@ -247,6 +257,8 @@ def test_train_end_to_end_with_fast_options(tmp_path, stories260k, alpaca_demo) 
     })
     summary = finetune(recipe, progress=False)
     assert summary["steps"] == 2 and summary["tokens_per_s"] > 0
+    speed_line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("speed: "))
+    assert autocast_choice(recipe.train.speed, torch.device("cpu"))[1] in speed_line  # what was chosen and why
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in records)
     # Real tokens: every token read, no padding (packed), more than the scored ones.

@@ -251,7 +251,7 @@ def records(run_dir) -> list[dict]:
 def test_reward_model_trains_saves_and_reloads_as_a_scorer(stories260k, tmp_path):
     from tunesmith.stages import build_stage
 
-    recipe = pair_recipe(stories260k, tmp_path, "rm", "train.max_steps=12")
+    recipe = pair_recipe(stories260k, tmp_path, "rm", "train.max_steps=12", 'train.speed.autocast="off"')
     summary = finetune(recipe, progress=False)
     assert {"loss", "accuracy", "margin", "chosen_reward", "rejected_reward"} <= set(summary["validation"])
     assert (tmp_path / "run" / "adapter" / "head.safetensors").is_file()

@@ -8,3 +8,18 @@ exits with status 2 instead of showing a traceback; anything else is a bug and k
 
 class TunesmithError(Exception):
     """An error the user can fix; the CLI prints its message as one sentence without a traceback."""
+
+
+def decode_utf8(path: object, data: bytes, what: str = "file") -> str:
+    """``data`` (the bytes of ``path``) as text, a leading byte-order mark dropped.
+
+    Raises:
+        TunesmithError: If the bytes are not UTF-8, naming the line and the byte.
+    """
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        line = data[: error.start].count(b"\n") + 1
+        raise TunesmithError(
+            f"{path}, line {line}: not UTF-8 text (byte 0x{data[error.start]:02x}); re-save the {what} as UTF-8"
+        ) from None

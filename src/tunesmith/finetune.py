@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -16,13 +15,16 @@ from tunesmith.errors import TunesmithError
 from tunesmith.evaluation import run_generation_task
 from tunesmith.evaluation.compare import report_after_training
 from tunesmith.files import atomic_folder, write_text_atomic
+from tunesmith.inference import base_shape
 from tunesmith.methods import build_method, count_parameters
 from tunesmith.models import load_model_and_tokenizer
 from tunesmith.runtime import Runtime, init_runtime, peak_memory_mb, shutdown_runtime
 from tunesmith.stages import build_stage
 from tunesmith.training.checkpoint import latest_checkpoint
+from tunesmith.training.run_folder import RunFolder, open_run_folder
 from tunesmith.training.hooks import Hook
 from tunesmith.training.loop import Trainer
+from tunesmith.training.sharding import check_sharded_recipe
 
 logger = logging.getLogger(__name__)
 
@@ -45,11 +47,13 @@ def finetune(recipe: Recipe, resume: bool = False, extra_hooks: Sequence[Hook] =
     Returns:
         The summary also written to ``summary.json``.
     """
+    check_sharded_recipe(recipe)
     runtime = init_runtime(recipe.train.device)
+    folder = None
     try:
-        out = prepare_output_dir(Path(recipe.output.dir), resume, recipe.output.overwrite, runtime)
-        if runtime.is_main:
-            (out / "config.yaml").write_text(recipe_to_yaml(recipe))
+        folder = prepare_output_dir(Path(recipe.output.dir), resume, recipe.output.overwrite, recipe.train.max_steps,
+                                    runtime)
+        out = folder.out
         torch.manual_seed(recipe.train.seed)
         say = print if runtime.is_main else (lambda *args, **kwargs: None)
         model, tokenizer = load_model_and_tokenizer(recipe.model, runtime.cache, runtime.device)
@@ -73,9 +77,11 @@ def finetune(recipe: Recipe, resume: bool = False, extra_hooks: Sequence[Hook] =
         if method.summary():
             say(method.summary())
         if resume:
-            checkpoint = latest_checkpoint(out / "checkpoints")
+            checkpoint = folder.resume_from
             trainer.resume(checkpoint)
             say(f"resuming from {checkpoint} (step {trainer.state.step} of {trainer.total_steps})")
+        if runtime.is_main:
+            write_text_atomic(out / "config.yaml", recipe_to_yaml(recipe))  # only now: the run really starts
         try:
             result = trainer.fit()
         except KeyboardInterrupt:
@@ -83,10 +89,18 @@ def finetune(recipe: Recipe, resume: bool = False, extra_hooks: Sequence[Hook] =
         finally:
             loop.speed.undo()  # e.g. transformers' own attention again, before anything is saved
         forgetting = safeguards.after_training(model, tokenizer, data)
+        gathered = trainer.saveable_state()  # FSDP: the shards joined into one state dict (a collective)
         if runtime.is_main:
-            save_result(method, model, tokenizer, out, recipe, data.template, stage)
+            save_result(method, model, tokenizer, out, recipe, data.template, gathered, stage)
         task_after = evaluate_task(model, tokenizer, recipe, runtime, out / "task_after.json", "after training")
-        return finish(recipe, result, method, data, runtime, out, parameters, forgetting, task_before, task_after, say)
+        summary = finish(recipe, result, method, data, runtime, out, parameters, forgetting, task_before, task_after, say)
+        if runtime.is_main:
+            folder.finished()
+        return summary
+    except BaseException:
+        if folder is not None and runtime.is_main:
+            folder.failed()
+        raise
     finally:
         shutdown_runtime(runtime)
 
@@ -139,27 +153,17 @@ def summarise(result, method, data, runtime: Runtime, out: Path, parameters: tup
     }
 
 
-def prepare_output_dir(out: Path, resume: bool, overwrite: bool, runtime: Runtime) -> Path:
-    """Create the output folder; never replace a non-empty one unless asked.
+def prepare_output_dir(out: Path, resume: bool, overwrite: bool, max_steps: Optional[int], runtime: Runtime) -> RunFolder:
+    """Check (and on the main process, create or set aside) the output folder; see :mod:`training.run_folder`.
 
-    Raises:
-        TunesmithError: If the folder has content and neither resume nor overwrite was asked.
+    The other processes look only after the main process has moved or created it.
     """
-    occupied = out.is_dir() and any(out.iterdir())
-    if resume and not occupied:
-        raise TunesmithError(f"nothing to resume: output folder {out} is empty or missing")
-    if occupied and not resume:
-        if not overwrite:
-            raise TunesmithError(
-                f"output folder {out} is not empty; choose another output.dir, continue it with --resume, "
-                "or replace it with --overwrite"
-            )
-        if runtime.is_main:
-            shutil.rmtree(out)
-    if runtime.distributed:
+    if runtime.distributed and not runtime.is_main:
         torch.distributed.barrier()
-    out.mkdir(parents=True, exist_ok=True)
-    return out
+    folder = open_run_folder(out, resume, overwrite, max_steps, runtime.is_main)
+    if runtime.distributed and runtime.is_main:
+        torch.distributed.barrier()
+    return folder
 
 
 def evaluate_task(model, tokenizer, recipe: Recipe, runtime: Runtime, cache: Path, when: str,
@@ -178,15 +182,22 @@ def evaluate_task(model, tokenizer, recipe: Recipe, runtime: Runtime, cache: Pat
     return result
 
 
-def save_result(method, model, tokenizer, out: Path, recipe: Recipe, template: str, stage=None) -> Path:
-    """Write the result folder atomically: method artifact, what the stage adds (a head), tokenizer, manifest."""
+def save_result(method, model, tokenizer, out: Path, recipe: Recipe, template: str,
+                state_dict: Optional[dict] = None, stage=None) -> Path:
+    """Write the result folder atomically: method artifact, what the stage adds (a head), tokenizer, manifest.
+
+    ``state_dict``: the model's state gathered from its shards (FSDP), saved instead of its parameters.
+    """
     final = out / method.artifact
     with atomic_folder(final) as partial:
-        method.save(model, partial)
+        method.save(model, partial, state_dict=state_dict)
         if stage is not None:
             stage.save(model, partial)
         tokenizer.save_pretrained(partial)
-        method.write_manifest(partial, base_model=recipe.model.name, template=template, stage=recipe.stage.kind)
+        local = Path(recipe.model.name).expanduser()
+        base_model = str(local.resolve()) if local.is_dir() else recipe.model.name  # a folder: valid from any cwd
+        method.write_manifest(partial, base_model=base_model, template=template, base_config=base_shape(model),
+                              stage=recipe.stage.kind)
     return final
 
 

@@ -2,64 +2,43 @@
 
 from __future__ import annotations
 
-import json
 import threading
-from pathlib import Path
 from typing import Iterator, Optional
 
 import torch
 
-from tunesmith.config import ModelSection
 from tunesmith.data.encode import render_prompt
 from tunesmith.errors import TunesmithError
-from tunesmith.methods import MANIFEST, build_method
-from tunesmith.models import load_model, load_tokenizer, resolve_model_path
-from tunesmith.runtime import cache_dir
+from tunesmith.methods import MANIFEST
+from tunesmith.results import LoadedResult, base_shape, check_base_model, load_result, load_trained, locate_result
+
+__all__ = ["LoadedResult", "base_shape", "check_base_model", "generate", "load_for_inference", "load_result", "load_trained", "stream_reply"]
 
 
 def load_for_inference(model_name: str, adapter: Optional[str] = None, dtype: str = "float32",
                        device: torch.device | str = "cpu", trust_remote_code: bool = False):
     """A model (base, or base + trained result) and its tokenizer, ready to generate.
 
+    A thin wrapper over :func:`tunesmith.results.load_result`.
+
     Args:
         model_name: Alias, hub id or folder of the base model (or of a full fine-tuned ``model/``).
-        adapter: Folder of a trained adapter (``adapter/`` of a run), or None.
+        adapter: Folder of a trained adapter (``adapter/`` of a run, or the run folder), or None.
 
     Returns:
         ``(model, tokenizer)``; the tokenizer carries the chat template used in training.
     """
-    section = ModelSection(name=model_name, dtype=dtype, trust_remote_code=trust_remote_code)
-    path = resolve_model_path(model_name, cache_dir())
-    model = load_model(path, section, device)
-    tokenizer_path = path
-    if adapter is not None:
-        folder = Path(adapter)
-        if not (folder / MANIFEST).is_file() and not (folder / "adapter_config.json").is_file():
-            raise TunesmithError(f"{folder} is not a trained result: it has neither {MANIFEST} nor adapter_config.json")
-        model = load_trained(model, folder)
-        if (folder / "tokenizer_config.json").is_file():
-            tokenizer_path = str(folder)
-    tokenizer = load_tokenizer(tokenizer_path, section)
-    from tunesmith.data.templates import resolve_template
-
-    resolve_template(tokenizer, "auto")
-    return model.eval(), tokenizer
+    if adapter is None:
+        loaded = load_result(model_name, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+    else:
+        if locate_result(adapter) is None:
+            raise TunesmithError(f"{adapter} is not a trained result: it has neither {MANIFEST} nor adapter_config.json")
+        loaded = load_result(adapter, model_name, dtype, device, trust_remote_code)
+    return loaded.model, loaded.tokenizer
 
 
-def load_trained(base_model: torch.nn.Module, folder: Path) -> torch.nn.Module:
-    """Put the result in ``folder`` onto ``base_model`` with the method that wrote it."""
-    if (folder / MANIFEST).is_file():
-        manifest = json.loads((folder / MANIFEST).read_text())
-        from tunesmith.config.loader import validate_method
-
-        method = build_method(validate_method(manifest["config"]))
-        return method.load(base_model, folder)
-    from peft import PeftModel  # a plain peft adapter written by another tool
-
-    return PeftModel.from_pretrained(base_model, folder)
-
-
-def _stop_ids(tokenizer) -> list[int]:
+def stop_token_ids(tokenizer) -> list[int]:
+    """Token ids that end a reply: EOS and the chat templates' end-of-turn markers the vocabulary has."""
     ids = {tokenizer.eos_token_id}
     for token in ("<|im_end|>", "<|eot_id|>", "<|end|>"):
         token_id = tokenizer.convert_tokens_to_ids(token)
@@ -69,7 +48,7 @@ def _stop_ids(tokenizer) -> list[int]:
 
 
 def _generation_kwargs(tokenizer, max_new_tokens: int, temperature: float) -> dict:
-    kwargs = {"max_new_tokens": max_new_tokens, "eos_token_id": _stop_ids(tokenizer),
+    kwargs = {"max_new_tokens": max_new_tokens, "eos_token_id": stop_token_ids(tokenizer),
               "pad_token_id": tokenizer.pad_token_id, "do_sample": temperature > 0}
     if temperature > 0:
         kwargs["temperature"] = temperature

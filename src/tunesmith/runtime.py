@@ -1,6 +1,8 @@
-"""The environment, read in one place: device, distributed rank and world size, cache folder.
+"""The environment, read in one place: threads, device, distributed rank and world size, cache folder.
 
 Nothing else in tunesmith reads environment variables; the results are passed along explicitly.
+torch is imported inside the functions that need it, so that :func:`configure_threads` can set
+OpenMP's environment before torch loads the OpenMP runtime (which reads it once, when it loads).
 """
 
 from __future__ import annotations
@@ -9,8 +11,15 @@ import os
 import resource
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Mapping, Optional
 
-import torch
+if TYPE_CHECKING:
+    import torch
+
+from tunesmith.errors import TunesmithError
+
+# Variables through which a user chooses OpenMP's threads or wait policy; tunesmith keeps theirs.
+WAIT_POLICY_VARIABLES = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME")
 
 
 @dataclass(frozen=True)
@@ -41,6 +50,35 @@ class Runtime:
         return self.rank == 0
 
 
+def thread_environment(environ: Mapping[str, str]) -> dict[str, str]:
+    """The OpenMP variables tunesmith sets before torch loads, unless the user chose their own.
+
+    OpenMP's threads spin-wait for work between parallel regions (libgomp: 300,000 spins before
+    they sleep). Where another process keeps a core busy, a spinning thread takes that core's time
+    from the thread that has the work, and each step waits for the slowest thread: beside one busy
+    process tunesmith kept a third of its tokens/s, beside a second torch job steps were up to 18
+    times slower. ``PASSIVE`` makes idle threads sleep at once (``benchmarks/busy.py`` measures
+    both sides). A user who sets ``OMP_WAIT_POLICY``, ``GOMP_SPINCOUNT`` or ``KMP_BLOCKTIME`` keeps it.
+    """
+    if any(name in environ for name in WAIT_POLICY_VARIABLES):
+        return {}
+    return {"OMP_WAIT_POLICY": "PASSIVE"}
+
+
+def configure_threads() -> str:
+    """Set OpenMP's wait policy for this process; the CLI calls it first, before torch is imported.
+
+    OpenMP reads its environment once, when torch loads it, so this takes effect only before the
+    first ``import torch``. Returns what was chosen, for the log.
+    """
+    chosen = thread_environment(os.environ)
+    os.environ.update(chosen)
+    if chosen:
+        return "threads: idle OpenMP threads sleep (OMP_WAIT_POLICY=PASSIVE)"
+    return "threads: OpenMP wait policy as set in the environment (" + ", ".join(
+        f"{name}={os.environ[name]}" for name in WAIT_POLICY_VARIABLES if name in os.environ) + ")"
+
+
 def cache_dir() -> Path:
     """tunesmith's cache: ``$TUNESMITH_CACHE``, else ``$XDG_CACHE_HOME/tunesmith``, else ``~/.cache/tunesmith``."""
     if os.environ.get("TUNESMITH_CACHE"):
@@ -49,8 +87,38 @@ def cache_dir() -> Path:
     return Path(base) / "tunesmith"
 
 
-def pick_device(preference: str = "auto", local_rank: int = 0) -> torch.device:
-    """``auto`` is the GPU of this local rank when CUDA is available, else the CPU."""
+def check_device(spec: str, setting: str = "--device") -> None:
+    """Refuse a device this machine does not have (``cuda`` without a GPU, ``cuda:3`` of two, ``gpu``).
+
+    Args:
+        spec: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
+        setting: How the user gave it (flag or recipe field), for the message.
+
+    Raises:
+        TunesmithError: Naming the setting and what to use instead.
+    """
+    import torch
+
+    kind, _, index = spec.partition(":")
+    if kind not in ("auto", "cpu", "cuda") or (index and not (kind == "cuda" and index.isdigit())):
+        raise TunesmithError(f"{setting} {spec!r} is not a device; use cpu, cuda or cuda:N")
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise TunesmithError(f"{setting} {spec} asks for a CUDA GPU, but this machine has none that torch can use; "
+                             "use cpu (or install a CUDA build of torch)")
+    if kind == "cuda" and index and int(index) >= torch.cuda.device_count():
+        raise TunesmithError(f"{setting} {spec}: this machine has {torch.cuda.device_count()} CUDA GPU(s), "
+                             f"numbered from 0; use cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+
+
+def pick_device(preference: str = "auto", local_rank: int = 0, setting: str = "train.device") -> torch.device:
+    """``auto`` is the GPU of this local rank when CUDA is available, else the CPU.
+
+    Raises:
+        TunesmithError: For ``cuda`` on a machine without a usable GPU.
+    """
+    import torch
+
+    check_device(preference, setting)
     if preference == "cuda" or (preference == "auto" and torch.cuda.is_available()):
         return torch.device("cuda", local_rank)
     return torch.device("cpu")
@@ -61,6 +129,8 @@ def init_runtime(device_preference: str = "auto") -> Runtime:
 
     Uses nccl on GPUs and gloo on the CPU.
     """
+    import torch
+
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -75,6 +145,8 @@ def init_runtime(device_preference: str = "auto") -> Runtime:
 
 def shutdown_runtime(runtime: Runtime) -> None:
     """Leave the process group if this process joined one."""
+    import torch
+
     if runtime.distributed and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
 
@@ -82,6 +154,8 @@ def shutdown_runtime(runtime: Runtime) -> None:
 def peak_memory_mb(device: torch.device) -> float:
     """Peak GPU memory allocated on CUDA, else this process's peak resident memory."""
     if device.type == "cuda":
+        import torch
+
         return torch.cuda.max_memory_allocated(device) / 2**20
     status = Path("/proc/self/status")
     if status.exists():
@@ -91,3 +165,26 @@ def peak_memory_mb(device: torch.device) -> float:
         if line:
             return int(line.split()[1]) / 1024  # kB
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def process_memory_bytes() -> int:
+    """This process's resident memory now (what the interpreter and the imported libraries take)."""
+    status = Path("/proc/self/status")
+    if status.exists():
+        line = next((l for l in status.read_text().splitlines() if l.startswith("VmRSS:")), None)
+        if line:
+            return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def available_memory_bytes(device: torch.device) -> Optional[int]:
+    """Memory a run could still use: free GPU memory on CUDA, else the system's MemAvailable (None if unknown)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    meminfo = Path("/proc/meminfo")
+    if meminfo.exists():
+        line = next((l for l in meminfo.read_text().splitlines() if l.startswith("MemAvailable:")), None)
+        if line:
+            return int(line.split()[1]) * 1024
+    return None

@@ -14,17 +14,25 @@ import sys
 from typing import Sequence
 
 from tunesmith.errors import TunesmithError
+from tunesmith.runtime import configure_threads
 
-COMMAND_MODULES = ("train", "inference", "evaluate", "config", "models", "methods", "export", "data", "compare")
+COMMAND_MODULES = ("train", "plan", "sweep", "inference", "evaluate", "config", "models", "methods", "export", "data",
+                   "compare", "serve", "cai")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point; user errors print one sentence and exit with status 2."""
+    """Entry point; user errors print one sentence and exit with status 2.
+
+    The thread policy is set first, before any command imports torch (OpenMP reads it when torch
+    loads it), so training, evaluation, generation and serving all run with it.
+    """
+    threads = configure_threads()
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-    if args.command in ("train", "generate", "chat", "eval", "methods", "export"):
+    logging.getLogger(__name__).info(threads)
+    if args.command in ("train", "plan", "sweep", "generate", "chat", "eval", "methods", "export", "cai"):
         quiet_libraries()
     try:
         return args.handler(args) or 0

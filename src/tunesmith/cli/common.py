@@ -1,15 +1,46 @@
-"""Arguments shared by the commands that load a model."""
+"""Arguments shared by the commands that load a model, and checked flag types."""
 
 from __future__ import annotations
 
 import argparse
+from typing import Callable
+
+
+def at_least(minimum: float, kind: type = int) -> Callable[[str], float]:
+    """An argparse type: a number of ``kind`` no smaller than ``minimum`` (``--batch-size 0`` is refused)."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'a whole number' if kind is int else 'a number'}, got {text!r}")
+        if not value >= minimum:  # also refuses nan
+            raise argparse.ArgumentTypeError(f"must be at least {minimum} (got {text})")
+        if kind is float and value == float("inf"):
+            raise argparse.ArgumentTypeError(f"must be finite (got {text})")
+        return value
+
+    parse.__name__ = f"{kind.__name__} >= {minimum}"
+    return parse
+
+
+def device(text: str) -> str:
+    """An argparse type: a device this machine has (``--device cuda`` without a GPU is refused here)."""
+    from tunesmith.errors import TunesmithError
+    from tunesmith.runtime import check_device
+
+    try:
+        check_device(text, "device")
+    except TunesmithError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return text
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="smollm2-135m-instruct", help="Alias, hub id or folder.")
     parser.add_argument("--adapter", help="A trained adapter folder (a run's adapter/).")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "auto"])
-    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    parser.add_argument("--device", default="cpu", type=device, help="cpu, cuda, cuda:1, ...")
     parser.add_argument("--trust-remote-code", action="store_true")
 
 

@@ -14,6 +14,8 @@ def register(commands) -> None:
     compare.add_argument("--out", required=True, help="Folder for the runs and comparison.md/.json/.png.")
     compare.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                          help="Override applied to every recipe, e.g. --set data.train=task.jsonl (repeatable).")
+    compare.add_argument("--overwrite", action="store_true",
+                         help="Replace earlier runs in OUT/<recipe>/ (only folders that are tunesmith runs).")
     compare.add_argument("--no-progress", action="store_true", help="No progress bars.")
     compare.set_defaults(handler=cmd_compare)
 
@@ -24,5 +26,5 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     for recipe in args.recipes:
         load_recipe(recipe, args.overrides)  # fail on a bad recipe before any training starts
-    compare(args.recipes, Path(args.out), args.overrides, progress=not args.no_progress)
+    compare(args.recipes, Path(args.out), args.overrides, progress=not args.no_progress, overwrite=args.overwrite)
     return 0

@@ -1,9 +1,16 @@
-"""``tunesmith config`` prints the recipe schema; ``tunesmith config check RECIPE`` validates one."""
+"""``tunesmith config`` prints the recipe schema; ``tunesmith config check RECIPE`` validates one.
+
+``check`` goes beyond the schema: it resolves everything a run resolves before training, without
+loading model weights (the model alias or folder, the chat template, each data file's existence,
+readability and record format, the suites, the device), so "valid" means the run will start.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
+from typing import Optional
 
 from tunesmith.errors import TunesmithError
 
@@ -25,6 +32,109 @@ def cmd_config(args: argparse.Namespace) -> int:
     if not args.recipe:
         raise TunesmithError("usage: tunesmith config check RECIPE [overrides]")
     recipe = load_recipe(args.recipe, args.overrides)
+    notes = check_inputs(recipe)
     print(recipe_to_yaml(recipe), end="")
+    for note in notes:
+        print(f"# note: {note}", file=sys.stderr)
     print(f"# {args.recipe}: valid", file=sys.stderr)
     return 0
+
+
+def check_inputs(recipe) -> list[str]:
+    """Resolve what the run resolves before training, loading no weights.
+
+    Returns:
+        Notes on what could not be checked here (a hub model is only fetched when the run starts).
+
+    Raises:
+        TunesmithError: For an unknown model alias, a missing or damaged model folder, an unknown
+            chat template or data format, a missing or malformed data file, a bad suite or device.
+    """
+    from tunesmith.runtime import check_device
+
+    check_device(recipe.train.device, "train.device")
+    notes = [note for note in [_check_model(recipe.model.name)] if note]
+    _check_template(recipe.data.template)
+    data = recipe.data
+    _check_files("data", data.train, data.format, data.text_field)
+    _check_files("data", (data.validation,) if data.validation else (), data.format, data.text_field, "validation")
+    for index, source in enumerate(data.sources):
+        _check_files(f"data.sources[{index}]", source.train, source.format, data.text_field)
+        if source.validation:
+            _check_files(f"data.sources[{index}]", (source.validation,), source.format, data.text_field, "validation")
+    if data.prepare and data.prepare.dedup:
+        _check_exist("data.prepare.dedup.against", data.prepare.dedup.against)
+    if recipe.eval.task:
+        _check_files("eval.task", (recipe.eval.task.file,), recipe.eval.task.format, data.text_field, "file")
+    _check_suites(recipe)
+    ewc = recipe.regularise.ewc
+    if ewc and ewc.data != "generations":
+        _check_files("regularise.ewc", (ewc.data,), ewc.format, data.text_field, "data")
+    if recipe.retain:
+        _check_files("retain", recipe.retain.perplexity, recipe.retain.format, data.text_field, "perplexity")
+    return notes
+
+
+def _check_model(name: str) -> Optional[str]:
+    from tunesmith.models.aliases import ALIASES
+    from tunesmith.models.loading import check_weight_files, resolve_model_path
+
+    if name in ALIASES:
+        return None  # converted or fetched by the alias itself when the run starts
+    try:
+        resolved = resolve_model_path(name, Path("."))  # no alias here, so the cache is not used
+    except TunesmithError as error:
+        raise TunesmithError(f"model.name: {error}") from None
+    if Path(resolved).is_dir():
+        check_weight_files(Path(resolved))
+        return None
+    return f"model.name {name} is a hub id; it is not a local folder, so it is fetched when the run starts"
+
+
+def _check_template(name: str) -> None:
+    from tunesmith.data.templates import TEMPLATES
+
+    if name not in ("auto", "tokenizer"):
+        try:
+            TEMPLATES.get(name)
+        except TunesmithError as error:
+            raise TunesmithError(f"data.template: {str(error).rstrip('.')}, auto or tokenizer") from None
+
+
+def _check_exist(field: str, paths) -> None:
+    for path in paths:
+        if not Path(path).is_file():
+            raise TunesmithError(f"{field}: file {path} does not exist")
+
+
+def _check_files(section: str, paths, data_format: str, text_field: str, key: str = "train") -> None:
+    """Each file exists, and its first record reads and fits ``data_format`` (detected for auto)."""
+    from tunesmith.data.formats import FORMATS, FormatOptions, detect_format
+    from tunesmith.data.readers import read_records
+
+    if data_format != "auto":
+        try:
+            FORMATS.get(data_format)
+        except TunesmithError as error:
+            raise TunesmithError(f"{section}.format: {str(error).rstrip('.')} or auto") from None
+    for path in paths:
+        if not Path(path).is_file():
+            raise TunesmithError(f"{section}.{key}: data file {path} does not exist")
+        records = read_records(path, text_field)
+        first = next(records, None)
+        records.close()
+        if first is None:
+            raise TunesmithError(f"{section}.{key}: data file {path} holds no records")
+        name = detect_format(first, text_field) if data_format == "auto" else data_format
+        FORMATS.get(name).convert(first, FormatOptions(text_field=text_field))
+
+
+def _check_suites(recipe) -> None:
+    from tunesmith.evaluation.suite import load_suite
+
+    report = recipe.eval.report
+    if report:
+        for path in (*report.suites, *report.general_suites):
+            load_suite(path, report.data_root, report.limit)
+    if recipe.retain and recipe.retain.suite:
+        load_suite(recipe.retain.suite, limit=recipe.retain.limit)

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from tunesmith.cli import quiet_libraries
+from tunesmith.cli.common import at_least, device
 
 
 def register(commands) -> None:
@@ -26,7 +27,7 @@ def register(commands) -> None:
     _register_convert(steps)
 
 
-def _common(parser: argparse.ArgumentParser, output: bool = True) -> None:
+def _common(parser: argparse.ArgumentParser, output: bool = True, on_error_help: str = "") -> None:
     parser.add_argument("file", help="Data file (.json, .jsonl, .csv, .tsv, .parquet, .txt, optionally .gz).")
     if output:
         parser.add_argument("-o", "--output", required=True, help="New .jsonl file to write.")
@@ -34,7 +35,7 @@ def _common(parser: argparse.ArgumentParser, output: bool = True) -> None:
     parser.add_argument("--format", default="auto", help="Record layout: alpaca, sharegpt, messages, preference, text, auto.")
     parser.add_argument("--text-field", default="text", help="Field of the 'text' layout.")
     parser.add_argument("--on-error", choices=["skip", "fail"], default="fail",
-                        help="Skip and count malformed records, or stop at the first (default).")
+                        help=on_error_help or "Skip and count malformed records, or stop at the first (default).")
     parser.add_argument("--report", help="Also write the report as JSON to this file.")
 
 
@@ -66,18 +67,20 @@ def _load_tokenizer(name: str):
 
 def _register_inspect(steps) -> None:
     inspect = steps.add_parser("inspect", help="Counts, lengths, duplicates, language and a sufficiency verdict.")
-    _common(inspect, output=False)
+    _common(inspect, output=False, on_error_help="skip (default): report malformed and empty records and exit 0; "
+            "fail: report them, then exit with status 2 if any record is malformed or none is usable.")
     inspect.add_argument("--model", help="Measure lengths in this model's tokens (alias, hub id or folder); else words.")
     inspect.add_argument("--template", default="auto", help="Chat template used for token lengths (as data.template).")
-    inspect.add_argument("--max-length", type=int, default=1024, help="Training max_length, for the truncated share.")
+    inspect.add_argument("--max-length", type=at_least(1), default=1024, help="Training max_length, for the truncated share (lengths are measured up to 64 times it).")
     inspect.add_argument("--plot", help="Write the length histogram as a PNG here.")
-    inspect.add_argument("--near-sample", type=int, default=20000, help="Records checked for near duplicates.")
+    inspect.add_argument("--near-sample", type=at_least(0), default=20000, help="Records checked for near duplicates.")
     inspect.set_defaults(handler=cmd_inspect, on_error="skip")
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     from tunesmith.data.formats import FormatOptions
-    from tunesmith.data.prepare.inspect import histogram_text, inspect_file, model_parameters, save_histogram_png, token_measure
+    from tunesmith.data.prepare.inspect import (MEASURED_LENGTH_FACTOR, histogram_text, inspect_file, model_parameters,
+                                                save_histogram_png, token_measure)
     from tunesmith.data.templates import resolve_template
 
     measure, unit, parameters = None, "words", None
@@ -85,7 +88,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         quiet_libraries()
         path, tokenizer = _load_tokenizer(args.model)
         resolve_template(tokenizer, args.template)
-        measure, unit, parameters = token_measure(tokenizer), "tokens", model_parameters(path)
+        measure, unit, parameters = token_measure(tokenizer, longest=MEASURED_LENGTH_FACTOR * args.max_length), "tokens", model_parameters(path)
     report = inspect_file(args.file, data_format=args.format, options=FormatOptions(text_field=args.text_field),
                           measure=measure, unit=unit, max_length=args.max_length, parameters=parameters,
                           near_sample=args.near_sample)
@@ -107,7 +110,21 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         print(f"histogram written to {args.plot}")
     if args.report:
         Path(args.report).write_text(json.dumps(summary, indent=2, ensure_ascii=False))
+    if args.on_error == "fail":
+        _fail_on_bad(report)
     return 0
+
+
+def _fail_on_bad(report) -> None:
+    """Under ``--on-error fail``: a malformed record, or a file without one usable record, is an error."""
+    from tunesmith.errors import TunesmithError
+
+    if report.bad.count:
+        raise TunesmithError(f"{report.file}: {report.bad.count} malformed record(s), the first: "
+                             f"{report.bad.examples[0]}")
+    if not report.lengths:
+        found = f"{report.records} record(s), all empty" if report.records else "no records"
+        raise TunesmithError(f"{report.file} holds {found}; nothing in it can be trained on")
 
 
 # --- clean ------------------------------------------------------------------------------------
@@ -206,11 +223,11 @@ def _register_augment(steps) -> None:
     augment.add_argument("--fields", default="", help="Top-level fields to rewrite (default: the prompt side).")
     augment.add_argument("--min-similarity", type=float, default=0.3, help="Drop rewrites less similar than this.")
     augment.add_argument("--max-similarity", type=float, default=0.95, help="Drop rewrites more similar than this.")
-    augment.add_argument("--max-new-tokens", type=int, default=256)
-    augment.add_argument("--batch-size", type=int, default=8)
-    augment.add_argument("--limit", type=int, help="Rewrite only the first N records.")
+    augment.add_argument("--max-new-tokens", type=at_least(1), default=256)
+    augment.add_argument("--batch-size", type=at_least(1), default=8)
+    augment.add_argument("--limit", type=at_least(1), help="Rewrite only the first N records.")
     augment.add_argument("--only-new", action="store_true", help="Write only the new rows.")
-    augment.add_argument("--device", default="cpu")
+    augment.add_argument("--device", default="cpu", type=device)
     augment.set_defaults(handler=cmd_augment)
 
 

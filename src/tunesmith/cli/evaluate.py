@@ -11,7 +11,7 @@ import argparse
 import json
 from pathlib import Path
 
-from tunesmith.cli.common import add_model_arguments, load_model_from_args
+from tunesmith.cli.common import add_model_arguments, at_least, load_model_from_args
 from tunesmith.errors import TunesmithError
 
 
@@ -20,8 +20,8 @@ def register(commands) -> None:
     add_model_arguments(evaluate)
     evaluate.add_argument("--data", help="Data file (any supported format): print loss and perplexity.")
     evaluate.add_argument("--format", default="auto")
-    evaluate.add_argument("--max-length", type=int, default=1024)
-    evaluate.add_argument("--batch-size", type=int, default=8)
+    evaluate.add_argument("--max-length", type=at_least(8), default=1024, help="Longest token sequence (at least 8).")
+    evaluate.add_argument("--batch-size", type=at_least(1), default=8)
     evaluate.add_argument("--suite", action="append", default=[],
                           help="Suite file of the task you tuned for (repeatable); see docs/evaluation.md.")
     evaluate.add_argument("--general-suite", action="append", default=[],
@@ -30,7 +30,7 @@ def register(commands) -> None:
     evaluate.add_argument("--compare", nargs=2, metavar=("BASE", "TUNED"),
                           help="Evaluate BASE and TUNED (a run folder, adapter folder or model) and report the change.")
     evaluate.add_argument("--data-root", help="Folder that {data_root} in task files stands for (your copy of the data).")
-    evaluate.add_argument("--limit", type=int, help="Score at most N items per task (quick look).")
+    evaluate.add_argument("--limit", type=at_least(1), help="Score at most N items per task (quick look).")
     evaluate.add_argument("--metrics", help="A run's metrics.jsonl for the loss curve (default: TUNED's own).")
     evaluate.add_argument("--out", default="eval", help="Folder for results.json and report.html (default: eval).")
     evaluate.set_defaults(handler=cmd_eval)
@@ -89,7 +89,7 @@ def cmd_loss(args: argparse.Namespace) -> int:
     model, tokenizer = load_model_from_args(args)
     examples, _ = load_examples(args.data, args.format)
     encoded, stats = encode_all(examples, tokenizer, args.max_length, "evaluation")
-    runtime = Runtime(device=pick_device(args.device.split(":")[0]))
+    runtime = Runtime(device=pick_device(args.device.split(":")[0], setting="--device"))
     metrics = evaluate_loss(model, encoded, args.batch_size, tokenizer.pad_token_id, runtime)
     print(json.dumps({"data": args.data, "examples": len(encoded), **metrics}, indent=2))
     return 0

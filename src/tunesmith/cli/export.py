@@ -1,24 +1,43 @@
-"""``tunesmith export``: a trained result as a plain Hugging Face model folder."""
+"""``tunesmith export RUN --format hf|peft|gguf [--quantize f16|q8_0|q4_0] [--ollama] --out DIR``."""
 
 from __future__ import annotations
 
 import argparse
 
+from tunesmith.cli.common import device
+from tunesmith.errors import TunesmithError
+
 
 def register(commands) -> None:
-    export = commands.add_parser("export", help="Write a trained result as a plain model folder (merging adapters).")
-    export.add_argument("--adapter", required=True, help="A run's adapter/ (or model/) folder.")
+    export = commands.add_parser("export", help="Write a trained result as a model folder, a peft adapter or a GGUF "
+                                                "file, checked by reloading it.")
+    export.add_argument("result", nargs="?", help="A run folder, its adapter/ or model/ folder, or a model folder.")
+    export.add_argument("--adapter", help="The result folder (the older spelling of RESULT).")
     export.add_argument("--out", required=True, help="Folder to write (must not exist or be empty).")
-    export.add_argument("--merge", action="store_true", help="Fold the adapter into the base weights.")
+    export.add_argument("--format", choices=["hf", "peft", "gguf"],
+                        help="hf: merged model folder; peft: the adapter as plain peft loads it; gguf: a GGUF file "
+                             "for llama.cpp and Ollama (default: hf).")
+    export.add_argument("--quantize", choices=["f16", "q8_0", "q4_0"], help="GGUF weight type (default f16).")
+    export.add_argument("--ollama", action="store_true", help="With --format gguf: also write an Ollama Modelfile.")
+    export.add_argument("--merge", action="store_true", help="Fold the adapter into the base weights (= --format hf).")
     export.add_argument("--model", help="Base model (default: the one the run trained).")
-    export.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    export.add_argument("--device", default="cpu", type=device, help="cpu, cuda, cuda:1, ...")
     export.set_defaults(handler=cmd_export)
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from tunesmith.export import export_result
+    from tunesmith.export import export, export_result
 
-    report = export_result(args.adapter, args.out, args.merge, args.model, args.device)
-    print(f"exported {report.method} result to {report.out}; reloaded with transformers, "
-          f"max |logit difference| {report.max_logit_difference:.2e}")
+    if (args.result is None) == (args.adapter is None):
+        raise TunesmithError("give the result to export once: as RESULT or as --adapter DIR")
+    if args.format is None and args.quantize is None and not args.ollama:
+        report = export_result(args.result or args.adapter, args.out, args.merge or args.result is not None,
+                               args.model, args.device)
+    else:
+        if args.merge and args.format not in (None, "hf"):
+            raise TunesmithError(f"--merge means --format hf; drop it for --format {args.format}")
+        fmt = args.format or ("gguf" if args.quantize or args.ollama else "hf")
+        report = export(args.result or args.adapter, args.out, fmt, args.quantize, args.ollama, args.model,
+                        args.device)
+    print(report.describe())
     return 0

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from tunesmith.cli.common import add_model_arguments, load_model_from_args
+from tunesmith.cli.common import add_model_arguments, at_least, load_model_from_args
 
 
 def register(commands) -> None:
@@ -12,8 +12,8 @@ def register(commands) -> None:
         sub = commands.add_parser(name, help=help_text)
         add_model_arguments(sub)
         sub.add_argument("--system", help="System message.")
-        sub.add_argument("--max-new-tokens", type=int, default=256)
-        sub.add_argument("--temperature", type=float, default=0.0, help="0 means greedy.")
+        sub.add_argument("--max-new-tokens", type=at_least(1), default=256)
+        sub.add_argument("--temperature", type=at_least(0.0, float), default=0.0, help="0 means greedy.")
         if name == "generate":
             sub.add_argument("--prompt", required=True, help="The user message.")
         sub.set_defaults(handler=cmd_generate if name == "generate" else cmd_chat)

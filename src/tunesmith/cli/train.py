@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 
 
 def register(commands) -> None:
@@ -10,7 +11,7 @@ def register(commands) -> None:
     train.add_argument("recipe", help="YAML recipe file.")
     train.add_argument("overrides", nargs="*", help="Dotted overrides such as train.lr=1e-4.")
     train.add_argument("--resume", action="store_true", help="Continue from the newest checkpoint.")
-    train.add_argument("--overwrite", action="store_true", help="Replace a non-empty output folder.")
+    train.add_argument("--overwrite", action="store_true", help="Replace the output folder if it is a tunesmith run.")
     train.add_argument("--no-progress", action="store_true", help="No progress bar.")
     train.set_defaults(handler=cmd_train)
 
@@ -21,5 +22,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     overrides = list(args.overrides) + (["output.overwrite=true"] if args.overwrite else [])
     recipe = load_recipe(args.recipe, overrides)
-    finetune(recipe, resume=args.resume, recipe_path=args.recipe, progress=not args.no_progress)
+    # The resume command printed on interruption must name the same run: keep the overrides (output.dir=...).
+    command = " ".join(shlex.quote(part) for part in [args.recipe, *args.overrides])
+    finetune(recipe, resume=args.resume, recipe_path=command, progress=not args.no_progress)
     return 0

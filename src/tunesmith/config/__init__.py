@@ -15,7 +15,7 @@ from tunesmith.config.recipe import (
 from tunesmith.config.schema import schema_text
 from tunesmith.config.speed import SpeedSection
 from tunesmith.config.stages import (
-    ClsStage, DpoStage, KtoStage, OrpoStage, PtStage, RmStage, SftStage, SimpoStage, StageSection,
+    ClsStage, DpoStage, GrpoStage, KtoStage, OrpoStage, PtStage, RmStage, SftStage, SimpoStage, StageSection,
 )
 from tunesmith.config.train import EarlyStoppingSection, GaloreSection, TrainSection
 
@@ -29,6 +29,7 @@ __all__ = [
     "FullMethod",
     "GaloreSection",
     "GenerationTaskSection",
+    "GrpoStage",
     "LoraMethod",
     "MethodSection",
     "ModelSection",

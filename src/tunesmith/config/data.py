@@ -82,4 +82,8 @@ class DataSection(Section):
             raise ValueError("give either data.validation or data.validation_fraction, not both")
         if not self.train and not self.sources:
             raise ValueError("give the training data as data.train (or data.sources)")
+        if self.prepare is not None and self.sources:
+            # Preparation runs on data.train only; refused rather than silently skipping the other sources.
+            raise ValueError("data.prepare works on data.train alone and is not applied to data.sources; prepare "
+                             "each source with `tunesmith data clean`/`data dedup` and list the results, or drop data.sources")
         return self

@@ -10,7 +10,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from tunesmith.config.recipe import Recipe
-from tunesmith.errors import TunesmithError
+from tunesmith.errors import TunesmithError, decode_utf8
 from tunesmith.registry import did_you_mean
 
 
@@ -31,15 +31,34 @@ def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
     path = Path(path)
     if not path.is_file():
         raise TunesmithError(f"recipe file {path} does not exist")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as error:
-        raise TunesmithError(f"{path} is not valid YAML: {error}") from None
+    raw = read_yaml(path, "recipe") or {}
     if not isinstance(raw, dict):
         raise TunesmithError(f"{path} must be a mapping of sections (model, data, method, ...)")
     for override in overrides:
         apply_override(raw, override)
     return validate_recipe(raw, source=str(path))
+
+
+def read_yaml(path: Path, what: str = "file") -> Any:
+    """The YAML document in ``path``, read as UTF-8 (a byte-order mark dropped).
+
+    Raises:
+        TunesmithError: If the file cannot be read, is not UTF-8 or not YAML, naming the line.
+    """
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        raise TunesmithError(f"{what} {path} cannot be read ({error.strerror or error})") from None
+    text = decode_utf8(path, data, what)
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f"{path}, line {mark.line + 1}" if mark is not None else str(path)
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise TunesmithError(f"{where}: not valid YAML ({problem}); fix the {what}'s syntax there") from None
+    except RecursionError:
+        raise TunesmithError(f"{path}: the YAML is nested too deeply to be a {what}") from None
 
 
 def validate_recipe(raw: dict[str, Any], source: str = "recipe") -> Recipe:
@@ -62,7 +81,11 @@ def apply_override(raw: dict[str, Any], override: str) -> None:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise TunesmithError(f"override '{override}': '{part}' is not a section")
-    node[leaf] = yaml.safe_load(value)
+    try:
+        node[leaf] = yaml.safe_load(value)
+    except yaml.YAMLError as error:
+        problem = getattr(error, "problem", None) or "not YAML"
+        raise TunesmithError(f"override '{override}': the value is not valid YAML ({problem}); quote it") from None
 
 
 def describe_error(item: dict[str, Any]) -> str:
@@ -80,8 +103,11 @@ def describe_error(item: dict[str, Any]) -> str:
         return f"unknown {dotted}.kind '{tag}'.{did_you_mean(tag, kinds)} Valid kinds: {', '.join(kinds)}"
     if item["type"] == "missing":
         return f"'{dotted}' is required"
+    if item["type"] == "value_error":  # a validator's own sentence; the input may be a whole section
+        return f"'{dotted}': {item['msg'].removeprefix('Value error, ')}"
     given = item.get("input")
-    return f"'{dotted}': {item['msg']} (got {given!r})"
+    shown = repr(given) if len(repr(given)) <= 80 else repr(given)[:77] + "..."
+    return f"'{dotted}': {item['msg']} (got {shown})"
 
 
 def _dotted(location: tuple[Any, ...]) -> str:

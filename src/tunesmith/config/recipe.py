@@ -70,7 +70,8 @@ class OutputSection(Section):
     """Where results go."""
 
     dir: str = Field("runs/tunesmith", description="Output folder of the run.")
-    overwrite: bool = Field(False, description="Allow writing into a non-empty output folder.")
+    overwrite: bool = Field(False, description="Replace the output folder if it is a tunesmith run "
+                                               "(kept aside until the new run finishes).")
     tensorboard: bool = Field(False, description="Also write TensorBoard event files.")
 
 

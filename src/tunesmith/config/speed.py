@@ -1,8 +1,9 @@
 """The ``train.speed`` section: levers that make training faster or leaner without changing the maths.
 
 Defaults are the levers that are exact (packing with per-example attention, the chunked loss,
-length grouping inside a step); the ones that change numerics or cost warm-up (bfloat16 autocast,
-``torch.compile``, activation checkpointing) are off until asked for. See ``docs/speed.md``.
+length grouping inside a step) and bfloat16 autocast where the hardware computes bfloat16
+natively (``autocast: auto``; float32 elsewhere). The ones that cost warm-up or speed
+(``torch.compile``, activation checkpointing) are off until asked for. See ``docs/speed.md``.
 """
 
 from __future__ import annotations
@@ -28,9 +29,10 @@ class SpeedSection(Section):
     )
     loss_chunk_tokens: int = Field(1024, ge=16, description="Target tokens per chunk of the chunked loss.")
     autocast: Literal["off", "auto", "bfloat16"] = Field(
-        "off",
-        description="bfloat16 autocast with float32 master weights: 'auto' turns it on where the hardware "
-        "computes bfloat16 natively (AVX-512 BF16/AMX CPUs, Ampere+ GPUs); 'bfloat16' forces it.",
+        "auto",
+        description="bfloat16 autocast with float32 master weights: 'auto' (default) turns it on where the "
+        "hardware computes bfloat16 natively (AVX-512 BF16/AMX CPUs, Ampere+ GPUs), else float32; 'bfloat16' "
+        "forces it; 'off' is float32.",
     )
     compile: bool = Field(
         False, description="torch.compile the decoder layers (about a minute of warm-up; falls back to eager "

@@ -52,6 +52,10 @@ class TrainSection(Section):
     keep_checkpoints: int = Field(2, ge=1, description="Newest checkpoints kept on disk.")
     early_stopping: Optional[EarlyStoppingSection] = Field(None, description="Off unless given.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where to train.")
+    distributed: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="Under torchrun: ddp (every process holds the whole model) or fsdp (FSDP2: weights, "
+        "gradients and optimizer states sharded over processes; sharded checkpoints that resume at any world size).",
+    )
     speed: SpeedSection = Field(default_factory=SpeedSection, description="Packing, chunked loss, autocast, compile.")
     optimizer: Literal["adamw", "galore_adamw"] = Field(
         "adamw", description="adamw, or galore_adamw (GaLore low-rank gradient projection; needs galore-torch)."

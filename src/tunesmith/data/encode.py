@@ -9,7 +9,8 @@ prompt tokens at inference equal the prompt tokens seen in training.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+import weakref
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from tunesmith.data.formats import Example
@@ -28,6 +29,7 @@ class EncodedExample:
     input_ids: tuple[int, ...]
     labels: tuple[int, ...]
     truncated: bool = False
+    source: str = field(default="", compare=False)  # "file, line N": named when a batch's loss is not finite
 
     @property
     def num_target_tokens(self) -> int:
@@ -107,6 +109,7 @@ def encode_example(
         The encoded example, truncated to ``max_length``, or None if nothing is left to train on
         after truncation (the prompt alone is longer than ``max_length``).
     """
+    example = bound_characters(example, character_budget(tokenizer, max_length))
     if example.text is not None:
         ids = _encode(tokenizer, example.text)
         if tokenizer.bos_token_id is not None:
@@ -125,8 +128,55 @@ def encode_example(
             ids += segment
             labels += segment if (trained or train_on == "all") else [IGNORE_INDEX] * len(segment)
     truncated = len(ids) > max_length
-    encoded = EncodedExample(tuple(ids[:max_length]), tuple(labels[:max_length]), truncated)
+    encoded = EncodedExample(tuple(ids[:max_length]), tuple(labels[:max_length]), truncated, example.where)
     return encoded if encoded.num_target_tokens > 0 else None
+
+
+# Characters kept beyond max_length x the longest token: the tokens near a cut may merge differently.
+CHARACTER_MARGIN = 1024
+_longest_token: "weakref.WeakKeyDictionary[object, int]" = weakref.WeakKeyDictionary()
+
+
+def longest_token_chars(tokenizer) -> int:
+    """Characters of the vocabulary's longest token (its stored form, never shorter than the text it covers)."""
+    try:
+        return _longest_token[tokenizer]
+    except (KeyError, TypeError):
+        pass
+    vocabulary = tokenizer.get_vocab()
+    added = getattr(tokenizer, "added_tokens_encoder", {}) or {}
+    longest = max((len(token) for token in (*vocabulary, *added)), default=1)
+    try:
+        _longest_token[tokenizer] = longest
+    except TypeError:  # not weak-referenceable: computed again next time
+        pass
+    return longest
+
+
+def character_budget(tokenizer, max_length: int) -> int:
+    """Characters that always hold more than ``max_length`` tokens: what is beyond them is cut unread."""
+    return max_length * longest_token_chars(tokenizer) + CHARACTER_MARGIN
+
+
+def bound_characters(example: Example, budget: int) -> Example:
+    """The example with its text, or its turns together, cut to ``budget`` characters.
+
+    A token covers at most ``longest_token_chars`` characters, so the first ``max_length`` tokens of
+    the cut text are those of the whole text, and tokenising a 50 MB line costs what its first
+    ``budget`` characters cost (the tokenizer's working memory grows with its input: one such line
+    once took training to 10 GB). Turns after the budget keep their role with empty content, so the
+    conversation's shape (and its assistant turn) is unchanged.
+    """
+    if example.text is not None:
+        return example if len(example.text) <= budget else replace(example, text=example.text[:budget])
+    if sum(len(message["content"]) for message in example.messages) <= budget:
+        return example
+    messages, left = [], budget
+    for message in example.messages:
+        content = message["content"][:left]
+        left -= len(content)
+        messages.append({**message, "content": content})
+    return replace(example, messages=tuple(messages))
 
 
 def _encode(tokenizer, text: str) -> list[int]:

@@ -68,6 +68,16 @@ def _require(record: RawRecord, name: str, layout: str, kind: type | tuple[type,
     return value
 
 
+def _optional_text(record: RawRecord, name: str) -> Optional[str]:
+    """An optional text field (``input``, ``system``): absent, null or empty is None; else it must be text."""
+    value = record.fields.get(name)
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        raise TunesmithError(f"{record.where}: field '{name}' must be text, got {type(value).__name__}")
+    return value
+
+
 def _kind_name(kind: type | tuple[type, ...]) -> str:
     kinds = kind if isinstance(kind, tuple) else (kind,)
     return " or ".join({str: "text", list: "a list", dict: "an object"}.get(k, k.__name__) for k in kinds)
@@ -85,7 +95,7 @@ ALPACA_LAYOUT = "alpaca format (instruction, input (optional), output, system (o
 def _alpaca(record: RawRecord, options: FormatOptions) -> Example:
     instruction = _require(record, "instruction", ALPACA_LAYOUT)
     output = _require(record, "output", ALPACA_LAYOUT)
-    extra = record.fields.get("input") or ""
+    extra = _optional_text(record, "input") or ""
     messages: list[dict[str, str]] = []
     for turn in record.fields.get("history") or []:
         if not (isinstance(turn, (list, tuple)) and len(turn) == 2):
@@ -93,7 +103,7 @@ def _alpaca(record: RawRecord, options: FormatOptions) -> Example:
         messages += [{"role": "user", "content": str(turn[0])}, {"role": "assistant", "content": str(turn[1])}]
     prompt = f"{instruction}\n\n{extra}" if extra else instruction
     messages += [{"role": "user", "content": prompt}, {"role": "assistant", "content": output}]
-    system = record.fields.get("system") or options.system_prompt
+    system = _optional_text(record, "system") or options.system_prompt
     return Example(messages=_with_system(messages, system), where=record.where)
 
 
@@ -114,7 +124,7 @@ def _sharegpt(record: RawRecord, options: FormatOptions) -> Example:
                 f"{sorted(SHAREGPT_ROLES)} and a text 'value'"
             )
         messages.append(_sharegpt_turn(speaker, turn["value"], f"{record.where}, conversations[{index}]"))
-    system = record.fields.get("system") or options.system_prompt
+    system = _optional_text(record, "system") or options.system_prompt
     try:
         tools = parse_tools(record.fields["tools"], record.where) if record.fields.get("tools") else ()
     except (ValueError, json.JSONDecodeError) as error:

@@ -6,6 +6,7 @@ build a :class:`PreparedData` from these pieces.
 
 from __future__ import annotations
 
+import logging
 import random
 from dataclasses import dataclass, field
 from typing import Iterable, Literal, Optional
@@ -14,6 +15,8 @@ from tunesmith.data.encode import EncodedExample, Reasoning, encode_example
 from tunesmith.data.formats import FORMATS, Example, FormatOptions, detect_format
 from tunesmith.data.readers import read_records
 from tunesmith.errors import TunesmithError
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -83,11 +86,13 @@ def encode_all(
     """
     stats = EncodeStats()
     encoded: list[EncodedExample] = []
+    first_dropped = ""
     for example in examples:
         stats.records += 1
         item = encode_example(example, tokenizer, max_length, train_on, reasoning)
         if item is None:
             stats.dropped += 1
+            first_dropped = first_dropped or example.where
             continue
         stats.truncated += item.truncated
         stats.target_tokens += item.num_target_tokens
@@ -98,6 +103,10 @@ def encode_all(
             f"every {split} example was dropped: data.max_length={max_length} is shorter than "
             "each prompt, so no answer token is left to learn; raise data.max_length"
         )
+    if stats.dropped:
+        logger.warning("%d of %d %s examples dropped: no answer token within data.max_length=%d (the first: %s); "
+                       "raise data.max_length or shorten those prompts", stats.dropped, stats.records, split,
+                       max_length, first_dropped)
     return encoded, stats
 
 

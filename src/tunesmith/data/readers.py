@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import csv
 import gzip
-import io
 import json
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, BinaryIO, Callable, Iterator, Optional
 
-from tunesmith.errors import TunesmithError
+from tunesmith.errors import TunesmithError, decode_utf8
 
 SUPPORTED_SUFFIXES = (".json", ".jsonl", ".csv", ".tsv", ".parquet", ".txt")
 
@@ -59,6 +59,8 @@ def read_records(path: str | Path, text_field: str = "text",
                  on_bad_line: Optional[BadLineHandler] = None) -> Iterator[RawRecord]:
     """Yield the records of a data file, streaming where the format allows.
 
+    Text files are read as UTF-8 (a leading byte-order mark is dropped).
+
     Args:
         path: The file.
         text_field: Field name given to each line of a .txt file.
@@ -66,7 +68,8 @@ def read_records(path: str | Path, text_field: str = "text",
             then skipped; None raises instead. Other files are read whole, so they still raise.
 
     Raises:
-        TunesmithError: If the file is missing, of an unknown type, or malformed (naming the line).
+        TunesmithError: If the file is missing, unreadable, of an unknown type, not UTF-8 or
+            malformed (naming the line).
     """
     path = Path(path)
     if not path.is_file():
@@ -80,13 +83,45 @@ def read_records(path: str | Path, text_field: str = "text",
         ".parquet": _read_parquet,
         ".txt": lambda p: _read_txt(p, text_field),
     }[kind]
-    yield from reader(path)
+    try:
+        yield from reader(path)
+    except (OSError, EOFError, zlib.error) as error:  # unreadable, or a damaged .gz (BadGzipFile is an OSError)
+        raise TunesmithError(f"{path}: cannot be read ({_first_line(error)}); check the file and its permissions") from None
 
 
-def _open_text(path: Path) -> io.TextIOBase:
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def _open_binary(path: Path) -> BinaryIO:
     if path.suffix.lower() == ".gz":
-        return gzip.open(path, "rt", encoding="utf-8")  # type: ignore[return-value]
-    return open(path, encoding="utf-8")
+        return gzip.open(path, "rb")  # type: ignore[return-value]
+    return open(path, "rb")
+
+
+def _decode(path: Path, line_number: int, data: bytes) -> str:
+    """``data`` as UTF-8 text (a byte-order mark on the first line dropped), else a sentence naming the byte."""
+    try:
+        return data.decode("utf-8-sig" if line_number == 1 else "utf-8")
+    except UnicodeDecodeError as error:
+        raise TunesmithError(
+            f"{path}, line {line_number}: not UTF-8 text (byte 0x{data[error.start]:02x} at byte "
+            f"{error.start + 1} of the line); re-save the file as UTF-8"
+        ) from None
+
+
+def _text_lines(path: Path, report: BadLineHandler) -> Iterator[tuple[int, str]]:
+    """``(line number, text)`` of each line; a line that is not UTF-8 goes to ``report`` and is skipped.
+
+    Lines are decoded one by one (not through a text stream) so a bad byte is named by its line.
+    """
+    with _open_binary(path) as handle:
+        for line_number, data in enumerate(handle, start=1):
+            try:
+                yield line_number, _decode(path, line_number, data)
+            except TunesmithError as error:
+                report(error)
 
 
 def _raise(error: TunesmithError) -> None:
@@ -95,32 +130,39 @@ def _raise(error: TunesmithError) -> None:
 
 def _read_jsonl(path: Path, on_bad_line: Optional[BadLineHandler] = None) -> Iterator[RawRecord]:
     report = on_bad_line or _raise
-    with _open_text(path) as handle:
-        for line_number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                fields = json.loads(line)
-            except json.JSONDecodeError as error:
-                report(TunesmithError(
-                    f"{path}, line {line_number}: invalid JSON ({error.msg} at column {error.colno}); "
-                    "fix or remove that line"
-                ))
-                continue
-            if not isinstance(fields, dict):
-                report(TunesmithError(f"{path}, line {line_number}: expected a JSON object, got {type(fields).__name__}"))
-                continue
-            yield RawRecord(str(path), f"line {line_number}", fields)
+    for line_number, line in _text_lines(path, report):
+        if not line.strip():
+            continue
+        try:
+            fields = json.loads(line)
+        except json.JSONDecodeError as error:
+            report(TunesmithError(
+                f"{path}, line {line_number}: invalid JSON ({error.msg} at column {error.colno}); "
+                "fix or remove that line"
+            ))
+            continue
+        except (ValueError, RecursionError) as error:  # e.g. an integer of over 4300 digits, or nesting too deep
+            report(TunesmithError(f"{path}, line {line_number}: unreadable JSON ({_first_line(error)}); fix or remove that line"))
+            continue
+        if not isinstance(fields, dict):
+            report(TunesmithError(f"{path}, line {line_number}: expected a JSON object, got {type(fields).__name__}"))
+            continue
+        yield RawRecord(str(path), f"line {line_number}", fields)
 
 
 def _read_json(path: Path) -> Iterator[RawRecord]:
-    with _open_text(path) as handle:
-        try:
-            data = json.load(handle)
-        except json.JSONDecodeError as error:
-            raise TunesmithError(
-                f"{path}, line {error.lineno}: invalid JSON ({error.msg} at column {error.colno})"
-            ) from None
+    with _open_binary(path) as handle:
+        data = handle.read()
+    text = decode_utf8(path, data)
+    del data
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise TunesmithError(
+            f"{path}, line {error.lineno}: invalid JSON ({error.msg} at column {error.colno})"
+        ) from None
+    except (ValueError, RecursionError) as error:
+        raise TunesmithError(f"{path}: unreadable JSON ({_first_line(error)})") from None
     if isinstance(data, dict) and len(data) == 1 and isinstance(next(iter(data.values())), list):
         data = next(iter(data.values()))  # {"data": [...]} layouts
     if not isinstance(data, list):
@@ -132,34 +174,57 @@ def _read_json(path: Path) -> Iterator[RawRecord]:
 def _read_csv(path: Path, on_bad_line: Optional[BadLineHandler] = None, tabs: bool = False) -> Iterator[RawRecord]:
     """Comma-separated with quoting, or (``tabs``) GLUE-style tab-separated, where quotes are plain text."""
     report = on_bad_line or _raise
-    with _open_text(path) as handle:
-        reader = csv.DictReader(handle, delimiter="\t", quoting=csv.QUOTE_NONE) if tabs else csv.DictReader(handle)
-        for index, row in enumerate(reader, start=1):
-            # DictReader puts extra cells under the key None; a short row has None values.
-            if None in row or any(value is None for value in row.values()):
-                report(TunesmithError(
-                    f"{path}, line {reader.line_num}: expected {len(reader.fieldnames or [])} "
-                    "columns as in the header"
-                ))
-                continue
-            yield RawRecord(str(path), f"line {reader.line_num}", dict(row))
+    position = {"line": 0}
+
+    def lines() -> Iterator[str]:
+        for line_number, line in _text_lines(path, report):
+            position["line"] = line_number
+            yield line
+
+    # GLUE-style .tsv: tab-separated, quotes are plain text.
+    reader = csv.DictReader(lines(), delimiter="\t", quoting=csv.QUOTE_NONE) if tabs else csv.DictReader(lines())
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as error:  # e.g. a field over csv.field_size_limit(), or a stray quote at the end
+            fix = ("; CSV cells are limited to csv.field_size_limit() characters, so convert the file to JSON Lines"
+                   if "field limit" in str(error) else "; check its quotes")
+            report(TunesmithError(f"{path}, line {position['line']}: malformed CSV ({_first_line(error)}){fix}"))
+            continue
+        # DictReader puts extra cells under the key None; a short row has None values.
+        if None in row or any(value is None for value in row.values()):
+            report(TunesmithError(
+                f"{path}, line {position['line']}: expected {len(reader.fieldnames or [])} "
+                "columns as in the header"
+            ))
+            continue
+        yield RawRecord(str(path), f"line {position['line']}", dict(row))
 
 
 def _read_parquet(path: Path) -> Iterator[RawRecord]:
+    import pyarrow
     import pyarrow.parquet as pq
 
     index = 0
-    for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
-        for fields in batch.to_pylist():
-            index += 1
-            yield RawRecord(str(path), f"row {index}", fields)
+    try:
+        batches = pq.ParquetFile(path).iter_batches(batch_size=1024)
+        for batch in batches:
+            for fields in batch.to_pylist():
+                index += 1
+                yield RawRecord(str(path), f"row {index}", fields)
+    except pyarrow.ArrowException as error:
+        raise TunesmithError(
+            f"{path}: not a readable Parquet file ({_first_line(error)}); if it holds JSON Lines, CSV or "
+            "text, give it that suffix (.jsonl, .csv, .txt)"
+        ) from None
 
 
 def _read_txt(path: Path, text_field: str) -> Iterator[RawRecord]:
-    with _open_text(path) as handle:
-        for line_number, line in enumerate(handle, start=1):
-            if line.strip():
-                yield RawRecord(str(path), f"line {line_number}", {text_field: line.rstrip("\n")})
+    for line_number, line in _text_lines(path, _raise):
+        if line.strip():
+            yield RawRecord(str(path), f"line {line_number}", {text_field: line.rstrip("\r\n")})
 
 
 def _as_record(path: Path, position: str, fields: Any) -> RawRecord:

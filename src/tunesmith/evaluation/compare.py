@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
 from tunesmith.errors import TunesmithError
+from tunesmith.results import load_result, locate_result
 from tunesmith.evaluation.results import (check_document, compare_runs, new_document, read_loss_curve, run_entry,
                                           write_json_atomically)
 from tunesmith.evaluation.suite import Suite, run_suite
@@ -42,23 +42,16 @@ def resolve_tuned(path: str, base: Optional[str] = None) -> ModelSpec:
     Raises:
         TunesmithError: If an adapter needs a base model that cannot be found.
     """
-    folder = Path(path)
-    run_dir = None
-    if (folder / "adapter").is_dir() or (folder / "model").is_dir():
-        run_dir, folder = str(folder), folder / ("adapter" if (folder / "adapter").is_dir() else "model")
-    is_adapter = (folder / "adapter_config.json").is_file() or (
-        (folder / "tunesmith.json").is_file() and not (folder / "config.json").is_file())
-    if not is_adapter:
-        return ModelSpec(str(folder) if folder.exists() else path, None, run_dir)
-    base = base or _manifest_base(folder)
+    location = locate_result(path)
+    if location is None:
+        return ModelSpec(path, None, None)
+    run_dir = str(location.run_dir) if location.run_dir else None
+    if location.kind == "model":
+        return ModelSpec(str(location.folder), None, run_dir)
+    base = base or location.recorded_base
     if base is None:
-        raise TunesmithError(f"{folder} is an adapter without a recorded base model; pass the base model as BASE")
-    return ModelSpec(base, str(folder), run_dir)
-
-
-def _manifest_base(folder: Path) -> Optional[str]:
-    manifest = folder / "tunesmith.json"
-    return json.loads(manifest.read_text()).get("base_model") if manifest.is_file() else None
+        raise TunesmithError(f"{location.folder} is an adapter without a recorded base model; pass the base model as BASE")
+    return ModelSpec(base, str(location.folder), run_dir)
 
 
 def evaluate_spec(spec: ModelSpec, suites: Sequence[tuple[Suite, str]], dtype: str = "float32",
@@ -68,9 +61,8 @@ def evaluate_spec(spec: ModelSpec, suites: Sequence[tuple[Suite, str]], dtype: s
     Returns:
         A run entry of the results document.
     """
-    from tunesmith.inference import load_for_inference
-
-    model, tokenizer = load_for_inference(spec.name, spec.adapter, dtype, device)
+    loaded = load_result(spec.adapter or spec.name, spec.name if spec.adapter else None, dtype, device)
+    model, tokenizer = loaded.model, loaded.tokenizer
     if progress:
         progress(f"evaluating {spec.name}{' + ' + spec.adapter if spec.adapter else ''}")
     results = {}

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from tunesmith.errors import TunesmithError
 from tunesmith.evaluation.benchmarks import read_records
+from tunesmith.evaluation.progress import item_progress
 from tunesmith.evaluation.tasks import GenerationTask
 
 
@@ -67,5 +68,10 @@ def generate_for_records(model, tokenizer, task: GenerationTask) -> tuple[list[s
     prompts = [format_prompt(task.prompt, record, where) for where, record in scored]
     references = [references_of(record, task.reference_field, where) for where, record in scored]
     conversations = [[*shots, {"role": "user", "content": prompt}] for prompt in prompts]
-    predictions = generate(model, tokenizer, conversations, task.max_new_tokens, batch_size=task.batch_size)
+    predictions: list[str] = []
+    with item_progress(task.name, len(conversations), "record") as advance:
+        for start in range(0, len(conversations), task.batch_size):  # one batch at a time, for the bar
+            batch = conversations[start : start + task.batch_size]
+            predictions += generate(model, tokenizer, batch, task.max_new_tokens, batch_size=task.batch_size)
+            advance(len(batch))
     return predictions, references, prompts

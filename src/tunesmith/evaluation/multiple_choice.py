@@ -1,24 +1,26 @@
 """Multiple choice by log-likelihood: the model "answers" with the choice it finds most likely.
 
-Each item becomes a prompt (question, lettered options, ``Answer:``) and one continuation per
-choice (``" A"``, ``" B"``, ... or the choice text itself). The score of a choice is the summed
-log-probability of its continuation, optionally normalised by its token or character count
-(per-token and per-character normalisation remove the bias towards short answers when the
-continuations are the choice texts; see the lm-evaluation-harness ``acc_norm`` discussion).
-Few-shot examples are solved items placed before the question: plain text separated by blank
-lines, or earlier user/assistant turns when the chat template is used.
+The default requests are lm-evaluation-harness 0.4's, document for document: the context is
+``description + (question + " " + answer + "\n\n") per shot + question``, where a question is
+``question.strip()``, the options as ``"\nA. " + choice`` lines (letter style) and ``"\nAnswer:"``,
+and each choice's continuation is ``" A"``.. (letter style) or ``" " + choice text`` (text style),
+tokenised as lm-eval does (:mod:`tunesmith.evaluation.loglikelihood`). The score of a choice is the
+summed log-probability of its continuation; ``per_char`` divides it by the characters of the
+choice (lm-eval's ``acc_norm``), ``per_byte`` by its UTF-8 bytes (``acc_bytes``), ``per_token``
+by its tokens. The named variant ``use_chat_template`` renders the few-shot examples as earlier
+user/assistant turns of the model's chat template instead (not lm-eval's default).
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Literal, Optional, Sequence
+from typing import Callable, Literal, Optional, Sequence
 
-from tunesmith.evaluation.loglikelihood import TOKENISATION, ContinuationScore, score_continuations
+from tunesmith.evaluation.loglikelihood import TOKENISATIONS, ContinuationScore, TokenisationMethod, score_continuations
 
-Normalisation = Literal["sum", "per_token", "per_char"]
-NORMALISATIONS: tuple[str, ...] = ("sum", "per_token", "per_char")
+Normalisation = Literal["sum", "per_token", "per_char", "per_byte"]
+NORMALISATIONS: tuple[str, ...] = ("sum", "per_token", "per_char", "per_byte")
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
 
@@ -53,12 +55,15 @@ class PromptStyle:
         description: Text placed once before everything; ``{group}`` becomes the item's group
             with underscores as spaces (MMLU's "The following are ... about {group}.").
         cue: The line after the question that the answer follows (empty: none).
+        tokenisation: ``joint`` (lm-eval's, default) or ``separate`` (see
+            :mod:`tunesmith.evaluation.loglikelihood`).
     """
 
     choice_style: Literal["letter", "text"] = "letter"
     use_chat_template: bool = False
     description: str = ""
     cue: str = "Answer:"
+    tokenisation: TokenisationMethod = "joint"
 
 
 @dataclass(frozen=True)
@@ -72,6 +77,7 @@ class MultipleChoiceResult:
     few_shot: int
     style: PromptStyle
     extra: dict = field(default_factory=dict)
+    scores: list[list[ContinuationScore]] = field(default_factory=list)
 
     def accuracy(self, normalisation: Optional[str] = None) -> float:
         """Share of items whose best-scoring choice is the answer."""
@@ -95,7 +101,8 @@ class MultipleChoiceResult:
             "count": len(self.answers),
             "few_shot": self.few_shot,
             "tokenisation": {
-                "method": TOKENISATION,
+                "method": TOKENISATIONS[self.style.tokenisation],
+                "tokenisation": self.style.tokenisation,
                 "choice_style": self.style.choice_style,
                 "chat_template": self.style.use_chat_template,
             },
@@ -107,17 +114,24 @@ class MultipleChoiceResult:
 
 
 def format_question(item: MultipleChoiceItem, style: PromptStyle) -> str:
-    """The question block: the question, ``A. choice`` lines when answers are letters, then the cue."""
+    """The question block: the stripped question, ``A. choice`` lines when answers are letters (choices
+    as they are, like lm-eval's MMLU template), then the cue."""
     options = ""
     if style.choice_style == "letter":
-        options = "".join(f"\n{LETTERS[i]}. {choice.strip()}" for i, choice in enumerate(item.choices))
+        options = "".join(f"\n{LETTERS[i]}. {choice}" for i, choice in enumerate(item.choices))
     cue = f"\n{style.cue}" if style.cue else ""
     return f"{item.question.strip()}{options}{cue}"
 
 
+def choice_text(item: MultipleChoiceItem, index: int, style: PromptStyle) -> str:
+    """What choice ``index`` is called: its letter, or its text (lm-eval's ``doc_to_choice``)."""
+    return LETTERS[index] if style.choice_style == "letter" else item.choices[index]
+
+
 def answer_text(item: MultipleChoiceItem, index: int, style: PromptStyle) -> str:
-    """The continuation scored for choice ``index`` (no leading space inside a chat reply)."""
-    text = LETTERS[index] if style.choice_style == "letter" else item.choices[index].strip()
+    """The continuation scored for choice ``index``: ``" " + choice`` (lm-eval's target delimiter),
+    without the space inside a chat reply."""
+    text = choice_text(item, index, style)
     return text if style.use_chat_template else f" {text}"
 
 
@@ -151,39 +165,47 @@ def build_context(tokenizer, item: MultipleChoiceItem, shots: Sequence[MultipleC
     return description + "".join(block + "\n\n" for block in blocks) + format_question(item, style)
 
 
-def choose(scores: Sequence[ContinuationScore], normalisation: str) -> int:
-    """Index of the best choice under a normalisation (the first one on ties)."""
-    def value(score: ContinuationScore) -> float:
-        if normalisation == "per_token":
-            return score.logprob / score.num_tokens
-        if normalisation == "per_char":
-            return score.logprob / max(score.num_chars, 1)
-        return score.logprob
+def normalised_scores(scores: Sequence[ContinuationScore], choices: Sequence[str], normalisation: str) -> list[float]:
+    """The values compared under a normalisation; ``per_char``/``per_byte`` divide by the length of
+    the choice itself (without the leading space), as lm-eval's ``acc_norm``/``acc_bytes`` do."""
+    if normalisation == "per_token":
+        return [s.logprob / s.num_tokens for s in scores]
+    if normalisation == "per_char":
+        return [s.logprob / max(len(c), 1) for s, c in zip(scores, choices)]
+    if normalisation == "per_byte":
+        return [s.logprob / max(len(c.encode("utf-8")), 1) for s, c in zip(scores, choices)]
+    return [s.logprob for s in scores]
 
-    values = [value(s) for s in scores]
+
+def choose(scores: Sequence[ContinuationScore], normalisation: str, choices: Sequence[str]) -> int:
+    """Index of the best choice under a normalisation (the first one on ties, as ``numpy.argmax``)."""
+    values = normalised_scores(scores, choices, normalisation)
     return values.index(max(values))
 
 
 def evaluate_multiple_choice(model, tokenizer, items: Sequence[MultipleChoiceItem], *,
                              normalisation: Normalisation = "sum", few_shot: int = 0,
                              few_shot_pool: Sequence[MultipleChoiceItem] = (),
-                             style: PromptStyle = PromptStyle(), batch_size: int = 16) -> MultipleChoiceResult:
+                             style: PromptStyle = PromptStyle(), batch_size: int = 16,
+                             progress: Optional[Callable[[int], None]] = None) -> MultipleChoiceResult:
     """Answer each item with its most likely choice and measure accuracy.
 
     Args:
         model: Causal LM in eval mode.
         tokenizer: Its tokenizer (carrying the chat template of training when ``style`` uses it).
         items: The questions scored.
-        normalisation: ``sum``, ``per_token`` or ``per_char``: which decides the prediction
-            (all three accuracies are reported).
+        normalisation: ``sum``, ``per_token``, ``per_char`` or ``per_byte``: which decides the
+            prediction (all accuracies are reported).
         few_shot: Solved examples put before each question.
         few_shot_pool: Where the examples come from (e.g. MMLU ``dev``); the items themselves
             when empty.
         style: Prompt layout.
         batch_size: Sequences per forward pass.
+        progress: Called with the number of items finished after each forward pass.
 
     Returns:
-        A :class:`MultipleChoiceResult`; ``.accuracy()`` and ``.as_dict()`` give the numbers.
+        A :class:`MultipleChoiceResult`; ``.accuracy()`` and ``.as_dict()`` give the numbers,
+        ``.scores`` the log-likelihood of every choice of every item.
 
     Raises:
         ValueError: For an unknown normalisation or an empty item list.
@@ -193,19 +215,36 @@ def evaluate_multiple_choice(model, tokenizer, items: Sequence[MultipleChoiceIte
     if not items:
         raise ValueError("no items to evaluate")
     pool = list(few_shot_pool) or list(items)
-    requests, owners = [], []
+    requests, owners, groups = [], [], []
     for index, item in enumerate(items):
-        context = build_context(tokenizer, item, pick_shots(item, pool, few_shot), style)
+        shots = pick_shots(item, pool, few_shot)
+        context = build_context(tokenizer, item, shots, style)
+        # items with the same shots and group share the description and few-shot block: one cached prefix
+        group = (item.group, tuple(shot.where or id(shot) for shot in shots))
         for choice in range(len(item.choices)):
             requests.append((context, answer_text(item, choice, style)))
             owners.append(index)
-    scores = score_continuations(model, tokenizer, requests, batch_size, add_bos=not style.use_chat_template)
+            groups.append(group)
+    remaining = [len(item.choices) for item in items]
+
+    def scored(request_indices: list[int]) -> None:
+        finished = 0
+        for request_index in request_indices:
+            remaining[owners[request_index]] -= 1
+            finished += remaining[owners[request_index]] == 0
+        if progress and finished:
+            progress(finished)
+
+    add_bos = False if style.use_chat_template else (None if style.tokenisation == "joint" else True)
+    scores = score_continuations(model, tokenizer, requests, batch_size, add_bos=add_bos,
+                                 tokenisation=style.tokenisation, groups=groups, on_scored=scored)
     per_item: list[list[ContinuationScore]] = [[] for _ in items]
     for owner, score in zip(owners, scores):
         per_item[owner].append(score)
-    predictions = {n: [choose(s, n) for s in per_item] for n in NORMALISATIONS}
+    choices = [[choice_text(item, i, style) for i in range(len(item.choices))] for item in items]
+    predictions = {n: [choose(s, n, c) for s, c in zip(per_item, choices)] for n in NORMALISATIONS}
     return MultipleChoiceResult(normalisation, predictions, [i.answer for i in items], [i.group for i in items],
-                                few_shot, style)
+                                few_shot, style, scores=per_item)
 
 
 def multiple_choice_accuracy(model, tokenizer, items: Sequence[MultipleChoiceItem], **options) -> float:

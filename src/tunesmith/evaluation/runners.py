@@ -15,6 +15,7 @@ from tunesmith.evaluation import benchmarks
 from tunesmith.evaluation.harness import run_harness_tasks
 from tunesmith.evaluation.multiple_choice import MultipleChoiceResult, PromptStyle, evaluate_multiple_choice
 from tunesmith.evaluation.metrics import compute_metrics
+from tunesmith.evaluation.progress import item_progress
 from tunesmith.evaluation.results import task_result
 from tunesmith.evaluation.tasks import (BiasTask, ClassificationTask, GenerationTask, LmEvalTask, MmluTask,
                                         MultipleChoiceTask, PerplexityTask)
@@ -42,9 +43,11 @@ def run_mmlu(model, tokenizer, task: MmluTask) -> dict[str, Any]:
     folder = Path(task.path)
     items = benchmarks.read_mmlu(folder, task.split, task.subjects, task.limit)
     pool = benchmarks.read_mmlu(folder, task.few_shot_split, task.subjects) if task.few_shot else []
-    style = PromptStyle("letter", task.chat_template, task.description)
-    result = evaluate_multiple_choice(model, tokenizer, items, normalisation=task.normalisation, few_shot=task.few_shot,
-                                      few_shot_pool=pool, style=style, batch_size=task.batch_size)
+    style = PromptStyle("letter", task.chat_template, task.description, tokenisation=task.tokenisation)
+    with item_progress(task.name, len(items), "question") as advance:
+        result = evaluate_multiple_choice(model, tokenizer, items, normalisation=task.normalisation,
+                                          few_shot=task.few_shot, few_shot_pool=pool, style=style,
+                                          batch_size=task.batch_size, progress=advance)
     return choice_result("mmlu", result, "macro_accuracy")
 
 
@@ -54,9 +57,11 @@ def run_multiple_choice(model, tokenizer, task: MultipleChoiceTask) -> dict[str,
     fields = (task.question_field, task.choices_field, task.answer_field, task.group_field)
     items = benchmarks.read_jsonl_choices(Path(task.path), *fields, limit=task.limit)
     pool = benchmarks.read_jsonl_choices(Path(task.few_shot_path), *fields) if task.few_shot_path else []
-    style = PromptStyle(task.choice_style, task.chat_template)
-    result = evaluate_multiple_choice(model, tokenizer, items, normalisation=task.normalisation, few_shot=task.few_shot,
-                                      few_shot_pool=pool, style=style, batch_size=task.batch_size)
+    style = PromptStyle(task.choice_style, task.chat_template, tokenisation=task.tokenisation)
+    with item_progress(task.name, len(items), "question") as advance:
+        result = evaluate_multiple_choice(model, tokenizer, items, normalisation=task.normalisation,
+                                          few_shot=task.few_shot, few_shot_pool=pool, style=style,
+                                          batch_size=task.batch_size, progress=advance)
     return choice_result("multiple_choice", result)
 
 
@@ -65,9 +70,11 @@ def run_classification(model, tokenizer, task: ClassificationTask) -> dict[str, 
     """Accuracy of choosing the most likely label word."""
     items = benchmarks.read_classification(Path(task.path), task.text_field, task.label_field, task.label_words,
                                            task.prompt, task.limit)
-    style = PromptStyle("text", task.chat_template, cue="")
-    result = evaluate_multiple_choice(model, tokenizer, items, normalisation=task.normalisation, few_shot=task.few_shot,
-                                      style=style, batch_size=task.batch_size)
+    style = PromptStyle("text", task.chat_template, cue="", tokenisation=task.tokenisation)
+    with item_progress(task.name, len(items), "row") as advance:
+        result = evaluate_multiple_choice(model, tokenizer, items, normalisation=task.normalisation,
+                                          few_shot=task.few_shot, style=style, batch_size=task.batch_size,
+                                          progress=advance)
     return choice_result("classification", result)
 
 

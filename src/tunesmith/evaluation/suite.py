@@ -17,8 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Union
 
-import yaml
-
+from tunesmith.config.loader import read_yaml
 from tunesmith.errors import TunesmithError
 from tunesmith.evaluation.tasks import TaskSection, load_task_file, parse_task
 
@@ -54,13 +53,19 @@ def load_suite(path: Union[str, Path], data_root: Optional[Union[str, Path]] = N
     path = Path(path)
     if not path.is_file():
         raise TunesmithError(f"suite file {path} does not exist")
-    raw = yaml.safe_load(path.read_text()) or {}
+    raw = read_yaml(path, "suite file") or {}
     if not isinstance(raw, dict) or not isinstance(raw.get("tasks"), list) or not raw["tasks"]:
         raise TunesmithError(f"{path}: a suite needs a non-empty 'tasks' list of task files or task mappings")
     unknown = set(raw) - {"name", "data_root", "tasks", "limit"}
     if unknown:
         raise TunesmithError(f"{path}: unknown key(s) {', '.join(sorted(unknown))}; valid: name, data_root, tasks, limit")
-    root = Path(data_root) if data_root is not None else (path.parent / raw["data_root"] if raw.get("data_root") else None)
+    # Absolute, so that task paths under {data_root} are not joined to the suite's folder a second time.
+    if data_root is not None:
+        root: Optional[Path] = Path(data_root).expanduser().resolve()
+    elif raw.get("data_root"):
+        root = (path.parent / str(raw["data_root"])).expanduser().resolve()
+    else:
+        root = None
     limit = limit or raw.get("limit")
     overrides = {"limit": limit} if limit else {}
     tasks = []

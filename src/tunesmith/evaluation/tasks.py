@@ -10,10 +10,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal, Optional, Union
 
-import yaml
 from pydantic import Field, TypeAdapter, ValidationError, field_validator
 
 from tunesmith.config.base import Section
+from tunesmith.config.loader import read_yaml
 from tunesmith.errors import TunesmithError
 
 PROBES_DIR = Path(__file__).resolve().parent / "probes"
@@ -34,8 +34,13 @@ class ChoiceOptions(Section):
     """Options shared by the log-likelihood choice tasks."""
 
     few_shot: int = Field(0, ge=0, description="Solved examples put before each question.")
-    normalisation: Literal["sum", "per_token", "per_char"] = Field(
-        "sum", description="Log-likelihood normalisation that decides the prediction."
+    normalisation: Literal["sum", "per_token", "per_char", "per_byte"] = Field(
+        "sum", description="Log-likelihood normalisation that decides the prediction (per_char is lm-eval's "
+        "acc_norm, per_byte its acc_bytes: divided by the choice's characters or UTF-8 bytes)."
+    )
+    tokenisation: Literal["joint", "separate"] = Field(
+        "joint", description="joint: lm-evaluation-harness 0.4's (context + continuation encoded whole, then split); "
+        "separate: each encoded on its own and concatenated after BOS, as training encodes segments."
     )
 
 
@@ -174,10 +179,7 @@ def load_task_file(path: Path, data_root: Optional[Path], overrides: Optional[di
     """Read and validate a task YAML file (``overrides`` replace its fields, e.g. a suite's ``limit``)."""
     if not path.is_file():
         raise TunesmithError(f"task file {path} does not exist")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as error:
-        raise TunesmithError(f"task file {path} is not valid YAML: {error}") from None
+    raw = read_yaml(path, "task file")
     if isinstance(raw, dict) and overrides:
         raw = {**raw, **overrides}
     return parse_task(raw, str(path), path.parent, data_root)

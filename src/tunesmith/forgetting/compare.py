@@ -39,14 +39,17 @@ def run_names(recipes: Sequence[str]) -> list[str]:
     return names
 
 
-def train_one(recipe: str, out: Path, overrides: Sequence[str], progress: bool) -> dict[str, Any]:
+def train_one(recipe: str, out: Path, overrides: Sequence[str], progress: bool,
+              overwrite: bool = False) -> dict[str, Any]:
     """Train one recipe in a child process; returns its summary.
+
+    ``overwrite`` passes ``--overwrite`` on, which replaces an earlier run in ``out`` (and nothing else).
 
     Raises:
         TunesmithError: If the run fails (its last error line is repeated).
     """
-    command = [sys.executable, "-m", "tunesmith", "train", recipe, *overrides, f"output.dir={out}", "--overwrite"]
-    command += [] if progress else ["--no-progress"]
+    command = [sys.executable, "-m", "tunesmith", "train", recipe, *overrides, f"output.dir={out}"]
+    command += (["--overwrite"] if overwrite else []) + ([] if progress else ["--no-progress"])
     completed = subprocess.run(command, stdout=None if progress else subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     if completed.returncode != 0:
         last = (completed.stderr.strip().splitlines() or ["(no message)"])[-1]
@@ -101,8 +104,20 @@ def plot_comparison(rows: Sequence[dict[str, Any]], path: Path) -> bool:
     return True
 
 
+def refuse_existing_runs(out: Path, names: Sequence[str]) -> None:
+    """Refuse before any training when a run folder ``OUT/<name>`` already holds something.
+
+    Raises:
+        TunesmithError: Naming the folders and the flag that replaces them.
+    """
+    taken = [str(out / name) for name in names if (out / name).is_dir() and any((out / name).iterdir())]
+    if taken:
+        raise TunesmithError(f"compare: {', '.join(taken)} already exist; choose another --out, or replace "
+                             "those runs with --overwrite")
+
+
 def compare(recipes: Sequence[str], out: Path, overrides: Sequence[str] = (), progress: bool = True,
-            say=print) -> list[dict[str, Any]]:
+            say=print, overwrite: bool = False) -> list[dict[str, Any]]:
     """Train every recipe, then write ``comparison.md``, ``comparison.json`` and ``comparison.png`` in ``out``.
 
     Args:
@@ -110,15 +125,19 @@ def compare(recipes: Sequence[str], out: Path, overrides: Sequence[str] = (), pr
         out: Folder of the runs (one sub-folder each) and the comparison.
         overrides: Dotted overrides applied to every recipe (e.g. the same data.train for all).
         progress: Show each run's progress bar.
+        overwrite: Replace earlier runs in ``OUT/<recipe>`` (otherwise they are refused before training).
 
     Returns:
         The table rows.
     """
+    names = run_names(recipes)
+    if not overwrite:
+        refuse_existing_runs(out, names)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
-    for recipe, name in zip(recipes, run_names(recipes)):
+    for recipe, name in zip(recipes, names):
         say(f"compare: training {recipe} -> {out / name}")
-        rows.append(comparison_row(name, train_one(recipe, out / name, overrides, progress)))
+        rows.append(comparison_row(name, train_one(recipe, out / name, overrides, progress, overwrite)))
     (out / "comparison.json").write_text(json.dumps(rows, indent=2) + "\n")
     table = markdown_table(rows)
     (out / "comparison.md").write_text(table)

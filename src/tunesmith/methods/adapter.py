@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Optional
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -53,7 +54,7 @@ def _apply_adapter_hook(adapter: BottleneckAdapter):
     return hook
 
 
-@METHODS.register("adapter")
+@METHODS.register_kind
 class BottleneckAdapters(Method):
     """Bottleneck adapters in every transformer block; the result is an adapter folder (safetensors)."""
 
@@ -106,7 +107,9 @@ class BottleneckAdapters(Method):
             )
         return children[name]
 
-    def save(self, model: nn.Module, directory: Path) -> None:
+    def save(self, model: nn.Module, directory: Path, state_dict: Optional[dict] = None) -> None:
+        if state_dict is not None:
+            raise TunesmithError("bottleneck adapters cannot be trained with train.distributed: fsdp; use ddp")
         save_file({name: p.detach().contiguous().cpu() for name, p in model.named_parameters() if p.requires_grad},
                   directory / WEIGHTS_FILE)
 

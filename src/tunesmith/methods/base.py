@@ -11,12 +11,12 @@ import difflib
 import json
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, Optional
 
 import torch
 from torch import nn
 
-from tunesmith.errors import TunesmithError
+from tunesmith.errors import TunesmithError, decode_utf8
 from tunesmith.registry import Registry
 
 MANIFEST = "tunesmith.json"
@@ -53,8 +53,12 @@ class Method(ABC):
         """
 
     @abstractmethod
-    def save(self, model: nn.Module, directory: Path) -> None:
-        """Write the trained result to ``directory`` (created by the caller)."""
+    def save(self, model: nn.Module, directory: Path, state_dict: Optional[dict] = None) -> None:
+        """Write the trained result to ``directory`` (created by the caller).
+
+        ``state_dict``: the model's whole state gathered from its shards (``train.distributed:
+        fsdp``), to save instead of the model's own parameters.
+        """
 
     @abstractmethod
     def load(self, base_model: nn.Module, directory: Path) -> nn.Module:
@@ -133,6 +137,27 @@ def base_model_of(model: nn.Module) -> nn.Module:
         model = model.module
     model = getattr(model, "peft_model", model)  # VirtualTokenModel
     return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def read_manifest(folder: Path) -> dict:
+    """The manifest (``tunesmith.json``) a method wrote beside its result.
+
+    Raises:
+        TunesmithError: If it is missing, not JSON, or lacks the method and its settings.
+    """
+    path = Path(folder) / MANIFEST
+    if not path.is_file():
+        raise TunesmithError(f"{folder} is not a tunesmith result (no {MANIFEST}); give a run's adapter/ or model/ folder")
+    try:
+        manifest = json.loads(decode_utf8(path, path.read_bytes(), "manifest"))
+    except (ValueError, RecursionError) as error:
+        where = f", line {error.lineno}" if isinstance(error, json.JSONDecodeError) else ""
+        raise TunesmithError(f"{path}{where}: the manifest is damaged ({str(error).splitlines()[0]}); "
+                             "restore it from the run, or train again") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("config"), dict) or "kind" not in manifest["config"]:
+        raise TunesmithError(f"{path}: the manifest lacks the method's settings ('config' with a 'kind'); "
+                             "restore it from the run, or train again")
+    return manifest
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 from torch import nn
 
 from tunesmith.methods.base import METHODS, Method
 
 
-@METHODS.register("full")
+@METHODS.register_kind
 class FullFineTuning(Method):
     """All parameters train."""
 
@@ -21,8 +22,8 @@ class FullFineTuning(Method):
         model.requires_grad_(True)
         return model
 
-    def save(self, model: nn.Module, directory: Path) -> None:
-        model.save_pretrained(directory)
+    def save(self, model: nn.Module, directory: Path, state_dict: Optional[dict] = None) -> None:
+        model.save_pretrained(directory, state_dict=state_dict)
 
     def load(self, base_model: nn.Module, directory: Path) -> nn.Module:
         from transformers import AutoModelForCausalLM

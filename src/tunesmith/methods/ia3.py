@@ -13,7 +13,7 @@ from tunesmith.methods.base import METHODS, check_module_names
 from tunesmith.methods.peft_method import PeftMethod
 
 
-@METHODS.register("ia3")
+@METHODS.register_kind
 class IA3(PeftMethod):
     """IA3; the result is a peft adapter folder."""
 

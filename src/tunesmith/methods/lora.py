@@ -8,7 +8,7 @@ from tunesmith.methods.base import METHODS, check_module_names, decay_groups
 from tunesmith.methods.peft_method import PeftMethod
 
 
-@METHODS.register("lora")
+@METHODS.register_kind
 class LoRA(PeftMethod):
     """LoRA (Hu et al., 2021, https://arxiv.org/abs/2106.09685); the result is a peft adapter folder."""
 

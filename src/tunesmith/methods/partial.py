@@ -18,7 +18,7 @@ from tunesmith.methods.full import FullFineTuning
 logger = logging.getLogger(__name__)
 
 
-@METHODS.register("partial")
+@METHODS.register_kind
 class PartialFineTuning(FullFineTuning):
     """The last (or first) N blocks and the named modules train; the result is a full model folder."""
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from abc import abstractmethod
 from pathlib import Path
+from typing import Optional
 
 from torch import nn
 
@@ -33,8 +34,8 @@ class PeftMethod(Method):
         except ValueError as error:  # peft's word for "this method does not fit this model"
             raise TunesmithError(f"method '{self.kind}' does not fit {type(model).__name__}: {error}") from None
 
-    def save(self, model: nn.Module, directory: Path) -> None:
-        model.save_pretrained(directory)
+    def save(self, model: nn.Module, directory: Path, state_dict: Optional[dict] = None) -> None:
+        model.save_pretrained(directory, state_dict=state_dict)  # peft keeps the adapter's entries of it
 
     def prepare_for_autocast(self, model: nn.Module) -> None:
         """Switch off peft's cast of each adapted layer's input to the adapter's dtype, where it is a no-op.

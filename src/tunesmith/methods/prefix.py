@@ -8,7 +8,7 @@ from tunesmith.methods.base import METHODS
 from tunesmith.methods.virtual_tokens import VirtualTokenMethod
 
 
-@METHODS.register("prefix")
+@METHODS.register_kind
 class PrefixTuning(VirtualTokenMethod):
     """Trainable key/value prefixes in every layer, optionally reparameterised by an MLP in training."""
 

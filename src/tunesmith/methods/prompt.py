@@ -11,7 +11,7 @@ from tunesmith.methods.base import METHODS
 from tunesmith.methods.virtual_tokens import VirtualTokenMethod
 
 
-@METHODS.register("prompt")
+@METHODS.register_kind
 class PromptTuning(VirtualTokenMethod):
     """A soft prompt: trainable embeddings prepended to the input, random or from a text's embeddings."""
 

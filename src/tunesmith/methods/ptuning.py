@@ -8,7 +8,7 @@ from tunesmith.methods.base import METHODS
 from tunesmith.methods.virtual_tokens import VirtualTokenMethod
 
 
-@METHODS.register("ptuning")
+@METHODS.register_kind
 class PTuning(VirtualTokenMethod):
     """Virtual tokens produced by a small prompt encoder (MLP or bidirectional LSTM)."""
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import inspect
 from pathlib import Path
+from typing import Optional
 
 import torch
 from torch import nn
@@ -82,7 +83,9 @@ class VirtualTokenMethod(PeftMethod):
         check_fits(model, self.kind, self.config.virtual_tokens)
         return VirtualTokenModel(super().apply(model))
 
-    def save(self, model: nn.Module, directory: Path) -> None:
+    def save(self, model: nn.Module, directory: Path, state_dict: Optional[dict] = None) -> None:
+        if state_dict is not None:
+            raise TunesmithError(f"{self.kind} cannot be trained with train.distributed: fsdp; use ddp")
         model.peft_model.save_pretrained(directory)
 
     def load(self, base_model: nn.Module, directory: Path) -> nn.Module:

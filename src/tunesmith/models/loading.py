@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 from tunesmith.config import ModelSection
 from tunesmith.errors import TunesmithError
@@ -12,6 +15,7 @@ from tunesmith.models.aliases import ALIASES
 from tunesmith.registry import did_you_mean
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
 
 
@@ -34,13 +38,48 @@ def resolve_model_path(name: str, cache: Path) -> str:
         return str(path)
     if path.exists():
         raise TunesmithError(f"model.name {name} is a file; give the folder that holds it")
-    if "/" not in name:
+    if "/" not in name and "\\" not in name:
         hint = did_you_mean(name, ALIASES.names())
         raise TunesmithError(
             f"unknown model alias '{name}'.{hint} Built-in aliases: {', '.join(ALIASES.names())}; "
             "otherwise give a hub id (owner/name) or a local folder"
         )
+    if not looks_like_hub_id(name):
+        raise TunesmithError(f"model folder {path} does not exist; check the path (it is not a hub id of the form owner/name)")
     return name
+
+
+def looks_like_hub_id(name: str) -> bool:
+    """``owner/name`` as the Hugging Face hub spells repository ids (not ``./x``, ``/a/b`` or ``a/b/c``)."""
+    return bool(HUB_ID.fullmatch(name)) and not name.startswith((".", "~"))
+
+
+def check_weight_files(folder: Path) -> None:
+    """Refuse an empty or truncated ``*.safetensors`` before transformers reads it.
+
+    A safetensors file is an 8-byte header length, a JSON header and the tensor bytes the header's
+    offsets cover; a file shorter than that was cut off while copying or downloading.
+
+    Raises:
+        TunesmithError: Naming the file, its size and the size its header promises.
+    """
+    for weights in sorted(Path(folder).glob("*.safetensors")):
+        size = weights.stat().st_size
+        with open(weights, "rb") as handle:
+            head = handle.read(8)
+            header_size = int.from_bytes(head, "little") if len(head) == 8 else -1
+            header = handle.read(header_size) if 0 < header_size <= min(size, 100_000_000) else b""
+        try:
+            entries = json.loads(header.decode("utf-8")) if header else None
+            end = max((entry["data_offsets"][1] for key, entry in entries.items() if key != "__metadata__"), default=0)
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+            entries = None
+        if entries is None:
+            raise TunesmithError(f"{weights} is not a complete safetensors file ({size} bytes, no readable header); "
+                                 "copy or download the model again")
+        if size < 8 + header_size + end:
+            raise TunesmithError(f"{weights} is truncated: {size} bytes, its header promises {8 + header_size + end}; "
+                                 "copy or download the model again")
 
 
 def load_tokenizer(path: str, section: ModelSection):
@@ -57,6 +96,8 @@ def load_model(path: str, section: ModelSection, device: torch.device | str = "c
     """The causal LM in the recipe's dtype, on ``device``, in training mode off (eval)."""
     from transformers import AutoModelForCausalLM
 
+    if Path(path).is_dir():
+        check_weight_files(Path(path))
     model = _from_pretrained(AutoModelForCausalLM, path, section, dtype=DTYPES[section.dtype])
     return model.to(device).eval()
 
@@ -66,8 +107,13 @@ def _from_pretrained(factory, path: str, section: ModelSection, **kwargs):
         return factory.from_pretrained(
             path, trust_remote_code=section.trust_remote_code, revision=section.revision, **kwargs
         )
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, SafetensorError) as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        if not Path(path).exists() and looks_like_hub_id(path):
+            raise TunesmithError(
+                f"model '{section.name}': there is no local folder {path}, and the Hugging Face hub could not "
+                f"give it ({first_line}); check the name, your connection, or give a local folder"
+            ) from None
         raise TunesmithError(f"could not load model '{section.name}' from {path}: {first_line}") from None
 
 

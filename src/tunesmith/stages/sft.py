@@ -12,7 +12,7 @@ from tunesmith.training.objective import Objective, TokenCrossEntropy
 from tunesmith.training.speed import SpeedSetup
 
 
-@STAGES.register("sft")
+@STAGES.register_kind
 class SupervisedFineTuning(Stage):
     """Conversations, instructions or text; loss on assistant tokens (or all, by ``data.train_on``)."""
 

@@ -1,17 +1,28 @@
 """Checkpoints that resume exactly: trainable weights, optimizer, scheduler, RNG and step.
 
-A checkpoint is written into a temporary folder and renamed into place, so an interrupted write
-(Ctrl-C, a crash, a full disk) never leaves a half-written checkpoint that looks complete.
+A checkpoint is written into a temporary folder, every file and the folder are synced to disk, a
+``manifest.json`` records each file's size and SHA-256, and only then is the folder renamed into
+place; older checkpoints are removed after that. An interrupted write (Ctrl-C, ``kill -9``, a full
+disk) therefore never leaves a half-written checkpoint that looks complete, and resume checks each
+candidate against its manifest, falling back to the newest one that is whole.
+
+Nothing here unpickles arbitrary objects: ``training.pt`` is read with ``weights_only=True`` (the
+RNG states are stored as tensors), so a planted file cannot run code on ``--resume``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import hashlib
 import json
+import os
+import pickle
 import random
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -20,6 +31,8 @@ from safetensors.torch import load_file, save_file
 from tunesmith.errors import TunesmithError
 
 PREFIX = "step-"
+MANIFEST = "manifest.json"
+FILES = ("trainable.safetensors", "training.pt", "state.json")
 
 
 @dataclass
@@ -33,62 +46,195 @@ class TrainState:
     stopped_early: bool = False
 
 
-def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+def rng_state() -> dict[str, torch.Tensor]:
+    """Python, NumPy, torch (and CUDA) generator states, all as tensors (loadable with weights_only)."""
+    version, python_state, gauss = random.getstate()
+    _, keys, position, has_gauss, cached_gauss = np.random.get_state()
+    state = {
+        "python": torch.tensor([version, *python_state], dtype=torch.int64),
+        "python_gauss": torch.tensor([] if gauss is None else [gauss], dtype=torch.float64),
+        "numpy": torch.from_numpy(keys.astype(np.int64)),
+        "numpy_rest": torch.tensor([position, has_gauss], dtype=torch.int64),
+        "numpy_gauss": torch.tensor([cached_gauss], dtype=torch.float64),
+        "torch": torch.get_rng_state(),
+    }
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state.update({f"cuda:{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
     return state
 
 
-def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+def set_rng_state(state: dict[str, torch.Tensor]) -> None:
+    python = state["python"].tolist()
+    gauss = state["python_gauss"].tolist()
+    random.setstate((python[0], tuple(python[1:]), gauss[0] if gauss else None))
+    position, has_gauss = state["numpy_rest"].tolist()
+    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), position, has_gauss,
+                         float(state["numpy_gauss"][0])))
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = [state[f"cuda:{i}"] for i in range(len(state)) if f"cuda:{i}" in state]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+
+
+def is_disk_full(error: BaseException) -> bool:
+    """True for "no space left" / "quota exceeded", also when safetensors wraps it in its own error."""
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return "No space left on device" in str(error) or "os error 28" in str(error)
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file or a folder (its entries) to disk; a no-op where the platform cannot sync folders."""
+    with contextlib.suppress(OSError):
+        descriptor = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _write_files(partial: Path, trainable: dict[str, torch.Tensor], optimizer, scheduler, state: TrainState) -> None:
+    save_file({name: t.contiguous().cpu() for name, t in trainable.items()}, partial / "trainable.safetensors")
+    with (partial / "training.pt").open("wb") as handle:  # a Python file: a full disk raises OSError(ENOSPC)
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state()},
+                   handle)
+    (partial / "state.json").write_text(json.dumps(asdict(state), indent=2))
+    files = {}
+    for name in FILES:
+        _fsync(partial / name)
+        files[name] = {"bytes": (partial / name).stat().st_size, "sha256": _sha256(partial / name)}
+    (partial / MANIFEST).write_text(json.dumps({"format": 1, "step": state.step, "files": files}, indent=2))
+    _fsync(partial / MANIFEST)
+    _fsync(partial)
 
 
 def save_checkpoint(folder: Path, trainable: dict[str, torch.Tensor], optimizer, scheduler,
                     state: TrainState, keep: int) -> Path:
-    """Write ``folder/step-NNNNNNNN`` atomically and delete all but the newest ``keep``."""
+    """Write ``folder/step-NNNNNNNN`` atomically, then delete all but the newest ``keep``.
+
+    Raises:
+        TunesmithError: If the disk filled up while writing; the partial checkpoint is removed and
+            the previous ones are kept.
+    """
     folder.mkdir(parents=True, exist_ok=True)
     final = folder / f"{PREFIX}{state.step:08d}"
     partial = folder / f".{final.name}.partial"
     shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir()
-    save_file({name: t.contiguous().cpu() for name, t in trainable.items()}, partial / "trainable.safetensors")
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state()},
-               partial / "training.pt")
-    (partial / "state.json").write_text(json.dumps(asdict(state), indent=2))
-    shutil.rmtree(final, ignore_errors=True)
-    partial.rename(final)
+    try:
+        partial.mkdir()
+        _write_files(partial, trainable, optimizer, scheduler, state)
+    except Exception as error:
+        shutil.rmtree(partial, ignore_errors=True)
+        if not is_disk_full(error):
+            raise
+        previous = list_checkpoints(folder)
+        last = f"the last complete checkpoint is {previous[-1]}" if previous else "there is no earlier checkpoint"
+        raise TunesmithError(f"disk full while writing checkpoint {state.step} in {folder}; {last}; "
+                             "free some space and continue with --resume") from None
+    if final.exists():  # a checkpoint of the same step from an earlier attempt: replace it
+        aside = folder / f".{final.name}.old"
+        shutil.rmtree(aside, ignore_errors=True)
+        final.rename(aside)
+        partial.rename(final)
+        shutil.rmtree(aside, ignore_errors=True)
+    else:
+        partial.rename(final)
+    _fsync(folder)
     for old in list_checkpoints(folder)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
 
 
 def list_checkpoints(folder: Path) -> list[Path]:
-    """Complete checkpoints, oldest first."""
+    """Checkpoint folders (complete or not: see :func:`checkpoint_problem`), oldest first."""
     if not folder.is_dir():
         return []
     return sorted(p for p in folder.iterdir() if p.is_dir() and p.name.startswith(PREFIX))
 
 
-def latest_checkpoint(folder: Path) -> Path:
-    """The newest complete checkpoint in ``folder``.
+def checkpoint_problem(path: Path) -> Optional[str]:
+    """Why the checkpoint in ``path`` cannot be resumed from (None when every file matches its manifest)."""
+    manifest_path = path / MANIFEST
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        files = manifest["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"{MANIFEST} is missing or unreadable"
+    for name in FILES:
+        expected = files.get(name) if isinstance(files, dict) else None
+        file = path / name
+        if not isinstance(expected, dict) or not file.is_file():
+            return f"{name} is missing"
+        if file.stat().st_size != expected.get("bytes"):
+            return f"{name} has {file.stat().st_size:,} bytes, {expected.get('bytes')} expected"
+        if _sha256(file) != expected.get("sha256"):
+            return f"{name} does not match its SHA-256"
+    return None
+
+
+def latest_checkpoint(folder: Path, warn: Callable[[str], None] = lambda message: None) -> Path:
+    """The newest checkpoint in ``folder`` whose files match its manifest; damaged newer ones are skipped.
+
+    Args:
+        warn: Told about every damaged checkpoint that was skipped.
 
     Raises:
-        TunesmithError: If there is none to resume from.
+        TunesmithError: If there is no whole checkpoint to resume from.
     """
     found = list_checkpoints(folder)
-    if not found:
-        raise TunesmithError(f"no checkpoint to resume from in {folder}; set train.checkpoint_every and train again")
-    return found[-1]
+    damaged = []
+    for path in reversed(found):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            for name, why in damaged:
+                warn(f"warning: checkpoint {name} is damaged ({why}); resuming from {path.name} instead")
+            return path
+        damaged.append((path.name, problem))
+    if damaged:
+        details = "; ".join(f"{name}: {why}" for name, why in damaged)
+        raise TunesmithError(f"no whole checkpoint to resume from in {folder} ({details}); "
+                             "start again with --overwrite")
+    raise TunesmithError(f"no checkpoint to resume from in {folder}; set train.checkpoint_every and train again")
+
+
+def last_complete_checkpoint(folder: Optional[Path]) -> str:
+    """``the last complete checkpoint is ...`` for messages (without hashing: a quick look)."""
+    found = list_checkpoints(folder) if folder else []
+    whole = [p for p in found if (p / MANIFEST).is_file()]
+    return f"the last complete checkpoint is {whole[-1]}" if whole else "no checkpoint was written"
+
+
+def checkpoint_step(path: Path) -> int:
+    """The step a checkpoint was written at (from its state.json)."""
+    return int(json.loads((path / "state.json").read_text())["step"])
+
+
+def _safe_globals() -> list:
+    """Classes an optimizer state may hold besides tensors: GaLore keeps its projector objects."""
+    try:
+        from galore_torch.galore_projector import GaLoreProjector
+    except ImportError:
+        return []
+    return [GaLoreProjector]
 
 
 def load_checkpoint(path: Path, device: torch.device) -> tuple[dict[str, torch.Tensor], dict, TrainState]:
     """Read a checkpoint: (trainable weights, optimizer/scheduler/RNG states, loop state)."""
     trainable = load_file(path / "trainable.safetensors", device=str(device))
-    training = torch.load(path / "training.pt", map_location=device, weights_only=False)
+    try:
+        with torch.serialization.safe_globals(_safe_globals()):
+            training = torch.load(path / "training.pt", map_location=device, weights_only=True)
+    except pickle.UnpicklingError:
+        raise TunesmithError(f"{path / 'training.pt'} holds objects other than tensors and numbers; refusing to load "
+                             "it (it may run code); resume from a checkpoint that tunesmith wrote") from None
+    training["rng"] = {name: tensor.cpu() for name, tensor in training["rng"].items()}
     state = TrainState(**json.loads((path / "state.json").read_text()))
     return trainable, training, state

@@ -37,14 +37,18 @@ class ProgressBar(Hook):
         self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
 
     def on_step(self, record: dict[str, Any]) -> None:
-        self.bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
+        reward = {"reward": f"{record['reward']:.3f}"} if "reward" in record else {}  # online RL
+        self.bar.set_postfix(loss=f"{record['loss']:.4f}", **reward, lr=f"{record['lr']:.2e}",
                              tok_s=f"{record['tokens_per_s']:.0f}", refresh=False)
         self.bar.update(1)
 
     def on_log(self, record: dict[str, Any]) -> None:
         if "val_loss" in record:
-            self.bar.write(f"step {record['step']}: val_loss {record['val_loss']:.4f}, "
-                           f"val_perplexity {record['val_perplexity']:.3f}")
+            shown = [f"{key} {value:.4f}" for key, value in record.items()
+                     if key.startswith("val_") and "/" not in key and isinstance(value, float)]
+            self.bar.write(f"step {record['step']}: " + ", ".join(shown))
+        for sample in record.get("samples", ()):  # online RL: a completion and its reward
+            self.bar.write(f"step {record['step']}: reward {sample['reward']:+.3f} <- {sample['completion'][:120]!r}")
 
     def on_train_end(self) -> None:
         if self.bar is not None:
@@ -59,14 +63,22 @@ class MetricsFile(Hook):
 
     def on_train_start(self, total_steps: int, start_step: int) -> None:
         if start_step and self.path.exists():
-            # Drop what was logged after the checkpoint we resume from: it will be logged again.
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= start_step]
+            # Drop what was logged after the checkpoint we resume from: it will be logged again. A line
+            # that does not parse was torn by a process killed while appending it: drop it too.
+            records = [_parse(line) for line in self.path.read_text(errors="replace").splitlines()]
+            kept = [json.dumps(r) for r in records if isinstance(r, dict) and r.get("step", 0) <= start_step]
             self.path.write_text("".join(line + "\n" for line in kept))
 
     def on_log(self, record: dict[str, Any]) -> None:
         with self.path.open("a") as handle:
             handle.write(json.dumps(record) + "\n")
+
+
+def _parse(line: str) -> Optional[Any]:
+    try:
+        return json.loads(line)
+    except ValueError:
+        return None
 
 
 class TensorBoard(Hook):

@@ -8,7 +8,6 @@ batch. Which stage, method and speed levers are running reaches the loop only th
 
 from __future__ import annotations
 
-import contextlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,13 +18,17 @@ from torch.nn.parallel import DistributedDataParallel
 
 from tunesmith.config import EvalSection, TrainSection
 from tunesmith.data.prepared import PreparedData
+from tunesmith.errors import TunesmithError
 from tunesmith.methods.base import Method, decay_groups
 from tunesmith.runtime import Runtime
 from tunesmith.training.checkpoint import TrainState, load_checkpoint, save_checkpoint, set_rng_state
+from tunesmith.training.faults import StopRequest, check_finite
 from tunesmith.training.hooks import Hook
 from tunesmith.training.objective import Objective
 from tunesmith.training.sampler import Sampler
 from tunesmith.training.schedule import add_param_groups, build_optimizer, build_scheduler
+from tunesmith.training.sharding import (full_state_dict, gradient_sync, load_sharded_checkpoint,
+                                         save_sharded_checkpoint, shard_model)
 
 Penalty = Callable[[torch.nn.Module], torch.Tensor]
 
@@ -81,6 +84,9 @@ class Trainer:
         self.sampler, self.objective, self.hooks = self.seams.sampler, self.seams.objective, self.seams.hooks
         self.total_steps = config.max_steps or max(1, round(config.epochs * self.sampler.steps_per_epoch))
         self.method.bind_training(self.sampler.steps_per_epoch, self.total_steps)
+        self.sharded = config.distributed == "fsdp"
+        if self.sharded:  # before the optimizer: it must hold the sharded parameters
+            shard_model(self.model, self.method.base_model(self.model), self.runtime)
         self.optimizer = build_optimizer(self.model, config, self.method.param_groups(self.model, config))
         self.scheduler = build_scheduler(self.optimizer, config, self.total_steps)
         self.state = TrainState()
@@ -93,8 +99,8 @@ class Trainer:
         training later (gradual unfreezing) are only synchronised after :meth:`add_trainable` builds
         it again (on every process at the same step, since the schedule depends on the step alone).
         """
-        if not self.runtime.distributed:
-            return self.model
+        if not self.runtime.distributed or self.sharded:
+            return self.model  # fully_shard changed the model in place
         device_ids = [self.runtime.device.index] if self.runtime.device.type == "cuda" else None
         return DistributedDataParallel(self.model, device_ids=device_ids)
 
@@ -103,6 +109,9 @@ class Trainer:
         parameters = self.method.newly_trainable(self.model, step)
         if not parameters:
             return
+        if self.sharded:
+            raise TunesmithError("gradual unfreezing (method.unfreeze_every) does not work with train.distributed: "
+                                 "fsdp; use ddp")
         add_param_groups(self.optimizer, self.scheduler, decay_groups(parameters, self.train_config.weight_decay))
         if self.runtime.distributed:
             self.wrapped = None  # release the old DDP reducer and its hooks before building a new one
@@ -110,6 +119,9 @@ class Trainer:
 
     def resume(self, checkpoint: Path) -> None:
         """Continue exactly where ``checkpoint`` left off (weights, optimizer, schedule, RNG, data)."""
+        if self.sharded:  # at any world size: DCP reshards
+            self.state = load_sharded_checkpoint(checkpoint, self.model, self.optimizer, self.scheduler, self.runtime)
+            return
         trainable, training, self.state = load_checkpoint(checkpoint, self.runtime.device)
         for step in range(self.state.step):  # rebuild the parameter groups of gradual unfreezing
             self.add_trainable(step)
@@ -117,6 +129,9 @@ class Trainer:
         self.optimizer.load_state_dict(training["optimizer"])
         self.scheduler.load_state_dict(training["scheduler"])
         set_rng_state(training["rng"])
+        if self.state.step > self.total_steps:
+            raise TunesmithError(f"checkpoint {checkpoint} is at step {self.state.step}, beyond the {self.total_steps} "
+                                 "steps of this recipe; raise train.max_steps or train.epochs to resume")
 
     def fit(self) -> TrainResult:
         """Run the remaining steps; evaluate, stop early and checkpoint as configured."""
@@ -126,12 +141,14 @@ class Trainer:
         last_loss = None
         self.model.train()
         try:
-            while self.state.step < self.total_steps and not self.state.stopped_early:
-                step_started = time.perf_counter()
-                last_loss, tokens = self.train_step(self.state.step)
-                self.state.step += 1
-                self.state.tokens += tokens
-                self.after_step(last_loss, tokens, time.perf_counter() - step_started)
+            with StopRequest() as stop:
+                while self.state.step < self.total_steps and not self.state.stopped_early:
+                    step_started = time.perf_counter()
+                    last_loss, tokens = self.train_step(self.state.step)
+                    self.state.step += 1
+                    self.state.tokens += tokens
+                    self.after_step(last_loss, tokens, time.perf_counter() - step_started)
+                    self.stop_if_asked(stop)
         finally:
             for hook in self.hooks:
                 hook.on_train_end()
@@ -147,33 +164,47 @@ class Trainer:
         self.add_trainable(step)
         batches = [self.objective.collate([self.data.train[i] for i in indices], self.pad_token_id)
                    for indices in self.sampler.micro_batches(step)]
+        rollout = getattr(self.objective, "rollout", None)  # online RL samples every micro-batch's completions first
+        if rollout is not None:
+            batches = [rollout(self.wrapped, self.to_device(batch)) for batch in batches]
         units = self.all_reduce_sum(sum(self.objective.units(batch) for batch in batches))
         real_tokens = self.all_reduce_sum(sum(self.objective.real_tokens(batch) for batch in batches))
         step_loss = torch.zeros((), dtype=torch.float64)
         for index, batch in enumerate(batches):
-            batch = {key: value.to(self.runtime.device) for key, value in batch.items()}
+            batch = self.to_device(batch)
             is_last = index == len(batches) - 1
-            sync = contextlib.nullcontext() if is_last or not self.runtime.distributed else self.wrapped.no_sync()
-            with sync:
+            with gradient_sync(self.wrapped, self.runtime, self.sharded, sync=is_last):
                 summed = self.objective.loss_sum(self.wrapped, batch)
-                # DDP averages gradients over processes; scaling by world size turns that into a sum.
+                # DDP and FSDP average gradients over processes; scaling by world size turns that into a sum.
                 (summed * self.runtime.world_size / units).backward()
             step_loss += summed.detach().double().cpu()
         for penalty in self.seams.penalties:
             penalty(self.model).backward()  # the same on every process: no gradient sync needed
-        if self.train_config.max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.train_config.max_grad_norm)
+        parameters = [p for p in self.model.parameters() if p.grad is not None]
+        max_norm = self.train_config.max_grad_norm
+        grad_norm = (torch.nn.utils.clip_grad_norm_(parameters, max_norm) if max_norm is not None
+                     else torch.nn.utils.get_total_norm([p.grad for p in parameters]))
+        loss = self.all_reduce_sum(float(step_loss)) / units
+        check_finite(step + 1, loss, float(grad_norm), self.scheduler.get_last_lr()[0], self.checkpoint_dir,
+                     lambda: [getattr(self.data.train[i], "source", "")
+                              for indices in self.sampler.micro_batches(step) for i in indices])
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return self.all_reduce_sum(float(step_loss)) / units, int(real_tokens)
+        return loss, int(real_tokens)
+
+    def to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {key: value.to(self.runtime.device) for key, value in batch.items()}
 
     def after_step(self, loss: float, tokens: int, seconds: float) -> None:
         """Logging, evaluation, early stopping and checkpointing after a step."""
         step = self.state.step
         record = {"step": step, "epoch": round(step / self.sampler.steps_per_epoch, 4), "loss": loss,
                   "lr": self.scheduler.get_last_lr()[0], "tokens": self.state.tokens,
-                  "tokens_per_s": tokens / max(seconds, 1e-9)}
+                  "tokens_per_s": tokens / max(seconds, 1e-9), "step_s": seconds}
+        step_metrics = getattr(self.objective, "step_metrics", None)  # e.g. online RL's rewards and samples
+        if step_metrics is not None:
+            record.update(step_metrics())
         for hook in self.hooks:
             hook.on_step(record)
         if step % self.train_config.log_every == 0 or step == self.total_steps:
@@ -184,6 +215,15 @@ class Trainer:
         every = self.train_config.checkpoint_every
         if self.checkpoint_dir and every and (step % every == 0 or self.state.stopped_early):
             self.save_checkpoint()
+
+    def stop_if_asked(self, stop: StopRequest) -> None:
+        """After SIGTERM or Ctrl-C (on any process): checkpoint this step and stop with KeyboardInterrupt."""
+        if not self.all_reduce_sum(float(stop.requested)):
+            return
+        every = self.train_config.checkpoint_every
+        if self.checkpoint_dir and not (every and self.state.step % every == 0):  # else after_step just saved it
+            self.save_checkpoint()
+        raise KeyboardInterrupt(stop.signal_name)
 
     def evaluate(self) -> dict[str, float]:
         """The objective's validation metrics (overall and per data source); updates early stopping."""
@@ -203,11 +243,18 @@ class Trainer:
         return metrics
 
     def save_checkpoint(self) -> Optional[Path]:
-        """Checkpoint from the main process (every process holds the same weights)."""
+        """Checkpoint from the main process (every process holds the same weights), or sharded from every one."""
+        if self.sharded:
+            return save_sharded_checkpoint(self.checkpoint_dir, self.model, self.optimizer, self.scheduler, self.state,
+                                           self.train_config.keep_checkpoints, self.runtime)
         if not self.runtime.is_main:
             return None
         return save_checkpoint(self.checkpoint_dir, self.method.trainable_state(self.model), self.optimizer,
                                self.scheduler, self.state, self.train_config.keep_checkpoints)
+
+    def saveable_state(self) -> Optional[dict]:
+        """The whole model's state gathered on the main process when sharded (every process must call it), else None."""
+        return full_state_dict(self.model) if self.sharded and self.runtime.distributed else None
 
     def log(self, record: dict) -> None:
         for hook in self.hooks:

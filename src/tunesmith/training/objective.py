@@ -42,6 +42,11 @@ class Objective(Protocol):
                  runtime: Runtime) -> dict[str, float]:
         """Validation metrics on ``examples``; ``loss`` always, and whatever else the stage measures."""
 
+    # Two optional members, for stages that act inside the step (online RL); the loop uses them when present:
+    #   rollout(model, batch) -> batch: called for every micro-batch of a step, on the device, before the
+    #       step's units are counted (e.g. sample completions, score them, compute advantages);
+    #   step_metrics() -> dict: merged into the step's logged record (e.g. rewards, generation seconds).
+
 
 @dataclass(frozen=True)
 class TokenCrossEntropy:

@@ -61,17 +61,32 @@ def native_bfloat16(device: torch.device) -> bool:
 
     CPUs: AVX-512 BF16 or AMX tiles (torch's own detection); GPUs: what CUDA reports (Ampere on).
     """
+    return bfloat16_support(device) is not None
+
+
+def bfloat16_support(device: torch.device) -> Optional[str]:
+    """What computes bfloat16 natively on ``device`` (e.g. "CPU has AVX-512 BF16"), or None."""
     if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    detectors = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return any(getattr(torch.cpu, name, lambda: False)() for name in detectors)
+        return "GPU computes bfloat16" if torch.cuda.is_bf16_supported(including_emulation=False) else None
+    detectors = {"_is_amx_tile_supported": "CPU has AMX", "_is_avx512_bf16_supported": "CPU has AVX-512 BF16"}
+    return next((phrase for name, phrase in detectors.items() if getattr(torch.cpu, name, lambda: False)()), None)
 
 
 def autocast_dtype(section: SpeedSection, device: torch.device) -> Optional[torch.dtype]:
     """bfloat16 when asked for (or 'auto' and native), else None."""
-    if section.autocast == "bfloat16" or (section.autocast == "auto" and native_bfloat16(device)):
-        return torch.bfloat16
-    return None
+    return autocast_choice(section, device)[0]
+
+
+def autocast_choice(section: SpeedSection, device: torch.device) -> tuple[Optional[torch.dtype], str]:
+    """The autocast dtype (None: float32) and why, for the run's log."""
+    if section.autocast == "bfloat16":
+        return torch.bfloat16, "bfloat16 autocast (train.speed.autocast: bfloat16)"
+    if section.autocast == "off":
+        return None, "float32 (train.speed.autocast: off)"
+    support = bfloat16_support(device)
+    if support is None:
+        return None, f"float32 (autocast auto: no native bfloat16 on this {device.type.upper()})"
+    return torch.bfloat16, f"bfloat16 autocast (auto: {support})"
 
 
 def prepare_speed(model: torch.nn.Module, method: Method, section: SpeedSection, train: TrainSection,
@@ -97,11 +112,11 @@ def prepare_speed(model: torch.nn.Module, method: Method, section: SpeedSection,
     loss = functools.partial(chunked_loss_sum, chunk_tokens=section.loss_chunk_tokens) if section.chunked_loss \
         else plain_loss_sum
     notes.append(f"chunked loss ({section.loss_chunk_tokens} tokens)" if section.chunked_loss else "full logits")
-    dtype = autocast_dtype(section, device)
+    dtype, why = autocast_choice(section, device)
     if dtype is not None:
         loss = functools.partial(autocast_loss, loss, dtype)
         method.prepare_for_autocast(model)
-    notes.append("bfloat16 autocast" if dtype is not None else "float32")
+    notes.append(why)
     if section.activation_checkpointing:
         enable_activation_checkpointing(base)
         notes.append("activation checkpointing")

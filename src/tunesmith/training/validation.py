@@ -29,10 +29,16 @@ def evaluate_loss(model: torch.nn.Module, examples: list[EncodedExample], batch_
     model.eval()
     mine = examples[runtime.rank :: runtime.world_size]
     totals = torch.zeros(2, dtype=torch.float64)
-    for start in range(0, len(mine), batch_size):
-        batch = {k: v.to(runtime.device) for k, v in collate(mine[start : start + batch_size], pad_token_id).items()}
-        totals[0] += float(loss_sum(model, batch))
-        totals[1] += count_target_tokens(batch)
+    # Every process runs the same number of forward passes: a sharded (FSDP) model gathers its weights in
+    # each one, with every process. A process that has run out scores its first example again, uncounted.
+    passes = math.ceil(math.ceil(len(examples) / runtime.world_size) / batch_size)
+    for start in range(0, passes * batch_size, batch_size):
+        chunk = mine[start : start + batch_size]
+        batch = {k: v.to(runtime.device) for k, v in collate(chunk or mine[:1] or examples[:1], pad_token_id).items()}
+        summed = float(loss_sum(model, batch))
+        if chunk:
+            totals[0] += summed
+            totals[1] += count_target_tokens(batch)
     if runtime.distributed:
         torch.distributed.all_reduce(totals)
     model.train(was_training)

@@ -136,12 +136,17 @@ def _example_text(example) -> str:
     return "\n".join(message["content"] for message in example.messages)
 
 
-def token_measure(tokenizer, train_on: str = "assistant") -> Measure:
-    """Tokens of an example exactly as training encodes it (template applied, no truncation)."""
+# Lengths are measured up to this many times max_length: a longer record counts as that long, so one
+# huge line costs a bounded amount of tokenising (see tunesmith.data.encode.bound_characters).
+MEASURED_LENGTH_FACTOR = 64
+
+
+def token_measure(tokenizer, train_on: str = "assistant", longest: int = 2**31 - 1) -> Measure:
+    """Tokens of an example exactly as training encodes it (template applied, up to ``longest`` tokens)."""
     from tunesmith.data.encode import encode_example
 
     def measure(example) -> int:
-        encoded = encode_example(example, tokenizer, 2**31 - 1, "all")
+        encoded = encode_example(example, tokenizer, longest, "all")
         return len(encoded.input_ids) if encoded else 0
 
     return measure

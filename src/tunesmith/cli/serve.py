@@ -1,0 +1,56 @@
+"""``tunesmith serve``: the OpenAI-compatible API and the no-code studio (needs the ``serve`` extra)."""
+
+from __future__ import annotations
+
+import argparse
+
+from tunesmith.errors import TunesmithError
+
+
+def register(commands) -> None:
+    serve = commands.add_parser("serve", help="Serve models by an OpenAI-compatible API, and the web studio.")
+    serve.add_argument("--host", default="127.0.0.1", help="Address to bind (loopback unless --api-key is given).")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--workspace", default="tunesmith-workspace",
+                       help="Folder of data, recipes, runs, exports and the job store (created if missing).")
+    serve.add_argument("--api-key", help="Required on every route; needed to bind beyond loopback.")
+    serve.add_argument("--model", action="append", default=[], metavar="[ID=]PATH",
+                       help="A base model outside the workspace to serve and train from (repeatable).")
+    serve.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (for serving; jobs use their recipe's)")
+    serve.add_argument("--max-upload-mb", type=int, default=200, help="Largest data file the studio accepts.")
+    serve.add_argument("--batch-window-ms", type=float, default=10.0,
+                       help="How long generation waits to batch concurrent requests together.")
+    serve.set_defaults(handler=cmd_serve)
+
+
+def parse_bases(values: list[str]) -> dict[str, str]:
+    """``ID=PATH`` or ``PATH`` (the id is then the folder name) into {id: path}."""
+    from pathlib import Path
+
+    bases = {}
+    for value in values:
+        name, sep, path = value.partition("=")
+        if not sep:
+            name, path = Path(value.rstrip("/")).name, value
+        if not name or not path:
+            raise TunesmithError(f"--model '{value}' must look like ID=PATH or PATH")
+        bases[name] = path
+    return bases
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        import uvicorn
+
+        from tunesmith.serve.app import create_app, is_loopback
+    except ImportError as error:
+        raise TunesmithError(f"tunesmith serve needs the serve extra ({error.name} is missing): "
+                             "pip install 'tunesmith[serve]'") from None
+    if not is_loopback(args.host) and not args.api_key:
+        raise TunesmithError(f"--host {args.host} is reachable from other machines: give --api-key KEY as well "
+                             "(or bind to 127.0.0.1)")
+    app = create_app(args.workspace, args.api_key, parse_bases(args.model), args.device, args.max_upload_mb,
+                     batch_window_ms=args.batch_window_ms)
+    print(f"tunesmith studio on http://{args.host}:{args.port}/  (workspace {app.state.workspace.root})", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return 0

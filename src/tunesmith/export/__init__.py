@@ -1,0 +1,219 @@
+"""Export a trained result as a Hugging Face folder, a plain ``peft`` adapter or a GGUF file, checked by reloading.
+
+Every export is written to a temporary sibling of ``--out``, reloaded (transformers, peft, the
+transformers GGUF loader, and llama.cpp where ``llama-cpp-python`` is installed) and compared with
+the in-memory model on probe prompts (:mod:`tunesmith.export.check`); only a passing export is
+renamed into place. Mergeable methods (the LoRA family, IA3; full and partial are plain weights
+already) fold into the base weights for ``hf`` and ``gguf``; the others raise
+:class:`~tunesmith.methods.NotMergeable` with the reason and the suggestion to export ``peft``.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from tunesmith.errors import TunesmithError
+from tunesmith.export.check import (TOLERANCES, CheckResult, Probe, check_hf_model, probe_reference, require)
+from tunesmith.export.gguf import QUANTISATIONS, check_architecture, export_gguf
+from tunesmith.methods import NotMergeable
+from tunesmith.results import LoadedResult, ResultFolder, load_result, locate_result
+
+FORMATS = ("hf", "peft", "gguf")
+
+
+@dataclass(frozen=True)
+class ExportReport:
+    """What an export wrote and how the reloaded result compares with the trained one.
+
+    Attributes:
+        checks: One check per loader (``transformers``, ``peft``, ``llama.cpp``), by name.
+        skipped: Loaders that could not be tried, with the reason.
+        load_seconds: How long the transformers reload took.
+    """
+
+    out: Path
+    method: str
+    format: str
+    quantize: Optional[str]
+    files: tuple[Path, ...]
+    checks: dict[str, CheckResult]
+    load_seconds: float
+    skipped: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def max_logit_difference(self) -> float:
+        return max(check.max_logit_difference for check in self.checks.values())
+
+    @property
+    def size_bytes(self) -> int:
+        return sum(path.stat().st_size for path in self.files)
+
+    def describe(self) -> str:
+        lines = [f"exported {self.method} result as {self.format}{' ' + self.quantize if self.quantize else ''} to "
+                 f"{self.out} ({self.size_bytes / 2**20:.1f} MiB)"]
+        lines += [f"  {loader}: {check.describe()}" for loader, check in self.checks.items()]
+        lines += [f"  {loader}: not checked ({reason})" for loader, reason in self.skipped.items()]
+        return "\n".join(lines)
+
+
+def export(source: str | Path, out: str | Path, format: str = "hf", quantize: Optional[str] = None,
+           ollama: bool = False, base_model: Optional[str] = None, device: str = "cpu") -> ExportReport:
+    """Write ``source`` (a run folder, an adapter folder or a model folder) as ``format`` into ``out``.
+
+    Args:
+        format: ``hf`` (merged model folder), ``peft`` (the adapter as plain peft loads it) or ``gguf``.
+        quantize: For ``gguf``: ``f16`` (default), ``q8_0`` or ``q4_0``.
+        ollama: For ``gguf``: also write an Ollama ``Modelfile`` with the chat template and stop token.
+        base_model: Base model of an adapter; default: the one its manifest records.
+
+    Returns:
+        The report, with the checks that passed.
+
+    Raises:
+        TunesmithError: For a folder that is not a result, an occupied ``out``, a format the result
+            cannot take (``NotMergeable`` says why), an architecture the GGUF writer does not know,
+            or an export that fails its check (nothing is left at ``out`` then).
+    """
+    out = Path(out)
+    location = validate_request(source, out, format, quantize, ollama)
+    quantize = (quantize or "f16") if format == "gguf" else None
+    if format == "gguf":
+        check_architecture(base_config(location, base_model))
+    loaded = load_result(source, base_model, device=device)
+    probe = probe_reference(loaded.model, loaded.tokenizer)
+    method = loaded.method.kind if loaded.method is not None else ("peft" if location.kind == "adapter" else "model")
+    partial = out.parent / f".{out.name}.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        if format == "peft":
+            files, checks, skipped, seconds = export_peft(location, loaded, probe, partial, device)
+        else:
+            plain = merged_model(loaded)
+            if format == "hf":
+                files, checks, skipped, seconds = export_hf(plain, loaded.tokenizer, probe, partial, device)
+            else:
+                files, checks, skipped, seconds = export_gguf(plain, loaded.tokenizer, probe, partial, quantize,
+                                                              ollama, out.name)
+        for loader, check in checks.items():
+            require(check, f"the {format} export reloaded with {loader}")
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    if out.exists():
+        out.rmdir()  # empty, checked above
+    partial.rename(out)
+    files = tuple(out / path.relative_to(partial) for path in files)
+    return ExportReport(out, method, format, quantize, files, checks, seconds, skipped)
+
+
+def export_result(result: str | Path, out: str | Path, merge: bool, model_name: Optional[str] = None,
+                  device: str = "cpu") -> ExportReport:
+    """The ``--adapter DIR --merge`` form: a merged Hugging Face folder (kept for existing callers).
+
+    Raises:
+        TunesmithError: As :func:`export`, and when an adapter is given without ``merge``.
+    """
+    location = locate_result(result)
+    if location is not None and location.kind == "adapter" and not merge:
+        raise TunesmithError(f"{result} is an adapter; add --merge to fold it into the base weights "
+                             "(or export it as it is with --format peft)")
+    return export(result, out, "hf", base_model=model_name, device=device)
+
+
+def validate_request(source, out: Path, format: str, quantize: Optional[str], ollama: bool) -> ResultFolder:
+    """Refuse what cannot work before anything is loaded or written.
+
+    Raises:
+        TunesmithError: Naming the flag or folder at fault.
+    """
+    if format not in FORMATS:
+        raise TunesmithError(f"--format {format} is not one of {', '.join(FORMATS)}")
+    if quantize is not None and format != "gguf":
+        raise TunesmithError(f"--quantize applies to --format gguf only (got --format {format})")
+    if quantize is not None and quantize not in QUANTISATIONS:
+        raise TunesmithError(f"--quantize {quantize} is not one of {', '.join(QUANTISATIONS)}")
+    if ollama and format != "gguf":
+        raise TunesmithError("--ollama needs --format gguf (Ollama runs GGUF files)")
+    location = locate_result(source)
+    if location is None:
+        raise TunesmithError(f"{source} is not a folder; give a run folder, its adapter/ or model/ folder, or a "
+                             "model folder")
+    if format == "peft" and location.kind != "adapter":
+        raise TunesmithError(f"{location.folder} is a complete model, not an adapter; export it with --format hf or gguf")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise TunesmithError(f"export folder {out} is not empty; choose another --out")
+    return location
+
+
+def base_config(location: ResultFolder, base_model: Optional[str]):
+    """The model config, read without loading weights (to refuse an architecture early)."""
+    from transformers import AutoConfig
+
+    from tunesmith.models import resolve_model_path
+    from tunesmith.runtime import cache_dir
+
+    if location.kind == "model":
+        return AutoConfig.from_pretrained(location.folder)
+    base = base_model or location.recorded_base
+    if base is None:
+        raise TunesmithError(f"{location.folder} is an adapter without a recorded base model; give --model")
+    return AutoConfig.from_pretrained(resolve_model_path(base, cache_dir()))
+
+
+def merged_model(loaded: LoadedResult):
+    """Plain base weights with the result folded in.
+
+    Raises:
+        NotMergeable: With the method's reason and the suggestion to export ``peft``.
+    """
+    try:
+        if loaded.method is not None:
+            return loaded.method.merge(loaded.model)
+    except NotMergeable as error:
+        raise NotMergeable(f"{error}; export the adapter as it is with --format peft") from None
+    return loaded.model.merge_and_unload() if hasattr(loaded.model, "merge_and_unload") else loaded.model
+
+
+def export_hf(plain, tokenizer, probe: Probe, partial: Path, device: str):
+    """``save_pretrained`` the merged model and tokenizer, then reload with transformers and compare."""
+    from transformers import AutoModelForCausalLM
+    import torch
+
+    plain.save_pretrained(partial)
+    tokenizer.save_pretrained(partial)
+    started = time.perf_counter()
+    reloaded = AutoModelForCausalLM.from_pretrained(partial, dtype=torch.float32).to(device).eval()
+    seconds = time.perf_counter() - started
+    files = tuple(sorted(p for p in partial.rglob("*") if p.is_file()))
+    return files, {"transformers": check_hf_model(probe, reloaded, TOLERANCES["hf"])}, {}, seconds
+
+
+def export_peft(location: ResultFolder, loaded: LoadedResult, probe: Probe, partial: Path, device: str):
+    """Copy the adapter folder, then load it with plain ``peft`` on a fresh base model and compare.
+
+    Raises:
+        TunesmithError: When the method's result is not a peft adapter (bottleneck adapters).
+    """
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from tunesmith.models import resolve_model_path
+    from tunesmith.runtime import cache_dir
+
+    if not (location.folder / "adapter_config.json").is_file():
+        raise TunesmithError(f"the {loaded.method.kind if loaded.method else ''} result in {location.folder} is not a "
+                             "peft adapter (it has no adapter_config.json), so plain peft cannot load it; use it "
+                             "through tunesmith, or merge it with --format hf where the method allows")
+    shutil.copytree(location.folder, partial, dirs_exist_ok=True)
+    started = time.perf_counter()
+    base = AutoModelForCausalLM.from_pretrained(resolve_model_path(loaded.base_model, cache_dir()), dtype=torch.float32)
+    reloaded = PeftModel.from_pretrained(base.to(device), partial).eval()
+    seconds = time.perf_counter() - started
+    files = tuple(sorted(p for p in partial.rglob("*") if p.is_file()))
+    return files, {"peft": check_hf_model(probe, reloaded, TOLERANCES["peft"])}, {}, seconds

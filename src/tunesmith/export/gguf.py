@@ -1,0 +1,252 @@
+"""Writing a plain (merged) model as a GGUF file for llama.cpp-family runtimes, with the ``gguf`` package.
+
+Follows what llama.cpp's ``convert_hf_to_gguf.py`` does for the Llama family (``LlamaModel``):
+the same metadata keys, tensor names from ``gguf.get_tensor_name_map``, the rotary permutation of
+the query and key weights, 1-D tensors kept in float32, and a float16 fallback for a matrix whose
+rows do not split into quantisation blocks. We write it ourselves rather than calling the script
+because it is not part of the ``gguf`` package on PyPI and needs a llama.cpp checkout.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tunesmith.errors import TunesmithError
+
+QUANTISATIONS = ("f16", "q8_0", "q4_0")
+# The architectures the writer knows, by the ``model_type`` of their Hugging Face config.
+SUPPORTED_MODEL_TYPES = ("llama",)
+# Pre-tokenisers llama.cpp names, by the shape of a Hugging Face byte-level pre-tokenizer.
+BYTE_LEVEL_PRE_TOKENIZERS = {("ByteLevel",): "gpt2", ("Digits", "ByteLevel"): "smollm"}
+
+
+def check_architecture(config) -> None:
+    """Refuse, by name and before anything is written, a model the writer does not know.
+
+    Raises:
+        TunesmithError: For another architecture or a rotary scaling llama.cpp's Llama cannot express.
+    """
+    model_type = getattr(config, "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise TunesmithError(f"the GGUF writer knows the {', '.join(SUPPORTED_MODEL_TYPES)} architecture family, not "
+                             f"'{model_type}' ({', '.join(getattr(config, 'architectures', None) or [])}); export "
+                             "with --format hf and convert with llama.cpp's convert_hf_to_gguf.py")
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    if rope.get("rope_type", "default") != "default":
+        raise TunesmithError(f"the GGUF writer does not handle rope scaling '{rope.get('rope_type')}' of this model; "
+                             "export with --format hf and convert with llama.cpp's convert_hf_to_gguf.py")
+
+
+def write_gguf(model: torch.nn.Module, tokenizer, path: Path, quantize: str, name: str, end_of_turn_id: int) -> None:
+    """Write ``model`` (plain Llama weights) and ``tokenizer`` (with its chat template) to ``path``.
+
+    Args:
+        quantize: ``f16``, ``q8_0`` or ``q4_0`` for the matrices (1-D tensors stay float32).
+        name: ``general.name`` in the metadata.
+        end_of_turn_id: The token that ends an assistant turn; runtimes stop generating at it.
+    """
+    import gguf
+
+    config = model.config
+    check_architecture(config)
+    writer = gguf.GGUFWriter(path, arch=gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
+    writer.add_name(name)
+    write_hyperparameters(writer, config, quantize)
+    with tempfile.TemporaryDirectory() as folder:
+        tokenizer.save_pretrained(folder)  # the gguf package reads merges and special tokens from files
+        special = write_vocabulary(writer, tokenizer, Path(folder), config.vocab_size)
+    writer.add_eot_token_id(end_of_turn_id)
+    if special.chat_template is None and tokenizer.chat_template:
+        writer.add_chat_template(tokenizer.chat_template)
+    for gguf_name, data, qtype in gguf_tensors(model, quantize):
+        writer.add_tensor(gguf_name, data, raw_dtype=qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def write_hyperparameters(writer, config, quantize: str) -> None:
+    """The ``llama.*`` keys, as ``TextModel.set_gguf_parameters`` + ``LlamaModel`` write them."""
+    import gguf
+
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    rope = getattr(config, "rope_parameters", None) or {}
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_rope_freq_base(float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))))
+    writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
+    writer.add_vocab_size(config.vocab_size)
+    writer.add_rope_dimension_count(head_dim)
+    if head_dim != config.hidden_size // config.num_attention_heads:
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
+    file_types = {"f16": gguf.LlamaFileType.MOSTLY_F16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+                  "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}
+    writer.add_file_type(file_types[quantize])
+
+
+def write_vocabulary(writer, tokenizer, folder: Path, vocab_size: int):
+    """Tokens, types, scores/merges and special ids: ``llama`` (sentencepiece-style) or ``gpt2`` (byte-level).
+
+    Returns:
+        The ``gguf.SpecialVocab`` written (special ids, merges, and the chat template it found).
+
+    Raises:
+        TunesmithError: For a tokenizer of another kind (named), before any tensor is written.
+    """
+    import gguf
+
+    spec = json.loads((folder / "tokenizer.json").read_text())
+    model_type = spec["model"]["type"]
+    tokens, types = token_table(tokenizer, vocab_size)
+    if model_type == "BPE" and spec["model"].get("byte_fallback"):
+        writer.add_tokenizer_model("llama")
+        writer.add_tokenizer_pre("default")
+        # sentencepiece orders a BPE vocabulary by merge priority: score = -id keeps that order
+        writer.add_token_scores([0.0 if kind != gguf.TokenType.NORMAL else -float(i) for i, kind in enumerate(types)])
+    elif model_type == "BPE":
+        writer.add_tokenizer_model("gpt2")
+        writer.add_tokenizer_pre(byte_level_pre_tokenizer(spec.get("pre_tokenizer")))
+    else:
+        raise TunesmithError(f"the GGUF writer handles BPE tokenizers (sentencepiece-style or byte-level), not "
+                             f"'{model_type}'; export with --format hf")
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    special = gguf.SpecialVocab(folder, load_merges=True, n_vocab=len(tokens))
+    special.add_to_gguf(writer, quiet=True)
+    return special  # its chat_template is what it found in the saved tokenizer files
+
+
+def token_table(tokenizer, vocab_size: int) -> tuple[list[str], list[int]]:
+    """Every id's token text and llama.cpp token type (as ``get_vocab_base`` in convert_hf_to_gguf.py)."""
+    import gguf
+
+    reverse = {index: token for token, index in tokenizer.get_vocab().items()}
+    added = tokenizer.added_tokens_decoder
+    tokens, types = [], []
+    for index in range(vocab_size):
+        token = reverse.get(index)
+        if token is None:
+            tokens.append(f"[PAD{index}]")
+            types.append(gguf.TokenType.UNUSED)
+        elif index in added:
+            tokens.append(token)
+            types.append(gguf.TokenType.CONTROL if added[index].special else gguf.TokenType.USER_DEFINED)
+        elif token.startswith("<0x") and token.endswith(">") and len(token) == 6:
+            tokens.append(token)
+            types.append(gguf.TokenType.BYTE)
+        else:
+            tokens.append(token)
+            types.append(gguf.TokenType.NORMAL)
+    return tokens, types
+
+
+def byte_level_pre_tokenizer(spec) -> str:
+    """llama.cpp's name for a byte-level pre-tokenizer (how text is split before the merges).
+
+    Raises:
+        TunesmithError: For a split the writer cannot name (llama.cpp would tokenise differently).
+    """
+    parts = spec.get("pretokenizers", [spec]) if spec else []
+    shape = tuple(part["type"] for part in parts)
+    if shape not in BYTE_LEVEL_PRE_TOKENIZERS or (shape[0] == "Digits" and not parts[0].get("individual_digits")):
+        raise TunesmithError(f"the GGUF writer does not know the pre-tokenizer {'+'.join(shape) or 'none'} of this "
+                             "tokenizer; export with --format hf and convert with llama.cpp's convert_hf_to_gguf.py")
+    return BYTE_LEVEL_PRE_TOKENIZERS[shape]
+
+
+def gguf_tensors(model: torch.nn.Module, quantize: str):
+    """``(gguf name, data, GGML type)`` for every weight, with Llama's rotary permutation of q and k."""
+    import gguf
+
+    config = model.config
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    for hf_name, tensor in model.state_dict().items():
+        if tied and hf_name == "lm_head.weight":
+            continue  # llama.cpp uses token_embd for the output when output.weight is absent
+        gguf_name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if gguf_name is None:
+            raise TunesmithError(f"the GGUF writer has no name for the tensor {hf_name}; export with --format hf")
+        data = tensor.detach().float().cpu()
+        if hf_name.endswith("q_proj.weight"):
+            data = permute_rotary(data, config.num_attention_heads, config.num_attention_heads)
+        elif hf_name.endswith("k_proj.weight"):
+            data = permute_rotary(data, config.num_attention_heads, config.num_key_value_heads)
+        yield gguf_name, *encode_tensor(data.numpy(), gguf_name, quantize)
+
+
+def permute_rotary(weights: torch.Tensor, n_head: int, n_head_kv: int) -> torch.Tensor:
+    """``LlamaModel.permute`` of convert_hf_to_gguf.py: HF's half-split rotary layout to llama.cpp's interleaved one."""
+    if n_head_kv != n_head:
+        n_head = n_head_kv
+    return (weights.reshape(n_head, 2, weights.shape[0] // n_head // 2, *weights.shape[1:])
+            .swapaxes(1, 2).reshape(weights.shape))
+
+
+def encode_tensor(data: np.ndarray, gguf_name: str, quantize: str):
+    """The tensor in its GGML type: 1-D float32; matrices as asked (q4_0 keeps embeddings and output at q8_0)."""
+    from gguf import GGMLQuantizationType as Q
+    from gguf import quants
+
+    if data.ndim == 1:
+        return data.astype(np.float32), Q.F32
+    qtype = {"f16": Q.F16, "q8_0": Q.Q8_0, "q4_0": Q.Q4_0}[quantize]
+    if qtype == Q.Q4_0 and gguf_name in ("token_embd.weight", "output.weight"):
+        qtype = Q.Q8_0  # as llama-quantize does: the embedding and output matrices lose the most at 4 bits
+    if qtype != Q.F16 and data.shape[-1] % 32 != 0:
+        qtype = Q.F16  # rows that do not split into 32-value blocks stay float16, as convert_hf_to_gguf.py does
+    return quants.quantize(data, qtype), qtype
+
+
+def export_gguf(plain, tokenizer, probe, partial: Path, quantize: str, ollama: bool, name: str):
+    """Write ``model-<quantize>.gguf`` (and a Modelfile), reload it with transformers (and llama.cpp), compare.
+
+    Returns:
+        ``(files, checks by loader, skipped loaders with the reason, transformers load seconds)``.
+    """
+    import time
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tunesmith.export.check import TOLERANCES, check_hf_model
+    from tunesmith.export.llama_cpp import check_with_llama_cpp
+    from tunesmith.export.ollama import write_modelfile
+
+    partial.mkdir(parents=True, exist_ok=True)
+    path = partial / f"model-{quantize}.gguf"
+    write_gguf(plain, tokenizer, path, quantize, name, probe.end_of_turn_id)
+    files = [path]
+    if ollama:
+        files.append(write_modelfile(partial, path.name, tokenizer, probe.end_of_turn_id))
+    started = time.perf_counter()
+    reloaded = AutoModelForCausalLM.from_pretrained(partial, gguf_file=path.name, dtype=torch.float32).eval()
+    seconds = time.perf_counter() - started
+    gguf_tokenizer = AutoTokenizer.from_pretrained(partial, gguf_file=path.name)
+    gguf_tokenizer.chat_template = gguf_tokenizer.chat_template or tokenizer.chat_template
+
+    def tokenize(index: int) -> list[int]:
+        from tunesmith.export.check import PROBE_CONVERSATIONS
+
+        text = gguf_tokenizer.apply_chat_template(PROBE_CONVERSATIONS[index], tokenize=False, add_generation_prompt=True)
+        return gguf_tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    checks = {"transformers": check_hf_model(probe, reloaded.to(next(plain.parameters()).device), TOLERANCES[quantize],
+                                             tokenize)}
+    skipped = {}
+    outcome = check_with_llama_cpp(path, probe, TOLERANCES[quantize])
+    if isinstance(outcome, str):
+        skipped["llama.cpp"] = outcome
+    else:
+        checks["llama.cpp"] = outcome
+    return tuple(files), checks, skipped, seconds

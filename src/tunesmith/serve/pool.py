@@ -1,0 +1,209 @@
+"""Model ids and the models behind them.
+
+A model id is one of:
+
+- a built-in alias (``smollm2-135m-instruct``) or a base model given at start (``--model``);
+- a workspace folder holding a Hugging Face model (``models/stories260k``, ``exports/x``);
+- a trained run in the workspace (``runs/x``: its ``adapter/`` on the base it was trained from,
+  or its ``model/``), or a run's ``adapter/`` folder itself.
+
+Loading goes through :mod:`tunesmith.inference` (``load_for_inference``, ``load_trained``). Adapters
+written by peft on the same base share one loaded base: the first is put on it with
+``load_trained``, later ones are added with peft's ``load_adapter`` and chosen per batch with
+``set_adapter``; the base itself answers with the adapters disabled.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from tunesmith.errors import TunesmithError
+from tunesmith.serve.workspace import Workspace
+
+MANIFEST = "tunesmith.json"  # written by Method.write_manifest
+
+
+class UnknownModel(TunesmithError):
+    """A model id that names nothing servable."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What a model id stands for: a base path and, optionally, a trained result on it."""
+
+    model_id: str
+    base: str  # alias, or absolute folder
+    adapter: Optional[str] = None  # absolute folder of a trained result, or None
+
+
+@dataclass
+class LoadedBase:
+    """One loaded base model and the peft adapters added to it."""
+
+    model: object
+    tokenizer: object
+    adapters: dict[str, str] = field(default_factory=dict)  # adapter folder -> peft adapter name
+
+
+@dataclass
+class Servable:
+    """What generation needs for one model id."""
+
+    model_id: str
+    model: object
+    tokenizer: object
+    adapter_name: Optional[str]  # peft adapter to set; None with a peft model means "adapters off"
+
+    @contextlib.contextmanager
+    def active(self):
+        """Select this id's adapter on a shared base for the duration of one batch."""
+        from peft import PeftModel
+
+        if not isinstance(self.model, PeftModel):
+            yield
+        elif self.adapter_name is None:
+            with self.model.disable_adapter():
+                yield
+        else:
+            self.model.set_adapter(self.adapter_name)
+            yield
+
+
+class ModelPool:
+    """Resolves model ids and keeps what was loaded (one copy per base)."""
+
+    def __init__(self, workspace: Workspace, bases: dict[str, str] | None = None, device: str = "cpu") -> None:
+        self.workspace = workspace
+        self.bases = dict(bases or {})  # id given at start -> alias or folder
+        self.device = device
+        self.loaded: dict[str, LoadedBase] = {}
+        self.separate: dict[str, Servable] = {}  # results that cannot share a base (full, partial)
+        self.lock = threading.Lock()
+
+    # --- ids -----------------------------------------------------------------------------------
+
+    def list_ids(self) -> list[dict]:
+        """Every servable id: bases given at start, built-in aliases, workspace models, runs, exports."""
+        from tunesmith.models.aliases import ALIASES
+
+        entries = [{"id": name, "kind": "base"} for name in self.bases]
+        entries += [{"id": name, "kind": "alias"} for name in ALIASES.names() if name not in self.bases]
+        for folder, kind in (("models", "base"), ("exports", "export"), ("runs", "run")):
+            for path in sorted((self.workspace.root / folder).glob("*")):
+                if path.is_dir() and self._folder_kind(path) is not None:
+                    entries.append({"id": f"{folder}/{path.name}", "kind": kind})
+        return entries
+
+    def spec(self, model_id: str) -> ModelSpec:
+        """What ``model_id`` names.
+
+        Raises:
+            UnknownModel: If it is neither a known base nor a servable workspace folder.
+        """
+        from tunesmith.models.aliases import ALIASES
+
+        if model_id in self.bases:
+            return ModelSpec(model_id, self.bases[model_id])
+        if model_id in ALIASES:
+            return ModelSpec(model_id, model_id)
+        try:
+            folder = self.workspace.resolve(model_id, must_exist=True)
+        except TunesmithError:
+            raise UnknownModel(f"model '{model_id}' is not an alias, a base given at start or a workspace "
+                               "model, run or export folder; GET /v1/models lists them") from None
+        kind = self._folder_kind(folder)
+        if kind == "hf":
+            return ModelSpec(model_id, str(folder))
+        if kind == "run":
+            folder = folder / "adapter" if (folder / "adapter").is_dir() else folder / "model"
+            kind = self._folder_kind(folder)
+        if kind == "result":
+            return ModelSpec(model_id, self._base_of(folder, self.workspace.root), str(folder))
+        if kind == "hf":
+            return ModelSpec(model_id, str(folder))
+        raise UnknownModel(f"workspace folder '{model_id}' holds no model, trained result or finished run")
+
+    @staticmethod
+    def _folder_kind(folder: Path) -> Optional[str]:
+        if (folder / MANIFEST).is_file() or (folder / "adapter_config.json").is_file():
+            return "result"
+        if (folder / "config.json").is_file():
+            return "hf"
+        if (folder / "adapter").is_dir() or (folder / "model").is_dir():
+            return "run"
+        return None
+
+    @staticmethod
+    def _base_of(result: Path, root: Path) -> str:
+        """The base model a trained result was trained from (its manifest, or the peft config).
+
+        A relative folder is relative to the workspace: the studio's jobs run there.
+        """
+        name = None
+        if (result / MANIFEST).is_file():
+            from tunesmith.methods.base import read_manifest  # a damaged manifest is a sentence, not a traceback
+
+            name = read_manifest(result).get("base_model")
+        if not name and (result / "adapter_config.json").is_file():
+            name = json.loads((result / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        if not name:
+            raise UnknownModel(f"{result} does not record its base model")
+        if not Path(name).is_absolute() and (root / name).is_dir():
+            return str((root / name).resolve())
+        return name
+
+    # --- loading -------------------------------------------------------------------------------
+
+    def get(self, model_id: str) -> Servable:
+        """The loaded model for ``model_id`` (loading it on first use)."""
+        spec = self.spec(model_id)
+        with self.lock:
+            return self._load(spec)
+
+    def _load(self, spec: ModelSpec) -> Servable:
+        from tunesmith.inference import load_for_inference, load_trained
+
+        base = self.loaded.get(spec.base)
+        if base is None:
+            model, tokenizer = load_for_inference(spec.base, device=self.device)
+            base = self.loaded[spec.base] = LoadedBase(model, tokenizer)
+        if spec.adapter is None:
+            return Servable(spec.model_id, base.model, base.tokenizer, None)
+        if spec.adapter in self.separate:
+            return self.separate[spec.adapter]
+        adapter = Path(spec.adapter)
+        if not (adapter / "adapter_config.json").is_file():
+            # full or partial fine-tuning rewrites base weights: it gets a model of its own
+            model, tokenizer = load_for_inference(spec.base, spec.adapter, device=self.device)
+            self.separate[spec.adapter] = Servable(spec.model_id, model, tokenizer, None)
+            return self.separate[spec.adapter]
+        tokenizer = _result_tokenizer(adapter, spec.base, base.tokenizer)
+        if spec.adapter not in base.adapters:
+            from peft import PeftModel
+
+            name = f"a{len(base.adapters)}"
+            if isinstance(base.model, PeftModel):
+                base.model.load_adapter(str(adapter), adapter_name=name)
+            else:
+                base.model = load_trained(base.model, adapter).eval()
+                name = base.model.active_adapter
+            base.adapters[spec.adapter] = name
+        return Servable(spec.model_id, base.model, tokenizer, base.adapters[spec.adapter])
+
+
+def _result_tokenizer(adapter: Path, base: str, base_tokenizer):
+    """The tokenizer saved with a result (it carries the training chat template), else the base's."""
+    if not (adapter / "tokenizer_config.json").is_file():
+        return base_tokenizer
+    from tunesmith.config import ModelSection
+    from tunesmith.data.templates import resolve_template
+    from tunesmith.models import load_tokenizer
+
+    tokenizer = load_tokenizer(str(adapter), ModelSection(name=base))
+    resolve_template(tokenizer, "auto")
+    return tokenizer

@@ -1,0 +1,358 @@
+"""The studio's own routes under ``/api``: files, data, recipes, the plan, runs and preferences.
+
+Every screen of the studio is a client of these routes (and of ``/v1`` and ``/api/jobs``);
+nothing is reachable only by clicking. Paths in requests are workspace-relative and resolved by
+:meth:`Workspace.resolve`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import difflib
+import json
+import os
+import tempfile
+from itertools import islice
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+from fastapi import APIRouter, File, Query, Request, UploadFile
+from fastapi.responses import FileResponse
+from pydantic import BaseModel, Field, ValidationError
+
+from tunesmith.errors import TunesmithError
+from tunesmith.serve.workspace import TooLarge
+
+router = APIRouter(prefix="/api")
+
+
+def _workspace(request: Request):
+    return request.app.state.workspace
+
+
+# --- files and data --------------------------------------------------------------------------------
+
+
+@router.get("/files")
+async def list_files(request: Request, folder: str = "data"):
+    """Files in a workspace folder (not recursive), newest first."""
+    root = _workspace(request).resolve(folder, must_exist=True)
+    entries = [{"path": _workspace(request).relative(p), "name": p.name, "size": p.stat().st_size,
+                "modified": p.stat().st_mtime, "folder": p.is_dir()} for p in root.iterdir() if not p.name.startswith(".")]
+    return {"folder": folder, "files": sorted(entries, key=lambda e: -e["modified"])}
+
+
+@router.post("/upload")
+async def upload(request: Request, file: UploadFile = File(...)):
+    """Store an uploaded data file under ``data/`` with a generated name (size-limited)."""
+    workspace, limit = _workspace(request), request.app.state.max_upload_bytes
+    target = workspace.new_upload_path(file.filename or "")
+    partial = target.with_name(f".{target.name}.partial")
+    size = 0
+    with partial.open("wb") as handle:
+        while chunk := await file.read(1 << 20):
+            size += len(chunk)
+            if size > limit:
+                handle.close()
+                partial.unlink()
+                raise TooLarge(f"upload is larger than the limit of {limit // (1 << 20)} MiB (serve --max-upload-mb)")
+            handle.write(chunk)
+    os.replace(partial, target)
+    return {"path": workspace.relative(target), "size": size, "original_name": file.filename}
+
+
+@router.get("/data/preview")
+async def preview(request: Request, path: str, limit: int = Query(20, ge=1, le=200)):
+    """The first records as read (``rows``) and as conversations (``examples``), in their detected format."""
+    from tunesmith.data.formats import FORMATS, FormatOptions, detect_format
+    from tunesmith.data.readers import read_records
+
+    file = _workspace(request).resolve(path, must_exist=True)
+    records = list(islice(read_records(file), limit))
+    if not records:
+        return {"path": path, "format": None, "rows": [], "examples": []}
+    data_format = detect_format(records[0])
+    convert = FORMATS.get(data_format).convert
+    examples = []
+    for record in records:
+        try:
+            example = convert(record, FormatOptions())
+            examples.append({"messages": list(example.messages), "text": example.text})
+        except TunesmithError as error:
+            examples.append({"error": str(error)})
+    return {"path": path, "format": data_format, "rows": [r.fields for r in records], "examples": examples}
+
+
+class PathBody(BaseModel):
+    path: str
+
+
+@router.post("/data/inspect")
+async def inspect(body: PathBody, request: Request):
+    """``tunesmith data inspect`` (lengths in words): counts, lengths, duplicates and the verdict."""
+    from tunesmith.data.prepare.inspect import inspect_file
+
+    file = _workspace(request).resolve(body.path, must_exist=True)
+    report = await asyncio.to_thread(inspect_file, file, max_length=1024)
+    return {**report.as_dict(), "verdict": report.verdict()}
+
+
+class PreferenceBody(BaseModel):
+    messages: list[dict[str, str]] = Field(min_length=1)
+    chosen: str
+    rejected: str
+    chosen_model: Optional[str] = None
+    rejected_model: Optional[str] = None
+    path: str = "data/preferences.jsonl"
+
+
+@router.post("/preferences")
+async def add_preference(body: PreferenceBody, request: Request):
+    """Append one preference pair (``prompt``/``chosen``/``rejected``) to a workspace JSON Lines file."""
+    file = _workspace(request).resolve(body.path)
+    if file.suffix != ".jsonl":
+        raise TunesmithError(f"preferences go to a .jsonl file, not '{body.path}'")
+    prompt_turns = [m for m in body.messages if m.get("role") in ("system", "user", "assistant")]
+    record: dict[str, Any] = {"chosen": body.chosen, "rejected": body.rejected,
+                              "meta": {"chosen_model": body.chosen_model, "rejected_model": body.rejected_model}}
+    if len(prompt_turns) == 1 and prompt_turns[0]["role"] == "user":
+        record["prompt"] = prompt_turns[0]["content"]
+    else:
+        record["messages"] = prompt_turns
+    file.parent.mkdir(parents=True, exist_ok=True)
+    with file.open("a") as handle:  # appending one whole line: earlier pairs are never rewritten
+        handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+    with file.open() as handle:
+        count = sum(1 for line in handle if line.strip())
+    return {"path": body.path, "pairs": count}
+
+
+@router.get("/files/raw")
+async def raw_file(request: Request, path: str):
+    """A workspace file as is (a run's report.html, a plot); HTML is sandboxed away from the API."""
+    file = _workspace(request).resolve(path, must_exist=True)
+    if not file.is_file():
+        raise TunesmithError(f"'{path}' is not a file")
+    return FileResponse(file, headers={"Content-Security-Policy": "sandbox allow-scripts",
+                                       "X-Content-Type-Options": "nosniff"})
+
+
+# --- recipes and the plan ------------------------------------------------------------------------
+
+
+@router.get("/recipe/schema")
+async def recipe_schema():
+    from tunesmith.config import Recipe
+
+    return Recipe.model_json_schema()
+
+
+@router.get("/recipe/models")
+async def model_choices(request: Request):
+    """Models a recipe can start from: bases given at start, aliases and workspace model folders."""
+    return {"models": [e for e in request.app.state.pool.list_ids() if e["kind"] in ("base", "alias", "export")]}
+
+
+class RecipeBody(BaseModel):
+    recipe: dict[str, Any]
+    name: Optional[str] = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+def check_recipe(raw: dict[str, Any], request: Request) -> tuple[Any, list[dict]]:
+    """Validate a recipe from the browser: (recipe or None, errors each with its field location).
+
+    Beyond the recipe's own validation: the model is an alias, a base given at start or a
+    workspace folder; data files and the output folder lie in the workspace (output under
+    ``runs/``); ``trust_remote_code`` stays off.
+    """
+    from tunesmith.config import Recipe
+    from tunesmith.config.loader import describe_error
+    from tunesmith.models.aliases import ALIASES
+
+    workspace, bases = _workspace(request), request.app.state.pool.bases
+    raw = json.loads(json.dumps(raw))  # a private copy: the start-given base id becomes its path
+    name = (raw.get("model") or {}).get("name") if isinstance(raw.get("model"), dict) else None
+    if name in bases:
+        raw["model"]["name"] = bases[name]
+    try:
+        recipe = Recipe.model_validate(raw)
+    except ValidationError as error:
+        return None, [{"loc": ".".join(str(p) for p in item["loc"]), "message": describe_error(item)}
+                      for item in error.errors()]
+    errors = []
+    if recipe.model.trust_remote_code:
+        errors.append({"loc": "model.trust_remote_code",
+                       "message": "trust_remote_code cannot be switched on from the studio; use the command line"})
+    if name not in bases and recipe.model.name not in ALIASES:
+        _check_path(workspace, "model.name", recipe.model.name, errors)
+    for index, file in enumerate(recipe.data.train):
+        _check_path(workspace, f"data.train.{index}", file, errors)
+    if recipe.data.validation:
+        _check_path(workspace, "data.validation", recipe.data.validation, errors)
+    for index, source in enumerate(recipe.data.sources):
+        for number, file in enumerate(source.train):
+            _check_path(workspace, f"data.sources.{index}.train.{number}", file, errors)
+        if source.validation:
+            _check_path(workspace, f"data.sources.{index}.validation", source.validation, errors)
+    if _check_path(workspace, "output.dir", recipe.output.dir, errors):
+        if workspace.root / "runs" not in workspace.resolve(recipe.output.dir).parents:
+            errors.append({"loc": "output.dir", "message": "output.dir must be a folder under runs/, such as runs/my-run"})
+    return (None if errors else recipe), errors
+
+
+def _check_path(workspace, location: str, value: str, errors: list[dict]) -> bool:
+    try:
+        workspace.resolve(value)
+        return True
+    except TunesmithError as error:
+        errors.append({"loc": location, "message": str(error)})
+        return False
+
+
+@router.post("/recipe/check")
+async def recipe_check(body: RecipeBody, request: Request):
+    """Validation errors at their fields, and the YAML of what is being built."""
+    recipe, errors = check_recipe(body.recipe, request)
+    if recipe is not None:
+        from tunesmith.config import recipe_to_yaml
+
+        text = recipe_to_yaml(recipe)
+    else:
+        text = yaml.safe_dump(body.recipe, sort_keys=False)
+    return {"valid": not errors, "errors": errors, "yaml": text}
+
+
+@router.post("/recipe/parse")
+async def recipe_parse(request: Request):
+    """An uploaded YAML recipe (the request body) back as a mapping for the form."""
+    try:
+        raw = yaml.safe_load((await request.body()).decode("utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as error:
+        raise TunesmithError(f"the recipe is not valid YAML: {error}") from None
+    if not isinstance(raw, dict):
+        raise TunesmithError("the recipe must be a mapping of sections (model, data, method, ...)")
+    return {"recipe": raw}
+
+
+@router.post("/recipes")
+async def save_recipe(body: RecipeBody, request: Request):
+    """Write a valid recipe to ``recipes/NAME.yaml`` (never replacing another)."""
+    from tunesmith.config import recipe_to_yaml
+
+    workspace = _workspace(request)
+    recipe, errors = check_recipe(body.recipe, request)
+    if recipe is None:
+        raise TunesmithError("; ".join(f"{e['loc']}: {e['message']}" for e in errors))
+    target = unique_path(workspace.root / "recipes", body.name or "recipe", ".yaml")
+    _write_atomically(target, recipe_to_yaml(recipe))
+    return {"path": workspace.relative(target)}
+
+
+@router.post("/plan")
+async def plan(body: RecipeBody, request: Request):
+    """What the run will need, as far as it is known before it starts."""
+    recipe, errors = check_recipe(body.recipe, request)
+    if recipe is None:
+        raise TunesmithError("; ".join(f"{e['loc']}: {e['message']}" for e in errors))
+    try:
+        return await asyncio.to_thread(estimate_plan, recipe, _workspace(request).root)
+    except TunesmithError:
+        raise
+    except Exception as error:  # a model or method the meta device cannot build: say so, not a 500
+        raise TunesmithError(f"could not work out the plan for {recipe.model.name}: {error}") from None
+
+
+def estimate_plan(recipe, root: Path) -> dict:
+    """Parameters and trainable share (the model built on the meta device: no weights read) and a
+    first memory estimate (weights + gradients + Adam moments of the trainable part)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from tunesmith.methods import build_method, count_parameters
+    from tunesmith.models import resolve_model_path
+    from tunesmith.runtime import cache_dir
+
+    name = recipe.model.name
+    path = resolve_model_path(str(root / name) if (root / name).is_dir() else name, cache_dir())
+    config = AutoConfig.from_pretrained(path)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    total_before = sum(p.numel() for p in model.parameters())
+    model = build_method(recipe.method).apply(model)
+    trainable, total = count_parameters(model)
+    bytes_per = 2 if recipe.model.dtype in ("bfloat16", "float16") else 4
+    memory_mb = (total * bytes_per + trainable * (4 + 8)) / 2**20  # weights, fp32 grads, two Adam moments
+    steps = recipe.train.max_steps
+    return {"model": recipe.model.name, "method": recipe.method.kind, "total_parameters": total,
+            "base_parameters": total_before, "trainable_parameters": trainable,
+            "trainable_share": trainable / max(total, 1), "weights_and_optimizer_mb": round(memory_mb, 1),
+            "max_steps": steps, "batch_size": recipe.train.batch_size, "max_length": recipe.data.max_length,
+            "note": "activation memory and time are measured during the first steps (Train screen)"}
+
+
+# --- runs ----------------------------------------------------------------------------------------------
+
+
+def _read_metrics(folder: Path) -> list[dict]:
+    file = folder / "metrics.jsonl"
+    if not file.is_file():
+        return []
+    records = []
+    for line in file.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            pass  # a line being written right now
+    return records
+
+
+def run_info(folder: Path, workspace) -> dict:
+    summary = folder / "summary.json"
+    return {"path": workspace.relative(folder), "name": folder.name,
+            "summary": json.loads(summary.read_text()) if summary.is_file() else None,
+            "finished": summary.is_file(), "has_report": (folder / "eval" / "report.html").is_file(),
+            "modified": folder.stat().st_mtime}
+
+
+@router.get("/runs")
+async def list_runs(request: Request):
+    workspace = _workspace(request)
+    runs = [run_info(p, workspace) for p in (workspace.root / "runs").iterdir() if p.is_dir()]
+    return {"runs": sorted(runs, key=lambda r: -r["modified"])}
+
+
+@router.get("/runs/metrics")
+async def run_metrics(request: Request, path: str, offset: int = Query(0, ge=0)):
+    """The records of a run's metrics.jsonl from ``offset`` on (for live curves)."""
+    records = _read_metrics(_workspace(request).resolve(path, must_exist=True))
+    return {"records": records[offset:], "next_offset": len(records)}
+
+
+@router.get("/runs/compare")
+async def compare_runs(request: Request, runs: list[str] = Query(..., min_length=2)):
+    """Two or more runs side by side: curves, headline metrics, and the recipe diff of the first two."""
+    workspace = _workspace(request)
+    folders = [workspace.resolve(path, must_exist=True) for path in runs]
+    configs = [(f / "config.yaml").read_text() if (f / "config.yaml").is_file() else "" for f in folders]
+    diff = "".join(difflib.unified_diff(configs[0].splitlines(True), configs[1].splitlines(True),
+                                        fromfile=runs[0], tofile=runs[1]))
+    return {"runs": [{**run_info(f, workspace), "metrics": _read_metrics(f)} for f in folders], "recipe_diff": diff}
+
+
+# --- helpers -------------------------------------------------------------------------------------------
+
+
+def unique_path(folder: Path, stem: str, suffix: str) -> Path:
+    """``folder/stem<suffix>``, or with -2, -3, ... when taken: nothing existing is replaced."""
+    candidate, number = folder / f"{stem}{suffix}", 2
+    while candidate.exists():
+        candidate, number = folder / f"{stem}-{number}{suffix}", number + 1
+    return candidate
+
+
+def _write_atomically(target: Path, text: str) -> None:
+    handle, temporary = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
+    with os.fdopen(handle, "w") as stream:
+        stream.write(text)
+    os.replace(temporary, target)

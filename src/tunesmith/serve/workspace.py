@@ -1,0 +1,67 @@
+"""The workspace folder: where uploads, recipes, runs, exports and the job store live.
+
+Every path that comes from the browser or the API goes through :meth:`Workspace.resolve`, which
+refuses absolute paths, ``..`` and symlinks that lead outside.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from pathlib import Path, PurePosixPath
+
+from tunesmith.errors import TunesmithError
+
+SUBFOLDERS = ("data", "recipes", "runs", "exports", "models", "jobs")
+
+
+class PathRefused(TunesmithError):
+    """A path from the browser or the API that is not inside the workspace."""
+
+
+class TooLarge(TunesmithError):
+    """An upload over the server's size limit."""
+
+
+class Workspace:
+    """The root folder and the rules for paths under it."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root).expanduser().resolve()
+        self.root.mkdir(parents=True, exist_ok=True)
+        for name in SUBFOLDERS:
+            (self.root / name).mkdir(exist_ok=True)
+
+    def resolve(self, relative: str, must_exist: bool = False) -> Path:
+        """The absolute path of ``relative``, refused unless it stays inside the workspace.
+
+        Raises:
+            PathRefused: If the path is empty, absolute, has ``..`` or a NUL, or resolves (through
+                symlinks) outside the workspace; or must exist and does not.
+        """
+        text = str(relative or "").replace("\\", "/")
+        parts = PurePosixPath(text).parts
+        if not text or "\x00" in text or text.startswith("/") or (len(text) > 1 and text[1] == ":"):
+            raise PathRefused(f"path '{relative}' must be relative to the workspace")
+        if ".." in parts:
+            raise PathRefused(f"path '{relative}' must not contain '..'")
+        candidate = (self.root / Path(*parts)).resolve()
+        if candidate != self.root and self.root not in candidate.parents:
+            raise PathRefused(f"path '{relative}' leads outside the workspace")
+        if must_exist and not candidate.exists():
+            raise PathRefused(f"path '{relative}' does not exist in the workspace")
+        return candidate
+
+    def relative(self, path: Path) -> str:
+        """``path`` written relative to the workspace, with forward slashes."""
+        return Path(os.path.relpath(Path(path).resolve(), self.root)).as_posix()
+
+    def new_upload_path(self, original_name: str) -> Path:
+        """A fresh generated file name in ``data/``, keeping only a known extension of the original."""
+        name = original_name.lower()
+        for extension in (".jsonl.gz", ".json.gz", ".csv.gz", ".jsonl", ".json", ".csv", ".parquet", ".txt", ".gz"):
+            if name.endswith(extension):
+                break
+        else:
+            raise PathRefused(f"upload '{original_name}' must be .json, .jsonl, .csv, .parquet or .txt (optionally .gz)")
+        return self.root / "data" / f"upload-{secrets.token_hex(6)}{extension}"

@@ -1,0 +1,191 @@
+"""The output folder of a run: what may be replaced, resumed or cleaned up, checked before the model loads.
+
+Three rules keep a user's files safe:
+
+* ``--overwrite`` only replaces a folder that is recognisably a tunesmith run (``config.yaml``,
+  ``summary.json`` or ``checkpoints/``, and nothing a run does not write), never ``.``, ``~``, ``/``
+  or a folder holding the current one. The old run is renamed aside (``DIR.tunesmith-old``) and
+  removed only when the new run has finished; a rerun that fails before its first checkpoint puts it
+  back, so the old result is intact.
+* ``--resume`` is checked before anything is rewritten: the run must be unfinished, a whole
+  checkpoint must exist (damaged newer ones are skipped with a warning) and ``train.max_steps`` must
+  not lie below its step.
+* A run that fails before writing its first checkpoint removes what it created, so the corrected
+  rerun is not refused as "not empty".
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+from tunesmith.errors import TunesmithError
+from tunesmith.training.checkpoint import checkpoint_step, latest_checkpoint, list_checkpoints
+
+MARKERS = ("config.yaml", "summary.json", "checkpoints")
+# Everything a run writes into its folder; an --overwrite that finds anything else refuses.
+RUN_ENTRIES = frozenset({
+    *MARKERS, "metrics.jsonl", "adapter", "model", "task_before.json", "task_after.json", "tensorboard", "eval",
+    "retain_before.json", "task_loss_before.json",
+})
+ASIDE_SUFFIX = ".tunesmith-old"
+
+
+def _warn(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def is_run_folder(folder: Path) -> bool:
+    """True when ``folder`` holds one of a run's marker files (config.yaml, summary.json, checkpoints/)."""
+    return folder.is_dir() and any((folder / name).exists() for name in MARKERS)
+
+
+def _temporary(name: str) -> bool:
+    """A run's own leftovers of an interrupted write: ``.NAME...partial``, ``.NAME.old``, a write probe."""
+    return name.startswith(".") and (".partial" in name or name.endswith(".old")
+                                     or name.startswith(".tunesmith-probe-"))
+
+
+def foreign_entries(folder: Path) -> list[str]:
+    """Names in ``folder`` that no run writes."""
+    return sorted(entry.name for entry in folder.iterdir()
+                  if entry.name not in RUN_ENTRIES and not _temporary(entry.name))
+
+
+def refuse_unsafe_replacement(out: Path) -> None:
+    """Refuse to replace ``/``, the home folder, the current folder or one above it, or anything but a run.
+
+    Raises:
+        TunesmithError: Naming the folder and why it is not replaced.
+    """
+    resolved, cwd = out.resolve(), Path.cwd().resolve()
+    if resolved in (Path(resolved.anchor), Path.home().resolve()) or cwd == resolved or resolved in cwd.parents:
+        raise TunesmithError(f"--overwrite refuses to replace {out} ({resolved}): it is the root, the home folder, "
+                             "or the current folder or one above it; choose a dedicated output.dir")
+    if not is_run_folder(out):
+        raise TunesmithError(f"--overwrite only replaces a tunesmith run, and {out} has no config.yaml, summary.json "
+                             "or checkpoints/; choose another output.dir or empty it yourself")
+    foreign = foreign_entries(out)
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
+        raise TunesmithError(f"--overwrite would delete files no run writes in {out} ({shown}); "
+                             "move them out first or choose another output.dir")
+
+
+def check_writable(out: Path) -> None:
+    """Create ``out`` if needed and make sure files can be written in it.
+
+    Raises:
+        TunesmithError: If the folder (or its parent) is read-only or cannot be created.
+    """
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        descriptor, probe = tempfile.mkstemp(prefix=".tunesmith-probe-", dir=out)
+        os.close(descriptor)
+        os.unlink(probe)
+    except OSError as error:
+        raise TunesmithError(f"cannot write in output folder {out} ({error.strerror or error}); "
+                             "choose a writable output.dir") from None
+
+
+@dataclass
+class RunFolder:
+    """The checked output folder of one run.
+
+    Attributes:
+        out: The folder the run writes into.
+        resume_from: The whole checkpoint to resume from (None for a new run).
+        replaced: Where ``--overwrite`` put the run it replaces until this one finishes.
+        fresh: The folder was empty or missing, so everything in it is this run's.
+        made: The folder did not exist before this run.
+    """
+
+    out: Path
+    resume_from: Optional[Path] = None
+    replaced: Optional[Path] = None
+    fresh: bool = False
+    made: bool = False
+
+    def finished(self) -> None:
+        """The run completed: the run it replaced goes (also after an interrupted --overwrite was resumed)."""
+        aside = self.replaced or self.out.with_name(self.out.name + ASIDE_SUFFIX)
+        if aside.is_dir() and is_run_folder(aside):
+            shutil.rmtree(aside)
+
+    def failed(self, warn: Callable[[str], None] = _warn) -> None:
+        """The run stopped early: keep it if it has a checkpoint, else remove it and restore what it replaced."""
+        if list_checkpoints(self.out / "checkpoints") or not (self.fresh or self.replaced):
+            if self.replaced is not None:
+                warn(f"the run replaced by --overwrite is kept in {self.replaced} until this one finishes")
+            return
+        for entry in self.out.iterdir() if self.out.is_dir() else ():
+            shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+        if self.made or self.replaced is not None:
+            self.out.rmdir()
+        if self.replaced is not None:
+            self.replaced.rename(self.out)
+            warn(f"the previous run in {self.out} was left as it was")
+
+
+def open_run_folder(out: Path, resume: bool, overwrite: bool, max_steps: Optional[int] = None,
+                    is_main: bool = True, warn: Callable[[str], None] = _warn) -> RunFolder:
+    """Check the output folder for a new, replacing or resumed run, before any model is loaded.
+
+    Args:
+        out: The recipe's ``output.dir``.
+        resume: ``--resume`` was given.
+        overwrite: ``--overwrite`` (``output.overwrite``) was given.
+        max_steps: The recipe's ``train.max_steps``, checked against the checkpoint's step.
+        is_main: Only the main process moves and creates folders.
+        warn: Told about damaged checkpoints that were skipped.
+
+    Raises:
+        TunesmithError: For anything that would lose a user's file or cannot continue, as one sentence.
+    """
+    out = out.expanduser()
+    occupied = out.is_dir() and any(out.iterdir())
+    if out.exists() and not out.is_dir():
+        raise TunesmithError(f"output.dir {out} is a file; give a folder")
+    if resume:
+        return RunFolder(out, resume_from=_checked_resume(out, occupied, max_steps, warn))
+    if not occupied:
+        made = not out.exists()
+        if is_main:
+            check_writable(out)
+        return RunFolder(out, fresh=True, made=made)
+    if not overwrite:
+        raise TunesmithError(f"output folder {out} is not empty; choose another output.dir, continue it with "
+                             "--resume, or replace it with --overwrite")
+    refuse_unsafe_replacement(out)
+    aside = out.with_name(out.name + ASIDE_SUFFIX)
+    if aside.exists():
+        raise TunesmithError(f"{aside} still holds a run replaced by an earlier --overwrite that did not finish; "
+                             f"delete or move it, or finish that run with --resume")
+    if is_main:
+        try:
+            out.rename(aside)
+        except OSError as error:
+            raise TunesmithError(f"cannot replace output folder {out} ({error.strerror or error}); "
+                                 "choose a writable output.dir") from None
+        check_writable(out)
+    return RunFolder(out, replaced=aside, fresh=True, made=True)
+
+
+def _checked_resume(out: Path, occupied: bool, max_steps: Optional[int], warn: Callable[[str], None]) -> Path:
+    if not occupied:
+        raise TunesmithError(f"nothing to resume: output folder {out} is empty or missing")
+    if (out / "summary.json").is_file():
+        raise TunesmithError(f"the run in {out} has finished (it has summary.json), so there is nothing to resume; "
+                             "to train further, start a new run with another output.dir")
+    check_writable(out)
+    checkpoint = latest_checkpoint(out / "checkpoints", warn)
+    step = checkpoint_step(checkpoint)
+    if max_steps is not None and step > max_steps:
+        raise TunesmithError(f"train.max_steps={max_steps} is below step {step} of checkpoint {checkpoint}; "
+                             f"set train.max_steps to at least {step} to resume")
+    return checkpoint

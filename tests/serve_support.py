@@ -1,0 +1,96 @@
+"""Helpers of the ``tunesmith serve`` tests: a workspace on stories260k, a real server process."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from conftest import REPO
+
+
+def make_workspace(root: Path, stories260k: str, alpaca_demo: str, records: int = 48) -> Path:
+    """A workspace holding stories260k under models/ and the first alpaca records under data/."""
+    (root / "models").mkdir(parents=True, exist_ok=True)
+    shutil.copytree(stories260k, root / "models" / "stories260k")
+    (root / "data").mkdir(exist_ok=True)
+    rows = json.loads(Path(alpaca_demo).read_text())[:records]
+    (root / "data" / "tiny.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return root
+
+
+def tiny_recipe(run: str, steps: int = 6, **train) -> dict:
+    """A fast recipe on the workspace's stories260k and tiny.jsonl (paths relative to the workspace)."""
+    return {"model": {"name": "models/stories260k"},
+            "data": {"train": ["data/tiny.jsonl"], "max_length": 48, "template": "simple"},
+            "method": {"kind": "lora", "r": 4, "alpha": 8, "dropout": 0.0},
+            "train": {"max_steps": steps, "batch_size": 2, "lr": 5e-3, "log_every": 1, "seed": 0, **train},
+            "output": {"dir": f"runs/{run}"}}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Server:
+    """``python -m tunesmith serve`` in its own process, on a free loopback port."""
+
+    def __init__(self, workspace: Path, *extra: str) -> None:
+        self.workspace, self.extra = workspace, extra
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.process: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 120) -> "Server":
+        import httpx
+
+        env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
+        self.log = open(self.workspace / f"server-{self.port}.log", "a")
+        self.process = subprocess.Popen([sys.executable, "-m", "tunesmith", "serve", "--workspace", str(self.workspace),
+                                         "--port", str(self.port), *self.extra], env=env, stdout=self.log,
+                                        stderr=subprocess.STDOUT)
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"server exited: {(self.workspace / f'server-{self.port}.log').read_text()[-2000:]}")
+            try:
+                if httpx.get(self.url + "/v1/models", timeout=2, headers=self.headers()).status_code in (200, 401):
+                    return self
+            except httpx.HTTPError:
+                time.sleep(0.3)
+        raise RuntimeError("server did not start in time")
+
+    def headers(self) -> dict:
+        if "--api-key" in self.extra:
+            return {"Authorization": f"Bearer {self.extra[self.extra.index('--api-key') + 1]}"}
+        return {}
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(sig)
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process = None
+        self.log.close()
+
+
+def wait_for(predicate, timeout: float = 240, every: float = 0.3):
+    """Poll ``predicate`` until it returns something truthy; that value is returned."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout} s waiting for {predicate}")
