@@ -67,6 +67,7 @@ def finetune(recipe: Recipe, resume: bool = False, extra_hooks: Sequence[Hook] =
         safeguards.before_method(model, tokenizer, data)
         method = build_method(recipe.method)
         model = method.apply(stage.prepare_model(model))
+        stage.after_method(model)  # e.g. a reward head trains; DPO keeps its reference
         parameters = count_parameters(model)  # before gradual unfreezing adds any
         say(describe_parameters(method, parameters))
         loop = assemble_loop(recipe, stage, model, method, tokenizer, data, safeguards, runtime, out, say, progress,
@@ -90,7 +91,7 @@ def finetune(recipe: Recipe, resume: bool = False, extra_hooks: Sequence[Hook] =
         forgetting = safeguards.after_training(model, tokenizer, data)
         gathered = trainer.saveable_state()  # FSDP: the shards joined into one state dict (a collective)
         if runtime.is_main:
-            save_result(method, model, tokenizer, out, recipe, data.template, gathered)
+            save_result(method, model, tokenizer, out, recipe, data.template, gathered, stage)
         task_after = evaluate_task(model, tokenizer, recipe, runtime, out / "task_after.json", "after training")
         summary = finish(recipe, result, method, data, runtime, out, parameters, forgetting, task_before, task_after, say)
         if runtime.is_main:
@@ -182,18 +183,21 @@ def evaluate_task(model, tokenizer, recipe: Recipe, runtime: Runtime, cache: Pat
 
 
 def save_result(method, model, tokenizer, out: Path, recipe: Recipe, template: str,
-                state_dict: Optional[dict] = None) -> Path:
-    """Write the result folder atomically: method artifact, tokenizer (with the chat template), manifest.
+                state_dict: Optional[dict] = None, stage=None) -> Path:
+    """Write the result folder atomically: method artifact, what the stage adds (a head), tokenizer, manifest.
 
     ``state_dict``: the model's state gathered from its shards (FSDP), saved instead of its parameters.
     """
     final = out / method.artifact
     with atomic_folder(final) as partial:
         method.save(model, partial, state_dict=state_dict)
+        if stage is not None:
+            stage.save(model, partial)
         tokenizer.save_pretrained(partial)
         local = Path(recipe.model.name).expanduser()
         base_model = str(local.resolve()) if local.is_dir() else recipe.model.name  # a folder: valid from any cwd
-        method.write_manifest(partial, base_model=base_model, template=template, base_config=base_shape(model))
+        method.write_manifest(partial, base_model=base_model, template=template, base_config=base_shape(model),
+                              stage=recipe.stage.kind)
     return final
 
 

@@ -28,7 +28,7 @@ def register(commands) -> None:
 
 
 def _common(parser: argparse.ArgumentParser, output: bool = True, on_error_help: str = "") -> None:
-    parser.add_argument("file", help="Data file (.json, .jsonl, .csv, .parquet, .txt, optionally .gz).")
+    parser.add_argument("file", help="Data file (.json, .jsonl, .csv, .tsv, .parquet, .txt, optionally .gz).")
     if output:
         parser.add_argument("-o", "--output", required=True, help="New .jsonl file to write.")
         parser.add_argument("--force", action="store_true", help="Replace the output if it exists.")

@@ -14,7 +14,9 @@ from tunesmith.config.recipe import (
 )
 from tunesmith.config.schema import schema_text
 from tunesmith.config.speed import SpeedSection
-from tunesmith.config.stages import GrpoStage, SftStage, StageSection
+from tunesmith.config.stages import (
+    ClsStage, DpoStage, GrpoStage, KtoStage, OrpoStage, PtStage, RmStage, SftStage, SimpoStage, StageSection,
+)
 from tunesmith.config.train import EarlyStoppingSection, GaloreSection, TrainSection
 
 __all__ = [
@@ -37,6 +39,13 @@ __all__ = [
     "RegulariseSection",
     "RetainSection",
     "SftStage",
+    "SimpoStage",
+    "PtStage",
+    "RmStage",
+    "DpoStage",
+    "OrpoStage",
+    "KtoStage",
+    "ClsStage",
     "SpeedSection",
     "StageSection",
     "TrainSection",

@@ -35,7 +35,7 @@ class DataSection(Section):
     """Where the training data is and how it becomes token sequences."""
 
     train: tuple[str, ...] = Field(
-        (), description="Training file(s): .json, .jsonl, .csv, .parquet or .txt, optionally .gz."
+        (), description="Training file(s): .json, .jsonl, .csv, .tsv, .parquet or .txt, optionally .gz."
     )
     format: str = Field(
         "auto", description="Record layout: alpaca, sharegpt, messages, text, or auto (detected)."
@@ -54,6 +54,10 @@ class DataSection(Section):
     max_length: int = Field(1024, ge=8, description="Longest token sequence; longer ones are truncated.")
     train_on: Literal["assistant", "all"] = Field(
         "assistant", description="Compute the loss on assistant tokens only, or on every token."
+    )
+    reasoning: Literal["keep", "strip", "mask"] = Field(
+        "keep", description="<think>...</think> traces in assistant turns: kept and trained, stripped from the "
+        "text, or kept as context but masked out of the loss."
     )
     text_field: str = Field("text", description="Field holding the text for the 'text' format.")
     prepare: Optional[PrepareSection] = Field(

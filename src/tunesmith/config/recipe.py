@@ -100,3 +100,11 @@ class Recipe(Section):
     @classmethod
     def _stage_by_name(cls, value: object) -> object:
         return {"kind": value} if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _retain_needs_token_loss(self) -> "Recipe":
+        # The forgetting report compares the task's token loss before and after: token-level stages only.
+        if self.retain is not None and self.stage.kind not in ("sft", "pt"):
+            raise ValueError(f"retain (the forgetting report) applies to stage sft and pt, not {self.stage.kind}; "
+                             "remove the retain section")
+        return self

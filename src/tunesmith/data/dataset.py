@@ -42,10 +42,11 @@ def prepare_data(section: DataSection, tokenizer, seed: int, cache: Optional[Pat
         validation_examples, formats[section.validation] = load_examples(section.validation, section.format, options)
     elif section.validation_fraction:
         train_examples, validation_examples = split_by_fraction(train_examples, section.validation_fraction, seed)
-    train, train_stats = encode_all(train_examples, tokenizer, section.max_length, "training", section.train_on)
+    train, train_stats = encode_all(train_examples, tokenizer, section.max_length, "training", section.train_on,
+                                         section.reasoning)
     stats = {"train": train_stats}
     validation = None
     if validation_examples is not None:
         validation, stats["validation"] = encode_all(validation_examples, tokenizer, section.max_length,
-                                                     "validation", section.train_on)
+                                                     "validation", section.train_on, section.reasoning)
     return PreparedData(train, validation, template, formats, stats)

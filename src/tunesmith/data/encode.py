@@ -8,14 +8,18 @@ prompt tokens at inference equal the prompt tokens seen in training.
 
 from __future__ import annotations
 
+import re
 import weakref
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from tunesmith.data.formats import Example
+from tunesmith.data.tools import for_template
 from tunesmith.errors import TunesmithError
 
 IGNORE_INDEX = -100
+REASONING = re.compile(r"<think>.*?</think>\s*", re.DOTALL)  # a reasoning trace and the space after it
+Reasoning = Literal["keep", "strip", "mask"]
 
 
 @dataclass(frozen=True)
@@ -38,20 +42,25 @@ def render_prompt(tokenizer, messages: list[dict[str, str]]) -> str:
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
-def conversation_segments(tokenizer, messages: tuple[dict[str, str], ...]) -> list[tuple[str, bool]]:
+def conversation_segments(tokenizer, messages: tuple[dict[str, str], ...],
+                          tools: tuple[dict, ...] = ()) -> list[tuple[str, bool]]:
     """Split a rendered conversation into ``(text, trained)`` segments.
+
+    Tool definitions, calls and results are rendered as :func:`tunesmith.data.tools.for_template` says.
 
     Raises:
         TunesmithError: If the chat template is not prefix-stable (rendering more turns changes
             the text of earlier ones), which makes per-turn masking impossible.
     """
+    messages, render = for_template(tokenizer, list(messages), tools)
     segments: list[tuple[str, bool]] = []
     done = ""
     for index, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        prompt = render_prompt(tokenizer, list(messages[:index])) if index else ""
-        full = tokenizer.apply_chat_template(list(messages[: index + 1]), tokenize=False)
+        prompt = tokenizer.apply_chat_template(messages[:index], tokenize=False, add_generation_prompt=True,
+                                               **render) if index else ""
+        full = tokenizer.apply_chat_template(messages[: index + 1], tokenize=False, **render)
         if not (prompt.startswith(done) and full.startswith(prompt)):
             raise TunesmithError(
                 "the chat template renders earlier turns differently as the conversation grows, so "
@@ -59,10 +68,28 @@ def conversation_segments(tokenizer, messages: tuple[dict[str, str], ...]) -> li
             )
         segments += [(prompt[len(done):], False), (full[len(prompt):], True)]
         done = full
-    rest = tokenizer.apply_chat_template(list(messages), tokenize=False)[len(done):]
+    rest = tokenizer.apply_chat_template(messages, tokenize=False, **render)[len(done):]
     if rest:
         segments.append((rest, False))
     return [(text, trained) for text, trained in segments if text]
+
+
+def strip_reasoning(messages: tuple[dict[str, str], ...]) -> tuple[dict[str, str], ...]:
+    """The conversation with every ``<think>...</think>`` trace removed from the assistant turns."""
+    return tuple({**m, "content": REASONING.sub("", m["content"])} if m["role"] == "assistant" else m
+                 for m in messages)
+
+
+def mask_reasoning(segments: list[tuple[str, bool]]) -> list[tuple[str, bool]]:
+    """Split trained segments so that their ``<think>...</think>`` traces are context, not targets."""
+    split: list[tuple[str, bool]] = []
+    for text, trained in segments:
+        start = 0
+        for match in REASONING.finditer(text) if trained else ():
+            split += [(text[start : match.start()], True), (match.group(), False)]
+            start = match.end()
+        split.append((text[start:], trained))
+    return [(text, trained) for text, trained in split if text]
 
 
 def encode_example(
@@ -70,8 +97,13 @@ def encode_example(
     tokenizer,
     max_length: int,
     train_on: Literal["assistant", "all"] = "assistant",
+    reasoning: Reasoning = "keep",
 ) -> EncodedExample | None:
     """Tokenise one example and build its labels.
+
+    Args:
+        reasoning: What happens to ``<think>...</think>`` traces in assistant turns (``data.reasoning``):
+            kept and trained, stripped from the text, or kept as context but masked out of the loss.
 
     Returns:
         The encoded example, truncated to ``max_length``, or None if nothing is left to train on
@@ -89,7 +121,9 @@ def encode_example(
         if not any(message["role"] == "assistant" for message in example.messages):
             raise TunesmithError(f"{example.where}: the conversation has no assistant turn to learn from")
         ids, labels = [], []
-        for text, trained in conversation_segments(tokenizer, example.messages):
+        messages = strip_reasoning(example.messages) if reasoning == "strip" else example.messages
+        segments = conversation_segments(tokenizer, messages, example.tools)
+        for text, trained in mask_reasoning(segments) if reasoning == "mask" else segments:
             segment = _encode(tokenizer, text)
             ids += segment
             labels += segment if (trained or train_on == "all") else [IGNORE_INDEX] * len(segment)

@@ -6,10 +6,12 @@ missing a field of its format is an error naming the record, the field and the e
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 from tunesmith.data.readers import RawRecord
+from tunesmith.data.tools import parse_call, parse_tools
 from tunesmith.errors import TunesmithError
 from tunesmith.registry import Registry
 
@@ -20,9 +22,10 @@ ROLES = ("system", "user", "assistant")
 class Example:
     """A training example: a conversation (``messages``) or a plain ``text``, never both."""
 
-    messages: tuple[dict[str, str], ...] = ()
+    messages: tuple[dict[str, Any], ...] = ()
     text: Optional[str] = None
     where: str = ""
+    tools: tuple[dict, ...] = ()  # function definitions of a tool-calling conversation (data/tools.py)
 
 
 @dataclass(frozen=True)
@@ -104,9 +107,10 @@ def _alpaca(record: RawRecord, options: FormatOptions) -> Example:
     return Example(messages=_with_system(messages, system), where=record.where)
 
 
-SHAREGPT_LAYOUT = "sharegpt format (conversations: [{from: human|gpt|system, value}], system (optional))"
+SHAREGPT_LAYOUT = ("sharegpt format (conversations: [{from: human|gpt|system|function_call|observation, value}], "
+                   "system (optional), tools (optional))")
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
-                  "model": "assistant", "system": "system"}
+                  "model": "assistant", "system": "system", "function_call": "assistant", "observation": "tool"}
 
 
 def _sharegpt(record: RawRecord, options: FormatOptions) -> Example:
@@ -119,9 +123,24 @@ def _sharegpt(record: RawRecord, options: FormatOptions) -> Example:
                 f"{record.where}: conversations[{index}] must have 'from' in "
                 f"{sorted(SHAREGPT_ROLES)} and a text 'value'"
             )
-        messages.append({"role": SHAREGPT_ROLES[speaker], "content": turn["value"]})
+        messages.append(_sharegpt_turn(speaker, turn["value"], f"{record.where}, conversations[{index}]"))
     system = _optional_text(record, "system") or options.system_prompt
-    return Example(messages=_with_system(messages, system), where=record.where)
+    try:
+        tools = parse_tools(record.fields["tools"], record.where) if record.fields.get("tools") else ()
+    except (ValueError, json.JSONDecodeError) as error:
+        raise TunesmithError(f"{record.where}: field 'tools' is not a JSON list of function definitions ({error})") \
+            from None
+    return Example(messages=_with_system(messages, system), where=record.where, tools=tools)
+
+
+def _sharegpt_turn(speaker: str, value: str, where: str) -> dict[str, Any]:
+    """One ShareGPT turn in HF's chat layout: a function_call becomes an assistant turn with ``tool_calls``."""
+    if speaker != "function_call":
+        return {"role": SHAREGPT_ROLES[speaker], "content": value}
+    try:
+        return {"role": "assistant", "content": "", "tool_calls": [parse_call(value, where)]}
+    except (ValueError, json.JSONDecodeError) as error:
+        raise TunesmithError(f"{where}: a function_call turn must be JSON {{name, arguments}} ({error})") from None
 
 
 MESSAGES_LAYOUT = "messages format (messages: [{role: system|user|assistant, content}])"

@@ -107,13 +107,15 @@ def prepare_mixture(section: DataSection, tokenizer, seed: int) -> PreparedData:
         train_examples, validation_examples, source_formats = load_source(source, options, seed)
         formats.update(source_formats)
         encoded, stats[f"train/{source.name}"] = encode_all(train_examples, tokenizer, section.max_length,
-                                                                  f"{source.name} training", section.train_on)
+                                                                  f"{source.name} training", section.train_on,
+                                                                  section.reasoning)
         starts.append(len(train))
         counts.append(len(encoded))
         train += encoded
         if validation_examples is not None:
             validation_by_source[source.name], stats[f"validation/{source.name}"] = encode_all(
-                validation_examples, tokenizer, section.max_length, f"{source.name} validation", section.train_on)
+                validation_examples, tokenizer, section.max_length, f"{source.name} validation", section.train_on,
+                section.reasoning)
     weights = mixture_weights(counts, [s.weight for s in sources], section.mix_temperature)
     slices = [SourceSlice(s.name, start, count, weight)
               for s, start, count, weight in zip(sources, starts, counts, weights)]

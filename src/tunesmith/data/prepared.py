@@ -11,7 +11,7 @@ import random
 from dataclasses import dataclass, field
 from typing import Iterable, Literal, Optional
 
-from tunesmith.data.encode import EncodedExample, encode_example
+from tunesmith.data.encode import EncodedExample, Reasoning, encode_example
 from tunesmith.data.formats import FORMATS, Example, FormatOptions, detect_format
 from tunesmith.data.readers import read_records
 from tunesmith.errors import TunesmithError
@@ -74,7 +74,7 @@ def load_examples(path: str, data_format: str = "auto", options: FormatOptions =
 
 def encode_all(
     examples: Iterable[Example], tokenizer, max_length: int, split: str,
-    train_on: Literal["assistant", "all"] = "assistant",
+    train_on: Literal["assistant", "all"] = "assistant", reasoning: Reasoning = "keep",
 ) -> tuple[list[EncodedExample], EncodeStats]:
     """Encode examples; report truncated and dropped ones, and refuse an empty result.
 
@@ -82,13 +82,14 @@ def encode_all(
         max_length: Longest token sequence (``data.max_length``).
         split: How to name the split in messages ("training", "validation", ...).
         train_on: Loss on assistant tokens only, or on every token (``data.train_on``).
+        reasoning: Keep, strip or mask ``<think>`` traces (``data.reasoning``).
     """
     stats = EncodeStats()
     encoded: list[EncodedExample] = []
     first_dropped = ""
     for example in examples:
         stats.records += 1
-        item = encode_example(example, tokenizer, max_length, train_on)
+        item = encode_example(example, tokenizer, max_length, train_on, reasoning)
         if item is None:
             stats.dropped += 1
             first_dropped = first_dropped or example.where

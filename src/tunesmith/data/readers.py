@@ -1,4 +1,4 @@
-"""Reading records from data files: .json, .jsonl, .csv, .parquet and .txt, optionally gzipped.
+"""Reading records from data files: .json, .jsonl, .csv, .tsv, .parquet and .txt, optionally gzipped.
 
 Every record keeps where it came from (file and line, or row), so a bad one can be named.
 """
@@ -15,7 +15,7 @@ from typing import Any, BinaryIO, Callable, Iterator, Optional
 
 from tunesmith.errors import TunesmithError, decode_utf8
 
-SUPPORTED_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet", ".txt")
+SUPPORTED_SUFFIXES = (".json", ".jsonl", ".csv", ".tsv", ".parquet", ".txt")
 
 
 @dataclass(frozen=True)
@@ -79,6 +79,7 @@ def read_records(path: str | Path, text_field: str = "text",
         ".jsonl": lambda p: _read_jsonl(p, on_bad_line),
         ".json": _read_json,
         ".csv": lambda p: _read_csv(p, on_bad_line),
+        ".tsv": lambda p: _read_csv(p, on_bad_line, tabs=True),
         ".parquet": _read_parquet,
         ".txt": lambda p: _read_txt(p, text_field),
     }[kind]
@@ -170,7 +171,8 @@ def _read_json(path: Path) -> Iterator[RawRecord]:
         yield _as_record(path, f"record {index}", fields)
 
 
-def _read_csv(path: Path, on_bad_line: Optional[BadLineHandler] = None) -> Iterator[RawRecord]:
+def _read_csv(path: Path, on_bad_line: Optional[BadLineHandler] = None, tabs: bool = False) -> Iterator[RawRecord]:
+    """Comma-separated with quoting, or (``tabs``) GLUE-style tab-separated, where quotes are plain text."""
     report = on_bad_line or _raise
     position = {"line": 0}
 
@@ -179,7 +181,8 @@ def _read_csv(path: Path, on_bad_line: Optional[BadLineHandler] = None) -> Itera
             position["line"] = line_number
             yield line
 
-    reader = csv.DictReader(lines())
+    # GLUE-style .tsv: tab-separated, quotes are plain text.
+    reader = csv.DictReader(lines(), delimiter="\t", quoting=csv.QUOTE_NONE) if tabs else csv.DictReader(lines())
     while True:
         try:
             row = next(reader)

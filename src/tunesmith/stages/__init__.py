@@ -3,7 +3,7 @@
 Importing this package registers every built-in stage.
 """
 
-from tunesmith.stages import grpo, sft  # noqa: F401  (registers the stages)
+from tunesmith.stages import cls, dpo, grpo, kto, orpo, pt, rm, sft  # noqa: F401  (registers the stages)
 from tunesmith.stages.base import STAGES, Stage
 
 

@@ -46,6 +46,13 @@ class Stage(ABC):
         """Adapt the loaded model before the method is applied (e.g. a scalar head); unchanged by default."""
         return model
 
+    def after_method(self, model: nn.Module) -> None:
+        """Called once the method is applied, before any step or resume: e.g. a head the stage added
+        trains whatever the method froze, or a frozen copy of the base is kept as a reference."""
+
+    def save(self, model: nn.Module, directory: Path) -> None:
+        """Write what the stage adds to the result folder beside the method's artifact (e.g. a head)."""
+
     @abstractmethod
     def objective(self, speed: SpeedSetup) -> Objective:
         """The loop's objective, using the speed levers that apply to it (packing, fused loss, autocast)."""

@@ -1,0 +1,91 @@
+"""Data of sequence classification (``stage: cls``): a text and a label per row (GLUE-style TSV, CSV, JSON).
+
+The text is tokenised with the tokenizer's BOS (no chat template) and cut to ``data.max_length``;
+the label becomes its index in the label set (given, or the sorted labels of the training data).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+from tunesmith.config import DataSection
+from tunesmith.data.encode import IGNORE_INDEX, EncodedExample
+from tunesmith.data.prepared import EncodeStats, PreparedData, split_by_fraction
+from tunesmith.data.preference import refuse_unsupported
+from tunesmith.data.readers import RawRecord, read_records
+from tunesmith.errors import TunesmithError
+
+
+@dataclass(frozen=True)
+class EncodedText:
+    """A text's token ids and its label's index."""
+
+    input_ids: tuple[int, ...]
+    label: int
+
+    @property
+    def example(self) -> EncodedExample:
+        """For collation (padding or packing): no token is a language-model target."""
+        return EncodedExample(self.input_ids, (IGNORE_INDEX,) * len(self.input_ids))
+
+
+def label_text(record: RawRecord, field: str) -> str:
+    value = record.fields.get(field)
+    if value is None or isinstance(value, (list, dict)):
+        raise TunesmithError(f"{record.where}: missing label field '{field}' (fields present: "
+                             f"{', '.join(record.fields) or 'none'}); set stage.label_field")
+    return str(value).strip()
+
+
+def encode_texts(records: Sequence[RawRecord], tokenizer, labels: Sequence[str], text_field: str, label_field: str,
+                 max_length: int) -> tuple[list[EncodedText], EncodeStats]:
+    """Encode rows; a label outside ``labels`` is an error naming the row.
+
+    Raises:
+        TunesmithError: For a missing text or label field, or an unknown label.
+    """
+    index = {label: position for position, label in enumerate(labels)}
+    stats, encoded = EncodeStats(), []
+    for record in records:
+        stats.records += 1
+        text = record.fields.get(text_field)
+        if not isinstance(text, str):
+            raise TunesmithError(f"{record.where}: missing text field '{text_field}' (fields present: "
+                                 f"{', '.join(record.fields) or 'none'}); set stage.text_field")
+        label = label_text(record, label_field)
+        if label not in index:
+            raise TunesmithError(f"{record.where}: label {label!r} is not in the label set {list(labels)}; "
+                                 "fix the row or list every label in stage.labels")
+        ids = [tokenizer.bos_token_id] * (tokenizer.bos_token_id is not None)
+        ids += list(tokenizer(text.strip(), add_special_tokens=False)["input_ids"])
+        stats.truncated += len(ids) > max_length
+        stats.longest = max(stats.longest, min(len(ids), max_length))
+        encoded.append(EncodedText(tuple(ids[:max_length]), index[label]))
+    return encoded, stats
+
+
+def prepare_classification(section: DataSection, tokenizer, seed: int, text_field: str, label_field: str,
+                           labels: Optional[Sequence[str]]) -> tuple[PreparedData, tuple[str, ...]]:
+    """Read, split and encode text/label rows.
+
+    Returns:
+        The prepared data and the label set in head order.
+    """
+    refuse_unsupported(section, "cls")
+    train = [record for path in section.train for record in read_records(path, text_field)]
+    if not train:
+        raise TunesmithError("stage cls: the training data holds no rows")
+    validation = list(read_records(section.validation, text_field)) if section.validation else None
+    if validation is None and section.validation_fraction:
+        train, validation = split_by_fraction(train, section.validation_fraction, seed)
+    label_set = tuple(labels) if labels else tuple(sorted({label_text(r, label_field) for r in train}))
+    if len(label_set) < 2:
+        raise TunesmithError(f"stage cls needs at least two labels; the training data has {list(label_set)}")
+    encoded, stats = encode_texts(train, tokenizer, label_set, text_field, label_field, section.max_length)
+    all_stats = {"train": stats}
+    held_out = None
+    if validation is not None:
+        held_out, all_stats["validation"] = encode_texts(validation, tokenizer, label_set, text_field, label_field,
+                                                         section.max_length)
+    return PreparedData(encoded, held_out, "none", {path: "text/label" for path in section.train}, all_stats), label_set
