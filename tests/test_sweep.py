@@ -40,6 +40,8 @@ def test_sweep_runs_normal_trials_resumes_and_writes_the_best_recipe(stories260k
     assert [r["number"] for r in again.rows] == [0, 1, 2, 3]
     for row in again.rows:
         run = Path(row["run_dir"])
+        if row["state"] == "pruned" and not run.exists():
+            continue  # pruned before its first checkpoint: a failed run leaves nothing behind (docs/faults.md)
         assert (run / "config.yaml").is_file() and (run / "metrics.jsonl").is_file()
         if row["state"] == "complete":
             assert (run / "summary.json").is_file() and (run / "adapter").is_dir()

@@ -6,6 +6,7 @@
 import { el } from "./dom.js";
 
 const OPEN_SECTIONS = new Set(["model", "data", "method", "train", "output"]);
+const DEFAULT_KINDS = ["lora", "sft"];  // the recipe defaults of method.kind and stage.kind
 
 export class RecipeForm {
   constructor(form, schema, onChange) {
@@ -82,7 +83,7 @@ export class RecipeForm {
   union(name, description, node, path) {
     const mapping = node.discriminator.mapping;
     const key = node.discriminator.propertyName;
-    const current = (getAt(this.values, path) || {})[key] || Object.keys(mapping).find((k) => k === "lora") || Object.keys(mapping)[0];
+    const current = (getAt(this.values, path) || {})[key] || Object.keys(mapping).find((k) => DEFAULT_KINDS.includes(k)) || Object.keys(mapping)[0];
     const body = el("div");
     const select = el("select", { dataset: { path: [...path, key].join("."), kind: "union" } },
       Object.keys(mapping).map((option) => el("option", { value: option, selected: option === current }, option)));
