@@ -52,7 +52,7 @@ class ClassificationObjective(PairObjective):
                       "majority_accuracy": (labels == self.majority).float()}
 
 
-@STAGES.register("cls")
+@STAGES.register_kind
 class SequenceClassification(Stage):
     """Text/label rows; a head with one output per label trains with whatever the method trains."""
 

@@ -44,7 +44,7 @@ def preference_metrics(chosen_rewards: torch.Tensor, rejected_rewards: torch.Ten
             "chosen_reward": chosen_rewards, "rejected_reward": rejected_rewards}
 
 
-@STAGES.register("dpo")
+@STAGES.register_kind
 class DirectPreference(ReferenceStage):
     """Preference pairs; loss ``stage.loss`` with ``stage.beta`` and ``stage.label_smoothing``."""
 

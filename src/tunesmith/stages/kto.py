@@ -52,7 +52,7 @@ class KtoObjective(PairObjective):
         return loss, {"accuracy": (signed > 0).float(), "margin": signed, "kl": kl.expand_as(signed)}
 
 
-@STAGES.register("kto")
+@STAGES.register_kind
 class KahnemanTverskyOptimisation(ReferenceStage):
     """Conversations ending in a reply, each with a boolean ``label``; against the frozen reference."""
 

@@ -55,14 +55,14 @@ class ReferenceFreePreference(Stage):
         return ReferenceFreeObjective(speed, self.config)
 
 
-@STAGES.register("orpo")
+@STAGES.register_kind
 class OddsRatioPreference(ReferenceFreePreference):
     """ORPO: NLL of the chosen reply plus ``beta`` times the odds-ratio term."""
 
     kind = "orpo"
 
 
-@STAGES.register("simpo")
+@STAGES.register_kind
 class SimplePreference(ReferenceFreePreference):
     """SimPO: ``-log sigmoid(beta * (avg_c - avg_r) - gamma)``."""
 

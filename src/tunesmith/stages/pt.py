@@ -12,7 +12,7 @@ from tunesmith.training.objective import Objective, TokenCrossEntropy
 from tunesmith.training.speed import SpeedSetup
 
 
-@STAGES.register("pt")
+@STAGES.register_kind
 class ContinuedPretraining(Stage):
     """Plain text in ``data.max_length`` blocks, no chat template; packed when ``train.speed.packing``."""
 

@@ -39,7 +39,7 @@ class RewardObjective(PairObjective):
             "rejected_reward": rejected.detach()}
 
 
-@STAGES.register("rm")
+@STAGES.register_kind
 class RewardModelling(Stage):
     """Preference pairs; the model gains a scalar head that trains with whatever the method trains."""
 
