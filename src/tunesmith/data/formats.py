@@ -7,7 +7,7 @@ missing a field of its format is an error naming the record, the field and the e
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 from tunesmith.data.readers import RawRecord

@@ -9,7 +9,6 @@ in the same run rather than in the next.
 from __future__ import annotations
 
 import copy
-import html
 import re
 import unicodedata
 from collections import Counter

@@ -101,7 +101,6 @@ def prepare_training_files(train: tuple[str, ...], prepare: PrepareSection, cach
     key = manifest_key(inputs)
     folder = Path(cache_root) / key
     names = tuple(f"{index}-{Path(p).name.split('.')[0]}.jsonl" for index, p in enumerate(train))
-    manifest_path = folder / MANIFEST_NAME
     folder.parent.mkdir(parents=True, exist_ok=True)
     from filelock import FileLock
 
