@@ -18,7 +18,6 @@ plot) and ``OUT/best.yaml`` (the best recipe, ready to train).
 from __future__ import annotations
 
 import math
-import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +28,7 @@ import yaml
 from tunesmith.config import Recipe, load_recipe, recipe_to_yaml, validate_recipe
 from tunesmith.config.loader import validate_method
 from tunesmith.errors import TunesmithError
+from tunesmith.files import atomic_path, write_text_atomic
 from tunesmith.finetune import finetune
 from tunesmith.registry import did_you_mean
 from tunesmith.training.hooks import Hook
@@ -301,7 +301,7 @@ def write_outputs(study, out: Path, objective: str, recipe: Recipe) -> SweepResu
     rows = [{"number": t.number, "state": t.state.name.lower(), "value": t.value, "params": t.params,
              "run_dir": t.user_attrs.get("run_dir", ""),
              "last_step": max(t.intermediate_values) if t.intermediate_values else None} for t in study.trials]
-    write_atomically(out / "trials.md", markdown_table(rows, objective) + "\n")
+    write_text_atomic(out / "trials.md", markdown_table(rows, objective) + "\n")
     plot(rows, objective, out / "sweep.png")
     complete = [t for t in study.trials if t.state.name == "COMPLETE"]
     if not complete:
@@ -312,7 +312,7 @@ def write_outputs(study, out: Path, objective: str, recipe: Recipe) -> SweepResu
     best_path = out / "best.yaml"
     text = (f"# tunesmith train {best_path}\n# best of {len(study.trials)} trials of {out / 'study.db'}: trial "
             f"{best.number}, {objective} {best.value:.4f}\n" + recipe_to_yaml(validate_recipe(best_raw)))
-    write_atomically(best_path, text)
+    write_text_atomic(best_path, text)
     return SweepResult(out, objective, rows, next(r for r in rows if r["number"] == best.number), best_path)
 
 
@@ -359,13 +359,6 @@ def plot(rows: list[dict], objective: str, path: Path) -> None:
     axes.set_ylabel(objective)
     axes.legend()
     figure.tight_layout()
-    partial = path.with_name(f".{path.name}.partial.png")
-    figure.savefig(partial, dpi=100)
+    with atomic_path(path) as partial:
+        figure.savefig(partial, dpi=100, format="png")
     plt.close(figure)
-    os.replace(partial, path)
-
-
-def write_atomically(path: Path, text: str) -> None:
-    partial = path.with_name(f".{path.name}.partial")
-    partial.write_text(text)
-    os.replace(partial, path)

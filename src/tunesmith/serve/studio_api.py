@@ -10,8 +10,6 @@ from __future__ import annotations
 import asyncio
 import difflib
 import json
-import os
-import tempfile
 from itertools import islice
 from pathlib import Path
 from typing import Any, Optional
@@ -22,6 +20,7 @@ from fastapi.responses import FileResponse
 from pydantic import BaseModel, Field, ValidationError
 
 from tunesmith.errors import TunesmithError
+from tunesmith.files import atomic_path, write_text_atomic
 from tunesmith.serve.workspace import TooLarge
 
 router = APIRouter(prefix="/api")
@@ -48,17 +47,13 @@ async def upload(request: Request, file: UploadFile = File(...)):
     """Store an uploaded data file under ``data/`` with a generated name (size-limited)."""
     workspace, limit = _workspace(request), request.app.state.max_upload_bytes
     target = workspace.new_upload_path(file.filename or "")
-    partial = target.with_name(f".{target.name}.partial")
     size = 0
-    with partial.open("wb") as handle:
+    with atomic_path(target) as partial, partial.open("wb") as handle:  # an oversize upload leaves nothing
         while chunk := await file.read(1 << 20):
             size += len(chunk)
             if size > limit:
-                handle.close()
-                partial.unlink()
                 raise TooLarge(f"upload is larger than the limit of {limit // (1 << 20)} MiB (serve --max-upload-mb)")
             handle.write(chunk)
-    os.replace(partial, target)
     return {"path": workspace.relative(target), "size": size, "original_name": file.filename}
 
 
@@ -245,7 +240,7 @@ async def save_recipe(body: RecipeBody, request: Request):
     if recipe is None:
         raise TunesmithError("; ".join(f"{e['loc']}: {e['message']}" for e in errors))
     target = unique_path(workspace.root / "recipes", body.name or "recipe", ".yaml")
-    _write_atomically(target, recipe_to_yaml(recipe))
+    write_text_atomic(target, recipe_to_yaml(recipe))
     return {"path": workspace.relative(target)}
 
 
@@ -349,10 +344,3 @@ def unique_path(folder: Path, stem: str, suffix: str) -> Path:
     while candidate.exists():
         candidate, number = folder / f"{stem}-{number}{suffix}", number + 1
     return candidate
-
-
-def _write_atomically(target: Path, text: str) -> None:
-    handle, temporary = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
-    with os.fdopen(handle, "w") as stream:
-        stream.write(text)
-    os.replace(temporary, target)
