@@ -15,10 +15,10 @@ SUBJECTS = ("astronomy", "marketing")
 DESCRIPTION = "The following are multiple choice questions (with answers) about {group}.\n\n"
 
 
-# tests/data/mmlu: a small MMLU folder in the real layout (split folders of `<subject>_<split>.csv`
+# tests/data/mmlu_layout: a small MMLU folder in the real layout (split folders of `<subject>_<split>.csv`
 # with the header question,choice0..3,answer), written by the project: the scoring is judged against
 # a direct computation, so the questions need not be MMLU's own.
-MMLU = REPO / "tests" / "data" / "mmlu"
+MMLU = REPO / "tests" / "data" / "mmlu_layout"
 
 
 @pytest.fixture(scope="module")

@@ -31,7 +31,7 @@ def check_schema(document: dict) -> None:
                 assert set(task) == TASK_KEYS
 
 
-DATA = REPO / "tests" / "data"  # instructions.json and small project-written mmlu/, sst2/, gsm8k/ files
+DATA = REPO / "tests" / "data"  # instructions.json and small project-written mmlu_layout/, sst2/, gsm8k/ files
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +46,7 @@ def tuned_run(tmp_path_factory, tiny_llama):
         "limit: 8, max_length: 96}\n")
     (root / "general.yaml").write_text(
         "name: general\nlimit: 2\ntasks:\n"
-        "  - {name: mmlu, kind: mmlu, path: '{data_root}/mmlu', subjects: [astronomy, marketing]}\n"
+        "  - {name: mmlu, kind: mmlu, path: '{data_root}/mmlu_layout', subjects: [astronomy, marketing]}\n"
         "  - {name: sst2, kind: classification, path: '{data_root}/sst2/test.tsv', label_words: {0: negative, 1: positive}}\n"
         "  - {name: gsm8k, kind: generation, path: '{data_root}/gsm8k/test.jsonl', metrics: [accuracy, token_f1], "
         "answer_pattern: '#### (\\S+)', max_new_tokens: 4}\n")
@@ -145,7 +145,7 @@ def test_report_numbers_equal_an_independent_computation(tuned_run, tiny_llama):
         assert tasks["task"]["tasks"]["alpaca_ppl"]["score"] == pytest.approx(perplexity, rel=1e-5)
         mmlu = tasks["general"]["tasks"]["mmlu"]
         shots = mmlu["tokenisation"]["few_shot"]
-        items, dev = read_mmlu(DATA / "mmlu", "test", ("astronomy", "marketing"), limit=2), read_mmlu(DATA / "mmlu", "dev")
+        items, dev = read_mmlu(DATA / "mmlu_layout", "test", ("astronomy", "marketing"), limit=2), read_mmlu(DATA / "mmlu_layout", "dev")
         hits = {"astronomy": [], "marketing": []}
         for item in items:
             context = direct_mmlu_prompt(item, [d for d in dev if d.group == item.group][:shots])
