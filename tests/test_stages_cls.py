@@ -132,10 +132,11 @@ def test_resume_is_exact(stories260k, tmp_path, stage):
         overrides = ("train.batch_size=2",)
     else:
         data = sentiment_files(tmp_path, 120, 40)
-        overrides = ("stage.label_words=[sad, happy]", "train.batch_size=8", "eval.every_steps=3")
+        overrides = ("train.batch_size=8", "eval.every_steps=3")
+    section = {"kind": "cls", "label_words": ["sad", "happy"]} if stage == "cls" else stage
     common = ("train.max_steps=6", "train.checkpoint_every=3", *overrides)
-    finetune(recipe(stories260k, tmp_path, stage, data, *common, output="straight"), progress=False)
-    stopped = recipe(stories260k, tmp_path, stage, data, *common, output="stopped")
+    finetune(recipe(stories260k, tmp_path, section, data, *common, output="straight"), progress=False)
+    stopped = recipe(stories260k, tmp_path, section, data, *common, output="stopped")
     with pytest.raises(TunesmithError, match="step-00000003"):
         finetune(stopped, extra_hooks=[StopAt(4)], progress=False)
     summary = finetune(stopped, resume=True, progress=False)

@@ -37,11 +37,12 @@ def test_two_processes_equal_one(stories260k, tmp_path, stage):
         extra = ()
     else:
         data = sentiment_files(tmp_path, 120, 24)
-        extra = ("stage.label_words=[sad, happy]", "train.lr=3e-3")
+        extra = ("train.lr=3e-3",)
+    section = {"kind": "cls", "label_words": ["sad", "happy"]} if stage == "cls" else stage
     common = ("train.max_steps=4", "eval.every_steps=2", 'train.speed.autocast="off"', *extra)
-    single = finetune(recipe(stories260k, tmp_path, stage, data, *common, "train.batch_size=4", output="single",
+    single = finetune(recipe(stories260k, tmp_path, section, data, *common, "train.batch_size=4", output="single",
                              method=LORA), progress=False)
-    raw = recipe(stories260k, tmp_path, stage, data, *common, "train.batch_size=2", output="ddp",
+    raw = recipe(stories260k, tmp_path, section, data, *common, "train.batch_size=2", output="ddp",
                  method=LORA).model_dump(mode="json")
     (tmp_path / "ddp.yaml").write_text(yaml.safe_dump(raw))
     env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
