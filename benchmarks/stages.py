@@ -49,6 +49,7 @@ def model_folder(name: str) -> str:
 
 def recipe(stage: str, model: str, steps: int, out: Path, max_length: int, quick: bool, batch_size: int = 4) -> dict:
     data_file, _ = DATA[stage]
+    out.parent.mkdir(parents=True, exist_ok=True)  # the subsets below are written beside the stage folders
     data = {"train": str(ASSETS / data_file), "max_length": max_length, "validation_fraction": 0.1}
     if stage == "cls":  # the first 4,000 SST-2 training rows; the labelled GLUE dev set held out
         subset = out.parent / "sst2_train_4000.tsv"
