@@ -28,7 +28,8 @@ def records(run_dir) -> list[dict]:
 @pytest.mark.parametrize("stage", ["dpo", "cls"])
 def test_two_processes_equal_one(stories260k, tmp_path, stage):
     """Losses and validation metrics of 2 processes x batch 2 equal 1 process x batch 4 within rel 1e-5 (float32:
-    only the order of the gradient all-reduce's sums differs); cls's zero-shot baseline is the same number."""
+    only the order of the gradient all-reduce's sums differs; metrics near 0 such as the margin within abs 1e-5);
+    cls's zero-shot baseline is the same number."""
     from tunesmith.finetune import finetune
 
     if stage == "dpo":
@@ -56,7 +57,7 @@ def test_two_processes_equal_one(stories260k, tmp_path, stage):
     assert train[1] == pytest.approx(train[0], rel=1e-5)
     validation = [[r for r in records(tmp_path / run) if "val_loss" in r] for run in ("single", "ddp")]
     assert len(validation[0]) == len(validation[1]) == 2
-    for one, two in zip(*validation):
-        assert two == pytest.approx(one, rel=1e-5)
+    for one, two in zip(*validation):  # margins are differences of near-equal log-probabilities: abs 1e-5 there
+        assert two == pytest.approx(one, rel=1e-5, abs=1e-5)
     if stage == "cls":
         assert ddp["validation"]["zero_shot_accuracy"] == single["validation"]["zero_shot_accuracy"]
