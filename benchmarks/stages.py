@@ -33,7 +33,8 @@ DATA = {
 STAGE_OPTIONS = {"simpo": {"beta": 2.0, "gamma": 0.5}}
 
 
-def recipe(stage: str, model: str, steps: int, out: Path, max_length: int, quick: bool, batch_size: int = 4) -> dict:
+def recipe(stage: str, model: str, steps: int, out: Path, max_length: int, quick: bool, batch_size: int = 4,
+           lr: float | None = None) -> dict:
     data_file, _ = DATA[stage]
     data = {"train": str(ASSETS / data_file), "max_length": max_length, "validation_fraction": 0.1}
     if stage == "cls":  # the first 4,000 SST-2 training rows; the labelled GLUE dev set held out
@@ -47,7 +48,8 @@ def recipe(stage: str, model: str, steps: int, out: Path, max_length: int, quick
         if not subset.exists():
             subset.write_text("".join((ASSETS / data_file).read_text().splitlines(keepends=True)[:100]))
         data["train"] = str(subset)
-    lr = {"pt": 2e-4, "cls": 1e-3, "rm": 5e-4}.get(stage, 5e-5 if stage in ("dpo", "kto") else 1e-4)
+    if lr is None:
+        lr = {"pt": 2e-4, "cls": 1e-3, "rm": 5e-4}.get(stage, 5e-5 if stage in ("dpo", "kto") else 1e-4)
     return {
         "stage": {"kind": stage, **STAGE_OPTIONS.get(stage, {})},
         "model": {"name": model},
@@ -94,7 +96,7 @@ def run_one(stage: str, args: argparse.Namespace) -> dict:
     from tunesmith.finetune import finetune
 
     out = Path(args.work) / stage
-    raw = recipe(stage, args.model, args.steps, out, args.max_length, args.quick, args.batch_size)
+    raw = recipe(stage, args.model, args.steps, out, args.max_length, args.quick, args.batch_size, args.lr)
     before = before_metrics(raw)
     started = time.perf_counter()
     summary = finetune(validate_recipe(raw), progress=False)
@@ -102,8 +104,8 @@ def run_one(stage: str, args: argparse.Namespace) -> dict:
     metric = DATA[stage][1]
     row = {"stage": stage, "data": DATA[stage][0] if stage != "cls" else "sst2 (4,000 train; GLUE dev)",
            "steps": summary["steps"], "wall_time_s": round(time.perf_counter() - started, 1),
-           "peak_memory_mb": summary["peak_memory_mb"], "metric": metric, "before": before[metric],
-           "after": after[metric]}
+           "lr": raw["train"]["lr"], "peak_memory_mb": summary["peak_memory_mb"], "metric": metric,
+           "before": before[metric], "after": after[metric]}
     for extra in ("margin", "majority_accuracy"):
         if extra in after:
             row[f"{extra}_before"], row[f"{extra}_after"] = before[extra], after[extra]
@@ -134,6 +136,7 @@ def main() -> None:
     parser.add_argument("--work", default="runs/stages-benchmark")
     parser.add_argument("--out", default="runs/stages-benchmark/results.json")
     parser.add_argument("--quick", action="store_true", help="LoRA r=4 (for a tiny model)")
+    parser.add_argument("--lr", type=float, help="learning rate of every stage run (default: one per stage)")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # run a single stage in this process
     args = parser.parse_args()
     if args.one:
