@@ -10,6 +10,7 @@ from tunesmith.errors import TunesmithError
 from tunesmith.results import load_result, locate_result
 from tunesmith.evaluation.results import (check_document, compare_runs, new_document, read_loss_curve, run_entry,
                                           write_json_atomically)
+from tunesmith.evaluation.stage_metrics import attach_head
 from tunesmith.evaluation.suite import Suite, run_suite
 from tunesmith.evaluation.tasks import PROBES_DIR, BiasTask
 
@@ -62,7 +63,7 @@ def evaluate_spec(spec: ModelSpec, suites: Sequence[tuple[Suite, str]], dtype: s
         A run entry of the results document.
     """
     loaded = load_result(spec.adapter or spec.name, spec.name if spec.adapter else None, dtype, device)
-    model, tokenizer = loaded.model, loaded.tokenizer
+    model, tokenizer = attach_head(loaded.model, loaded.location), loaded.tokenizer  # rm, cls: their head
     if progress:
         progress(f"evaluating {spec.name}{' + ' + spec.adapter if spec.adapter else ''}")
     results = {}
