@@ -138,7 +138,7 @@ def run_stage(model, tokenizer, task: StageTask) -> dict[str, Any]:
     tokenisation = {"method": f"as stage {kind} encodes its training data", "template": task.template,
                     "max_length": task.max_length}
     if metrics is None:
-        return {**task_result(kind, "accuracy", {"accuracy": None}, 0, tokenisation=tokenisation),
+        return {**task_result(kind, "accuracy", {"accuracy": None}, 0, tokenisation=tokenisation), "metrics": {},
                 "details": {"note": f"this model has no {kind} head: nothing to score with"}}
     count = int(metrics.pop("pairs", metrics.pop("examples", 0)))
     return task_result(kind, "accuracy", metrics, count, tokenisation=tokenisation)
