@@ -70,6 +70,7 @@ def summary(args: argparse.Namespace, judged, model, tokenizer) -> dict:
 
 def cmd_score(args: argparse.Namespace) -> int:
     from tunesmith.data.formats import preference_parts
+    from tunesmith.data.preference import judged_conversation
     from tunesmith.data.readers import read_records
     from tunesmith.stages.rm import load_reward_model, score_conversations
 
@@ -97,27 +98,11 @@ def cmd_score(args: argparse.Namespace) -> int:
         return 0
     rows = []
     for record in records:
-        turns = conversation_of(record)
+        turns = [dict(turn) for turn in judged_conversation(record, "preference pairs (prompt, chosen, rejected) or "
+                                                             "conversations ending in the reply to score")]
         rows.append({"row": record.where, "reward": score_conversations(model, tokenizer, [turns], max_length)[0]})
     print(json.dumps({"data": args.data, "rows": rows}, indent=2))
     return 0
-
-
-def conversation_of(record) -> list[dict[str, str]]:
-    """A record's conversation (messages or ShareGPT conversations) that ends in the reply to score."""
-    from tunesmith.data.formats import FormatOptions, _messages, _sharegpt
-
-    if "conversations" in record.fields:
-        turns = list(_sharegpt(record, FormatOptions()).messages)
-    elif "messages" in record.fields:
-        turns = list(_messages(record, FormatOptions()).messages)
-    else:
-        raise TunesmithError(f"{record.where}: tunesmith score reads preference pairs (prompt, chosen, rejected) or "
-                             f"conversations ('messages' or 'conversations'); fields present: "
-                             f"{', '.join(record.fields) or 'none'}")
-    if not turns or turns[-1]["role"] != "assistant":
-        raise TunesmithError(f"{record.where}: the conversation must end with the assistant reply to score")
-    return [dict(turn) for turn in turns]
 
 
 def cmd_classify(args: argparse.Namespace) -> int:
