@@ -112,3 +112,12 @@ def test_a_run_of_another_stage_is_refused_in_one_sentence(stories260k, tmp_path
         assert main(args) == 2
         error = capsys.readouterr().err
         assert message in error and "Traceback" not in error and error.count("\n") == 1, args
+
+
+def test_report_after_training_shows_the_stage_metrics_before_and_after(stories260k, tmp_path):
+    run, validation, summary = train_stage(stories260k, tmp_path, "kto", "train.max_steps=1", "eval.report={bias: false}")
+    document = json.loads((run / "eval" / "results.json").read_text())
+    [row] = document["comparison"]["rows"]
+    assert (row["suite"], row["task"], row["base"]) == ("held_out", Path(validation).stem, 0.0)
+    assert row["tuned"] == pytest.approx(summary["validation"]["accuracy"])
+    assert summary["report"]["task_gain"] == pytest.approx(100 * row["tuned"])
