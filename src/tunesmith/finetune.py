@@ -200,7 +200,8 @@ def save_result(method, model, tokenizer, out: Path, recipe: Recipe, template: s
         local = Path(recipe.model.name).expanduser()
         base_model = str(local.resolve()) if local.is_dir() else recipe.model.name  # a folder: valid from any cwd
         method.write_manifest(partial, base_model=base_model, template=template, base_config=base_shape(model),
-                              stage=recipe.stage.kind)
+                              stage=recipe.stage.kind, data_max_length=recipe.data.max_length,
+                              **(stage.manifest_entries() if stage is not None else {}))
     return final
 
 

@@ -17,7 +17,7 @@ from tunesmith.errors import TunesmithError
 from tunesmith.runtime import configure_threads
 
 COMMAND_MODULES = ("train", "plan", "sweep", "inference", "evaluate", "config", "models", "methods", "export", "data",
-                   "compare", "serve", "cai")
+                   "compare", "serve", "cai", "scoring")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -32,7 +32,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger(__name__).info(threads)
-    if args.command in ("train", "plan", "sweep", "generate", "chat", "eval", "methods", "export", "cai"):
+    if args.command in ("train", "plan", "sweep", "generate", "chat", "eval", "methods", "export", "cai", "score",
+                        "classify"):
         quiet_libraries()
     try:
         return args.handler(args) or 0

@@ -1,8 +1,10 @@
 """``tunesmith eval``: loss/perplexity on a data file, benchmark suites, or a before/after comparison.
 
     tunesmith eval --model M [--adapter DIR] --data FILE               # loss and perplexity (JSON to stdout)
+    tunesmith eval --model RUN --data FILE         # an rm/dpo/orpo/simpo/kto/cls result: its stage's metrics
     tunesmith eval --model M [--adapter DIR] --suite S.yaml [--out D]  # results.json + report.html
     tunesmith eval --compare BASE TUNED --suite task.yaml --general-suite general.yaml --bias
+    tunesmith eval --compare BASE TUNED --data held_out.json   # the held-out file as a task, before -> after
 """
 
 from __future__ import annotations
@@ -18,9 +20,12 @@ from tunesmith.errors import TunesmithError
 def register(commands) -> None:
     evaluate = commands.add_parser("eval", help="Loss/perplexity on data, benchmark suites, or base vs tuned report.")
     add_model_arguments(evaluate)
-    evaluate.add_argument("--data", help="Data file (any supported format): print loss and perplexity.")
+    evaluate.add_argument("--data", help="Data file: loss and perplexity, or the stage's own metrics for an rm, dpo, "
+                          "orpo, simpo, kto or cls result (held-out pairs, labelled replies or text/label rows); "
+                          "with --compare, a held-out task of the report.")
     evaluate.add_argument("--format", default="auto")
-    evaluate.add_argument("--max-length", type=at_least(8), default=1024, help="Longest token sequence (at least 8).")
+    evaluate.add_argument("--max-length", type=at_least(8), help="Longest token sequence (at least 8; default: the "
+                          "run's data.max_length for a stage result, else 1024).")
     evaluate.add_argument("--batch-size", type=at_least(1), default=8)
     evaluate.add_argument("--suite", action="append", default=[],
                           help="Suite file of the task you tuned for (repeatable); see docs/evaluation.md.")
@@ -37,13 +42,15 @@ def register(commands) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    if args.data:
+    if args.data and not args.compare:
         return cmd_loss(args)
-    if not (args.suite or args.general_suite or args.bias):
+    if not (args.suite or args.general_suite or args.bias or args.data):
         raise TunesmithError("tunesmith eval needs --data FILE, or at least one of --suite, --general-suite, --bias")
     from tunesmith.evaluation.compare import ModelSpec, compare_and_report, evaluate_and_report, resolve_tuned
 
     suites = collect_suites(args)
+    if args.data:
+        suites.append((held_out_suite(args.compare[1], args), "task"))
     out = Path(args.out)
     options = {"dtype": args.dtype, "device": args.device}
     if args.compare:
@@ -81,15 +88,57 @@ def print_comparison(comparison: dict) -> None:
           f"points; bias change {show(comparison['bias_change'])} points of stereotype share")
 
 
+def held_out_suite(tuned: str, args: argparse.Namespace):
+    """``--data`` under ``--compare``: the stage's metrics for a stage result, else perplexity, as one task."""
+    from tunesmith.evaluation.stage_metrics import held_out_task, result_stage
+    from tunesmith.evaluation.suite import Suite
+    from tunesmith.evaluation.tasks import PerplexityTask
+
+    name = Path(args.data).stem
+    judged = result_stage(tuned)
+    if judged is not None:
+        task = held_out_task(judged, args.data, name, args.batch_size, args.max_length)
+    else:
+        task = PerplexityTask(name=name, path=args.data, format=args.format, max_length=args.max_length or 1024,
+                              batch_size=args.batch_size)
+    return Suite("held_out", (task,), args.data)
+
+
 def cmd_loss(args: argparse.Namespace) -> int:
     from tunesmith.data.prepared import encode_all, load_examples
     from tunesmith.evaluation import evaluate_loss
+    from tunesmith.evaluation.stage_metrics import result_stage
     from tunesmith.runtime import Runtime, pick_device
 
+    judged = result_stage(args.adapter or args.model)
+    if judged is not None:
+        return cmd_stage_metrics(args, judged)
     model, tokenizer = load_model_from_args(args)
     examples, _ = load_examples(args.data, args.format)
-    encoded, stats = encode_all(examples, tokenizer, args.max_length, "evaluation")
+    encoded, stats = encode_all(examples, tokenizer, args.max_length or 1024, "evaluation")
     runtime = Runtime(device=pick_device(args.device.split(":")[0], setting="--device"))
     metrics = evaluate_loss(model, encoded, args.batch_size, tokenizer.pad_token_id, runtime)
     print(json.dumps({"data": args.data, "examples": len(encoded), **metrics}, indent=2))
     return 0
+
+
+def cmd_stage_metrics(args: argparse.Namespace, judged) -> int:
+    """An rm/dpo/orpo/simpo/kto/cls result on a held-out file: the metrics its stage reports in validation."""
+    from tunesmith.evaluation.stage_metrics import held_out_task
+    from tunesmith.evaluation.suite import run_task
+
+    model, tokenizer = load_scorer(args)
+    result = run_task(model, tokenizer, held_out_task(judged, args.data, Path(args.data).stem, args.batch_size,
+                                                      args.max_length))
+    print(json.dumps({"data": args.data, "stage": judged.kind, "count": result["count"], **result["metrics"]},
+                     indent=2))
+    return 0
+
+
+def load_scorer(args: argparse.Namespace):
+    """(model, tokenizer) named by --model/--adapter, with the head an rm or cls result saved."""
+    from tunesmith.evaluation.stage_metrics import attach_head
+    from tunesmith.results import locate_result
+
+    model, tokenizer = load_model_from_args(args)
+    return attach_head(model, locate_result(args.adapter or args.model)), tokenizer

@@ -23,9 +23,24 @@ def _conversation(system: str | None) -> list[dict[str, str]]:
     return [{"role": "system", "content": system}] if system else []
 
 
+def refuse_scorers(args: argparse.Namespace) -> None:
+    """A reward model or a classifier gives numbers or labels, not text: say which command it needs."""
+    from tunesmith.errors import TunesmithError
+    from tunesmith.results import locate_result
+
+    source = args.adapter or args.model
+    location = locate_result(source)
+    stage = ((location.manifest or {}).get("stage") if location is not None else None)
+    command = {"rm": "tunesmith score", "cls": "tunesmith classify"}.get(stage)
+    if command is not None:
+        raise TunesmithError(f"{source} was trained with stage {stage}: it scores rather than writes text; use "
+                             f"{command} {source}")
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from tunesmith.inference import generate
 
+    refuse_scorers(args)
     model, tokenizer = load_model_from_args(args)
     conversation = _conversation(args.system) + [{"role": "user", "content": args.prompt}]
     print(generate(model, tokenizer, [conversation], args.max_new_tokens, args.temperature)[0])
@@ -35,6 +50,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_chat(args: argparse.Namespace) -> int:
     from tunesmith.inference import stream_reply
 
+    refuse_scorers(args)
     model, tokenizer = load_model_from_args(args)
     conversation = _conversation(args.system)
     print("Chat with the model. /reset starts over, /exit (or Ctrl-D) quits.")

@@ -50,6 +50,11 @@ class DpoStage(Section):
     label_smoothing: float = Field(
         0.0, ge=0.0, lt=0.5, description="Assumed share of flipped labels (conservative DPO for sigmoid, rDPO for robust)."
     )
+    precompute_reference: bool = Field(
+        False, description="Compute the frozen reference's log-probabilities of every training and validation "
+        "sequence once before the first step (kept in the run folder for resume); training then runs no reference "
+        "forward."
+    )
 
 
 class OrpoStage(Section):
@@ -75,6 +80,11 @@ class KtoStage(Section):
     beta: float = Field(0.1, gt=0.0, description="Strength of the pull towards the reference.")
     desirable_weight: float = Field(1.0, gt=0.0, description="Weight of the desirable examples' loss.")
     undesirable_weight: float = Field(1.0, gt=0.0, description="Weight of the undesirable examples' loss.")
+    precompute_reference: bool = Field(
+        False, description="Compute the frozen reference's log-probabilities of every training and validation "
+        "sequence once before the first step (kept in the run folder for resume); training then runs no reference "
+        "forward."
+    )
 
 
 class ClsStage(Section):

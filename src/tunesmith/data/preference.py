@@ -142,24 +142,34 @@ def encode_pairs(records: Iterable[RawRecord], tokenizer, max_length: int) -> tu
     return pairs, stats
 
 
-def kto_parts(record: RawRecord) -> tuple[list[dict[str, str]], str, bool]:
-    """A KTO row's prompt turns, final assistant reply and label.
+def judged_conversation(record: RawRecord, layout: str = KTO_LAYOUT) -> list[dict[str, str]]:
+    """A row's conversation (``messages`` or ShareGPT ``conversations``) ending in the assistant reply judged.
 
     Raises:
-        TunesmithError: If the conversation, its final reply or the boolean label is missing.
+        TunesmithError: If the conversation is missing (naming ``layout``) or does not end with an assistant reply.
     """
     if "conversations" in record.fields:
         turns = list(_sharegpt(record, FormatOptions()).messages)
     elif "messages" in record.fields:
         turns = list(_messages(record, FormatOptions()).messages)
     else:
-        raise TunesmithError(f"{record.where}: missing field 'messages' expected by the {KTO_LAYOUT} "
+        raise TunesmithError(f"{record.where}: missing field 'messages' expected by the {layout} "
                              f"(fields present: {', '.join(record.fields) or 'none'})")
+    if not turns or turns[-1]["role"] != "assistant":
+        raise TunesmithError(f"{record.where}: the conversation must end with the assistant reply that is judged")
+    return turns
+
+
+def kto_parts(record: RawRecord) -> tuple[list[dict[str, str]], str, bool]:
+    """A KTO row's prompt turns, final assistant reply and label.
+
+    Raises:
+        TunesmithError: If the conversation, its final reply or the boolean label is missing.
+    """
+    turns = judged_conversation(record)
     label = record.fields.get("label", record.fields.get("kto_tag"))
     if not isinstance(label, bool):
         raise TunesmithError(f"{record.where}: field 'label' must be true or false, as the {KTO_LAYOUT} expects")
-    if not turns or turns[-1]["role"] != "assistant":
-        raise TunesmithError(f"{record.where}: the conversation must end with the assistant reply that is judged")
     return turns[:-1], turns[-1]["content"], label
 
 
@@ -237,4 +247,4 @@ def refuse_unsupported(section: DataSection, stage: str) -> None:
 
 
 __all__ = ["EncodedLabelledReply", "EncodedPair", "EncodedReply", "JudgedStats", "PREFERENCE_LAYOUT", "KTO_LAYOUT",
-           "encode_labelled", "encode_pairs", "encode_reply", "prepare_judged"]
+           "encode_labelled", "encode_pairs", "encode_reply", "judged_conversation", "prepare_judged"]

@@ -10,6 +10,7 @@ from tunesmith.errors import TunesmithError
 from tunesmith.results import load_result, locate_result
 from tunesmith.evaluation.results import (check_document, compare_runs, new_document, read_loss_curve, run_entry,
                                           write_json_atomically)
+from tunesmith.evaluation.stage_metrics import attach_head, held_out_task, result_stage
 from tunesmith.evaluation.suite import Suite, run_suite
 from tunesmith.evaluation.tasks import PROBES_DIR, BiasTask
 
@@ -62,7 +63,7 @@ def evaluate_spec(spec: ModelSpec, suites: Sequence[tuple[Suite, str]], dtype: s
         A run entry of the results document.
     """
     loaded = load_result(spec.adapter or spec.name, spec.name if spec.adapter else None, dtype, device)
-    model, tokenizer = loaded.model, loaded.tokenizer
+    model, tokenizer = attach_head(loaded.model, loaded.location), loaded.tokenizer  # rm, cls: their head
     if progress:
         progress(f"evaluating {spec.name}{' + ' + spec.adapter if spec.adapter else ''}")
     results = {}
@@ -135,6 +136,10 @@ def report_after_training(recipe, out: Path, device: str = "cpu") -> dict:
     suites = [(load_suite(p, section.data_root, section.limit), "task") for p in section.suites]
     suites += [(load_suite(p, section.data_root, section.limit), "general") for p in section.general_suites]
     suites += [(builtin_bias_suite(), "bias")] if section.bias else []
+    judged = result_stage(str(out))
+    if judged is not None and recipe.data.validation:  # a preference/reward/classification stage: its own metrics
+        task = held_out_task(judged, recipe.data.validation, Path(recipe.data.validation).stem, recipe.eval.batch_size)
+        suites.append((Suite("held_out", (task,), recipe.data.validation), "task"))
     if not suites:
         raise TunesmithError("eval.report needs at least one of suites, general_suites or bias: true")
     print("writing the before/after evaluation report ...")

@@ -70,6 +70,8 @@ def compare_runs(base: dict, tuned: dict, base_name: str = "base", tuned_name: s
             if task_name not in other:
                 continue
             b, t = result["score"], other[task_name]["score"]
+            if b is None or t is None:  # e.g. the base of a reward model has no head to score with
+                continue
             rows.append({"suite": suite_name, "role": suite.get("role", "general"), "task": task_name,
                          "kind": result["kind"], "metric": result["metric"], "base": b, "tuned": t, "delta": t - b,
                          "improvement": improvement(result["metric"], b, t, result["lower_is_better"]),

@@ -18,7 +18,7 @@ from tunesmith.evaluation.metrics import compute_metrics
 from tunesmith.evaluation.progress import item_progress
 from tunesmith.evaluation.results import task_result
 from tunesmith.evaluation.tasks import (BiasTask, ClassificationTask, GenerationTask, LmEvalTask, MmluTask,
-                                        MultipleChoiceTask, PerplexityTask)
+                                        MultipleChoiceTask, PerplexityTask, StageTask)
 from tunesmith.registry import Registry
 
 TaskRunner = Callable[..., dict[str, Any]]
@@ -126,3 +126,19 @@ def run_bias(model, tokenizer, task: BiasTask) -> dict[str, Any]:
 def run_lm_eval(model, tokenizer, task: LmEvalTask) -> dict[str, Any]:
     """Tasks of lm-evaluation-harness on the loaded model (optional extra)."""
     return run_harness_tasks(model, tokenizer, task)
+
+
+@TASK_RUNNERS.register("stage")
+def run_stage(model, tokenizer, task: StageTask) -> dict[str, Any]:
+    """A training stage's held-out metrics (accuracy headlines); no score for a model without the stage's head."""
+    from tunesmith.evaluation.stage_metrics import stage_metrics
+
+    metrics = stage_metrics(model, tokenizer, task)
+    kind = task.stage.kind
+    tokenisation = {"method": f"as stage {kind} encodes its training data", "template": task.template,
+                    "max_length": task.max_length}
+    if metrics is None:
+        return {**task_result(kind, "accuracy", {"accuracy": None}, 0, tokenisation=tokenisation), "metrics": {},
+                "details": {"note": f"this model has no {kind} head: nothing to score with"}}
+    count = int(metrics.pop("pairs", metrics.pop("examples", 0)))
+    return task_result(kind, "accuracy", metrics, count, tokenisation=tokenisation)

@@ -122,7 +122,8 @@ def run_suite(model, tokenizer, suite: Union[Suite, str, Path], data_root: Optio
             results[task.name] = run_task(model, tokenizer, task)
             if progress:
                 r = results[task.name]
-                progress(f"  {suite.name}/{task.name}: {r['metric']} {r['score']:.4f} ({r['count']} items, {r['seconds']:.1f}s)")
+                score = "n/a" if r["score"] is None else f"{r['score']:.4f}"
+                progress(f"  {suite.name}/{task.name}: {r['metric']} {score} ({r['count']} items, {r['seconds']:.1f}s)")
     finally:
         model.train(was_training)
     return {"suite": suite.name, "file": suite.file, "tasks": results}

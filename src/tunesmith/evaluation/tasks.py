@@ -13,6 +13,7 @@ from typing import Annotated, Literal, Optional, Union
 from pydantic import Field, TypeAdapter, ValidationError, field_validator
 
 from tunesmith.config.base import Section
+from tunesmith.config.stages import StageSection
 from tunesmith.config.loader import read_yaml
 from tunesmith.errors import TunesmithError
 
@@ -122,6 +123,30 @@ class BiasTask(TaskBase):
     path: str = Field(..., description="CSV with sent_more, sent_less, stereo_antistereo, bias_type.")
 
 
+class StageTask(TaskBase):
+    """Held-out metrics of a training stage (rm, dpo, orpo, simpo, kto, cls), computed by the stage's own code.
+
+    ``tunesmith eval --compare BASE TUNED --data FILE`` builds it from TUNED's manifest; in a task file
+    give at least ``path`` and ``stage``.
+    """
+
+    kind: Literal["stage"] = "stage"
+    path: str = Field(..., description="Preference pairs, KTO-labelled conversations or text/label rows, as the "
+                      "stage trains on.")
+    stage: StageSection = Field(..., description="The stage section of the recipe (e.g. {kind: dpo, beta: 0.1}).")
+    template: str = Field("auto", description="Chat template, as data.template in the recipe.")
+    max_length: int = Field(1024, ge=8, description="Longest token sequence, as data.max_length in the recipe.")
+    majority_label: Optional[str] = Field(None, description="cls: the training data's majority class (the baseline); "
+                                          "default: the majority of this file.")
+    reference: Optional[str] = Field(None, description="dpo/kto: the base model the rewards are measured against "
+                                     "when the evaluated model has no adapter to switch off (a full fine-tune).")
+
+    @field_validator("stage", mode="before")
+    @classmethod
+    def _stage_by_name(cls, value: object) -> object:
+        return {"kind": value} if isinstance(value, str) else value
+
+
 class LmEvalTask(TaskBase):
     """Tasks run by lm-evaluation-harness (optional extra `tunesmith[lm-eval]`)."""
 
@@ -132,10 +157,11 @@ class LmEvalTask(TaskBase):
 
 
 TaskSection = Annotated[
-    Union[MmluTask, MultipleChoiceTask, ClassificationTask, GenerationTask, PerplexityTask, BiasTask, LmEvalTask],
+    Union[MmluTask, MultipleChoiceTask, ClassificationTask, GenerationTask, PerplexityTask, BiasTask, LmEvalTask,
+          StageTask],
     Field(discriminator="kind"),
 ]
-TASK_KINDS = ("mmlu", "multiple_choice", "classification", "generation", "perplexity", "bias", "lm_eval")
+TASK_KINDS = ("mmlu", "multiple_choice", "classification", "generation", "perplexity", "bias", "lm_eval", "stage")
 _TASK_ADAPTER = TypeAdapter(TaskSection)
 PATH_FIELDS = ("path", "few_shot_path", "include_path")
 

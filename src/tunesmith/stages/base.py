@@ -73,6 +73,10 @@ class Stage(ABC):
     def save(self, model: nn.Module, directory: Path) -> None:
         """Write what the stage adds to the result folder beside the method's artifact (e.g. a head)."""
 
+    def manifest_entries(self) -> dict:
+        """What the result's manifest records about the stage, so that evaluation can judge the result again."""
+        return {"stage_config": self.config.model_dump(mode="json")}
+
     @abstractmethod
     def objective(self, speed: SpeedSetup) -> Objective:
         """The loop's objective, using the speed levers that apply to it (packing, fused loss, autocast)."""

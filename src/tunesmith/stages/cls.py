@@ -136,6 +136,9 @@ class SequenceClassification(Stage):
         save_head(model, directory)
         (directory / LABELS_FILE).write_text(json.dumps(list(self.labels)) + "\n")
 
+    def manifest_entries(self) -> dict:
+        return {**super().manifest_entries(), "majority_label": self.labels[self.majority]}  # eval's baseline
+
     def objective(self, speed: SpeedSetup) -> ClassificationObjective:
         return ClassificationObjective(speed, self.majority, self.zero_shot)
 

@@ -11,24 +11,23 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from tunesmith.data.preference import PREFERENCE_LAYOUT, encode_pairs
+from tunesmith.data.encode import EncodedExample
+from tunesmith.data.preference import PREFERENCE_LAYOUT, EncodedPair, encode_pairs
 from tunesmith.stages.base import STAGES
 from tunesmith.stages.losses import dpo
-from tunesmith.stages.pairs import PairObjective, PairValues, Reference, ReferenceStage, split_pairs
+from tunesmith.stages.pairs import PairValues, ReferenceObjective, ReferenceStage, split_pairs
 from tunesmith.stages.scoring import reply_logps
-from tunesmith.training.speed import SpeedSetup
 
 
-class DpoObjective(PairObjective):
+class DpoObjective(ReferenceObjective):
     """The DPO loss of each pair from policy and reference log-probabilities of both replies."""
 
-    def __init__(self, speed: SpeedSetup, config, reference: Reference) -> None:
-        super().__init__(speed)
-        self.config, self.reference = config, reference
+    def sequences(self, examples: list[EncodedPair]) -> list[EncodedExample]:
+        return [pair.chosen for pair in examples] + [pair.rejected for pair in examples]
 
     def per_pair(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> PairValues:
         logps, tokens = reply_logps(model, batch)
-        reference_logps, _ = self.reference.logps(model, batch)
+        reference_logps = self.reference_logps(model, batch)
         (chosen, rejected), (ref_chosen, ref_rejected) = split_pairs(logps), split_pairs(reference_logps)
         chosen_tokens, rejected_tokens = split_pairs(tokens)
         config = self.config

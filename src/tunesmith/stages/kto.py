@@ -16,34 +16,31 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from tunesmith.data.encode import EncodedExample
 from tunesmith.data.preference import KTO_LAYOUT, EncodedLabelledReply, EncodedReply, encode_labelled
 from tunesmith.stages.base import STAGES
 from tunesmith.stages.losses import kto
-from tunesmith.stages.pairs import PairObjective, PairValues, Reference, ReferenceStage, split_pairs
+from tunesmith.stages.pairs import PairValues, ReferenceObjective, ReferenceStage, split_pairs
 from tunesmith.stages.scoring import reply_logps
-from tunesmith.training.speed import SpeedSetup
 
 
-class KtoObjective(PairObjective):
+class KtoObjective(ReferenceObjective):
     """The KTO loss of each labelled reply; a batch holds the matched sequences, then the mismatched ones."""
 
     counted = "examples"
 
-    def __init__(self, speed: SpeedSetup, config, reference: Reference) -> None:
-        super().__init__(speed)
-        self.config, self.reference = config, reference
-
-    def collate(self, examples: list[EncodedLabelledReply], pad_token_id: int) -> dict[str, torch.Tensor]:
+    def sequences(self, examples: list[EncodedLabelledReply]) -> list[EncodedExample]:
         matched = [EncodedReply(e.prompt_ids, e.reply_ids).example(e.max_length) for e in examples]
         rotated = examples[-1:] + examples[:-1]
         mismatched = [EncodedReply(e.prompt_ids, r.reply_ids).example(e.max_length) for e, r in zip(examples, rotated)]
-        batch = self.collate_fn(matched + mismatched, pad_token_id)
-        batch["desirable"] = torch.tensor([e.desirable for e in examples])
-        return batch
+        return matched + mismatched
+
+    def extras(self, examples: list[EncodedLabelledReply]) -> dict[str, torch.Tensor]:
+        return {"desirable": torch.tensor([e.desirable for e in examples])}
 
     def per_pair(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> PairValues:
         logps, _ = reply_logps(model, batch)
-        reference_logps, _ = self.reference.logps(model, batch)
+        reference_logps = self.reference_logps(model, batch)
         (policy, policy_kl), (reference, reference_kl) = split_pairs(logps), split_pairs(reference_logps)
         kl = (policy_kl - reference_kl).mean().clamp(min=0).detach()
         config, desirable = self.config, batch["desirable"]

@@ -135,6 +135,7 @@ class Trainer:
 
     def fit(self) -> TrainResult:
         """Run the remaining steps; evaluate, stop early and checkpoint as configured."""
+        self.before_training()
         for hook in self.hooks:
             hook.on_train_start(self.total_steps, self.state.step)
         started = time.perf_counter()
@@ -154,6 +155,19 @@ class Trainer:
                 hook.on_train_end()
         validation = self.evaluate() if self.data.validation else {}
         return TrainResult(self.state, self.total_steps, time.perf_counter() - started, last_loss, validation)
+
+    def before_training(self) -> None:
+        """The objective's optional preparation, told every micro-batch the remaining steps will train on
+        (the sampler is a pure function of the step) and the validation sets (e.g. precomputed reference
+        log-probabilities; ``checkpoint_dir`` keeps them for a resume)."""
+        prepare = getattr(self.objective, "before_training", None)
+        if prepare is None:
+            return
+        train = ([self.data.train[i] for i in indices] for step in range(self.state.step, self.total_steps)
+                 for indices in self.sampler.micro_batches(step))
+        validation = [self.data.validation, *self.data.validation_by_source.values()] if self.data.validation else []
+        prepare(self.model, train, validation, self.eval_config.batch_size, self.pad_token_id, self.runtime,
+                self.checkpoint_dir)
 
     def train_step(self, step: int) -> tuple[float, int]:
         """One optimizer step over this process's micro-batches; returns (mean loss, global real tokens).

@@ -42,7 +42,11 @@ class Objective(Protocol):
                  runtime: Runtime) -> dict[str, float]:
         """Validation metrics on ``examples``; ``loss`` always, and whatever else the stage measures."""
 
-    # Two optional members, for stages that act inside the step (online RL); the loop uses them when present:
+    # Optional members; the loop uses them when present:
+    #   before_training(model, train_batches, validation_sets, eval_batch_size, pad_token_id, runtime, folder):
+    #       called once before the first (or resumed) step with every micro-batch the remaining steps train on
+    #       (e.g. DPO's precomputed reference log-probabilities; ``folder`` keeps them for a resume);
+    # and two for stages that act inside the step (online RL):
     #   rollout(model, batch) -> batch: called for every micro-batch of a step, on the device, before the
     #       step's units are counted (e.g. sample completions, score them, compute advantages);
     #   step_metrics() -> dict: merged into the step's logged record (e.g. rewards, generation seconds).
