@@ -164,9 +164,7 @@ class Trainer:
         self.add_trainable(step)
         batches = [self.objective.collate([self.data.train[i] for i in indices], self.pad_token_id)
                    for indices in self.sampler.micro_batches(step)]
-        rollout = getattr(self.objective, "rollout", None)  # online RL samples every micro-batch's completions first
-        if rollout is not None:
-            batches = [rollout(self.wrapped, self.to_device(batch)) for batch in batches]
+        batches = [self.objective.rollout(self.wrapped, batch) for batch in batches]  # online RL samples here
         units = self.all_reduce_sum(sum(self.objective.units(batch) for batch in batches))
         real_tokens = self.all_reduce_sum(sum(self.objective.real_tokens(batch) for batch in batches))
         step_loss = torch.zeros((), dtype=torch.float64)
@@ -201,10 +199,8 @@ class Trainer:
         step = self.state.step
         record = {"step": step, "epoch": round(step / self.sampler.steps_per_epoch, 4), "loss": loss,
                   "lr": self.scheduler.get_last_lr()[0], "tokens": self.state.tokens,
-                  "tokens_per_s": tokens / max(seconds, 1e-9), "step_s": seconds}
-        step_metrics = getattr(self.objective, "step_metrics", None)  # e.g. online RL's rewards and samples
-        if step_metrics is not None:
-            record.update(step_metrics())
+                  "tokens_per_s": tokens / max(seconds, 1e-9), "step_s": seconds,
+                  **self.objective.step_metrics()}  # e.g. online RL's rewards and samples
         for hook in self.hooks:
             hook.on_step(record)
         if step % self.train_config.log_every == 0 or step == self.total_steps:
