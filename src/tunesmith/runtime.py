@@ -20,6 +20,10 @@ from tunesmith.errors import TunesmithError
 
 # Variables through which a user chooses OpenMP's threads or wait policy; tunesmith keeps theirs.
 WAIT_POLICY_VARIABLES = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME")
+# Spins of an idle OpenMP thread before it sleeps (libgomp's default: 300,000). Measured on SmolLM2
+# training, 2 cores: 500 kept 1.02x torch's quiet tokens/s and 0.64x of it beside a busy process
+# (torch's default 0.33x; PASSIVE 0.89x quiet, 0.68x busy; 2,000: 1.03-1.09x, 0.49-0.51x).
+SPIN_COUNT = 500
 
 
 @dataclass(frozen=True)
@@ -57,12 +61,15 @@ def thread_environment(environ: Mapping[str, str]) -> dict[str, str]:
     they sleep). Where another process keeps a core busy, a spinning thread takes that core's time
     from the thread that has the work, and each step waits for the slowest thread: beside one busy
     process tunesmith kept a third of its tokens/s, beside a second torch job steps were up to 18
-    times slower. ``PASSIVE`` makes idle threads sleep at once (``benchmarks/busy.py`` measures
-    both sides). A user who sets ``OMP_WAIT_POLICY``, ``GOMP_SPINCOUNT`` or ``KMP_BLOCKTIME`` keeps it.
+    times slower. Sleeping at once (``OMP_WAIT_POLICY=PASSIVE``) cured that but cost 11% on a quiet
+    machine (a futex wake-up per parallel region); a short spin of ``SPIN_COUNT`` keeps the quiet
+    speed and most of the busy one (``benchmarks/busy.py`` measures both sides; figures in
+    ``benchmarks/RESULTS.md``). A user who sets ``OMP_WAIT_POLICY``, ``GOMP_SPINCOUNT`` or
+    ``KMP_BLOCKTIME`` keeps it.
     """
     if any(name in environ for name in WAIT_POLICY_VARIABLES):
         return {}
-    return {"OMP_WAIT_POLICY": "PASSIVE"}
+    return {"GOMP_SPINCOUNT": str(SPIN_COUNT)}
 
 
 def configure_threads() -> str:
@@ -74,7 +81,7 @@ def configure_threads() -> str:
     chosen = thread_environment(os.environ)
     os.environ.update(chosen)
     if chosen:
-        return "threads: idle OpenMP threads sleep (OMP_WAIT_POLICY=PASSIVE)"
+        return f"threads: idle OpenMP threads spin {SPIN_COUNT} times, then sleep (GOMP_SPINCOUNT={SPIN_COUNT})"
     return "threads: OpenMP wait policy as set in the environment (" + ", ".join(
         f"{name}={os.environ[name]}" for name in WAIT_POLICY_VARIABLES if name in os.environ) + ")"
 

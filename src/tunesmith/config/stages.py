@@ -15,6 +15,8 @@ from pydantic import Field, model_validator
 from tunesmith.config.base import Section
 from tunesmith.config.rewards import RewardSection
 
+ZERO_SHOT_PROMPT = "{text}\nQuestion: is this {labels}?\nAnswer:"
+
 
 class SftStage(Section):
     """Supervised fine-tuning: next-token cross-entropy on the trained tokens (data.train_on)."""
@@ -76,7 +78,8 @@ class KtoStage(Section):
 
 
 class ClsStage(Section):
-    """Sequence classification: a label head on the model's last real token, cross-entropy over labels."""
+    """Sequence classification: a label head on a decoder's last real token or an encoder's mean hidden state,
+    cross-entropy over labels; before training, the base decoder's zero-shot label-word accuracy as a baseline."""
 
     kind: Literal["cls"] = "cls"
     text_field: str = Field("sentence", description="Field holding the text to classify.")
@@ -84,6 +87,31 @@ class ClsStage(Section):
     labels: Optional[tuple[str, ...]] = Field(
         None, description="The label set in head order; default: the labels of the training data, sorted."
     )
+    zero_shot: bool = Field(
+        True, description="Before training, score each label word after zero_shot_prompt with the base causal LM "
+        "on the validation split and report zero_shot_accuracy (decoders only; needs label words)."
+    )
+    label_words: Optional[tuple[str, ...]] = Field(
+        None, description="One word per label, in head order (e.g. [negative, positive]), for the zero-shot "
+        "baseline; default: the label names when every one contains a letter."
+    )
+    zero_shot_prompt: str = Field(
+        ZERO_SHOT_PROMPT, description="Prompt of the zero-shot baseline: {text} is the text, {labels} the label "
+        "words joined by 'or'; the label word follows it after a space."
+    )
+
+    @model_validator(mode="after")
+    def _prompt_has_the_text(self) -> "ClsStage":
+        if "{text}" not in self.zero_shot_prompt:
+            raise ValueError("zero_shot_prompt must contain {text}, where the text to classify goes")
+        try:
+            self.zero_shot_prompt.format(text="", labels="")
+        except (KeyError, IndexError, ValueError) as error:
+            raise ValueError(f"zero_shot_prompt may only use the placeholders {{text}} and {{labels}} ({error})") \
+                from None
+        if self.labels is not None and self.label_words is not None and len(self.labels) != len(self.label_words):
+            raise ValueError(f"label_words has {len(self.label_words)} words for {len(self.labels)} labels")
+        return self
 
 
 class GrpoStage(Section):

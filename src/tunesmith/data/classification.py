@@ -1,7 +1,9 @@
 """Data of sequence classification (``stage: cls``): a text and a label per row (GLUE-style TSV, CSV, JSON).
 
-The text is tokenised with the tokenizer's BOS (no chat template) and cut to ``data.max_length``;
-the label becomes its index in the label set (given, or the sorted labels of the training data).
+For a causal LM the text is tokenised after the tokenizer's BOS (no chat template) and cut to
+``data.max_length``; for an encoder with the tokenizer's own special tokens (BERT: ``[CLS] text
+[SEP]``), cut before its closing token. The label becomes its index in the label set (given, or the
+sorted labels of the training data).
 """
 
 from __future__ import annotations
@@ -19,10 +21,11 @@ from tunesmith.errors import TunesmithError
 
 @dataclass(frozen=True)
 class EncodedText:
-    """A text's token ids and its label's index."""
+    """A text's token ids and its label's index (and the text, for the zero-shot baseline)."""
 
     input_ids: tuple[int, ...]
     label: int
+    text: str = ""
 
     @property
     def example(self) -> EncodedExample:
@@ -38,8 +41,24 @@ def label_text(record: RawRecord, field: str) -> str:
     return str(value).strip()
 
 
+def encode_text(tokenizer, text: str, encoder: bool = False) -> list[int]:
+    """A text's token ids as stage cls reads them: after BOS for a causal LM, framed by the tokenizer's own
+    special tokens for an encoder (``[CLS] ... [SEP]``); not yet cut to a length (see :func:`cut`)."""
+    if encoder:
+        return list(tokenizer(text.strip())["input_ids"])
+    ids = [tokenizer.bos_token_id] * (tokenizer.bos_token_id is not None)
+    return ids + list(tokenizer(text.strip(), add_special_tokens=False)["input_ids"])
+
+
+def cut(ids: list[int], max_length: int, encoder: bool = False) -> tuple[int, ...]:
+    """The first ``max_length`` ids; an encoder's closing special token (``[SEP]``) is kept."""
+    if len(ids) <= max_length:
+        return tuple(ids)
+    return tuple(ids[: max_length - 1] + ids[-1:]) if encoder else tuple(ids[:max_length])
+
+
 def encode_texts(records: Sequence[RawRecord], tokenizer, labels: Sequence[str], text_field: str, label_field: str,
-                 max_length: int) -> tuple[list[EncodedText], EncodeStats]:
+                 max_length: int, encoder: bool = False) -> tuple[list[EncodedText], EncodeStats]:
     """Encode rows; a label outside ``labels`` is an error naming the row.
 
     Raises:
@@ -57,17 +76,17 @@ def encode_texts(records: Sequence[RawRecord], tokenizer, labels: Sequence[str],
         if label not in index:
             raise TunesmithError(f"{record.where}: label {label!r} is not in the label set {list(labels)}; "
                                  "fix the row or list every label in stage.labels")
-        ids = [tokenizer.bos_token_id] * (tokenizer.bos_token_id is not None)
-        ids += list(tokenizer(text.strip(), add_special_tokens=False)["input_ids"])
+        ids = encode_text(tokenizer, text, encoder)
         stats.truncated += len(ids) > max_length
         stats.longest = max(stats.longest, min(len(ids), max_length))
-        encoded.append(EncodedText(tuple(ids[:max_length]), index[label]))
+        encoded.append(EncodedText(cut(ids, max_length, encoder), index[label], text))
     return encoded, stats
 
 
 def prepare_classification(section: DataSection, tokenizer, seed: int, text_field: str, label_field: str,
-                           labels: Optional[Sequence[str]]) -> tuple[PreparedData, tuple[str, ...]]:
-    """Read, split and encode text/label rows.
+                           labels: Optional[Sequence[str]],
+                           encoder: bool = False) -> tuple[PreparedData, tuple[str, ...]]:
+    """Read, split and encode text/label rows (``encoder``: for an encoder-only model, see :func:`encode_text`).
 
     Returns:
         The prepared data and the label set in head order.
@@ -82,10 +101,10 @@ def prepare_classification(section: DataSection, tokenizer, seed: int, text_fiel
     label_set = tuple(labels) if labels else tuple(sorted({label_text(r, label_field) for r in train}))
     if len(label_set) < 2:
         raise TunesmithError(f"stage cls needs at least two labels; the training data has {list(label_set)}")
-    encoded, stats = encode_texts(train, tokenizer, label_set, text_field, label_field, section.max_length)
+    encoded, stats = encode_texts(train, tokenizer, label_set, text_field, label_field, section.max_length, encoder)
     all_stats = {"train": stats}
     held_out = None
     if validation is not None:
         held_out, all_stats["validation"] = encode_texts(validation, tokenizer, label_set, text_field, label_field,
-                                                         section.max_length)
+                                                         section.max_length, encoder)
     return PreparedData(encoded, held_out, "none", {path: "text/label" for path in section.train}, all_stats), label_set

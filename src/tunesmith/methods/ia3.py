@@ -10,7 +10,7 @@ from torch import nn
 
 from tunesmith.errors import TunesmithError
 from tunesmith.methods.base import METHODS, check_module_names
-from tunesmith.methods.peft_method import PeftMethod
+from tunesmith.methods.peft_method import PeftMethod, peft_task_type
 
 
 @METHODS.register_kind
@@ -32,4 +32,4 @@ class IA3(PeftMethod):
             raise TunesmithError("method.feed_forward must list only modules that are also in method.targets")
         if targets is not None and feed_forward is None:
             feed_forward = []
-        return IA3Config(target_modules=targets, feedforward_modules=feed_forward, task_type="CAUSAL_LM")
+        return IA3Config(target_modules=targets, feedforward_modules=feed_forward, task_type=peft_task_type(model))

@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from tunesmith.methods.base import METHODS, check_module_names, decay_groups
-from tunesmith.methods.peft_method import PeftMethod
+from tunesmith.methods.peft_method import PeftMethod, peft_task_type
 
 
 @METHODS.register_kind
@@ -30,7 +30,7 @@ class LoRA(PeftMethod):
             target_modules=targets,
             use_dora=self.config.dora,
             use_rslora=self.config.rslora,
-            task_type="CAUSAL_LM",
+            task_type=peft_task_type(model),
         )
 
     def param_groups(self, model: nn.Module, train_config) -> list[dict]:

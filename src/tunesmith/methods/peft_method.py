@@ -16,6 +16,13 @@ from tunesmith.errors import TunesmithError
 from tunesmith.methods.base import Method
 
 
+def peft_task_type(model: Optional[nn.Module]) -> str:
+    """peft's task type for ``model``: ``CAUSAL_LM`` for a model that generates, ``FEATURE_EXTRACTION`` for an
+    encoder loaded bare (peft's causal-LM wrapper needs the generation methods an encoder lacks)."""
+    can_generate = getattr(model, "can_generate", None)
+    return "CAUSAL_LM" if can_generate is None or can_generate() else "FEATURE_EXTRACTION"
+
+
 class PeftMethod(Method):
     """A method whose adapter is built by ``peft.get_peft_model`` from :meth:`peft_config`."""
 

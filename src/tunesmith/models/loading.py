@@ -92,13 +92,36 @@ def load_tokenizer(path: str, section: ModelSection):
     return tokenizer
 
 
+def is_encoder(config) -> bool:
+    """Whether a transformers config is an encoder-only model (BERT, RoBERTa, MiniLM, ...), not a causal LM.
+
+    transformers has a masked-LM class for its type, and it is neither an encoder-decoder nor set up
+    as a decoder (BERT can be either; its ``is_decoder`` says which).
+    """
+    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+    return (getattr(config, "model_type", None) in MODEL_FOR_MASKED_LM_MAPPING_NAMES
+            and not getattr(config, "is_encoder_decoder", False) and not getattr(config, "is_decoder", False))
+
+
 def load_model(path: str, section: ModelSection, device: torch.device | str = "cpu"):
-    """The causal LM in the recipe's dtype, on ``device``, in training mode off (eval)."""
-    from transformers import AutoModelForCausalLM
+    """The model in the recipe's dtype, on ``device``, in training mode off (eval).
+
+    A causal LM (``AutoModelForCausalLM``), or for an encoder-only folder (:func:`is_encoder`) the
+    bare encoder (``AutoModel``, final hidden states, no head), which stage cls puts a label head on.
+    """
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
     if Path(path).is_dir():
         check_weight_files(Path(path))
-    model = _from_pretrained(AutoModelForCausalLM, path, section, dtype=DTYPES[section.dtype])
+    config = _from_pretrained(AutoConfig, path, section)
+    encoder = is_encoder(config)
+    factory = AutoModel if encoder else AutoModelForCausalLM
+    model = _from_pretrained(factory, path, section, config=config, dtype=DTYPES[section.dtype])
+    if encoder and getattr(model, "pooler", None) is not None:
+        # The label head pools the final hidden states itself; BERT's pooler would be weights that never get a
+        # gradient (DDP refuses those) and a LoRA target that never trains.
+        model.pooler = None
     return model.to(device).eval()
 
 

@@ -17,6 +17,8 @@ from torch import nn
 
 from tunesmith.config import DataSection
 from tunesmith.data.prepared import PreparedData
+from tunesmith.errors import TunesmithError
+from tunesmith.models import is_encoder
 from tunesmith.registry import Registry
 from tunesmith.training.objective import Objective
 from tunesmith.training.speed import SpeedSetup
@@ -34,6 +36,20 @@ class Stage(ABC):
     def __init__(self, config) -> None:
         self.config = config
 
+    def check_model(self, model: nn.Module) -> None:
+        """Look at the loaded model before the data is prepared; refuse one the stage cannot train.
+
+        By default an encoder-only model (BERT, MiniLM) is refused: only stage cls trains one.
+
+        Raises:
+            TunesmithError: Naming the model type and the stage that trains it.
+        """
+        config = model.config
+        if is_encoder(config):
+            name = getattr(config, "_name_or_path", "") or config.model_type
+            raise TunesmithError(f"model {name} is an encoder-only model ({config.model_type}); stage {self.kind} "
+                                 "needs a causal language model, and only stage cls trains an encoder")
+
     @abstractmethod
     def prepare_data(self, section: DataSection, tokenizer, seed: int, cache: Path) -> PreparedData:
         """The training and validation examples of this stage, read from ``data``.
@@ -45,6 +61,10 @@ class Stage(ABC):
     def prepare_model(self, model: nn.Module) -> nn.Module:
         """Adapt the loaded model before the method is applied (e.g. a scalar head); unchanged by default."""
         return model
+
+    def notes(self) -> list[str]:
+        """Lines for the run's log once the model is prepared (e.g. the zero-shot baseline of cls)."""
+        return []
 
     def after_method(self, model: nn.Module) -> None:
         """Called once the method is applied, before any step or resume: e.g. a head the stage added

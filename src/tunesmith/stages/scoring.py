@@ -2,7 +2,8 @@
 
 Log-probabilities are computed for padded batches and for packed rows (one row holding several
 sequences, with ``cu_seq_lens_q`` boundaries) alike, so the preference stages keep the packing lever.
-The head reads the final hidden state of each sequence's last real token; it is not an
+The head reads the final hidden state of each sequence's last real token (an encoder's: the mean over
+its real tokens, see :func:`sequence_scores`); it is not an
 ``nn.Linear`` so that no method (``targets: all-linear``) puts an adapter on it, and it trains
 whatever the method freezes.
 """
@@ -19,6 +20,7 @@ from torch import nn
 from tunesmith.data.encode import IGNORE_INDEX
 from tunesmith.errors import TunesmithError
 from tunesmith.methods.base import base_model_of
+from tunesmith.models import is_encoder
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q",
                 "max_length_k")
@@ -79,7 +81,7 @@ class ScoreHead(nn.Module):
 
 
 def add_head(model: nn.Module, outputs: int) -> nn.Module:
-    """Attach a :class:`ScoreHead` to a loaded causal LM (same device and dtype); returns the model."""
+    """Attach a :class:`ScoreHead` to a loaded causal LM or encoder (same device and dtype); returns the model."""
     hidden = model.config.hidden_size
     reference = model.get_input_embeddings().weight
     model.add_module(HEAD_ATTRIBUTE, ScoreHead(hidden, outputs).to(reference.device, reference.dtype))
@@ -96,12 +98,23 @@ def head_of(model: nn.Module) -> ScoreHead:
 
 
 def sequence_scores(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The head's scores at each sequence's last real token: (sequences, outputs).
+    """The head's scores for each sequence: (sequences, outputs).
 
-    The model runs its own forward (so DDP and peft see a normal call) with ``logits_to_keep`` empty:
-    no vocabulary logits are computed, only the final hidden states.
+    A causal LM is read at each sequence's last real token (the only one that has seen the whole
+    text); an encoder (BERT, MiniLM) by the mean of its real tokens' final hidden states, the pooling
+    sentence encoders such as all-MiniLM-L6-v2 were trained with (its [CLS] state was not trained to
+    summarise the text). The model runs its own forward (so DDP and peft see a normal call); a causal
+    LM with ``logits_to_keep`` empty, so no vocabulary logits are computed.
     """
     input_ids = batch["input_ids"]
+    head = head_of(model)
+    if is_encoder(base_model_of(model).config):
+        if "cu_seq_lens_q" in batch:
+            raise TunesmithError("an encoder's batches cannot be packed (its attention is bidirectional)")
+        hidden = model(**model_inputs(batch)).last_hidden_state[:, -input_ids.shape[1]:]  # (rows, seq, hidden)
+        mask = batch["attention_mask"][..., None].to(hidden.dtype)  # (rows, seq, 1)
+        pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1)  # (rows, hidden)
+        return head(pooled.to(head.weight.dtype)).float()
     no_positions = torch.zeros(0, dtype=torch.long, device=input_ids.device)
     output = model(**model_inputs(batch), use_cache=False, output_hidden_states=True, logits_to_keep=no_positions)
     hidden = output.hidden_states[-1][:, -input_ids.shape[1]:]  # (rows, seq, hidden); virtual tokens dropped
@@ -111,7 +124,6 @@ def sequence_scores(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.T
     else:
         last = batch["attention_mask"].sum(dim=1) - 1  # right padding: the last real token
         pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
-    head = head_of(model)
     return head(pooled.to(head.weight.dtype)).float()
 
 

@@ -21,6 +21,7 @@ import logging
 import torch
 
 from tunesmith.data.encode import IGNORE_INDEX, EncodedExample
+from tunesmith.models import is_encoder
 
 logger = logging.getLogger(__name__)
 
@@ -106,6 +107,9 @@ def enable_packed_attention(base: torch.nn.Module) -> bool:
     Returns:
         Whether packed batches are now safe for this model.
     """
+    if is_encoder(base.config):
+        logger.info("packing off: an encoder's attention is bidirectional; the per-example kernels here are causal")
+        return False
     current = getattr(base.config, "_attn_implementation", None)
     if current and current.startswith("flash_attention"):
         return True  # flash varlen kernels read cu_seq_lens themselves
