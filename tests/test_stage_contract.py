@@ -20,6 +20,7 @@ from tunesmith.data import IGNORE_INDEX, prepare_data
 from tunesmith.stages import STAGES, Stage
 from tunesmith.training.batching import collate
 from tunesmith.training.loss import count_real_tokens, count_target_tokens
+from tunesmith.training.objective import Objective
 
 SMOOTHING = 0.1
 
@@ -35,7 +36,7 @@ def smoothed_loss_sum(model, batch, smoothing: float) -> torch.Tensor:
                            ignore_index=IGNORE_INDEX, reduction="sum", label_smoothing=smoothing)
 
 
-class SmoothedObjective:
+class SmoothedObjective(Objective):
     def __init__(self, smoothing: float) -> None:
         self.smoothing = smoothing
 

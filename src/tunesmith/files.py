@@ -1,8 +1,10 @@
 """Writing results whole or not at all: a folder or file appears under its name only once complete.
 
-Everything tunesmith writes that a later step or a user reads (the result folder, exports, reports,
-caches) goes through these two helpers, so an interrupted write never leaves a half-written result
-under the real name, and what was there before stays until the new one is complete.
+Everything tunesmith writes that a later step or a user reads (the result folder, checkpoints,
+exports, reports, caches, prepared data) goes through these helpers, so an interrupted write never
+leaves a half-written result under the real name, and what was there before stays until the new
+one is complete. ``durable=True`` also flushes what was written to disk before the rename and the
+parent folder after it, so a power cut leaves the old version or the new one (checkpoints need this).
 """
 
 from __future__ import annotations
@@ -15,26 +17,89 @@ from pathlib import Path
 from typing import Iterator
 
 
-@contextlib.contextmanager
-def atomic_folder(final: Path) -> Iterator[Path]:
-    """Yield a fresh sibling folder to fill; on success it replaces ``final``, on error it is removed.
+def fsync_path(path: Path) -> None:
+    """Flush a file or a folder (its entries) to disk; a no-op where the platform cannot sync folders."""
+    with contextlib.suppress(OSError):
+        descriptor = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
 
-    The old ``final`` (if any) is moved aside and removed only after the new one is in place.
-    """
+
+def fsync_tree(folder: Path) -> None:
+    """Flush every file under ``folder``, then every folder holding one (deepest first), then ``folder``."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    for file in files:
+        fsync_path(file)
+    for parent in sorted({p.parent for p in files} | {folder}, key=lambda p: len(p.parts), reverse=True):
+        fsync_path(parent)
+
+
+def partial_folder_name(final: Path) -> Path:
+    """``.NAME.partial`` beside ``final``: the fixed temporary name of :func:`fresh_partial_folder`."""
     final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    partial = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent))
-    try:
-        yield partial
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
+    return final.with_name(f".{final.name}.partial")
+
+
+def fresh_partial_folder(final: Path) -> Path:
+    """The empty folder ``.NAME.partial`` beside ``final``, for writers that must agree on its name.
+
+    Every process of a sharded checkpoint writes into it, and a later attempt at the same ``final``
+    removes what an interrupted one left there; only one writer (or one group of processes) may use a
+    given ``final`` at a time.
+    """
+    partial = partial_folder_name(final)
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    return partial
+
+
+def swap_in_folder(partial: Path, final: Path, durable: bool = False, only_empty: bool = False) -> None:
+    """Rename the complete folder ``partial`` to ``final``; an old ``final`` is moved aside first and removed after.
+
+    Args:
+        durable: Flush ``partial``'s files and folders before the rename and the parent folder after it.
+        only_empty: ``final`` is never a result being replaced: an existing one must be an empty folder,
+            removed with ``rmdir`` (which refuses anything else, so nothing a user put there is lost).
+    """
+    partial, final = Path(partial), Path(final)
+    if durable:
+        fsync_tree(partial)
+    if only_empty and final.exists():
+        final.rmdir()
     old = final.with_name(f".{final.name}.old")
     shutil.rmtree(old, ignore_errors=True)
     if final.exists():
         final.rename(old)
     partial.rename(final)
     shutil.rmtree(old, ignore_errors=True)
+    if durable:
+        fsync_path(final.parent)
+
+
+@contextlib.contextmanager
+def atomic_folder(final: Path, durable: bool = False, fixed_name: bool = False,
+                  only_empty: bool = False) -> Iterator[Path]:
+    """Yield a fresh sibling folder to fill; on success it replaces ``final``, on error it is removed.
+
+    The old ``final`` (if any) is moved aside and removed only after the new one is in place.
+
+    Args:
+        durable, only_empty: See :func:`swap_in_folder`.
+        fixed_name: Fill ``.NAME.partial`` (:func:`fresh_partial_folder`) instead of a unique temporary
+            name, so a leftover of a killed attempt is cleaned up by the next one.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    partial = (fresh_partial_folder(final) if fixed_name else
+               Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent)))
+    try:
+        yield partial
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    swap_in_folder(partial, final, durable, only_empty)
 
 
 @contextlib.contextmanager

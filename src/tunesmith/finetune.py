@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import torch
 
-from tunesmith.assembly import assemble_loop, build_safeguards
+from tunesmith.assembly import Assembly, assemble_loop, build_safeguards
 from tunesmith.config import Recipe, recipe_to_yaml
 from tunesmith.errors import TunesmithError
 from tunesmith.evaluation import run_generation_task
@@ -23,7 +24,7 @@ from tunesmith.stages import build_stage
 from tunesmith.training.checkpoint import latest_checkpoint
 from tunesmith.training.run_folder import RunFolder, open_run_folder
 from tunesmith.training.hooks import Hook
-from tunesmith.training.loop import Trainer
+from tunesmith.training.loop import Trainer, TrainResult
 from tunesmith.training.sharding import check_sharded_recipe
 
 logger = logging.getLogger(__name__)
@@ -48,11 +49,7 @@ def finetune(recipe: Recipe, resume: bool = False, extra_hooks: Sequence[Hook] =
         The summary also written to ``summary.json``.
     """
     check_sharded_recipe(recipe)
-    runtime = init_runtime(recipe.train.device)
-    folder = None
-    try:
-        folder = prepare_output_dir(Path(recipe.output.dir), resume, recipe.output.overwrite, recipe.train.max_steps,
-                                    runtime)
+    with run_session(recipe, resume) as (runtime, folder):
         out = folder.out
         torch.manual_seed(recipe.train.seed)
         say = print if runtime.is_main else (lambda *args, **kwargs: None)
@@ -80,32 +77,59 @@ def finetune(recipe: Recipe, resume: bool = False, extra_hooks: Sequence[Hook] =
         if method.summary():
             say(method.summary())
         if resume:
-            checkpoint = folder.resume_from
-            trainer.resume(checkpoint)
-            say(f"resuming from {checkpoint} (step {trainer.state.step} of {trainer.total_steps})")
+            resume_training(trainer, folder.resume_from, say)
         if runtime.is_main:
             write_text_atomic(out / "config.yaml", recipe_to_yaml(recipe))  # only now: the run really starts
-        try:
-            result = trainer.fit()
-        except KeyboardInterrupt:
-            raise Interrupted(interrupted_message(out, recipe_path)) from None
-        finally:
-            loop.speed.undo()  # e.g. transformers' own attention again, before anything is saved
+        result = run_training(trainer, loop, out, recipe_path)
         forgetting = safeguards.after_training(model, tokenizer, data)
         gathered = trainer.saveable_state()  # FSDP: the shards joined into one state dict (a collective)
         if runtime.is_main:
             save_result(method, model, tokenizer, out, recipe, data.template, gathered, stage)
         task_after = evaluate_task(model, tokenizer, recipe, runtime, out / "task_after.json", "after training")
-        summary = finish(recipe, result, method, data, runtime, out, parameters, forgetting, task_before, task_after, say)
+        return finish(recipe, result, method, data, runtime, out, parameters, forgetting, task_before, task_after, say)
+
+
+@contextlib.contextmanager
+def run_session(recipe: Recipe, resume: bool) -> Iterator[tuple[Runtime, RunFolder]]:
+    """The run's runtime and output folder; the folder is marked finished or failed, the runtime always shut down.
+
+    On any failure (a ``TunesmithError``, Ctrl-C, a crash) the main process marks the folder failed: it
+    is kept if it holds a checkpoint, else removed and what ``--overwrite`` set aside put back
+    (:mod:`training.run_folder`).
+    """
+    runtime = init_runtime(recipe.train.device)
+    folder = None
+    try:
+        folder = prepare_output_dir(Path(recipe.output.dir), resume, recipe.output.overwrite, recipe.train.max_steps,
+                                    runtime)
+        yield runtime, folder
         if runtime.is_main:
             folder.finished()
-        return summary
     except BaseException:
         if folder is not None and runtime.is_main:
             folder.failed()
         raise
     finally:
         shutdown_runtime(runtime)
+
+
+def resume_training(trainer: Trainer, checkpoint: Path, say) -> None:
+    """Load ``checkpoint`` into ``trainer`` and say where the run continues."""
+    trainer.resume(checkpoint)
+    say(f"resuming from {checkpoint} (step {trainer.state.step} of {trainer.total_steps})")
+
+
+def run_training(trainer: Trainer, loop: Assembly, out: Path, recipe_path: str) -> TrainResult:
+    """``trainer.fit()``; Ctrl-C or SIGTERM becomes :class:`Interrupted` with the resume command.
+
+    The speed levers are undone either way (e.g. transformers' own attention again), before anything is saved.
+    """
+    try:
+        return trainer.fit()
+    except KeyboardInterrupt:
+        raise Interrupted(interrupted_message(out, recipe_path)) from None
+    finally:
+        loop.speed.undo()
 
 
 def describe_parameters(method, parameters: tuple[int, int]) -> str:

@@ -17,11 +17,13 @@ def register(commands) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from tunesmith.cli.config import check_inputs
     from tunesmith.config import load_recipe
     from tunesmith.finetune import finetune
 
     overrides = list(args.overrides) + (["output.overwrite=true"] if args.overwrite else [])
     recipe = load_recipe(args.recipe, overrides)
+    check_inputs(recipe)  # what `tunesmith config check` resolves: a bad recipe fails before the model loads
     # The resume command printed on interruption must name the same run: keep the overrides (output.dir=...).
     command = " ".join(shlex.quote(part) for part in [args.recipe, *args.overrides])
     finetune(recipe, resume=args.resume, recipe_path=command, progress=not args.no_progress)

@@ -19,6 +19,7 @@ from typing import Optional
 from tunesmith.errors import TunesmithError
 from tunesmith.export.check import (TOLERANCES, CheckResult, Probe, check_hf_model, probe_reference, require)
 from tunesmith.export.gguf import QUANTISATIONS, check_architecture, export_gguf
+from tunesmith.files import atomic_folder
 from tunesmith.methods import NotMergeable
 from tunesmith.results import LoadedResult, ResultFolder, load_result, locate_result
 
@@ -86,10 +87,7 @@ def export(source: str | Path, out: str | Path, format: str = "hf", quantize: Op
     loaded = load_result(source, base_model, device=device)
     probe = probe_reference(loaded.model, loaded.tokenizer)
     method = loaded.method.kind if loaded.method is not None else ("peft" if location.kind == "adapter" else "model")
-    partial = out.parent / f".{out.name}.partial"
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.parent.mkdir(parents=True, exist_ok=True)
-    try:
+    with atomic_folder(out, fixed_name=True, only_empty=True) as partial:  # out: absent or empty (checked above)
         if format == "peft":
             files, checks, skipped, seconds = export_peft(location, loaded, probe, partial, device)
         else:
@@ -101,12 +99,6 @@ def export(source: str | Path, out: str | Path, format: str = "hf", quantize: Op
                                                               ollama, out.name)
         for loader, check in checks.items():
             require(check, f"the {format} export reloaded with {loader}")
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
-    if out.exists():
-        out.rmdir()  # empty, checked above
-    partial.rename(out)
     files = tuple(out / path.relative_to(partial) for path in files)
     return ExportReport(out, method, format, quantize, files, checks, seconds, skipped)
 

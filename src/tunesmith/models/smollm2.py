@@ -15,15 +15,13 @@ from __future__ import annotations
 
 import importlib.metadata
 import logging
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from filelock import FileLock
 
 from tunesmith.errors import TunesmithError
+from tunesmith.files import atomic_folder
 
 if TYPE_CHECKING:
     from transformers import LlamaForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
@@ -131,27 +129,17 @@ def _convert_atomically(gguf_path: Path, folder: Path) -> None:
     """Convert into a temporary sibling of ``folder`` and rename it into place.
 
     The caller must hold the lock, so leftovers of a killed conversion (a stale, incomplete
-    ``folder`` or old staging folders) can be removed safely.
+    ``folder`` or the staging folder ``.NAME.partial``) can be replaced safely.
 
     Args:
         gguf_path: The GGUF file to convert.
         folder: Where the finished folder must end up.
     """
-    prefix = f".{folder.name}.tmp-"
-    for leftover in folder.parent.glob(f"{prefix}*"):
-        shutil.rmtree(leftover, ignore_errors=True)
-    staging = Path(tempfile.mkdtemp(prefix=prefix, dir=folder.parent))
-    try:
-        staging.chmod(0o755)  # mkdtemp makes it private; the cache may be shared
+    with atomic_folder(folder, fixed_name=True) as staging:  # fixed name: the next conversion removes a killed one's
+        staging.chmod(0o755)  # the cache may be shared
         logger.info("Converting %s into %s (once, about 30 seconds).", gguf_path.name, folder)
         _convert_gguf(gguf_path, staging)
         (staging / COMPLETE_MARKER).write_text(f"{PACKAGE_NAME}=={_installed_version()}\n")
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(staging, folder)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
 
 
 def _installed_version() -> str:

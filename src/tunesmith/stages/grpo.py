@@ -32,6 +32,7 @@ from tunesmith.stages.base import STAGES, Stage
 from tunesmith.stages.prompts import PromptExample, prepare_prompts
 from tunesmith.stages.rewards import RewardSet, build_rewards
 from tunesmith.training.chunked_loss import unwrap
+from tunesmith.training.objective import Objective
 from tunesmith.training.speed import SpeedSetup
 
 
@@ -121,7 +122,7 @@ class StepRecord:
         return metrics
 
 
-class GroupPolicyObjective:
+class GroupPolicyObjective(Objective):
     """The loop's objective for ``stage: grpo`` (see the module docstring).
 
     Args:
@@ -157,6 +158,8 @@ class GroupPolicyObjective:
         examples = self.collated.pop(int(batch["batch_key"]))
         policy = unwrap(model)
         self.place(policy)
+        device = next(policy.parameters()).device
+        batch = {key: value.to(device) for key, value in batch.items()}
         group = self.config.group_size
         prompt_ids = batch["prompt_ids"].repeat_interleave(group, dim=0)  # (N, P)
         prompt_mask = batch["prompt_mask"].repeat_interleave(group, dim=0)

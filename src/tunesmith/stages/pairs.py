@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
-from abc import ABC, abstractmethod
+from abc import abstractmethod
 from array import array
 from contextlib import contextmanager
 from pathlib import Path
@@ -28,13 +28,14 @@ from tunesmith.runtime import Runtime
 from tunesmith.stages.base import Stage
 from tunesmith.stages.scoring import count_sequences, reply_logps
 from tunesmith.training.chunked_loss import unwrap
+from tunesmith.training.objective import Objective
 from tunesmith.training.packing import enable_packed_attention
 from tunesmith.training.speed import SpeedSetup
 
 PairValues = tuple[torch.Tensor, dict[str, torch.Tensor]]  # (pairs,) loss and (pairs,) metrics by name
 
 
-class PairObjective(ABC):
+class PairObjective(Objective):
     """An :class:`~tunesmith.training.objective.Objective` over preference pairs; units are pairs."""
 
     counted: str = "pairs"  # how evaluate names the number of items it scored

@@ -12,11 +12,9 @@ RNG states are stored as tensors), so a planted file cannot run code on ``--resu
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import hashlib
 import json
-import os
 import pickle
 import random
 import shutil
@@ -29,6 +27,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tunesmith.errors import TunesmithError
+from tunesmith.files import atomic_folder
 
 PREFIX = "step-"
 MANIFEST = "manifest.json"
@@ -84,16 +83,6 @@ def is_disk_full(error: BaseException) -> bool:
     return "No space left on device" in str(error) or "os error 28" in str(error)
 
 
-def _fsync(path: Path) -> None:
-    """Flush a file or a folder (its entries) to disk; a no-op where the platform cannot sync folders."""
-    with contextlib.suppress(OSError):
-        descriptor = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(descriptor)
-        finally:
-            os.close(descriptor)
-
-
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as handle:
@@ -112,57 +101,46 @@ def _write_files(partial: Path, trainable: dict[str, torch.Tensor], optimizer, s
 
 
 def write_checkpoint_manifest(partial: Path, step: int) -> None:
-    """Flush every file of a checkpoint being written and record its size and SHA-256 in ``manifest.json``.
+    """Record the size and SHA-256 of every file of a checkpoint being written in ``manifest.json``.
 
     Plain checkpoints hold :data:`FILES`; sharded ones (``train.distributed: fsdp``) a shard folder,
-    the RNG of every process, ``training.pt`` and ``state.json``: every file is listed, whatever the layout.
+    the RNG of every process, ``training.pt`` and ``state.json``: every file is listed, whatever the
+    layout. The folder is then put in place with ``swap_in_folder(..., durable=True)``, which flushes
+    the files and the manifest to disk before the rename.
     """
     files = {}
     for file in sorted(p for p in partial.rglob("*") if p.is_file() and p.name != MANIFEST):
-        _fsync(file)
         files[file.relative_to(partial).as_posix()] = {"bytes": file.stat().st_size, "sha256": _sha256(file)}
-    for folder in sorted({p.parent for p in partial.rglob("*") if p.is_file()}, reverse=True):
-        _fsync(folder)
     (partial / MANIFEST).write_text(json.dumps({"format": 1, "step": step, "files": files}, indent=2))
-    _fsync(partial / MANIFEST)
-    _fsync(partial)
 
 
 def save_checkpoint(folder: Path, trainable: dict[str, torch.Tensor], optimizer, scheduler,
                     state: TrainState, keep: int) -> Path:
-    """Write ``folder/step-NNNNNNNN`` atomically, then delete all but the newest ``keep``.
+    """Write ``folder/step-NNNNNNNN`` atomically and durably, then delete all but the newest ``keep``.
 
     Raises:
         TunesmithError: If the disk filled up while writing; the partial checkpoint is removed and
             the previous ones are kept.
     """
-    folder.mkdir(parents=True, exist_ok=True)
     final = folder / f"{PREFIX}{state.step:08d}"
-    partial = folder / f".{final.name}.partial"
-    shutil.rmtree(partial, ignore_errors=True)
-    try:
-        partial.mkdir()
-        _write_files(partial, trainable, optimizer, scheduler, state)
+    try:  # a checkpoint of the same step from an earlier attempt is replaced
+        with atomic_folder(final, durable=True, fixed_name=True) as partial:
+            _write_files(partial, trainable, optimizer, scheduler, state)
     except Exception as error:
-        shutil.rmtree(partial, ignore_errors=True)
         if not is_disk_full(error):
             raise
         previous = list_checkpoints(folder)
         last = f"the last complete checkpoint is {previous[-1]}" if previous else "there is no earlier checkpoint"
         raise TunesmithError(f"disk full while writing checkpoint {state.step} in {folder}; {last}; "
                              "free some space and continue with --resume") from None
-    if final.exists():  # a checkpoint of the same step from an earlier attempt: replace it
-        aside = folder / f".{final.name}.old"
-        shutil.rmtree(aside, ignore_errors=True)
-        final.rename(aside)
-        partial.rename(final)
-        shutil.rmtree(aside, ignore_errors=True)
-    else:
-        partial.rename(final)
-    _fsync(folder)
+    prune_checkpoints(folder, keep)
+    return final
+
+
+def prune_checkpoints(folder: Path, keep: int) -> None:
+    """Delete all but the newest ``keep`` checkpoints in ``folder``."""
     for old in list_checkpoints(folder)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
-    return final
 
 
 def list_checkpoints(folder: Path) -> list[Path]:

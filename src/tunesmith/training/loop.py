@@ -160,14 +160,11 @@ class Trainer:
         """The objective's optional preparation, told every micro-batch the remaining steps will train on
         (the sampler is a pure function of the step) and the validation sets (e.g. precomputed reference
         log-probabilities; ``checkpoint_dir`` keeps them for a resume)."""
-        prepare = getattr(self.objective, "before_training", None)
-        if prepare is None:
-            return
         train = ([self.data.train[i] for i in indices] for step in range(self.state.step, self.total_steps)
                  for indices in self.sampler.micro_batches(step))
         validation = [self.data.validation, *self.data.validation_by_source.values()] if self.data.validation else []
-        prepare(self.model, train, validation, self.eval_config.batch_size, self.pad_token_id, self.runtime,
-                self.checkpoint_dir)
+        self.objective.before_training(self.model, train, validation, self.eval_config.batch_size,
+                                       self.pad_token_id, self.runtime, self.checkpoint_dir)
 
     def train_step(self, step: int) -> tuple[float, int]:
         """One optimizer step over this process's micro-batches; returns (mean loss, global real tokens).
@@ -178,9 +175,7 @@ class Trainer:
         self.add_trainable(step)
         batches = [self.objective.collate([self.data.train[i] for i in indices], self.pad_token_id)
                    for indices in self.sampler.micro_batches(step)]
-        rollout = getattr(self.objective, "rollout", None)  # online RL samples every micro-batch's completions first
-        if rollout is not None:
-            batches = [rollout(self.wrapped, self.to_device(batch)) for batch in batches]
+        batches = [self.objective.rollout(self.wrapped, batch) for batch in batches]  # online RL samples here
         units = self.all_reduce_sum(sum(self.objective.units(batch) for batch in batches))
         real_tokens = self.all_reduce_sum(sum(self.objective.real_tokens(batch) for batch in batches))
         step_loss = torch.zeros((), dtype=torch.float64)
@@ -215,10 +210,8 @@ class Trainer:
         step = self.state.step
         record = {"step": step, "epoch": round(step / self.sampler.steps_per_epoch, 4), "loss": loss,
                   "lr": self.scheduler.get_last_lr()[0], "tokens": self.state.tokens,
-                  "tokens_per_s": tokens / max(seconds, 1e-9), "step_s": seconds}
-        step_metrics = getattr(self.objective, "step_metrics", None)  # e.g. online RL's rewards and samples
-        if step_metrics is not None:
-            record.update(step_metrics())
+                  "tokens_per_s": tokens / max(seconds, 1e-9), "step_s": seconds,
+                  **self.objective.step_metrics()}  # e.g. online RL's rewards and samples
         for hook in self.hooks:
             hook.on_step(record)
         if step % self.train_config.log_every == 0 or step == self.total_steps:

@@ -9,8 +9,10 @@ exactly the update of one large batch, whatever the stage.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, Callable, Protocol, Sequence
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
@@ -23,37 +25,57 @@ LossFunction = Callable[[torch.nn.Module, dict], torch.Tensor]
 Collate = Callable[[list, int], dict]
 
 
-class Objective(Protocol):
-    """What the loop asks of a stage."""
+class Objective(ABC):
+    """What the loop asks of a stage.
 
+    The five abstract members are what every stage defines. :meth:`rollout` and :meth:`step_metrics`
+    serve stages that act inside the step (online RL); their defaults do nothing, so the loop calls
+    them for every stage without asking which one is running.
+    """
+
+    @abstractmethod
     def collate(self, examples: list[Any], pad_token_id: int) -> dict[str, torch.Tensor]:
         """Examples of a micro-batch -> the tensors :meth:`loss_sum` reads."""
 
+    @abstractmethod
     def loss_sum(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """The batch's loss summed over its units (a scalar with a gradient)."""
 
+    @abstractmethod
     def units(self, batch: dict[str, torch.Tensor]) -> int:
         """How many units :meth:`loss_sum` summed over (the normaliser of the step's loss)."""
 
+    @abstractmethod
     def real_tokens(self, batch: dict[str, torch.Tensor]) -> int:
         """Input tokens the model reads, padding excluded (for tokens/s)."""
 
+    @abstractmethod
     def evaluate(self, model: torch.nn.Module, examples: Sequence[Any], batch_size: int, pad_token_id: int,
                  runtime: Runtime) -> dict[str, float]:
         """Validation metrics on ``examples``; ``loss`` always, and whatever else the stage measures."""
 
-    # Optional members; the loop uses them when present:
-    #   before_training(model, train_batches, validation_sets, eval_batch_size, pad_token_id, runtime, folder):
-    #       called once before the first (or resumed) step with every micro-batch the remaining steps train on
-    #       (e.g. DPO's precomputed reference log-probabilities; ``folder`` keeps them for a resume);
-    # and two for stages that act inside the step (online RL):
-    #   rollout(model, batch) -> batch: called for every micro-batch of a step, on the device, before the
-    #       step's units are counted (e.g. sample completions, score them, compute advantages);
-    #   step_metrics() -> dict: merged into the step's logged record (e.g. rewards, generation seconds).
+    def before_training(self, model: torch.nn.Module, train_batches: Iterable[list], validation_sets: Sequence[Sequence],
+                        eval_batch_size: int, pad_token_id: int, runtime: Runtime, folder: Path | None) -> None:
+        """Called once before the first (or resumed) step with every micro-batch the remaining steps train
+        on (a lazy iterable) and the validation sets; ``folder`` keeps what it computes for a resume (DPO's
+        precomputed reference log-probabilities). The default does nothing."""
+
+    def rollout(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """A collated micro-batch -> the batch the step trains on; the default returns it unchanged.
+
+        Called for every micro-batch of a step, before the step's units are counted, with the batch as
+        :meth:`collate` made it (on the CPU); online RL samples completions here, scores them and
+        computes their advantages.
+        """
+        return batch
+
+    def step_metrics(self) -> dict[str, Any]:
+        """Merged into the logged record of the step just taken (e.g. rewards, generation seconds); default none."""
+        return {}
 
 
 @dataclass(frozen=True)
-class TokenCrossEntropy:
+class TokenCrossEntropy(Objective):
     """Next-token cross-entropy summed over target tokens: supervised tuning and continued pre-training.
 
     Attributes:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import shutil
 from dataclasses import asdict
 from pathlib import Path
 
@@ -24,8 +23,9 @@ import torch
 from torch import nn
 
 from tunesmith.errors import TunesmithError
+from tunesmith.files import fresh_partial_folder, partial_folder_name, swap_in_folder
 from tunesmith.runtime import Runtime
-from tunesmith.training.checkpoint import (PREFIX, TrainState, list_checkpoints, rng_state, set_rng_state,
+from tunesmith.training.checkpoint import (PREFIX, TrainState, prune_checkpoints, rng_state, set_rng_state,
                                           write_checkpoint_manifest)
 
 SHARDS = "shards"  # the DCP folder inside a checkpoint
@@ -106,11 +106,9 @@ def save_sharded_checkpoint(folder: Path, model: nn.Module, optimizer, scheduler
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     final = folder / f"{PREFIX}{state.step:08d}"
-    partial = folder / f".{final.name}.partial"
+    partial = partial_folder_name(final)  # every process writes here
     if runtime.is_main:
-        folder.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(partial, ignore_errors=True)
-        partial.mkdir()
+        fresh_partial_folder(final)
     barrier(runtime)
     model_state, optimizer_state = get_state_dict(model, optimizer, options=_options())
     dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(partial / SHARDS))
@@ -121,10 +119,8 @@ def save_sharded_checkpoint(folder: Path, model: nn.Module, optimizer, scheduler
     barrier(runtime)
     if runtime.is_main:
         write_checkpoint_manifest(partial, state.step)  # resume validates every shard against it
-        shutil.rmtree(final, ignore_errors=True)
-        partial.rename(final)
-        for old in list_checkpoints(folder)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+        swap_in_folder(partial, final, durable=True)
+        prune_checkpoints(folder, keep)
     barrier(runtime)
     return final
 

@@ -12,8 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -23,6 +21,7 @@ from tunesmith.data.formats import FormatOptions
 from tunesmith.data.prepare.clean import Cleaner, CleanReport
 from tunesmith.data.prepare.dedup import Deduplicator, DedupReport, deduplicate
 from tunesmith.data.prepare.records import AtomicJsonlWriter, BadRecords, RecordText, stream_records
+from tunesmith.files import write_text_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -117,7 +116,7 @@ def _prepared_or_reused(train, prepare, folder: Path, names, key: str, inputs, d
             return PreparedFiles(tuple(str(folder / n) for n in names), manifest, folder, True)
     counts = _run_steps(train, prepare, folder, names, data_format, options, tokenizer)
     manifest = {"key": key, **inputs, "counts": counts}
-    _write_json_atomically(manifest_path, manifest)
+    write_text_atomic(manifest_path, json.dumps(manifest, indent=2))
     return PreparedFiles(tuple(str(folder / n) for n in names), manifest, folder, False)
 
 
@@ -148,13 +147,6 @@ def _run_steps(train, prepare: PrepareSection, folder: Path, names, data_format,
         counts["dedup"] = {k: v for k, v in dedup_report.as_dict().items()
                            if k not in ("skipped_bad", "bad_examples", "clusters")}
     return counts
-
-
-def _write_json_atomically(path: Path, data: dict[str, Any]) -> None:
-    descriptor, name = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(descriptor, "w") as handle:
-        json.dump(data, handle, indent=2)
-    os.replace(name, path)
 
 
 def prepare_for_training(section, tokenizer, template: str, cache: Optional[Path] = None) -> tuple[str, ...]:

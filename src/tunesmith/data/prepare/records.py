@@ -7,17 +7,17 @@ is never touched, and a half-written output never appears under the final name.
 
 from __future__ import annotations
 
+import contextlib
 import json
-import os
-import tempfile
 import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Literal, Optional
+from typing import Any, Iterator, Literal
 
 from tunesmith.data.formats import FORMATS, FormatOptions, detect_format, preference_parts
 from tunesmith.data.readers import RawRecord, read_records
 from tunesmith.errors import TunesmithError
+from tunesmith.files import atomic_path
 
 OnError = Literal["skip", "fail"]
 MAX_EXAMPLES_KEPT = 5
@@ -100,13 +100,13 @@ class AtomicJsonlWriter:
         check_output(self.path, force, inputs)
         self.count = 0
         self._handle: Any = None
-        self._temporary: Optional[Path] = None
+        self._open = contextlib.ExitStack()
 
     def __enter__(self) -> "AtomicJsonlWriter":
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        descriptor, name = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
-        self._temporary = Path(name)
-        self._handle = os.fdopen(descriptor, "w", encoding="utf-8")
+        with contextlib.ExitStack() as stack:
+            partial = stack.enter_context(atomic_path(self.path))
+            self._handle = stack.enter_context(partial.open("w", encoding="utf-8"))
+            self._open = stack.pop_all()  # closed (and renamed into place, or removed) by __exit__
         return self
 
     def write(self, fields: dict[str, Any]) -> None:
@@ -115,12 +115,7 @@ class AtomicJsonlWriter:
         self.count += 1
 
     def __exit__(self, error_type, error, traceback) -> None:
-        self._handle.close()
-        assert self._temporary is not None
-        if error_type is None:
-            os.replace(self._temporary, self.path)
-        else:
-            self._temporary.unlink(missing_ok=True)
+        self._open.__exit__(error_type, error, traceback)
 
 
 def check_output(path: Path, force: bool, inputs: tuple[str | Path, ...] = ()) -> None:
