@@ -51,6 +51,8 @@ from tunesmith.runtime import available_memory_bytes, cache_dir, pick_device, pr
 
 PROBE_TOKENS = 256  # tokens of the micro-batch whose saved activations are measured
 CALIBRATION_STEPS = 4  # timed steps of the calibration run (the first is left out as warm-up)
+CALIBRATION_FORMAT = 2  # 2: per-step times from step_s, rates per computed token, start-up timed
+COSTED_STEPS = 2000  # the mean step is drawn from at most this many of the run's steps
 # The allocator keeps freed blocks and cannot always reuse them: peak resident memory on these
 # machines ran this much above the sum of the parts (docs/plan.md, fitted on stories260k and SmolLM2).
 ALLOCATOR_OVERHEAD = 1.10
@@ -143,7 +145,7 @@ def plan_recipe(recipe: Recipe, methods: str = "recipe", calibrate: bool = True,
     sections = method_sections(recipe, methods)
     if calibration is None:
         calibration = calibrate_time(recipe, say, step_costs(recipe, lengths, CALIBRATION_STEPS)) if calibrate else {}
-    costs = step_costs(recipe, lengths, max(steps, CALIBRATION_STEPS))
+    costs = step_costs(recipe, lengths, min(max(steps, CALIBRATION_STEPS), COSTED_STEPS))
     plans = [plan_method(recipe, section, model, tokenizer, data, process, micro_tokens, steps, calibration, device,
                          costs) for section in sections]
     total = plans[0].total if plans else 0
@@ -435,6 +437,8 @@ def calibrate_time(recipe: Recipe, say=print, costs: Optional[list[int]] = None,
     result = {"method": recipe.method.kind, "seconds_per_token": per_token,
               "seconds_per_step": statistics.median(record["step_s"] for record, _ in timed),
               "first_step_seconds": steps[0]["step_s"], "step_costs": costs,
+              "step_seconds": [record["step_s"] for record in steps], "train_seconds": summary["wall_time_s"],
+              "step_tokens": [b - a for a, b in zip([0] + [r["tokens"] for r in steps], [r["tokens"] for r in steps])],
               "startup_seconds": max(0.0, wall - summary["wall_time_s"]),
               "trainable": summary["trainable_parameters"], "total": summary["total_parameters"],
               "steps_timed": len(timed), "peak_memory_mb": summary["peak_memory_mb"]}
@@ -468,7 +472,7 @@ def calibration_recipe(recipe: Recipe, out: Path) -> str:
 
 def calibration_key(recipe: Recipe) -> str:
     """What the step time depends on: the model, method, batch layout, speed options and this machine."""
-    parts = {"model": recipe.model.model_dump(mode="json"), "method": recipe.method.model_dump(mode="json"),
+    parts = {"format": CALIBRATION_FORMAT, "model": recipe.model.model_dump(mode="json"), "method": recipe.method.model_dump(mode="json"),
              "data": recipe.data.model_dump(mode="json"), "batch": recipe.train.batch_size,
              "accum": recipe.train.grad_accum, "speed": recipe.train.speed.model_dump(mode="json"),
              "device": recipe.train.device, "torch": torch.__version__, "threads": torch.get_num_threads(),
