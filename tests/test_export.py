@@ -213,6 +213,24 @@ def test_smollm2_gguf_replies_stop_at_im_end(tmp_path: Path) -> None:
     assert check.passed and check.reference_stops and check.stops and check.tokenizer_matches
 
 
+@pytest.mark.slow  # SmolLM2 written as f16 GGUF and run by llama.cpp; the slow transformers GGUF reload is skipped
+def test_llama_cpp_replies_from_a_smollm2_gguf_stop_at_im_end(tmp_path: Path) -> None:
+    from tunesmith.export.check import TOLERANCES, probe_reference
+    from tunesmith.export.gguf import write_gguf
+    from tunesmith.export.llama_cpp import check_with_llama_cpp
+    from tunesmith.results import load_result
+
+    _llama_cpp_or_skip()
+    loaded = load_result(_smollm2_folder())
+    probe = probe_reference(loaded.model, loaded.tokenizer)
+    path = tmp_path / "model-f16.gguf"
+    write_gguf(loaded.model, loaded.tokenizer, path, "f16", "smollm2", probe.end_of_turn_id)
+    check = check_with_llama_cpp(path, probe, TOLERANCES["f16"])
+    assert probe.end_of_turn_id == loaded.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert check.passed and check.tokenizer_matches  # byte-level BPE with the smollm pre-tokenizer
+    assert check.reference_stops and check.stops  # llama.cpp stops at <|im_end|> by the file's own metadata
+
+
 def _smollm2_folder() -> str:
     from tunesmith.models import resolve_model_path
     from tunesmith.runtime import cache_dir
