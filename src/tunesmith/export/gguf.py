@@ -23,7 +23,7 @@ QUANTISATIONS = ("f16", "q8_0", "q4_0")
 # The architectures the writer knows, by the ``model_type`` of their Hugging Face config.
 SUPPORTED_MODEL_TYPES = ("llama",)
 # Pre-tokenisers llama.cpp names, by the shape of a Hugging Face byte-level pre-tokenizer.
-BYTE_LEVEL_PRE_TOKENIZERS = {("ByteLevel",): "gpt2", ("Digits", "ByteLevel"): "smollm"}
+BYTE_LEVEL_PRE_TOKENIZERS = {("ByteLevel",): "gpt-2", ("Digits", "ByteLevel"): "smollm"}
 
 
 def check_architecture(config) -> None:

@@ -65,10 +65,13 @@ def run_llama_cpp(path: Path, prompts: list[list[int]], texts: list[str], limits
         except subprocess.TimeoutExpired:
             raise TunesmithError(f"llama.cpp did not finish evaluating {path.name} within {TIMEOUT_SECONDS} s") from None
         if done.returncode != 0:
-            last = (done.stderr.strip().splitlines() or ["no message"])[-1]
+            lines = done.stderr.strip().splitlines() or ["no message"]
             if done.returncode == SKIPPED_EXIT_STATUS:
-                return {"skipped": last}, []
-            raise TunesmithError(f"llama.cpp could not load or evaluate {path.name}: {last}")
+                return {"skipped": lines[-1]}, []
+            # llama.cpp's own log line says why (e.g. "unknown pre-tokenizer type"); the JS stack does not
+            reason = next((line.removeprefix("[node-llama-cpp] ").strip() for line in lines
+                           if "error" in line.lower() and not line.lstrip().startswith("at ")), lines[-1])
+            raise TunesmithError(f"llama.cpp could not load or evaluate {path.name}: {reason}")
         answer = json.loads(done.stdout)
         flat = np.fromfile(logits_file, dtype="<f4").reshape(-1, answer["vocab_size"])
     rows, logits = 0, []
