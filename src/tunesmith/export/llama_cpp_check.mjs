@@ -76,7 +76,9 @@ async function main() {
         top.push(logSoftmaxTop(row, 5));
         await sequence.clearHistory();
         const reply = [];
-        for await (const token of sequence.evaluate(ids, { temperature: 0 })) {
+        // yieldEogToken: without it the generator ends at an end of generation without yielding the
+        // token, and the reply could not show which token ended it
+        for await (const token of sequence.evaluate(ids, { temperature: 0, yieldEogToken: true })) {
             reply.push(token);
             if (model.isEogToken(token) || reply.length >= request.limits[index]) break;
         }
