@@ -176,7 +176,7 @@ def test_studio_whole_flow(studio, tmp_path):
     page.select_option("#export-quantize", "q8_0")
     page.check("#export-ollama")
     page.click("#export-button")
-    expect(page, "#export-status").to_contain_text(" done", timeout=180_000)
+    expect(page, "#export-status").to_contain_text("done: exports/first-run-gguf-q8_0", timeout=180_000)
     gguf = workspace / "exports" / "first-run-gguf-q8_0"
     assert sorted(p.name for p in gguf.iterdir()) == ["Modelfile", "model-q8_0.gguf"]
     report = page.inner_text("#export-report")

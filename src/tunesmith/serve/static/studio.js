@@ -327,6 +327,7 @@ async function jobLog(id) {
 }
 
 async function exportRun() {
+  $("#export-status").textContent = "submitting the export job ...";
   const format = $("#export-format").value;
   const body = { kind: "export", run: $("#export-run").value, format };
   if (format === "gguf") Object.assign(body, { quantize: $("#export-quantize").value, ollama: $("#export-ollama").checked });
