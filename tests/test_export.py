@@ -62,6 +62,53 @@ def test_every_format_reloads_and_matches_the_trained_model(trained_run: Path, t
         assert names == [f"model-{quantize}.gguf"]
 
 
+def _llama_cpp_or_skip() -> None:
+    from tunesmith.export.llama_cpp import llama_cpp_unavailable
+
+    reason = llama_cpp_unavailable()
+    if reason is not None:
+        pytest.skip(f"the optional llama.cpp check cannot run: {reason}")
+
+
+@pytest.mark.parametrize("quantize", ["f16", "q4_0"])
+def test_llama_cpp_reads_the_gguf_export_as_the_trained_model(trained_run: Path, tmp_path: Path, quantize) -> None:
+    from tunesmith.export import export
+    from tunesmith.export.check import TOLERANCES
+
+    _llama_cpp_or_skip()
+    report = export(trained_run, tmp_path / "out", "gguf", quantize)
+    check = report.checks["llama.cpp"]
+    assert check.passed and check.tolerance == TOLERANCES[quantize] and "llama.cpp" not in report.skipped
+    assert check.tokenizer_matches is True  # llama.cpp's own tokeniser, from the file's metadata
+    assert check.load_seconds > 0 and check.reply_agreement > 0
+    transformers = report.checks["transformers"]
+    if quantize == "f16":  # llama.cpp computes in its own kernels: close to, not equal to, transformers
+        assert check.max_logit_difference < 0.1 and check.kl_divergence < 1e-4 and check.top1_agreement >= 0.97
+    else:  # both read the same q4_0 blocks, so they agree with each other far better than with the float model
+        assert abs(check.kl_divergence - transformers.kl_divergence) < 0.2 * transformers.kl_divergence
+
+
+def test_without_node_llama_cpp_the_export_says_why_llama_cpp_was_not_run(trained_run: Path, tmp_path: Path,
+                                                                          monkeypatch) -> None:
+    from tunesmith.export import export
+
+    monkeypatch.setenv("TUNESMITH_NODE_LLAMA_CPP", str(tmp_path / "nothing-here"))
+    report = export(trained_run, tmp_path / "out", "gguf", "f16")
+    assert set(report.checks) == {"transformers"}
+    assert report.skipped["llama.cpp"].startswith(f"node-llama-cpp is not installed in {tmp_path / 'nothing-here'}")
+    assert "llama.cpp: not checked (node-llama-cpp is not installed" in report.describe()
+
+
+def test_a_gguf_file_llama_cpp_cannot_load_is_an_error(tmp_path: Path) -> None:
+    from tunesmith.export.llama_cpp import run_llama_cpp
+
+    _llama_cpp_or_skip()
+    broken = tmp_path / "model-f16.gguf"
+    broken.write_bytes(b"GGUF" + bytes(60))  # a header and nothing after it
+    with pytest.raises(TunesmithError, match="llama.cpp could not load or evaluate model-f16.gguf"):
+        run_llama_cpp(broken, [[1, 2, 3]], ["abc"], [4])
+
+
 def test_gguf_metadata_names_llama_tensors_chat_template_and_end_of_turn(trained_run: Path, tmp_path: Path) -> None:
     from gguf import GGMLQuantizationType as Q
     from gguf import GGUFReader
@@ -82,6 +129,7 @@ def test_gguf_metadata_names_llama_tensors_chat_template_and_end_of_turn(trained
     assert field("tokenizer.chat_template") == tokenizer.chat_template
     assert field("tokenizer.ggml.eot_token_id") == tokenizer.eos_token_id  # the simple template ends turns with EOS
     assert field("tokenizer.ggml.model") == "llama" and len(field("tokenizer.ggml.tokens")) == 512
+    assert field("tokenizer.ggml.add_space_prefix") is False  # Metaspace prepend_scheme "first": none after <s>
     types = {tensor.name: tensor.tensor_type for tensor in reader.tensors}
     assert len(types) == 1 + 5 * 9 + 2  # embeddings, 9 per block, final norm, output
     assert types["blk.0.attn_q.weight"] == Q.Q8_0 and types["blk.0.attn_norm.weight"] == Q.F32
@@ -163,6 +211,24 @@ def test_smollm2_gguf_replies_stop_at_im_end(tmp_path: Path) -> None:
     report = export(_smollm2_folder(), tmp_path / "out", "gguf", "q8_0")
     check = report.checks["transformers"]
     assert check.passed and check.reference_stops and check.stops and check.tokenizer_matches
+
+
+@pytest.mark.slow  # SmolLM2 written as f16 GGUF and run by llama.cpp; the slow transformers GGUF reload is skipped
+def test_llama_cpp_replies_from_a_smollm2_gguf_stop_at_im_end(tmp_path: Path) -> None:
+    from tunesmith.export.check import TOLERANCES, probe_reference
+    from tunesmith.export.gguf import write_gguf
+    from tunesmith.export.llama_cpp import check_with_llama_cpp
+    from tunesmith.results import load_result
+
+    _llama_cpp_or_skip()
+    loaded = load_result(_smollm2_folder())
+    probe = probe_reference(loaded.model, loaded.tokenizer)
+    path = tmp_path / "model-f16.gguf"
+    write_gguf(loaded.model, loaded.tokenizer, path, "f16", "smollm2", probe.end_of_turn_id)
+    check = check_with_llama_cpp(path, probe, TOLERANCES["f16"])
+    assert probe.end_of_turn_id == loaded.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert check.passed and check.tokenizer_matches  # byte-level BPE with the smollm pre-tokenizer
+    assert check.reference_stops and check.stops  # llama.cpp stops at <|im_end|> by the file's own metadata
 
 
 def _smollm2_folder() -> str:

@@ -56,6 +56,14 @@ def test_planned_peak_memory_is_within_20_percent_of_a_measured_run(stories260k:
     estimate = plan.methods[0].memory.total
     assert abs(estimate - measured) / measured < 0.20, (estimate / 2**20, measured / 2**20)
     assert plan.methods[0].seconds_per_step > 0 and plan.methods[0].calibrated
+    calibration = plan.calibration
+    # packed, the cost of a step is its real tokens: the plan drew the very batches the run's sampler drew
+    assert calibration["step_costs"] == calibration["step_tokens"]
+    # each step's own time (the records' tokens are cumulative: tokens/tokens_per_s was k times step k's time)
+    assert sum(calibration["step_seconds"]) <= calibration["train_seconds"]
+    assert calibration["seconds_per_step"] == sorted(calibration["step_seconds"][1:])[1]  # median of steps 2-4
+    # the run is more than its steps: start (load, data, save) and the first step's warm-up are counted
+    assert plan.methods[0].run_seconds > plan.methods[0].seconds_per_step * plan.steps
 
 
 def test_activations_follow_the_layout_and_checkpointing_saves_memory(stories260k: str, tmp_path: Path) -> None:

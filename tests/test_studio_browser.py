@@ -1,6 +1,6 @@
 """The studio in real headless Chromium (Debian's ``chromium`` through Playwright), the whole flow on
 stories260k: upload -> preview -> recipe form -> train with a live curve -> chat side by side with a
-preference click -> compare two runs -> export -> evaluate (report in the page).
+preference click -> compare two runs -> export (hf, then GGUF) -> sweep -> evaluate (report in the page).
 
 Screenshots go to a temporary folder; to refresh the ones in the docs run
 ``TUNESMITH_STUDIO_SCREENSHOTS=docs/studio python -m pytest tests/test_studio_browser.py``.
@@ -166,11 +166,40 @@ def test_studio_whole_flow(studio, tmp_path):
     assert "second-run" in page.inner_text("#compare-table") and page.locator("#jobs-table tr").count() == 3
     shoot(page, "runs", shots)
 
-    # Export: merged into a plain model folder, as a job
+    # Export: merged into a plain model folder, then as GGUF q8_0 with a Modelfile, each a job that checks itself
     run_job_on_screen(page, "export", "runs/first-run")
     assert (workspace / "exports" / "first-run-merged" / "config.json").is_file()
     assert "exports/first-run-merged" in page.inner_text("#exports-list")
+    expect(page, "#export-report").to_contain_text("transformers: max |logit difference|")
+    assert page.is_disabled("#export-quantize")
+    page.select_option("#export-format", "gguf")
+    page.select_option("#export-quantize", "q8_0")
+    page.check("#export-ollama")
+    page.click("#export-button")
+    expect(page, "#export-status").to_contain_text("done: exports/first-run-gguf-q8_0", timeout=180_000)
+    gguf = workspace / "exports" / "first-run-gguf-q8_0"
+    assert sorted(p.name for p in gguf.iterdir()) == ["Modelfile", "model-q8_0.gguf"]
+    report = page.inner_text("#export-report")
+    assert "exported lora result as gguf q8_0" in report and "transformers: max |logit difference|" in report
+    assert "llama.cpp: " in report  # checked by llama.cpp, or the reason it was not (node-llama-cpp missing)
     shoot(page, "export", shots)
+
+    # Sweep: two trials of the form's recipe (with validation data held out) as a job; the table and plot shown
+    page.click("button[data-screen=recipe]")
+    page.fill('[data-path="data.validation_fraction"]', "0.25")
+    page.fill('[data-path="train.max_steps"]', "4")
+    page.fill("#run-name", "sweep-base")
+    expect(page, "#recipe-yaml").to_contain_text("validation_fraction: 0.25")
+    page.click("button[data-screen=sweep]")
+    page.fill("#sweep-trials", "2")
+    page.click("#sweep-button")
+    expect(page, "#sweep-status").to_have_attribute("data-status", "done", timeout=240_000)
+    table = page.inner_text("#sweep-trials-table")
+    assert "| 0 | complete |" in table and "| 1 |" in table, table
+    assert "trial 1: train.lr=" in page.inner_text("#sweep-log")
+    sweep_folder = workspace / "runs" / "sweep-base-sweep"
+    assert (sweep_folder / "best.yaml").is_file() and (sweep_folder / "trial-001" / "summary.json").is_file()
+    shoot(page, "sweep", shots)
 
     # Evaluate: base vs tuned (the bias probe) as a job; its report.html opened in the page
     run_job_on_screen(page, "evaluate", "runs/first-run", prefix="eval")

@@ -12,7 +12,11 @@ recommendation with its reasons. Where the numbers come from:
   with ``torch.autograd.graph.saved_tensors_hooks`` and scaled to the run's largest micro-batch;
 - the process's own footprint (interpreter, torch, transformers) measured in this process;
 - time per step: a short calibration run of the recipe (a few timed steps in a subprocess, cached),
-  scaled to other methods by their matrix-product FLOPs.
+  as seconds per computed token (padding included), times the mean tokens of the run's own steps
+  (drawn as the sampler draws them); scaled to other methods by their matrix-product FLOPs;
+- time for the run: the steps, plus what a run does besides steps, timed in the same calibration:
+  the start (imports, model load, data preparation, the final save), the first step's warm-up, and
+  every validation pass (forward passes over the validation set, at the forward's share of a step's FLOPs).
 
 Measured against real runs in docs/plan.md.
 """
@@ -29,6 +33,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -46,6 +51,8 @@ from tunesmith.runtime import available_memory_bytes, cache_dir, pick_device, pr
 
 PROBE_TOKENS = 256  # tokens of the micro-batch whose saved activations are measured
 CALIBRATION_STEPS = 4  # timed steps of the calibration run (the first is left out as warm-up)
+CALIBRATION_FORMAT = 2  # 2: per-step times from step_s, rates per computed token, start-up timed
+COSTED_STEPS = 2000  # the mean step is drawn from at most this many of the run's steps
 # The allocator keeps freed blocks and cannot always reuse them: peak resident memory on these
 # machines ran this much above the sum of the parts (docs/plan.md, fitted on stories260k and SmolLM2).
 ALLOCATOR_OVERHEAD = 1.10
@@ -84,10 +91,11 @@ class MethodPlan:
     data_level: str  # enough | few | too few | unknown (sufficiency rule of thumb)
     data_note: str
     calibrated: bool  # timed directly, not scaled from another method
+    other_seconds: float = 0.0  # start, first step's warm-up and validation passes (see run_time)
 
     @property
     def run_seconds(self) -> Optional[float]:
-        return None if self.seconds_per_step is None else self.seconds_per_step * self.steps
+        return None if self.seconds_per_step is None else self.seconds_per_step * self.steps + self.other_seconds
 
 
 @dataclass
@@ -136,9 +144,10 @@ def plan_recipe(recipe: Recipe, methods: str = "recipe", calibrate: bool = True,
     micro_tokens = largest_micro_batch_tokens(recipe, lengths, steps)
     sections = method_sections(recipe, methods)
     if calibration is None:
-        calibration = calibrate_time(recipe, say) if calibrate else {}
-    plans = [plan_method(recipe, section, model, tokenizer, data, process, micro_tokens, steps, calibration, device)
-             for section in sections]
+        calibration = calibrate_time(recipe, say, step_costs(recipe, lengths, CALIBRATION_STEPS)) if calibrate else {}
+    costs = step_costs(recipe, lengths, min(max(steps, CALIBRATION_STEPS), COSTED_STEPS))
+    plans = [plan_method(recipe, section, model, tokenizer, data, process, micro_tokens, steps, calibration, device,
+                         costs) for section in sections]
     total = plans[0].total if plans else 0
     plan = Plan(recipe.model.name, str(device), micro_tokens, steps, data_summary(data, lengths, total), plans,
                 available_memory_bytes(device), calibration)
@@ -199,6 +208,26 @@ def largest_micro_batch_tokens(recipe: Recipe, lengths: list[int], steps: int) -
     return largest
 
 
+def step_costs(recipe: Recipe, lengths: list[int], steps: int) -> list[int]:
+    """Tokens each optimizer step computes, padding included, drawn by the run's own sampler.
+
+    Packed: the sum of the step's lengths; padded: each micro-batch's size times its longest example
+    (regrouped by length as the run does). Step time follows these, not the real tokens alone.
+    """
+    from tunesmith.training.sampler import build_sampler
+
+    train = recipe.train
+    packed = train.speed.packing
+    grouped = train.speed.group_by_length and not packed and train.grad_accum > 1  # as prepare_speed decides
+    sampler = build_sampler(len(lengths), (), train.batch_size, train.grad_accum, 1, 0, train.seed,
+                            lengths if grouped else None)
+    costs = []
+    for step in range(steps):
+        micro = [[lengths[i] for i in indices] for indices in sampler.micro_batches(step)]
+        costs.append(sum(sum(m) if packed else len(m) * max(m) for m in micro if m))
+    return costs
+
+
 def method_sections(recipe: Recipe, methods: str) -> list:
     """The recipe's method section, or one per registered method (the recipe's own where it is one of them)."""
     if methods == "recipe":
@@ -210,7 +239,7 @@ def method_sections(recipe: Recipe, methods: str) -> list:
 
 
 def plan_method(recipe: Recipe, section, model, tokenizer, data, process: int, micro_tokens: int, steps: int,
-                calibration: dict, device) -> MethodPlan:
+                calibration: dict, device, costs: list[int]) -> MethodPlan:
     """Parameters, memory, time and data verdict of one method."""
     method = build_method(section)
     trainable, total = meta_parameter_counts(model.config, section)
@@ -221,12 +250,47 @@ def plan_method(recipe: Recipe, section, model, tokenizer, data, process: int, m
     memory = Memory(process=process, weights=total * bytes_per_weight, gradients=trainable * 4,
                     optimizer=2 * trainable * 4, activations=int(saved_per_token * micro_tokens + fixed), logits=logits,
                     regularisers=anchors)
-    seconds = scaled_step_seconds(calibration, method.kind, trainable, total, recipe)
+    per_token = scaled_token_seconds(calibration, method.kind, trainable, total, recipe, costs)
+    seconds = other = None
+    if per_token is not None:
+        seconds = per_token * statistics.fmean(costs[1:steps] or costs[:1])
+        other = other_seconds(recipe, calibration, per_token, costs[0], validation_costs(recipe, data),
+                              2 * total / matmul_flops_per_token(method.kind, trainable, total,
+                                                                 recipe.train.speed.activation_checkpointing), steps)
     available = available_memory_bytes(device)
     level, note = data_fit(section, len(data.train), sum(len(e.input_ids) for e in data.train), total)
     return MethodPlan(section.kind, method_label(section), trainable, total, memory, seconds, steps,
                       available is None or memory.total < 0.9 * available, level, note,
-                      calibration.get("method") == section.kind)
+                      calibration.get("method") == section.kind, other or 0.0)
+
+
+def validation_costs(recipe: Recipe, data) -> int:
+    """Tokens one validation pass computes: batches of ``eval.batch_size`` in order, each padded to its longest."""
+    examples = list(data.validation or ())
+    batch = recipe.eval.batch_size
+    return sum(len(chunk) * max(len(e.input_ids) for e in chunk)
+               for chunk in (examples[i:i + batch] for i in range(0, len(examples), batch)))
+
+
+def other_seconds(recipe: Recipe, calibration: dict, per_token: float, first_cost: int, validation_tokens: int,
+                  forward_share: float, steps: int) -> float:
+    """What a run spends besides its steps' median time: start, warm-up and validation passes.
+
+    - start: imports, model load, data preparation and the final save, timed in the calibration
+      (its whole wall time less its training loop);
+    - warm-up: the first step takes longer (allocator, kernels chosen, lazy initialisation): its excess
+      over the calibrated rate, as the calibration measured it;
+    - validation: ``steps // eval.every_steps`` passes during the run and one at its end (where
+      there is validation data), each the validation tokens at the forward's share of a step's cost.
+    """
+    start = calibration.get("startup_seconds", 0.0)
+    first = calibration.get("first_step_seconds")
+    calibration_first_cost = (calibration.get("step_costs") or [first_cost])[0]
+    warm_up = max(0.0, first - per_token * calibration_first_cost) if first is not None else 0.0
+    passes = 0
+    if validation_tokens:
+        passes = 1 + (steps // recipe.eval.every_steps if recipe.eval.every_steps else 0)
+    return start + warm_up + passes * validation_tokens * per_token * forward_share
 
 
 def method_label(section) -> str:
@@ -311,49 +375,86 @@ def matmul_flops_per_token(kind: str, trainable: int, total: int, checkpointing:
     return forward * (2 if checkpointing else 1) + 2 * total + weight_gradients
 
 
-def scaled_step_seconds(calibration: dict, kind: str, trainable: int, total: int, recipe: Recipe) -> Optional[float]:
-    """Seconds per optimizer step: the calibrated method's time, scaled by FLOPs for another method."""
+def scaled_token_seconds(calibration: dict, kind: str, trainable: int, total: int, recipe: Recipe,
+                         costs: list[int]) -> Optional[float]:
+    """Seconds per computed token of a step: the calibrated method's, scaled by FLOPs for another method.
+
+    The calibration ran the run's first steps (same data, seed and batch layout), so its steps
+    computed ``costs[:CALIBRATION_STEPS]`` tokens; a calibration from before this was recorded
+    (no ``step_costs``) is read as seconds per step of the mean step.
+    """
     if not calibration:
         return None
     checkpointing = recipe.train.speed.activation_checkpointing
     own = matmul_flops_per_token(kind, trainable, total, checkpointing)
     reference = matmul_flops_per_token(calibration["method"], calibration["trainable"], calibration["total"],
                                        checkpointing)
-    return calibration["seconds_per_step"] * own / reference
+    if "seconds_per_token" in calibration:
+        per_token = calibration["seconds_per_token"]
+    else:
+        per_token = calibration["seconds_per_step"] / statistics.fmean(costs)
+    return per_token * own / reference
 
 
-def calibrate_time(recipe: Recipe, say=print) -> dict:
+def calibrate_time(recipe: Recipe, say=print, costs: Optional[list[int]] = None, cached: bool = True) -> dict:
     """Time a few steps of the recipe in a subprocess (cached by recipe, machine and library versions).
 
+    Args:
+        costs: Tokens each of the run's first steps computes (:func:`step_costs`); default: read
+            from the calibration's own data (prepared again here).
+        cached: Reuse a cached calibration; False times it again (and replaces the cached one).
+
     Returns:
-        ``{"method", "seconds_per_step", "trainable", "total", "peak_memory_mb", "cached"}``.
+        ``{"method", "seconds_per_token", "seconds_per_step", "first_step_seconds", "startup_seconds",
+        "step_costs", "trainable", "total", "peak_memory_mb", "cached"}``.
     """
     key = calibration_key(recipe)
     cache = cache_dir() / "plan" / f"calibration-{key}.json"
-    if cache.is_file():
+    if cached and cache.is_file():
         return {**json.loads(cache.read_text()), "cached": True}
     with tempfile.TemporaryDirectory(prefix="tunesmith-plan-") as folder:
         recipe_file = Path(folder) / "recipe.yaml"
         recipe_file.write_text(calibration_recipe(recipe, Path(folder) / "run"))
         say(f"calibrating: {CALIBRATION_STEPS} timed steps of the recipe ...")
+        started = time.perf_counter()
         completed = subprocess.run([sys.executable, "-m", "tunesmith", "train", str(recipe_file), "--no-progress"],
                                    capture_output=True, text=True, env={**os.environ})
+        wall = time.perf_counter() - started
         if completed.returncode != 0:
             tail = (completed.stderr or completed.stdout).strip().splitlines()[-1:] or ["no output"]
             raise TunesmithError(f"the calibration run of the recipe failed: {tail[0]}")
         run = Path(folder) / "run"
         steps = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-        steps = [s for s in steps if "tokens_per_s" in s and "step" in s]
+        steps = [s for s in steps if "step_s" in s and "step" in s]
         summary = json.loads((run / "summary.json").read_text())
-    seconds = [s["tokens"] / s["tokens_per_s"] for s in steps[1:] if s.get("tokens")] or \
-        [steps[0]["tokens"] / steps[0]["tokens_per_s"]]
-    result = {"method": recipe.method.kind, "seconds_per_step": statistics.median(seconds),
+    if costs is None:
+        costs = calibration_costs(recipe)
+    costs = costs[:len(steps)]
+    # step_s is each step's own time; the records' "tokens" are cumulative (tokens/tokens_per_s was
+    # the step's time times its index: the old calibration's bias, 3x here against 5x in an 8-step run)
+    timed = list(zip(steps, costs))[1:] or list(zip(steps, costs))
+    per_token = statistics.median(record["step_s"] / cost for record, cost in timed)
+    result = {"method": recipe.method.kind, "seconds_per_token": per_token,
+              "seconds_per_step": statistics.median(record["step_s"] for record, _ in timed),
+              "first_step_seconds": steps[0]["step_s"], "step_costs": costs,
+              "step_seconds": [record["step_s"] for record in steps], "train_seconds": summary["wall_time_s"],
+              "step_tokens": [b - a for a, b in zip([0] + [r["tokens"] for r in steps], [r["tokens"] for r in steps])],
+              "startup_seconds": max(0.0, wall - summary["wall_time_s"]),
               "trainable": summary["trainable_parameters"], "total": summary["total_parameters"],
-              "tokens_per_step": statistics.median(s["tokens"] for s in steps), "steps_timed": len(seconds),
-              "peak_memory_mb": summary["peak_memory_mb"]}
+              "steps_timed": len(timed), "peak_memory_mb": summary["peak_memory_mb"]}
     cache.parent.mkdir(parents=True, exist_ok=True)
     cache.write_text(json.dumps(result, indent=2) + "\n")
     return {**result, "cached": False}
+
+
+def calibration_costs(recipe: Recipe) -> list[int]:
+    """:func:`step_costs` of the calibration's steps, from the recipe's data prepared here."""
+    from tunesmith.models import resolve_model_path
+    from tunesmith.models.loading import load_tokenizer
+
+    tokenizer = load_tokenizer(resolve_model_path(recipe.model.name, cache_dir()), recipe.model)
+    data = prepare_data(recipe.data, tokenizer, recipe.train.seed)
+    return step_costs(recipe, [len(e.input_ids) for e in data.train], CALIBRATION_STEPS)
 
 
 def calibration_recipe(recipe: Recipe, out: Path) -> str:
@@ -371,7 +472,7 @@ def calibration_recipe(recipe: Recipe, out: Path) -> str:
 
 def calibration_key(recipe: Recipe) -> str:
     """What the step time depends on: the model, method, batch layout, speed options and this machine."""
-    parts = {"model": recipe.model.model_dump(mode="json"), "method": recipe.method.model_dump(mode="json"),
+    parts = {"format": CALIBRATION_FORMAT, "model": recipe.model.model_dump(mode="json"), "method": recipe.method.model_dump(mode="json"),
              "data": recipe.data.model_dump(mode="json"), "batch": recipe.train.batch_size,
              "accum": recipe.train.grad_accum, "speed": recipe.train.speed.model_dump(mode="json"),
              "device": recipe.train.device, "torch": torch.__version__, "threads": torch.get_num_threads(),

@@ -94,6 +94,17 @@ def cache_dir() -> Path:
     return Path(base) / "tunesmith"
 
 
+def node_llama_cpp_dir() -> Path:
+    """The ``node_modules`` folder where the export check looks for the npm package ``node-llama-cpp``.
+
+    ``$TUNESMITH_NODE_LLAMA_CPP`` (the ``--prefix`` folder of ``npm install``, or its ``node_modules``),
+    else ``node/node_modules`` in tunesmith's cache (docs/export.md has the install command).
+    """
+    folder = Path(os.environ["TUNESMITH_NODE_LLAMA_CPP"]) if os.environ.get("TUNESMITH_NODE_LLAMA_CPP") else (
+        cache_dir() / "node")
+    return folder if folder.name == "node_modules" else folder / "node_modules"
+
+
 def check_device(spec: str, setting: str = "--device") -> None:
     """Refuse a device this machine does not have (``cuda`` without a GPU, ``cuda:3`` of two, ``gpu``).
 

@@ -1,7 +1,7 @@
 """Export a trained result as a Hugging Face folder, a plain ``peft`` adapter or a GGUF file, checked by reloading.
 
 Every export is written to a temporary sibling of ``--out``, reloaded (transformers, peft, the
-transformers GGUF loader, and llama.cpp where ``llama-cpp-python`` is installed) and compared with
+transformers GGUF loader, and llama.cpp through the npm package ``node-llama-cpp`` where it is installed) and compared with
 the in-memory model on probe prompts (:mod:`tunesmith.export.check`); only a passing export is
 renamed into place. Mergeable methods (the LoRA family, IA3; full and partial are plain weights
 already) fold into the base weights for ``hf`` and ``gguf``; the others raise

@@ -75,6 +75,7 @@ class CheckResult:
     reference_stops: bool  # any of the reference's replies stopped within REPLY_TOKENS
     tokenizer_matches: Optional[bool]
     tolerance: Tolerance
+    load_seconds: Optional[float] = None  # how long the loader took to load the file
 
     def stopping(self) -> str:
         if not self.stops:

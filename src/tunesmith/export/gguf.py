@@ -9,6 +9,7 @@ because it is not part of the ``gguf`` package on PyPI and needs a llama.cpp che
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import tempfile
 from pathlib import Path
@@ -22,7 +23,7 @@ QUANTISATIONS = ("f16", "q8_0", "q4_0")
 # The architectures the writer knows, by the ``model_type`` of their Hugging Face config.
 SUPPORTED_MODEL_TYPES = ("llama",)
 # Pre-tokenisers llama.cpp names, by the shape of a Hugging Face byte-level pre-tokenizer.
-BYTE_LEVEL_PRE_TOKENIZERS = {("ByteLevel",): "gpt2", ("Digits", "ByteLevel"): "smollm"}
+BYTE_LEVEL_PRE_TOKENIZERS = {("ByteLevel",): "gpt-2", ("Digits", "ByteLevel"): "smollm"}
 
 
 def check_architecture(config) -> None:
@@ -112,6 +113,7 @@ def write_vocabulary(writer, tokenizer, folder: Path, vocab_size: int):
     if model_type == "BPE" and spec["model"].get("byte_fallback"):
         writer.add_tokenizer_model("llama")
         writer.add_tokenizer_pre("default")
+        writer.add_add_space_prefix(adds_space_prefix_after_special(spec))
         # sentencepiece orders a BPE vocabulary by merge priority: score = -id keeps that order
         writer.add_token_scores([0.0 if kind != gguf.TokenType.NORMAL else -float(i) for i, kind in enumerate(types)])
     elif model_type == "BPE":
@@ -125,6 +127,27 @@ def write_vocabulary(writer, tokenizer, folder: Path, vocab_size: int):
     special = gguf.SpecialVocab(folder, load_merges=True, n_vocab=len(tokens))
     special.add_to_gguf(writer, quiet=True)
     return special  # its chat_template is what it found in the saved tokenizer files
+
+
+def adds_space_prefix_after_special(spec: dict) -> bool:
+    """``tokenizer.ggml.add_space_prefix`` for a sentencepiece-style tokenizer.json.
+
+    llama.cpp prefixes a space to the text at the start *and after every special token* when the
+    key is true. Hugging Face's ``Metaspace`` with ``prepend_scheme: first`` (stories260k, Llama 2
+    tokenizers saved with ``legacy: false``) prefixes only the very start of the text, so after the
+    ``<s>`` a chat template begins with it adds none: false matches every prompt a chat template
+    renders, which begin with a special token (found by llama.cpp tokenising the probe prompts with
+    one ``▁`` too many, in tests/test_export.py). ``always`` and a ``Prepend`` normalizer (the legacy
+    form) prefix everywhere: true.
+    """
+    pre = spec.get("pre_tokenizer") or {}
+    parts = pre.get("pretokenizers", [pre])
+    for part in parts:
+        if part.get("type") == "Metaspace":
+            return part.get("prepend_scheme", "always") == "always"
+    normalizers = (spec.get("normalizer") or {})
+    normalizers = normalizers.get("normalizers", [normalizers])
+    return any(n.get("type") == "Prepend" for n in normalizers)
 
 
 def token_table(tokenizer, vocab_size: int) -> tuple[list[str], list[int]]:
@@ -210,7 +233,10 @@ def encode_tensor(data: np.ndarray, gguf_name: str, quantize: str):
 
 
 def export_gguf(plain, tokenizer, probe, partial: Path, quantize: str, ollama: bool, name: str):
-    """Write ``model-<quantize>.gguf`` (and a Modelfile), reload it with transformers (and llama.cpp), compare.
+    """Write ``model-<quantize>.gguf`` (and a Modelfile), reload it with transformers and llama.cpp, compare.
+
+    The llama.cpp check (:mod:`tunesmith.export.llama_cpp`) is skipped, with the reason, where
+    node-llama-cpp is not installed.
 
     Returns:
         ``(files, checks by loader, skipped loaders with the reason, transformers load seconds)``.
@@ -241,8 +267,8 @@ def export_gguf(plain, tokenizer, probe, partial: Path, quantize: str, ollama: b
         text = gguf_tokenizer.apply_chat_template(PROBE_CONVERSATIONS[index], tokenize=False, add_generation_prompt=True)
         return gguf_tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    checks = {"transformers": check_hf_model(probe, reloaded.to(next(plain.parameters()).device), TOLERANCES[quantize],
-                                             tokenize)}
+    check = check_hf_model(probe, reloaded.to(next(plain.parameters()).device), TOLERANCES[quantize], tokenize)
+    checks = {"transformers": dataclasses.replace(check, load_seconds=seconds)}
     skipped = {}
     outcome = check_with_llama_cpp(path, probe, TOLERANCES[quantize])
     if isinstance(outcome, str):

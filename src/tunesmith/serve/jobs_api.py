@@ -1,4 +1,4 @@
-"""Job routes under ``/api/jobs``: submit (train, eval, data step, export), list, progress, stop, resume.
+"""Job routes under ``/api/jobs``: submit (train, eval, data step, export, sweep), list, progress, stop, resume.
 
 The browser never sends a command line: each job kind has a small typed body from which the
 server builds the ``tunesmith`` arguments itself, every path resolved under the workspace (so
@@ -32,7 +32,18 @@ class DataJob(BaseModel):
 class ExportJob(BaseModel):
     kind: Literal["export"]
     run: str
-    merge: bool = True
+    format: Optional[Literal["hf", "peft", "gguf"]] = Field(None, description="Default: hf (merge: false = peft).")
+    quantize: Optional[Literal["f16", "q8_0", "q4_0"]] = Field(None, description="GGUF only; default f16.")
+    ollama: bool = Field(False, description="GGUF only: also write an Ollama Modelfile.")
+    merge: bool = Field(True, description="The older form: true = hf, false = the adapter as it is (peft).")
+
+
+class SweepJob(BaseModel):
+    kind: Literal["sweep"]
+    recipe: str = Field(description="Workspace recipe file (saved by POST /api/recipes): every trial's defaults.")
+    space: str = Field(max_length=20_000, description="The search space as YAML: dotted recipe field -> range or "
+                       "choices (docs/sweep.md).")
+    trials: int = Field(8, ge=1, le=200)
 
 
 class EvalJob(BaseModel):
@@ -42,7 +53,7 @@ class EvalJob(BaseModel):
     limit: Optional[int] = Field(None, ge=1)
 
 
-JobBody = Annotated[Union[TrainJob, DataJob, ExportJob, EvalJob], Field(discriminator="kind")]
+JobBody = Annotated[Union[TrainJob, DataJob, ExportJob, EvalJob, SweepJob], Field(discriminator="kind")]
 
 
 @router.post("")
@@ -72,12 +83,9 @@ async def submit(body: JobBody, request: Request):
             args = ["data", body.step, str(source), "-o", str(out), "--on-error", "skip"]
         job_id = runner.submit("data", f"{body.step} {source.name}", args, workspace.relative(out))
     elif isinstance(body, ExportJob):
-        run = workspace.resolve(body.run, must_exist=True)
-        result = run / "adapter" if (run / "adapter").is_dir() else run / "model"
-        out = unique_path(workspace.root / "exports", f"{run.name}-{'merged' if body.merge else 'adapter'}", "")
-        args = ["export", "--adapter", str(result), "--out", str(out)] + (["--merge"] if body.merge else [])
-        job_id = runner.submit("export", f"export {run.name}", args, workspace.relative(out / "config.json"
-                               if body.merge else out), workspace.relative(run))
+        job_id = submit_export(body, workspace, runner)
+    elif isinstance(body, SweepJob):
+        job_id = submit_sweep(body, workspace, runner)
     else:
         from tunesmith.serve.pool import ModelPool
 
@@ -93,6 +101,48 @@ async def submit(body: JobBody, request: Request):
         job_id = runner.submit("eval", f"eval {run.name}", args, workspace.relative(out / "report.html"),
                                workspace.relative(run))
     return runner.store.get(job_id)
+
+
+def submit_export(body: ExportJob, workspace, runner) -> int:
+    """``tunesmith export RUN --format ...`` into ``exports/RUN-FORMAT`` (checked by reloading before it is kept)."""
+    run = workspace.resolve(body.run, must_exist=True)
+    fmt = body.format or ("hf" if body.merge else "peft")
+    if (body.quantize or body.ollama) and fmt != "gguf":
+        raise TunesmithError("quantize and ollama apply to the gguf format only")
+    name = {"hf": "merged", "peft": "adapter"}.get(fmt) or f"gguf-{body.quantize or 'f16'}"
+    out = unique_path(workspace.root / "exports", f"{run.name}-{name}", "")
+    args = ["export", str(run), "--format", fmt, "--out", str(out)]
+    args += (["--quantize", body.quantize] if body.quantize else []) + (["--ollama"] if body.ollama else [])
+    output = out / "config.json" if fmt == "hf" else out
+    return runner.submit("export", f"export {run.name} as {fmt}{' ' + body.quantize if body.quantize else ''}", args,
+                         workspace.relative(output), workspace.relative(run))
+
+
+def submit_sweep(body: SweepJob, workspace, runner) -> int:
+    """``tunesmith sweep RECIPE --space SPACE --trials N`` into ``runs/RECIPE-sweep`` (its trials inside).
+
+    The space is written beside the recipe as ``recipes/RECIPE-space.yaml``; the sweep command checks
+    it against the recipe's fields before any trial runs (a wrong field fails the job with the nearest name).
+    """
+    import yaml
+
+    from tunesmith.files import write_text_atomic
+
+    recipe_file = workspace.resolve(body.recipe, must_exist=True)
+    try:
+        space = yaml.safe_load(body.space)
+    except yaml.YAMLError as error:
+        raise TunesmithError(f"the search space is not valid YAML: {error}") from None
+    if not isinstance(space, dict) or not space:
+        raise TunesmithError("the search space must map dotted recipe fields to ranges, e.g. "
+                             "'train.lr: {low: 1.0e-5, high: 1.0e-3, log: true}'")
+    stem = recipe_file.name.split(".")[0]
+    space_file = unique_path(recipe_file.parent, f"{stem}-space", ".yaml")
+    write_text_atomic(space_file, yaml.safe_dump(space, sort_keys=False))
+    out = unique_path(workspace.root / "runs", f"{stem}-sweep", "")
+    args = ["sweep", str(recipe_file), "--space", str(space_file), "--trials", str(body.trials), "--out", str(out)]
+    return runner.submit("sweep", f"sweep {stem} ({body.trials} trials)", args, workspace.relative(out / "trials.md"),
+                         workspace.relative(out), resume_args=args)  # the study on disk continues where it stopped
 
 
 @router.get("")

@@ -1,4 +1,4 @@
-// The studio: eight screens, each a client of the server's HTTP API (/api and /v1).
+// The studio: nine screens, each a client of the server's HTTP API (/api and /v1).
 
 import { $, api, bubble, el, notice, streamChat, table } from "./dom.js";
 import { drawChart } from "./chart.js";
@@ -316,12 +316,62 @@ async function refreshExports() {
   $("#exports-list").replaceChildren(...files.map((f) => el("li", {}, f.path)));
 }
 
+function exportFormatChanged() {
+  const gguf = $("#export-format").value === "gguf";
+  $("#export-quantize").disabled = !gguf;
+  $("#export-ollama").disabled = !gguf;
+}
+
+async function jobLog(id) {
+  return (await api(`/api/jobs/${id}/progress`)).log;
+}
+
 async function exportRun() {
-  const job = await api("/api/jobs", { method: "POST", body: { kind: "export", run: $("#export-run").value, merge: $("#export-merge").checked } });
+  $("#export-status").textContent = "submitting the export job ...";
+  const format = $("#export-format").value;
+  const body = { kind: "export", run: $("#export-run").value, format };
+  if (format === "gguf") Object.assign(body, { quantize: $("#export-quantize").value, ollama: $("#export-ollama").checked });
+  const job = await api("/api/jobs", { method: "POST", body });
   $("#export-status").textContent = `job ${job.id} running: ${job.title}`;
+  $("#export-report").textContent = "";
   const done = await waitForJob(job.id);
   $("#export-status").textContent = `job ${job.id} ${done.status}: ${done.output}`;
+  // the export's own check report (or why it failed): the command's output
+  const log = await jobLog(job.id);
+  const report = log.split("\n").filter((line) => /^(exported |  \S+: |error: )/.test(line));
+  $("#export-report").textContent = report.length ? report.join("\n") : log.slice(-3000);
   await refreshExports();
+}
+
+// --- sweep -----------------------------------------------------------------------------------------
+
+async function sweep() {
+  const check = await checkRecipe();
+  if (!check.valid) return notice("fix the recipe first (Recipe screen): the errors are shown at their fields", true);
+  const saved = await api("/api/recipes", { method: "POST", body: { recipe: state.recipe, name: $("#run-name").value } });
+  const job = await api("/api/jobs", { method: "POST", body: { kind: "sweep", recipe: saved.path,
+    space: $("#sweep-space").value, trials: Number($("#sweep-trials").value) } });
+  state.sweepJob = job.id;
+  $("#sweep-status").textContent = `job ${job.id} ${job.status}: ${job.title}`;
+  $("#sweep-trials-table").textContent = "";
+  $("#sweep-plot").hidden = true;
+  let offset = 0, job_ = job;
+  while (!["done", "failed", "stopped", "interrupted", "cancelled"].includes(job_.status)) {
+    await new Promise((resolve) => setTimeout(resolve, 700));
+    const progress = await api(`/api/jobs/${job.id}/progress?log_offset=${offset}`);
+    offset = progress.log_offset;
+    job_ = progress.job;
+    const lines = progress.log.split("\n").filter((line) => /^(trial |best|study |sweep|error)/.test(line));
+    if (lines.length) $("#sweep-log").textContent += lines.join("\n") + "\n";
+    $("#sweep-status").textContent = `job ${job.id} ${job_.status}: ${job_.title}`;
+  }
+  $("#sweep-status").dataset.status = job_.status;
+  if (job_.status === "done") {
+    const response = await fetch(`/api/files/raw?path=${encodeURIComponent(job_.output)}`);
+    $("#sweep-trials-table").textContent = await response.text();
+    $("#sweep-plot").src = `/api/files/raw?path=${encodeURIComponent(job_.run_dir + "/sweep.png")}`;
+    $("#sweep-plot").hidden = false;
+  }
 }
 
 // --- wiring ----------------------------------------------------------------------------------------
@@ -349,6 +399,9 @@ async function start() {
   on("#prefer-right", () => prefer("right"));
   on("#compare-button", compareRuns);
   on("#export-button", exportRun);
+  $("#export-format").addEventListener("change", exportFormatChanged);
+  on("#sweep-button", sweep);
+  on("#sweep-stop-button", async () => { if (state.sweepJob) await api(`/api/jobs/${state.sweepJob}/stop`, { method: "POST" }); });
   show("data");
   await setUpRecipe();
   document.body.dataset.ready = "true";
