@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from tunesmith.runtime import node_llama_cpp_dir
+
 REPO = Path(__file__).resolve().parents[1]
 ASSETS = Path(os.environ.get("TUNESMITH_TEST_ASSETS", REPO.parent / "shared" / "assets"))
 TINY_DATA = REPO / "tests" / "data" / "instructions.json"
@@ -87,7 +89,13 @@ def tiny_llama(tmp_path_factory) -> str:
 
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path_factory, monkeypatch):
-    """Keep tunesmith's cache out of the user's home, except the converted SmolLM2 (slow to make)."""
+    """Keep tunesmith's cache out of the user's home, except the converted SmolLM2 (slow to make).
+
+    The llama.cpp check's npm package stays where the user installed it (their own cache's ``node/``,
+    as docs/export.md installs it), so the isolated cache does not hide it.
+    """
+    if not os.environ.get("TUNESMITH_NODE_LLAMA_CPP"):
+        monkeypatch.setenv("TUNESMITH_NODE_LLAMA_CPP", str(node_llama_cpp_dir()))
     monkeypatch.setenv("TUNESMITH_CACHE", os.environ.get("TUNESMITH_TEST_CACHE", str(REPO / ".cache" / "tests")))
 
 

@@ -56,8 +56,12 @@ def check_inputs(recipe) -> list[str]:
     notes = [note for note in [_check_model(recipe.model.name)] if note]
     _check_template(recipe.data.template)
     data = recipe.data
-    _check_files("data", data.train, data.format, data.text_field)
-    _check_files("data", (data.validation,) if data.validation else (), data.format, data.text_field, "validation")
+    # The record formats are SFT's; every other stage reads its own layout (pairs, text/label rows,
+    # plain text) and names what it expects when it prepares the data, so only the files are checked here.
+    records = recipe.stage.kind == "sft"
+    _check_files("data", data.train, data.format, data.text_field, formats=records)
+    _check_files("data", (data.validation,) if data.validation else (), data.format, data.text_field, "validation",
+                 formats=records)
     for index, source in enumerate(data.sources):
         _check_files(f"data.sources[{index}]", source.train, source.format, data.text_field)
         if source.validation:
@@ -107,8 +111,9 @@ def _check_exist(field: str, paths) -> None:
             raise TunesmithError(f"{field}: file {path} does not exist")
 
 
-def _check_files(section: str, paths, data_format: str, text_field: str, key: str = "train") -> None:
-    """Each file exists, and its first record reads and fits ``data_format`` (detected for auto)."""
+def _check_files(section: str, paths, data_format: str, text_field: str, key: str = "train",
+                 formats: bool = True) -> None:
+    """Each file exists and its first record reads; with ``formats``, it fits ``data_format`` (detected for auto)."""
     from tunesmith.data.formats import FORMATS, FormatOptions, detect_format
     from tunesmith.data.readers import read_records
 
@@ -125,8 +130,9 @@ def _check_files(section: str, paths, data_format: str, text_field: str, key: st
         records.close()
         if first is None:
             raise TunesmithError(f"{section}.{key}: data file {path} holds no records")
-        name = detect_format(first, text_field) if data_format == "auto" else data_format
-        FORMATS.get(name).convert(first, FormatOptions(text_field=text_field))
+        if formats:
+            name = detect_format(first, text_field) if data_format == "auto" else data_format
+            FORMATS.get(name).convert(first, FormatOptions(text_field=text_field))
 
 
 def _check_suites(recipe) -> None:
