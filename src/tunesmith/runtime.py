@@ -21,9 +21,10 @@ from tunesmith.errors import TunesmithError
 # Variables through which a user chooses OpenMP's threads or wait policy; tunesmith keeps theirs.
 WAIT_POLICY_VARIABLES = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME")
 # Spins of an idle OpenMP thread before it sleeps (libgomp's default: 300,000). Measured on SmolLM2
-# training, 2 cores: 500 kept 1.02x torch's quiet tokens/s and 0.64x of it beside a busy process
-# (torch's default 0.33x; PASSIVE 0.89x quiet, 0.68x busy; 2,000: 1.03-1.09x, 0.49-0.51x).
-SPIN_COUNT = 500
+# training, 2 cores, against torch's default in the same run: 2,000 kept 1.03x and 1.09x its quiet
+# tokens/s and 0.49x and 0.51x of quiet beside a busy process (torch's default 0.32-0.33x); 500 kept
+# more under load (0.58-0.64x) but 0.92-1.02x quiet; PASSIVE 0.89x quiet (benchmarks/RESULTS.md).
+SPIN_COUNT = 2000
 
 
 @dataclass(frozen=True)
@@ -63,7 +64,7 @@ def thread_environment(environ: Mapping[str, str]) -> dict[str, str]:
     process tunesmith kept a third of its tokens/s, beside a second torch job steps were up to 18
     times slower. Sleeping at once (``OMP_WAIT_POLICY=PASSIVE``) cured that but cost 11% on a quiet
     machine (a futex wake-up per parallel region); a short spin of ``SPIN_COUNT`` keeps the quiet
-    speed and most of the busy one (``benchmarks/busy.py`` measures both sides; figures in
+    speed and half of two cores beside one busy process (``benchmarks/busy.py`` measures both sides; figures in
     ``benchmarks/RESULTS.md``). A user who sets ``OMP_WAIT_POLICY``, ``GOMP_SPINCOUNT`` or
     ``KMP_BLOCKTIME`` keeps it.
     """
