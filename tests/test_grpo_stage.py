@@ -115,7 +115,7 @@ def test_peft_reference_is_the_separately_loaded_base(grpo_recipe):
                 parameter.normal_(std=0.5)  # the adapter now changes the outputs
     objective = stage.objective(SpeedSetup(None, None, False, None))
     batch = objective.collate(data.train[:2], tokenizer.pad_token_id)
-    rolled = objective.rollout(model, batch)
+    rolled = objective.rollout(model, batch, data.train[:2], 0)
     base, _ = load_model_and_tokenizer(recipe.model, Path("."))
     args = (rolled["prompt_ids"], rolled["prompt_mask"], rolled["completion_ids"], rolled["completion_mask"], 1.0)
     with torch.no_grad():

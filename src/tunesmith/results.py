@@ -22,6 +22,7 @@ from tunesmith.errors import TunesmithError
 from tunesmith.methods import MANIFEST, Method, build_method
 from tunesmith.methods.base import read_manifest
 from tunesmith.models import load_model, load_tokenizer, resolve_model_path
+from tunesmith.run_files import RunLayout
 from tunesmith.runtime import cache_dir
 
 PEFT_CONFIG = "adapter_config.json"
@@ -91,7 +92,7 @@ def locate_result(path: str | Path) -> Optional[ResultFolder]:
     if not folder.is_dir():
         return None
     run_dir = None
-    for artifact in ("adapter", "model"):
+    for artifact in RunLayout.RESULTS:
         if (folder / artifact).is_dir() and ((folder / artifact / MANIFEST).is_file()
                                              or (folder / artifact / "config.json").is_file()):
             run_dir, folder = folder, folder / artifact

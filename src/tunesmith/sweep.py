@@ -30,6 +30,7 @@ from tunesmith.config.loader import validate_method
 from tunesmith.errors import TunesmithError
 from tunesmith.files import atomic_path, write_text_atomic
 from tunesmith.finetune import finetune
+from tunesmith.run_files import RunLayout
 from tunesmith.registry import did_you_mean
 from tunesmith.training.hooks import Hook
 
@@ -286,13 +287,13 @@ def run_trial(trial, base: dict, dimensions: list[Dimension], out: Path, objecti
     from tunesmith.finetune import Interrupted
 
     try:
-        summary = finetune(recipe, extra_hooks=hooks, progress=False, recipe_path=str(folder / "config.yaml"))
+        summary = finetune(recipe, extra_hooks=hooks, progress=False, recipe_path=str(RunLayout(folder).config))
     except Interrupted:
         raise KeyboardInterrupt from None  # Ctrl-C stops the sweep, not just this trial
-    value = summary["val_loss"] if objective == "val_loss" else summary.get("task", {}).get("after")
+    value = summary.objective(objective)
     if value is None or (isinstance(value, float) and math.isnan(value)):
         raise TunesmithError(f"trial {trial.number} gave no {objective}")
-    trial.set_user_attr("tokens_per_s", summary.get("tokens_per_s"))
+    trial.set_user_attr("tokens_per_s", summary.tokens_per_s)
     return float(value)
 
 
@@ -307,7 +308,7 @@ def write_outputs(study, out: Path, objective: str, recipe: Recipe) -> SweepResu
     if not complete:
         return SweepResult(out, objective, rows, None, None)
     best = study.best_trial
-    best_raw = yaml.safe_load((Path(best.user_attrs["run_dir"]) / "config.yaml").read_text())
+    best_raw = yaml.safe_load(RunLayout(Path(best.user_attrs["run_dir"])).config.read_text())
     best_raw["output"] = {**best_raw["output"], "dir": str(out / "best"), "overwrite": False}
     best_path = out / "best.yaml"
     text = (f"# tunesmith train {best_path}\n# best of {len(study.trials)} trials of {out / 'study.db'}: trial "

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import itertools
 import time
 from pathlib import Path
 from typing import Optional
@@ -138,24 +137,20 @@ class GroupPolicyObjective(Objective):
         self.config, self.tokenizer, self.rewards, self.reference = config, tokenizer, rewards, reference
         self.autocast_dtype = autocast_dtype
         self.stop_ids = stop_token_ids(tokenizer)
-        self.collated: dict[int, list[PromptExample]] = {}
-        self.keys = itertools.count()
         self.step = StepRecord(rewards.names)
         self.placed = False
 
     # ---- what the loop calls ----------------------------------------------------------------------
 
     def collate(self, examples: list[PromptExample], pad_token_id: int) -> dict[str, torch.Tensor]:
-        """Left-padded prompts; the examples themselves wait under ``batch_key`` for :meth:`rollout`."""
-        key = next(self.keys)
-        self.collated[key] = list(examples)
+        """Left-padded prompts (the loop hands :meth:`rollout` the examples themselves)."""
         prompt_ids, prompt_mask = left_pad([e.input_ids for e in examples], pad_token_id)
-        return {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "batch_key": torch.tensor([key])}
+        return {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask}
 
     @torch.no_grad()
-    def rollout(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def rollout(self, model: nn.Module, batch: dict[str, torch.Tensor], examples: list[PromptExample],
+                step: int = 0) -> dict[str, torch.Tensor]:
         """Sample the groups, score them and compute their advantages (and reference log-probabilities)."""
-        examples = self.collated.pop(int(batch["batch_key"]))
         policy = unwrap(model)
         self.place(policy)
         device = next(policy.parameters()).device

@@ -173,9 +173,9 @@ class Trainer:
         without packing.
         """
         self.add_trainable(step)
-        batches = [self.objective.collate([self.data.train[i] for i in indices], self.pad_token_id)
-                   for indices in self.sampler.micro_batches(step)]
-        batches = [self.objective.rollout(self.wrapped, batch) for batch in batches]  # online RL samples here
+        examples = [[self.data.train[i] for i in indices] for indices in self.sampler.micro_batches(step)]
+        batches = [self.objective.rollout(self.wrapped, self.objective.collate(chunk, self.pad_token_id), chunk, step)
+                   for chunk in examples]  # online RL samples here
         units = self.all_reduce_sum(sum(self.objective.units(batch) for batch in batches))
         real_tokens = self.all_reduce_sum(sum(self.objective.real_tokens(batch) for batch in batches))
         step_loss = torch.zeros((), dtype=torch.float64)
