@@ -14,6 +14,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+
 from tunesmith.stages import policy_loss as pl
 
 trl = pytest.importorskip("trl")

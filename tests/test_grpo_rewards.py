@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+
 from tunesmith.config import DataSection
 from tunesmith.config.rewards import GSM8K_ANSWER, ModelReward
 from tunesmith.errors import TunesmithError
@@ -78,6 +79,7 @@ def test_reward_model_folder_scores_like_its_sequence_classification_head(tiny_l
 
 def test_prompts_from_gsm8k(tiny_llama):
     from transformers import AutoTokenizer
+
     from tunesmith.stages.prompts import prepare_prompts
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
@@ -91,6 +93,7 @@ def test_prompts_from_gsm8k(tiny_llama):
 
 def test_prompts_from_the_quickstart_and_conversations(tiny_llama, tmp_path):
     from transformers import AutoTokenizer
+
     from tunesmith.stages.prompts import prepare_prompts
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
@@ -124,3 +127,4 @@ def test_every_reward_kind_is_registered():
     assert REWARDS.names() == kinds
     with pytest.raises(TunesmithError, match="unknown reward kind 'lenght'. Did you mean 'length'"):
         REWARDS.get("lenght")
+

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+
 from tunesmith.config import validate_recipe
 from tunesmith.errors import TunesmithError
 from tunesmith.finetune import finetune
@@ -181,12 +182,13 @@ def test_num_iterations_reuses_the_rollouts_and_equals_trl_loss(grpo_recipe, los
     """mu = 2: the second update trains on the same rollouts against the sampling policy's log-probabilities,
     its ratio leaves [1 - eps, 1 + eps] (clipping acts), and loss and gradient equal TRL's ``_compute_loss``."""
     pytest.importorskip("trl")
-    from test_grpo_loss import trl_grpo_loss
     from tunesmith.methods import build_method
     from tunesmith.models import load_model_and_tokenizer
     from tunesmith.stages import build_stage
     from tunesmith.stages.grpo import token_logps
     from tunesmith.training.speed import SpeedSetup
+
+    from test_grpo_loss import trl_grpo_loss
 
     recipe = grpo_recipe(num_iterations=2, epsilon=0.02, loss_type=loss_type)
     model, tokenizer = load_model_and_tokenizer(recipe.model, Path("."))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+
 from tunesmith.reporter import Reporter
 from tunesmith.run_files import RunLayout, RunSummary
 from tunesmith.training.run_folder import RUN_ENTRIES

@@ -10,8 +10,7 @@ from typing import Iterator, Optional, Sequence
 
 import torch
 
-from tunesmith.assembly import (Assembly, RunContext, RunParts, assemble_loop, build_safeguards,
-                                describe_assembly)
+from tunesmith.assembly import Assembly, RunContext, RunParts, assemble_loop, build_safeguards, describe_assembly
 from tunesmith.config import Recipe, recipe_to_yaml
 from tunesmith.errors import TunesmithError
 from tunesmith.evaluation import run_generation_task

@@ -30,8 +30,8 @@ from tunesmith.config.loader import validate_method
 from tunesmith.errors import TunesmithError
 from tunesmith.files import atomic_path, write_text_atomic
 from tunesmith.finetune import finetune
-from tunesmith.run_files import RunLayout
 from tunesmith.registry import did_you_mean
+from tunesmith.run_files import RunLayout
 from tunesmith.training.hooks import Hook
 
 OBJECTIVES = ("val_loss", "task")

@@ -22,8 +22,8 @@ from torch import nn
 from tunesmith.config import DataSection
 from tunesmith.data.encode import EncodedExample
 from tunesmith.data.preference import EncodedPair, prepare_judged
-from tunesmith.files import atomic_path
 from tunesmith.data.prepared import PreparedData
+from tunesmith.files import atomic_path
 from tunesmith.runtime import Runtime
 from tunesmith.stages.base import Stage
 from tunesmith.stages.scoring import count_sequences, reply_logps

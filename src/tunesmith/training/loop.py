@@ -27,8 +27,13 @@ from tunesmith.training.hooks import Hook
 from tunesmith.training.objective import Objective
 from tunesmith.training.sampler import Sampler
 from tunesmith.training.schedule import add_param_groups, build_optimizer, build_scheduler
-from tunesmith.training.sharding import (full_state_dict, gradient_sync, load_sharded_checkpoint,
-                                         save_sharded_checkpoint, shard_model)
+from tunesmith.training.sharding import (
+    full_state_dict,
+    gradient_sync,
+    load_sharded_checkpoint,
+    save_sharded_checkpoint,
+    shard_model,
+)
 
 Penalty = Callable[[torch.nn.Module], torch.Tensor]
 
