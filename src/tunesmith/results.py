@@ -17,6 +17,7 @@ from typing import Any, Optional
 import torch
 
 from tunesmith.config import ModelSection
+from tunesmith.config.loader import validate_method
 from tunesmith.data.templates import resolve_template
 from tunesmith.errors import TunesmithError
 from tunesmith.methods import MANIFEST, Method, build_method
@@ -57,8 +58,6 @@ class ResultFolder:
         """The method that wrote the result, from its manifest (None for folders tunesmith did not write)."""
         if self.manifest is None:
             return None
-        from tunesmith.config.loader import validate_method
-
         return build_method(validate_method(self.manifest["config"], source=str(self.folder / MANIFEST)))
 
 

@@ -29,7 +29,7 @@ from tunesmith.config import Recipe, load_recipe, recipe_to_yaml, validate_recip
 from tunesmith.config.loader import validate_method
 from tunesmith.errors import TunesmithError
 from tunesmith.files import atomic_path, write_text_atomic
-from tunesmith.finetune import finetune
+from tunesmith.finetune import Interrupted, finetune
 from tunesmith.registry import did_you_mean
 from tunesmith.run_files import RunLayout
 from tunesmith.training.hooks import Hook
@@ -284,8 +284,6 @@ def run_trial(trial, base: dict, dimensions: list[Dimension], out: Path, objecti
     say(f"trial {trial.number}: " + ", ".join(f"{k}={v}" for k, v in params.items()))
     trial.set_user_attr("run_dir", str(folder))
     hooks = [PruningHook(trial)] if objective == "val_loss" else []
-    from tunesmith.finetune import Interrupted
-
     try:
         summary = finetune(recipe, extra_hooks=hooks, progress=False, recipe_path=str(RunLayout(folder).config))
     except Interrupted:
