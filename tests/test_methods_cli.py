@@ -147,4 +147,4 @@ def test_every_method_reduces_validation_loss_on_smollm2(recipe: str, tmp_path: 
     summary_before = finetune(load_recipe(path, overrides + ["train.max_steps=1", "train.lr=1e-12"]),
                               progress=False)
     summary = finetune(load_recipe(path, overrides + ["output.overwrite=true"]), progress=False)
-    assert summary["val_loss"] < summary_before["val_loss"], json.dumps(summary)
+    assert summary["val_loss"] < summary_before["val_loss"], json.dumps(dict(summary))
