@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 from tunesmith.config import Recipe
 from tunesmith.data.prepared import PreparedData
@@ -19,10 +19,11 @@ from tunesmith.forgetting.safeguards import Safeguards
 from tunesmith.methods import Method
 from tunesmith.runtime import Runtime
 from tunesmith.stages import Stage
-from tunesmith.training.hooks import Hook, MetricsFile, ProgressBar, TensorBoard
+from tunesmith.training.hooks import Hook, MetricsFile, ProgressBar
 from tunesmith.training.loop import LoopSeams
 from tunesmith.training.sampler import build_sampler
 from tunesmith.training.speed import SpeedSetup, prepare_speed
+from tunesmith.training.trackers import Trackers
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,7 @@ class Assembly:
 
     seams: LoopSeams
     speed: SpeedSetup
+    trackers: Optional[Trackers] = None
 
 
 def run_identity(recipe: Recipe) -> dict:
@@ -67,13 +69,21 @@ def assemble_loop(recipe: Recipe, stage: Stage, model, method: Method, tokenizer
     sampler = build_sampler(len(data.train), data.sources, train.batch_size, train.grad_accum, runtime.world_size,
                             runtime.rank, train.seed, lengths)
     penalties = tuple(safeguards.penalties(model, tokenizer, method))
-    hooks = tuple(build_hooks(recipe, out, progress, extra_hooks)) if runtime.is_main else ()
-    return Assembly(LoopSeams(stage.objective(speed), sampler, penalties, hooks), speed)
+    trackers = build_trackers(recipe, out) if runtime.is_main else None
+    hooks = tuple(build_hooks(recipe, out, progress, extra_hooks, trackers)) if runtime.is_main else ()
+    return Assembly(LoopSeams(stage.objective(speed), sampler, penalties, hooks), speed, trackers)
 
 
-def build_hooks(recipe: Recipe, out: Path, progress: bool, extra_hooks: Sequence[Hook]) -> list[Hook]:
-    """The main process's hooks: metrics file, progress bar, TensorBoard, and the caller's own."""
+def build_trackers(recipe: Recipe, out: Path) -> Optional[Trackers]:
+    """The experiment trackers the output section names (None when it names none)."""
+    names = recipe.output.tracker_names
+    return Trackers(names, out, recipe.model_dump(mode="json"), recipe.output.tracking) if names else None
+
+
+def build_hooks(recipe: Recipe, out: Path, progress: bool, extra_hooks: Sequence[Hook],
+                trackers: Optional[Trackers] = None) -> list[Hook]:
+    """The main process's hooks: metrics file, progress bar, experiment trackers, and the caller's own."""
     hooks: list[Hook] = [MetricsFile(out / "metrics.jsonl"), *extra_hooks]
     hooks += [ProgressBar()] if progress else []
-    hooks += [TensorBoard(out / "tensorboard")] if recipe.output.tensorboard else []
+    hooks += [trackers] if trackers is not None else []
     return hooks

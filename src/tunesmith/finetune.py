@@ -18,6 +18,7 @@ from tunesmith.evaluation.compare import report_after_training
 from tunesmith.files import atomic_folder, write_text_atomic
 from tunesmith.inference import base_shape
 from tunesmith.methods import build_method, count_parameters
+from tunesmith.model_card import run_card_facts, write_card
 from tunesmith.models import load_model_and_tokenizer
 from tunesmith.runtime import Runtime, init_runtime, peak_memory_mb, shutdown_runtime
 from tunesmith.stages import build_stage
@@ -25,6 +26,7 @@ from tunesmith.training.checkpoint import latest_checkpoint
 from tunesmith.training.run_folder import RunFolder, open_run_folder
 from tunesmith.training.hooks import Hook
 from tunesmith.training.loop import Trainer, TrainResult
+from tunesmith.training.trackers import Trackers
 from tunesmith.training.sharding import check_sharded_recipe
 
 logger = logging.getLogger(__name__)
@@ -86,7 +88,8 @@ def finetune(recipe: Recipe, resume: bool = False, extra_hooks: Sequence[Hook] =
         if runtime.is_main:
             save_result(method, model, tokenizer, out, recipe, data.template, gathered, stage)
         task_after = evaluate_task(model, tokenizer, recipe, runtime, out / "task_after.json", "after training")
-        return finish(recipe, result, method, data, runtime, out, parameters, forgetting, task_before, task_after, say)
+        return finish(recipe, result, method, data, runtime, out, parameters, forgetting, task_before, task_after, say,
+                      loop.trackers)
 
 
 @contextlib.contextmanager
@@ -138,8 +141,10 @@ def describe_parameters(method, parameters: tuple[int, int]) -> str:
 
 
 def finish(recipe: Recipe, result, method, data, runtime: Runtime, out: Path, parameters: tuple[int, int],
-           forgetting: dict, task_before: Optional[dict], task_after: Optional[dict], say) -> dict:
-    """The summary: headline numbers, forgetting, task before/after, the report; written by the main process."""
+           forgetting: dict, task_before: Optional[dict], task_after: Optional[dict], say,
+           trackers: Optional[Trackers] = None) -> dict:
+    """The summary: headline numbers, forgetting, task before/after, the report; written by the main process
+    with the result's model card, then sent to the experiment trackers."""
     summary = summarise(result, method, data, runtime, out, parameters)
     if forgetting:
         summary["forgetting"] = forgetting
@@ -149,8 +154,13 @@ def finish(recipe: Recipe, result, method, data, runtime: Runtime, out: Path, pa
             f"{task_after['score']:.3f}")
     if recipe.eval.report is not None and runtime.is_main:
         summary["report"] = report_after_training(recipe, out, str(runtime.device))
+    if trackers is not None:
+        summary["trackers"] = trackers.locations()
     if runtime.is_main:
         write_text_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+        write_card(out / method.artifact, run_card_facts(out))
+    if trackers is not None:
+        trackers.close(summary, out / method.artifact)
         say(f"saved {method.artifact} to {out / method.artifact}; summary in {out / 'summary.json'}")
     return summary
 
