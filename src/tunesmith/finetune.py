@@ -19,6 +19,7 @@ from tunesmith.files import atomic_folder, write_text_atomic
 from tunesmith.inference import base_shape
 from tunesmith.methods import build_method, count_parameters
 from tunesmith.model_card import run_card_facts, write_card
+from tunesmith.provenance import record_provenance
 from tunesmith.models import load_model_and_tokenizer
 from tunesmith.runtime import Runtime, init_runtime, peak_memory_mb, shutdown_runtime
 from tunesmith.stages import build_stage
@@ -82,6 +83,7 @@ def finetune(recipe: Recipe, resume: bool = False, extra_hooks: Sequence[Hook] =
             resume_training(trainer, folder.resume_from, say)
         if runtime.is_main:
             write_text_atomic(out / "config.yaml", recipe_to_yaml(recipe))  # only now: the run really starts
+            record_provenance(recipe, out, torch.get_num_threads(), runtime.world_size, str(runtime.device))
         result = run_training(trainer, loop, out, recipe_path)
         forgetting = safeguards.after_training(model, tokenizer, data)
         gathered = trainer.saveable_state()  # FSDP: the shards joined into one state dict (a collective)
