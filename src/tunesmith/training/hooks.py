@@ -24,6 +24,11 @@ class Hook:
 
     def on_train_end(self) -> None: ...
 
+    def wants_stop(self) -> bool:
+        """Asked after every step: True ends training there, as early stopping does (a checkpoint, then the
+        result and summary as for any finished run), e.g. a sweep's pruner."""
+        return False
+
 
 class ProgressBar(Hook):
     """A tqdm bar with loss, learning rate, tokens/s and ETA."""
