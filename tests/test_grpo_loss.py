@@ -14,6 +14,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+
 from tunesmith.stages import policy_loss as pl
 
 trl = pytest.importorskip("trl")
@@ -41,14 +42,17 @@ def identity_accelerator():
                            gather_for_metrics=lambda x: x)
 
 
-def trl_grpo_loss(loss_type, logps, old, ref, mask, advantages, accumulation=1, num_items=None):
+def trl_grpo_loss(loss_type, logps, old, ref, mask, advantages, accumulation=1, num_items=None, beta=BETA,
+                  epsilon=EPS, epsilon_high=EPS_HIGH, max_new=MAX_NEW):
     """TRL's GRPOTrainer._compute_loss on our tensors (one micro-batch of an accumulation window)."""
+    T = mask.shape[1]  # noqa: N806
     trainer = SimpleNamespace(
         _get_per_token_logps_and_entropies=lambda *a, **k: (logps, torch.zeros_like(logps), None),
         aux_loss_enabled=False, top_entropy_quantile=1.0, off_policy_mask_threshold=None,
-        importance_sampling_level="token", beta=BETA, loss_type=loss_type, epsilon_low=EPS, epsilon_high=EPS_HIGH,
-        use_vllm=False, vllm_importance_sampling_correction=False, model=SimpleNamespace(training=True),
-        current_gradient_accumulation_steps=accumulation, max_completion_length=MAX_NEW,
+        importance_sampling_level="token", beta=beta, loss_type=loss_type, epsilon_low=epsilon,
+        epsilon_high=epsilon_high, use_vllm=False, vllm_importance_sampling_correction=False,
+        model=SimpleNamespace(training=True), current_gradient_accumulation_steps=accumulation,
+        max_completion_length=max_new,
         accelerator=identity_accelerator(), _entropy_bonus_enabled=False, _metrics=defaultdict(lambda: defaultdict(list)),
         args=SimpleNamespace(use_bias_correction_kl=False, delta=None, steps_per_generation=accumulation),
     )

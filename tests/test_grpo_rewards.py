@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+
 from tunesmith.config import DataSection
 from tunesmith.config.rewards import GSM8K_ANSWER, ModelReward
 from tunesmith.errors import TunesmithError
@@ -78,6 +79,7 @@ def test_reward_model_folder_scores_like_its_sequence_classification_head(tiny_l
 
 def test_prompts_from_gsm8k(tiny_llama):
     from transformers import AutoTokenizer
+
     from tunesmith.stages.prompts import prepare_prompts
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
@@ -91,6 +93,7 @@ def test_prompts_from_gsm8k(tiny_llama):
 
 def test_prompts_from_the_quickstart_and_conversations(tiny_llama, tmp_path):
     from transformers import AutoTokenizer
+
     from tunesmith.stages.prompts import prepare_prompts
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
@@ -111,3 +114,17 @@ def test_the_shipped_reward_function_imports_from_the_repository_root(monkeypatc
     monkeypatch.chdir(REPO)
     score = user_function("examples.rl.rewards:date_digits")
     assert score(["p", "p"], ["2025-10-06", "2025-10-07 is it"], ["2025-10-06"] * 2, [4, 6]) == [1.0, 0.9]
+
+
+def test_every_reward_kind_is_registered():
+    import typing
+
+    from tunesmith.config.rewards import RewardSection
+    from tunesmith.stages.rewards import REWARDS
+
+    union = typing.get_args(RewardSection)[0]
+    kinds = sorted(typing.get_args(cls.model_fields["kind"].annotation)[0] for cls in typing.get_args(union))
+    assert REWARDS.names() == kinds
+    with pytest.raises(TunesmithError, match="unknown reward kind 'lenght'. Did you mean 'length'"):
+        REWARDS.get("lenght")
+

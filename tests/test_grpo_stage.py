@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+
 from tunesmith.config import validate_recipe
 from tunesmith.errors import TunesmithError
 from tunesmith.finetune import finetune
@@ -109,19 +110,20 @@ def test_peft_reference_is_the_separately_loaded_base(grpo_recipe):
     stage = build_stage(recipe.stage)
     data = stage.prepare_data(recipe.data, tokenizer, 0, Path("."))
     model = build_method(recipe.method).apply(stage.prepare_model(model))
+    stage.after_method(model)
     with torch.no_grad():
         for name, parameter in model.named_parameters():
             if "lora_B" in name:
                 parameter.normal_(std=0.5)  # the adapter now changes the outputs
     objective = stage.objective(SpeedSetup(None, None, False, None))
     batch = objective.collate(data.train[:2], tokenizer.pad_token_id)
-    rolled = objective.rollout(model, batch)
+    rolled = objective.rollout(model, batch, data.train[:2], 0)
     base, _ = load_model_and_tokenizer(recipe.model, Path("."))
     args = (rolled["prompt_ids"], rolled["prompt_mask"], rolled["completion_ids"], rolled["completion_mask"], 1.0)
     with torch.no_grad():
         expected, policy = token_logps(base, *args), token_logps(model, *args)
     mask = rolled["completion_mask"].bool()
-    assert objective.reference is None  # the frozen copy was dropped: PEFT switches its adapter off instead
+    assert objective.reference.copy is None  # no frozen copy: PEFT switches its adapter off instead
     torch.testing.assert_close(rolled["ref_logps"][mask], expected[mask], rtol=1e-5, atol=1e-5)
     assert (policy[mask] - expected[mask]).abs().max() > 1e-2
     assert left_pad([(1, 2), (3,)], 0)[0].tolist() == [[1, 2], [0, 3]]
@@ -135,10 +137,10 @@ def test_full_fine_tuning_keeps_a_frozen_copy_as_reference(grpo_recipe):
     model, tokenizer = load_model_and_tokenizer(finetune_recipe.model, Path("."))
     stage = build_stage(finetune_recipe.stage)
     stage.prepare_data(finetune_recipe.data, tokenizer, 0, Path("."))
-    stage.prepare_model(model)
+    stage.after_method(stage.prepare_model(model))
     with torch.no_grad():
         next(model.parameters()).add_(1.0)  # training moves the model, not its reference
-    reference = dict(stage.reference.named_parameters())
+    reference = dict(stage.reference.copy.named_parameters())
     name, moved = next(model.named_parameters())
     assert not reference[name].requires_grad and not torch.equal(reference[name], moved)
 
@@ -173,3 +175,68 @@ def test_reference_rewards_need_references(grpo_recipe, tmp_path):
     path.write_text(json.dumps({"prompt": "Once upon a time"}) + "\n")
     with pytest.raises(TunesmithError, match=r"no_answers.jsonl, line 1: no reference answer"):
         finetune(grpo_recipe(f"data.train={path}", rewards=[{"kind": "exact_match"}]), progress=False)
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo"])
+def test_num_iterations_reuses_the_rollouts_and_equals_trl_loss(grpo_recipe, loss_type):
+    """mu = 2: the second update trains on the same rollouts against the sampling policy's log-probabilities,
+    its ratio leaves [1 - eps, 1 + eps] (clipping acts), and loss and gradient equal TRL's ``_compute_loss``."""
+    pytest.importorskip("trl")
+    from tunesmith.methods import build_method
+    from tunesmith.models import load_model_and_tokenizer
+    from tunesmith.stages import build_stage
+    from tunesmith.stages.grpo import token_logps
+    from tunesmith.training.speed import SpeedSetup
+
+    from test_grpo_loss import trl_grpo_loss
+
+    recipe = grpo_recipe(num_iterations=2, epsilon=0.02, loss_type=loss_type)
+    model, tokenizer = load_model_and_tokenizer(recipe.model, Path("."))
+    stage = build_stage(recipe.stage)
+    data = stage.prepare_data(recipe.data, tokenizer, 0, Path("."))
+    model = build_method(recipe.method).apply(stage.prepare_model(model))
+    stage.after_method(model)
+    objective = stage.objective(SpeedSetup(None, None, False, None))
+    assert objective.updates_per_batch == 2
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(trainable, lr=0.05)
+    torch.manual_seed(0)
+    examples = data.train[:2]
+    rolled = []
+    for step in range(3):
+        batch = objective.rollout(model, objective.collate(examples, tokenizer.pad_token_id), examples, step)
+        rolled.append(batch)
+        mask = batch["completion_mask"]
+        if step % 2 == 0:  # the random model's completions all run to max_new_tokens: equal rewards; give it some
+            batch["advantages"] = torch.linspace(-1.0, 1.0, len(batch["advantages"]))  # (kept for the reuse)
+        summed = objective.loss_sum(model, batch)
+        ours = summed / objective.units(batch)
+        logps = token_logps(model, batch["prompt_ids"], batch["prompt_mask"], batch["completion_ids"], mask, 1.0)
+        expected = trl_grpo_loss(loss_type, logps, batch["old_logps"], batch["ref_logps"], mask, batch["advantages"],
+                                 beta=0.04, epsilon=0.02, epsilon_high=0.02, max_new=16)
+        assert float(ours) == pytest.approx(float(expected), rel=1e-5)
+        for got, want in zip(torch.autograd.grad(ours, trainable, retain_graph=True),
+                             torch.autograd.grad(expected, trainable)):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-7)
+        if step == 1:  # the reused rollouts, now off-policy: the ratio moved beyond the clipping range
+            ratio = torch.exp(logps.detach() - batch["old_logps"])[mask.bool()]
+            assert ((ratio - 1).abs() > 0.02).any()
+        optimizer.zero_grad()
+        ours.backward()
+        optimizer.step()
+    assert rolled[1] is rolled[0] and rolled[2] is not rolled[0]  # sampled once per two updates
+    torch.testing.assert_close(rolled[0]["old_logps"], rolled[1]["old_logps"])
+    step_record = objective.step_metrics()
+    assert step_record["kl"] >= 0 and step_record["generate_s"] > 0
+
+
+@pytest.mark.slow
+def test_rloo_logs_kl_in_every_step_and_num_iterations_repeats_the_prompts(grpo_recipe, tmp_path):
+    finetune(grpo_recipe("train.max_steps=4", "train.batch_size=2", group_size=4, max_new_tokens=8,
+                         estimator="rloo", num_iterations=2), progress=False)
+    logged = records(tmp_path / "run")
+    assert len(logged) == 4 and all("kl" in r for r in logged)
+    assert logged[0]["kl"] == pytest.approx(0.0, abs=1e-6)  # the policy is still the reference
+    assert logged[1]["generate_s"] == 0 and logged[2]["generate_s"] > 0  # rollouts reused, then sampled anew
+    assert "samples" not in logged[1]  # samples are shown when they are drawn
+    assert logged[1]["epoch"] == round(2 / (2 * 32 // 2), 4)  # 32 prompts, 2 a step, each batch trained on twice

@@ -10,9 +10,8 @@ import json
 import shutil
 from pathlib import Path
 
-import yaml
-
 import pytest
+import yaml
 
 from conftest import TINY_DATA, run_cli
 

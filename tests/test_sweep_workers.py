@@ -8,7 +8,6 @@ and PostgreSQL (Debian's server, started here on loopback) for several.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal

@@ -1,29 +1,74 @@
-"""One assembly of a run: the loop's seams built once, from the parts of the recipe that decide them.
+"""One assembly of a run: its context, and the loop's seams built once from the parts that decide them.
 
-Each part is handed only its own section and contributes through one interface: the stage gives
-the objective (using the speed levers), the data's sources and the speed options decide the
-sampler, the safeguards give penalties, and the output section gives the hooks. The result is one
-frozen :class:`~tunesmith.training.loop.LoopSeams` that the :class:`~tunesmith.training.loop.Trainer`
-requires, plus the :class:`~tunesmith.training.speed.SpeedSetup` to undo when training ends.
+:class:`RunContext` is built once per run: the recipe (each part reads only its own section), the
+runtime, the run folder's :class:`~tunesmith.run_files.RunLayout` and the one
+:class:`~tunesmith.reporter.Reporter`. :func:`assemble_loop` then builds the seams: the stage gives
+the objective (using the speed levers), the data's sources and the speed options decide the sampler,
+the penalties come ready-made, and the output section gives the hooks. Nothing here changes the model
+or runs it: the steps that do (speed levers, the EWC Fisher, NEFTune) are lines of ``finetune()``.
+The result is one frozen :class:`~tunesmith.training.loop.LoopSeams` that the
+:class:`~tunesmith.training.loop.Trainer` requires, plus the :class:`~tunesmith.training.speed.SpeedSetup`
+to undo when training ends.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 from tunesmith.config import Recipe
 from tunesmith.data.prepared import PreparedData
 from tunesmith.forgetting.safeguards import Safeguards
 from tunesmith.methods import Method
+from tunesmith.reporter import Reporter
+from tunesmith.run_files import RunLayout
 from tunesmith.runtime import Runtime
 from tunesmith.stages import Stage
 from tunesmith.training.hooks import Hook, MetricsFile, ProgressBar
-from tunesmith.training.loop import LoopSeams
-from tunesmith.training.sampler import build_sampler
-from tunesmith.training.speed import SpeedSetup, prepare_speed
+from tunesmith.training.loop import LoopSeams, Penalty
+from tunesmith.training.sampler import build_sampler, repeat_steps
+from tunesmith.training.speed import SpeedSetup
 from tunesmith.training.trackers import Trackers
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """What every step of one run shares, built once by ``finetune()``.
+
+    Attributes:
+        recipe: The validated recipe; each part is handed its own section.
+        runtime: Device, rank, world size, cache folder.
+        layout: Every path of the run folder.
+        reporter: The run's messages (main process only) and whether progress bars show.
+        recipe_path: How messages name the recipe (the resume command).
+        extra_hooks: Hooks added to the default ones (main process only), e.g. a sweep's pruning.
+    """
+
+    recipe: Recipe
+    runtime: Runtime
+    layout: RunLayout
+    reporter: Reporter
+    recipe_path: str = "RECIPE"
+    extra_hooks: tuple[Hook, ...] = ()
+
+
+@dataclass(frozen=True)
+class RunParts:
+    """The run's parts once the method is applied: what the loop's seams are built from.
+
+    Attributes:
+        stage: Gives the objective.
+        method: The applied method.
+        model: The model after ``method.apply`` and the speed levers.
+        tokenizer: The model's tokenizer.
+        data: The prepared data (its sources and lengths decide the sampler).
+    """
+
+    stage: Stage
+    method: Method
+    model: Any
+    tokenizer: Any
+    data: PreparedData
 
 
 @dataclass(frozen=True)
@@ -40,50 +85,53 @@ def run_identity(recipe: Recipe) -> dict:
     return {"model": recipe.model.name, "method": recipe.method.model_dump(mode="json"), "seed": recipe.train.seed}
 
 
-def build_safeguards(recipe: Recipe, runtime: Runtime, out: Path, say: Callable[..., None],
-                     progress: bool) -> Safeguards:
+def build_safeguards(context: RunContext) -> Safeguards:
     """The run's safeguards against forgetting, given the sections they read."""
-    return Safeguards(recipe.regularise, recipe.retain, run_identity(recipe), recipe.eval.batch_size, runtime, out,
-                      say, progress)
+    recipe = context.recipe
+    return Safeguards(recipe.regularise, recipe.retain, run_identity(recipe), recipe.eval.batch_size, context.runtime,
+                      context.layout, context.reporter)
 
 
-def assemble_loop(recipe: Recipe, stage: Stage, model, method: Method, tokenizer, data: PreparedData,
-                  safeguards: Safeguards, runtime: Runtime, out: Path, say: Callable[..., None],
-                  progress: bool = True, extra_hooks: Sequence[Hook] = ()) -> Assembly:
-    """Build the loop's seams once (call after the method is applied, before a resume loads weights).
+def assemble_loop(context: RunContext, parts: RunParts, speed: SpeedSetup,
+                  penalties: Sequence[Penalty] = ()) -> Assembly:
+    """Build the loop's seams once (after the method and speed levers, before a resume loads weights).
 
     Args:
-        recipe: The run's recipe; each part below reads only its own section of it.
-        stage: The run's stage (gives the objective).
-        model: The model after ``method.apply``; speed levers prepare it in place.
-        data: The prepared data (its sources and lengths decide the sampler).
-        safeguards: The run's safeguards (give the penalties).
-        extra_hooks: Hooks added to the default ones (main process only).
+        context: The run's context; each seam reads only its own section of the recipe.
+        parts: Stage, method, model, tokenizer and data of the run.
+        speed: The speed levers :func:`~tunesmith.training.speed.prepare_speed` applied.
+        penalties: Terms added to each step's loss (EWC, L2-SP), already built.
     """
-    train = recipe.train
-    speed = prepare_speed(model, method, train.speed, train, runtime.device)
-    if data.sources:
-        say("data mixture: " + ", ".join(f"{s.name} {s.weight:.3f} ({s.count} examples)" for s in data.sources))
-    say(speed.describe())
+    train, runtime, data = context.recipe.train, context.runtime, parts.data
+    objective = parts.stage.objective(speed)
     lengths = [len(example.input_ids) for example in data.train] if speed.group_by_length else None
     sampler = build_sampler(len(data.train), data.sources, train.batch_size, train.grad_accum, runtime.world_size,
                             runtime.rank, train.seed, lengths)
-    penalties = tuple(safeguards.penalties(model, tokenizer, method))
-    trackers = build_trackers(recipe, out) if runtime.is_main else None
-    hooks = tuple(build_hooks(recipe, out, progress, extra_hooks, trackers)) if runtime.is_main else ()
-    return Assembly(LoopSeams(stage.objective(speed), sampler, penalties, hooks), speed, trackers)
+    sampler = repeat_steps(sampler, objective.updates_per_batch)  # online RL: several updates per rollout
+    trackers = build_trackers(context) if runtime.is_main else None
+    hooks = tuple(build_hooks(context, trackers)) if runtime.is_main else ()
+    return Assembly(LoopSeams(objective, sampler, tuple(penalties), hooks), speed, trackers)
 
 
-def build_trackers(recipe: Recipe, out: Path) -> Optional[Trackers]:
+def describe_assembly(context: RunContext, data: PreparedData, speed: SpeedSetup) -> None:
+    """Say what the data mixture and the speed levers are."""
+    if data.sources:
+        context.reporter.say("data mixture: " + ", ".join(f"{s.name} {s.weight:.3f} ({s.count} examples)"
+                                                          for s in data.sources))
+    context.reporter.say(speed.describe())
+
+
+def build_trackers(context: RunContext) -> Optional[Trackers]:
     """The experiment trackers the output section names (None when it names none)."""
-    names = recipe.output.tracker_names
-    return Trackers(names, out, recipe.model_dump(mode="json"), recipe.output.tracking) if names else None
+    output = context.recipe.output
+    names = output.tracker_names
+    return Trackers(names, context.layout.root, context.recipe.model_dump(mode="json"), output.tracking) if names else None
 
 
-def build_hooks(recipe: Recipe, out: Path, progress: bool, extra_hooks: Sequence[Hook],
-                trackers: Optional[Trackers] = None) -> list[Hook]:
+def build_hooks(context: RunContext, trackers: Optional[Trackers] = None) -> list[Hook]:
     """The main process's hooks: metrics file, progress bar, experiment trackers, and the caller's own."""
-    hooks: list[Hook] = [MetricsFile(out / "metrics.jsonl"), *extra_hooks]
-    hooks += [ProgressBar()] if progress else []
+    layout = context.layout
+    hooks: list[Hook] = [MetricsFile(layout.metrics), *context.extra_hooks]
+    hooks += [ProgressBar()] if context.reporter.progress else []
     hooks += [trackers] if trackers is not None else []
     return hooks

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
+from dataclasses import replace
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
 import torch
 
-from tunesmith.assembly import Assembly, assemble_loop, build_safeguards
+from tunesmith.assembly import Assembly, RunContext, RunParts, assemble_loop, build_safeguards, describe_assembly
 from tunesmith.config import Recipe, recipe_to_yaml
 from tunesmith.errors import TunesmithError
 from tunesmith.evaluation import run_generation_task
@@ -19,18 +19,19 @@ from tunesmith.files import atomic_folder, write_text_atomic
 from tunesmith.inference import base_shape
 from tunesmith.methods import build_method, count_parameters
 from tunesmith.model_card import run_card_facts, write_card
-from tunesmith.provenance import record_provenance
 from tunesmith.models import load_model_and_tokenizer
+from tunesmith.provenance import record_provenance
+from tunesmith.reporter import Reporter
+from tunesmith.run_files import RunLayout, RunSummary
 from tunesmith.runtime import Runtime, init_runtime, peak_memory_mb, shutdown_runtime
 from tunesmith.stages import build_stage
 from tunesmith.training.checkpoint import latest_checkpoint
-from tunesmith.training.run_folder import RunFolder, open_run_folder
 from tunesmith.training.hooks import Hook
 from tunesmith.training.loop import Trainer, TrainResult
-from tunesmith.training.trackers import Trackers
+from tunesmith.training.run_folder import RunFolder, open_run_folder
 from tunesmith.training.sharding import check_sharded_recipe
-
-logger = logging.getLogger(__name__)
+from tunesmith.training.speed import prepare_speed
+from tunesmith.training.trackers import Trackers
 
 
 class Interrupted(TunesmithError):
@@ -38,8 +39,11 @@ class Interrupted(TunesmithError):
 
 
 def finetune(recipe: Recipe, resume: bool = False, extra_hooks: Sequence[Hook] = (),
-             recipe_path: str = "RECIPE", progress: bool = True) -> dict:
+             recipe_path: str = "RECIPE", progress: bool = True) -> RunSummary:
     """Load the model, prepare data, apply the method, train, evaluate and save.
+
+    Every step that changes the model is a line here, in order: dropout, the stage's head, the method,
+    the speed levers, the EWC Fisher (forward and backward passes), NEFTune's noise hooks.
 
     Args:
         recipe: The validated recipe.
@@ -49,23 +53,24 @@ def finetune(recipe: Recipe, resume: bool = False, extra_hooks: Sequence[Hook] =
         progress: Show a progress bar.
 
     Returns:
-        The summary also written to ``summary.json``.
+        The run's summary, also written to ``summary.json``.
     """
     check_sharded_recipe(recipe)
     with run_session(recipe, resume) as (runtime, folder):
-        out = folder.out
+        context = RunContext(recipe, runtime, RunLayout(folder.out), Reporter(runtime.is_main, progress), recipe_path,
+                             tuple(extra_hooks))
+        say = context.reporter.say
         torch.manual_seed(recipe.train.seed)
-        say = print if runtime.is_main else (lambda *args, **kwargs: None)
         model, tokenizer = load_model_and_tokenizer(recipe.model, runtime.cache, runtime.device)
         stage = build_stage(recipe.stage)
         stage.check_model(model)  # e.g. an encoder is refused by every stage but cls
         data = stage.prepare_data(recipe.data, tokenizer, recipe.train.seed, runtime.cache)
         for split, stats in data.stats.items():
             say(stats.describe(split))
-        task_before = evaluate_task(model, tokenizer, recipe, runtime, out / "task_before.json", "before training",
-                                    reuse_saved=True)
-        safeguards = build_safeguards(recipe, runtime, out, say, progress)
-        safeguards.before_method(model, tokenizer, data)
+        task_before = evaluate_task(context, model, tokenizer, "before training", reuse_saved=True)
+        safeguards = build_safeguards(context)
+        safeguards.set_dropout(model)
+        safeguards.measure_before(model, tokenizer, data)
         method = build_method(recipe.method)
         model = method.apply(stage.prepare_model(model))
         stage.after_method(model)  # e.g. a reward head trains; DPO keeps its reference
@@ -73,24 +78,30 @@ def finetune(recipe: Recipe, resume: bool = False, extra_hooks: Sequence[Hook] =
             say(note)
         parameters = count_parameters(model)  # before gradual unfreezing adds any
         say(describe_parameters(method, parameters))
-        loop = assemble_loop(recipe, stage, model, method, tokenizer, data, safeguards, runtime, out, say, progress,
-                             extra_hooks)
+        speed = prepare_speed(model, method, recipe.train.speed, recipe.train, runtime.device)
+        describe_assembly(context, data, speed)
+        penalties = safeguards.compute_anchor_penalties(model, tokenizer)  # EWC's Fisher: passes over its data
+        safeguards.add_neftune_noise(model)
+        loop = assemble_loop(context, RunParts(stage, method, model, tokenizer, data), speed, penalties)
         trainer = Trainer(model, method, data, recipe.train, recipe.eval, runtime, tokenizer.pad_token_id, loop.seams,
-                          checkpoint_dir=out / "checkpoints")
+                          checkpoint_dir=context.layout.checkpoints)
         if method.summary():
             say(method.summary())
         if resume:
             resume_training(trainer, folder.resume_from, say)
         if runtime.is_main:
-            write_text_atomic(out / "config.yaml", recipe_to_yaml(recipe))  # only now: the run really starts
-            record_provenance(recipe, out, torch.get_num_threads(), runtime.world_size, str(runtime.device))
-        result = run_training(trainer, loop, out, recipe_path)
-        forgetting = safeguards.after_training(model, tokenizer, data)
+            write_text_atomic(context.layout.config, recipe_to_yaml(recipe))  # only now: the run really starts
+            record_provenance(recipe, context.layout.root, torch.get_num_threads(), runtime.world_size,
+                              str(runtime.device))
+        result = run_training(context, trainer, loop)
+        safeguards.remove_noise()
+        forgetting = safeguards.measure_after(model, tokenizer, data)
         gathered = trainer.saveable_state()  # FSDP: the shards joined into one state dict (a collective)
         if runtime.is_main:
-            save_result(method, model, tokenizer, out, recipe, data.template, gathered, stage)
-        task_after = evaluate_task(model, tokenizer, recipe, runtime, out / "task_after.json", "after training")
-        return finish(recipe, result, method, data, runtime, out, parameters, forgetting, task_before, task_after, say,
+            save_result(method, model, tokenizer, folder.out, recipe, data.template, gathered, stage)
+        task_after = evaluate_task(context, model, tokenizer, "after training")
+        summary = summarise(context, result, method, data, parameters)
+        return finish(context, replace(summary, forgetting=forgetting or None, task=task_change(task_before, task_after)),
                       loop.trackers)
 
 
@@ -124,7 +135,7 @@ def resume_training(trainer: Trainer, checkpoint: Path, say) -> None:
     say(f"resuming from {checkpoint} (step {trainer.state.step} of {trainer.total_steps})")
 
 
-def run_training(trainer: Trainer, loop: Assembly, out: Path, recipe_path: str) -> TrainResult:
+def run_training(context: RunContext, trainer: Trainer, loop: Assembly) -> TrainResult:
     """``trainer.fit()``; Ctrl-C or SIGTERM becomes :class:`Interrupted` with the resume command.
 
     The speed levers are undone either way (e.g. transformers' own attention again), before anything is saved.
@@ -132,7 +143,7 @@ def run_training(trainer: Trainer, loop: Assembly, out: Path, recipe_path: str) 
     try:
         return trainer.fit()
     except KeyboardInterrupt:
-        raise Interrupted(interrupted_message(out, recipe_path)) from None
+        raise Interrupted(interrupted_message(context.layout, context.recipe_path)) from None
     finally:
         loop.speed.undo()
 
@@ -142,54 +153,57 @@ def describe_parameters(method, parameters: tuple[int, int]) -> str:
     return f"method {method.kind}: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.3f}%)"
 
 
-def finish(recipe: Recipe, result, method, data, runtime: Runtime, out: Path, parameters: tuple[int, int],
-           forgetting: dict, task_before: Optional[dict], task_after: Optional[dict], say,
-           trackers: Optional[Trackers] = None) -> dict:
-    """The summary: headline numbers, forgetting, task before/after, the report; written by the main process
-    with the result's model card, then sent to the experiment trackers."""
-    summary = summarise(result, method, data, runtime, out, parameters)
-    if forgetting:
-        summary["forgetting"] = forgetting
-    if task_before is not None and task_after is not None:
-        summary["task"] = {"metric": task_after["metric"], "before": task_before["score"], "after": task_after["score"]}
-        say(f"{task_after['metric']} on {recipe.eval.task.file}: before {task_before['score']:.3f} -> after "
-            f"{task_after['score']:.3f}")
-    if recipe.eval.report is not None and runtime.is_main:
-        summary["report"] = report_after_training(recipe, out, str(runtime.device))
+def task_change(task_before: Optional[dict], task_after: Optional[dict]) -> Optional[dict]:
+    """The summary's ``task`` block (metric, before, after), when the task was scored both times."""
+    if task_before is None or task_after is None:
+        return None
+    return {"metric": task_after["metric"], "before": task_before["score"], "after": task_after["score"]}
+
+
+def finish(context: RunContext, summary: RunSummary, trackers: Optional[Trackers] = None) -> RunSummary:
+    """Say the task's change, add the before/after report, write ``summary.json`` and the result's model card
+    (main process), then send the summary and the result to the experiment trackers."""
+    recipe, layout, say = context.recipe, context.layout, context.reporter.say
+    if summary.task is not None:
+        task = summary.task
+        say(f"{task['metric']} on {recipe.eval.task.file}: before {task['before']:.3f} -> after {task['after']:.3f}")
+    if recipe.eval.report is not None and context.runtime.is_main:
+        summary = replace(summary, report=report_after_training(recipe, layout.root, str(context.runtime.device)))
     if trackers is not None:
-        summary["trackers"] = trackers.locations()
-    if runtime.is_main:
-        write_text_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
-        write_card(out / method.artifact, run_card_facts(out))
+        summary = replace(summary, trackers=trackers.locations())
+    if context.runtime.is_main:
+        write_text_atomic(layout.summary, summary.to_json())
+        write_card(Path(summary.artifact), run_card_facts(layout.root))
+        say(f"saved {Path(summary.artifact).name} to {summary.artifact}; summary in {layout.summary}")
     if trackers is not None:
-        trackers.close(summary, out / method.artifact)
-        say(f"saved {method.artifact} to {out / method.artifact}; summary in {out / 'summary.json'}")
+        trackers.close(summary.to_dict(), Path(summary.artifact))
     return summary
 
 
-def summarise(result, method, data, runtime: Runtime, out: Path, parameters: tuple[int, int]) -> dict:
+def summarise(context: RunContext, result: TrainResult, method, data, parameters: tuple[int, int]) -> RunSummary:
     """The run's headline numbers, as written to ``summary.json``."""
     trainable, total = parameters
-    return {
-        "steps": result.state.step,
-        "total_steps": result.total_steps,
-        "stopped_early": result.state.stopped_early,
-        "tokens": result.state.tokens,
-        "wall_time_s": round(result.wall_time, 3),
-        "tokens_per_s": round(result.state.tokens / max(result.wall_time, 1e-9), 1),
-        "peak_memory_mb": round(peak_memory_mb(runtime.device), 1),
-        "train_loss": result.train_loss,
-        "val_loss": result.validation.get("loss"),
-        "val_perplexity": result.validation.get("perplexity"),
-        "trainable_parameters": trainable,
-        "total_parameters": total,
-        "method": method.kind,
-        "artifact": str(out / method.artifact),
-        "template": data.template,
-        "world_size": runtime.world_size,
-        "data": {split: vars(stats) for split, stats in data.stats.items()},
-        "validation": result.validation,
-    }
+    runtime = context.runtime
+    return RunSummary(
+        steps=result.state.step,
+        total_steps=result.total_steps,
+        stopped_early=result.state.stopped_early,
+        tokens=result.state.tokens,
+        wall_time_s=round(result.wall_time, 3),
+        tokens_per_s=round(result.state.tokens / max(result.wall_time, 1e-9), 1),
+        peak_memory_mb=round(peak_memory_mb(runtime.device), 1),
+        train_loss=result.train_loss,
+        val_loss=result.validation.get("loss"),
+        val_perplexity=result.validation.get("perplexity"),
+        trainable_parameters=trainable,
+        total_parameters=total,
+        method=method.kind,
+        artifact=str(context.layout.result(method.artifact)),
+        template=data.template,
+        world_size=runtime.world_size,
+        data={split: vars(stats) for split, stats in data.stats.items()},
+        validation=result.validation,
+    )
 
 
 def prepare_output_dir(out: Path, resume: bool, overwrite: bool, max_steps: Optional[int], runtime: Runtime) -> RunFolder:
@@ -205,19 +219,20 @@ def prepare_output_dir(out: Path, resume: bool, overwrite: bool, max_steps: Opti
     return folder
 
 
-def evaluate_task(model, tokenizer, recipe: Recipe, runtime: Runtime, cache: Path, when: str,
-                  reuse_saved: bool = False) -> Optional[dict]:
+def evaluate_task(context: RunContext, model, tokenizer, when: str, reuse_saved: bool = False) -> Optional[dict]:
     """Score the recipe's task (main process only); the before-training score is kept for resumes."""
-    if recipe.eval.task is None or not runtime.is_main:
+    recipe, say = context.recipe, context.reporter.say
+    if recipe.eval.task is None or not context.runtime.is_main:
         return None
+    cache = context.layout.task_before if reuse_saved else context.layout.task_after
     if reuse_saved and cache.exists():
         return json.loads(cache.read_text())
-    print(f"evaluating {recipe.eval.task.metric} on {recipe.eval.task.file} {when} ...", flush=True)
+    say(f"evaluating {recipe.eval.task.metric} on {recipe.eval.task.file} {when} ...")
     result = run_generation_task(model, tokenizer, recipe.eval.task, recipe.data.system_prompt)
     cache.write_text(json.dumps(result, indent=2) + "\n")
     sample = result["samples"][0]
-    print(f"{result['metric']} {when}: {result['score']:.3f} on {result['count']} examples "
-          f"(e.g. {sample['prompt']!r} -> {sample['prediction']!r}, expected {sample['reference']!r})")
+    say(f"{result['metric']} {when}: {result['score']:.3f} on {result['count']} examples "
+        f"(e.g. {sample['prompt']!r} -> {sample['prediction']!r}, expected {sample['reference']!r})")
     return result
 
 
@@ -241,10 +256,10 @@ def save_result(method, model, tokenizer, out: Path, recipe: Recipe, template: s
     return final
 
 
-def interrupted_message(out: Path, recipe_path: str) -> str:
+def interrupted_message(layout: RunLayout, recipe_path: str) -> str:
     try:
-        checkpoint = latest_checkpoint(out / "checkpoints")
+        checkpoint = latest_checkpoint(layout.checkpoints)
     except TunesmithError:
-        return f"training interrupted before the first checkpoint; nothing to resume in {out}"
+        return f"training interrupted before the first checkpoint; nothing to resume in {layout.root}"
     return (f"training interrupted; the last complete checkpoint is {checkpoint}. "
             f"Continue with: tunesmith train {recipe_path} --resume")

@@ -11,7 +11,6 @@ can be rebuilt for any finished run folder.
 
 from __future__ import annotations
 
-import json
 import platform
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +20,7 @@ import yaml
 
 from tunesmith.files import write_text_atomic
 from tunesmith.models.aliases import ALIASES
+from tunesmith.run_files import RunLayout
 
 CARD_FILE = "README.md"
 
@@ -201,10 +201,10 @@ def hub_name(model: str) -> str:
 def run_card_facts(run: Path, checks: Optional[dict[str, str]] = None,
                    export_format: Optional[str] = None) -> Optional[CardFacts]:
     """What a finished run folder says about itself (None when it has no recipe or summary to read)."""
-    config, summary = Path(run) / "config.yaml", Path(run) / "summary.json"
-    if not (config.is_file() and summary.is_file()):
+    layout = RunLayout(Path(run))
+    if not (layout.config.is_file() and layout.summary.is_file()):
         return None
-    recipe = yaml.safe_load(config.read_text()) or {}
+    recipe = yaml.safe_load(layout.config.read_text()) or {}
     base = hub_name(str((recipe.get("model") or {}).get("name", "unknown")))
-    return CardFacts(Path(run).resolve().name, recipe, json.loads(summary.read_text()), base, dict(checks or {}),
+    return CardFacts(layout.root.resolve().name, recipe, layout.read_summary().to_dict(), base, dict(checks or {}),
                      export_format)

@@ -20,8 +20,8 @@ from typing import Any
 from tunesmith.config import Recipe
 from tunesmith.errors import TunesmithError
 from tunesmith.files import write_text_atomic
+from tunesmith.run_files import RunLayout
 
-PROVENANCE_FILE = "provenance.json"
 PACKAGES = ("torch", "transformers", "peft", "tunesmith", "safetensors", "tokenizers", "numpy")
 VERSION = 1
 
@@ -71,12 +71,12 @@ def record_provenance(recipe: Recipe, out: Path, threads: int, world_size: int, 
         "machine": {"system": platform.system(), "arch": platform.machine(), "cpus": os.cpu_count(),
                     "python_executable": sys.executable},
     }
-    write_text_atomic(out / PROVENANCE_FILE, json.dumps(record, indent=2) + "\n")
+    write_text_atomic(RunLayout(out).provenance, json.dumps(record, indent=2) + "\n")
     return record
 
 
 def read_provenance(run: Path) -> dict[str, Any] | None:
-    path = run / PROVENANCE_FILE
+    path = RunLayout(run).provenance
     return json.loads(path.read_text()) if path.is_file() else None
 
 

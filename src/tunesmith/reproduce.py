@@ -21,6 +21,7 @@ from tunesmith.errors import TunesmithError
 from tunesmith.files import write_text_atomic
 from tunesmith.finetune import finetune
 from tunesmith.provenance import check_data_unchanged, differences, read_provenance
+from tunesmith.run_files import RunLayout
 
 REPORT_FILE = "reproduce.json"
 
@@ -75,7 +76,8 @@ def reproduce(run: str | Path, out: Optional[str | Path] = None, progress: bool 
         TunesmithError: When ``run`` is not a finished run, ``out`` exists, or a data file changed.
     """
     run = Path(run).resolve()
-    if not (run / "config.yaml").is_file() or not (run / "summary.json").is_file():
+    layout = RunLayout(run)
+    if not layout.config.is_file() or not layout.summary.is_file():
         raise TunesmithError(f"{run} is not a finished tunesmith run (it needs config.yaml and summary.json); give the "
                              "output folder of a run that finished")
     out = Path(out).resolve() if out is not None else run.with_name(run.name + "-reproduced")
@@ -86,7 +88,7 @@ def reproduce(run: str | Path, out: Optional[str | Path] = None, progress: bool 
     if original is not None:
         check_data_unchanged(original)
     with started_in(Path(original["cwd"]) if original is not None else Path.cwd()):
-        recipe = load_recipe(run / "config.yaml", [f"output.dir={out}", "output.overwrite=false"])
+        recipe = load_recipe(layout.config, [f"output.dir={out}", "output.overwrite=false"])
         finetune(recipe, progress=progress)
     again = read_provenance(out) or {}
     result = compare_runs(run, out, differences(original or {}, again), original is not None)
@@ -120,10 +122,10 @@ def compare_runs(original: Path, reproduced: Path, changed: dict, data_verified:
 
 
 def result_folder(run: Path) -> Path:
-    for name in ("adapter", "model"):
-        if (run / name).is_dir():
-            return run / name
-    raise TunesmithError(f"{run} holds no adapter/ or model/ folder to compare")
+    found = RunLayout(run).saved_result()
+    if found is None:
+        raise TunesmithError(f"{run} holds no adapter/ or model/ folder to compare")
+    return found
 
 
 def compare_results(first: Path, second: Path) -> tuple[bool, float, int]:
@@ -150,5 +152,4 @@ def compare_results(first: Path, second: Path) -> tuple[bool, float, int]:
 
 def losses(run: Path) -> dict[int, float]:
     """Training loss by step, from ``metrics.jsonl``."""
-    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    return {record["step"]: record["loss"] for record in records if "loss" in record}
+    return {record["step"]: record["loss"] for record in RunLayout(run).read_metrics() if "loss" in record}

@@ -17,11 +17,13 @@ from typing import Any, Optional
 import torch
 
 from tunesmith.config import ModelSection
+from tunesmith.config.loader import validate_method
 from tunesmith.data.templates import resolve_template
 from tunesmith.errors import TunesmithError
 from tunesmith.methods import MANIFEST, Method, build_method
 from tunesmith.methods.base import read_manifest
 from tunesmith.models import load_model, load_tokenizer, resolve_model_path
+from tunesmith.run_files import RunLayout
 from tunesmith.runtime import cache_dir
 
 PEFT_CONFIG = "adapter_config.json"
@@ -56,8 +58,6 @@ class ResultFolder:
         """The method that wrote the result, from its manifest (None for folders tunesmith did not write)."""
         if self.manifest is None:
             return None
-        from tunesmith.config.loader import validate_method
-
         return build_method(validate_method(self.manifest["config"], source=str(self.folder / MANIFEST)))
 
 
@@ -91,7 +91,7 @@ def locate_result(path: str | Path) -> Optional[ResultFolder]:
     if not folder.is_dir():
         return None
     run_dir = None
-    for artifact in ("adapter", "model"):
+    for artifact in RunLayout.RESULTS:
         if (folder / artifact).is_dir() and ((folder / artifact / MANIFEST).is_file()
                                              or (folder / artifact / "config.json").is_file()):
             run_dir, folder = folder, folder / artifact

@@ -29,8 +29,9 @@ from tunesmith.config import Recipe, load_recipe, recipe_to_yaml, validate_recip
 from tunesmith.config.loader import validate_method
 from tunesmith.errors import TunesmithError
 from tunesmith.files import atomic_path, write_text_atomic
-from tunesmith.finetune import finetune
+from tunesmith.finetune import Interrupted, finetune
 from tunesmith.registry import did_you_mean
+from tunesmith.run_files import RunLayout
 from tunesmith.training.hooks import Hook
 
 OBJECTIVES = ("val_loss", "task")
@@ -215,7 +216,6 @@ def run_sweep(recipe_path: str | Path, space_path: str | Path, trials: int = 8, 
         TunesmithError: For an unknown objective, a bad space file, or a recipe without what the
             objective needs (validation data, or ``eval.task``).
     """
-    import optuna
 
     if objective not in OBJECTIVES:
         raise TunesmithError(f"--objective {objective} is not one of {', '.join(OBJECTIVES)}")
@@ -423,20 +423,18 @@ def run_trial(trial, base: dict, dimensions: list[Dimension], out: Path, objecti
     say(f"trial {trial.number}: " + ", ".join(f"{k}={v}" for k, v in params.items()))
     trial.set_user_attr("run_dir", str(folder))
     hooks = [PruningHook(trial)] if objective == "val_loss" else []
-    from tunesmith.finetune import Interrupted
-
     try:
-        summary = finetune(recipe, extra_hooks=hooks, progress=False, recipe_path=str(folder / "config.yaml"))
+        summary = finetune(recipe, extra_hooks=hooks, progress=False, recipe_path=str(RunLayout(folder).config))
     except Interrupted:
         raise KeyboardInterrupt from None  # Ctrl-C stops the sweep, not just this trial
     if hooks and hooks[0].pruned:
         import optuna
 
         raise optuna.TrialPruned(hooks[0].pruned)  # after the run finished: its folder is kept whole
-    value = summary["val_loss"] if objective == "val_loss" else summary.get("task", {}).get("after")
+    value = summary.objective(objective)
     if value is None or (isinstance(value, float) and math.isnan(value)):
         raise TunesmithError(f"trial {trial.number} gave no {objective}")
-    trial.set_user_attr("tokens_per_s", summary.get("tokens_per_s"))
+    trial.set_user_attr("tokens_per_s", summary.tokens_per_s)
     return float(value)
 
 
@@ -452,7 +450,7 @@ def write_outputs(study, out: Path, objective: str, recipe: Recipe) -> SweepResu
     if not complete:
         return SweepResult(out, objective, rows, None, None)
     best = study.best_trial
-    best_raw = yaml.safe_load((Path(best.user_attrs["run_dir"]) / "config.yaml").read_text())
+    best_raw = yaml.safe_load(RunLayout(Path(best.user_attrs["run_dir"])).config.read_text())
     best_raw["output"] = {**best_raw["output"], "dir": str(out / "best"), "overwrite": False}
     best_path = out / "best.yaml"
     text = (f"# tunesmith train {best_path}\n# best of {len(study.trials)} trials of {out / 'study.db'}: trial "

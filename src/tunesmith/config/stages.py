@@ -156,6 +156,11 @@ class GrpoStage(Section):
     beta: float = Field(0.04, ge=0, description="KL coefficient to the reference (the model before training; 0: none).")
     epsilon: float = Field(0.2, gt=0, description="Lower clipping range of the policy ratio.")
     epsilon_high: Optional[float] = Field(None, gt=0, description="Upper clipping range (default epsilon; DAPO: 0.28).")
+    num_iterations: int = Field(
+        1, ge=1, description="Optimizer steps per batch of rollouts (GRPO's mu, TRL's num_iterations): the "
+        "completions are sampled once and trained on this many times, so the clipping ranges act; an epoch "
+        "takes this many times as many steps."
+    )
 
     @model_validator(mode="after")
     def _loss_type_of_grpo(self) -> "GrpoStage":

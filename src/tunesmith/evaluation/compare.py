@@ -8,6 +8,7 @@ from typing import Optional, Sequence
 
 from tunesmith.errors import TunesmithError
 from tunesmith.results import load_result, locate_result
+from tunesmith.run_files import RunLayout
 from tunesmith.evaluation.results import (check_document, compare_runs, new_document, read_loss_curve, run_entry,
                                           write_json_atomically)
 from tunesmith.evaluation.stage_metrics import attach_head, held_out_task, result_stage
@@ -95,7 +96,7 @@ def evaluate_and_report(spec: ModelSpec, suites: Sequence[tuple[Suite, str]], ou
         The results document.
     """
     run = evaluate_spec(spec, suites, **options)
-    training = read_loss_curve(Path(spec.run_dir) / "metrics.jsonl") if spec.run_dir else None
+    training = read_loss_curve(RunLayout(Path(spec.run_dir)).metrics) if spec.run_dir else None
     document = new_document({"model": run}, training=training)
     write_outputs(document, out_dir)
     return document
@@ -117,7 +118,7 @@ def compare_and_report(base: ModelSpec, tuned: ModelSpec, suites: Sequence[tuple
     """
     runs = {"base": evaluate_spec(base, suites, **options), "tuned": evaluate_spec(tuned, suites, **options)}
     if metrics_file is None and tuned.run_dir:
-        metrics_file = Path(tuned.run_dir) / "metrics.jsonl"
+        metrics_file = RunLayout(Path(tuned.run_dir)).metrics
     training = read_loss_curve(metrics_file) if metrics_file else None
     document = new_document(runs, compare_runs(runs["base"], runs["tuned"]), training)
     write_outputs(document, out_dir)
@@ -144,8 +145,9 @@ def report_after_training(recipe, out: Path, device: str = "cpu") -> dict:
         raise TunesmithError("eval.report needs at least one of suites, general_suites or bias: true")
     print("writing the before/after evaluation report ...")
     tuned = resolve_tuned(str(out), recipe.model.name)
-    document = compare_and_report(ModelSpec(recipe.model.name), tuned, suites, out / "eval",
+    reports = RunLayout(out).reports
+    document = compare_and_report(ModelSpec(recipe.model.name), tuned, suites, reports,
                                   dtype=recipe.model.dtype, device=device)
     comparison = document["comparison"]
     return {"task_gain": comparison["task_gain"], "general_change": comparison["general_change"],
-            "bias_change": comparison["bias_change"], "html": str(out / "eval" / REPORT_FILE)}
+            "bias_change": comparison["bias_change"], "html": str(reports / REPORT_FILE)}

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Optional
 
 from tunesmith.errors import TunesmithError
-from tunesmith.export.check import (TOLERANCES, CheckResult, Probe, check_hf_model, probe_reference, require)
+from tunesmith.export.check import TOLERANCES, CheckResult, Probe, check_hf_model, probe_reference, require
 from tunesmith.export.gguf import QUANTISATIONS, check_architecture, export_gguf
 from tunesmith.files import atomic_folder
 from tunesmith.methods import NotMergeable
@@ -186,8 +186,8 @@ def merged_model(loaded: LoadedResult):
 
 def export_hf(plain, tokenizer, probe: Probe, partial: Path, device: str):
     """``save_pretrained`` the merged model and tokenizer, then reload with transformers and compare."""
-    from transformers import AutoModelForCausalLM
     import torch
+    from transformers import AutoModelForCausalLM
 
     plain.save_pretrained(partial)
     tokenizer.save_pretrained(partial)

@@ -10,9 +10,10 @@ import json
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 from tunesmith.errors import TunesmithError
+from tunesmith.run_files import RunLayout, RunSummary
 
 COLUMNS = (
     ("recipe", "recipe", "{}"),
@@ -54,19 +55,20 @@ def train_one(recipe: str, out: Path, overrides: Sequence[str], progress: bool,
     if completed.returncode != 0:
         last = (completed.stderr.strip().splitlines() or ["(no message)"])[-1]
         raise TunesmithError(f"compare: training {recipe} failed: {last}")
-    return json.loads((out / "summary.json").read_text())
+    return RunSummary.from_file(RunLayout(out).summary)
 
 
-def comparison_row(name: str, summary: dict[str, Any]) -> dict[str, Any]:
-    """The table row of one run."""
-    forgetting = summary.get("forgetting", {})
-    return {"recipe": name, "method": summary["method"], "task_after": forgetting.get("task_after"),
+def comparison_row(name: str, summary: Mapping[str, Any]) -> dict[str, Any]:
+    """The table row of one run (``summary``: a :class:`RunSummary`, or the dict of its file)."""
+    summary = summary if isinstance(summary, RunSummary) else RunSummary.from_dict(summary)
+    forgetting = summary.forgetting or {}
+    return {"recipe": name, "method": summary.method, "task_after": forgetting.get("task_after"),
             "task_gain": forgetting.get("task_gain"), "forgetting": forgetting.get("forgetting"),
             "forgetting_per_gain": forgetting.get("forgetting_per_gain"),
             "forgetting_measure": forgetting.get("forgetting_measure"),
             "retained": forgetting.get("retained", {}),
-            "trainable_parameters": summary["trainable_parameters"], "wall_time_s": summary["wall_time_s"],
-            "peak_memory_mb": summary["peak_memory_mb"]}
+            "trainable_parameters": summary.trainable_parameters, "wall_time_s": summary.wall_time_s,
+            "peak_memory_mb": summary.peak_memory_mb}
 
 
 def markdown_table(rows: Sequence[dict[str, Any]]) -> str:

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from tunesmith.data.encode import EncodedExample
+from tunesmith.files import atomic_path
 from tunesmith.training.batching import collate
 from tunesmith.training.loss import count_target_tokens, loss_sum
 
@@ -102,8 +103,6 @@ def load_cached_fisher(path: Path) -> Optional[dict[str, torch.Tensor]]:
 def save_cached_fisher(path: Path, fisher: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
     """Write atomically (temporary sibling, then rename)."""
     from safetensors.torch import save_file
-
-    from tunesmith.files import atomic_path
 
     with atomic_path(path) as partial:
         save_file({n: f.contiguous().cpu() for n, f in fisher.items()}, str(partial), metadata=metadata)

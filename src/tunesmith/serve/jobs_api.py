@@ -13,6 +13,7 @@ from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, Field
 
 from tunesmith.errors import TunesmithError
+from tunesmith.run_files import RunLayout
 from tunesmith.serve.studio_api import _read_metrics, unique_path
 
 router = APIRouter(prefix="/api/jobs")
@@ -70,7 +71,7 @@ async def submit(body: JobBody, request: Request):
         if workspace.root / "runs" not in run_dir.parents:
             raise TunesmithError(f"{body.recipe}: output.dir must be a folder under runs/")
         args = ["train", str(recipe_file), "--no-progress"]
-        job_id = runner.submit("train", f"train {run_dir.name}", args, workspace.relative(run_dir / "summary.json"),
+        job_id = runner.submit("train", f"train {run_dir.name}", args, workspace.relative(RunLayout(run_dir).summary),
                                workspace.relative(run_dir), resume_args=args + ["--resume"])
     elif isinstance(body, DataJob):
         source = workspace.resolve(body.path, must_exist=True)
@@ -90,7 +91,7 @@ async def submit(body: JobBody, request: Request):
         from tunesmith.serve.pool import ModelPool
 
         run = workspace.resolve(body.run, must_exist=True)
-        result = run / "adapter" if (run / "adapter").is_dir() else run / "model"
+        result = RunLayout(run).saved_result() or RunLayout(run).result("model")
         base = ModelPool._base_of(result, workspace.root) if (result / "tunesmith.json").is_file() else str(result)
         out = unique_path(run, "eval", "")
         args = ["eval", "--compare", base, str(run), "--bias", "--out", str(out)]

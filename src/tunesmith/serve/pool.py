@@ -16,13 +16,13 @@ written by peft on the same base share one loaded base: the first is put on it w
 from __future__ import annotations
 
 import contextlib
-import json
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
 from tunesmith.errors import TunesmithError
+from tunesmith.run_files import RunLayout
 from tunesmith.serve.workspace import Workspace
 
 MANIFEST = "tunesmith.json"  # written by Method.write_manifest
@@ -120,7 +120,7 @@ class ModelPool:
         if kind == "hf":
             return ModelSpec(model_id, str(folder))
         if kind == "run":
-            folder = folder / "adapter" if (folder / "adapter").is_dir() else folder / "model"
+            folder = RunLayout(folder).saved_result()
             kind = self._folder_kind(folder)
         if kind == "result":
             return ModelSpec(model_id, self._base_of(folder, self.workspace.root), str(folder))
@@ -134,7 +134,7 @@ class ModelPool:
             return "result"
         if (folder / "config.json").is_file():
             return "hf"
-        if (folder / "adapter").is_dir() or (folder / "model").is_dir():
+        if RunLayout(folder).saved_result() is not None:
             return "run"
         return None
 
@@ -144,13 +144,13 @@ class ModelPool:
 
         A relative folder is relative to the workspace: the studio's jobs run there.
         """
-        name = None
-        if (result / MANIFEST).is_file():
-            from tunesmith.methods.base import read_manifest  # a damaged manifest is a sentence, not a traceback
+        from tunesmith.methods.base import read_manifest  # a damaged manifest is a sentence, not a traceback
+        from tunesmith.results import ResultFolder
 
-            name = read_manifest(result).get("base_model")
-        if not name and (result / "adapter_config.json").is_file():
-            name = json.loads((result / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        manifest = read_manifest(result) if (result / MANIFEST).is_file() else None
+        name = ResultFolder(result, "adapter", manifest).recorded_base  # results.py reads what a result records
+        if not name and manifest is not None and (result / "adapter_config.json").is_file():
+            name = ResultFolder(result, "adapter").recorded_base  # a manifest without base_model: the peft config
         if not name:
             raise UnknownModel(f"{result} does not record its base model")
         if not Path(name).is_absolute() and (root / name).is_dir():

@@ -21,6 +21,7 @@ from pydantic import BaseModel, Field, ValidationError
 
 from tunesmith.errors import TunesmithError
 from tunesmith.files import atomic_path, write_text_atomic
+from tunesmith.run_files import RunLayout
 from tunesmith.serve.workspace import TooLarge
 
 router = APIRouter(prefix="/api")
@@ -290,23 +291,15 @@ def estimate_plan(recipe, root: Path) -> dict:
 
 
 def _read_metrics(folder: Path) -> list[dict]:
-    file = folder / "metrics.jsonl"
-    if not file.is_file():
-        return []
-    records = []
-    for line in file.read_text().splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            pass  # a line being written right now
-    return records
+    return RunLayout(folder).read_metrics()
 
 
 def run_info(folder: Path, workspace) -> dict:
-    summary = folder / "summary.json"
+    layout = RunLayout(folder)
+    summary = layout.read_summary()
     return {"path": workspace.relative(folder), "name": folder.name,
-            "summary": json.loads(summary.read_text()) if summary.is_file() else None,
-            "finished": summary.is_file(), "has_report": (folder / "eval" / "report.html").is_file(),
+            "summary": summary.to_dict() if summary is not None else None,
+            "finished": summary is not None, "has_report": layout.report_html.is_file(),
             "modified": folder.stat().st_mtime}
 
 
@@ -329,7 +322,7 @@ async def compare_runs(request: Request, runs: list[str] = Query(..., min_length
     """Two or more runs side by side: curves, headline metrics, and the recipe diff of the first two."""
     workspace = _workspace(request)
     folders = [workspace.resolve(path, must_exist=True) for path in runs]
-    configs = [(f / "config.yaml").read_text() if (f / "config.yaml").is_file() else "" for f in folders]
+    configs = [RunLayout(f).config.read_text() if RunLayout(f).config.is_file() else "" for f in folders]
     diff = "".join(difflib.unified_diff(configs[0].splitlines(True), configs[1].splitlines(True),
                                         fromfile=runs[0], tofile=runs[1]))
     return {"runs": [{**run_info(f, workspace), "metrics": _read_metrics(f)} for f in folders], "recipe_diff": diff}

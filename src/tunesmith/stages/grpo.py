@@ -2,9 +2,10 @@
 
 Each optimizer step, for every prompt of the step: sample ``group_size`` completions (batched, with
 the KV cache, from the torch RNG that checkpoints save), score them with the rewards, turn the
-rewards into advantages within each group, and take one gradient step on the clipped-ratio loss
-with a KL penalty to the reference (the model before training: the adapter switched off under
-PEFT, a frozen copy otherwise). Sampling happens in :meth:`GroupPolicyObjective.rollout`, which the
+rewards into advantages within each group, and take ``num_iterations`` gradient steps on the
+clipped-ratio loss with a KL penalty to the reference (the model before training, held by
+:class:`~tunesmith.stages.pairs.Reference` as for DPO: the adapter switched off under PEFT, a frozen
+copy otherwise). Sampling happens in :meth:`GroupPolicyObjective.rollout`, which the
 loop calls for every micro-batch of the step before it counts the step's units, so DAPO's
 token-level average spans the whole global batch, as TRL's does.
 
@@ -14,8 +15,6 @@ Why PPO is not a stage: see docs/rl.md ("Why no PPO").
 from __future__ import annotations
 
 import contextlib
-import copy
-import itertools
 import time
 from pathlib import Path
 from typing import Optional
@@ -29,6 +28,7 @@ from tunesmith.inference import stop_token_ids
 from tunesmith.runtime import Runtime
 from tunesmith.stages import policy_loss as pl
 from tunesmith.stages.base import STAGES, Stage
+from tunesmith.stages.pairs import Reference
 from tunesmith.stages.prompts import PromptExample, prepare_prompts
 from tunesmith.stages.rewards import RewardSet, build_rewards
 from tunesmith.training.chunked_loss import unwrap
@@ -46,21 +46,20 @@ class GroupRelativePolicyOptimisation(Stage):
         super().__init__(config)
         self.tokenizer = None
         self.rewards: Optional[RewardSet] = None
-        self.reference: Optional[nn.Module] = None
+        self.reference: Optional[Reference] = None
 
     def prepare_data(self, section: DataSection, tokenizer, seed: int, cache: Path) -> PreparedData:
         self.tokenizer = tokenizer
         self.rewards = build_rewards(self.config.rewards, tokenizer)  # fails early: imports, reward models
         return prepare_prompts(section, tokenizer, seed, self.config.max_new_tokens, self.rewards.needs_reference)
 
-    def prepare_model(self, model: nn.Module) -> nn.Module:
-        """Keep a frozen copy of the starting model as the KL reference (dropped later if the method is PEFT)."""
+    def after_method(self, model: nn.Module) -> None:
+        """The KL reference, as DPO's: the adapter switched off under PEFT, else a frozen copy (beta 0: none)."""
         if self.config.beta > 0:
-            self.reference = copy.deepcopy(model).eval().requires_grad_(False)
-        return model
+            self.reference = Reference(model)
 
     def objective(self, speed: SpeedSetup) -> "GroupPolicyObjective":
-        reference, self.reference = self.reference, None  # the objective alone holds it (and may drop it)
+        reference, self.reference = self.reference, None  # the objective alone holds it
         return GroupPolicyObjective(self.config, self.tokenizer, self.rewards, reference, speed.autocast_dtype)
 
 
@@ -102,7 +101,10 @@ class StepRecord:
         self.samples: list[dict] = []
 
     def add_rollout(self, per_reward: torch.Tensor, total: torch.Tensor, mask: torch.Tensor, truncated: int,
-                    seconds: float) -> None:
+                    kl: float, kl_tokens: int, seconds: float) -> None:
+        """One micro-batch's rollouts; ``kl``/``kl_tokens``: a KL summed over tokens at sampling (rloo), else 0."""
+        self.kl += kl
+        self.kl_tokens += kl_tokens
         self.completions += per_reward.shape[0]
         self.reward_sums = [s + float(v) for s, v in zip(self.reward_sums, per_reward.sum(dim=0))]
         self.total += float(total.sum())
@@ -129,33 +131,64 @@ class GroupPolicyObjective(Objective):
         config: The ``stage`` section (:class:`~tunesmith.config.GrpoStage`).
         tokenizer: The model's tokenizer (decodes completions for the rewards).
         rewards: The stage's rewards.
-        reference: A frozen copy of the starting model, or None (beta 0, or PEFT: the adapter is switched off).
+        reference: The KL reference (:class:`~tunesmith.stages.pairs.Reference`), or None when beta is 0.
         autocast_dtype: The run's autocast dtype (generation and log-probabilities), or None.
     """
 
-    def __init__(self, config, tokenizer, rewards: RewardSet, reference: Optional[nn.Module],
+    def __init__(self, config, tokenizer, rewards: RewardSet, reference: Optional[Reference],
                  autocast_dtype: Optional[torch.dtype] = None) -> None:
         self.config, self.tokenizer, self.rewards, self.reference = config, tokenizer, rewards, reference
         self.autocast_dtype = autocast_dtype
         self.stop_ids = stop_token_ids(tokenizer)
-        self.collated: dict[int, list[PromptExample]] = {}
-        self.keys = itertools.count()
         self.step = StepRecord(rewards.names)
+        self.rollouts: dict[int, tuple] = {}  # micro-batch position -> rollout, for the generation in hand
+        self.generation: Optional[int] = None
+        self.last_step: Optional[int] = None
+        self.position = 0
         self.placed = False
 
     # ---- what the loop calls ----------------------------------------------------------------------
 
     def collate(self, examples: list[PromptExample], pad_token_id: int) -> dict[str, torch.Tensor]:
-        """Left-padded prompts; the examples themselves wait under ``batch_key`` for :meth:`rollout`."""
-        key = next(self.keys)
-        self.collated[key] = list(examples)
+        """Left-padded prompts (the loop hands :meth:`rollout` the examples themselves)."""
         prompt_ids, prompt_mask = left_pad([e.input_ids for e in examples], pad_token_id)
-        return {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "batch_key": torch.tensor([key])}
+        return {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask}
+
+    @property
+    def updates_per_batch(self) -> int:
+        return self.config.num_iterations
 
     @torch.no_grad()
-    def rollout(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Sample the groups, score them and compute their advantages (and reference log-probabilities)."""
-        examples = self.collated.pop(int(batch["batch_key"]))
+    def rollout(self, model: nn.Module, batch: dict[str, torch.Tensor], examples: list[PromptExample],
+                step: int = 0) -> dict[str, torch.Tensor]:
+        """The rollouts of this micro-batch: sampled on the first of ``num_iterations`` steps, then reused.
+
+        The sampler gives the steps of one generation the same prompts; a reused rollout's rewards are
+        logged again (they are what the step trains on), with no generation time. After a resume in the
+        middle of a generation its rollouts are sampled afresh.
+        """
+        if step != self.last_step:
+            self.last_step, self.position = step, 0
+        position, self.position = self.position, self.position + 1
+        generation = step // self.config.num_iterations
+        if generation != self.generation:
+            self.generation, self.rollouts = generation, {}
+        if position in self.rollouts:
+            rolled, measured = self.rollouts[position]
+            self.step.add_rollout(*measured, seconds=0.0)
+            return rolled
+        rolled, measured = self.generate(model, batch, examples)
+        if self.config.num_iterations > 1:
+            self.rollouts[position] = (rolled, measured)
+        return rolled
+
+    def generate(self, model: nn.Module, batch: dict[str, torch.Tensor],
+                 examples: list[PromptExample]) -> tuple[dict[str, torch.Tensor], tuple]:
+        """Sample the groups, score them and compute their advantages (and reference and old log-probabilities).
+
+        Returns:
+            The batch to train on, and what :meth:`StepRecord.add_rollout` logs of it (but the seconds).
+        """
         policy = unwrap(model)
         self.place(policy)
         device = next(policy.parameters()).device
@@ -174,21 +207,27 @@ class GroupPolicyObjective(Objective):
                "completion_mask": mask}
         ref_logps = self.reference_logps(policy, prompt_ids, prompt_mask, completion_ids, mask) \
             if self.config.beta > 0 else None
+        old, kl, kl_tokens = None, 0.0, 0
+        if self.config.num_iterations > 1 or (self.config.estimator == "rloo" and ref_logps is not None):
+            with self.autocast(policy):  # the sampling policy, before this generation's updates (TRL's old logps)
+                old = token_logps(policy, prompt_ids, prompt_mask, completion_ids, mask, self.config.temperature)
+        if self.config.num_iterations > 1:
+            out["old_logps"] = old
         if self.config.estimator == "rloo":
             if ref_logps is not None:
-                with self.autocast(policy):
-                    old = token_logps(policy, prompt_ids, prompt_mask, completion_ids, mask, self.config.temperature)
                 total = total - self.config.beta * pl.sequence_kl(old, ref_logps, mask)
+                kl, kl_tokens = float(((old - ref_logps) * mask).sum()), int(mask.sum())  # the penalty's log ratio
             out["advantages"] = pl.leave_one_out_advantages(total, group, self.config.normalize_advantages)
         else:
             out["advantages"] = pl.group_advantages(total, group, self.config.scale_rewards)
             if ref_logps is not None:
                 out["ref_logps"] = ref_logps
-        self.step.add_rollout(per_reward, raw, mask, self.truncated(completion_ids, mask), seconds)
+        measured = (per_reward, raw, mask, self.truncated(completion_ids, mask), kl, kl_tokens)
+        self.step.add_rollout(*measured, seconds=seconds)
         if not self.step.samples:  # the step's first prompt, two of its completions
             self.step.samples = [{"prompt": examples[0].prompt_text, "completion": texts[i],
                                   "reward": round(float(raw[i]), 4)} for i in range(min(2, group))]
-        return out
+        return out, measured
 
     def loss_sum(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """The clipped-ratio loss (plus KL) summed over the units of the loss type."""
@@ -196,7 +235,8 @@ class GroupPolicyObjective(Objective):
         with self.autocast(unwrap(model)):
             logps = token_logps(model, batch["prompt_ids"], batch["prompt_mask"], batch["completion_ids"], mask,
                                 config.temperature)
-        old = logps.detach()  # one optimizer step per generation: the sampling policy is the current one (as TRL)
+        # num_iterations 1: the sampling policy is the current one, ratio 1 (as TRL); else the one that sampled
+        old = batch["old_logps"] if "old_logps" in batch else logps.detach()
         high = config.epsilon_high if config.epsilon_high is not None else config.epsilon
         if config.estimator == "rloo":
             return pl.clipped_sequence_loss(logps, old, batch["advantages"], mask, config.epsilon, high).sum()
@@ -256,15 +296,13 @@ class GroupPolicyObjective(Objective):
     # ---- pieces -----------------------------------------------------------------------------------
 
     def place(self, policy: nn.Module) -> None:
-        """Once: put reward models on the policy's device; under PEFT drop the frozen copy (the adapter switches off)."""
+        """Once: put reward models (and the reference's frozen copy, if any) on the policy's device."""
         if self.placed:
             return
         device = next(policy.parameters()).device
         self.rewards.to(device)
-        if callable(getattr(policy, "disable_adapter", None)):
-            self.reference = None
-        elif self.reference is not None:
-            self.reference.to(device)
+        if self.reference is not None and self.reference.copy is not None:
+            self.reference.copy.to(device)
         self.placed = True
 
     def truncated(self, completion_ids: torch.Tensor, mask: torch.Tensor) -> int:
@@ -308,11 +346,10 @@ class GroupPolicyObjective(Objective):
 
     def reference_logps(self, policy: nn.Module, prompt_ids, prompt_mask, completion_ids, mask) -> torch.Tensor:
         """Log-probabilities under the reference: the adapter disabled (PEFT) or the frozen copy."""
+        temperature = self.config.temperature
         with self.autocast(policy):
-            if self.reference is None:
-                with policy.disable_adapter():
-                    return token_logps(policy, prompt_ids, prompt_mask, completion_ids, mask, self.config.temperature)
-            return token_logps(self.reference, prompt_ids, prompt_mask, completion_ids, mask, self.config.temperature)
+            return self.reference.logps(policy, {}, forward=lambda model, _: token_logps(
+                model, prompt_ids, prompt_mask, completion_ids, mask, temperature))
 
 
 def left_pad(sequences: list[tuple[int, ...]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:

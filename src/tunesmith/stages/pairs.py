@@ -22,8 +22,9 @@ from torch import nn
 from tunesmith.config import DataSection
 from tunesmith.data.encode import EncodedExample
 from tunesmith.data.preference import EncodedPair, prepare_judged
-from tunesmith.files import atomic_path
 from tunesmith.data.prepared import PreparedData
+from tunesmith.files import atomic_path
+from tunesmith.reporter import Reporter
 from tunesmith.runtime import Runtime
 from tunesmith.stages.base import Stage
 from tunesmith.stages.scoring import count_sequences, reply_logps
@@ -234,7 +235,8 @@ class ReferenceObjective(PairObjective):
                     wanted.setdefault(key, sequence)
         missing = list(wanted.items())
         if missing:
-            print(f"precomputing the reference's log-probabilities of {len(missing)} sequences ...", flush=True)
+            Reporter(runtime.is_main).say(f"precomputing the reference's log-probabilities of {len(missing)} "
+                                          "sequences ...")  # once, not once per process
         was_training = model.training
         model.eval()
         for start in range(0, len(missing), eval_batch_size):

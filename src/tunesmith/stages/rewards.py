@@ -21,7 +21,7 @@ import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 
@@ -35,6 +35,7 @@ from tunesmith.config.rewards import (
     ModelReward,
 )
 from tunesmith.errors import TunesmithError
+from tunesmith.registry import Registry
 
 RewardFunction = Callable[..., list[float]]
 """``(prompts, completions, references, completion_lengths, conversations) -> one score per completion``."""
@@ -365,24 +366,48 @@ def build_rewards(sections, policy_tokenizer, device: torch.device | str = "cpu"
     return RewardSet(built)
 
 
+RewardBuilder = Callable[[Any, Any, Any], RewardFunction]
+"""``(section, policy_tokenizer, device) -> reward function``: how one ``stage.rewards`` kind is built."""
+
+REWARDS: Registry[RewardBuilder] = Registry("reward kind")
+
+
 def _build_one(section, policy_tokenizer, device) -> RewardFunction:
-    if isinstance(section, ExactMatchReward):
-        return exact_match(section.case_sensitive)
-    if isinstance(section, AnswerMatchReward):
-        return answer_match(section.pattern)
-    if isinstance(section, FormatReward):
-        return required_format(section.pattern, section.match)
-    if isinstance(section, LengthReward):
-        return length_penalty(section.target, section.tolerance)
-    if isinstance(section, FunctionReward):
-        return user_function(section.function)
-    if isinstance(section, ModelReward):
-        folder, kind = reward_model_folder(section.path)
-        if kind == "stage_rm":
-            scorer = StageRewardModel(folder, section.batch_size, section.max_length)
-            check_same_tokenizer(scorer.tokenizer, policy_tokenizer, section.path)
-            return scorer
-        model, tokenizer = load_reward_model(section.path, device)
-        check_same_tokenizer(tokenizer, policy_tokenizer, section.path)
-        return ScalarRewardModel(model, tokenizer, section.batch_size, section.max_length)
-    raise TunesmithError(f"stage.rewards: unknown reward kind {section.kind!r}")
+    return REWARDS.get(section.kind)(section, policy_tokenizer, device)
+
+
+@REWARDS.register("exact_match")
+def _exact_match(section: ExactMatchReward, policy_tokenizer, device) -> RewardFunction:
+    return exact_match(section.case_sensitive)
+
+
+@REWARDS.register("answer_match")
+def _answer_match(section: AnswerMatchReward, policy_tokenizer, device) -> RewardFunction:
+    return answer_match(section.pattern)
+
+
+@REWARDS.register("format")
+def _format(section: FormatReward, policy_tokenizer, device) -> RewardFunction:
+    return required_format(section.pattern, section.match)
+
+
+@REWARDS.register("length")
+def _length(section: LengthReward, policy_tokenizer, device) -> RewardFunction:
+    return length_penalty(section.target, section.tolerance)
+
+
+@REWARDS.register("function")
+def _function(section: FunctionReward, policy_tokenizer, device) -> RewardFunction:
+    return user_function(section.function)
+
+
+@REWARDS.register("model")
+def _model(section: ModelReward, policy_tokenizer, device) -> RewardFunction:
+    folder, kind = reward_model_folder(section.path)
+    if kind == "stage_rm":
+        scorer = StageRewardModel(folder, section.batch_size, section.max_length)
+        check_same_tokenizer(scorer.tokenizer, policy_tokenizer, section.path)
+        return scorer
+    model, tokenizer = load_reward_model(section.path, device)
+    check_same_tokenizer(tokenizer, policy_tokenizer, section.path)
+    return ScalarRewardModel(model, tokenizer, section.batch_size, section.max_length)

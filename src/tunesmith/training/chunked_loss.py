@@ -23,18 +23,10 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from tunesmith.data.encode import IGNORE_INDEX
+from tunesmith.training.loss import loss_sum as plain_loss_sum  # the reference the chunked loss must equal
+from tunesmith.training.loss import model_inputs
 
-
-def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Everything in a collated batch the model reads (packed batches add positions and boundaries)."""
-    return {key: value for key, value in batch.items() if key != "labels"}
-
-
-def plain_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Summed next-token cross-entropy from the full logits (the reference the chunked loss must equal)."""
-    logits = model(**model_inputs(batch), use_cache=False).logits  # (batch, seq, vocab); see loss.loss_sum
-    return F.cross_entropy(logits[:, :-1].float().flatten(0, 1), batch["labels"][:, 1:].flatten(),
-                           ignore_index=IGNORE_INDEX, reduction="sum")
+__all__ = ["LinearCrossEntropy", "chunked_loss_sum", "model_inputs", "plain_loss_sum", "unwrap"]
 
 
 def chunked_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk_tokens: int = 1024) -> torch.Tensor:

@@ -27,8 +27,13 @@ from tunesmith.training.hooks import Hook
 from tunesmith.training.objective import Objective
 from tunesmith.training.sampler import Sampler
 from tunesmith.training.schedule import add_param_groups, build_optimizer, build_scheduler
-from tunesmith.training.sharding import (full_state_dict, gradient_sync, load_sharded_checkpoint,
-                                         save_sharded_checkpoint, shard_model)
+from tunesmith.training.sharding import (
+    full_state_dict,
+    gradient_sync,
+    load_sharded_checkpoint,
+    save_sharded_checkpoint,
+    shard_model,
+)
 
 Penalty = Callable[[torch.nn.Module], torch.Tensor]
 
@@ -173,9 +178,9 @@ class Trainer:
         without packing.
         """
         self.add_trainable(step)
-        batches = [self.objective.collate([self.data.train[i] for i in indices], self.pad_token_id)
-                   for indices in self.sampler.micro_batches(step)]
-        batches = [self.objective.rollout(self.wrapped, batch) for batch in batches]  # online RL samples here
+        examples = [[self.data.train[i] for i in indices] for indices in self.sampler.micro_batches(step)]
+        batches = [self.objective.rollout(self.wrapped, self.objective.collate(chunk, self.pad_token_id), chunk, step)
+                   for chunk in examples]  # online RL samples here
         units = self.all_reduce_sum(sum(self.objective.units(batch) for batch in batches))
         real_tokens = self.all_reduce_sum(sum(self.objective.real_tokens(batch) for batch in batches))
         step_loss = torch.zeros((), dtype=torch.float64)

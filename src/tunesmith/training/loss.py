@@ -23,10 +23,19 @@ def count_real_tokens(batch: dict[str, torch.Tensor]) -> int:
     return int(batch["attention_mask"].sum())
 
 
+def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Everything in a collated batch the model reads (packed batches add positions and boundaries)."""
+    return {key: value for key, value in batch.items() if key != "labels"}
+
+
 def loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Sum of the next-token cross-entropy over the batch's target tokens (a scalar)."""
+    """Sum of the next-token cross-entropy over the batch's target tokens (a scalar), from the full logits.
+
+    The one plain summed loss: training without the chunked loss, validation and EWC's Fisher all call it
+    (the chunked and fused losses of :mod:`tunesmith.training.chunked_loss` are tested against it).
+    """
     # One logit row per input token: methods that prepend virtual tokens trim theirs (VirtualTokenModel).
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (batch, seq, vocab)
+    logits = model(**model_inputs(batch), use_cache=False).logits  # (batch, seq, vocab)
     shifted_logits = logits[:, :-1].float().reshape(-1, logits.shape[-1])
     shifted_labels = batch["labels"][:, 1:].reshape(-1)
     return F.cross_entropy(shifted_logits, shifted_labels, ignore_index=IGNORE_INDEX, reduction="sum")

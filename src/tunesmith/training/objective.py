@@ -60,14 +60,20 @@ class Objective(ABC):
         on (a lazy iterable) and the validation sets; ``folder`` keeps what it computes for a resume (DPO's
         precomputed reference log-probabilities). The default does nothing."""
 
-    def rollout(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def rollout(self, model: torch.nn.Module, batch: dict[str, torch.Tensor], examples: Sequence[Any],
+                step: int) -> dict[str, torch.Tensor]:
         """A collated micro-batch -> the batch the step trains on; the default returns it unchanged.
 
-        Called for every micro-batch of a step, before the step's units are counted, with the batch as
-        :meth:`collate` made it (on the CPU); online RL samples completions here, scores them and
-        computes their advantages.
+        Called for every micro-batch of a step, in order, before the step's units are counted, with the
+        batch as :meth:`collate` made it (on the CPU), the ``examples`` it was collated from and the
+        optimizer ``step``; online RL samples completions here, scores them and computes their advantages.
         """
         return batch
+
+    @property
+    def updates_per_batch(self) -> int:
+        """Optimizer steps taken on each global batch (online RL's μ); the sampler repeats each batch this often."""
+        return 1
 
     def step_metrics(self) -> dict[str, Any]:
         """Merged into the logged record of the step just taken (e.g. rewards, generation seconds); default none."""

@@ -31,7 +31,7 @@ MARKERS = ("config.yaml", "summary.json", "checkpoints")
 # Everything a run writes into its folder; an --overwrite that finds anything else refuses.
 RUN_ENTRIES = frozenset({
     *MARKERS, "metrics.jsonl", "adapter", "model", "task_before.json", "task_after.json", "tensorboard", "eval",
-    "retain_before.json", "task_loss_before.json", "wandb", "mlflow", "provenance.json",
+    "retain_before.json", "task_loss_before.json",
 })
 ASIDE_SUFFIX = ".tunesmith-old"
 

@@ -122,6 +122,37 @@ class LengthGroupedSampler:
         return [chosen[i * size:(i + 1) * size] for i in range(count)]
 
 
+def repeat_steps(sampler: Sampler, repeats: int) -> Sampler:
+    """``sampler`` with each of its global batches trained on for ``repeats`` optimizer steps in a row (1: itself)."""
+    return sampler if repeats == 1 else RepeatedSampler(sampler, repeats)
+
+
+@dataclass(frozen=True)
+class RepeatedSampler:
+    """Each global batch of ``inner`` for ``repeats`` consecutive optimizer steps.
+
+    Online RL takes several updates per batch of rollouts (GRPO's μ, TRL's ``num_iterations``): the
+    steps ``k·repeats ... k·repeats + repeats - 1`` see the prompts of the inner sampler's step ``k``, so
+    an epoch takes ``repeats`` times as many optimizer steps, as with TRL's repeat sampler.
+    """
+
+    inner: Sampler
+    repeats: int
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.inner.steps_per_epoch * self.repeats
+
+    def epoch_of(self, step: int) -> int:
+        return self.inner.epoch_of(step // self.repeats)
+
+    def micro_batches(self, step: int) -> list[list[int]]:
+        return self.inner.micro_batches(step // self.repeats)
+
+    def describe(self, step: int) -> dict[str, float]:
+        return self.inner.describe(step // self.repeats)
+
+
 @lru_cache(maxsize=16)
 def _permutation(count: int, seed: int) -> torch.Tensor:
     return torch.randperm(count, generator=torch.Generator().manual_seed(seed))

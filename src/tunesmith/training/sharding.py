@@ -25,8 +25,14 @@ from torch import nn
 from tunesmith.errors import TunesmithError
 from tunesmith.files import fresh_partial_folder, partial_folder_name, swap_in_folder
 from tunesmith.runtime import Runtime
-from tunesmith.training.checkpoint import (PREFIX, TrainState, prune_checkpoints, rng_state, set_rng_state,
-                                          write_checkpoint_manifest)
+from tunesmith.training.checkpoint import (
+    PREFIX,
+    TrainState,
+    prune_checkpoints,
+    rng_state,
+    set_rng_state,
+    write_checkpoint_manifest,
+)
 
 SHARDS = "shards"  # the DCP folder inside a checkpoint
 SHARDABLE_METHODS = ("full", "partial", "lora", "ia3")  # their result is the model's own state dict (or peft's part)

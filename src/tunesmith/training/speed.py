@@ -1,7 +1,8 @@
 """From ``train.speed`` to how a run computes: token loss, collation, autocast, model preparation.
 
-The run's assembly (:mod:`tunesmith.assembly`) calls :func:`prepare_speed` once after the method is
-applied and hands the result to the stage; the loop itself never asks which levers are on.
+``finetune()`` calls :func:`prepare_speed` once after the method is applied (a visible step: it changes
+the model in place) and the run's assembly (:mod:`tunesmith.assembly`) hands the result to the stage;
+the loop itself never asks which levers are on.
 """
 
 from __future__ import annotations
