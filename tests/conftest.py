@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from tunesmith.runtime import node_llama_cpp_dir
+from tunesmith.training.hooks import Hook
 
 REPO = Path(__file__).resolve().parents[1]
 ASSETS = Path(os.environ.get("TUNESMITH_TEST_ASSETS", REPO.parent / "shared" / "assets"))
@@ -99,24 +100,18 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("TUNESMITH_CACHE", os.environ.get("TUNESMITH_TEST_CACHE", str(REPO / ".cache" / "tests")))
 
 
-class StopAt:
+class StopAt(Hook):
     """A training hook that simulates Ctrl-C after a given step."""
 
     def __init__(self, step: int) -> None:
         self.step = step
 
-    def on_train_start(self, total_steps: int, start_step: int) -> None: ...
-
     def on_step(self, record: dict) -> None:
         if record["step"] == self.step:
             raise KeyboardInterrupt
 
-    def on_log(self, record: dict) -> None: ...
 
-    def on_train_end(self) -> None: ...
-
-
-class StartedAt:
+class StartedAt(Hook):
     """A training hook recording the step training started at: 0 for a new run, the checkpoint's step
     for a resume. A resume that silently restarted from step 0 would give the same losses and weights
     (training is deterministic), so exact-resume tests assert this too."""
@@ -125,12 +120,6 @@ class StartedAt:
 
     def on_train_start(self, total_steps: int, start_step: int) -> None:
         self.step = start_step
-
-    def on_step(self, record: dict) -> None: ...
-
-    def on_log(self, record: dict) -> None: ...
-
-    def on_train_end(self) -> None: ...
 
 
 def run_cli(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None, timeout: float = 600,

@@ -16,6 +16,7 @@ from tunesmith.methods import build_method
 from tunesmith.runtime import Runtime
 from tunesmith.training.batching import collate
 from tunesmith.training.chunked_loss import LinearCrossEntropy, chunked_loss_sum, model_inputs, plain_loss_sum
+from tunesmith.training.hooks import Hook
 from tunesmith.training.loop import LoopSeams, Trainer
 from tunesmith.training.objective import TokenCrossEntropy
 from tunesmith.training.sampler import LengthGroupedSampler, StepSampler, build_sampler
@@ -220,11 +221,8 @@ def train_losses(model_path: str, speed: SpeedSection, examples: list[EncodedExa
     sampler = build_sampler(len(examples), [], train.batch_size, train.grad_accum, 1, 0, train.seed, lengths)
     losses = []
 
-    class Record:
-        def on_train_start(self, *args): ...
+    class Record(Hook):
         def on_step(self, record): losses.append(record["loss"])
-        def on_log(self, record): ...
-        def on_train_end(self): ...
 
     seams = LoopSeams(TokenCrossEntropy(setup.token_loss, setup.collate_fn), sampler, hooks=(Record(),))
     Trainer(model, method, data, train, EvalSection(), CPU, 0, seams).fit()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -39,12 +40,11 @@ def test_sweep_runs_normal_trials_resumes_and_writes_the_best_recipe(stories260k
     again = run_sweep(recipe, space, trials=4, out=tmp_path / "sweep", say=quiet)  # resumes: one more trial
     assert [r["number"] for r in again.rows] == [0, 1, 2, 3]
     for row in again.rows:
-        run = Path(row["run_dir"])
-        if row["state"] == "pruned" and not run.exists():
-            continue  # pruned before its first checkpoint: a failed run leaves nothing behind (docs/faults.md)
+        run = Path(row["run_dir"])  # every trial's folder is kept, a pruned one too (it stopped as early stopping does)
         assert (run / "config.yaml").is_file() and (run / "metrics.jsonl").is_file()
-        if row["state"] == "complete":
-            assert (run / "summary.json").is_file() and (run / "adapter").is_dir()
+        assert (run / "summary.json").is_file() and (run / "adapter").is_dir()
+        if row["state"] == "pruned":
+            assert json.loads((run / "summary.json").read_text())["stopped_early"] is True
     best = load_recipe(again.best_recipe)
     assert best.train.lr == pytest.approx(again.best["params"]["train.lr"])
     assert best.method.kind == again.best["params"]["method.kind"]

@@ -14,7 +14,7 @@ to undo when training ends.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 from tunesmith.config import Recipe
 from tunesmith.data.prepared import PreparedData
@@ -24,10 +24,11 @@ from tunesmith.reporter import Reporter
 from tunesmith.run_files import RunLayout
 from tunesmith.runtime import Runtime
 from tunesmith.stages import Stage
-from tunesmith.training.hooks import Hook, MetricsFile, ProgressBar, TensorBoard
+from tunesmith.training.hooks import Hook, MetricsFile, ProgressBar
 from tunesmith.training.loop import LoopSeams, Penalty
 from tunesmith.training.sampler import build_sampler, repeat_steps
 from tunesmith.training.speed import SpeedSetup
+from tunesmith.training.trackers import Trackers
 
 
 @dataclass(frozen=True)
@@ -76,6 +77,7 @@ class Assembly:
 
     seams: LoopSeams
     speed: SpeedSetup
+    trackers: Optional[Trackers] = None
 
 
 def run_identity(recipe: Recipe) -> dict:
@@ -106,8 +108,9 @@ def assemble_loop(context: RunContext, parts: RunParts, speed: SpeedSetup,
     sampler = build_sampler(len(data.train), data.sources, train.batch_size, train.grad_accum, runtime.world_size,
                             runtime.rank, train.seed, lengths)
     sampler = repeat_steps(sampler, objective.updates_per_batch)  # online RL: several updates per rollout
-    hooks = tuple(build_hooks(context)) if runtime.is_main else ()
-    return Assembly(LoopSeams(objective, sampler, tuple(penalties), hooks), speed)
+    trackers = build_trackers(context) if runtime.is_main else None
+    hooks = tuple(build_hooks(context, trackers)) if runtime.is_main else ()
+    return Assembly(LoopSeams(objective, sampler, tuple(penalties), hooks), speed, trackers)
 
 
 def describe_assembly(context: RunContext, data: PreparedData, speed: SpeedSetup) -> None:
@@ -118,10 +121,17 @@ def describe_assembly(context: RunContext, data: PreparedData, speed: SpeedSetup
     context.reporter.say(speed.describe())
 
 
-def build_hooks(context: RunContext) -> list[Hook]:
-    """The main process's hooks: metrics file, progress bar, TensorBoard, and the caller's own."""
+def build_trackers(context: RunContext) -> Optional[Trackers]:
+    """The experiment trackers the output section names (None when it names none)."""
+    output = context.recipe.output
+    names = output.tracker_names
+    return Trackers(names, context.layout.root, context.recipe.model_dump(mode="json"), output.tracking) if names else None
+
+
+def build_hooks(context: RunContext, trackers: Optional[Trackers] = None) -> list[Hook]:
+    """The main process's hooks: metrics file, progress bar, experiment trackers, and the caller's own."""
     layout = context.layout
     hooks: list[Hook] = [MetricsFile(layout.metrics), *context.extra_hooks]
     hooks += [ProgressBar()] if context.reporter.progress else []
-    hooks += [TensorBoard(layout.tensorboard)] if context.recipe.output.tensorboard else []
+    hooks += [trackers] if trackers is not None else []
     return hooks

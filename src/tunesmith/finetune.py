@@ -18,7 +18,9 @@ from tunesmith.evaluation.compare import report_after_training
 from tunesmith.files import atomic_folder, write_text_atomic
 from tunesmith.inference import base_shape
 from tunesmith.methods import build_method, count_parameters
+from tunesmith.model_card import run_card_facts, write_card
 from tunesmith.models import load_model_and_tokenizer
+from tunesmith.provenance import record_provenance
 from tunesmith.reporter import Reporter
 from tunesmith.run_files import RunLayout, RunSummary
 from tunesmith.runtime import Runtime, init_runtime, peak_memory_mb, shutdown_runtime
@@ -29,6 +31,7 @@ from tunesmith.training.loop import Trainer, TrainResult
 from tunesmith.training.run_folder import RunFolder, open_run_folder
 from tunesmith.training.sharding import check_sharded_recipe
 from tunesmith.training.speed import prepare_speed
+from tunesmith.training.trackers import Trackers
 
 
 class Interrupted(TunesmithError):
@@ -88,6 +91,8 @@ def finetune(recipe: Recipe, resume: bool = False, extra_hooks: Sequence[Hook] =
             resume_training(trainer, folder.resume_from, say)
         if runtime.is_main:
             write_text_atomic(context.layout.config, recipe_to_yaml(recipe))  # only now: the run really starts
+            record_provenance(recipe, context.layout.root, torch.get_num_threads(), runtime.world_size,
+                              str(runtime.device))
         result = run_training(context, trainer, loop)
         safeguards.remove_noise()
         forgetting = safeguards.measure_after(model, tokenizer, data)
@@ -96,7 +101,8 @@ def finetune(recipe: Recipe, resume: bool = False, extra_hooks: Sequence[Hook] =
             save_result(method, model, tokenizer, folder.out, recipe, data.template, gathered, stage)
         task_after = evaluate_task(context, model, tokenizer, "after training")
         summary = summarise(context, result, method, data, parameters)
-        return finish(context, replace(summary, forgetting=forgetting or None, task=task_change(task_before, task_after)))
+        return finish(context, replace(summary, forgetting=forgetting or None, task=task_change(task_before, task_after)),
+                      loop.trackers)
 
 
 @contextlib.contextmanager
@@ -154,17 +160,23 @@ def task_change(task_before: Optional[dict], task_after: Optional[dict]) -> Opti
     return {"metric": task_after["metric"], "before": task_before["score"], "after": task_after["score"]}
 
 
-def finish(context: RunContext, summary: RunSummary) -> RunSummary:
-    """Say the task's change, add the before/after report, and write ``summary.json`` (main process)."""
+def finish(context: RunContext, summary: RunSummary, trackers: Optional[Trackers] = None) -> RunSummary:
+    """Say the task's change, add the before/after report, write ``summary.json`` and the result's model card
+    (main process), then send the summary and the result to the experiment trackers."""
     recipe, layout, say = context.recipe, context.layout, context.reporter.say
     if summary.task is not None:
         task = summary.task
         say(f"{task['metric']} on {recipe.eval.task.file}: before {task['before']:.3f} -> after {task['after']:.3f}")
     if recipe.eval.report is not None and context.runtime.is_main:
         summary = replace(summary, report=report_after_training(recipe, layout.root, str(context.runtime.device)))
+    if trackers is not None:
+        summary = replace(summary, trackers=trackers.locations())
     if context.runtime.is_main:
         write_text_atomic(layout.summary, summary.to_json())
+        write_card(Path(summary.artifact), run_card_facts(layout.root))
         say(f"saved {Path(summary.artifact).name} to {summary.artifact}; summary in {layout.summary}")
+    if trackers is not None:
+        trackers.close(summary.to_dict(), Path(summary.artifact))
     return summary
 
 

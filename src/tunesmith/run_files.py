@@ -35,6 +35,8 @@ class RunLayout:
     REPORTS = "eval"
     RESULTS = ("adapter", "model")  # a method saves into one of them (``Method.artifact``)
     MEASUREMENTS = ("task_before.json", "task_after.json", "retain_before.json", "task_loss_before.json")
+    PROVENANCE = "provenance.json"
+    TRACKERS = ("wandb", "mlflow")  # the experiment trackers that keep their files in the run folder
 
     @classmethod
     def markers(cls) -> tuple[str, ...]:
@@ -44,7 +46,8 @@ class RunLayout:
     @classmethod
     def entries(cls) -> frozenset[str]:
         """Everything a run writes into its folder."""
-        return frozenset({*cls.markers(), cls.METRICS, cls.TENSORBOARD, cls.REPORTS, *cls.RESULTS, *cls.MEASUREMENTS})
+        return frozenset({*cls.markers(), cls.METRICS, cls.TENSORBOARD, cls.REPORTS, *cls.RESULTS, *cls.MEASUREMENTS,
+                          cls.PROVENANCE, *cls.TRACKERS})
 
     @property
     def config(self) -> Path:
@@ -64,6 +67,11 @@ class RunLayout:
     @property
     def checkpoints(self) -> Path:
         return self.root / self.CHECKPOINTS
+
+    @property
+    def provenance(self) -> Path:
+        """What the run was made from (data digests, packages, seed, threads): ``tunesmith reproduce`` reads it."""
+        return self.root / self.PROVENANCE
 
     @property
     def tensorboard(self) -> Path:
@@ -122,7 +130,7 @@ class RunLayout:
         return RunSummary.from_file(self.summary) if self.summary.is_file() else None
 
 
-_OPTIONAL = ("forgetting", "task", "report")  # written only when the run measured them
+_OPTIONAL = ("forgetting", "task", "report", "trackers")  # written only when the run measured (or tracked) them
 
 
 @dataclass(frozen=True)
@@ -155,6 +163,7 @@ class RunSummary(Mapping):
     forgetting: Optional[dict] = None
     task: Optional[dict] = None
     report: Optional[dict] = None
+    trackers: Optional[dict] = None  # where each experiment tracker keeps the run (output.trackers)
 
     def to_dict(self) -> dict[str, Any]:
         """The summary as ``summary.json`` writes it (the optional blocks only when present)."""

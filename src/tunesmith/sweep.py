@@ -158,18 +158,24 @@ def trial_recipe(base: dict, params: dict[str, Any], out: Path) -> dict:
 
 
 class PruningHook(Hook):
-    """Report each validation loss to Optuna and stop the run when the pruner says so."""
+    """Report each validation loss to Optuna; when the pruner says so, stop the run as early stopping does.
+
+    The pruned trial's run then finishes like any other (result, summary, metrics), so the folder the table
+    names exists; :func:`run_trial` marks the trial pruned afterwards.
+    """
 
     def __init__(self, trial) -> None:
         self.trial = trial
+        self.pruned: Optional[str] = None
 
     def on_log(self, record: dict[str, Any]) -> None:
-        import optuna
-
-        if "val_loss" in record and record["val_loss"] is not None:
+        if "val_loss" in record and record["val_loss"] is not None and self.pruned is None:
             self.trial.report(float(record["val_loss"]), int(record["step"]))
             if self.trial.should_prune():
-                raise optuna.TrialPruned(f"val_loss {record['val_loss']:.4f} at step {record['step']}")
+                self.pruned = f"val_loss {record['val_loss']:.4f} at step {record['step']}"
+
+    def wants_stop(self) -> bool:
+        return self.pruned is not None
 
 
 @dataclass
@@ -196,14 +202,20 @@ class SweepResult:
 
 
 def run_sweep(recipe_path: str | Path, space_path: str | Path, trials: int = 8, out: Optional[str | Path] = None,
-              objective: str = "val_loss", pruning: bool = True, say=print) -> SweepResult:
+              objective: str = "val_loss", pruning: bool = True, say=print, storage: Optional[str] = None,
+              workers: int = 1, heartbeat: int = 30) -> SweepResult:
     """Search the space for ``trials`` finished trials in all (continuing a study already in ``out``).
+
+    Args:
+        storage: An Optuna storage URL shared by every worker (``postgresql://...`` for several machines, each
+            running the same command); default ``sqlite:///OUT/study.db``.
+        workers: Worker processes on this machine, each running trials of the one study.
+        heartbeat: Seconds between a worker's heartbeats; a killed worker's trial is retried after three.
 
     Raises:
         TunesmithError: For an unknown objective, a bad space file, or a recipe without what the
             objective needs (validation data, or ``eval.task``).
     """
-    import optuna
 
     if objective not in OBJECTIVES:
         raise TunesmithError(f"--objective {objective} is not one of {', '.join(OBJECTIVES)}")
@@ -217,33 +229,160 @@ def run_sweep(recipe_path: str | Path, space_path: str | Path, trials: int = 8, 
         for value in (dimension.choices or (dimension.low, dimension.high)):
             validate_recipe(trial_recipe(base, {dimension.path: value}, out / "check"), source=f"{space_path} "
                             f"({dimension.path}={value})")
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    # a heartbeat lets a later run of the command find trials of a crashed or killed process,
-    # mark them failed and run their parameters again (Optuna's RetryFailedTrialCallback)
-    with warnings.catch_warnings():  # heartbeats and the retry callback are marked experimental in Optuna
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        storage = optuna.storages.RDBStorage(
-            f"sqlite:///{out / 'study.db'}", heartbeat_interval=30, grace_period=90,
-            failed_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=1))
-    study = optuna.create_study(
-        study_name="tunesmith", storage=storage, load_if_exists=True,
-        direction="minimize" if objective == "val_loss" else "maximize",
-        sampler=optuna.samplers.TPESampler(seed=recipe.train.seed),
-        pruner=optuna.pruners.MedianPruner(n_startup_trials=2) if pruning else optuna.pruners.NopPruner())
-    done = [t for t in study.trials if t.state.name in ("COMPLETE", "PRUNED")]
+    storage = storage or f"sqlite:///{out / 'study.db'}"
+    study = open_study(storage, objective, recipe.train.seed, pruning, heartbeat)
     if not study.trials:
         defaults = {d.path: recipe_value(base, d.path) for d in dimensions}
         study.enqueue_trial({k: v for k, v in defaults.items() if within(dimension_of(dimensions, k), v)})
-    remaining = max(0, trials - len(done))
-    say(f"study {out / 'study.db'}: {len(done)} trials done, {remaining} to run")
+    say(f"study {storage}: {len(finished_trials(study))} trials done, {max(0, trials - len(finished_trials(study)))} "
+        f"to run" + (f" by {workers} workers" if workers > 1 else ""))
+    task = SweepTask(str(recipe_path), base, dimensions, out, objective, storage, trials, recipe.train.seed, pruning,
+                     heartbeat, workers)
+    others = start_workers(task, workers - 1)
     try:
-        study.optimize(lambda trial: run_trial(trial, base, dimensions, out, objective, say), n_trials=remaining,
-                       catch=(TunesmithError,))
+        work(task, say)
     except KeyboardInterrupt:
-        done = sum(t.state.name in ("COMPLETE", "PRUNED") for t in study.trials)
-        raise TunesmithError(f"sweep interrupted after {done} finished trials; the study is kept in {out / 'study.db'}: "
+        stop_workers(others)
+        done = len(finished_trials(study))
+        raise TunesmithError(f"sweep interrupted after {done} finished trials; the study is kept in {storage}: "
                              "run the same command to continue") from None
-    return write_outputs(study, out, objective, recipe)
+    for process in others:
+        process.join()
+    return write_outputs(open_study(storage, objective, recipe.train.seed, pruning, heartbeat), out, objective, recipe)
+
+
+@dataclass(frozen=True)
+class SweepTask:
+    """What every worker of one sweep needs (picklable: workers are separate processes)."""
+
+    recipe_path: str
+    base: dict
+    dimensions: list[Dimension]
+    out: Path
+    objective: str
+    storage: str
+    trials: int
+    seed: int
+    pruning: bool
+    heartbeat: int
+    workers: int
+
+
+def open_study(storage: str, objective: str, seed: int, pruning: bool, heartbeat: int):
+    """The study in ``storage`` (created on first use), with heartbeats so a killed worker's trial is found.
+
+    A worker writes a heartbeat every ``heartbeat`` seconds while it runs a trial; a trial whose heartbeat
+    is older than three of them is marked failed by the next worker that looks, and Optuna's
+    ``RetryFailedTrialCallback`` queues its parameters again (once), so no trial is lost.
+    """
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    with warnings.catch_warnings():  # heartbeats and the retry callback are marked experimental in Optuna
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        try:
+            rdb = optuna.storages.RDBStorage(
+                storage, heartbeat_interval=heartbeat, grace_period=3 * heartbeat,
+                failed_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=1))
+        except (ImportError, ValueError) as error:
+            raise TunesmithError(f"--storage {storage} cannot be opened ({type(error).__name__}: {error}); give "
+                                 "sqlite:///FILE or postgresql://USER@HOST:PORT/DATABASE") from None
+        except Exception as error:  # the database driver's own errors (refused connection, unknown database)
+            raise TunesmithError(f"--storage {storage} cannot be reached ({type(error).__name__}: "
+                                 f"{str(error).splitlines()[0]})") from None
+    return optuna.create_study(
+        study_name="tunesmith", storage=rdb, load_if_exists=True,
+        direction="minimize" if objective == "val_loss" else "maximize",
+        sampler=optuna.samplers.TPESampler(seed=seed),
+        pruner=optuna.pruners.MedianPruner(n_startup_trials=2) if pruning else optuna.pruners.NopPruner())
+
+
+def finished_trials(study) -> list:
+    """Trials that count toward ``--trials``: complete, pruned, or failed for good (not retried by a worker)."""
+    trials = study.get_trials(deepcopy=False)
+    retried = set(retries(trials))
+    return [t for t in trials if t.state.name in ("COMPLETE", "PRUNED")
+            or (t.state.name == "FAIL" and t.number not in retried)]
+
+
+def retries(trials) -> dict[int, int]:
+    """``{number of a trial whose worker stopped: number of the trial that ran its parameters again}``."""
+    import optuna
+    from optuna.storages import RetryFailedTrialCallback
+
+    with warnings.catch_warnings():  # marked experimental in Optuna
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        found = {RetryFailedTrialCallback.retried_trial_number(t): t.number for t in trials}
+    found.pop(None, None)
+    return found
+
+
+def work(task: SweepTask, say=print) -> None:
+    """One worker: run trials of the shared study until ``task.trials`` have finished.
+
+    Every worker, on every machine, runs this same loop against the same storage. Before each trial it
+    fails the stale trials of killed workers (queuing their parameters again), and it starts a trial only
+    while finished + running trials fall short of the target, else waits for the running ones to end, so a
+    trial is neither run twice nor lost.
+    """
+    import time
+
+    import optuna
+
+    study = open_study(task.storage, task.objective, worker_seed(task), task.pruning, task.heartbeat)
+    while True:
+        optuna.storages.fail_stale_trials(study)
+        finished = len(finished_trials(study))
+        if finished >= task.trials:
+            return
+        states = [t.state.name for t in study.get_trials(deepcopy=False)]
+        if finished + states.count("RUNNING") >= task.trials and "WAITING" not in states:
+            time.sleep(task.heartbeat)  # the last trials run elsewhere; wait to see them end (or go stale)
+            continue
+        study.optimize(lambda trial: run_trial(trial, task.base, task.dimensions, task.out, task.objective, say),
+                       n_trials=1, catch=(TunesmithError,))
+
+
+def worker_seed(task: SweepTask) -> int:
+    """The sampler's seed in this process: the recipe's seed for a lone worker (a sweep that repeats exactly);
+    mixed with the host and process when several share the study, so no two suggest the same parameters."""
+    import hashlib
+    import os
+    import socket
+
+    if task.workers == 1 and task.storage == f"sqlite:///{task.out / 'study.db'}":
+        return task.seed
+    mixed = hashlib.sha256(f"{task.seed}/{socket.gethostname()}/{os.getpid()}".encode()).digest()
+    return int.from_bytes(mixed[:4], "little")
+
+
+def worker_main(task: SweepTask, index: int) -> None:
+    """Entry point of a worker process started by :func:`start_workers`."""
+    from tunesmith.runtime import configure_threads
+
+    configure_threads()
+    try:
+        work(task, say=lambda text: print(f"worker {index}: {text}", flush=True))
+    except KeyboardInterrupt:
+        pass
+
+
+def start_workers(task: SweepTask, count: int) -> list:
+    """``count`` more worker processes on this machine (spawned: each its own interpreter and torch)."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    processes = [context.Process(target=worker_main, args=(task, index + 1), daemon=False) for index in range(count)]
+    for process in processes:
+        process.start()
+    return processes
+
+
+def stop_workers(processes: list) -> None:
+    for process in processes:
+        process.terminate()
+    for process in processes:
+        process.join()
 
 
 def dimension_of(dimensions: list[Dimension], path: str) -> Dimension:
@@ -288,6 +427,10 @@ def run_trial(trial, base: dict, dimensions: list[Dimension], out: Path, objecti
         summary = finetune(recipe, extra_hooks=hooks, progress=False, recipe_path=str(RunLayout(folder).config))
     except Interrupted:
         raise KeyboardInterrupt from None  # Ctrl-C stops the sweep, not just this trial
+    if hooks and hooks[0].pruned:
+        import optuna
+
+        raise optuna.TrialPruned(hooks[0].pruned)  # after the run finished: its folder is kept whole
     value = summary.objective(objective)
     if value is None or (isinstance(value, float) and math.isnan(value)):
         raise TunesmithError(f"trial {trial.number} gave no {objective}")
@@ -297,8 +440,9 @@ def run_trial(trial, base: dict, dimensions: list[Dimension], out: Path, objecti
 
 def write_outputs(study, out: Path, objective: str, recipe: Recipe) -> SweepResult:
     """``trials.md``, ``sweep.png`` and ``best.yaml``, each written whole (temporary name, then rename)."""
+    retried = retries(study.trials)
     rows = [{"number": t.number, "state": t.state.name.lower(), "value": t.value, "params": t.params,
-             "run_dir": t.user_attrs.get("run_dir", ""),
+             "run_dir": t.user_attrs.get("run_dir", ""), "retried_as": retried.get(t.number),
              "last_step": max(t.intermediate_values) if t.intermediate_values else None} for t in study.trials]
     write_text_atomic(out / "trials.md", markdown_table(rows, objective) + "\n")
     plot(rows, objective, out / "sweep.png")
@@ -323,6 +467,8 @@ def markdown_table(rows: list[dict], objective: str) -> str:
         value = f"{r['value']:.4f}" if r["value"] is not None else ""
         if r["state"] == "pruned":
             value = f"pruned at step {r['last_step']}" + (f" ({value})" if value else "")
+        if r.get("retried_as") is not None:
+            value = f"its worker stopped; run again as trial {r['retried_as']}"
         cells = [format_value(r["params"].get(n)) for n in names]
         lines.append(f"| {r['number']} | {r['state']} | {value} | " + " | ".join(cells) + f" | {r['run_dir']} |")
     return "\n".join(lines)

@@ -17,7 +17,7 @@ from tunesmith.errors import TunesmithError
 from tunesmith.runtime import configure_threads
 
 COMMAND_MODULES = ("train", "plan", "sweep", "inference", "evaluate", "config", "models", "methods", "export", "data",
-                   "compare", "serve", "cai", "scoring")
+                   "compare", "serve", "cai", "scoring", "reproduce")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -32,7 +32,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger(__name__).info(threads)
-    if args.command in ("train", "plan", "sweep", "generate", "chat", "eval", "methods", "export", "cai", "score",
+    if args.command in ("train", "plan", "sweep", "generate", "chat", "eval", "methods", "export", "cai", "score", "reproduce",
                         "classify"):
         quiet_libraries()
     try:

@@ -66,13 +66,40 @@ class EvalSection(Section):
     )
 
 
+class TrackingSection(Section):
+    """How the run appears in experiment trackers (output.trackers)."""
+
+    project: str = Field("tunesmith", min_length=1,
+                         description="W&B project, MLflow experiment and Trackio project the run is filed under.")
+    run_name: Optional[str] = Field(None, min_length=1, description="The run's name there; default: the output "
+                                                                    "folder's name.")
+    wandb_mode: Literal["offline", "online"] = Field(
+        "offline", description="offline: a local W&B run folder in the output folder (upload later with `wandb sync`); "
+                               "online: send as it trains (needs `wandb login`).")
+    mlflow_uri: Optional[str] = Field(
+        None, description="MLflow tracking URI (a server or a database); default: a SQLite store and artifact folder "
+                          "in OUTPUT/mlflow.")
+
+
 class OutputSection(Section):
     """Where results go."""
 
     dir: str = Field("runs/tunesmith", description="Output folder of the run.")
     overwrite: bool = Field(False, description="Replace the output folder if it is a tunesmith run "
                                                "(kept aside until the new run finishes).")
-    tensorboard: bool = Field(False, description="Also write TensorBoard event files.")
+    tensorboard: bool = Field(False, description="Also write TensorBoard event files (the same as listing "
+                                                 "tensorboard in trackers).")
+    trackers: tuple[Literal["tensorboard", "wandb", "mlflow", "trackio"], ...] = Field(
+        (), description="Experiment trackers that get the recipe, every logged step, the summary and the result "
+                        "(each needs its package: pip install tensorboard / wandb / mlflow-skinny / trackio). "
+                        "A tracker that fails warns once and never stops the run.")
+    tracking: TrackingSection = Field(default_factory=TrackingSection)
+
+    @property
+    def tracker_names(self) -> tuple[str, ...]:
+        """The trackers in use: ``trackers``, plus tensorboard when ``tensorboard: true``."""
+        extra = ("tensorboard",) if self.tensorboard and "tensorboard" not in self.trackers else ()
+        return tuple(dict.fromkeys(self.trackers)) + extra
 
 
 class Recipe(Section):

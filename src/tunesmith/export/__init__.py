@@ -17,10 +17,11 @@ from pathlib import Path
 from typing import Optional
 
 from tunesmith.errors import TunesmithError
-from tunesmith.export.check import (TOLERANCES, CheckResult, Probe, check_hf_model, probe_reference, require)
+from tunesmith.export.check import TOLERANCES, CheckResult, Probe, check_hf_model, probe_reference, require
 from tunesmith.export.gguf import QUANTISATIONS, check_architecture, export_gguf
 from tunesmith.files import atomic_folder
 from tunesmith.methods import NotMergeable
+from tunesmith.model_card import run_card_facts, write_card
 from tunesmith.results import LoadedResult, ResultFolder, load_result, locate_result
 
 FORMATS = ("hf", "peft", "gguf")
@@ -99,6 +100,7 @@ def export(source: str | Path, out: str | Path, format: str = "hf", quantize: Op
                                                               ollama, out.name)
         for loader, check in checks.items():
             require(check, f"the {format} export reloaded with {loader}")
+        write_export_card(location, partial, format, quantize, checks, skipped)
     files = tuple(out / path.relative_to(partial) for path in files)
     return ExportReport(out, method, format, quantize, files, checks, seconds, skipped)
 
@@ -115,6 +117,17 @@ def export_result(result: str | Path, out: str | Path, merge: bool, model_name: 
         raise TunesmithError(f"{result} is an adapter; add --merge to fold it into the base weights "
                              "(or export it as it is with --format peft)")
     return export(result, out, "hf", base_model=model_name, device=device)
+
+
+def write_export_card(location: ResultFolder, partial: Path, format: str, quantize: Optional[str],
+                      checks: dict[str, CheckResult], skipped: dict[str, str]) -> None:
+    """The export's model card: the run's card with the checks the export passed (only for a run's result)."""
+    run = location.run_dir or location.folder.parent
+    verdicts = {loader: "passed: " + check.describe() for loader, check in checks.items()}
+    verdicts.update({loader: f"not checked ({reason})" for loader, reason in skipped.items()})
+    facts = run_card_facts(run, verdicts, f"{format} {quantize}" if quantize else format)
+    if facts is not None:
+        write_card(partial, facts)
 
 
 def validate_request(source, out: Path, format: str, quantize: Optional[str], ollama: bool) -> ResultFolder:
@@ -173,8 +186,8 @@ def merged_model(loaded: LoadedResult):
 
 def export_hf(plain, tokenizer, probe: Probe, partial: Path, device: str):
     """``save_pretrained`` the merged model and tokenizer, then reload with transformers and compare."""
-    from transformers import AutoModelForCausalLM
     import torch
+    from transformers import AutoModelForCausalLM
 
     plain.save_pretrained(partial)
     tokenizer.save_pretrained(partial)

@@ -1,4 +1,4 @@
-"""Things that watch the loop without being woven into it: progress bar, metrics file, TensorBoard.
+"""Things that watch the loop without being woven into it: progress bar, metrics file (trackers: trackers.py).
 
 A hook receives every logged record (training steps and evaluations) as a flat dictionary. Only
 the main process gets hooks.
@@ -23,6 +23,11 @@ class Hook:
         """Called for records worth keeping (every ``log_every`` steps, every evaluation)."""
 
     def on_train_end(self) -> None: ...
+
+    def wants_stop(self) -> bool:
+        """Asked after every step: True ends training there, as early stopping does (a checkpoint, then the
+        result and summary as for any finished run), e.g. a sweep's pruner."""
+        return False
 
 
 class ProgressBar(Hook):
@@ -79,20 +84,3 @@ def _parse(line: str) -> Optional[Any]:
         return json.loads(line)
     except ValueError:
         return None
-
-
-class TensorBoard(Hook):
-    """TensorBoard event files in ``folder`` (needs the tensorboard package)."""
-
-    def __init__(self, folder: Path) -> None:
-        from torch.utils.tensorboard import SummaryWriter
-
-        self.writer = SummaryWriter(str(folder))
-
-    def on_log(self, record: dict[str, Any]) -> None:
-        for key, value in record.items():
-            if key != "step" and isinstance(value, (int, float)):
-                self.writer.add_scalar(key, value, record["step"])
-
-    def on_train_end(self) -> None:
-        self.writer.close()

@@ -224,6 +224,8 @@ class Trainer:
         every = self.eval_config.every_steps
         if self.data.validation and every and step % every == 0:
             self.log({"step": step, **{f"val_{k}": v for k, v in self.evaluate().items()}})
+        if self.all_reduce_sum(float(any(hook.wants_stop() for hook in self.hooks))):  # hooks: main process only
+            self.state.stopped_early = True
         every = self.train_config.checkpoint_every
         if self.checkpoint_dir and every and (step % every == 0 or self.state.stopped_early):
             self.save_checkpoint()
