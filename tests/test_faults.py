@@ -561,3 +561,69 @@ def test_an_old_manifest_on_a_narrower_base_is_a_sentence_not_a_traceback(adapte
     (adapter / "tunesmith.json").write_text(json.dumps(manifest))
     with pytest.raises(TunesmithError, match=r"does not fit this base model.*load it with --model someone/stories260k"):
         load_for_inference(str(narrow), str(adapter))
+
+
+# --- one writer per run folder ----------------------------------------------------------------------------
+
+HOLD_LOCK = """
+import sys, time
+from pathlib import Path
+from tunesmith.training.run_folder import lock_run
+lock = lock_run(Path(sys.argv[1]))
+print("locked", flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_second_writer_is_refused_at_once_and_a_killed_holder_releases_the_lock(tmp_path):
+    from tunesmith.training.run_folder import lock_path, lock_run, open_run_folder
+
+    out = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(out), "holding-for-the-test"], env=env,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        started = time.monotonic()
+        with pytest.raises(TunesmithError) as caught:
+            open_run_folder(out, resume=False, overwrite=False)
+        assert time.monotonic() - started < 2  # refused at once, not after waiting
+        assert str(caught.value) == (f"output folder {out} is being written by another tunesmith process "
+                                     f"(pid {holder.pid}: python -c {out} holding-for-the-test); wait for it to finish "
+                                     "or choose another output.dir")
+        assert not out.exists()  # the refused writer created nothing
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait(timeout=60)
+    assert lock_path(out).exists()  # kill -9 left the file, but the kernel let go of the lock
+    folder = open_run_folder(out, resume=False, overwrite=False)
+    assert lock_path(out).read_text().startswith(f"pid {os.getpid()}: ")
+    folder.release()
+    assert not lock_path(out).exists()
+    lock_run(out).release()  # and again: released means free
+
+
+@pytest.mark.slow
+def test_train_and_resume_beside_a_running_training_are_refused_without_a_traceback(tmp_path, tiny_llama):
+    out = tmp_path / "run"
+    recipe = _recipe_file(tmp_path, tiny_llama, out, max_steps=100000, every=1)
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
+    first = subprocess.Popen([sys.executable, "-m", "tunesmith", "train", str(recipe), f"output.dir={out}",
+                              "--no-progress"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 180
+        while _newest_step(out) < 2 and first.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert first.poll() is None, first.stderr.read()
+        for extra in ([], ["--resume"], ["--overwrite"]):
+            second = run_cli("train", str(recipe), f"output.dir={out}", *extra, timeout=180)
+            assert second.returncode == 2 and "Traceback" not in second.stderr, second.stderr
+            assert (f"output folder {out} is being written by another tunesmith process (pid {first.pid}: "
+                    f"tunesmith train {recipe} output.dir={out} --no-progress)") in second.stderr
+        assert first.poll() is None  # the first run went on undisturbed
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait(timeout=60)
+    # The killed run's lock is gone with it: --resume passes the lock and reaches its own checks.
+    resumed = run_cli("train", str(recipe), f"output.dir={out}", "train.max_steps=1", "--resume", timeout=180)
+    assert resumed.returncode == 2 and "is below step" in resumed.stderr, resumed.stderr

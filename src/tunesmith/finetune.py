@@ -110,6 +110,8 @@ def run_session(recipe: Recipe, resume: bool) -> Iterator[tuple[Runtime, RunFold
             folder.failed()
         raise
     finally:
+        if folder is not None:
+            folder.release()
         shutdown_runtime(runtime)
 
 

@@ -12,17 +12,24 @@ Three rules keep a user's files safe:
   not lie below its step.
 * A run that fails before writing its first checkpoint removes what it created, so the corrected
   rerun is not refused as "not empty".
+
+A run folder has one writer at a time: :func:`lock_run` takes an OS lock (``flock``) on
+``.NAME.tunesmith-lock`` beside the folder (beside, so that ``--overwrite`` renaming the folder aside
+and a failed run removing it leave the lock in place). The kernel releases it when the holder exits,
+also on ``kill -9``; the second writer is refused with one sentence naming the holder's pid and command.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import shutil
 import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import IO, Callable, Iterator, Optional
 
 from tunesmith.errors import TunesmithError
 from tunesmith.training.checkpoint import checkpoint_step, latest_checkpoint, list_checkpoints
@@ -34,6 +41,7 @@ RUN_ENTRIES = frozenset({
     "retain_before.json", "task_loss_before.json",
 })
 ASIDE_SUFFIX = ".tunesmith-old"
+LOCK_SUFFIX = ".tunesmith-lock"
 
 
 def _warn(message: str) -> None:
@@ -93,6 +101,90 @@ def check_writable(out: Path) -> None:
                              "choose a writable output.dir") from None
 
 
+def lock_path(folder: Path) -> Path:
+    """Where the lock of the run folder ``folder`` lives: ``.NAME.tunesmith-lock`` in its parent."""
+    resolved = folder.expanduser().resolve()
+    return resolved.parent / f".{resolved.name}{LOCK_SUFFIX}"
+
+
+def this_command() -> str:
+    """How the lock names its holder: ``tunesmith train r.yaml`` (or the Python command line of an embedding)."""
+    program = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "python"
+    if program in ("tunesmith", "__main__.py"):
+        program = "tunesmith"
+    elif program == "-c":
+        program = "python -c"
+    return " ".join([program, *sys.argv[1:]])[:300]
+
+
+@dataclass
+class RunLock:
+    """An exclusive OS lock on a run folder, held until :meth:`release` (or the process's end)."""
+
+    folder: Path
+    path: Path
+    handle: IO[str]
+
+    def release(self) -> None:
+        """Remove the lock file and let go of the lock (a no-op the second time)."""
+        if self.handle.closed:
+            return
+        with contextlib.suppress(OSError):  # removed while still held: see the inode check in lock_run
+            self.path.unlink()
+        self.handle.close()
+
+
+def lock_run(folder: Path) -> RunLock:
+    """Become the one writer of the run folder ``folder``, or refuse at once.
+
+    Raises:
+        TunesmithError: When another process holds the folder (naming its pid and command), or the lock
+            file cannot be created.
+    """
+    path = lock_path(folder)
+    while True:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            handle = open(path, "a+", encoding="utf-8")
+        except OSError as error:
+            raise TunesmithError(f"cannot create the lock file {path} of output folder {folder} "
+                                 f"({error.strerror or error}); choose a writable output.dir") from None
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.seek(0)
+            holder = handle.read().strip() or "pid unknown"
+            handle.close()
+            raise TunesmithError(f"output folder {folder} is being written by another tunesmith process ({holder}); "
+                                 "wait for it to finish or choose another output.dir") from None
+        try:  # the holder may have removed the file between our open and our lock: lock the file that is there now
+            current = os.stat(path).st_ino == os.fstat(handle.fileno()).st_ino
+        except FileNotFoundError:
+            current = False
+        if current:
+            break
+        handle.close()
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()}: {this_command()}\n")
+    handle.flush()
+    return RunLock(folder, path, handle)
+
+
+@contextlib.contextmanager
+def writing_into(out: Path) -> Iterator[None]:
+    """Hold the lock of the run that ``out`` lies in (``RUN/eval``, ``RUN/gguf``) while writing it."""
+    parent = out.expanduser().resolve().parent
+    if not is_run_folder(parent):
+        yield
+        return
+    lock = lock_run(parent)
+    try:
+        yield
+    finally:
+        lock.release()
+
+
 @dataclass
 class RunFolder:
     """The checked output folder of one run.
@@ -103,6 +195,7 @@ class RunFolder:
         replaced: Where ``--overwrite`` put the run it replaces until this one finishes.
         fresh: The folder was empty or missing, so everything in it is this run's.
         made: The folder did not exist before this run.
+        lock: This process's lock on the folder (the main process's; None on the others).
     """
 
     out: Path
@@ -110,6 +203,12 @@ class RunFolder:
     replaced: Optional[Path] = None
     fresh: bool = False
     made: bool = False
+    lock: Optional[RunLock] = None
+
+    def release(self) -> None:
+        """Let the next writer in (after :meth:`finished` or :meth:`failed`)."""
+        if self.lock is not None:
+            self.lock.release()
 
     def finished(self) -> None:
         """The run completed: the run it replaced goes (also after an interrupted --overwrite was resumed)."""
@@ -145,12 +244,26 @@ def open_run_folder(out: Path, resume: bool, overwrite: bool, max_steps: Optiona
         warn: Told about damaged checkpoints that were skipped.
 
     Raises:
-        TunesmithError: For anything that would lose a user's file or cannot continue, as one sentence.
+        TunesmithError: For anything that would lose a user's file or cannot continue, as one sentence;
+            also when another process is writing the folder.
     """
     out = out.expanduser()
-    occupied = out.is_dir() and any(out.iterdir())
     if out.exists() and not out.is_dir():
         raise TunesmithError(f"output.dir {out} is a file; give a folder")
+    lock = lock_run(out) if is_main else None
+    try:
+        folder = _opened(out, resume, overwrite, max_steps, is_main, warn)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+    folder.lock = lock
+    return folder
+
+
+def _opened(out: Path, resume: bool, overwrite: bool, max_steps: Optional[int], is_main: bool,
+            warn: Callable[[str], None]) -> RunFolder:
+    occupied = out.is_dir() and any(out.iterdir())
     if resume:
         return RunFolder(out, resume_from=_checked_resume(out, occupied, max_steps, warn))
     if not occupied:
