@@ -22,6 +22,7 @@ from tunesmith.models import load_model_and_tokenizer
 from tunesmith.runtime import Runtime, init_runtime, peak_memory_mb, shutdown_runtime
 from tunesmith.stages import build_stage
 from tunesmith.training.checkpoint import latest_checkpoint
+from tunesmith.training.fingerprint import run_fingerprint
 from tunesmith.training.run_folder import RunFolder, open_run_folder
 from tunesmith.training.hooks import Hook
 from tunesmith.training.loop import Trainer, TrainResult
@@ -35,7 +36,7 @@ class Interrupted(TunesmithError):
 
 
 def finetune(recipe: Recipe, resume: bool = False, extra_hooks: Sequence[Hook] = (),
-             recipe_path: str = "RECIPE", progress: bool = True) -> dict:
+             recipe_path: str = "RECIPE", progress: bool = True, allow_changes: bool = False) -> dict:
     """Load the model, prepare data, apply the method, train, evaluate and save.
 
     Args:
@@ -44,12 +45,13 @@ def finetune(recipe: Recipe, resume: bool = False, extra_hooks: Sequence[Hook] =
         extra_hooks: Hooks added to the default ones (main process only).
         recipe_path: How to name the recipe in messages (the resume command).
         progress: Show a progress bar.
+        allow_changes: Resume although the recipe or data changed since the checkpoint (``--allow-changes``).
 
     Returns:
         The summary also written to ``summary.json``.
     """
     check_sharded_recipe(recipe)
-    with run_session(recipe, resume) as (runtime, folder):
+    with run_session(recipe, resume, allow_changes) as (runtime, folder):
         out = folder.out
         torch.manual_seed(recipe.train.seed)
         say = print if runtime.is_main else (lambda *args, **kwargs: None)
@@ -80,6 +82,7 @@ def finetune(recipe: Recipe, resume: bool = False, extra_hooks: Sequence[Hook] =
             resume_training(trainer, folder.resume_from, say)
         if runtime.is_main:
             write_text_atomic(out / "config.yaml", recipe_to_yaml(recipe))  # only now: the run really starts
+        trainer.state.fingerprint = folder.fingerprint  # saved with each checkpoint; --resume compares it
         result = run_training(trainer, loop, out, recipe_path)
         forgetting = safeguards.after_training(model, tokenizer, data)
         gathered = trainer.saveable_state()  # FSDP: the shards joined into one state dict (a collective)
@@ -90,7 +93,7 @@ def finetune(recipe: Recipe, resume: bool = False, extra_hooks: Sequence[Hook] =
 
 
 @contextlib.contextmanager
-def run_session(recipe: Recipe, resume: bool) -> Iterator[tuple[Runtime, RunFolder]]:
+def run_session(recipe: Recipe, resume: bool, allow_changes: bool = False) -> Iterator[tuple[Runtime, RunFolder]]:
     """The run's runtime and output folder; the folder is marked finished or failed, the runtime always shut down.
 
     On any failure (a ``TunesmithError``, Ctrl-C, a crash) the main process marks the folder failed: it
@@ -101,7 +104,7 @@ def run_session(recipe: Recipe, resume: bool) -> Iterator[tuple[Runtime, RunFold
     folder = None
     try:
         folder = prepare_output_dir(Path(recipe.output.dir), resume, recipe.output.overwrite, recipe.train.max_steps,
-                                    runtime)
+                                    runtime, run_fingerprint(recipe), allow_changes)
         yield runtime, folder
         if runtime.is_main:
             folder.finished()
@@ -182,14 +185,16 @@ def summarise(result, method, data, runtime: Runtime, out: Path, parameters: tup
     }
 
 
-def prepare_output_dir(out: Path, resume: bool, overwrite: bool, max_steps: Optional[int], runtime: Runtime) -> RunFolder:
+def prepare_output_dir(out: Path, resume: bool, overwrite: bool, max_steps: Optional[int], runtime: Runtime,
+                       fingerprint: Optional[dict] = None, allow_changes: bool = False) -> RunFolder:
     """Check (and on the main process, create or set aside) the output folder; see :mod:`training.run_folder`.
 
     The other processes look only after the main process has moved or created it.
     """
     if runtime.distributed and not runtime.is_main:
         torch.distributed.barrier()
-    folder = open_run_folder(out, resume, overwrite, max_steps, runtime.is_main)
+    folder = open_run_folder(out, resume, overwrite, max_steps, runtime.is_main, fingerprint=fingerprint,
+                             allow_changes=allow_changes)
     if runtime.distributed and runtime.is_main:
         torch.distributed.barrier()
     return folder
