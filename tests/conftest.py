@@ -20,6 +20,9 @@ from tunesmith.runtime import node_llama_cpp_dir
 REPO = Path(__file__).resolve().parents[1]
 ASSETS = Path(os.environ.get("TUNESMITH_TEST_ASSETS", REPO.parent / "shared" / "assets"))
 TINY_DATA = REPO / "tests" / "data" / "instructions.json"
+# 240 preference pairs in dpo_en_demo's layout, made from instructions.json: the prompt is a record's
+# instruction (and input), chosen its output, rejected the output of record (7 i + 11) mod 323.
+TINY_PAIRS = REPO / "tests" / "data" / "pairs.json"
 
 
 def asset(relative: str) -> Path:
