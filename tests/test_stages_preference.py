@@ -4,13 +4,16 @@ the reference really is the base, and short end-to-end runs on tiny_llama."""
 from __future__ import annotations
 
 import json
+import tempfile
 from collections import defaultdict
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-from conftest import TINY_PAIRS, asset
+from conftest import TINY_PAIRS
+from tiny_files import kto_file
 from tunesmith.config import DpoStage, LoraMethod, ModelSection
 from tunesmith.data.preference import EncodedPair, encode_pairs
 from tunesmith.data.readers import read_records
@@ -341,7 +344,7 @@ def kto_examples(tokenizer, count: int = 4, max_length: int = 160):
     from tunesmith.data.templates import resolve_template
 
     resolve_template(tokenizer, "simple")
-    rows = list(read_records(asset("data/llama_factory/kto_en_demo.json")))
+    rows = list(read_records(kto_file(Path(tempfile.mkdtemp()) / "kto.json", 150)))
     examples, _ = encode_labelled(rows[:150], tokenizer, max_length)
     good = [e for e in examples if e.desirable][: count // 2]
     bad = [e for e in examples if not e.desirable][: count // 2]
