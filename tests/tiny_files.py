@@ -33,3 +33,28 @@ def kto_rows(count: int = 120) -> list[dict]:
 def kto_file(path: Path, count: int = 120) -> Path:
     path.write_text(json.dumps(kto_rows(count), indent=1))
     return path
+
+
+def mmlu_folder(folder: Path, subjects: tuple[str, ...], dev: int = 5, test: int = 6) -> Path:
+    """An MMLU-layout folder (``dev/S_dev.csv``, ``test/S_test.csv``: question, four choices, answer 0-3).
+
+    Questions are instruction records, choices four records' outputs (long enough that a 5-shot prompt
+    overflows the tiny Llama's 512 tokens, as real MMLU does), the answer the question's own output.
+    """
+    import csv
+
+    rows = json.loads(TINY_DATA.read_text())
+    position = 0
+    for subject_index, subject in enumerate(subjects):
+        for split, count in (("dev", dev), ("test", test)):
+            (folder / split).mkdir(parents=True, exist_ok=True)
+            with (folder / split / f"{subject}_{split}.csv").open("w", newline="", encoding="utf-8") as handle:
+                writer = csv.writer(handle)
+                writer.writerow(["question", "choice0", "choice1", "choice2", "choice3", "answer"])
+                for _ in range(count):
+                    answer = (position + subject_index) % 4
+                    others = [rows[(position * 5 + k * 31 + 7) % len(rows)]["output"] for k in range(3)]
+                    choices = others[:answer] + [rows[position]["output"]] + others[answer:]
+                    writer.writerow([rows[position]["instruction"], *choices, answer])
+                    position += 1
+    return folder
