@@ -104,7 +104,7 @@ def run_session(recipe: Recipe, resume: bool, allow_changes: bool = False) -> It
     folder = None
     try:
         folder = prepare_output_dir(Path(recipe.output.dir), resume, recipe.output.overwrite, recipe.train.max_steps,
-                                    runtime, run_fingerprint(recipe), allow_changes)
+                                    runtime, run_fingerprint(recipe, runtime.world_size), allow_changes)
         yield runtime, folder
         if runtime.is_main:
             folder.finished()

@@ -14,8 +14,10 @@ from typing import Any, Optional
 
 # Recipe fields that do not change the weights a run reaches: where it writes, how often it logs and
 # checkpoints, what it evaluates only for the report.
+# train.device: a checkpoint resumes on another device (the numbers differ by rounding only). The per-process
+# batch and accumulation count as the global batch they make with the world size (FSDP resumes at 1, 2 or 4).
 NOT_TRAJECTORY = ("output.", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
-                  "eval.task", "eval.report", "eval.batch_size")
+                  "eval.task", "eval.report", "eval.batch_size", "train.device", "train.batch_size", "train.grad_accum")
 
 
 def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
@@ -55,7 +57,7 @@ def _by_content(section: dict) -> None:
         section["validation"] = _digest(section["validation"])
 
 
-def run_fingerprint(recipe) -> dict:
+def run_fingerprint(recipe, world_size: int = 1) -> dict:
     """``{"recipe": {dotted field: value}}`` of what shapes the run's trajectory.
 
     Data files count by content, not by name (``sha256:...`` in place of the path), so a project moved
@@ -68,6 +70,7 @@ def run_fingerprint(recipe) -> dict:
     fields = _flat(dump)
     kept = {key: value for key, value in fields.items()
             if not any(key == skip or key.startswith(skip if skip.endswith(".") else skip + ".") for skip in NOT_TRAJECTORY)}
+    kept["train.global_batch"] = recipe.train.batch_size * recipe.train.grad_accum * world_size
     return {"recipe": kept}
 
 
