@@ -21,6 +21,9 @@ from tunesmith.training.hooks import Hook
 REPO = Path(__file__).resolve().parents[1]
 ASSETS = Path(os.environ.get("TUNESMITH_TEST_ASSETS", REPO.parent / "shared" / "assets"))
 TINY_DATA = REPO / "tests" / "data" / "instructions.json"
+# 240 preference pairs in dpo_en_demo's layout, made from instructions.json: the prompt is a record's
+# instruction (and input), chosen its output, rejected the output of record (7 i + 11) mod 323.
+TINY_PAIRS = REPO / "tests" / "data" / "pairs.json"
 
 
 def asset(relative: str) -> Path:
@@ -154,3 +157,23 @@ def tiny_recipe(tiny_llama, tiny_data, tmp_path):
         return validate_recipe(raw)
 
     return make
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """CI's guard (``TUNESMITH_MAX_ASSET_SKIPS=5`` in .ci/run): fail when more tests skip for a missing asset.
+
+    A fresh clone has no ``../shared/assets``; only tests that need a *trained* model may skip there.
+    """
+    limit = os.environ.get("TUNESMITH_MAX_ASSET_SKIPS")
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if limit is None or reporter is None:
+        return
+    skipped = [report for report in reporter.stats.get("skipped", []) if "test asset" in str(report.longrepr)]
+    if len(skipped) > int(limit):
+        import sys
+
+        names = ", ".join(report.nodeid for report in skipped[:10])
+        print(f"\n{len(skipped)} tests skipped for a missing test asset, more than TUNESMITH_MAX_ASSET_SKIPS={limit}: "
+              f"{names}{', ...' if len(skipped) > 10 else ''}; make them build their own tiny model "
+              "(the tiny_llama fixture)", file=sys.stderr)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED

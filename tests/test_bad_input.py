@@ -16,10 +16,8 @@ from typing import Callable
 import pytest
 import torch
 
-from conftest import ASSETS, REPO, run_cli
+from conftest import REPO, run_cli
 from tunesmith.cli import main
-
-STORIES = ASSETS / "models" / "stories260k"
 
 
 def write(path: Path, content: str | bytes) -> Path:
@@ -187,6 +185,34 @@ CASES = [
     Case("nan temperature", lambda t: ["chat", "--temperature", "nan"], ("--temperature",)),
     Case("not a device", lambda t: ["generate", "--prompt", "hi", "--device", "gpu"], ("--device", "'gpu' is not a device", "cpu")),
     Case("data inspect --max-length 0", lambda t: ["data", "inspect", "x.jsonl", "--max-length", "0"], ("--max-length",)),
+    # --- issue 22: counts and ranges the schema does not reach, folders for files, --overwrite, late overrides ----
+    Case("sweep --trials 0", lambda t: ["sweep", "r.yaml", "--space", "s.yaml", "--trials", "0"], ("--trials", "at least 1")),
+    Case("sweep --trials -3", lambda t: ["sweep", "r.yaml", "--space", "s.yaml", "--trials", "-3"], ("--trials", "at least 1")),
+    Case("cai --batch-size 0", lambda t: ["cai", "--principles", "p", "--prompts", "q", "--out", "o", "--batch-size", "0"],
+         ("--batch-size", "at least 1")),
+    Case("cai --max-new-tokens 0", lambda t: ["cai", "--principles", "p", "--prompts", "q", "--out", "o",
+                                              "--max-new-tokens", "0"], ("--max-new-tokens", "at least 1")),
+    Case("data dedup --threshold 1.5", lambda t: ["data", "dedup", "x.jsonl", "-o", "y.jsonl", "--threshold", "1.5"],
+         ("--threshold", "at most 1.0")),
+    Case("data dedup --num-perm 0", lambda t: ["data", "dedup", "x.jsonl", "-o", "y.jsonl", "--num-perm", "0"],
+         ("--num-perm", "at least 1")),
+    Case("data clean --min-length -1", lambda t: ["data", "clean", "x.jsonl", "-o", "y.jsonl", "--min-length", "-1"],
+         ("--min-length", "at least 0")),
+    Case("recipe is a folder", lambda t: ["train", str(t)], (f"recipe file", "is a folder, not a file")),
+    Case("data file is a folder", lambda t: ["data", "inspect", str(t)], ("data file", "is a folder, not a file")),
+    Case("data file in a recipe is a folder", lambda t: ["config", "check", str(recipe(t, data=str(t)))],
+         ("data.train", "is a folder, not a file")),
+    Case("suite is a folder", lambda t: ["eval", "--model", "x", "--suite", str(t)], ("suite file", "is a folder")),
+    Case("override after a flag is an override", lambda t: ["train", str(recipe(t)), "--resume", "train.lr=[1"],
+         ("override 'train.lr=[1'", "quote it")),
+    Case("a stray argument after a flag", lambda t: ["train", str(recipe(t)), "--resume", "extra"],
+         ("unrecognized arguments: extra",)),
+    Case("cai --overwrite of a user's folder", lambda t: ["cai", "--principles", "p", "--prompts", "q", "--out",
+                                                          str(write(t / "mine" / "thesis.tex", "years").parent),
+                                                          "--overwrite", "--endpoint", "http://127.0.0.1:9/v1"],
+         ("--overwrite would delete files this command did not write", "thesis.tex")),
+    Case("--allow-changes without --resume", lambda t: ["train", str(recipe(t)), "--allow-changes"],
+         ("--allow-changes only applies to --resume",)),
 ]
 
 NO_GPU = pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
@@ -242,14 +268,14 @@ def test_hub_name_that_is_not_a_folder_says_both(tmp_path):
     assert "hub could not give it" in result.stderr
 
 
-def test_adapter_manifest_damaged_for_generate(stories260k, tmp_path, capsys):
-    code, output = run_main(["generate", "--model", stories260k, "--adapter", str(bad_manifest(tmp_path)), "--prompt", "hi"], capsys)
+def test_adapter_manifest_damaged_for_generate(tiny_llama, tmp_path, capsys):
+    code, output = run_main(["generate", "--model", tiny_llama, "--adapter", str(bad_manifest(tmp_path)), "--prompt", "hi"], capsys)
     check_refusal(Case("generate with damaged manifest", lambda t: [], ("tunesmith.json, line 1", "manifest is damaged")),
                   code, output, tmp_path)
 
 
-def test_empty_data_for_eval_loss(stories260k, tmp_path, capsys):
-    code, output = run_main(["eval", "--model", stories260k, "--data", str(write(tmp_path / "e.jsonl", "")), "--format", "text"],
+def test_empty_data_for_eval_loss(tiny_llama, tmp_path, capsys):
+    code, output = run_main(["eval", "--model", tiny_llama, "--data", str(write(tmp_path / "e.jsonl", "")), "--format", "text"],
                             capsys)
     check_refusal(Case("eval --data on an empty file", lambda t: [], ("e.jsonl holds no records",)), code, output, tmp_path)
 
@@ -320,10 +346,10 @@ def test_edit_distance_counts_a_swap_as_one():
     assert edit_distance("same", "same") == 0
 
 
-def test_config_check_valid_means_resolvable(stories260k, tmp_path, capsys):
+def test_config_check_valid_means_resolvable(tiny_llama, tmp_path, capsys):
     """A recipe whose model folder, template, format and data all resolve is 'valid'."""
     good = write(tmp_path / "good.jsonl", GOOD_LINE * 3)
-    path = write(tmp_path / "r.yaml", f"model: {{name: {stories260k}}}\ndata: {{train: {good}, template: chatml, format: alpaca}}\n")
+    path = write(tmp_path / "r.yaml", f"model: {{name: {tiny_llama}}}\ndata: {{train: {good}, template: chatml, format: alpaca}}\n")
     code, output = run_main(["config", "check", str(path)], capsys)
     assert code == 0, output
     assert f"{path}: valid" in output
@@ -354,7 +380,7 @@ def peak_of_eval(model: str, data: Path, cwd: Path) -> float:
 
 
 @pytest.mark.slow
-def test_one_huge_line_does_not_grow_memory(stories260k, tmp_path):
+def test_one_huge_line_does_not_grow_memory(tiny_llama, tmp_path):
     """A 16 MB record costs a few times its size (reading it), not the tokeniser's ~100x.
 
     Before the fix a 5 MB line added 550 MB to the peak of ``eval --data`` and a 50 MB line took
@@ -364,13 +390,13 @@ def test_one_huge_line_does_not_grow_memory(stories260k, tmp_path):
     words = ("the little cat ran over a hill and saw a big dog " * 400_000)[: 16 * 2**20]
     huge = write(tmp_path / "huge.jsonl", json.dumps({"instruction": "Tell a story.", "output": words}) + "\n" + GOOD_LINE)
     small = write(tmp_path / "small.jsonl", json.dumps({"instruction": "Tell a story.", "output": "short"}) + "\n" + GOOD_LINE)
-    baseline = peak_of_eval(stories260k, small, tmp_path)
-    with_huge_line = peak_of_eval(stories260k, huge, tmp_path)
+    baseline = peak_of_eval(tiny_llama, small, tmp_path)
+    with_huge_line = peak_of_eval(tiny_llama, huge, tmp_path)
     line_mb = huge.stat().st_size / 2**20
     assert with_huge_line - baseline < 6 * line_mb, (baseline, with_huge_line, line_mb)
 
 
-def test_truncating_before_tokenising_keeps_the_tokens(stories260k):
+def test_truncating_before_tokenising_keeps_the_tokens(tiny_llama):
     """The cut text gives the same first max_length tokens (ids and labels) as the whole text."""
     from transformers import AutoTokenizer
 
@@ -378,7 +404,7 @@ def test_truncating_before_tokenising_keeps_the_tokens(stories260k):
     from tunesmith.data.formats import Example
     from tunesmith.data.templates import resolve_template
 
-    tokenizer = AutoTokenizer.from_pretrained(stories260k)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
     resolve_template(tokenizer, "simple")
     long_text = "Once upon a time there was a tiny robot who loved long walks. " * 400
     assert len(long_text) > character_budget(tokenizer, 64)
@@ -393,3 +419,21 @@ def test_truncating_before_tokenising_keeps_the_tokens(stories260k):
             prompt = tokenizer.apply_chat_template([dict(example.messages[0])], tokenize=False, add_generation_prompt=True)
             full = _encode(tokenizer, prompt) + _encode(tokenizer, long_text)
             assert list(encoded.input_ids) == full[:64]
+
+
+def test_max_new_tokens_beyond_the_context_window_is_refused(tiny_llama, capsys):
+    code, output = run_main(["generate", "--model", tiny_llama, "--prompt", "hi", "--max-new-tokens", "100000"], capsys)
+    check_refusal(Case("max-new-tokens beyond the window", lambda t: [],
+                       ("--max-new-tokens 100000 does not fit the model's context window of 512 tokens",
+                        "give at most 511")), code, output, Path("."))
+
+
+@pytest.mark.parametrize("fmt", ["hf", "peft", "gguf"])
+def test_a_relative_out_works_for_every_export_format(fmt, tiny_recipe, tmp_path, monkeypatch, capsys):
+    from tunesmith.finetune import finetune
+
+    finetune(tiny_recipe("train.max_steps=1"), progress=False)
+    monkeypatch.chdir(tmp_path)
+    code, output = run_main(["export", "run", "--format", fmt, "--out", f"exported-{fmt}"], capsys)
+    assert code == 0 and "Traceback" not in output, output
+    assert (tmp_path / f"exported-{fmt}").is_dir() and any((tmp_path / f"exported-{fmt}").iterdir())

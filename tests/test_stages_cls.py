@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import asset
+from conftest import TINY_DATA
+from tiny_files import text_file
 from test_stages_text import recipe, sentiment_rows, validation_records
 from tunesmith.errors import TunesmithError
 from tunesmith.finetune import finetune
@@ -38,7 +39,7 @@ def dev_rows(folder: Path) -> list[list[str]]:
 
 
 @pytest.mark.parametrize("method", [LORA, {"kind": "full"}], ids=["lora-all-linear", "full"])
-def test_cls_on_the_minilm_encoder_learns_and_reloads(stories260k, tmp_path, capsys, method):
+def test_cls_on_the_minilm_encoder_learns_and_reloads(tiny_llama, tmp_path, capsys, method):
     """Mean-pooled MiniLM + label head: held-out accuracy rises past the majority class; the result folder
     (adapter or full model, + head) reloads and reproduces the validation numbers."""
     from tunesmith.models import is_encoder
@@ -87,7 +88,7 @@ def run_examples(run, tokenizer):
 
 
 def test_an_encoder_is_refused_by_the_causal_stages(tmp_path):
-    data = {"train": str(asset("data/llama_factory/alpaca_en_demo.json")), "max_length": 64}
+    data = {"train": str(TINY_DATA), "max_length": 64}
     with pytest.raises(TunesmithError, match=r"encoder-only model \(bert\); stage sft needs a causal language model"):
         finetune(recipe(minilm_folder(), tmp_path, "sft", data), progress=False)
 
@@ -116,7 +117,7 @@ def direct_zero_shot(model_folder: str, texts: list[str], labels: list[int], wor
 
 
 @pytest.mark.parametrize("stage", ["pt", "cls"])
-def test_resume_is_exact(stories260k, tmp_path, stage):
+def test_resume_is_exact(tiny_llama, tmp_path, stage):
     """Stopped at step 3 and resumed: the same losses and weights (and cls head) as one uninterrupted run.
 
     For cls the run also reports the base model's zero-shot label-word accuracy, which equals a direct
@@ -126,17 +127,15 @@ def test_resume_is_exact(stories260k, tmp_path, stage):
     from safetensors.torch import load_file
 
     if stage == "pt":
-        lines = asset("data/llama_factory/wiki_demo.txt").read_text().splitlines()[:20]
-        (tmp_path / "wiki.txt").write_text("\n".join(lines) + "\n")
-        data = {"train": str(tmp_path / "wiki.txt"), "max_length": 128}
+        data = {"train": str(text_file(tmp_path / "wiki.txt", 20)), "max_length": 128}
         overrides = ("train.batch_size=2",)
     else:
         data = sentiment_files(tmp_path, 120, 40)
         overrides = ("train.batch_size=8", "eval.every_steps=3")
     section = {"kind": "cls", "label_words": ["sad", "happy"]} if stage == "cls" else stage
     common = ("train.max_steps=6", "train.checkpoint_every=3", *overrides)
-    finetune(recipe(stories260k, tmp_path, section, data, *common, output="straight"), progress=False)
-    stopped = recipe(stories260k, tmp_path, section, data, *common, output="stopped")
+    finetune(recipe(tiny_llama, tmp_path, section, data, *common, output="straight"), progress=False)
+    stopped = recipe(tiny_llama, tmp_path, section, data, *common, output="stopped")
     with pytest.raises(TunesmithError, match="step-00000003"):
         finetune(stopped, extra_hooks=[StopAt(4)], progress=False)
     summary = finetune(stopped, resume=True, progress=False)
@@ -150,7 +149,7 @@ def test_resume_is_exact(stories260k, tmp_path, stage):
         for name, value in heads[0].items():
             torch.testing.assert_close(heads[1][name], value)
         rows = dev_rows(tmp_path)
-        expected = direct_zero_shot(stories260k, [text for text, _ in rows], [int(label) for _, label in rows],
+        expected = direct_zero_shot(tiny_llama, [text for text, _ in rows], [int(label) for _, label in rows],
                                     ["sad", "happy"], "{text}\nQuestion: is this {labels}?\nAnswer:")
         assert summary["validation"]["zero_shot_accuracy"] == pytest.approx(expected, abs=1e-9)
         assert all(r["val_zero_shot_accuracy"] == expected for r in validation_records(tmp_path / "stopped"))

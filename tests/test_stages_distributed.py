@@ -12,7 +12,7 @@ import sys
 import pytest
 import yaml
 
-from conftest import REPO, asset
+from conftest import REPO, TINY_PAIRS
 from test_stages_cls import sentiment_files
 from test_stages_text import recipe
 
@@ -26,14 +26,14 @@ def records(run_dir) -> list[dict]:
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun is not on PATH")
 @pytest.mark.parametrize("stage", ["dpo", "cls"])
-def test_two_processes_equal_one(stories260k, tmp_path, stage):
+def test_two_processes_equal_one(tiny_llama, tmp_path, stage):
     """Losses and validation metrics of 2 processes x batch 2 equal 1 process x batch 4 within rel 1e-5 (float32:
     only the order of the gradient all-reduce's sums differs; metrics near 0 such as the margin within abs 1e-5);
     cls's zero-shot baseline is the same number."""
     from tunesmith.finetune import finetune
 
     if stage == "dpo":
-        data = {"train": str(asset("data/llama_factory/dpo_en_demo.json")), "max_length": 192, "template": "simple",
+        data = {"train": str(TINY_PAIRS), "max_length": 192, "template": "simple",
                 "validation_fraction": 0.05}
         extra = ()
     else:
@@ -41,9 +41,9 @@ def test_two_processes_equal_one(stories260k, tmp_path, stage):
         extra = ("train.lr=3e-3",)
     section = {"kind": "cls", "label_words": ["sad", "happy"]} if stage == "cls" else stage
     common = ("train.max_steps=4", "eval.every_steps=2", 'train.speed.autocast="off"', *extra)
-    single = finetune(recipe(stories260k, tmp_path, section, data, *common, "train.batch_size=4", output="single",
+    single = finetune(recipe(tiny_llama, tmp_path, section, data, *common, "train.batch_size=4", output="single",
                              method=LORA), progress=False)
-    raw = recipe(stories260k, tmp_path, section, data, *common, "train.batch_size=2", output="ddp",
+    raw = recipe(tiny_llama, tmp_path, section, data, *common, "train.batch_size=2", output="ddp",
                  method=LORA).model_dump(mode="json")
     (tmp_path / "ddp.yaml").write_text(yaml.safe_dump(raw))
     env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}

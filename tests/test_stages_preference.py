@@ -1,16 +1,19 @@
 """Stages rm and dpo: log-probabilities against plain transformers, losses and gradients against TRL,
-the reference really is the base, and short end-to-end runs on stories260k."""
+the reference really is the base, and short end-to-end runs on tiny_llama."""
 
 from __future__ import annotations
 
 import json
+import tempfile
 from collections import defaultdict
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-from conftest import asset
+from conftest import TINY_PAIRS
+from tiny_files import kto_file
 from tunesmith.config import DpoStage, LoraMethod, ModelSection
 from tunesmith.data.preference import EncodedPair, encode_pairs
 from tunesmith.data.readers import read_records
@@ -29,16 +32,16 @@ from tunesmith.training.speed import SpeedSetup
 from tunesmith.training.chunked_loss import plain_loss_sum
 
 
-def load(stories260k):
-    section = ModelSection(name=stories260k)
-    return load_model(stories260k, section), load_tokenizer(stories260k, section)
+def load(tiny_llama):
+    section = ModelSection(name=tiny_llama)
+    return load_model(tiny_llama, section), load_tokenizer(tiny_llama, section)
 
 
 def demo_pairs(tokenizer, count: int = 6, max_length: int = 96) -> list[EncodedPair]:
     from tunesmith.data.templates import resolve_template
 
     resolve_template(tokenizer, "simple")
-    records = list(read_records(asset("data/llama_factory/dpo_en_demo.json")))
+    records = list(read_records(TINY_PAIRS))
     pairs, _ = encode_pairs(records[:40], tokenizer, max_length)
     return pairs[:count]
 
@@ -50,9 +53,9 @@ def padded_speed() -> SpeedSetup:
 LORA = LoraMethod(r=4, alpha=8, dropout=0.0)
 
 
-def lora_model(stories260k, seed: int = 0):
-    """stories260k with LoRA whose B matrices are random (so the policy differs from the base)."""
-    model, tokenizer = load(stories260k)
+def lora_model(tiny_llama, seed: int = 0):
+    """tiny_llama with LoRA whose B matrices are random (so the policy differs from the base)."""
+    model, tokenizer = load(tiny_llama)
     return randomise_lora(build_method(LORA).apply(model), seed), tokenizer
 
 
@@ -75,8 +78,8 @@ def direct_logps(model, pair_side) -> float:
 
 
 @pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
-def test_reply_logps_equal_plain_transformers(stories260k, packed):
-    model, tokenizer = load(stories260k)
+def test_reply_logps_equal_plain_transformers(tiny_llama, packed):
+    model, tokenizer = load(tiny_llama)
     pairs = demo_pairs(tokenizer, 4)
     sides = [p.chosen for p in pairs] + [p.rejected for p in pairs]
     expected = [direct_logps(model, side) for side in sides]
@@ -127,8 +130,8 @@ def gradients(model) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("loss, label_smoothing", [("sigmoid", 0.0), ("ipo", 0.0), ("hinge", 0.0), ("robust", 0.2)])
-def test_dpo_loss_and_gradients_equal_trl(stories260k, tmp_path, loss, label_smoothing):
-    base, tokenizer = load(stories260k)
+def test_dpo_loss_and_gradients_equal_trl(tiny_llama, tmp_path, loss, label_smoothing):
+    base, tokenizer = load(tiny_llama)
     pairs = demo_pairs(tokenizer, 4)
     # TRL adds the adapter itself (a PeftModel handed to it would be copied as its reference).
     trainer = trl_dpo_trainer(base, tokenizer, tmp_path, loss, 0.3, label_smoothing,
@@ -165,14 +168,14 @@ def test_dpo_label_smoothing_golden():
     assert got.tolist() == pytest.approx([0.4619, 1.0619], abs=1e-4)
 
 
-def test_dpo_full_fine_tuning_equals_trl_with_a_reference_copy(stories260k, tmp_path):
-    model, tokenizer = load(stories260k)
+def test_dpo_full_fine_tuning_equals_trl_with_a_reference_copy(tiny_llama, tmp_path):
+    model, tokenizer = load(tiny_llama)
     reference = Reference(model)  # taken before training, as after_method does
     with torch.no_grad():
         for parameter in model.parameters():
             parameter.add_(torch.randn_like(parameter) * 0.02)
     pairs = demo_pairs(tokenizer, 3)
-    base, _ = load(stories260k)
+    base, _ = load(tiny_llama)
     trainer = trl_dpo_trainer(model, tokenizer, tmp_path, "sigmoid", 0.1, 0.0, ref_model=base)
     trl_loss = trainer.compute_loss(trainer.model, trl_batch(pairs, tokenizer.pad_token_id))
     objective = DpoObjective(padded_speed(), DpoStage(), reference)
@@ -181,11 +184,11 @@ def test_dpo_full_fine_tuning_equals_trl_with_a_reference_copy(stories260k, tmp_
 
 
 @pytest.mark.parametrize("method", ["lora", "full"])
-def test_reference_is_the_separately_loaded_base(stories260k, method):
+def test_reference_is_the_separately_loaded_base(tiny_llama, method):
     if method == "lora":
-        model, tokenizer = lora_model(stories260k)
+        model, tokenizer = lora_model(tiny_llama)
     else:
-        model, tokenizer = load(stories260k)
+        model, tokenizer = load(tiny_llama)
     reference = Reference(model)
     assert (reference.copy is None) == (method == "lora")  # adapters: no second copy
     if method == "full":
@@ -194,7 +197,7 @@ def test_reference_is_the_separately_loaded_base(stories260k, method):
                 parameter.mul_(1.05)
     pairs = demo_pairs(tokenizer, 3)
     batch = collate([p.chosen for p in pairs], tokenizer.pad_token_id)
-    base, _ = load(stories260k)
+    base, _ = load(tiny_llama)
     with torch.no_grad():
         expected, _ = reply_logps(base, batch)
         trained, _ = reply_logps(model, batch)
@@ -203,11 +206,11 @@ def test_reference_is_the_separately_loaded_base(stories260k, method):
     assert (trained - expected).abs().max() > 1e-2  # the trained model really differs from its reference
 
 
-def test_reward_loss_equals_trl_reward_trainer(stories260k):
+def test_reward_loss_equals_trl_reward_trainer(tiny_llama):
     pytest.importorskip("trl")
     from trl import RewardTrainer
 
-    model, tokenizer = load(stories260k)
+    model, tokenizer = load(tiny_llama)
     add_head(model, 1)
     pairs = demo_pairs(tokenizer, 4)
     objective = RewardObjective(padded_speed(), margin=0.0)
@@ -236,22 +239,22 @@ def test_reward_loss_equals_trl_reward_trainer(stories260k):
     assert float(margin.loss_sum(model, batch) / 4) == pytest.approx(float(trl_margin), rel=1e-5)
 
 
-def pair_recipe(stories260k, tmp_path, stage, *overrides, output="run"):
+def pair_recipe(tiny_llama, tmp_path, stage, *overrides, output="run"):
     from test_stages_text import recipe
 
-    data = {"train": str(asset("data/llama_factory/dpo_en_demo.json")), "max_length": 256, "template": "simple",
+    data = {"train": str(TINY_PAIRS), "max_length": 256, "template": "simple",
             "validation_fraction": 0.1}
-    return recipe(stories260k, tmp_path, stage, data, "train.max_steps=8", *overrides, output=output)
+    return recipe(tiny_llama, tmp_path, stage, data, "train.max_steps=8", *overrides, output=output)
 
 
 def records(run_dir) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_reward_model_trains_saves_and_reloads_as_a_scorer(stories260k, tmp_path):
+def test_reward_model_trains_saves_and_reloads_as_a_scorer(tiny_llama, tmp_path):
     from tunesmith.stages import build_stage
 
-    recipe = pair_recipe(stories260k, tmp_path, "rm", "train.max_steps=12", 'train.speed.autocast="off"')
+    recipe = pair_recipe(tiny_llama, tmp_path, "rm", "train.max_steps=12", 'train.speed.autocast="off"')
     summary = finetune(recipe, progress=False)
     assert {"loss", "accuracy", "margin", "chosen_reward", "rejected_reward"} <= set(summary["validation"])
     assert (tmp_path / "run" / "adapter" / "head.safetensors").is_file()
@@ -267,12 +270,12 @@ def test_reward_model_trains_saves_and_reloads_as_a_scorer(stories260k, tmp_path
 
 
 @pytest.mark.parametrize("stage", ["rm", "dpo"])
-def test_resume_is_exact(stories260k, tmp_path, stage):
+def test_resume_is_exact(tiny_llama, tmp_path, stage):
     from test_training import StopAt, trained_weights
 
     common = ("train.max_steps=6", "train.checkpoint_every=3", "data.validation_fraction=0.0")
-    finetune(pair_recipe(stories260k, tmp_path, stage, *common, output="straight"), progress=False)
-    recipe = pair_recipe(stories260k, tmp_path, stage, *common, output="stopped")
+    finetune(pair_recipe(tiny_llama, tmp_path, stage, *common, output="straight"), progress=False)
+    recipe = pair_recipe(tiny_llama, tmp_path, stage, *common, output="stopped")
     with pytest.raises(TunesmithError, match="step-00000003"):
         finetune(recipe, extra_hooks=[StopAt(4)], progress=False)
     finetune(recipe, resume=True, progress=False)
@@ -283,7 +286,7 @@ def test_resume_is_exact(stories260k, tmp_path, stage):
     if stage == "dpo":  # the result generates like an SFT result
         from tunesmith.inference import generate, load_for_inference
 
-        model, tokenizer = load_for_inference(stories260k, str(tmp_path / "stopped" / "adapter"))
+        model, tokenizer = load_for_inference(tiny_llama, str(tmp_path / "stopped" / "adapter"))
         replies = generate(model, tokenizer, [[{"role": "user", "content": "Tell me a story."}]], max_new_tokens=8)
         assert len(replies) == 1 and isinstance(replies[0], str) and replies[0]
 
@@ -322,9 +325,9 @@ def reference_free_losses(stage: str, model, pairs, tokenizer, **config):
 
 @pytest.mark.parametrize("stage, config", [("orpo", {"beta": 0.2}),
                                            ("simpo", {"beta": 2.0, "gamma": 0.7, "label_smoothing": 0.1})])
-def test_reference_free_losses_and_gradients_equal_trl(stories260k, stage, config):
+def test_reference_free_losses_and_gradients_equal_trl(tiny_llama, stage, config):
     pytest.importorskip("trl")
-    model, tokenizer = load(stories260k)
+    model, tokenizer = load(tiny_llama)
     pairs = demo_pairs(tokenizer, 3)
     trl_loss, ours = reference_free_losses(stage, model, pairs, tokenizer, **config)
     trl_loss.backward()
@@ -341,14 +344,14 @@ def kto_examples(tokenizer, count: int = 4, max_length: int = 160):
     from tunesmith.data.templates import resolve_template
 
     resolve_template(tokenizer, "simple")
-    rows = list(read_records(asset("data/llama_factory/kto_en_demo.json")))
+    rows = list(read_records(kto_file(Path(tempfile.mkdtemp()) / "kto.json", 150)))
     examples, _ = encode_labelled(rows[:150], tokenizer, max_length)
     good = [e for e in examples if e.desirable][: count // 2]
     bad = [e for e in examples if not e.desirable][: count // 2]
     return [item for pair in zip(good, bad) for item in pair]
 
 
-def test_kto_loss_and_gradients_equal_trl(stories260k, tmp_path):
+def test_kto_loss_and_gradients_equal_trl(tiny_llama, tmp_path):
     pytest.importorskip("trl")
     from datasets import Dataset
     from trl import KTOConfig, KTOTrainer
@@ -357,7 +360,7 @@ def test_kto_loss_and_gradients_equal_trl(stories260k, tmp_path):
     from tunesmith.config import KtoStage
     from tunesmith.stages.kto import KtoObjective
 
-    base, tokenizer = load(stories260k)
+    base, tokenizer = load(tiny_llama)
     examples = kto_examples(tokenizer, 4)
     args = KTOConfig(output_dir=str(tmp_path / "trl"), beta=0.3, desirable_weight=1.0, undesirable_weight=1.5,
                      report_to="none", use_cpu=True, bf16=False, max_length=None, per_device_train_batch_size=4)

@@ -19,8 +19,8 @@ from tunesmith.stages.pairs import Reference, ReferenceTable
 
 
 @pytest.mark.parametrize("stage", ["dpo", "kto"])
-def test_precomputed_reference_gives_the_same_loss_and_gradients(stories260k, tmp_path, stage):
-    model, tokenizer = lora_model(stories260k)
+def test_precomputed_reference_gives_the_same_loss_and_gradients(tiny_llama, tmp_path, stage):
+    model, tokenizer = lora_model(tiny_llama)
     if stage == "dpo":
         examples, objective_class, config = demo_pairs(tokenizer, 6), DpoObjective, DpoStage(precompute_reference=True)
     else:
@@ -53,11 +53,11 @@ def test_precomputed_reference_gives_the_same_loss_and_gradients(stories260k, tm
     assert kept.values == reference.table.values and len(kept.values) >= 2 * len(examples)
 
 
-def test_precomputed_reference_resumes_exactly(stories260k, tmp_path, capsys):
+def test_precomputed_reference_resumes_exactly(tiny_llama, tmp_path, capsys):
     common = ("train.max_steps=6", "train.checkpoint_every=3", "data.validation_fraction=0.0",
               'train.speed.autocast="off"')
-    finetune(pair_recipe(stories260k, tmp_path, "dpo", *common, output="on-the-fly"), progress=False)
-    recipe = pair_recipe(stories260k, tmp_path, {"kind": "dpo", "precompute_reference": True}, *common,
+    finetune(pair_recipe(tiny_llama, tmp_path, "dpo", *common, output="on-the-fly"), progress=False)
+    recipe = pair_recipe(tiny_llama, tmp_path, {"kind": "dpo", "precompute_reference": True}, *common,
                          output="stopped")
     with pytest.raises(TunesmithError, match="step-00000003"):
         finetune(recipe, extra_hooks=[StopAt(4)], progress=False)

@@ -1,4 +1,4 @@
-"""Stages pt, cls, kto, orpo and simpo end to end on stories260k; bad preference, KTO and label data."""
+"""Stages pt, cls, kto, orpo and simpo end to end on the tests' tiny Llama; bad preference, KTO and label data."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import random
 import pytest
 import torch
 
-from conftest import asset
+from conftest import TINY_DATA, TINY_PAIRS
+from tiny_files import kto_file, text_file
 from tunesmith.config import apply_override, validate_recipe
 from tunesmith.data.preference import encode_pairs
 from tunesmith.data.readers import RawRecord
@@ -22,8 +23,8 @@ from tunesmith.data.templates import resolve_template
 LORA = {"kind": "lora", "r": 4, "alpha": 8, "dropout": 0.0}
 
 
-def recipe(stories260k, tmp_path, stage, data, *overrides, output="run", method=LORA):
-    raw = {"stage": stage, "model": {"name": stories260k}, "data": data, "method": dict(method),
+def recipe(tiny_llama, tmp_path, stage, data, *overrides, output="run", method=LORA):
+    raw = {"stage": stage, "model": {"name": tiny_llama}, "data": data, "method": dict(method),
            "train": {"max_steps": 6, "batch_size": 4, "lr": 2e-3, "log_every": 1, "seed": 0},
            "output": {"dir": str(tmp_path / output)}}
     for override in overrides:
@@ -35,19 +36,17 @@ def validation_records(run_dir) -> list[dict]:
     return [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "val_loss" in r]
 
 
-def test_pt_cuts_text_into_blocks_and_perplexity_falls(stories260k, tmp_path):
+def test_pt_cuts_text_into_blocks_and_perplexity_falls(tiny_llama, tmp_path):
     from tunesmith.data.pretraining import text_blocks
     from tunesmith.data.formats import Example
 
-    tokenizer = load_tokenizer(stories260k, ModelSection(name=stories260k))
+    tokenizer = load_tokenizer(tiny_llama, ModelSection(name=tiny_llama))
     blocks, stats = text_blocks([Example(text="Once upon a time there was a cat. " * 20)], tokenizer, 64)
     assert all(len(b.input_ids) <= 64 and b.labels == b.input_ids for b in blocks)  # loss on every token
     assert sum(len(b.input_ids) for b in blocks) == len(tokenizer("Once upon a time there was a cat. " * 20,
                                                                   add_special_tokens=False)["input_ids"]) + 2
-    lines = asset("data/llama_factory/wiki_demo.txt").read_text().splitlines()[:40]
-    (tmp_path / "wiki.txt").write_text("\n".join(lines) + "\n")
-    data = {"train": str(tmp_path / "wiki.txt"), "max_length": 128, "validation_fraction": 0.1}
-    summary = finetune(recipe(stories260k, tmp_path, "pt", data, "train.max_steps=12", "eval.every_steps=4",
+    data = {"train": str(text_file(tmp_path / "wiki.txt", 40)), "max_length": 128, "validation_fraction": 0.1}
+    summary = finetune(recipe(tiny_llama, tmp_path, "pt", data, "train.max_steps=12", "eval.every_steps=4",
                               "train.lr=3e-3", method={"kind": "full"}), progress=False)
     perplexities = [r["val_perplexity"] for r in validation_records(tmp_path / "run")]
     assert perplexities[-1] < perplexities[0] * 0.9, perplexities
@@ -66,13 +65,13 @@ def sentiment_rows(count: int, seed: int) -> list[str]:
     return rows
 
 
-def test_cls_beats_the_majority_class_and_reloads(stories260k, tmp_path):
+def test_cls_beats_the_majority_class_and_reloads(tiny_llama, tmp_path):
     from tunesmith.stages.cls import classify, load_classifier
 
     (tmp_path / "train.tsv").write_text("\n".join(sentiment_rows(400, 0)) + "\n")
     (tmp_path / "dev.tsv").write_text("\n".join(sentiment_rows(100, 1)) + "\n")
     data = {"train": str(tmp_path / "train.tsv"), "validation": str(tmp_path / "dev.tsv"), "max_length": 32}
-    summary = finetune(recipe(stories260k, tmp_path, "cls", data, "train.max_steps=40", "train.batch_size=16",
+    summary = finetune(recipe(tiny_llama, tmp_path, "cls", data, "train.max_steps=40", "train.batch_size=16",
                               "train.lr=3e-3", method={"kind": "full"}), progress=False)
     validation = summary["validation"]
     assert validation["accuracy"] > validation["majority_accuracy"] + 0.2, validation
@@ -81,24 +80,24 @@ def test_cls_beats_the_majority_class_and_reloads(stories260k, tmp_path):
     assert classify(model, tokenizer, ["the happy cat ran", "the sad dog ran"], labels) == ["1", "0"]
 
 
-def test_cls_label_outside_the_label_set_names_the_row(stories260k, tmp_path):
+def test_cls_label_outside_the_label_set_names_the_row(tiny_llama, tmp_path):
     (tmp_path / "train.tsv").write_text("sentence\tlabel\na good film\t1\na bad film\t0\n")
     (tmp_path / "dev.tsv").write_text("sentence\tlabel\nfine\t1\nodd\tmaybe\n")
     data = {"train": str(tmp_path / "train.tsv"), "validation": str(tmp_path / "dev.tsv"), "max_length": 32}
     with pytest.raises(TunesmithError, match=r"dev.tsv, line 3: label 'maybe' is not in the label set \['0', '1'\]"):
-        finetune(recipe(stories260k, tmp_path, "cls", data), progress=False)
+        finetune(recipe(tiny_llama, tmp_path, "cls", data), progress=False)
 
 
 @pytest.mark.parametrize("stage", ["orpo", "simpo", "kto"])
-def test_reference_free_and_kto_stages_train_and_resume_exactly(stories260k, tmp_path, stage):
+def test_reference_free_and_kto_stages_train_and_resume_exactly(tiny_llama, tmp_path, stage):
     from test_training import StopAt, trained_weights
 
-    name = "kto_en_demo.json" if stage == "kto" else "dpo_en_demo.json"
-    data = {"train": str(asset(f"data/llama_factory/{name}")), "max_length": 192, "template": "simple"}
+    train = kto_file(tmp_path / "kto.json", 300) if stage == "kto" else TINY_PAIRS
+    data = {"train": str(train), "max_length": 192, "template": "simple"}
     common = ("train.max_steps=4", "train.checkpoint_every=2")
-    summary = finetune(recipe(stories260k, tmp_path, stage, data, *common, output="straight"), progress=False)
+    summary = finetune(recipe(tiny_llama, tmp_path, stage, data, *common, output="straight"), progress=False)
     assert summary["steps"] == 4
-    stopped = recipe(stories260k, tmp_path, stage, data, *common, output="stopped")
+    stopped = recipe(tiny_llama, tmp_path, stage, data, *common, output="stopped")
     with pytest.raises(TunesmithError, match="step-00000002"):
         finetune(stopped, extra_hooks=[StopAt(3)], progress=False)
     finetune(stopped, resume=True, progress=False)
@@ -114,8 +113,8 @@ def record(**fields) -> RawRecord:
 
 
 @pytest.fixture
-def tokenizer(stories260k):
-    tokenizer = load_tokenizer(stories260k, ModelSection(name=stories260k))
+def tokenizer(tiny_llama):
+    tokenizer = load_tokenizer(tiny_llama, ModelSection(name=tiny_llama))
     resolve_template(tokenizer, "simple")
     return tokenizer
 
@@ -153,12 +152,12 @@ def test_replies_are_encoded_and_masked_as_sft_encodes_the_conversation(tokenize
     assert tokenizer.decode([pair.chosen.input_ids[i] for i in scored]).strip() == "Once upon a time.</s>"
 
 
-def test_stage_data_without_the_layout_says_which_it_expects(stories260k, tmp_path):
-    data = {"train": str(asset("data/llama_factory/alpaca_en_demo.json")), "max_length": 64, "template": "simple"}
+def test_stage_data_without_the_layout_says_which_it_expects(tiny_llama, tmp_path):
+    data = {"train": str(TINY_DATA), "max_length": 64, "template": "simple"}
     with pytest.raises(TunesmithError, match="missing field 'prompt' expected by the preference format"):
-        finetune(recipe(stories260k, tmp_path, "dpo", data), progress=False)
+        finetune(recipe(tiny_llama, tmp_path, "dpo", data), progress=False)
     with pytest.raises(TunesmithError, match="missing field 'messages' expected by the kto format"):
-        finetune(recipe(stories260k, tmp_path, "kto", data, output="kto"), progress=False)
+        finetune(recipe(tiny_llama, tmp_path, "kto", data, output="kto"), progress=False)
 
 
 def test_stage_sections_validate_by_kind():

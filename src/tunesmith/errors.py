@@ -10,6 +10,15 @@ class TunesmithError(Exception):
     """An error the user can fix; the CLI prints its message as one sentence without a traceback."""
 
 
+def missing_file(path: object, what: str) -> TunesmithError:
+    """The error for a ``what`` (``recipe file``) at ``path`` that is not a file: a folder, or nothing at all."""
+    import os
+
+    if os.path.isdir(str(path)):
+        return TunesmithError(f"{what} {path} is a folder, not a file; give the file itself")
+    return TunesmithError(f"{what} {path} does not exist")
+
+
 def decode_utf8(path: object, data: bytes, what: str = "file") -> str:
     """``data`` (the bytes of ``path``) as text, a leading byte-order mark dropped.
 

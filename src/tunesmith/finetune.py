@@ -26,6 +26,7 @@ from tunesmith.run_files import RunLayout, RunSummary
 from tunesmith.runtime import Runtime, init_runtime, peak_memory_mb, shutdown_runtime
 from tunesmith.stages import build_stage
 from tunesmith.training.checkpoint import latest_checkpoint
+from tunesmith.training.fingerprint import run_fingerprint
 from tunesmith.training.hooks import Hook
 from tunesmith.training.loop import Trainer, TrainResult
 from tunesmith.training.run_folder import RunFolder, open_run_folder
@@ -39,7 +40,7 @@ class Interrupted(TunesmithError):
 
 
 def finetune(recipe: Recipe, resume: bool = False, extra_hooks: Sequence[Hook] = (),
-             recipe_path: str = "RECIPE", progress: bool = True) -> RunSummary:
+             recipe_path: str = "RECIPE", progress: bool = True, allow_changes: bool = False) -> RunSummary:
     """Load the model, prepare data, apply the method, train, evaluate and save.
 
     Every step that changes the model is a line here, in order: dropout, the stage's head, the method,
@@ -51,12 +52,13 @@ def finetune(recipe: Recipe, resume: bool = False, extra_hooks: Sequence[Hook] =
         extra_hooks: Hooks added to the default ones (main process only).
         recipe_path: How to name the recipe in messages (the resume command).
         progress: Show a progress bar.
+        allow_changes: Resume although the recipe or data changed since the checkpoint (``--allow-changes``).
 
     Returns:
         The run's summary, also written to ``summary.json``.
     """
     check_sharded_recipe(recipe)
-    with run_session(recipe, resume) as (runtime, folder):
+    with run_session(recipe, resume, allow_changes) as (runtime, folder):
         context = RunContext(recipe, runtime, RunLayout(folder.out), Reporter(runtime.is_main, progress), recipe_path,
                              tuple(extra_hooks))
         say = context.reporter.say
@@ -93,6 +95,7 @@ def finetune(recipe: Recipe, resume: bool = False, extra_hooks: Sequence[Hook] =
             write_text_atomic(context.layout.config, recipe_to_yaml(recipe))  # only now: the run really starts
             record_provenance(recipe, context.layout.root, torch.get_num_threads(), runtime.world_size,
                               str(runtime.device))
+        trainer.state.fingerprint = folder.fingerprint  # saved with each checkpoint; --resume compares it
         result = run_training(context, trainer, loop)
         safeguards.remove_noise()
         forgetting = safeguards.measure_after(model, tokenizer, data)
@@ -106,7 +109,7 @@ def finetune(recipe: Recipe, resume: bool = False, extra_hooks: Sequence[Hook] =
 
 
 @contextlib.contextmanager
-def run_session(recipe: Recipe, resume: bool) -> Iterator[tuple[Runtime, RunFolder]]:
+def run_session(recipe: Recipe, resume: bool, allow_changes: bool = False) -> Iterator[tuple[Runtime, RunFolder]]:
     """The run's runtime and output folder; the folder is marked finished or failed, the runtime always shut down.
 
     On any failure (a ``TunesmithError``, Ctrl-C, a crash) the main process marks the folder failed: it
@@ -117,7 +120,7 @@ def run_session(recipe: Recipe, resume: bool) -> Iterator[tuple[Runtime, RunFold
     folder = None
     try:
         folder = prepare_output_dir(Path(recipe.output.dir), resume, recipe.output.overwrite, recipe.train.max_steps,
-                                    runtime)
+                                    runtime, run_fingerprint(recipe, runtime.world_size), allow_changes)
         yield runtime, folder
         if runtime.is_main:
             folder.finished()
@@ -126,6 +129,8 @@ def run_session(recipe: Recipe, resume: bool) -> Iterator[tuple[Runtime, RunFold
             folder.failed()
         raise
     finally:
+        if folder is not None:
+            folder.release()
         shutdown_runtime(runtime)
 
 
@@ -206,14 +211,16 @@ def summarise(context: RunContext, result: TrainResult, method, data, parameters
     )
 
 
-def prepare_output_dir(out: Path, resume: bool, overwrite: bool, max_steps: Optional[int], runtime: Runtime) -> RunFolder:
+def prepare_output_dir(out: Path, resume: bool, overwrite: bool, max_steps: Optional[int], runtime: Runtime,
+                       fingerprint: Optional[dict] = None, allow_changes: bool = False) -> RunFolder:
     """Check (and on the main process, create or set aside) the output folder; see :mod:`training.run_folder`.
 
     The other processes look only after the main process has moved or created it.
     """
     if runtime.distributed and not runtime.is_main:
         torch.distributed.barrier()
-    folder = open_run_folder(out, resume, overwrite, max_steps, runtime.is_main)
+    folder = open_run_folder(out, resume, overwrite, max_steps, runtime.is_main, fingerprint=fingerprint,
+                             allow_changes=allow_changes)
     if runtime.distributed and runtime.is_main:
         torch.distributed.barrier()
     return folder

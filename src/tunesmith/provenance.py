@@ -8,7 +8,6 @@ packages; :func:`differences` says which of these changed.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
 import json
 import os
@@ -21,6 +20,7 @@ from tunesmith.config import Recipe
 from tunesmith.errors import TunesmithError
 from tunesmith.files import write_text_atomic
 from tunesmith.run_files import RunLayout
+from tunesmith.training.fingerprint import file_digest
 
 PACKAGES = ("torch", "transformers", "peft", "tunesmith", "safetensors", "tokenizers", "numpy")
 VERSION = 1
@@ -34,15 +34,6 @@ def data_files(recipe: Recipe) -> list[str]:
     if recipe.eval.task is not None:
         files.append(recipe.eval.task.file)
     return files
-
-
-def file_digest(path: Path) -> str:
-    """SHA-256 of a file's bytes, read in 1 MiB pieces."""
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for piece in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(piece)
-    return digest.hexdigest()
 
 
 def package_versions() -> dict[str, str]:

@@ -27,7 +27,7 @@ import yaml
 
 from tunesmith.config import Recipe, load_recipe, recipe_to_yaml, validate_recipe
 from tunesmith.config.loader import validate_method
-from tunesmith.errors import TunesmithError
+from tunesmith.errors import TunesmithError, missing_file
 from tunesmith.files import atomic_path, write_text_atomic
 from tunesmith.finetune import Interrupted, finetune
 from tunesmith.registry import did_you_mean
@@ -66,7 +66,7 @@ def read_space(path: str | Path, raw_recipe: dict) -> list[Dimension]:
     """
     path = Path(path)
     if not path.is_file():
-        raise TunesmithError(f"search space file {path} does not exist")
+        raise missing_file(path, "search space file")
     try:
         spec = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as error:

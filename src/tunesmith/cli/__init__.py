@@ -28,7 +28,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     threads = configure_threads()
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_arguments(parser, argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger(__name__).info(threads)
@@ -40,6 +40,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except TunesmithError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+
+
+def parse_arguments(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
+    """Parse, accepting dotted overrides also after flags (``train r.yaml --resume output.dir=x``)."""
+    args, extra = parser.parse_known_args(argv)
+    late = [item for item in extra if "=" in item and not item.startswith("-")]
+    if extra and (late != extra or not isinstance(getattr(args, "overrides", None), list)):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if late:
+        args.overrides = [*args.overrides, *late]
+    return args
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Callable
 
 
@@ -21,6 +22,19 @@ def at_least(minimum: float, kind: type = int) -> Callable[[str], float]:
         return value
 
     parse.__name__ = f"{kind.__name__} >= {minimum}"
+    return parse
+
+
+def between(low: float, high: float) -> Callable[[str], float]:
+    """An argparse type: a number from ``low`` to ``high`` (``--threshold 1.5`` is refused)."""
+
+    def parse(text: str) -> float:
+        value = at_least(low, float)(text)
+        if value > high:
+            raise argparse.ArgumentTypeError(f"must be at most {high} (got {text})")
+        return value
+
+    parse.__name__ = f"number in [{low}, {high}]"
     return parse
 
 
@@ -49,3 +63,35 @@ def load_model_from_args(args: argparse.Namespace):
     from tunesmith.inference import load_for_inference
 
     return load_for_inference(args.model, args.adapter, args.dtype, args.device, args.trust_remote_code)
+
+
+def check_generation_length(model, tokenizer, max_new_tokens: int) -> None:
+    """Refuse a ``--max-new-tokens`` the model's context window cannot hold (it could never be reached).
+
+    Raises:
+        TunesmithError: Naming the flag, the window and the largest value that fits.
+    """
+    from tunesmith.errors import TunesmithError
+    from tunesmith.evaluation.loglikelihood import max_model_length
+
+    window = max_model_length(model, tokenizer)
+    if max_new_tokens >= window:
+        raise TunesmithError(f"--max-new-tokens {max_new_tokens} does not fit the model's context window of {window} "
+                             f"tokens (the prompt needs room too); give at most {window - 1}")
+
+
+def refuse_foreign_replacement(out: Path, written: frozenset[str], flag: str) -> None:
+    """Refuse ``flag`` on a folder holding anything the command does not write itself (a user's files).
+
+    Raises:
+        TunesmithError: Naming the folder and the first foreign names.
+    """
+    from tunesmith.errors import TunesmithError
+
+    if out.exists() and not out.is_dir():
+        raise TunesmithError(f"{out} is a file, not a folder; {flag} replaces only a folder this command wrote")
+    foreign = sorted(entry.name for entry in out.iterdir() if entry.name not in written) if out.is_dir() else []
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
+        raise TunesmithError(f"{flag} would delete files this command did not write in {out} ({shown}); "
+                             "move them out first or choose another --out")

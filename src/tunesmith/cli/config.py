@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from tunesmith.errors import TunesmithError
+from tunesmith.errors import TunesmithError, missing_file
 
 
 def register(commands) -> None:
@@ -108,7 +108,7 @@ def _check_template(name: str) -> None:
 def _check_exist(field: str, paths) -> None:
     for path in paths:
         if not Path(path).is_file():
-            raise TunesmithError(f"{field}: file {path} does not exist")
+            raise missing_file(path, f"{field}: file")
 
 
 def _check_files(section: str, paths, data_format: str, text_field: str, key: str = "train",
@@ -124,7 +124,7 @@ def _check_files(section: str, paths, data_format: str, text_field: str, key: st
             raise TunesmithError(f"{section}.format: {str(error).rstrip('.')} or auto") from None
     for path in paths:
         if not Path(path).is_file():
-            raise TunesmithError(f"{section}.{key}: data file {path} does not exist")
+            raise missing_file(path, f"{section}.{key}: data file")
         records = read_records(path, text_field)
         first = next(records, None)
         records.close()

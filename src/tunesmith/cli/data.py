@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from tunesmith.cli import quiet_libraries
-from tunesmith.cli.common import at_least, device
+from tunesmith.cli.common import at_least, between, device
 
 
 def register(commands) -> None:
@@ -141,8 +141,8 @@ def _register_clean(steps) -> None:
                                help=field.description)
     clean.add_argument("--pii", default="email,phone,card", help="Kinds of personal data to mask ('' for none).")
     clean.add_argument("--require", default="", help="Comma-separated fields a record must have, non-empty.")
-    clean.add_argument("--min-length", type=int)
-    clean.add_argument("--max-length", type=int)
+    clean.add_argument("--min-length", type=at_least(0))
+    clean.add_argument("--max-length", type=at_least(1))
     clean.add_argument("--length-unit", choices=["chars", "tokens"], default="chars")
     clean.add_argument("--model", help="Tokenizer for --length-unit tokens.")
     clean.set_defaults(handler=cmd_clean)
@@ -190,8 +190,8 @@ def _register_dedup(steps) -> None:
     _common(dedup)
     dedup.add_argument("--exact", action=argparse.BooleanOptionalAction, default=True, help="Exact duplicates.")
     dedup.add_argument("--near", action=argparse.BooleanOptionalAction, default=True, help="Near duplicates (MinHash/LSH).")
-    dedup.add_argument("--threshold", type=float, default=0.8, help="Jaccard similarity of near duplicates.")
-    dedup.add_argument("--num-perm", type=int, default=128, help="MinHash permutations.")
+    dedup.add_argument("--threshold", type=between(0.0, 1.0), default=0.8, help="Jaccard similarity of near duplicates.")
+    dedup.add_argument("--num-perm", type=at_least(1), default=128, help="MinHash permutations.")
     dedup.add_argument("--against", action="append", default=[], help="Evaluation file to decontaminate against (repeatable).")
     dedup.set_defaults(handler=cmd_dedup)
 
@@ -221,8 +221,8 @@ def _register_augment(steps) -> None:
     augment.add_argument("--pivot-language", default="German")
     augment.add_argument("--prefix", default="", help="Text put before each input of a seq2seq model.")
     augment.add_argument("--fields", default="", help="Top-level fields to rewrite (default: the prompt side).")
-    augment.add_argument("--min-similarity", type=float, default=0.3, help="Drop rewrites less similar than this.")
-    augment.add_argument("--max-similarity", type=float, default=0.95, help="Drop rewrites more similar than this.")
+    augment.add_argument("--min-similarity", type=between(0.0, 1.0), default=0.3, help="Drop rewrites less similar than this.")
+    augment.add_argument("--max-similarity", type=between(0.0, 1.0), default=0.95, help="Drop rewrites more similar than this.")
     augment.add_argument("--max-new-tokens", type=at_least(1), default=256)
     augment.add_argument("--batch-size", type=at_least(1), default=8)
     augment.add_argument("--limit", type=at_least(1), help="Rewrite only the first N records.")

@@ -46,6 +46,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
         return cmd_loss(args)
     if not (args.suite or args.general_suite or args.bias or args.data):
         raise TunesmithError("tunesmith eval needs --data FILE, or at least one of --suite, --general-suite, --bias")
+    from tunesmith.training.run_folder import writing_into
+
+    with writing_into(Path(args.out)):  # --out inside a run folder (RUN/eval): not while another process writes it
+        return _evaluate_and_report(args)
+
+
+def _evaluate_and_report(args: argparse.Namespace) -> int:
     from tunesmith.evaluation.compare import ModelSpec, compare_and_report, evaluate_and_report, resolve_tuned
 
     suites = collect_suites(args)

@@ -26,10 +26,21 @@ def register(commands) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from tunesmith.export import export, export_result
+    from pathlib import Path
+
+    from tunesmith.training.run_folder import writing_into
 
     if (args.result is None) == (args.adapter is None):
         raise TunesmithError("give the result to export once: as RESULT or as --adapter DIR")
+    with writing_into(Path(args.out)):  # --out inside a run folder: not while another process writes that run
+        report = _export(args)
+    print(report.describe())
+    return 0
+
+
+def _export(args: argparse.Namespace):
+    from tunesmith.export import export, export_result
+
     if args.format is None and args.quantize is None and not args.ollama:
         report = export_result(args.result or args.adapter, args.out, args.merge or args.result is not None,
                                args.model, args.device)
@@ -39,5 +50,4 @@ def cmd_export(args: argparse.Namespace) -> int:
         fmt = args.format or ("gguf" if args.quantize or args.ollama else "hf")
         report = export(args.result or args.adapter, args.out, fmt, args.quantize, args.ollama, args.model,
                         args.device)
-    print(report.describe())
-    return 0
+    return report

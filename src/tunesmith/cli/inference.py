@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from tunesmith.cli.common import add_model_arguments, at_least, load_model_from_args
+from tunesmith.cli.common import add_model_arguments, at_least, check_generation_length, load_model_from_args
 
 
 def register(commands) -> None:
@@ -42,6 +42,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     refuse_scorers(args)
     model, tokenizer = load_model_from_args(args)
+    check_generation_length(model, tokenizer, args.max_new_tokens)
     conversation = _conversation(args.system) + [{"role": "user", "content": args.prompt}]
     print(generate(model, tokenizer, [conversation], args.max_new_tokens, args.temperature)[0])
     return 0
@@ -52,6 +53,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
     refuse_scorers(args)
     model, tokenizer = load_model_from_args(args)
+    check_generation_length(model, tokenizer, args.max_new_tokens)
     conversation = _conversation(args.system)
     print("Chat with the model. /reset starts over, /exit (or Ctrl-D) quits.")
     while True:

@@ -11,7 +11,7 @@ def register(commands) -> None:
     sweep = commands.add_parser("sweep", help="Search hyper-parameters with Optuna; each trial is a normal run.")
     sweep.add_argument("recipe", help="YAML recipe file (the defaults of every trial).")
     sweep.add_argument("--space", required=True, help="YAML file: dotted recipe field -> range or choices.")
-    sweep.add_argument("--trials", type=int, default=8, help="Trials to run in all (a resumed study counts the done).")
+    sweep.add_argument("--trials", type=at_least(1), default=8, help="Trials to run in all (a resumed study counts the done).")
     sweep.add_argument("--out", help="Study folder (default: the recipe's output.dir + '-sweep').")
     sweep.add_argument("--objective", default="val_loss",
                        help="val_loss (default, minimised) or task (the recipe's eval.task metric, maximised).")

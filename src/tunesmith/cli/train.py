@@ -5,12 +5,16 @@ from __future__ import annotations
 import argparse
 import shlex
 
+from tunesmith.errors import TunesmithError
+
 
 def register(commands) -> None:
     train = commands.add_parser("train", help="Fine-tune as a recipe says.")
     train.add_argument("recipe", help="YAML recipe file.")
     train.add_argument("overrides", nargs="*", help="Dotted overrides such as train.lr=1e-4.")
     train.add_argument("--resume", action="store_true", help="Continue from the newest checkpoint.")
+    train.add_argument("--allow-changes", action="store_true",
+                       help="With --resume: continue although the recipe or data changed since the checkpoint.")
     train.add_argument("--overwrite", action="store_true", help="Replace the output folder if it is a tunesmith run.")
     train.add_argument("--no-progress", action="store_true", help="No progress bar.")
     train.set_defaults(handler=cmd_train)
@@ -21,10 +25,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     from tunesmith.config import load_recipe
     from tunesmith.finetune import finetune
 
+    if args.allow_changes and not args.resume:
+        raise TunesmithError("--allow-changes only applies to --resume; drop it or add --resume")
     overrides = list(args.overrides) + (["output.overwrite=true"] if args.overwrite else [])
     recipe = load_recipe(args.recipe, overrides)
     check_inputs(recipe)  # what `tunesmith config check` resolves: a bad recipe fails before the model loads
     # The resume command printed on interruption must name the same run: keep the overrides (output.dir=...).
     command = " ".join(shlex.quote(part) for part in [args.recipe, *args.overrides])
-    finetune(recipe, resume=args.resume, recipe_path=command, progress=not args.no_progress)
+    finetune(recipe, resume=args.resume, recipe_path=command, progress=not args.no_progress,
+             allow_changes=args.allow_changes)
     return 0

@@ -10,7 +10,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from tunesmith.config.recipe import Recipe
-from tunesmith.errors import TunesmithError, decode_utf8
+from tunesmith.errors import TunesmithError, decode_utf8, missing_file
 from tunesmith.registry import did_you_mean
 
 
@@ -30,7 +30,7 @@ def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
     """
     path = Path(path)
     if not path.is_file():
-        raise TunesmithError(f"recipe file {path} does not exist")
+        raise missing_file(path, "recipe file")
     raw = read_yaml(path, "recipe") or {}
     if not isinstance(raw, dict):
         raise TunesmithError(f"{path} must be a mapping of sections (model, data, method, ...)")

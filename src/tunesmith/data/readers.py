@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Iterator, Optional
 
-from tunesmith.errors import TunesmithError, decode_utf8
+from tunesmith.errors import TunesmithError, decode_utf8, missing_file
 
 SUPPORTED_SUFFIXES = (".json", ".jsonl", ".csv", ".tsv", ".parquet", ".txt")
 
@@ -73,7 +73,7 @@ def read_records(path: str | Path, text_field: str = "text",
     """
     path = Path(path)
     if not path.is_file():
-        raise TunesmithError(f"data file {path} does not exist")
+        raise missing_file(path, "data file")
     kind = file_kind(path)
     reader = {
         ".jsonl": lambda p: _read_jsonl(p, on_bad_line),

@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Iterator, Optional
 
-from tunesmith.errors import TunesmithError
+from tunesmith.errors import TunesmithError, missing_file
 from tunesmith.evaluation.multiple_choice import MultipleChoiceItem
 
 MMLU_COLUMNS = ("question", "choice0", "choice1", "choice2", "choice3", "answer")
@@ -25,7 +25,7 @@ def read_table(path: Path) -> Iterator[tuple[str, dict]]:
         TunesmithError: If the file is missing or a JSONL line is not an object.
     """
     if not path.is_file():
-        raise TunesmithError(f"data file {path} does not exist")
+        raise missing_file(path, "data file")
     if path.suffix == ".json":
         records = json.loads(path.read_text(encoding="utf-8"))
         if not isinstance(records, list):

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 from tunesmith.config.loader import read_yaml
-from tunesmith.errors import TunesmithError
+from tunesmith.errors import TunesmithError, missing_file
 from tunesmith.evaluation.tasks import TaskSection, load_task_file, parse_task
 
 
@@ -52,7 +52,7 @@ def load_suite(path: Union[str, Path], data_root: Optional[Union[str, Path]] = N
     """
     path = Path(path)
     if not path.is_file():
-        raise TunesmithError(f"suite file {path} does not exist")
+        raise missing_file(path, "suite file")
     raw = read_yaml(path, "suite file") or {}
     if not isinstance(raw, dict) or not isinstance(raw.get("tasks"), list) or not raw["tasks"]:
         raise TunesmithError(f"{path}: a suite needs a non-empty 'tasks' list of task files or task mappings")

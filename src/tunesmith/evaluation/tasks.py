@@ -15,7 +15,7 @@ from pydantic import Field, TypeAdapter, ValidationError, field_validator
 from tunesmith.config.base import Section
 from tunesmith.config.stages import StageSection
 from tunesmith.config.loader import read_yaml
-from tunesmith.errors import TunesmithError
+from tunesmith.errors import TunesmithError, missing_file
 
 PROBES_DIR = Path(__file__).resolve().parent / "probes"
 
@@ -204,7 +204,7 @@ def parse_task(raw: dict, where: str, base_dir: Path, data_root: Optional[Path])
 def load_task_file(path: Path, data_root: Optional[Path], overrides: Optional[dict] = None) -> TaskSection:
     """Read and validate a task YAML file (``overrides`` replace its fields, e.g. a suite's ``limit``)."""
     if not path.is_file():
-        raise TunesmithError(f"task file {path} does not exist")
+        raise missing_file(path, "task file")
     raw = read_yaml(path, "task file")
     if isinstance(raw, dict) and overrides:
         raw = {**raw, **overrides}

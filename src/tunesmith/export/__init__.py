@@ -80,7 +80,7 @@ def export(source: str | Path, out: str | Path, format: str = "hf", quantize: Op
             cannot take (``NotMergeable`` says why), an architecture the GGUF writer does not know,
             or an export that fails its check (nothing is left at ``out`` then).
     """
-    out = Path(out)
+    out = Path(out).expanduser().absolute()  # the llama.cpp check runs in another folder: a relative --out broke it
     location = validate_request(source, out, format, quantize, ollama)
     quantize = (quantize or "f16") if format == "gguf" else None
     if format == "gguf":

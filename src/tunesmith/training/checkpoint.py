@@ -44,6 +44,7 @@ class TrainState:
     best_metric: Optional[float] = None
     evals_without_improvement: int = 0
     stopped_early: bool = False
+    fingerprint: Optional[dict] = None  # what the run trains on: see run_fingerprint (None in older checkpoints)
 
 
 def rng_state() -> dict[str, torch.Tensor]:
@@ -130,9 +131,12 @@ def save_checkpoint(folder: Path, trainable: dict[str, torch.Tensor], optimizer,
         if not is_disk_full(error):
             raise
         previous = list_checkpoints(folder)
-        last = f"the last complete checkpoint is {previous[-1]}" if previous else "there is no earlier checkpoint"
-        raise TunesmithError(f"disk full while writing checkpoint {state.step} in {folder}; {last}; "
-                             "free some space and continue with --resume") from None
+        if previous:
+            raise TunesmithError(f"disk full while writing checkpoint {state.step} in {folder}; the last complete "
+                                 f"checkpoint is {previous[-1]}; free some space and continue with --resume") from None
+        # No checkpoint to continue from: the run folder is removed (or what --overwrite replaced put back).
+        raise TunesmithError(f"disk full while writing checkpoint {state.step} in {folder}, the run's first; "
+                             "free some space and start the run again with the same command") from None
     prune_checkpoints(folder, keep)
     return final
 
@@ -193,8 +197,10 @@ def latest_checkpoint(folder: Path, warn: Callable[[str], None] = lambda message
     if damaged:
         details = "; ".join(f"{name}: {why}" for name, why in damaged)
         raise TunesmithError(f"no whole checkpoint to resume from in {folder} ({details}); "
-                             "start again with --overwrite")
-    raise TunesmithError(f"no checkpoint to resume from in {folder}; set train.checkpoint_every and train again")
+                             "start the run again with the same command without --resume")
+    raise TunesmithError(f"no checkpoint to resume from in {folder} (the run stopped before its first); start it "
+                         "again with the same command without --resume (train.checkpoint_every sets how often "
+                         "checkpoints are written)")
 
 
 def last_complete_checkpoint(folder: Optional[Path]) -> str:
@@ -202,6 +208,11 @@ def last_complete_checkpoint(folder: Optional[Path]) -> str:
     found = list_checkpoints(folder) if folder else []
     whole = [p for p in found if (p / MANIFEST).is_file()]
     return f"the last complete checkpoint is {whole[-1]}" if whole else "no checkpoint was written"
+
+
+def has_whole_checkpoint(folder: Path) -> bool:
+    """True when ``folder`` (a run's ``checkpoints/``) holds a checkpoint that can be resumed from."""
+    return any(checkpoint_problem(path) is None for path in list_checkpoints(folder))
 
 
 def checkpoint_step(path: Path) -> int:
