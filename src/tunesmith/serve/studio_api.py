@@ -105,9 +105,9 @@ class PreferenceBody(BaseModel):
 @router.post("/preferences")
 async def add_preference(body: PreferenceBody, request: Request):
     """Append one preference pair (``prompt``/``chosen``/``rejected``) to a workspace JSON Lines file."""
-    file = _workspace(request).resolve(body.path)
-    if file.suffix != ".jsonl":
-        raise TunesmithError(f"preferences go to a .jsonl file, not '{body.path}'")
+    from tunesmith.serve.safety import appendable_data_file
+
+    file = appendable_data_file(body.path, request.app.state.safety)
     prompt_turns = [m for m in body.messages if m.get("role") in ("system", "user", "assistant")]
     record: dict[str, Any] = {"chosen": body.chosen, "rejected": body.rejected,
                               "meta": {"chosen_model": body.chosen_model, "rejected_model": body.rejected_model}}
@@ -154,55 +154,49 @@ class RecipeBody(BaseModel):
     name: Optional[str] = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
-def check_recipe(raw: dict[str, Any], request: Request) -> tuple[Any, list[dict]]:
-    """Validate a recipe from the browser: (recipe or None, errors each with its field location).
+def validate_browser_recipe(raw: dict[str, Any], request: Request) -> tuple[Any, list[dict]]:
+    """The recipe's own validation of a recipe from the browser: (recipe or None, errors at their fields).
 
-    Beyond the recipe's own validation: the model is an alias, a base given at start or a
-    workspace folder; data files and the output folder lie in the workspace (output under
-    ``runs/``); ``trust_remote_code`` stays off.
+    A base model id given at start (``serve --model ID=PATH``) becomes its path first.
     """
     from tunesmith.config import Recipe
     from tunesmith.config.loader import describe_error
-    from tunesmith.models.aliases import ALIASES
 
-    workspace, bases = _workspace(request), request.app.state.pool.bases
+    bases = request.app.state.pool.bases
     raw = json.loads(json.dumps(raw))  # a private copy: the start-given base id becomes its path
     name = (raw.get("model") or {}).get("name") if isinstance(raw.get("model"), dict) else None
-    if name in bases:
+    if isinstance(name, str) and name in bases:
         raw["model"]["name"] = bases[name]
     try:
-        recipe = Recipe.model_validate(raw)
+        return Recipe.model_validate(raw), []
     except ValidationError as error:
         return None, [{"loc": ".".join(str(p) for p in item["loc"]), "message": describe_error(item)}
                       for item in error.errors()]
-    errors = []
-    if recipe.model.trust_remote_code:
-        errors.append({"loc": "model.trust_remote_code",
-                       "message": "trust_remote_code cannot be switched on from the studio; use the command line"})
-    if name not in bases and recipe.model.name not in ALIASES:
-        _check_path(workspace, "model.name", recipe.model.name, errors)
-    for index, file in enumerate(recipe.data.train):
-        _check_path(workspace, f"data.train.{index}", file, errors)
-    if recipe.data.validation:
-        _check_path(workspace, "data.validation", recipe.data.validation, errors)
-    for index, source in enumerate(recipe.data.sources):
-        for number, file in enumerate(source.train):
-            _check_path(workspace, f"data.sources.{index}.train.{number}", file, errors)
-        if source.validation:
-            _check_path(workspace, f"data.sources.{index}.validation", source.validation, errors)
-    if _check_path(workspace, "output.dir", recipe.output.dir, errors):
-        if workspace.root / "runs" not in workspace.resolve(recipe.output.dir).parents:
-            errors.append({"loc": "output.dir", "message": "output.dir must be a folder under runs/, such as runs/my-run"})
+
+
+def check_recipe(raw: dict[str, Any], request: Request) -> tuple[Any, list[dict]]:
+    """Validate a recipe from the browser: (recipe or None, errors each with its field location).
+
+    Beyond the recipe's own validation, the server's safety rules (:mod:`tunesmith.serve.safety`):
+    no code the browser chose, every path in the workspace, the output under ``runs/``.
+    """
+    from tunesmith.serve.safety import recipe_problems
+
+    recipe, errors = validate_browser_recipe(raw, request)
+    if recipe is not None:
+        errors = [problem.as_dict() for problem in recipe_problems(recipe, request.app.state.safety)]
     return (None if errors else recipe), errors
 
 
-def _check_path(workspace, location: str, value: str, errors: list[dict]) -> bool:
-    try:
-        workspace.resolve(value)
-        return True
-    except TunesmithError as error:
-        errors.append({"loc": location, "message": str(error)})
-        return False
+def safe_recipe(raw: dict[str, Any], request: Request) -> Any:
+    """The validated recipe, or the refusal: malformed is a 400, forbidden by the safety rules a 403."""
+    from tunesmith.serve.safety import recipe_problems, refuse
+
+    recipe, errors = validate_browser_recipe(raw, request)
+    if recipe is None:
+        raise TunesmithError("; ".join(f"{e['loc']}: {e['message']}" for e in errors))
+    refuse(recipe_problems(recipe, request.app.state.safety))
+    return recipe
 
 
 @router.post("/recipe/check")
@@ -236,9 +230,7 @@ async def save_recipe(body: RecipeBody, request: Request):
     from tunesmith.config import recipe_to_yaml
 
     workspace = _workspace(request)
-    recipe, errors = check_recipe(body.recipe, request)
-    if recipe is None:
-        raise TunesmithError("; ".join(f"{e['loc']}: {e['message']}" for e in errors))
+    recipe = safe_recipe(body.recipe, request)
     target = unique_path(workspace.root / "recipes", body.name or "recipe", ".yaml")
     write_text_atomic(target, recipe_to_yaml(recipe))
     return {"path": workspace.relative(target)}
@@ -247,9 +239,7 @@ async def save_recipe(body: RecipeBody, request: Request):
 @router.post("/plan")
 async def plan(body: RecipeBody, request: Request):
     """What the run will need, as far as it is known before it starts."""
-    recipe, errors = check_recipe(body.recipe, request)
-    if recipe is None:
-        raise TunesmithError("; ".join(f"{e['loc']}: {e['message']}" for e in errors))
+    recipe = safe_recipe(body.recipe, request)
     try:
         return await asyncio.to_thread(estimate_plan, recipe, _workspace(request).root)
     except TunesmithError:
