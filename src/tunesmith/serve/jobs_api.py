@@ -15,7 +15,7 @@ from pydantic import BaseModel, Field
 
 from tunesmith.errors import TunesmithError
 from tunesmith.serve.safety import SafetyRules, refuse_unsafe_recipe, refuse_unsafe_space, refuse_unsafe_suite
-from tunesmith.serve.studio_api import _read_metrics, unique_path
+from tunesmith.serve.studio_api import _read_metrics, unique_path, yaml_from_browser
 
 router = APIRouter(prefix="/api/jobs")
 
@@ -130,10 +130,7 @@ def submit_sweep(body: SweepJob, workspace, runner, rules: SafetyRules) -> int:
     from tunesmith.files import write_text_atomic
 
     recipe_file = workspace.resolve(body.recipe, must_exist=True)
-    try:
-        space = yaml.safe_load(body.space)
-    except yaml.YAMLError as error:
-        raise TunesmithError(f"the search space is not valid YAML: {error}") from None
+    space = yaml_from_browser(body.space, "search space")
     if not isinstance(space, dict) or not space:
         raise TunesmithError("the search space must map dotted recipe fields to ranges, e.g. "
                              "'train.lr: {low: 1.0e-5, high: 1.0e-3, log: true}'")

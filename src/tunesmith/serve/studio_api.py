@@ -216,9 +216,10 @@ async def recipe_check(body: RecipeBody, request: Request):
 async def recipe_parse(request: Request):
     """An uploaded YAML recipe (the request body) back as a mapping for the form."""
     try:
-        raw = yaml.safe_load((await request.body()).decode("utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as error:
-        raise TunesmithError(f"the recipe is not valid YAML: {error}") from None
+        text = (await request.body()).decode("utf-8")
+    except UnicodeDecodeError:
+        raise TunesmithError("the recipe is not UTF-8 text; save it as UTF-8 and upload it again") from None
+    raw = yaml_from_browser(text, "recipe")
     if not isinstance(raw, dict):
         raise TunesmithError("the recipe must be a mapping of sections (model, data, method, ...)")
     return {"recipe": raw}
@@ -326,6 +327,23 @@ async def compare_runs(request: Request, runs: list[str] = Query(..., min_length
 
 
 # --- helpers -------------------------------------------------------------------------------------------
+
+
+def yaml_from_browser(text: str, what: str) -> Any:
+    """YAML sent by the browser, read as data only (``safe_load``); a syntax error is one sentence naming the line.
+
+    Raises:
+        TunesmithError: If it is not valid YAML or nests too deeply.
+    """
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise TunesmithError(f"the {what} is not valid YAML{where} ({problem}); fix its syntax there") from None
+    except RecursionError:
+        raise TunesmithError(f"the {what} is nested too deeply to be YAML the studio reads") from None
 
 
 def unique_path(folder: Path, stem: str, suffix: str) -> Path:
