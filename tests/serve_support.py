@@ -50,8 +50,8 @@ def free_port() -> int:
 class Server:
     """``python -m tunesmith serve`` in its own process, on a free loopback port."""
 
-    def __init__(self, workspace: Path, *extra: str) -> None:
-        self.workspace, self.extra = workspace, extra
+    def __init__(self, workspace: Path, *extra: str, cwd: Path | None = None) -> None:
+        self.workspace, self.extra, self.cwd = workspace, extra, cwd
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.process: subprocess.Popen | None = None
@@ -63,7 +63,7 @@ class Server:
         self.log = open(self.workspace / f"server-{self.port}.log", "a")
         self.process = subprocess.Popen([sys.executable, "-m", "tunesmith", "serve", "--workspace", str(self.workspace),
                                          "--port", str(self.port), *self.extra], env=env, stdout=self.log,
-                                        stderr=subprocess.STDOUT)
+                                        stderr=subprocess.STDOUT, cwd=self.cwd)
         deadline = time.time() + timeout
         while time.time() < deadline:
             if self.process.poll() is not None:
