@@ -41,6 +41,16 @@ def tiny_recipe(run: str, steps: int = 6, **train) -> dict:
             "output": {"dir": f"runs/{run}"}}
 
 
+def greedy_completion(base: str, adapter: str | None, prompt: str, max_tokens: int) -> str:
+    """What tunesmith's own inference (transformers' greedy ``generate``) continues ``prompt`` with."""
+    from tunesmith.inference import load_for_inference
+
+    model, tokenizer = load_for_inference(base, adapter)
+    inputs = tokenizer(prompt, return_tensors="pt")
+    output = model.generate(**inputs, max_new_tokens=max_tokens, do_sample=False)[0, inputs["input_ids"].shape[1]:]
+    return tokenizer.decode(output, skip_special_tokens=True)
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
