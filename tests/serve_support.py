@@ -1,4 +1,4 @@
-"""Helpers of the ``tunesmith serve`` tests: a workspace on stories260k, a real server process."""
+"""Helpers of the ``tunesmith serve`` tests: a workspace on a tiny model, a real server process."""
 
 from __future__ import annotations
 
@@ -15,19 +15,23 @@ from pathlib import Path
 from conftest import REPO
 
 
-def make_workspace(root: Path, stories260k: str, alpaca_demo: str, records: int = 48) -> Path:
-    """A workspace holding stories260k under models/ and the first alpaca records under data/."""
+BASE = "models/base"
+"""The workspace id of the model :func:`make_workspace` copies in (the tests' tiny Llama, or stories260k)."""
+
+
+def make_workspace(root: Path, model: str, alpaca_records: str, records: int = 48) -> Path:
+    """A workspace holding ``model`` under models/base and the first alpaca records under data/tiny.jsonl."""
     (root / "models").mkdir(parents=True, exist_ok=True)
-    shutil.copytree(stories260k, root / "models" / "stories260k")
+    shutil.copytree(model, root / BASE)
     (root / "data").mkdir(exist_ok=True)
-    rows = json.loads(Path(alpaca_demo).read_text())[:records]
+    rows = json.loads(Path(alpaca_records).read_text())[:records]
     (root / "data" / "tiny.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
     return root
 
 
 def tiny_recipe(run: str, steps: int = 6, **train) -> dict:
-    """A fast recipe on the workspace's stories260k and tiny.jsonl (paths relative to the workspace)."""
-    return {"model": {"name": "models/stories260k"},
+    """A fast recipe on the workspace's base model and tiny.jsonl (paths relative to the workspace)."""
+    return {"model": {"name": BASE},
             "data": {"train": ["data/tiny.jsonl"], "max_length": 48, "template": "simple"},
             "method": {"kind": "lora", "r": 4, "alpha": 8, "dropout": 0.0},
             # float32: run-b's lr 5e-2 under bfloat16 autocast gives an adapter whose greedy replies flip on
@@ -35,6 +39,16 @@ def tiny_recipe(run: str, steps: int = 6, **train) -> dict:
             "train": {"max_steps": steps, "batch_size": 2, "lr": 5e-3, "log_every": 1, "seed": 0,
                       "speed": {"autocast": "off"}, **train},
             "output": {"dir": f"runs/{run}"}}
+
+
+def greedy_completion(base: str, adapter: str | None, prompt: str, max_tokens: int) -> str:
+    """What tunesmith's own inference (transformers' greedy ``generate``) continues ``prompt`` with."""
+    from tunesmith.inference import load_for_inference
+
+    model, tokenizer = load_for_inference(base, adapter)
+    inputs = tokenizer(prompt, return_tensors="pt")
+    output = model.generate(**inputs, max_new_tokens=max_tokens, do_sample=False)[0, inputs["input_ids"].shape[1]:]
+    return tokenizer.decode(output, skip_special_tokens=True)
 
 
 def free_port() -> int:
@@ -46,8 +60,8 @@ def free_port() -> int:
 class Server:
     """``python -m tunesmith serve`` in its own process, on a free loopback port."""
 
-    def __init__(self, workspace: Path, *extra: str) -> None:
-        self.workspace, self.extra = workspace, extra
+    def __init__(self, workspace: Path, *extra: str, cwd: Path | None = None) -> None:
+        self.workspace, self.extra, self.cwd = workspace, extra, cwd
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.process: subprocess.Popen | None = None
@@ -59,7 +73,7 @@ class Server:
         self.log = open(self.workspace / f"server-{self.port}.log", "a")
         self.process = subprocess.Popen([sys.executable, "-m", "tunesmith", "serve", "--workspace", str(self.workspace),
                                          "--port", str(self.port), *self.extra], env=env, stdout=self.log,
-                                        stderr=subprocess.STDOUT)
+                                        stderr=subprocess.STDOUT, cwd=self.cwd)
         deadline = time.time() + timeout
         while time.time() < deadline:
             if self.process.poll() is not None:

@@ -11,15 +11,13 @@ from conftest import REPO, run_cli
 from tunesmith.errors import TunesmithError
 
 
-@pytest.fixture(scope="module")
-def trained_run(tmp_path_factory, stories260k_module) -> Path:
-    """A real 6-step LoRA run on stories260k (run folder with adapter/, manifest and tokenizer)."""
+def _train(out: Path, model: str) -> Path:
+    """A real 6-step LoRA run on ``model`` (run folder with adapter/, manifest and tokenizer)."""
     from tunesmith.config import validate_recipe
     from tunesmith.finetune import finetune
 
-    out = tmp_path_factory.mktemp("export") / "run"
     recipe = validate_recipe({
-        "model": {"name": stories260k_module},
+        "model": {"name": model},
         "data": {"train": str(REPO / "examples" / "data" / "tiny" / "train.jsonl"), "max_length": 96,
                  "template": "simple"},
         "method": {"kind": "lora", "r": 4, "alpha": 8, "dropout": 0.0},
@@ -31,10 +29,19 @@ def trained_run(tmp_path_factory, stories260k_module) -> Path:
 
 
 @pytest.fixture(scope="module")
-def stories260k_module() -> str:
+def trained_run(tmp_path_factory, tiny_llama) -> Path:
+    """The run on the tests' tiny Llama (byte-level BPE tokenizer): what every format must reproduce."""
+    return _train(tmp_path_factory.mktemp("export") / "run", tiny_llama)
+
+
+@pytest.fixture(scope="module")
+def stories_run(tmp_path_factory) -> Path:
+    """The run on stories260k, for the two GGUF tests that need its SentencePiece tokenizer (the
+    ``llama`` tokenizer model and ``add_space_prefix`` in the metadata) and its trained, peaked
+    distributions (llama.cpp's agreement with transformers, calibrated on it); no test builds either."""
     from conftest import asset
 
-    return str(asset("models/stories260k"))
+    return _train(tmp_path_factory.mktemp("export") / "stories-run", str(asset("models/stories260k")))
 
 
 @pytest.mark.parametrize("fmt,quantize", [("hf", None), ("peft", None), ("gguf", "f16"), ("gguf", "q8_0")])
@@ -71,12 +78,12 @@ def _llama_cpp_or_skip() -> None:
 
 
 @pytest.mark.parametrize("quantize", ["f16", "q4_0"])
-def test_llama_cpp_reads_the_gguf_export_as_the_trained_model(trained_run: Path, tmp_path: Path, quantize) -> None:
+def test_llama_cpp_reads_the_gguf_export_as_the_trained_model(stories_run: Path, tmp_path: Path, quantize) -> None:
     from tunesmith.export import export
     from tunesmith.export.check import TOLERANCES
 
     _llama_cpp_or_skip()
-    report = export(trained_run, tmp_path / "out", "gguf", quantize)
+    report = export(stories_run, tmp_path / "out", "gguf", quantize)
     check = report.checks["llama.cpp"]
     assert check.passed and check.tolerance == TOLERANCES[quantize] and "llama.cpp" not in report.skipped
     assert check.tokenizer_matches is True  # llama.cpp's own tokeniser, from the file's metadata
@@ -109,21 +116,21 @@ def test_a_gguf_file_llama_cpp_cannot_load_is_an_error(tmp_path: Path) -> None:
         run_llama_cpp(broken, [[1, 2, 3]], ["abc"], [4])
 
 
-def test_gguf_metadata_names_llama_tensors_chat_template_and_end_of_turn(trained_run: Path, tmp_path: Path) -> None:
+def test_gguf_metadata_names_llama_tensors_chat_template_and_end_of_turn(stories_run: Path, tmp_path: Path) -> None:
     from gguf import GGMLQuantizationType as Q
     from gguf import GGUFReader
 
     from tunesmith.export import export
     from tunesmith.results import load_result
 
-    export(trained_run, tmp_path / "out", "gguf", "q8_0", ollama=True)
+    export(stories_run, tmp_path / "out", "gguf", "q8_0", ollama=True)
     reader = GGUFReader(tmp_path / "out" / "model-q8_0.gguf")
 
     def field(key):
         value = reader.fields[key]
         return value.contents()
 
-    tokenizer = load_result(trained_run).tokenizer
+    tokenizer = load_result(stories_run).tokenizer
     assert field("general.architecture") == "llama"
     assert field("llama.block_count") == 5 and field("llama.attention.head_count_kv") == 4
     assert field("tokenizer.chat_template") == tokenizer.chat_template
@@ -143,7 +150,8 @@ def test_a_quantisation_beyond_its_tolerance_says_by_how_much_and_leaves_nothing
     from test_methods_cli import _trained_result
     from tunesmith.export import export
 
-    # random perturbations of every LoRA weight make a model that 4-bit weights cannot follow
+    # random perturbations of every LoRA weight make a model that 4-bit weights cannot follow; stories260k, as
+    # the measure needs a trained model's peaked distributions (a random model's flat ones stay within 0.5 nats)
     result = _trained_result({"kind": "lora", "r": 4}, stories260k, tmp_path / "adapter")
     with pytest.raises(TunesmithError, match=r"KL divergence of [0-9.]+ nats, [0-9.]+x the tolerance of 0.5"):
         export(result, tmp_path / "out", "gguf", "q4_0")
@@ -161,12 +169,12 @@ def test_an_architecture_the_gguf_writer_does_not_know_is_refused_by_name_before
     assert not (tmp_path / "out").exists() and not (tmp_path / ".out.partial").exists()
 
 
-def test_an_unmergeable_method_to_gguf_says_why_and_suggests_peft(stories260k: str, tmp_path: Path) -> None:
+def test_an_unmergeable_method_to_gguf_says_why_and_suggests_peft(tiny_llama: str, tmp_path: Path) -> None:
     from test_methods_cli import _trained_result
     from tunesmith.export import export
     from tunesmith.methods import NotMergeable
 
-    result = _trained_result({"kind": "prefix", "virtual_tokens": 4}, stories260k, tmp_path / "adapter")
+    result = _trained_result({"kind": "prefix", "virtual_tokens": 4}, tiny_llama, tmp_path / "adapter")
     with pytest.raises(NotMergeable, match="^prefix tuning adds keys and values.*--format peft"):
         export(result, tmp_path / "out", "gguf")
     assert not (tmp_path / "out").exists()
@@ -175,13 +183,13 @@ def test_an_unmergeable_method_to_gguf_says_why_and_suggests_peft(stories260k: s
 
 
 @pytest.mark.parametrize("template", ["chatml", "simple", "alpaca"])
-def test_the_ollama_template_renders_conversations_as_the_chat_template(stories260k: str, template: str) -> None:
+def test_the_ollama_template_renders_conversations_as_the_chat_template(tiny_llama: str, template: str) -> None:
     from transformers import AutoTokenizer
 
     from tunesmith.data.templates import resolve_template
     from tunesmith.export.ollama import go_template, render_with_pieces, role_pieces
 
-    tokenizer = AutoTokenizer.from_pretrained(stories260k)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
     resolve_template(tokenizer, template)
     pieces = role_pieces(tokenizer)
     conversation = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},

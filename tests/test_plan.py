@@ -22,14 +22,14 @@ def _plan_cache(plan_cache, monkeypatch):
     monkeypatch.setenv("TUNESMITH_CACHE", plan_cache)
 
 
-def _recipe(stories260k: str, tmp_path: Path, method: dict, **speed) -> dict:
-    return {"model": {"name": stories260k},
+def _recipe(tiny_llama: str, tmp_path: Path, method: dict, **speed) -> dict:
+    return {"model": {"name": tiny_llama},
             "data": {"train": str(REPO / "examples/data/tiny/train.jsonl"), "max_length": 96, "template": "simple"},
             "method": method, "train": {"max_steps": 4, "batch_size": 8, "lr": 1e-3, "log_every": 1, "speed": speed},
             "output": {"dir": str(tmp_path / "run")}}
 
 
-def test_meta_device_parameter_counts_equal_the_real_ones_for_every_method(stories260k: str) -> None:
+def test_meta_device_parameter_counts_equal_the_real_ones_for_every_method(tiny_llama: str) -> None:
     from transformers import AutoModelForCausalLM
 
     from tunesmith.config.loader import validate_method
@@ -38,7 +38,7 @@ def test_meta_device_parameter_counts_equal_the_real_ones_for_every_method(stori
 
     import copy
 
-    model = AutoModelForCausalLM.from_pretrained(stories260k)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama)
     for kind in METHODS.names():
         section = validate_method({"kind": kind})
         real = count_parameters(build_method(section).apply(copy.deepcopy(model)))
@@ -47,11 +47,11 @@ def test_meta_device_parameter_counts_equal_the_real_ones_for_every_method(stori
 
 @pytest.mark.slow
 @pytest.mark.parametrize("method", [{"kind": "lora", "r": 4, "alpha": 8}, {"kind": "full"}], ids=["lora", "full"])
-def test_planned_peak_memory_is_within_20_percent_of_a_measured_run(stories260k: str, tmp_path: Path, method) -> None:
+def test_planned_peak_memory_is_within_20_percent_of_a_measured_run(tiny_llama: str, tmp_path: Path, method) -> None:
     from tunesmith.plan import plan_recipe
 
     # the calibration is a real run of the recipe in a fresh process: its peak memory is the measurement
-    plan = plan_recipe(validate_recipe(_recipe(stories260k, tmp_path, method)), say=lambda *a: None)
+    plan = plan_recipe(validate_recipe(_recipe(tiny_llama, tmp_path, method)), say=lambda *a: None)
     measured = plan.calibration["peak_memory_mb"] * 2**20
     estimate = plan.methods[0].memory.total
     assert abs(estimate - measured) / measured < 0.20, (estimate / 2**20, measured / 2**20)
@@ -66,11 +66,11 @@ def test_planned_peak_memory_is_within_20_percent_of_a_measured_run(stories260k:
     assert plan.methods[0].run_seconds > plan.methods[0].seconds_per_step * plan.steps
 
 
-def test_activations_follow_the_layout_and_checkpointing_saves_memory(stories260k: str, tmp_path: Path) -> None:
+def test_activations_follow_the_layout_and_checkpointing_saves_memory(tiny_llama: str, tmp_path: Path) -> None:
     from tunesmith.plan import plan_recipe
 
     def activations(**speed):
-        raw = _recipe(stories260k, tmp_path, {"kind": "full"}, **speed)
+        raw = _recipe(tiny_llama, tmp_path, {"kind": "full"}, **speed)
         return plan_recipe(validate_recipe(raw), calibrate=False, say=lambda *a: None).methods[0].memory
 
     packed, padded = activations(packing=True), activations(packing=False)
@@ -82,14 +82,14 @@ def test_activations_follow_the_layout_and_checkpointing_saves_memory(stories260
     assert packed.gradients == 292_800 * 4 and packed.optimizer == 2 * 292_800 * 4
 
 
-def test_plan_command_prints_json_for_every_method(stories260k: str, tmp_path: Path, capsys) -> None:
+def test_plan_command_prints_json_for_every_method(tiny_llama: str, tmp_path: Path, capsys) -> None:
     import yaml
 
     from tunesmith.cli import main
     from tunesmith.methods import METHODS
 
     recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(yaml.safe_dump(_recipe(stories260k, tmp_path, {"kind": "lora", "r": 4})))
+    recipe.write_text(yaml.safe_dump(_recipe(tiny_llama, tmp_path, {"kind": "lora", "r": 4})))
     assert main(["plan", str(recipe), "--methods", "all", "--no-calibration", "--json"]) == 0
     plan = json.loads(capsys.readouterr().out)
     assert sorted(m["kind"] for m in plan["methods"]) == sorted(METHODS.names())

@@ -15,18 +15,15 @@ import httpx  # noqa: E402
 from fastapi.testclient import TestClient  # noqa: E402
 
 from conftest import run_cli  # noqa: E402
-from serve_support import make_workspace, tiny_recipe  # noqa: E402
+from serve_support import BASE, greedy_completion, make_workspace, tiny_recipe  # noqa: E402
 
 pytestmark = pytest.mark.slow
 CHAT = [{"role": "user", "content": "Tell me a story about a cat."}]
 
 
 @pytest.fixture(scope="module")
-def workspace(tmp_path_factory):
-    from conftest import asset
-
-    root = make_workspace(tmp_path_factory.mktemp("workspace"), str(asset("models/stories260k")),
-                          str(asset("data/llama_factory/alpaca_en_demo.json")))
+def workspace(tmp_path_factory, tiny_llama, tiny_data):
+    root = make_workspace(tmp_path_factory.mktemp("workspace"), tiny_llama, tiny_data)
     for name, seed, lr in (("run-a", 0, 2e-2), ("run-b", 1, 5e-2)):
         recipe = tiny_recipe(name, steps=6, seed=seed, lr=lr)
         (root / "recipes" / f"{name}.yaml").parent.mkdir(exist_ok=True)
@@ -56,12 +53,11 @@ def reference(workspace, model_id: str, max_tokens: int) -> tuple[str, str]:
     """What tunesmith's own inference answers (greedy) for the same model id: (chat reply, completion)."""
     from tunesmith.inference import generate, load_for_inference
 
-    base = str(workspace / "models" / "stories260k")
+    base = str(workspace / BASE)
     adapter = str(workspace / model_id / "adapter") if model_id.startswith("runs/") else None
     model, tokenizer = load_for_inference(base, adapter)
-    inputs = tokenizer("Once upon a time", return_tensors="pt")
-    output = model.generate(**inputs, max_new_tokens=max_tokens, do_sample=False)[0, inputs["input_ids"].shape[1]:]
-    return generate(model, tokenizer, [CHAT], max_tokens)[0], tokenizer.decode(output, skip_special_tokens=True)
+    return generate(model, tokenizer, [CHAT], max_tokens)[0], greedy_completion(base, adapter, "Once upon a time",
+                                                                                  max_tokens)
 
 
 def chat(client, model: str, **fields) -> dict:
@@ -73,7 +69,7 @@ def chat(client, model: str, **fields) -> dict:
 
 def test_models_lists_bases_and_runs(client):
     ids = {entry["id"]: entry["owned_by"] for entry in client.get("/v1/models").json()["data"]}
-    assert ids["models/stories260k"] == "tunesmith:base"
+    assert ids[BASE] == "tunesmith:base"
     assert ids["runs/run-a"] == ids["runs/run-b"] == "tunesmith:run"
     assert ids["smollm2-135m-instruct"] == "tunesmith:alias"
 
@@ -86,19 +82,19 @@ def test_adapters_share_one_base_and_answer_as_tunesmith_inference(client, app, 
                                                           "temperature": 0}).json()["choices"][0]["text"]
         return reply, completion
 
-    answers = {model: ask(model) for model in ("runs/run-a", "models/stories260k", "runs/run-b")}
-    for model in ("models/stories260k", "runs/run-a", "runs/run-b"):
+    answers = {model: ask(model) for model in ("runs/run-a", BASE, "runs/run-b")}
+    for model in (BASE, "runs/run-a", "runs/run-b"):
         assert answers[model] == reference(workspace, model, 12), model
-    assert ask("models/stories260k") == answers["models/stories260k"]  # adapters switched off for the base
+    assert ask(BASE) == answers[BASE]  # adapters switched off for the base
     assert len({completion for _, completion in answers.values()}) == 3
     assert len(app.state.pool.loaded) == 1  # one base loaded, two adapters on it
     assert len(next(iter(app.state.pool.loaded.values())).adapters) == 2
 
 
 def test_stream_concatenates_to_the_whole_reply(client):
-    whole = chat(client, "models/stories260k")["choices"][0]["message"]["content"]
+    whole = chat(client, BASE)["choices"][0]["message"]["content"]
     pieces, reasons = [], []
-    with client.stream("POST", "/v1/chat/completions", json={"model": "models/stories260k", "messages": CHAT, "temperature": 0,
+    with client.stream("POST", "/v1/chat/completions", json={"model": BASE, "messages": CHAT, "temperature": 0,
                                                                "max_tokens": 12, "stream": True}) as response:
         assert response.headers["content-type"].startswith("text/event-stream")
         lines = [line for line in response.iter_lines() if line.startswith("data: ")]
@@ -111,14 +107,15 @@ def test_stream_concatenates_to_the_whole_reply(client):
     assert reasons[-1] in ("stop", "length") and set(reasons[:-1]) == {None}
 
 
-def test_completions_stop_n_and_seed(client):
-    body = {"model": "models/stories260k", "prompt": "Once upon a time", "max_tokens": 20, "temperature": 0}
+def test_completions_stop_n_and_seed(client, workspace):
+    body = {"model": BASE, "prompt": "Once upon a time", "max_tokens": 20, "temperature": 0}
     whole = client.post("/v1/completions", json=body).json()
     text = whole["choices"][0]["text"]
-    assert text.startswith(", there was a little girl named Lily")  # the model card's greedy continuation
+    assert text == greedy_completion(str(workspace / BASE), None, "Once upon a time", 20)  # transformers' greedy
     assert whole["usage"]["completion_tokens"] == 20 and whole["choices"][0]["finish_reason"] == "length"
-    stopped = client.post("/v1/completions", json={**body, "stop": ["girl"]}).json()["choices"][0]
-    assert stopped == {**stopped, "text": text[: text.index("girl")], "finish_reason": "stop"}
+    word = text[len(text) // 2:len(text) // 2 + 3]  # a piece of the text past its start: the reply stops before it
+    stopped = client.post("/v1/completions", json={**body, "stop": [word]}).json()["choices"][0]
+    assert stopped == {**stopped, "text": text[: text.index(word)], "finish_reason": "stop"}
     sampled = {**body, "temperature": 1.0, "top_p": 0.9, "n": 3, "seed": 7}
     first, second = (client.post("/v1/completions", json=sampled).json() for _ in range(2))
     assert [c["text"] for c in first["choices"]] == [c["text"] for c in second["choices"]]  # same seed, same texts
@@ -129,14 +126,14 @@ def test_concurrent_requests_are_batched_and_answer_as_alone(app, client):
     """Eight requests at once are generated together (left-padded) and answer as each does alone."""
     prompts = ["Once upon a time", "The cat", "Lily saw a big", "One day, Tom", "The sun", "A little bird",
                "Sam and his mom", "There was a"]
-    alone = [client.post("/v1/completions", json={"model": "models/stories260k", "prompt": p, "max_tokens": 10,
+    alone = [client.post("/v1/completions", json={"model": BASE, "prompt": p, "max_tokens": 10,
                                                   "temperature": 0}).json()["choices"][0]["text"] for p in prompts]
 
     async def together():
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
             responses = await asyncio.gather(*(http.post("/v1/completions", json={
-                "model": "models/stories260k", "prompt": p, "max_tokens": 10, "temperature": 0}) for p in prompts))
+                "model": BASE, "prompt": p, "max_tokens": 10, "temperature": 0}) for p in prompts))
         return [r.json()["choices"][0]["text"] for r in responses]
 
     app.state.generator.batch_sizes.clear()
@@ -147,12 +144,12 @@ def test_concurrent_requests_are_batched_and_answer_as_alone(app, client):
 @pytest.mark.parametrize("body, status, reason", [
     (b"{not json", 400, "not valid JSON"),
     ({"model": "no/such-model", "messages": CHAT}, 404, "no/such-model"),
-    ({"model": "models/stories260k", "messages": CHAT, "max_tokens": -3}, 400, "max_tokens"),
-    ({"model": "models/stories260k", "messages": []}, 400, "messages"),
-    ({"model": "models/stories260k", "messages": [{"role": "wizard", "content": "x"}]}, 400, "role"),
-    ({"model": "models/stories260k", "messages": CHAT, "temperature": 9}, 400, "temperature"),
+    ({"model": BASE, "messages": CHAT, "max_tokens": -3}, 400, "max_tokens"),
+    ({"model": BASE, "messages": []}, 400, "messages"),
+    ({"model": BASE, "messages": [{"role": "wizard", "content": "x"}]}, 400, "role"),
+    ({"model": BASE, "messages": CHAT, "temperature": 9}, 400, "temperature"),
     ({"model": "../../etc", "messages": CHAT}, 404, "../../etc"),
-    ({"model": "models/stories260k", "messages": [{"role": "user", "content": "x" * 70000}]}, 413, "larger than"),
+    ({"model": BASE, "messages": [{"role": "user", "content": "x" * 70000}]}, 413, "larger than"),
 ])
 def test_malformed_requests_get_a_json_error_with_a_reason(client, body, status, reason):
     kwargs = {"content": body, "headers": {"content-type": "application/json"}} if isinstance(body, bytes) else {"json": body}
@@ -231,7 +228,7 @@ def test_plan_counts_parameters_as_the_method_does(client, workspace):
 
     plan = client.post("/api/plan", json={"recipe": tiny_recipe("x")}).json()
     recipe = validate_recipe(tiny_recipe("x"))
-    model = build_method(recipe.method).apply(load_model(str(workspace / "models" / "stories260k"), recipe.model))
+    model = build_method(recipe.method).apply(load_model(str(workspace / BASE), recipe.model))
     assert (plan["trainable_parameters"], plan["total_parameters"]) == count_parameters(model)
     assert plan["base_parameters"] == 292_800
 

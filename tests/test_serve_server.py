@@ -13,7 +13,7 @@ openai = pytest.importorskip("openai", reason="needs the openai client (dev extr
 
 import httpx  # noqa: E402
 
-from serve_support import Server, make_workspace, tiny_recipe, wait_for  # noqa: E402
+from serve_support import BASE, Server, greedy_completion, make_workspace, tiny_recipe, wait_for  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -40,11 +40,8 @@ def status_is(server: Server, job_id: int, *wanted: str):
 
 
 @pytest.fixture(scope="module")
-def workspace(tmp_path_factory):
-    from conftest import asset
-
-    return make_workspace(tmp_path_factory.mktemp("workspace"), str(asset("models/stories260k")),
-                          str(asset("data/llama_factory/alpaca_en_demo.json")))
+def workspace(tmp_path_factory, tiny_llama, tiny_data):
+    return make_workspace(tmp_path_factory.mktemp("workspace"), tiny_llama, tiny_data)
 
 
 def test_job_stop_resume_and_the_openai_client(workspace):
@@ -67,19 +64,19 @@ def test_job_stop_resume_and_the_openai_client(workspace):
 
         client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
         ids = [model.id for model in client.models.list()]
-        assert "runs/stopped-once" in ids and "models/stories260k" in ids
+        assert "runs/stopped-once" in ids and BASE in ids
         messages = [{"role": "user", "content": "Tell me a story."}]
-        whole = client.chat.completions.create(model="models/stories260k", messages=messages, max_tokens=10,
+        whole = client.chat.completions.create(model=BASE, messages=messages, max_tokens=10,
                                                temperature=0)
         assert whole.choices[0].message.content and whole.usage.completion_tokens <= 10
-        stream = client.chat.completions.create(model="models/stories260k", messages=messages, max_tokens=10,
+        stream = client.chat.completions.create(model=BASE, messages=messages, max_tokens=10,
                                                 temperature=0, stream=True)
         assert "".join(chunk.choices[0].delta.content or "" for chunk in stream) == whole.choices[0].message.content
         texts = {model: client.completions.create(model=model, prompt="Once upon a time", max_tokens=12,
                                                   temperature=0).choices[0].text
-                 for model in ("models/stories260k", "runs/stopped-once")}
-        assert texts["models/stories260k"].startswith(", there was a little girl named Lily")
-        assert texts["runs/stopped-once"] != texts["models/stories260k"]  # the adapter is applied per request
+                 for model in (BASE, "runs/stopped-once")}
+        assert texts[BASE] == greedy_completion(str(workspace / BASE), None, "Once upon a time", 12)
+        assert texts["runs/stopped-once"] != texts[BASE]  # the adapter is applied per request
         with pytest.raises(openai.NotFoundError):
             client.chat.completions.create(model="runs/none", messages=messages)
     finally:

@@ -1,5 +1,5 @@
 """The studio in real headless Chromium (Debian's ``chromium`` through Playwright), the whole flow on
-stories260k: upload -> preview -> recipe form -> train with a live curve -> chat side by side with a
+the tests' tiny Llama: upload -> preview -> recipe form -> train with a live curve -> chat side by side with a
 preference click -> compare two runs -> export (hf, then GGUF) -> sweep -> evaluate (report in the page).
 
 Screenshots go to a temporary folder; to refresh the ones in the docs run
@@ -18,7 +18,7 @@ import pytest
 pytest.importorskip("fastapi", reason="needs the serve extra: pip install 'tunesmith[serve]'")
 sync_api = pytest.importorskip("playwright.sync_api", reason="needs playwright (dev extra)")
 
-from serve_support import Server, make_workspace  # noqa: E402
+from serve_support import BASE, Server, make_workspace  # noqa: E402
 
 pytestmark = pytest.mark.slow
 sync_api.expect.set_options(timeout=90_000)  # a busy CI machine: jobs start a Python process each
@@ -29,11 +29,11 @@ INJECTED = "<script>window.pwned = 1</script><img src=x onerror=\"window.pwned =
 
 
 @pytest.fixture
-def studio(tmp_path, stories260k, alpaca_demo):
+def studio(tmp_path, tiny_llama, tiny_data):
     if not CHROMIUM.exists():
         pytest.skip(f"{CHROMIUM} is missing (apt-get install chromium, or set TUNESMITH_CHROMIUM)")
-    workspace = make_workspace(tmp_path / "workspace", stories260k, alpaca_demo, records=0)
-    rows = json.loads(Path(alpaca_demo).read_text())[:63] + [{"instruction": INJECTED, "input": "", "output": INJECTED}]
+    workspace = make_workspace(tmp_path / "workspace", tiny_llama, tiny_data, records=0)
+    rows = json.loads(Path(tiny_data).read_text())[:63] + [{"instruction": INJECTED, "input": "", "output": INJECTED}]
     upload = tmp_path / "my stories.jsonl"
     upload.write_text("".join(json.dumps(row) + "\n" for row in rows[::-1]))  # the injected row first
     server = Server(workspace).start()
@@ -143,7 +143,7 @@ def test_studio_whole_flow(studio, tmp_path):
     # Chat: base and tuned side by side, streaming; a preference click appends a pair
     page.click("button[data-screen=chat]")
     page.wait_for_selector('#chat-right option[value="runs/first-run"]', state="attached")
-    page.select_option("#chat-left", "models/stories260k")
+    page.select_option("#chat-left", BASE)
     page.select_option("#chat-right", "runs/first-run")
     page.fill("#chat-input", "Give three tips for staying healthy.")
     page.click("#chat-send")

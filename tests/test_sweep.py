@@ -12,8 +12,8 @@ from conftest import REPO
 from tunesmith.errors import TunesmithError
 
 
-def _files(stories260k: str, tmp_path: Path, space: dict) -> tuple[Path, Path]:
-    recipe = {"model": {"name": stories260k},
+def _files(tiny_llama: str, tmp_path: Path, space: dict) -> tuple[Path, Path]:
+    recipe = {"model": {"name": tiny_llama},
               "data": {"train": str(REPO / "examples/data/tiny/train.jsonl"),
                        "validation": str(REPO / "examples/data/tiny/validation.jsonl"), "max_length": 64,
                        "template": "simple"},
@@ -26,11 +26,11 @@ def _files(stories260k: str, tmp_path: Path, space: dict) -> tuple[Path, Path]:
 
 
 @pytest.mark.slow
-def test_sweep_runs_normal_trials_resumes_and_writes_the_best_recipe(stories260k: str, tmp_path: Path) -> None:
+def test_sweep_runs_normal_trials_resumes_and_writes_the_best_recipe(tiny_llama: str, tmp_path: Path) -> None:
     from tunesmith.config import load_recipe
     from tunesmith.sweep import run_sweep
 
-    recipe, space = _files(stories260k, tmp_path, {"train.lr": {"low": 1e-4, "high": 3e-2, "log": True},
+    recipe, space = _files(tiny_llama, tmp_path, {"train.lr": {"low": 1e-4, "high": 3e-2, "log": True},
                                                    "method.kind": {"choices": ["lora", "ia3"]},
                                                    "method.r": {"choices": [2, 4]}})
     quiet = lambda *a, **k: None  # noqa: E731
@@ -62,10 +62,10 @@ def test_sweep_runs_normal_trials_resumes_and_writes_the_best_recipe(stories260k
     ({"train.lr": {"low": 1e-3, "high": 1e-4}}, "needs low < high"),
     ({"train.batch_size": {"choices": [0, 4]}}, "train.batch_size=0"),
 ])
-def test_a_bad_search_space_names_the_field_and_the_fix(stories260k: str, tmp_path: Path, space, message) -> None:
+def test_a_bad_search_space_names_the_field_and_the_fix(tiny_llama: str, tmp_path: Path, space, message) -> None:
     from tunesmith.sweep import run_sweep
 
-    recipe, space_file = _files(stories260k, tmp_path, space)
+    recipe, space_file = _files(tiny_llama, tmp_path, space)
     with pytest.raises(TunesmithError, match=message.replace("(", r"\(").replace(")", r"\)").replace(".", r"\.")):
         run_sweep(recipe, space_file, trials=1, out=tmp_path / "sweep", say=lambda *a: None)
     assert not (tmp_path / "sweep" / "study.db").exists()

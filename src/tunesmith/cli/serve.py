@@ -20,6 +20,9 @@ def register(commands) -> None:
     serve.add_argument("--max-upload-mb", type=int, default=200, help="Largest data file the studio accepts.")
     serve.add_argument("--batch-window-ms", type=float, default=10.0,
                        help="How long generation waits to batch concurrent requests together.")
+    serve.add_argument("--allow-code", action="store_true",
+                       help="Let recipes from the browser name code: reward functions (module:function), "
+                            "trust_remote_code, lm-eval include paths. Off: refused with 403 (docs/studio.md).")
     serve.set_defaults(handler=cmd_serve)
 
 
@@ -38,6 +41,45 @@ def parse_bases(values: list[str]) -> dict[str, str]:
     return bases
 
 
+def check_start(args: argparse.Namespace, bases: dict[str, str]) -> None:
+    """The start-up arguments, checked before the address is printed.
+
+    Raises:
+        TunesmithError: For a workspace that is a file or cannot be created, a ``--model`` that is
+            neither an alias, a model folder nor a hub id, or a port out of range or in use.
+    """
+    import socket
+    from pathlib import Path
+
+    from tunesmith.models.aliases import ALIASES
+    from tunesmith.models.loading import resolve_model_path
+
+    workspace = Path(args.workspace).expanduser()
+    if workspace.exists() and not workspace.is_dir():
+        raise TunesmithError(f"--workspace {args.workspace} is a file, not a folder: give a folder (created if missing)")
+    try:
+        workspace.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise TunesmithError(f"--workspace {args.workspace} cannot be created ({error.strerror}): "
+                             "give a folder you can write to") from None
+    for name, path in bases.items():
+        if path not in ALIASES:
+            try:
+                resolve_model_path(path, Path("."))  # a folder or a hub id: the cache is never touched
+            except TunesmithError as error:
+                raise TunesmithError(f"--model {name}={path}: {error}") from None
+    if not 0 < args.port < 65536:
+        raise TunesmithError(f"--port {args.port} is not a port number: give one from 1 to 65535")
+    family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: a closed port's wait is free
+        try:
+            probe.bind((args.host, args.port))
+        except OSError as error:
+            raise TunesmithError(f"--port {args.port} on {args.host} cannot be used ({error.strerror}): "
+                                 "another server may hold it; pick another port with --port") from None
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     try:
         import uvicorn
@@ -49,8 +91,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if not is_loopback(args.host) and not args.api_key:
         raise TunesmithError(f"--host {args.host} is reachable from other machines: give --api-key KEY as well "
                              "(or bind to 127.0.0.1)")
-    app = create_app(args.workspace, args.api_key, parse_bases(args.model), args.device, args.max_upload_mb,
-                     batch_window_ms=args.batch_window_ms)
+    bases = parse_bases(args.model)
+    check_start(args, bases)
+    app = create_app(args.workspace, args.api_key, bases, args.device, args.max_upload_mb,
+                     batch_window_ms=args.batch_window_ms, allow_code=args.allow_code)
     print(f"tunesmith studio on http://{args.host}:{args.port}/  (workspace {app.state.workspace.root})", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Optional
 
 from tunesmith.errors import TunesmithError
-from tunesmith.serve.workspace import Workspace
+from tunesmith.serve.workspace import NotFound, Workspace
 
 FINISHED = ("done", "failed", "stopped", "interrupted", "cancelled")
 
@@ -74,7 +74,7 @@ class JobStore:
         with self._connect() as connection:
             row = connection.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
         if row is None:
-            raise TunesmithError(f"there is no job {job_id}")
+            raise NotFound(f"there is no job {job_id}")
         return _as_dict(row)
 
     def all(self) -> list[dict]:

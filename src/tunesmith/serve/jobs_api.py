@@ -2,19 +2,21 @@
 
 The browser never sends a command line: each job kind has a small typed body from which the
 server builds the ``tunesmith`` arguments itself, every path resolved under the workspace (so
-no flag such as ``--trust-remote-code`` can come from the browser).
+no flag such as ``--trust-remote-code`` can come from the browser), and every recipe, suite and
+search space passes :mod:`tunesmith.serve.safety` first.
 """
 
 from __future__ import annotations
 
 from typing import Annotated, Literal, Optional, Union
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Path, Query, Request
 from pydantic import BaseModel, Field
 
 from tunesmith.errors import TunesmithError
 from tunesmith.run_files import RunLayout
-from tunesmith.serve.studio_api import _read_metrics, unique_path
+from tunesmith.serve.safety import SafetyRules, refuse_unsafe_recipe, refuse_unsafe_space, refuse_unsafe_suite
+from tunesmith.serve.studio_api import _read_metrics, unique_path, yaml_from_browser
 
 router = APIRouter(prefix="/api/jobs")
 
@@ -54,6 +56,7 @@ class EvalJob(BaseModel):
     limit: Optional[int] = Field(None, ge=1)
 
 
+JobId = Annotated[int, Path(ge=1, le=2**53, description="The job's number (POST /api/jobs gives it).")]
 JobBody = Annotated[Union[TrainJob, DataJob, ExportJob, EvalJob, SweepJob], Field(discriminator="kind")]
 
 
@@ -64,12 +67,9 @@ async def submit(body: JobBody, request: Request):
     workspace, runner = request.app.state.workspace, request.app.state.jobs
     if isinstance(body, TrainJob):
         recipe_file = workspace.resolve(body.recipe, must_exist=True)
-        recipe = load_recipe(recipe_file)
-        if recipe.model.trust_remote_code:
-            raise TunesmithError("trust_remote_code cannot be switched on from the studio; use the command line")
+        recipe = load_recipe(recipe_file)  # a file the browser may have uploaded: the same rules as a saved one
+        refuse_unsafe_recipe(recipe, request.app.state.safety)
         run_dir = workspace.resolve(recipe.output.dir)
-        if workspace.root / "runs" not in run_dir.parents:
-            raise TunesmithError(f"{body.recipe}: output.dir must be a folder under runs/")
         args = ["train", str(recipe_file), "--no-progress"]
         job_id = runner.submit("train", f"train {run_dir.name}", args, workspace.relative(RunLayout(run_dir).summary),
                                workspace.relative(run_dir), resume_args=args + ["--resume"])
@@ -86,7 +86,7 @@ async def submit(body: JobBody, request: Request):
     elif isinstance(body, ExportJob):
         job_id = submit_export(body, workspace, runner)
     elif isinstance(body, SweepJob):
-        job_id = submit_sweep(body, workspace, runner)
+        job_id = submit_sweep(body, workspace, runner, request.app.state.safety)
     else:
         from tunesmith.serve.pool import ModelPool
 
@@ -96,6 +96,7 @@ async def submit(body: JobBody, request: Request):
         out = unique_path(run, "eval", "")
         args = ["eval", "--compare", base, str(run), "--bias", "--out", str(out)]
         if body.suite:
+            refuse_unsafe_suite(body.suite, request.app.state.safety)
             args += ["--suite", str(workspace.resolve(body.suite, must_exist=True))]
         if body.limit:
             args += ["--limit", str(body.limit)]
@@ -119,7 +120,7 @@ def submit_export(body: ExportJob, workspace, runner) -> int:
                          workspace.relative(output), workspace.relative(run))
 
 
-def submit_sweep(body: SweepJob, workspace, runner) -> int:
+def submit_sweep(body: SweepJob, workspace, runner, rules: SafetyRules) -> int:
     """``tunesmith sweep RECIPE --space SPACE --trials N`` into ``runs/RECIPE-sweep`` (its trials inside).
 
     The space is written beside the recipe as ``recipes/RECIPE-space.yaml``; the sweep command checks
@@ -130,13 +131,15 @@ def submit_sweep(body: SweepJob, workspace, runner) -> int:
     from tunesmith.files import write_text_atomic
 
     recipe_file = workspace.resolve(body.recipe, must_exist=True)
-    try:
-        space = yaml.safe_load(body.space)
-    except yaml.YAMLError as error:
-        raise TunesmithError(f"the search space is not valid YAML: {error}") from None
+    space = yaml_from_browser(body.space, "search space")
     if not isinstance(space, dict) or not space:
         raise TunesmithError("the search space must map dotted recipe fields to ranges, e.g. "
                              "'train.lr: {low: 1.0e-5, high: 1.0e-3, log: true}'")
+    from tunesmith.config import load_recipe
+
+    recipe = load_recipe(recipe_file)
+    refuse_unsafe_recipe(recipe, rules)
+    refuse_unsafe_space(recipe, space, rules)
     stem = recipe_file.name.split(".")[0]
     space_file = unique_path(recipe_file.parent, f"{stem}-space", ".yaml")
     write_text_atomic(space_file, yaml.safe_dump(space, sort_keys=False))
@@ -152,13 +155,13 @@ async def list_jobs(request: Request):
 
 
 @router.get("/{job_id}")
-async def get_job(job_id: int, request: Request):
+async def get_job(job_id: JobId, request: Request):
     return request.app.state.jobs.store.get(job_id)
 
 
 @router.get("/{job_id}/progress")
-async def progress(job_id: int, request: Request, log_offset: int = Query(0, ge=0),
-                   metrics_offset: int = Query(0, ge=0)):
+async def progress(job_id: JobId, request: Request, log_offset: int = Query(0, ge=0, le=2**53),
+                   metrics_offset: int = Query(0, ge=0, le=2**53)):
     """The job, its log from ``log_offset`` (bytes) and its run's metrics from ``metrics_offset`` (records)."""
     runner, workspace = request.app.state.jobs, request.app.state.workspace
     job = runner.store.get(job_id)
@@ -176,10 +179,10 @@ async def progress(job_id: int, request: Request, log_offset: int = Query(0, ge=
 
 
 @router.post("/{job_id}/stop")
-async def stop(job_id: int, request: Request):
+async def stop(job_id: JobId, request: Request):
     return request.app.state.jobs.stop(job_id)
 
 
 @router.post("/{job_id}/resume")
-async def resume(job_id: int, request: Request):
+async def resume(job_id: JobId, request: Request):
     return request.app.state.jobs.resume(job_id)

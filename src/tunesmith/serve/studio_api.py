@@ -106,9 +106,9 @@ class PreferenceBody(BaseModel):
 @router.post("/preferences")
 async def add_preference(body: PreferenceBody, request: Request):
     """Append one preference pair (``prompt``/``chosen``/``rejected``) to a workspace JSON Lines file."""
-    file = _workspace(request).resolve(body.path)
-    if file.suffix != ".jsonl":
-        raise TunesmithError(f"preferences go to a .jsonl file, not '{body.path}'")
+    from tunesmith.serve.safety import appendable_data_file
+
+    file = appendable_data_file(body.path, request.app.state.safety)
     prompt_turns = [m for m in body.messages if m.get("role") in ("system", "user", "assistant")]
     record: dict[str, Any] = {"chosen": body.chosen, "rejected": body.rejected,
                               "meta": {"chosen_model": body.chosen_model, "rejected_model": body.rejected_model}}
@@ -155,55 +155,49 @@ class RecipeBody(BaseModel):
     name: Optional[str] = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
-def check_recipe(raw: dict[str, Any], request: Request) -> tuple[Any, list[dict]]:
-    """Validate a recipe from the browser: (recipe or None, errors each with its field location).
+def validate_browser_recipe(raw: dict[str, Any], request: Request) -> tuple[Any, list[dict]]:
+    """The recipe's own validation of a recipe from the browser: (recipe or None, errors at their fields).
 
-    Beyond the recipe's own validation: the model is an alias, a base given at start or a
-    workspace folder; data files and the output folder lie in the workspace (output under
-    ``runs/``); ``trust_remote_code`` stays off.
+    A base model id given at start (``serve --model ID=PATH``) becomes its path first.
     """
     from tunesmith.config import Recipe
     from tunesmith.config.loader import describe_error
-    from tunesmith.models.aliases import ALIASES
 
-    workspace, bases = _workspace(request), request.app.state.pool.bases
+    bases = request.app.state.pool.bases
     raw = json.loads(json.dumps(raw))  # a private copy: the start-given base id becomes its path
     name = (raw.get("model") or {}).get("name") if isinstance(raw.get("model"), dict) else None
-    if name in bases:
+    if isinstance(name, str) and name in bases:
         raw["model"]["name"] = bases[name]
     try:
-        recipe = Recipe.model_validate(raw)
+        return Recipe.model_validate(raw), []
     except ValidationError as error:
         return None, [{"loc": ".".join(str(p) for p in item["loc"]), "message": describe_error(item)}
                       for item in error.errors()]
-    errors = []
-    if recipe.model.trust_remote_code:
-        errors.append({"loc": "model.trust_remote_code",
-                       "message": "trust_remote_code cannot be switched on from the studio; use the command line"})
-    if name not in bases and recipe.model.name not in ALIASES:
-        _check_path(workspace, "model.name", recipe.model.name, errors)
-    for index, file in enumerate(recipe.data.train):
-        _check_path(workspace, f"data.train.{index}", file, errors)
-    if recipe.data.validation:
-        _check_path(workspace, "data.validation", recipe.data.validation, errors)
-    for index, source in enumerate(recipe.data.sources):
-        for number, file in enumerate(source.train):
-            _check_path(workspace, f"data.sources.{index}.train.{number}", file, errors)
-        if source.validation:
-            _check_path(workspace, f"data.sources.{index}.validation", source.validation, errors)
-    if _check_path(workspace, "output.dir", recipe.output.dir, errors):
-        if workspace.root / "runs" not in workspace.resolve(recipe.output.dir).parents:
-            errors.append({"loc": "output.dir", "message": "output.dir must be a folder under runs/, such as runs/my-run"})
+
+
+def check_recipe(raw: dict[str, Any], request: Request) -> tuple[Any, list[dict]]:
+    """Validate a recipe from the browser: (recipe or None, errors each with its field location).
+
+    Beyond the recipe's own validation, the server's safety rules (:mod:`tunesmith.serve.safety`):
+    no code the browser chose, every path in the workspace, the output under ``runs/``.
+    """
+    from tunesmith.serve.safety import recipe_problems
+
+    recipe, errors = validate_browser_recipe(raw, request)
+    if recipe is not None:
+        errors = [problem.as_dict() for problem in recipe_problems(recipe, request.app.state.safety)]
     return (None if errors else recipe), errors
 
 
-def _check_path(workspace, location: str, value: str, errors: list[dict]) -> bool:
-    try:
-        workspace.resolve(value)
-        return True
-    except TunesmithError as error:
-        errors.append({"loc": location, "message": str(error)})
-        return False
+def safe_recipe(raw: dict[str, Any], request: Request) -> Any:
+    """The validated recipe, or the refusal: malformed is a 400, forbidden by the safety rules a 403."""
+    from tunesmith.serve.safety import recipe_problems, refuse
+
+    recipe, errors = validate_browser_recipe(raw, request)
+    if recipe is None:
+        raise TunesmithError("; ".join(f"{e['loc']}: {e['message']}" for e in errors))
+    refuse(recipe_problems(recipe, request.app.state.safety))
+    return recipe
 
 
 @router.post("/recipe/check")
@@ -223,9 +217,10 @@ async def recipe_check(body: RecipeBody, request: Request):
 async def recipe_parse(request: Request):
     """An uploaded YAML recipe (the request body) back as a mapping for the form."""
     try:
-        raw = yaml.safe_load((await request.body()).decode("utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as error:
-        raise TunesmithError(f"the recipe is not valid YAML: {error}") from None
+        text = (await request.body()).decode("utf-8")
+    except UnicodeDecodeError:
+        raise TunesmithError("the recipe is not UTF-8 text; save it as UTF-8 and upload it again") from None
+    raw = yaml_from_browser(text, "recipe")
     if not isinstance(raw, dict):
         raise TunesmithError("the recipe must be a mapping of sections (model, data, method, ...)")
     return {"recipe": raw}
@@ -237,9 +232,7 @@ async def save_recipe(body: RecipeBody, request: Request):
     from tunesmith.config import recipe_to_yaml
 
     workspace = _workspace(request)
-    recipe, errors = check_recipe(body.recipe, request)
-    if recipe is None:
-        raise TunesmithError("; ".join(f"{e['loc']}: {e['message']}" for e in errors))
+    recipe = safe_recipe(body.recipe, request)
     target = unique_path(workspace.root / "recipes", body.name or "recipe", ".yaml")
     write_text_atomic(target, recipe_to_yaml(recipe))
     return {"path": workspace.relative(target)}
@@ -248,9 +241,7 @@ async def save_recipe(body: RecipeBody, request: Request):
 @router.post("/plan")
 async def plan(body: RecipeBody, request: Request):
     """What the run will need, as far as it is known before it starts."""
-    recipe, errors = check_recipe(body.recipe, request)
-    if recipe is None:
-        raise TunesmithError("; ".join(f"{e['loc']}: {e['message']}" for e in errors))
+    recipe = safe_recipe(body.recipe, request)
     try:
         return await asyncio.to_thread(estimate_plan, recipe, _workspace(request).root)
     except TunesmithError:
@@ -329,6 +320,23 @@ async def compare_runs(request: Request, runs: list[str] = Query(..., min_length
 
 
 # --- helpers -------------------------------------------------------------------------------------------
+
+
+def yaml_from_browser(text: str, what: str) -> Any:
+    """YAML sent by the browser, read as data only (``safe_load``); a syntax error is one sentence naming the line.
+
+    Raises:
+        TunesmithError: If it is not valid YAML or nests too deeply.
+    """
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise TunesmithError(f"the {what} is not valid YAML{where} ({problem}); fix its syntax there") from None
+    except RecursionError:
+        raise TunesmithError(f"the {what} is nested too deeply to be YAML the studio reads") from None
 
 
 def unique_path(folder: Path, stem: str, suffix: str) -> Path:

@@ -19,6 +19,10 @@ class PathRefused(TunesmithError):
     """A path from the browser or the API that is not inside the workspace."""
 
 
+class NotFound(TunesmithError):
+    """A workspace path (or a job, a run) that does not exist (HTTP 404)."""
+
+
 class TooLarge(TunesmithError):
     """An upload over the server's size limit."""
 
@@ -37,7 +41,8 @@ class Workspace:
 
         Raises:
             PathRefused: If the path is empty, absolute, has ``..`` or a NUL, or resolves (through
-                symlinks) outside the workspace; or must exist and does not.
+                symlinks) outside the workspace.
+            NotFound: If it must exist and does not.
         """
         text = str(relative or "").replace("\\", "/")
         parts = PurePosixPath(text).parts
@@ -49,7 +54,7 @@ class Workspace:
         if candidate != self.root and self.root not in candidate.parents:
             raise PathRefused(f"path '{relative}' leads outside the workspace")
         if must_exist and not candidate.exists():
-            raise PathRefused(f"path '{relative}' does not exist in the workspace")
+            raise NotFound(f"path '{relative}' does not exist in the workspace")
         return candidate
 
     def relative(self, path: Path) -> str:
