@@ -187,9 +187,16 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
         if id(parameter) in seen:
             continue
         seen.add(id(parameter))
-        total += parameter.numel()
-        trainable += parameter.numel() if parameter.requires_grad else 0
+        total += logical_numel(parameter)
+        trainable += logical_numel(parameter) if parameter.requires_grad else 0
     return trainable, total
+
+
+def logical_numel(parameter: torch.Tensor) -> int:
+    """How many weights ``parameter`` stands for: a bitsandbytes 4-bit weight packs two into each byte it holds."""
+    quant_state = getattr(parameter, "quant_state", None)
+    shape = getattr(quant_state, "shape", None)
+    return int(torch.Size(shape).numel()) if shape is not None else parameter.numel()
 
 
 def transformer_blocks(model: nn.Module) -> nn.ModuleList:
