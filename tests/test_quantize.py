@@ -131,3 +131,23 @@ def test_qlora_trains_resumes_exactly_and_exports_a_checked_merged_model(tiny_ll
     merged = load_file(tmp_path / "merged" / "model.safetensors")
     assert {tensor.dtype for tensor in merged.values()} == {torch.float32}
     assert not any(key.endswith(("absmax", "quant_map", "quant_state.bitsandbytes__nf4")) for key in merged)
+
+
+@pytest.mark.parametrize("kind", ["lora", "ia3", "adapter", "prefix", "prompt", "ptuning"])
+def test_every_frozen_base_method_trains_over_an_nf4_base(kind: str, tiny_llama: str) -> None:
+    pytest.importorskip("bitsandbytes")
+    from tunesmith.config.loader import validate_method
+    from tunesmith.methods import build_method
+
+    model = build_method(validate_method({"kind": kind})).apply(
+        load_model(tiny_llama, ModelSection(name=tiny_llama, quantize="nf4")))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    ids = torch.randint(3, 500, (2, 24), generator=torch.Generator().manual_seed(0))
+    losses = []
+    for _ in range(3):
+        optimizer.zero_grad()
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss))
+    assert losses[-1] < losses[0]
