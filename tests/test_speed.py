@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tunesmith.config import EvalSection, FullMethod, SpeedSection, TrainSection
+from tunesmith.config import EvalSection, FullMethod, LoraMethod, SpeedSection, TrainSection
 from tunesmith.data.prepared import PreparedData
 from tunesmith.data.encode import IGNORE_INDEX, EncodedExample
 from tunesmith.methods import build_method
@@ -176,6 +176,59 @@ def test_bfloat16_autocast_close_to_float32(tiny_llama) -> None:
     assert float(autocast) == pytest.approx(float(reference), rel=2e-2)
     assert float(autocast) != float(reference)  # bfloat16 really ran
     assert F.cosine_similarity(autocast_grad, reference_grad, dim=0) > 0.99
+
+
+def lora_losses_and_grads(path: str, speed: SpeedSection, steps: int = 3):
+    """Three AdamW steps of LoRA on the tiny Llama: the losses, the last step's adapter gradients, the model."""
+    torch.manual_seed(0)
+    model = load_llama(path)
+    method = build_method(LoraMethod(r=4, alpha=8))
+    model = method.apply(model)
+    setup = prepare_speed(model, method, speed, TrainSection(), CPU.device)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    batch, losses = pack_collate(make_examples(6), 0), []
+    for _ in range(steps):
+        optimizer.zero_grad(set_to_none=True)
+        loss = setup.token_loss(model, batch) / 60
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss))
+    grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad])
+    setup.undo()
+    return losses, grads, model
+
+
+def test_lora_frozen_base_held_in_bfloat16_under_autocast(tiny_llama) -> None:
+    """Under bfloat16 autocast the frozen base is stored in bfloat16, the adapters stay float32, and three
+    steps' losses stay within the autocast test's tolerance (2%) of a float32-held base under the same autocast."""
+    from peft.tuners.lora import LoraLayer
+
+    fast_losses, fast_grads, model = lora_losses_and_grads(tiny_llama, SpeedSection(autocast="bfloat16"))
+    frozen = {p.dtype for p in model.parameters() if not p.requires_grad}
+    trained = {p.dtype for p in model.parameters() if p.requires_grad}
+    assert frozen == {torch.bfloat16} and trained == {torch.float32}
+    assert all(module.cast_input_dtype_enabled for module in model.modules() if isinstance(module, LoraLayer))
+
+    # Today's behaviour as the reference: the same run with the base left in float32.
+    from tunesmith.methods.peft_method import PeftMethod
+
+    PeftMethod.frozen_base_in_autocast_dtype = False
+    try:
+        held_losses, held_grads, reference = lora_losses_and_grads(tiny_llama, SpeedSection(autocast="bfloat16"))
+    finally:
+        PeftMethod.frozen_base_in_autocast_dtype = True
+    assert {p.dtype for p in reference.parameters()} == {torch.float32}
+    assert fast_losses == pytest.approx(held_losses, rel=2e-2)
+    assert F.cosine_similarity(fast_grads, held_grads, dim=0) > 0.99
+
+    with torch.no_grad():  # outside autocast (validation, generation) the bfloat16 base still runs
+        logits = model(input_ids=torch.tensor([[1, 2, 3]])).logits
+    assert torch.isfinite(logits).all()
+
+
+def test_frozen_base_keeps_float32_without_autocast(tiny_llama) -> None:
+    _, _, model = lora_losses_and_grads(tiny_llama, SpeedSection(autocast="off"), steps=1)
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
 
 
 def test_autocast_detection_defaults_to_native_bfloat16_and_says_why() -> None:

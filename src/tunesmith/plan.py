@@ -41,11 +41,13 @@ from typing import Optional
 import torch
 
 from tunesmith.config import Recipe
+from tunesmith.config.recipe import TRAINS_BASE_WEIGHTS
 from tunesmith.config.loader import validate_method
 from tunesmith.data import prepare_data
 from tunesmith.data.prepare.sufficiency import RULES, judge
 from tunesmith.errors import TunesmithError
 from tunesmith.methods import METHODS, build_method, count_parameters
+from tunesmith.methods.base import logical_numel
 from tunesmith.models import load_model_and_tokenizer
 from tunesmith.runtime import available_memory_bytes, cache_dir, pick_device, process_memory_bytes
 
@@ -136,6 +138,7 @@ def plan_recipe(recipe: Recipe, methods: str = "recipe", calibrate: bool = True,
         raise TunesmithError(f"--methods {methods} is not one of: recipe, all")
     process = training_process_bytes()
     device = pick_device(recipe.train.device, 0)
+    available = available_memory_bytes(device)  # before the model loads: its own weights are not "used by others"
     say(f"loading {recipe.model.name} and preparing the data ...")
     model, tokenizer = load_model_and_tokenizer(recipe.model, cache_dir(), "cpu")
     data = prepare_data(recipe.data, tokenizer, recipe.train.seed)
@@ -146,13 +149,45 @@ def plan_recipe(recipe: Recipe, methods: str = "recipe", calibrate: bool = True,
     if calibration is None:
         calibration = calibrate_time(recipe, say, step_costs(recipe, lengths, CALIBRATION_STEPS)) if calibrate else {}
     costs = step_costs(recipe, lengths, min(max(steps, CALIBRATION_STEPS), COSTED_STEPS))
-    plans = [plan_method(recipe, section, model, tokenizer, data, process, micro_tokens, steps, calibration, device,
+    plans = [plan_method(recipe, section, model, tokenizer, data, process, micro_tokens, steps, calibration, available,
                          costs) for section in sections]
     total = plans[0].total if plans else 0
     plan = Plan(recipe.model.name, str(device), micro_tokens, steps, data_summary(data, lengths, total), plans,
-                available_memory_bytes(device), calibration)
+                available, calibration)
     plan.recommendation, plan.reasons = recommend(plan, recipe.method.kind)
     return plan
+
+
+NF4_BYTES_PER_WEIGHT = (4 + 8 / 64 + 32 / (64 * 256)) / 8  # 4-bit codes, an 8-bit scale per 64, a float per 256 scales
+INT8_BYTES_PER_WEIGHT = 1.0  # plus one float scale per row, negligible
+
+
+def weight_bytes(recipe: Recipe, method, model, total: int) -> int:
+    """Bytes the base weights take while ``section``'s method trains.
+
+    A quantised base (``model.quantize``, methods with a frozen base) holds its linear layers' weights in nf4
+    or int8 and the rest (embeddings, norms, head) in the recipe's dtype; a frozen base under bfloat16
+    autocast is held in bfloat16 (training/speed.py); otherwise every weight takes the recipe's dtype.
+    """
+    from tunesmith.training.speed import autocast_dtype
+
+    dtype_bytes = torch.finfo(torch.float32 if recipe.model.dtype == "auto" else getattr(torch, recipe.model.dtype)).bits // 8
+    frozen_base = method.kind not in TRAINS_BASE_WEIGHTS
+    if getattr(method, "frozen_base_in_autocast_dtype", False) \
+            and autocast_dtype(recipe.train.speed, pick_device(recipe.train.device, 0)) is not None:
+        dtype_bytes = 2
+    if recipe.model.quantize == "none" or not frozen_base:
+        return total * dtype_bytes
+    linear = quantisable_weight_count(model)
+    per_weight = NF4_BYTES_PER_WEIGHT if recipe.model.quantize == "nf4" else INT8_BYTES_PER_WEIGHT
+    return int(linear * per_weight + (total - linear) * dtype_bytes)
+
+
+def quantisable_weight_count(model) -> int:
+    """Weights of the linear layers bitsandbytes quantises: every ``nn.Linear`` but the output head."""
+    head = model.get_output_embeddings()
+    return sum(logical_numel(module.weight) for module in model.modules()
+               if isinstance(module, torch.nn.Linear) and module is not head)
 
 
 def training_process_bytes() -> int:
@@ -239,15 +274,14 @@ def method_sections(recipe: Recipe, methods: str) -> list:
 
 
 def plan_method(recipe: Recipe, section, model, tokenizer, data, process: int, micro_tokens: int, steps: int,
-                calibration: dict, device, costs: list[int]) -> MethodPlan:
-    """Parameters, memory, time and data verdict of one method."""
+                calibration: dict, available: Optional[int], costs: list[int]) -> MethodPlan:
+    """Parameters, memory, time and data verdict of one method (``available``: memory free before loading)."""
     method = build_method(section)
     trainable, total = meta_parameter_counts(model.config, section)
-    bytes_per_weight = torch.finfo(model.dtype).bits // 8
     regularise = recipe.regularise
     anchors = (2 * trainable * 4 if regularise.ewc is not None else 0) + (trainable * 4 if regularise.l2sp else 0)
     saved_per_token, fixed, logits = activation_bytes(recipe, section, model, tokenizer, data, micro_tokens)
-    memory = Memory(process=process, weights=total * bytes_per_weight, gradients=trainable * 4,
+    memory = Memory(process=process, weights=weight_bytes(recipe, method, model, total), gradients=trainable * 4,
                     optimizer=2 * trainable * 4, activations=int(saved_per_token * micro_tokens + fixed), logits=logits,
                     regularisers=anchors)
     per_token = scaled_token_seconds(calibration, method.kind, trainable, total, recipe, costs)
@@ -257,7 +291,6 @@ def plan_method(recipe: Recipe, section, model, tokenizer, data, process: int, m
         other = other_seconds(recipe, calibration, per_token, costs[0], validation_costs(recipe, data),
                               2 * total / matmul_flops_per_token(method.kind, trainable, total,
                                                                  recipe.train.speed.activation_checkpointing), steps)
-    available = available_memory_bytes(device)
     level, note = data_fit(section, len(data.train), sum(len(e.input_ids) for e in data.train), total)
     return MethodPlan(section.kind, method_label(section), trainable, total, memory, seconds, steps,
                       available is None or memory.total < 0.9 * available, level, note,

@@ -14,6 +14,9 @@ from tunesmith.config.stages import SftStage, StageSection
 from tunesmith.config.train import TrainSection
 
 
+TRAINS_BASE_WEIGHTS = ("full", "partial")  # the methods that update base weights (no quantised base under them)
+
+
 class ModelSection(Section):
     """Which pre-trained causal language model to start from."""
 
@@ -28,6 +31,13 @@ class ModelSection(Section):
         False, description="Allow code shipped with the model to run. Off unless you trust its author."
     )
     revision: Optional[str] = Field(None, description="Hub revision (branch, tag or commit).")
+    quantize: Literal["none", "nf4", "int8"] = Field(
+        "none", description="Hold the frozen base quantised through bitsandbytes: nf4 (QLoRA: 4-bit NormalFloat, "
+                            "double-quantised scales) or int8; methods with a frozen base only (docs/quantization.md).",
+    )
+    compute_dtype: Literal["bfloat16", "float32"] = Field(
+        "bfloat16", description="Dtype an nf4 layer dequantises into for its matrix product (model.quantize: nf4).",
+    )
 
 
 class GenerationTaskSection(Section):
@@ -121,12 +131,17 @@ class Recipe(Section):
         None, description="Skills measured before and after training to report forgetting ({} for the defaults)."
     )
 
-
-
     @field_validator("stage", mode="before")
     @classmethod
     def _stage_by_name(cls, value: object) -> object:
         return {"kind": value} if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _quantised_base_stays_frozen(self) -> "Recipe":
+        if self.model.quantize != "none" and self.method.kind in TRAINS_BASE_WEIGHTS:
+            raise ValueError(f"model.quantize: {self.model.quantize} freezes a quantised base, but method "
+                             f"{self.method.kind} trains the base weights; use method lora (QLoRA) or drop model.quantize")
+        return self
 
     @model_validator(mode="after")
     def _retain_needs_token_loss(self) -> "Recipe":

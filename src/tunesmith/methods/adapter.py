@@ -128,4 +128,5 @@ def sublayer_device(module: nn.Module) -> torch.device:
 
 
 def sublayer_dtype(module: nn.Module) -> torch.dtype:
-    return next(module.parameters()).dtype
+    """The block's floating-point dtype (a quantised base also holds 4-bit weights as uint8)."""
+    return next((p.dtype for p in module.parameters() if p.is_floating_point()), torch.float32)

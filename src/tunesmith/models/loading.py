@@ -117,12 +117,50 @@ def load_model(path: str, section: ModelSection, device: torch.device | str = "c
     config = _from_pretrained(AutoConfig, path, section)
     encoder = is_encoder(config)
     factory = AutoModel if encoder else AutoModelForCausalLM
+    if section.quantize != "none":
+        # bitsandbytes quantises each linear layer as it streams in; its layers live where they were loaded.
+        model = _from_pretrained(factory, path, section, config=config, dtype=DTYPES[section.dtype],
+                                 quantization_config=quantization_config(section), device_map={"": str(device)})
+        keep_trainable_layout(model)
+        return model.eval()
     model = _from_pretrained(factory, path, section, config=config, dtype=DTYPES[section.dtype])
     if encoder and getattr(model, "pooler", None) is not None:
         # The label head pools the final hidden states itself; BERT's pooler would be weights that never get a
         # gradient (DDP refuses those) and a LoRA target that never trains.
         model.pooler = None
     return model.to(device).eval()
+
+
+def quantization_config(section: ModelSection):
+    """transformers' ``BitsAndBytesConfig`` for ``model.quantize`` (nf4: QLoRA's double-quantised 4-bit NormalFloat).
+
+    Raises:
+        TunesmithError: When bitsandbytes is not installed.
+    """
+    from transformers import BitsAndBytesConfig
+
+    try:
+        import bitsandbytes  # noqa: F401  (transformers would fail later with a longer message)
+    except ImportError:
+        raise TunesmithError(f"model.quantize: {section.quantize} needs bitsandbytes; "
+                             "pip install 'tunesmith[quantize]' (or drop model.quantize)") from None
+    if section.quantize == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=DTYPES[section.compute_dtype])
+
+
+def keep_trainable_layout(model) -> None:
+    """Keep bitsandbytes' 4-bit layers in the layout its backward pass understands.
+
+    On a CPU with AVX-512 BF16, bitsandbytes (0.48-0.50) repacks a 4-bit weight for its inference kernel the
+    first time the layer runs in eval mode without gradients (evaluation before training), for good; later
+    training steps then go through that kernel, which has no backward ("gemv_4bit: an autograd kernel was not
+    registered"), and the adapters' gradients come out wrong. The switch is the layer's own attribute.
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 def _from_pretrained(factory, path: str, section: ModelSection, **kwargs):

@@ -116,7 +116,8 @@ def prepare_speed(model: torch.nn.Module, method: Method, section: SpeedSection,
     dtype, why = autocast_choice(section, device)
     if dtype is not None:
         loss = functools.partial(autocast_loss, loss, dtype)
-        method.prepare_for_autocast(model)
+        # FSDP flattens each block's parameters into one tensor of one dtype: there the base keeps its dtype.
+        method.prepare_for_autocast(model, dtype, store_frozen_base=train.distributed != "fsdp")
     notes.append(why)
     if section.activation_checkpointing:
         enable_activation_checkpointing(base)
