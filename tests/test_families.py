@@ -47,7 +47,7 @@ def trained_runs(family_models, tmp_path_factory, tiny_data_module):
             out = tmp_path_factory.mktemp(f"run-{name}") / "run"
             recipe = validate_recipe({
                 "model": {"name": str(family_models(name))},
-                "data": {"train": tiny_data_module, "max_length": 64, "template": "auto", "validation": "none"},
+                "data": {"train": tiny_data_module, "max_length": 160, "template": "auto"},
                 "method": {"kind": "lora", "r": 4, "alpha": 8, "dropout": 0.0},
                 "train": {"max_steps": 2, "batch_size": 4, "lr": 1e-2, "log_every": 1, "seed": 0,
                           "speed": {"autocast": "off"}},
@@ -120,3 +120,81 @@ def test_each_family_trains_lora_and_generates_with_its_own_template(name: str, 
     assert "Name a colour." in prompt
     replies = generate(model, tokenizer, [conversation], max_new_tokens=8)
     assert len(replies) == 1 and isinstance(replies[0], str)
+
+
+def _logits(model, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def test_lora_on_a_mixture_of_experts_adapts_attention_and_every_expert(family_models, tmp_path: Path) -> None:
+    """Qwen3-MoE: all-linear LoRA covers attention, the router and the stacked expert weights (default dropout)."""
+    from transformers import AutoModelForCausalLM
+
+    from tunesmith.config.loader import validate_method
+    from tunesmith.methods import build_method
+
+    folder = family_models("qwen3_moe")
+    method = build_method(validate_method({"kind": "lora", "r": 4}))  # dropout 0.05: on the linear layers only
+    model = method.apply(AutoModelForCausalLM.from_pretrained(folder).eval())
+    dropouts = {type(d).__name__ for m in model.modules() if hasattr(m, "lora_dropout") for d in m.lora_dropout.values()}
+    assert dropouts == {"Dropout", "Identity"}  # linear layers drop out; peft's ParamWrapper takes none
+    model.eval()
+    trainable = [name for name, p in model.named_parameters() if p.requires_grad]
+    assert all("lora_" in name for name in trainable)
+    assert any(".experts." in name for name in trainable)  # the experts' gate_up_proj and down_proj
+    assert any("self_attn.q_proj" in name for name in trainable)
+    assert any(".mlp.gate." in name for name in trainable)  # the router, as peft's all-linear adapts it
+    ids = torch.tensor([[5, 40, 41, 42, 43, 44, 45, 46]])
+    base = _logits(AutoModelForCausalLM.from_pretrained(folder).eval(), ids)
+    torch.testing.assert_close(_logits(model, ids), base)  # LoRA starts as the identity
+    with torch.no_grad():  # a trained-looking update: B no longer zero
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0.0, 0.05)
+    adapted = _logits(model, ids)
+    assert (adapted - base).abs().max() > 1e-3  # the experts' and attention's updates change the output
+    method.save(model, tmp_path / "adapter")
+    reloaded = method.load(AutoModelForCausalLM.from_pretrained(folder).eval(), tmp_path / "adapter")
+    torch.testing.assert_close(_logits(reloaded, ids), adapted)
+    merged = method.merge(reloaded)
+    assert type(merged).__name__ == "Qwen3MoeForCausalLM"
+    torch.testing.assert_close(_logits(merged, ids), adapted, rtol=0, atol=1e-4)
+
+
+METHOD_MATRIX = {  # a few families through the method contract: identity at init, save -> load, merge
+    "dora": {"kind": "lora", "r": 4, "dora": True, "dropout": 0.0},
+    "ia3": {"kind": "ia3"},
+    "full": {"kind": "full"},
+}
+
+
+@pytest.mark.parametrize("name", ["qwen3", "gemma3", "phi3"])
+@pytest.mark.parametrize("method_id", list(METHOD_MATRIX))
+def test_method_contract_on_other_families(name: str, method_id: str, family_models, tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from tunesmith.config.loader import validate_method
+    from tunesmith.methods import build_method
+
+    folder = family_models(name)
+    ids = torch.tensor([[5, 40, 41, 42, 43, 44, 45, 46, 47, 48]])
+    base = _logits(AutoModelForCausalLM.from_pretrained(folder).eval(), ids)
+    settings = METHOD_MATRIX[method_id]
+    if method_id == "ia3" and name == "phi3":  # peft knows no IA3 default for Phi-3's fused qkv_proj/gate_up_proj
+        settings = {**settings, "targets": ["qkv_proj", "down_proj"], "feed_forward": ["down_proj"]}
+    method = build_method(validate_method(settings))
+    model = method.apply(AutoModelForCausalLM.from_pretrained(folder).eval())
+    torch.testing.assert_close(_logits(model, ids), base)  # every one of these starts as the identity
+    model.train()
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    optimizer.step()
+    model.eval()
+    trained = _logits(model, ids)
+    assert (trained - base).abs().max() > 1e-4
+    method.save(model, tmp_path / method.artifact)
+    reloaded = method.load(AutoModelForCausalLM.from_pretrained(folder).eval(), tmp_path / method.artifact).eval()
+    torch.testing.assert_close(_logits(reloaded, ids), trained, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(_logits(method.merge(reloaded), ids), trained, rtol=0, atol=1e-4)
