@@ -198,3 +198,69 @@ def test_method_contract_on_other_families(name: str, method_id: str, family_mod
     reloaded = method.load(AutoModelForCausalLM.from_pretrained(folder).eval(), tmp_path / method.artifact).eval()
     torch.testing.assert_close(_logits(reloaded, ids), trained, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(_logits(method.merge(reloaded), ids), trained, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_each_family_exports_to_hf_and_peft(name: str, trained_runs, tmp_path: Path) -> None:
+    from tunesmith.export import export
+
+    out, _ = trained_runs(name)
+    for fmt in ("hf", "peft"):
+        report = export(out, tmp_path / fmt, fmt)
+        assert all(check.passed for check in report.checks.values()) and report.checks
+
+
+@pytest.mark.slow  # llama.cpp's converter starts a Python with torch and transformers per file: ~15 s a family
+@pytest.mark.parametrize("name", NAMES)
+def test_each_family_exports_to_gguf_checked_by_llama_cpp(name: str, trained_runs, tmp_path: Path) -> None:
+    from tunesmith.export import export
+    from tunesmith.export.convert import converter_unavailable
+    from tunesmith.export.llama_cpp import llama_cpp_unavailable
+
+    for reason in (converter_unavailable(), llama_cpp_unavailable()):
+        if reason and FAMILIES[name].name != "llama2":
+            pytest.skip(reason)
+    out, _ = trained_runs(name)
+    report = export(out, tmp_path / "gguf", "gguf", quantize="f16")
+    assert "llama.cpp" in report.checks or llama_cpp_unavailable()
+    assert all(check.passed for check in report.checks.values())
+    print(name, report.describe())
+
+
+def test_sft_without_traces_keeps_a_thinking_model_thinking(family_models) -> None:
+    """Qwen3: a reply without <think> is trained after the template's empty block, which stays in the prompt."""
+    from transformers import AutoTokenizer
+
+    from tunesmith.data.encode import encode_example, render_prompt
+    from tunesmith.data.formats import Example
+
+    tokenizer = AutoTokenizer.from_pretrained(family_models("qwen3"))
+    empty_block = tokenizer("<think>\n\n</think>\n\n", add_special_tokens=False)["input_ids"]
+    reply = tokenizer("Paris.<|im_end|>\n", add_special_tokens=False)["input_ids"]
+    question = {"role": "user", "content": "What is the capital of France?"}
+
+    def trained_and_context(messages):
+        encoded = encode_example(Example(messages=tuple(messages), where="test"), tokenizer, 256)
+        trained = [i for i, label in zip(encoded.input_ids, encoded.labels) if label != IGNORE_INDEX]
+        return encoded.input_ids, trained
+
+    ids, trained = trained_and_context([question, {"role": "assistant", "content": "Paris."}])
+    assert trained == reply  # the reply and its end: no empty reasoning block to learn
+    start = len(ids) - len(reply) - len(empty_block)
+    assert list(ids[start:start + len(empty_block)]) == empty_block  # the block is there, as context
+    # the prompt at inference asks the model to think (no enable_thinking=False), as before training
+    assert render_prompt(tokenizer, [question]).endswith("<|im_start|>assistant\n")
+
+    ids, trained = trained_and_context([question, {"role": "assistant", "content": "<think>It is Paris.</think>Paris."}])
+    assert trained == tokenizer("<think>\nIt is Paris.\n</think>\n\nParis.<|im_end|>\n",
+                                add_special_tokens=False)["input_ids"]  # a real trace is learnt
+
+    second = {"role": "user", "content": "And of Spain?"}
+    ids, trained = trained_and_context([question, {"role": "assistant", "content": "Paris."}, second,
+                                        {"role": "assistant", "content": "Madrid."}])
+    assert trained == tokenizer("Madrid.<|im_end|>\n", add_special_tokens=False)["input_ids"]
+
+    chatml = AutoTokenizer.from_pretrained(family_models("qwen2"))  # a template without the switch: unchanged
+    encoded = encode_example(Example(messages=(question, {"role": "assistant", "content": "Paris."}), where="t"),
+                             chatml, 256)
+    assert [i for i, label in zip(encoded.input_ids, encoded.labels) if label != IGNORE_INDEX] == reply
