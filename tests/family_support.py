@@ -63,7 +63,8 @@ FAMILIES = {
         Family("qwen2", "Qwen2Config", "qwen2", None, "<|im_end|>", "<|endoftext|>"),
         Family("qwen3", "Qwen3Config", "qwen3", None, "<|im_end|>", "<|endoftext|>", {"head_dim": 16}, thinking=True),
         Family("qwen3_moe", "Qwen3MoeConfig", "qwen3", None, "<|im_end|>", "<|endoftext|>",
-               {"head_dim": 16, "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32},
+               {"head_dim": 16, "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+                "norm_topk_prob": True},  # as Qwen3-30B-A3B's config (llama.cpp always normalises the top-k)
                thinking=True),
         # Gemma: scaled embeddings are built in; soft-capping on; a sliding window shorter than the examples
         Family("gemma2", "Gemma2Config", "gemma2", "<bos>", "<eos>", "<pad>",

@@ -306,6 +306,12 @@ def export_gguf(plain, tokenizer, probe, partial: Path, quantize: str, ollama: b
         checks["llama.cpp"] = outcome
     if not checks:
         raise TunesmithError(f"no loader could check {path.name} ({'; '.join(skipped.values())}); nothing was kept")
+    reader = checks.get("transformers")
+    if "llama.cpp" in checks and reader is not None and not reader.passed and not uses_own_writer(plain.config):
+        # transformers' GGUF reader rebuilds some families only in part (Llama 3's rotary scaling, Gemma 3's
+        # local layers): llama.cpp, the runtime the file is for, is the check that decides for converted files
+        del checks["transformers"]
+        skipped["transformers"] = f"its GGUF reader differs from the trained model here ({reader.describe()})"
     return tuple(files), checks, skipped, seconds
 
 
