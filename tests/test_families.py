@@ -200,6 +200,7 @@ def test_method_contract_on_other_families(name: str, method_id: str, family_mod
     torch.testing.assert_close(_logits(method.merge(reloaded), ids), trained, rtol=0, atol=1e-4)
 
 
+@pytest.mark.slow  # two exports, each reloaded and probed with greedy replies
 @pytest.mark.parametrize("name", NAMES)
 def test_each_family_exports_to_hf_and_peft(name: str, trained_runs, tmp_path: Path) -> None:
     from tunesmith.export import export
