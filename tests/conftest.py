@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tunesmith.runtime import node_llama_cpp_dir
+from tunesmith.runtime import gguf_converter_dir, node_llama_cpp_dir
 from tunesmith.training.hooks import Hook
 
 REPO = Path(__file__).resolve().parents[1]
@@ -100,6 +100,8 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
     """
     if not os.environ.get("TUNESMITH_NODE_LLAMA_CPP"):
         monkeypatch.setenv("TUNESMITH_NODE_LLAMA_CPP", str(node_llama_cpp_dir()))
+    if not os.environ.get("TUNESMITH_GGUF_CONVERTER"):  # llama.cpp's converter too (tunesmith.export.convert)
+        monkeypatch.setenv("TUNESMITH_GGUF_CONVERTER", str(gguf_converter_dir()))
     monkeypatch.setenv("TUNESMITH_CACHE", os.environ.get("TUNESMITH_TEST_CACHE", str(REPO / ".cache" / "tests")))
 
 

@@ -40,7 +40,7 @@ def load_for_inference(model_name: str, adapter: Optional[str] = None, dtype: st
 def stop_token_ids(tokenizer) -> list[int]:
     """Token ids that end a reply: EOS and the chat templates' end-of-turn markers the vocabulary has."""
     ids = {tokenizer.eos_token_id}
-    for token in ("<|im_end|>", "<|eot_id|>", "<|end|>"):
+    for token in ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>"):
         token_id = tokenizer.convert_tokens_to_ids(token)
         if isinstance(token_id, int) and token_id != tokenizer.unk_token_id:
             ids.add(token_id)

@@ -106,6 +106,16 @@ def node_llama_cpp_dir() -> Path:
     return folder if folder.name == "node_modules" else folder / "node_modules"
 
 
+def gguf_converter_dir() -> Path:
+    """Where llama.cpp's ``convert_hf_to_gguf.py`` is installed (:mod:`tunesmith.export.convert`).
+
+    ``$TUNESMITH_GGUF_CONVERTER``, else ``gguf-converter`` in tunesmith's cache.
+    """
+    if os.environ.get("TUNESMITH_GGUF_CONVERTER"):
+        return Path(os.environ["TUNESMITH_GGUF_CONVERTER"])
+    return cache_dir() / "gguf-converter"
+
+
 def check_device(spec: str, setting: str = "--device") -> None:
     """Refuse a device this machine does not have (``cuda`` without a GPU, ``cuda:3`` of two, ``gpu``).
 

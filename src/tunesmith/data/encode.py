@@ -47,19 +47,27 @@ def conversation_segments(tokenizer, messages: tuple[dict[str, str], ...],
     """Split a rendered conversation into ``(text, trained)`` segments.
 
     Tool definitions, calls and results are rendered as :func:`tunesmith.data.tools.for_template` says.
+    With a thinking model's template (Qwen3: :func:`empty_thinking`), a reply without a
+    ``<think>`` trace is rendered after the template's empty reasoning block, which goes in the
+    prompt: the model learns the reply, never to emit an empty trace, so it keeps thinking when
+    asked without ``enable_thinking=False``. Such a template renders earlier replies without
+    their traces once a later question follows, so there only the last reply is trained and the
+    earlier turns are its context, as the template shows them.
 
     Raises:
         TunesmithError: If the chat template is not prefix-stable (rendering more turns changes
             the text of earlier ones), which makes per-turn masking impossible.
     """
     messages, render = for_template(tokenizer, list(messages), tools)
+    empty = empty_thinking(tokenizer, render)
+    replies = [index for index, message in enumerate(messages) if message["role"] == "assistant"]
     segments: list[tuple[str, bool]] = []
     done = ""
-    for index, message in enumerate(messages):
-        if message["role"] != "assistant":
-            continue
+    for index in replies[-1:] if empty else replies:
+        plain = empty and "<think>" not in (messages[index].get("content") or "")
+        prompt_render = {**render, "enable_thinking": False} if plain else render
         prompt = tokenizer.apply_chat_template(messages[:index], tokenize=False, add_generation_prompt=True,
-                                               **render) if index else ""
+                                               **prompt_render) if index else ""
         full = tokenizer.apply_chat_template(messages[: index + 1], tokenize=False, **render)
         if not (prompt.startswith(done) and full.startswith(prompt)):
             raise TunesmithError(
@@ -72,6 +80,34 @@ def conversation_segments(tokenizer, messages: tuple[dict[str, str], ...],
     if rest:
         segments.append((rest, False))
     return [(text, trained) for text, trained in segments if text]
+
+
+def empty_thinking(tokenizer, render: dict) -> str:
+    """The empty reasoning block a thinking model's template puts before a reply without one, or ``""``.
+
+    Qwen3's template adds ``<think>\n\n</think>\n\n`` to the generation prompt when asked with
+    ``enable_thinking=False`` (and before the last reply of a conversation); a template that ignores
+    the switch renders the same prompt either way.
+    """
+    known = _empty_thinking.get(tokenizer) if not render else None
+    if known is not None and known[0] == tokenizer.chat_template:
+        return known[1]
+    probe = [{"role": "user", "content": "\u2063"}]
+    thinking = tokenizer.apply_chat_template(probe, tokenize=False, add_generation_prompt=True, **render)
+    not_thinking = tokenizer.apply_chat_template(probe, tokenize=False, add_generation_prompt=True,
+                                                 **{**render, "enable_thinking": False})
+    empty = ""
+    if not_thinking != thinking and not_thinking.startswith(thinking) and "</think>" in not_thinking:
+        empty = not_thinking[len(thinking):]
+    if not render:
+        try:
+            _empty_thinking[tokenizer] = (tokenizer.chat_template, empty)
+        except TypeError:  # not weak-referenceable: rendered again next time
+            pass
+    return empty
+
+
+_empty_thinking: "weakref.WeakKeyDictionary[object, tuple[str, str]]" = weakref.WeakKeyDictionary()
 
 
 def strip_reasoning(messages: tuple[dict[str, str], ...]) -> tuple[dict[str, str], ...]:

@@ -84,7 +84,7 @@ def export(source: str | Path, out: str | Path, format: str = "hf", quantize: Op
     location = validate_request(source, out, format, quantize, ollama)
     quantize = (quantize or "f16") if format == "gguf" else None
     if format == "gguf":
-        check_architecture(base_config(location, base_model))
+        check_architecture(base_config(location, base_model), quantize)
     loaded = load_result(source, base_model, device=device)
     probe = probe_reference(loaded.model, loaded.tokenizer)
     method = loaded.method.kind if loaded.method is not None else ("peft" if location.kind == "adapter" else "model")

@@ -20,27 +20,43 @@ import torch
 from tunesmith.errors import TunesmithError
 
 QUANTISATIONS = ("f16", "q8_0", "q4_0")
-# The architectures the writer knows, by the ``model_type`` of their Hugging Face config.
+# The architectures this writer knows, by the ``model_type`` of their Hugging Face config.
 SUPPORTED_MODEL_TYPES = ("llama",)
+# The families llama.cpp's own converter writes for us (export/convert.py), each tested in
+# tests/test_families.py (docs/families.md): f16 and q8_0.
+CONVERTER_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "gemma2", "gemma3_text", "phi3", "olmo2",
+                         "granite")
 # Pre-tokenisers llama.cpp names, by the shape of a Hugging Face byte-level pre-tokenizer.
 BYTE_LEVEL_PRE_TOKENIZERS = {("ByteLevel",): "gpt-2", ("Digits", "ByteLevel"): "smollm"}
 
 
-def check_architecture(config) -> None:
-    """Refuse, by name and before anything is written, a model the writer does not know.
+def uses_own_writer(config) -> bool:
+    """Plain Llama (default rotary) is written by this module; every other family by llama.cpp's converter."""
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    return getattr(config, "model_type", None) in SUPPORTED_MODEL_TYPES and rope.get("rope_type", "default") == "default"
+
+
+def check_architecture(config, quantize: str = "f16") -> None:
+    """Refuse, by name and before anything is written, a model no GGUF path knows.
 
     Raises:
-        TunesmithError: For another architecture or a rotary scaling llama.cpp's Llama cannot express.
+        TunesmithError: For another architecture, q4_0 where only the converter applies, or a missing converter.
     """
+    from tunesmith.export.convert import converter_unavailable
+
     model_type = getattr(config, "model_type", None)
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise TunesmithError(f"the GGUF writer knows the {', '.join(SUPPORTED_MODEL_TYPES)} architecture family, not "
+    if uses_own_writer(config):
+        return
+    if model_type not in CONVERTER_MODEL_TYPES:
+        raise TunesmithError(f"the GGUF export knows the {', '.join(CONVERTER_MODEL_TYPES)} families, not "
                              f"'{model_type}' ({', '.join(getattr(config, 'architectures', None) or [])}); export "
                              "with --format hf and convert with llama.cpp's convert_hf_to_gguf.py")
-    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
-    if rope.get("rope_type", "default") != "default":
-        raise TunesmithError(f"the GGUF writer does not handle rope scaling '{rope.get('rope_type')}' of this model; "
-                             "export with --format hf and convert with llama.cpp's convert_hf_to_gguf.py")
+    if quantize == "q4_0":
+        raise TunesmithError(f"--quantize q4_0 is written for plain Llama only; for '{model_type}' choose --quantize "
+                             "q8_0 or f16 (llama.cpp's llama-quantize makes q4_0 from the f16 file)")
+    reason = converter_unavailable()
+    if reason is not None:
+        raise TunesmithError(f"the GGUF export of '{model_type}' runs llama.cpp's convert_hf_to_gguf.py: {reason}")
 
 
 def write_gguf(model: torch.nn.Module, tokenizer, path: Path, quantize: str, name: str, end_of_turn_id: int) -> None:
@@ -54,7 +70,8 @@ def write_gguf(model: torch.nn.Module, tokenizer, path: Path, quantize: str, nam
     import gguf
 
     config = model.config
-    check_architecture(config)
+    if not uses_own_writer(config):
+        raise TunesmithError(f"the GGUF writer knows plain Llama, not '{config.model_type}'; use export_gguf")
     writer = gguf.GGUFWriter(path, arch=gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
     writer.add_name(name)
     write_hyperparameters(writer, config, quantize)
@@ -251,28 +268,71 @@ def export_gguf(plain, tokenizer, probe, partial: Path, quantize: str, ollama: b
 
     partial.mkdir(parents=True, exist_ok=True)
     path = partial / f"model-{quantize}.gguf"
-    write_gguf(plain, tokenizer, path, quantize, name, probe.end_of_turn_id)
+    if uses_own_writer(plain.config):
+        write_gguf(plain, tokenizer, path, quantize, name, probe.end_of_turn_id)
+    else:
+        convert_family(plain, tokenizer, path, quantize, probe.end_of_turn_id)
     files = [path]
     if ollama:
         files.append(write_modelfile(partial, path.name, tokenizer, probe.end_of_turn_id))
     started = time.perf_counter()
-    reloaded = AutoModelForCausalLM.from_pretrained(partial, gguf_file=path.name, dtype=torch.float32).eval()
+    checks, skipped = {}, {}
+    try:
+        reloaded = AutoModelForCausalLM.from_pretrained(partial, gguf_file=path.name, dtype=torch.float32).eval()
+        gguf_tokenizer = AutoTokenizer.from_pretrained(partial, gguf_file=path.name)
+    except (ValueError, KeyError, NotImplementedError, RuntimeError) as error:
+        if uses_own_writer(plain.config):
+            raise
+        # transformers reads GGUF for some families only; llama.cpp, the runtime that matters, still checks it
+        reloaded = None
+        skipped["transformers"] = f"transformers cannot load a GGUF '{plain.config.model_type}' model ({error})"
     seconds = time.perf_counter() - started
-    gguf_tokenizer = AutoTokenizer.from_pretrained(partial, gguf_file=path.name)
-    gguf_tokenizer.chat_template = gguf_tokenizer.chat_template or tokenizer.chat_template
+    if reloaded is not None:
+        gguf_tokenizer.chat_template = gguf_tokenizer.chat_template or tokenizer.chat_template
 
-    def tokenize(index: int) -> list[int]:
-        from tunesmith.export.check import PROBE_CONVERSATIONS
+        def tokenize(index: int) -> list[int]:
+            from tunesmith.export.check import PROBE_CONVERSATIONS
 
-        text = gguf_tokenizer.apply_chat_template(PROBE_CONVERSATIONS[index], tokenize=False, add_generation_prompt=True)
-        return gguf_tokenizer(text, add_special_tokens=False)["input_ids"]
+            text = gguf_tokenizer.apply_chat_template(PROBE_CONVERSATIONS[index], tokenize=False,
+                                                      add_generation_prompt=True)
+            return gguf_tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    check = check_hf_model(probe, reloaded.to(next(plain.parameters()).device), TOLERANCES[quantize], tokenize)
-    checks = {"transformers": dataclasses.replace(check, load_seconds=seconds)}
-    skipped = {}
+        check = check_hf_model(probe, reloaded.to(next(plain.parameters()).device), TOLERANCES[quantize], tokenize)
+        checks["transformers"] = dataclasses.replace(check, load_seconds=seconds)
     outcome = check_with_llama_cpp(path, probe, TOLERANCES[quantize])
     if isinstance(outcome, str):
         skipped["llama.cpp"] = outcome
     else:
         checks["llama.cpp"] = outcome
+    if not checks:
+        raise TunesmithError(f"no loader could check {path.name} ({'; '.join(skipped.values())}); nothing was kept")
+    reader = checks.get("transformers")
+    if "llama.cpp" in checks and reader is not None and not reader.passed and not uses_own_writer(plain.config):
+        # transformers' GGUF reader rebuilds some families only in part (Llama 3's rotary scaling, Gemma 3's
+        # local layers): llama.cpp, the runtime the file is for, is the check that decides for converted files
+        del checks["transformers"]
+        skipped["transformers"] = f"its GGUF reader differs from the trained model here ({reader.describe()})"
     return tuple(files), checks, skipped, seconds
+
+
+def convert_family(plain, tokenizer, path: Path, quantize: str, end_of_turn_id: int) -> None:
+    """Any family but plain Llama: save a Hugging Face folder beside ``path``, convert it with llama.cpp's converter.
+
+    The end-of-turn token is written as the generation's stop (``generation_config.json``'s eos, which
+    the converter reads), so runtimes stop where the chat template ends a reply.
+    """
+    from tunesmith.export.convert import convert_with_llama_cpp
+
+    with tempfile.TemporaryDirectory(prefix="tunesmith-gguf-", dir=path.parent.parent) as folder:
+        plain.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        spec = json.loads((Path(folder) / "tokenizer.json").read_text())
+        pre = spec.get("pre_tokenizer") or {}
+        shape = tuple(part["type"] for part in pre.get("pretokenizers", [pre])) if pre else ()
+        generation = Path(folder) / "generation_config.json"
+        settings = json.loads(generation.read_text()) if generation.is_file() else {}
+        stops = settings.get("eos_token_id")
+        stops = [stops] if isinstance(stops, int) else list(stops or [])
+        settings["eos_token_id"] = [end_of_turn_id, *[stop for stop in stops if stop != end_of_turn_id]]
+        generation.write_text(json.dumps(settings))
+        convert_with_llama_cpp(Path(folder), path, quantize, BYTE_LEVEL_PRE_TOKENIZERS.get(shape))

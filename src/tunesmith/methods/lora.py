@@ -1,11 +1,24 @@
-"""LoRA and its variants through peft: DoRA, rsLoRA, and LoRA+ (its own learning rate for B)."""
+"""LoRA and its variants through peft: DoRA, rsLoRA, and LoRA+ (its own learning rate for B).
+
+Mixture-of-experts models (Qwen3-MoE, and every transformers 5 MoE) hold their experts as 3-D
+parameters (``experts.gate_up_proj``: (experts, 2 x intermediate, hidden)), not as linear layers, so
+a list of linear-layer names cannot reach them. peft's ``all-linear`` does: it adds the experts
+(``gate_up_proj`` at twice the rank, ``down_proj``: one low-rank update per expert) and the router
+(``gate.weight``) as ``target_parameters``. peft wraps those in its ``ParamWrapper``, which refuses
+dropout (the cause of "method 'lora' does not fit Qwen3MoeForCausalLM" at the default
+``method.dropout``): there the dropout applies to the linear layers only (see :meth:`LoRA.apply`).
+"""
 
 from __future__ import annotations
+
+import logging
 
 from torch import nn
 
 from tunesmith.methods.base import METHODS, check_module_names, decay_groups
 from tunesmith.methods.peft_method import PeftMethod, peft_task_type
+
+logger = logging.getLogger(__name__)
 
 
 @METHODS.register_kind
@@ -23,15 +36,35 @@ class LoRA(PeftMethod):
             targets = list(targets)
             if model is not None:
                 check_module_names(model, targets, "method.targets")
+        mixture = model is not None and bool(expert_parameters(model))
+        if mixture and targets == "all-linear":
+            logger.info("LoRA on a mixture of experts: every linear layer, the router and the expert weights %s "
+                        "(peft's all-linear)", ", ".join(expert_parameters(model)))
         return LoraConfig(
             r=self.config.r,
             lora_alpha=self.config.alpha,
-            lora_dropout=self.config.dropout,
+            lora_dropout=0.0 if mixture else self.config.dropout,  # apply() puts it back on the linear layers
             target_modules=targets,
             use_dora=self.config.dora,
             use_rslora=self.config.rslora,
             task_type=peft_task_type(model),
         )
+
+    def apply(self, model: nn.Module) -> nn.Module:
+        """peft's LoRA; on a mixture of experts, ``method.dropout`` goes on the linear layers' updates only.
+
+        peft refuses dropout on the router and experts it wraps as parameters (``ParamWrapper``): the
+        adapter is built without dropout, then each ordinary LoRA layer gets peft's own dropout module.
+        """
+        adapted = super().apply(model)
+        if self.config.dropout > 0 and expert_parameters(model):
+            from peft.tuners.lora.layer import LoraLayer, ParamWrapper
+
+            for module in adapted.modules():
+                if isinstance(module, LoraLayer) and not isinstance(module, ParamWrapper):
+                    for adapter in module.lora_dropout:
+                        module.lora_dropout[adapter] = nn.Dropout(p=self.config.dropout).train(module.training)
+        return adapted
 
     def param_groups(self, model: nn.Module, train_config) -> list[dict]:
         """With LoRA+, the B matrices learn ``loraplus_lr_ratio`` times faster than the rest.
@@ -47,3 +80,17 @@ class LoRA(PeftMethod):
         others = [p for name, p in trainable if not ("lora_B" in name or "lora_embedding_B" in name)]
         return (decay_groups(others, train_config.weight_decay)
                 + decay_groups(b_matrices, train_config.weight_decay, lr=train_config.lr * ratio))
+
+
+def expert_parameters(model: nn.Module) -> list[str]:
+    """The experts' stacked weights, as peft's ``target_parameters`` names them (``experts.gate_up_proj``).
+
+    A mixture-of-experts block keeps each expert's matrices as one 3-D parameter (experts, out, in);
+    nothing else in a causal LM is 3-D, so the shape finds them in every family without a name list.
+    """
+    found = set()
+    for module_name, module in model.named_modules():
+        for parameter_name, parameter in module.named_parameters(recurse=False):
+            if parameter.dim() == 3 and parameter.is_floating_point():
+                found.add(f"{module_name.rsplit('.', 1)[-1]}.{parameter_name}")
+    return sorted(found)

@@ -80,12 +80,29 @@ def varlen_sdpa_attention(module: torch.nn.Module, query: torch.Tensor, key: tor
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
     lengths = cu_seq_lens_q.diff().tolist()
+    window = kwargs.get("sliding_window")  # Mistral, Gemma 3's local layers, Qwen2 with use_sliding_window
     # split, not slicing: a slice's backward builds a zero tensor of the whole row per example.
-    outputs = [
-        sdpa_attention_forward(module, q, k, v, None, dropout=dropout, scaling=scaling, is_causal=True)[0]
-        for q, k, v in zip(query.split(lengths, dim=2), key.split(lengths, dim=2), value.split(lengths, dim=2))
-    ]
+    outputs = []
+    for q, k, v in zip(query.split(lengths, dim=2), key.split(lengths, dim=2), value.split(lengths, dim=2)):
+        if window is not None and q.shape[2] > window:
+            mask = sliding_window_mask(q.shape[2], window, q.device)
+            outputs.append(sdpa_attention_forward(module, q, k, v, mask, dropout=dropout, scaling=scaling,
+                                                  is_causal=False)[0])
+        else:
+            outputs.append(sdpa_attention_forward(module, q, k, v, None, dropout=dropout, scaling=scaling,
+                                                  is_causal=True)[0])
     return torch.cat(outputs, dim=1), None
+
+
+def sliding_window_mask(length: int, window: int, device) -> torch.Tensor:
+    """(1, 1, length, length) boolean mask: causal, and each query sees its last ``window`` positions only.
+
+    The rule of transformers' ``sliding_window_overlay`` (``kv > q - window``), so a packed example
+    attends exactly as it does alone.
+    """
+    positions = torch.arange(length, device=device)
+    query, key = positions[:, None], positions[None, :]
+    return ((key <= query) & (key > query - window))[None, None]
 
 
 def register_varlen_attention() -> None:
@@ -114,6 +131,7 @@ def enable_packed_attention(base: torch.nn.Module) -> bool:
     if current and current.startswith("flash_attention"):
         return True  # flash varlen kernels read cu_seq_lens themselves
     if current != "sdpa" and current != VARLEN_ATTENTION:
+        # Gemma 2 runs eager attention for its soft-capped attention logits, which sdpa cannot compute
         logger.info("packing off: the model uses %s attention, not sdpa", current)
         return False
     register_varlen_attention()
