@@ -73,9 +73,10 @@ class SlotCache:
         """The next forward is left-padded prompts (``pads[i]`` pad tokens first) for these slots."""
         self._plan = ("prefill", slots, pads)
 
-    def plan_decode(self, rows: int) -> None:
+    def plan_decode(self, rows: int, device) -> None:
         """The next forward is one new token for each of slots ``0 .. rows - 1``."""
-        self._plan = ("decode", rows)
+        positions = torch.tensor(self.lengths[:rows], device=device)  # where each row's new token goes
+        self._plan = ("decode", rows, torch.arange(rows, device=device), positions, max(self.lengths[:rows]) + 1)
 
     def move(self, source: int, target: int) -> None:
         """Copy slot ``source`` into slot ``target`` (a row leaving makes room this way)."""
@@ -93,12 +94,9 @@ class SlotCache:
                 keys[slot, :, : key.shape[2] - pad] = key[row, :, pad:]
                 values[slot, :, : key.shape[2] - pad] = value[row, :, pad:]
             return key, value  # the prompt attends to itself (left-padded, masked by the caller)
-        rows = self._plan[1]
-        positions = torch.tensor(self.lengths[:rows], device=key.device)
-        index = torch.arange(rows, device=key.device)
-        keys[index, :, positions] = key[:, :, 0]
-        values[index, :, positions] = value[:, :, 0]
-        longest = max(self.lengths[:rows]) + 1
+        _, rows, index, positions, longest = self._plan
+        keys[index, :, positions] = key[:, :, 0].to(keys.dtype)
+        values[index, :, positions] = value[:, :, 0].to(values.dtype)
         return keys[:rows, :, :longest], values[:rows, :, :longest]
 
 
@@ -147,8 +145,10 @@ class RowBatch:
         parameter = next(model.parameters())
         self.model, self.mixed_adapters = model, mixed_adapters
         self.device = parameter.device
-        self.cache = SlotCache(config.num_hidden_layers, config.num_key_value_heads, head_dim, parameter.dtype,
-                               parameter.device)
+        dtype = parameter.dtype  # under autocast (GRPO's rollouts) keys and values come in autocast's dtype
+        if torch.is_autocast_enabled(self.device.type):
+            dtype = torch.get_autocast_dtype(self.device.type)
+        self.cache = SlotCache(config.num_hidden_layers, config.num_key_value_heads, head_dim, dtype, parameter.device)
         self.rows: list[Row] = []  # row i lives in slot i
 
     def __len__(self) -> int:
@@ -194,7 +194,7 @@ class RowBatch:
         positions = torch.tensor(lengths, device=self.device)[:, None]  # (rows, 1)
         keys = torch.arange(max(lengths) + 1, device=self.device)[None, :]  # (1, longest + 1)
         mask = keys <= positions  # (rows, longest + 1): each row reads its own slot up to its new token
-        self.cache.plan_decode(count)
+        self.cache.plan_decode(count, self.device)
         logits = self._forward(ids, positions, mask[:, None, None], self.rows)
         for slot in range(count):
             self.cache.lengths[slot] += 1
@@ -220,6 +220,27 @@ class RowBatch:
         return output.logits  # (rows, 1, vocabulary)
 
 
+SLOT_FAMILIES = ("llama", "qwen2", "qwen3", "mistral")  # attention calls cache.update, rotary from position_ids
+
+
+def supports_slots(model) -> bool:
+    """Whether ``model`` can decode on the slot cache: a transformers causal LM of a family known to
+    work, without sliding-window attention, bare or with LoRA adapters only (prompt and prefix
+    tuning change the sequence the model sees; they decode through ``model.generate``)."""
+    from transformers import PreTrainedModel
+
+    inner = model
+    if hasattr(model, "peft_config") and hasattr(model, "get_base_model"):
+        if any(getattr(config.peft_type, "value", "") != "LORA" for config in model.peft_config.values()):
+            return False
+        inner = model.get_base_model()
+    if not isinstance(inner, PreTrainedModel):
+        return False
+    config = inner.config
+    return (config.model_type in SLOT_FAMILIES and not getattr(config, "use_sliding_window", False)
+            and (config.model_type != "mistral" or getattr(config, "sliding_window", None) is None))
+
+
 def decode(model, prompts: list[list[int]], max_new_tokens: int, stop_ids: set[int] | list[int] = (),
            temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
            generator: Optional[torch.Generator] = None, max_rows: int = 64) -> list[list[int]]:
@@ -232,6 +253,8 @@ def decode(model, prompts: list[list[int]], max_new_tokens: int, stop_ids: set[i
         generator: Where sampling draws from (all rows share it); None draws from torch's global RNG.
     """
     stop_ids = set(stop_ids)
+    if not supports_slots(model):
+        return _decode_with_generate(model, prompts, max_new_tokens, stop_ids, temperature, top_p, top_k, max_rows)
     rows = [Row(list(prompt), temperature, top_p, top_k, generator) for prompt in prompts]
     waiting, batch = list(rows), RowBatch(model)
     room = max_new_tokens + 1
@@ -245,3 +268,32 @@ def decode(model, prompts: list[list[int]], max_new_tokens: int, stop_ids: set[i
             if row.tokens[-1] in stop_ids or len(row.tokens) >= max_new_tokens:
                 batch.leave(row)
     return [row.tokens for row in rows]
+
+
+def decode_padded(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_new_tokens: int,
+                  stop_ids: list[int], pad_id: int, **sampling) -> torch.Tensor:
+    """:func:`decode` for left-padded prompts, answered as ``generate`` does: (N, T) new tokens, pad after a stop."""
+    prompts = [row[mask.bool()].tolist() for row, mask in zip(prompt_ids, prompt_mask)]
+    new = decode(model, prompts, max_new_tokens, stop_ids, **sampling)
+    width = max(len(tokens) for tokens in new)
+    return torch.tensor([tokens + [pad_id] * (width - len(tokens)) for tokens in new], device=prompt_ids.device)
+
+
+@torch.no_grad()
+def _decode_with_generate(model, prompts, max_new_tokens, stop_ids, temperature, top_p, top_k, batch_size):
+    """The fallback for models the slot cache does not fit: left-padded batches through ``model.generate``."""
+    device = next(model.parameters()).device
+    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": top_k} if temperature > 0 else {
+        "do_sample": False}
+    replies: list[list[int]] = []
+    for start in range(0, len(prompts), batch_size):
+        batch = prompts[start : start + batch_size]
+        width = max(len(prompt) for prompt in batch)
+        ids = torch.tensor([[0] * (width - len(p)) + list(p) for p in batch], device=device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device=device)
+        output = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                                eos_token_id=sorted(stop_ids) or None, pad_token_id=0, **sampling)
+        for row in output[:, width:].tolist():
+            end = next((i + 1 for i, token in enumerate(row) if token in stop_ids), len(row))
+            replies.append(row[:end])
+    return replies

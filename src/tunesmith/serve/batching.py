@@ -25,7 +25,7 @@ from typing import Callable, Optional
 
 import torch
 
-from tunesmith.decoding import Row, RowBatch
+from tunesmith.decoding import Row, RowBatch, supports_slots
 from tunesmith.serve.pool import ModelPool, Servable
 
 logger = logging.getLogger(__name__)
@@ -116,6 +116,23 @@ class _Row:
             self.request.sink(("done", self.index, reason, len(self.ids)))
 
 
+class _RowStreamer:
+    """The ``streamer`` of ``model.generate``: the first call is the prompt, then one token column per step."""
+
+    def __init__(self, rows: list[_Row]) -> None:
+        self.rows, self.prompt_seen = rows, False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.prompt_seen:
+            self.prompt_seen = True
+            return
+        for row, token in zip(self.rows, value.reshape(len(self.rows), -1)[:, -1].tolist()):
+            row.feed(token)
+
+    def end(self) -> None:
+        pass
+
+
 class BatchingGenerator:
     """The worker thread that runs continuous batching.
 
@@ -195,9 +212,33 @@ class BatchingGenerator:
             request.sink(("error", f"{type(error).__name__}: {error}"))
             return
         request.sink(("usage", len(ids)))
-        for index, generator in enumerate(request.generators()):
-            row = Row(list(ids), request.temperature, request.top_p, 0, generator, servable.adapter_name)
-            self.waiting.append(_Row(request, index, servable, eos_ids, row))
+        choices = [_Row(request, index, servable, eos_ids, Row(list(ids), request.temperature, request.top_p, 0,
+                                                                 generator, servable.adapter_name))
+                   for index, generator in enumerate(request.generators())]
+        if supports_slots(servable.model):
+            self.waiting.extend(choices)
+        else:
+            self._generate_alone(servable, choices)
+
+    def _generate_alone(self, servable: Servable, choices: list[_Row]) -> None:
+        """Models the slot cache does not fit (prompt or prefix tuning, other families): ``generate``, alone."""
+        request = choices[0].request
+        kwargs = {"do_sample": True, "temperature": request.temperature, "top_p": request.top_p} \
+            if request.temperature > 0 else {"do_sample": False}
+        if request.seed is not None:
+            torch.manual_seed(request.seed)
+        device = next(servable.model.parameters()).device
+        ids = torch.tensor([choice.decoding.prompt for choice in choices], device=device)
+        try:
+            with torch.no_grad(), servable.active():
+                servable.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), streamer=_RowStreamer(choices),
+                                        max_new_tokens=request.max_tokens, eos_token_id=sorted(choices[0].eos_ids),
+                                        pad_token_id=servable.tokenizer.pad_token_id, **kwargs)
+        except Exception as error:
+            logger.exception("generation failed")
+            request.sink(("error", f"{type(error).__name__}: {error}"))
+        for choice in choices:
+            choice.finish("length")
 
     def _join_waiting(self) -> None:
         """Prefill waiting rows into free slots of their base model's batch (one forward per base)."""
