@@ -42,13 +42,12 @@ def reference(model, prompt: list[int], max_new_tokens: int, eos: int | None = N
 
 def test_decode_greedy_equals_generate_with_rows_joining_mid_flight():
     model = random_llama()
-    asked = prompts(7)
-    limits = [3, 17, 9, 25, 1, 12, 20]
+    asked = prompts(5)
+    limits = [3, 14, 8, 1, 11]
     expected = [reference(model, p, n) for p, n in zip(asked, limits)]
-    # at most three rows at once: the other four join as earlier ones finish
-    got = [decode(model, [p], n, max_rows=3)[0] for p, n in zip(asked[:1], limits[:1])]
-    assert got == expected[:1]
-    together = [decode(model, asked, max(limits), max_rows=3)[i][:n] for i, n in enumerate(limits)]
+    assert decode(model, asked[:1], limits[0]) == expected[:1]
+    # at most two rows at once: the other three join as earlier ones finish
+    together = [decode(model, asked, max(limits), max_rows=2)[i][:n] for i, n in enumerate(limits)]
     assert together == expected
 
 
@@ -152,7 +151,7 @@ def batcher():
 def test_batcher_greedy_equals_generate_per_request_as_rows_join_and_leave(batcher):
     model = random_llama(eos=VOCAB + 5)  # an eos outside the vocabulary: rows end at their own limits
     generator = batcher({"m": servable("m", model)}, max_batch=3)
-    asked, limits = prompts(6, seed=2), [4, 20, 7, 14, 2, 11]
+    asked, limits = prompts(5, seed=2), [4, 12, 7, 2, 9]
     sent = [ask(generator, "m", p, n, temperature=0.0) for p, n in zip(asked, limits)]
     for finished, *_ in sent:
         assert finished.wait(60)

@@ -47,6 +47,7 @@ class SamplingFields(BaseModel):
     seed: Optional[int] = None
     stop: Union[str, list[str], None] = None
     stream: bool = False
+    stream_options: Optional[dict] = None  # {"include_usage": true}: a last chunk carries the usage, as OpenAI's
 
     @field_validator("stop")
     @classmethod
@@ -123,7 +124,8 @@ async def _complete(request: Request, body: SamplingFields, render, chat: bool):
     response_id = ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12)
     shape = _Shape(response_id, body.model, chat)
     if body.stream:
-        return StreamingResponse(_stream(events, body.n, shape, generation), media_type="text/event-stream",
+        usage = bool((body.stream_options or {}).get("include_usage"))
+        return StreamingResponse(_stream(events, body.n, shape, generation, usage), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     texts, reasons, usage = [""] * body.n, [None] * body.n, {"prompt": 0, "completion": 0}
     try:
@@ -158,7 +160,9 @@ async def _events(events: asyncio.Queue, choices: int, request: Optional[Request
         done += event[0] == "done"
 
 
-async def _stream(events: asyncio.Queue, choices: int, shape: "_Shape", generation: GenerationRequest) -> AsyncIterator[str]:
+async def _stream(events: asyncio.Queue, choices: int, shape: "_Shape", generation: GenerationRequest,
+                  include_usage: bool = False) -> AsyncIterator[str]:
+    usage = {"prompt": 0, "completion": 0}
     try:
         if shape.chat:
             for index in range(choices):
@@ -167,10 +171,15 @@ async def _stream(events: asyncio.Queue, choices: int, shape: "_Shape", generati
             if event[0] == "error":
                 yield _sse({"error": {"message": event[1], "type": "server_error", "param": None, "code": None}})
                 return
-            if event[0] == "delta":
+            if event[0] == "usage":
+                usage["prompt"] = event[1]
+            elif event[0] == "delta":
                 yield _sse(shape.chunk(event[1], {"content": event[2]} if shape.chat else event[2], None))
             elif event[0] == "done":
+                usage["completion"] += event[3]
                 yield _sse(shape.chunk(event[1], {} if shape.chat else "", event[2]))
+        if include_usage:
+            yield _sse(shape.usage_chunk(usage))
         yield "data: [DONE]\n\n"
     finally:
         generation.cancel()  # the client disconnected mid-stream (or all is sent): free the slots
@@ -195,6 +204,13 @@ class _Shape:
                                   [{"index": index, "delta": delta, "finish_reason": finish_reason}])
         return self._envelope("text_completion",
                               [{"index": index, "text": delta, "logprobs": None, "finish_reason": finish_reason}])
+
+    def usage_chunk(self, usage: dict) -> dict:
+        """The last chunk of a stream asked with ``stream_options.include_usage``: no choices, the usage."""
+        chunk = self._envelope("chat.completion.chunk" if self.chat else "text_completion", [])
+        chunk["usage"] = {"prompt_tokens": usage["prompt"], "completion_tokens": usage["completion"],
+                          "total_tokens": usage["prompt"] + usage["completion"]}
+        return chunk
 
     def whole(self, texts: list[str], reasons: list[Optional[str]], usage: dict) -> dict:
         if self.chat:
