@@ -227,10 +227,11 @@ def supports_slots(model) -> bool:
     """Whether ``model`` can decode on the slot cache: a transformers causal LM of a family known to
     work, without sliding-window attention, bare or with LoRA adapters only (prompt and prefix
     tuning change the sequence the model sees; they decode through ``model.generate``)."""
+    from peft import PeftModel
     from transformers import PreTrainedModel
 
     inner = model
-    if hasattr(model, "peft_config") and hasattr(model, "get_base_model"):
+    if isinstance(model, PeftModel):
         if any(getattr(config.peft_type, "value", "") != "LORA" for config in model.peft_config.values()):
             return False
         inner = model.get_base_model()
