@@ -141,10 +141,12 @@ class BatchingGenerator:
         window_s: How long an idle worker waits for more requests after the first arrives, so that
             requests sent together are prefilled together.
         max_batch: Most rows decoded together per base model; more wait for a free slot.
+        prefill_tokens: Most prompt tokens prefilled between two decode steps (at least one row):
+            a crowd of new requests is prefilled in parts, the running rows stepping in between.
     """
 
-    def __init__(self, pool: ModelPool, window_s: float = 0.01, max_batch: int = 32) -> None:
-        self.pool, self.window_s, self.max_batch = pool, window_s, max_batch
+    def __init__(self, pool: ModelPool, window_s: float = 0.01, max_batch: int = 32, prefill_tokens: int = 512) -> None:
+        self.pool, self.window_s, self.max_batch, self.prefill_tokens = pool, window_s, max_batch, prefill_tokens
         self.queue: queue.Queue[Optional[GenerationRequest]] = queue.Queue()
         self.serials = itertools.count()
         self.batch_sizes: collections.deque[int] = collections.deque(maxlen=1000)  # rows per decode step (recent)
@@ -243,12 +245,14 @@ class BatchingGenerator:
     def _join_waiting(self) -> None:
         """Prefill waiting rows into free slots of their base model's batch (one forward per base)."""
         joining: dict[int, list[_Row]] = {}
-        while self.waiting:
+        budget = self.prefill_tokens
+        while self.waiting and (budget > 0 or not joining):
             choice = self.waiting[0]
             key = _base_key(choice.servable)
             taken = len(self.batches[key]) if key in self.batches else 0
             if taken + len(joining.get(key, [])) >= self.max_batch:
                 break
+            budget -= len(choice.decoding.prompt)
             self.waiting.popleft()
             if not choice.request.cancelled.is_set():
                 joining.setdefault(key, []).append(choice)
