@@ -219,3 +219,55 @@ def test_batcher_stop_string_and_cancel_free_the_slot(batcher):
     assert generator.active_rows() == 0 and not reasons  # left at the next step, no reply finished
     finished, texts, *_ = ask(generator, "m", prompt, 5, temperature=0.0)
     assert finished.wait(60) and tokens(texts) == free[:5]  # the freed slot serves the next request
+
+
+@pytest.mark.slow
+def test_loopback_load_streams_every_request_and_answers_as_alone(tiny_llama, tmp_path):
+    """A bounded load on 127.0.0.1: 12 concurrent streamed completions of mixed lengths against uvicorn."""
+    import asyncio
+    import json
+    import shutil
+
+    pytest.importorskip("fastapi", reason="needs the serve extra: pip install 'tunesmith[serve]'")
+    import httpx
+    import uvicorn
+
+    from serve_support import free_port
+    from tunesmith.serve.app import create_app
+
+    shutil.copytree(tiny_llama, tmp_path / "models" / "tiny")
+    app = create_app(tmp_path)
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    words = ["Once", "The cat", "A dog ran", "Tell me", "Why", "Lily and Tom went"]
+    bodies = [{"model": "models/tiny", "prompt": words[i % 6], "max_tokens": 4 + 3 * (i % 5), "temperature": 0}
+              for i in range(12)]
+
+    async def streamed(http, body) -> str:
+        text = ""
+        async with http.stream("POST", "/v1/completions", json={**body, "stream": True}) as response:
+            async for line in response.aiter_lines():
+                if line.startswith("data: ") and line != "data: [DONE]":
+                    text += json.loads(line[6:])["choices"][0]["text"]
+        return text
+
+    async def run():
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=60) as http:
+            alone = [(await http.post("/v1/completions", json=body)).json()["choices"][0]["text"] for body in bodies]
+            together = await asyncio.gather(*(streamed(http, body) for body in bodies))
+        return alone, together
+
+    try:
+        deadline = time.monotonic() + 30
+        while not server.started and time.monotonic() < deadline:
+            time.sleep(0.05)
+        alone, together = asyncio.run(asyncio.wait_for(run(), timeout=120))
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        app.state.generator.close()
+        app.state.jobs.close()
+    assert together == alone and all(alone)
+    assert max(app.state.generator.batch_sizes) > 1
