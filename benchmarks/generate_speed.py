@@ -75,7 +75,8 @@ def main() -> None:
     from tunesmith.inference import load_for_inference, stop_token_ids
 
     model, tokenizer = load_for_inference(args.model)
-    prompt = list(tokenizer.apply_chat_template(PROMPT, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"])
+    rendered = tokenizer.apply_chat_template(PROMPT, add_generation_prompt=True, tokenize=True, return_dict=True)
+    prompt = list(rendered["input_ids"])
     ids = torch.tensor([prompt])
     n = args.new_tokens
 

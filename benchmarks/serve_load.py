@@ -61,7 +61,8 @@ def make_adapters(workspace: Path, model: str, count: int = 2) -> list[str]:
     ids = []
     for index in range(count):
         torch.manual_seed(index)
-        lora = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", init_lora_weights=False))
+        config = LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", init_lora_weights=False)
+        lora = get_peft_model(base, config)
         with torch.no_grad():
             for name, parameter in lora.named_parameters():
                 if "lora_B" in name:

@@ -233,7 +233,8 @@ class BatchingGenerator:
         ids = torch.tensor([choice.decoding.prompt for choice in choices], device=device)
         try:
             with torch.no_grad(), servable.active():
-                servable.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), streamer=_RowStreamer(choices),
+                servable.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                        streamer=_RowStreamer(choices),
                                         max_new_tokens=request.max_tokens, eos_token_id=sorted(choices[0].eos_ids),
                                         pad_token_id=servable.tokenizer.pad_token_id, **kwargs)
         except Exception as error:
