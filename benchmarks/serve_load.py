@@ -1,16 +1,20 @@
-"""Load test of ``tunesmith serve`` on loopback: N concurrent chat requests against the same N sent
-one at a time. Prints latency p50/p95, aggregate completion tokens/s and the ratios of the two.
+"""Load test of ``tunesmith serve`` (continuous batching) on loopback: N concurrent streamed chat
+requests of mixed lengths against the same requests sent one at a time, and N concurrent requests
+spread over the base and two LoRA adapters of it (one batch, per-row LoRA). Prints latency and
+time to first token (p50/p95), aggregate completion tokens/s and the ratios.
 
     python benchmarks/serve_load.py                          # stories260k from ../shared/assets, 32 requests
-    python benchmarks/serve_load.py --model smollm2-135m-instruct --requests 32 --max-tokens 48
+    python benchmarks/serve_load.py --model smollm2-135m-instruct --requests 32 --alone 8
 
 A benchmark, not a test: figures depend on the machine; the ratios were measured in one run.
+The one-at-a-time figures come from the first ``--alone`` requests of the same mix (all by default).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import shutil
 import statistics
@@ -27,6 +31,7 @@ ASSETS = Path(os.environ.get("TUNESMITH_TEST_ASSETS", REPO.parent / "shared" / "
 PROMPTS = ["Tell me a story about a cat.", "What did Lily find in the park?", "Write about a big red ball.",
            "Who is Tom's best friend?", "Describe a rainy day.", "What does the little bird sing?",
            "Tell me about a brave dog.", "Why was Sam sad?"]
+LENGTHS = [16, 64, 32, 48, 24, 56, 40, 20]  # max_tokens of request i: LENGTHS[i % 8] (mixed lengths)
 
 
 def start_server(workspace: Path, model: str, port: int) -> subprocess.Popen:
@@ -44,57 +49,110 @@ def start_server(workspace: Path, model: str, port: int) -> subprocess.Popen:
     raise SystemExit("the server did not start")
 
 
-async def one(client: httpx.AsyncClient, index: int, max_tokens: int) -> tuple[float, int]:
-    started = time.perf_counter()
-    response = await client.post("/v1/chat/completions", json={
-        "model": "bench", "messages": [{"role": "user", "content": PROMPTS[index % len(PROMPTS)]}],
-        "max_tokens": max_tokens, "temperature": 0})
-    response.raise_for_status()
-    return time.perf_counter() - started, response.json()["usage"]["completion_tokens"]
+def make_adapters(workspace: Path, model: str, count: int = 2) -> list[str]:
+    """Random LoRA adapters of the base (small, so that replies stay text), saved as plain peft runs."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    sys.path.insert(0, str(REPO / "src"))
+    from tunesmith.inference import load_for_inference
+
+    base, _ = load_for_inference(model)
+    ids = []
+    for index in range(count):
+        torch.manual_seed(index)
+        config = LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", init_lora_weights=False)
+        lora = get_peft_model(base, config)
+        with torch.no_grad():
+            for name, parameter in lora.named_parameters():
+                if "lora_B" in name:
+                    parameter.mul_(0.01)
+        folder = workspace / "runs" / f"lora-{index}" / "adapter"
+        lora.save_pretrained(folder)
+        config = json.loads((folder / "adapter_config.json").read_text())
+        (folder / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": model}))
+        base = lora.unload()
+        ids.append(f"runs/lora-{index}")
+    return ids
 
 
-async def measure(url: str, requests: int, max_tokens: int, concurrent: bool) -> dict:
-    async with httpx.AsyncClient(base_url=url, timeout=600) as client:
-        await one(client, 0, 4)  # load the model before timing
+async def one(client: httpx.AsyncClient, index: int, model: str, max_tokens: int | None = None) -> dict:
+    started, first = time.perf_counter(), None
+    body = {"model": model, "messages": [{"role": "user", "content": PROMPTS[index % len(PROMPTS)]}],
+            "max_tokens": max_tokens or LENGTHS[index % len(LENGTHS)], "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}}
+    tokens = 0
+    async with client.stream("POST", "/v1/chat/completions", json=body) as response:
+        response.raise_for_status()
+        async for line in response.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+            elif first is None and chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+                first = time.perf_counter() - started
+    return {"latency": time.perf_counter() - started, "ttft": first if first is not None else float("nan"),
+            "tokens": tokens}
+
+
+def percentile(values: list[float], share: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(share * (len(ordered) - 1)))]
+
+
+async def measure(url: str, indices: list[int], models: list[str], concurrent: bool) -> dict:
+    async with httpx.AsyncClient(base_url=url, timeout=1800) as client:
+        for model in set(models):
+            await one(client, 0, model, 4)  # load the model (and adapters) before timing
         started = time.perf_counter()
         if concurrent:
-            results = await asyncio.gather(*(one(client, i, max_tokens) for i in range(requests)))
+            results = await asyncio.gather(*(one(client, i, models[i % len(models)]) for i in indices))
         else:
-            results = [await one(client, i, max_tokens) for i in range(requests)]
+            results = [await one(client, i, models[i % len(models)]) for i in indices]
         wall = time.perf_counter() - started
-    latencies = sorted(latency for latency, _ in results)
-    tokens = sum(count for _, count in results)
-    return {"answered": len(results), "p50": statistics.median(latencies),
-            "p95": latencies[min(len(latencies) - 1, round(0.95 * (len(latencies) - 1)))],
-            "wall": wall, "tokens": tokens, "tokens_per_s": tokens / wall}
+    latencies, ttfts = [r["latency"] for r in results], [r["ttft"] for r in results]
+    tokens = sum(r["tokens"] for r in results)
+    return {"answered": len(results), "p50": statistics.median(latencies), "p95": percentile(latencies, 0.95),
+            "ttft50": statistics.median(ttfts), "ttft95": percentile(ttfts, 0.95), "wall": wall, "tokens": tokens,
+            "tokens_per_s": tokens / wall}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=str(ASSETS / "models" / "stories260k"), help="Alias or model folder.")
     parser.add_argument("--requests", type=int, default=32)
-    parser.add_argument("--max-tokens", type=int, default=48)
+    parser.add_argument("--alone", type=int, default=0, help="Requests of the mix sent one at a time (0: all).")
+    parser.add_argument("--no-adapters", action="store_true", help="Skip the mixed-adapter run.")
     parser.add_argument("--port", type=int, default=8917)
     args = parser.parse_args()
     workspace = Path(tempfile.mkdtemp(prefix="tunesmith-serve-bench-"))
+    adapters = [] if args.no_adapters else make_adapters(workspace, args.model)
     server = start_server(workspace, args.model, args.port)
+    rows = []
     try:
         url = f"http://127.0.0.1:{args.port}"
-        alone = asyncio.run(measure(url, args.requests, args.max_tokens, concurrent=False))
-        together = asyncio.run(measure(url, args.requests, args.max_tokens, concurrent=True))
+        everyone = list(range(args.requests))
+        alone = asyncio.run(measure(url, everyone[: args.alone or args.requests], ["bench"], concurrent=False))
+        rows.append(("one at a time", alone))
+        together = asyncio.run(measure(url, everyone, ["bench"], concurrent=True))
+        rows.append((f"{args.requests} concurrent", together))
+        if adapters:
+            mixed = asyncio.run(measure(url, everyone, ["bench", *adapters], concurrent=True))
+            rows.append((f"{args.requests} concurrent, base + {len(adapters)} adapters", mixed))
     finally:
         server.terminate()
         server.wait()
         shutil.rmtree(workspace, ignore_errors=True)
-    print(f"model {args.model}, {args.requests} chat requests, max_tokens {args.max_tokens}, greedy; "
+    print(f"model {args.model}, streamed chat requests, max_tokens {LENGTHS} in turn, greedy; "
           f"load average (1 min) at the end: {os.getloadavg()[0]:.1f}")
-    print("| requests | answered | latency p50 (s) | latency p95 (s) | wall (s) | completion tokens | tokens/s |")
-    print("|---|---|---|---|---|---|---|")
-    for name, row in (("one at a time", alone), (f"{args.requests} concurrent", together)):
-        print(f"| {name} | {row['answered']} | {row['p50']:.3f} | {row['p95']:.3f} | {row['wall']:.2f} | "
-              f"{row['tokens']} | {row['tokens_per_s']:.1f} |")
-    print(f"aggregate tokens/s ratio (concurrent / one at a time): {together['tokens_per_s'] / alone['tokens_per_s']:.2f}x; "
-          f"wall time ratio: {alone['wall'] / together['wall']:.2f}x")
+    print("| requests | answered | latency p50 (s) | latency p95 (s) | TTFT p50 (s) | TTFT p95 (s) | wall (s) | "
+          "completion tokens | tokens/s | tokens/s vs one at a time | p50 vs one at a time |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for name, row in rows:
+        print(f"| {name} | {row['answered']} | {row['p50']:.2f} | {row['p95']:.2f} | {row['ttft50']:.2f} | "
+              f"{row['ttft95']:.2f} | {row['wall']:.1f} | {row['tokens']} | {row['tokens_per_s']:.1f} | "
+              f"{row['tokens_per_s'] / alone['tokens_per_s']:.2f}x | {row['p50'] / alone['p50']:.2f}x |")
 
 
 if __name__ == "__main__":

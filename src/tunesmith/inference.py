@@ -58,17 +58,19 @@ def _generation_kwargs(tokenizer, max_new_tokens: int, temperature: float) -> di
 @torch.no_grad()
 def generate(model, tokenizer, conversations: list[list[dict[str, str]]], max_new_tokens: int = 128,
              temperature: float = 0.0, batch_size: int = 16) -> list[str]:
-    """Replies to each conversation (greedy when temperature is 0), batched with left padding."""
-    replies: list[str] = []
-    tokenizer.padding_side = "left"
-    device = next(model.parameters()).device
-    for start in range(0, len(conversations), batch_size):
-        prompts = [render_prompt(tokenizer, c) for c in conversations[start : start + batch_size]]
-        inputs = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-        output = model.generate(**inputs, **_generation_kwargs(tokenizer, max_new_tokens, temperature))
-        new_tokens = output[:, inputs["input_ids"].shape[1] :]
-        replies += [text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
-    return replies
+    """Replies to each conversation (greedy when temperature is 0), up to ``batch_size`` decoded together.
+
+    Decodes through :func:`tunesmith.decoding.decode` (rows leave as they finish, waiting ones join);
+    sampling uses the model's generation config's top-k and top-p, as ``model.generate`` would.
+    """
+    from tunesmith.decoding import decode
+
+    prompts = [tokenizer(render_prompt(tokenizer, c), add_special_tokens=False)["input_ids"] for c in conversations]
+    config = getattr(model, "generation_config", None)
+    sampling = {"top_k": getattr(config, "top_k", 0) or 0, "top_p": getattr(config, "top_p", 1.0) or 1.0}
+    new_tokens = decode(model, prompts, max_new_tokens, stop_token_ids(tokenizer), temperature, max_rows=batch_size,
+                        **(sampling if temperature > 0 else {}))
+    return [text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
 
 
 def stream_reply(model, tokenizer, conversation: list[dict[str, str]], max_new_tokens: int = 256,

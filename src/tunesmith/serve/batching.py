@@ -1,10 +1,14 @@
-"""Generation for concurrent requests: collected for a few milliseconds, then generated together.
+"""Generation for concurrent requests: continuous batching.
 
-One worker thread owns the models. Requests that can share a batch (same model id and the same
-sampling settings; a request with a ``seed`` is generated alone so that its seed means the same
-every time) are left-padded into one ``model.generate`` call. A streamer splits each new token
-column back into the rows, so streaming and non-streaming requests are batched alike; each row
-stops on its own end-of-sequence token, stop string or token limit.
+One worker thread owns the models and keeps one running batch per loaded base model
+(:class:`tunesmith.decoding.RowBatch`). Between two decode steps, requests that arrived join the
+batch (their prompts are prefilled together into free KV-cache slots) and rows that finished or
+were cancelled leave it, so a short request never waits for a long one and a new one waits at
+most one step. Rows of one batch may differ in everything: model id (adapters of one base are
+applied per row, peft's mixed-batch LoRA), temperature, top-p, seed, stop strings, token limit.
+Each row samples from its own ``torch.Generator`` (seeded from the request's ``seed``), so a seed
+gives the same text whatever else is being generated. Streaming and non-streaming requests are
+batched alike; each row stops on its own end-of-sequence token, stop string or token limit.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import collections
 import itertools
 import logging
 import queue
+import secrets
 import threading
 import time
 from dataclasses import dataclass, field
@@ -20,7 +25,8 @@ from typing import Callable, Optional
 
 import torch
 
-from tunesmith.serve.pool import ModelPool
+from tunesmith.decoding import Row, RowBatch, supports_slots
+from tunesmith.serve.pool import ModelPool, Servable
 
 logger = logging.getLogger(__name__)
 
@@ -42,18 +48,28 @@ class GenerationRequest:
     stop: list[str] = field(default_factory=list)
     strip_leading: bool = False  # chat replies start without the template's separating space
     serial: int = 0
+    cancelled: threading.Event = field(default_factory=threading.Event)
 
-    def batch_key(self) -> tuple:
-        sampling = self.temperature > 0
-        alone = self.serial if self.seed is not None else None
-        return (self.model_id, sampling, self.temperature if sampling else 0.0, self.top_p if sampling else 1.0, alone)
+    def cancel(self) -> None:
+        """Stop generating for this request (its caller went away); its rows leave at the next step."""
+        self.cancelled.set()
+
+    def generators(self) -> list[Optional[torch.Generator]]:
+        """One random generator per choice: from ``seed`` when given (choice i gets seed + i), else fresh."""
+        if self.temperature <= 0:
+            return [None] * self.n
+        first = self.seed if self.seed is not None else secrets.randbits(62)
+        return [torch.Generator().manual_seed((first + index) % 2**63) for index in range(self.n)]
 
 
 class _Row:
-    """One choice being generated: incremental decoding, stop strings, its own limit."""
+    """One choice being generated: its text side (incremental decoding, stop strings, its own limit)."""
 
-    def __init__(self, request: GenerationRequest, index: int, tokenizer, eos_ids: set[int]) -> None:
-        self.request, self.index, self.tokenizer, self.eos_ids = request, index, tokenizer, eos_ids
+    def __init__(self, request: GenerationRequest, index: int, servable: Servable, eos_ids: set[int],
+                 decoding: Row) -> None:
+        self.request, self.index, self.servable, self.eos_ids = request, index, servable, eos_ids
+        self.tokenizer = servable.tokenizer
+        self.decoding = decoding  # the token side: prompt, sampling, KV-cache slot
         self.ids: list[int] = []
         self.sent = ""
         self.finished = False
@@ -114,34 +130,29 @@ class _RowStreamer:
             row.feed(token)
 
     def end(self) -> None:
-        for row in self.rows:
-            row.finish("length")
-
-
-class _RowsDone:
-    """A stopping criterion: a row is done once it hit its own stop; generation ends when all are."""
-
-    def __init__(self, rows: list[_Row]) -> None:
-        self.rows = rows
-
-    def __call__(self, input_ids, scores, **kwargs) -> torch.Tensor:
-        return torch.tensor([row.finished for row in self.rows], device=input_ids.device)
+        pass
 
 
 class BatchingGenerator:
-    """The worker thread that collects requests and generates them in batches.
+    """The worker thread that runs continuous batching.
 
     Args:
         pool: Where models come from.
-        window_s: How long the worker waits for more requests after the first arrives.
-        max_batch: Most rows generated together.
+        window_s: How long an idle worker waits for more requests after the first arrives, so that
+            requests sent together are prefilled together.
+        max_batch: Most rows decoded together per base model; more wait for a free slot.
+        prefill_tokens: Most prompt tokens prefilled between two decode steps (at least one row):
+            a crowd of new requests is prefilled in parts, the running rows stepping in between.
     """
 
-    def __init__(self, pool: ModelPool, window_s: float = 0.01, max_batch: int = 32) -> None:
-        self.pool, self.window_s, self.max_batch = pool, window_s, max_batch
+    def __init__(self, pool: ModelPool, window_s: float = 0.01, max_batch: int = 32, prefill_tokens: int = 512) -> None:
+        self.pool, self.window_s, self.max_batch, self.prefill_tokens = pool, window_s, max_batch, prefill_tokens
         self.queue: queue.Queue[Optional[GenerationRequest]] = queue.Queue()
         self.serials = itertools.count()
-        self.batch_sizes: collections.deque[int] = collections.deque(maxlen=1000)  # rows per generate call (recent)
+        self.batch_sizes: collections.deque[int] = collections.deque(maxlen=1000)  # rows per decode step (recent)
+        self.batches: dict[int, RowBatch] = {}  # id of the base model -> its running batch
+        self.rows: dict[int, list[_Row]] = {}  # the same key -> the rows of that batch, in no order
+        self.waiting: collections.deque[_Row] = collections.deque()  # rows without a slot yet
         self.thread = threading.Thread(target=self._run, name="tunesmith-generate", daemon=True)
         self.thread.start()
 
@@ -153,73 +164,163 @@ class BatchingGenerator:
         self.queue.put(None)
         self.thread.join(timeout=10)
 
+    def active_rows(self) -> int:
+        """Rows holding a KV-cache slot now."""
+        return sum(len(batch) for batch in self.batches.values())
+
     def _run(self) -> None:
         while True:
+            arrived = self._collect()
+            if arrived is None:
+                return
+            for request in arrived:
+                self._admit(request)
+            self._join_waiting()
+            for key in list(self.batches):
+                self._step_safely(key)
+
+    def _collect(self) -> Optional[list[GenerationRequest]]:
+        """Requests that arrived since the last step; blocks while there is nothing to do. None: closing."""
+        arrived: list[GenerationRequest] = []
+        if not self.active_rows() and not self.waiting:
             first = self.queue.get()
             if first is None:
-                return
+                return None
+            arrived.append(first)
             time.sleep(self.window_s)
-            pending, closing = [first], False
-            while True:
-                try:
-                    item = self.queue.get_nowait()
-                except queue.Empty:
-                    break
-                if item is None:
-                    closing = True
-                    break
-                pending.append(item)
-            for group in self._groups(pending):
-                self._generate_safely(group)
-            if closing:
-                return
+        while True:
+            try:
+                item = self.queue.get_nowait()
+            except queue.Empty:
+                return arrived
+            if item is None:
+                return None
+            arrived.append(item)
 
-    def _groups(self, pending: list[GenerationRequest]) -> list[list[GenerationRequest]]:
-        by_key: dict[tuple, list[list[GenerationRequest]]] = {}
-        for request in pending:
-            batches = by_key.setdefault(request.batch_key(), [[]])
-            if batches[-1] and sum(r.n for r in batches[-1]) + request.n > self.max_batch:
-                batches.append([])
-            batches[-1].append(request)
-        return [batch for batches in by_key.values() for batch in batches]
-
-    def _generate_safely(self, group: list[GenerationRequest]) -> None:
+    def _admit(self, request: GenerationRequest) -> None:
+        """Tokenize a request into its rows (one per choice), which then wait for slots."""
+        if request.cancelled.is_set():
+            return
         try:
-            self._generate(group)
-        except Exception as error:  # a bad request must not stop the worker: tell its callers why
+            from tunesmith.inference import stop_token_ids
+
+            servable = self.pool.get(request.model_id)
+            tokenizer = servable.tokenizer
+            prompt = request.render(tokenizer)
+            ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+            eos_ids = set(stop_token_ids(tokenizer))
+        except Exception as error:  # a bad request must not stop the worker: tell its caller why
+            logger.exception("request failed")
+            request.sink(("error", f"{type(error).__name__}: {error}"))
+            return
+        request.sink(("usage", len(ids)))
+        choices = [_Row(request, index, servable, eos_ids, Row(list(ids), request.temperature, request.top_p, 0,
+                                                                 generator, servable.adapter_name))
+                   for index, generator in enumerate(request.generators())]
+        if supports_slots(servable.model):
+            self.waiting.extend(choices)
+        else:
+            self._generate_alone(servable, choices)
+
+    def _generate_alone(self, servable: Servable, choices: list[_Row]) -> None:
+        """Models the slot cache does not fit (prompt or prefix tuning, other families): ``generate``, alone."""
+        request = choices[0].request
+        kwargs = {"do_sample": True, "temperature": request.temperature, "top_p": request.top_p} \
+            if request.temperature > 0 else {"do_sample": False}
+        if request.seed is not None:
+            torch.manual_seed(request.seed)
+        device = next(servable.model.parameters()).device
+        ids = torch.tensor([choice.decoding.prompt for choice in choices], device=device)
+        try:
+            with torch.no_grad(), servable.active():
+                servable.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                        streamer=_RowStreamer(choices),
+                                        max_new_tokens=request.max_tokens, eos_token_id=sorted(choices[0].eos_ids),
+                                        pad_token_id=servable.tokenizer.pad_token_id, **kwargs)
+        except Exception as error:
             logger.exception("generation failed")
-            for request in group:
-                request.sink(("error", f"{type(error).__name__}: {error}"))
+            request.sink(("error", f"{type(error).__name__}: {error}"))
+        for choice in choices:
+            choice.finish("length")
+
+    def _join_waiting(self) -> None:
+        """Prefill waiting rows into free slots of their base model's batch (one forward per base)."""
+        joining: dict[int, list[_Row]] = {}
+        budget = self.prefill_tokens
+        while self.waiting and (budget > 0 or not joining):
+            choice = self.waiting[0]
+            key = _base_key(choice.servable)
+            taken = len(self.batches[key]) if key in self.batches else 0
+            if taken + len(joining.get(key, [])) >= self.max_batch:
+                break
+            budget -= len(choice.decoding.prompt)
+            self.waiting.popleft()
+            if not choice.request.cancelled.is_set():
+                joining.setdefault(key, []).append(choice)
+        for key, choices in joining.items():
+            try:
+                self._join(key, choices)
+            except Exception as error:
+                logger.exception("prefill failed")
+                for choice in choices:
+                    choice.request.sink(("error", f"{type(error).__name__}: {error}"))
+                self._drop(key, error)
 
     @torch.no_grad()
-    def _generate(self, group: list[GenerationRequest]) -> None:
-        from tunesmith.inference import _generation_kwargs  # the same stop tokens and padding as tunesmith generate
+    def _join(self, key: int, choices: list[_Row]) -> None:
+        from peft import PeftModel
 
-        servable = self.pool.get(group[0].model_id)
-        tokenizer, model = servable.tokenizer, servable.model
-        tokenizer.padding_side = "left"
-        kwargs = _generation_kwargs(tokenizer, max(r.max_tokens for r in group), group[0].temperature)
-        if group[0].temperature > 0:
-            kwargs["top_p"] = group[0].top_p
-        eos_ids = set(kwargs["eos_token_id"])
-        rendered = [request.render(tokenizer) for request in group]
-        prompts = [prompt for request, prompt in zip(group, rendered) for _ in range(request.n)]
-        rows = [_Row(request, index, tokenizer, eos_ids) for request in group for index in range(request.n)]
-        device = next(model.parameters()).device
-        inputs = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-        for request, prompt in zip(group, rendered):
-            request.sink(("usage", _prompt_tokens(tokenizer, prompt)))
-        if group[0].seed is not None:
-            torch.manual_seed(group[0].seed)
-        from transformers import StoppingCriteriaList
+        model = choices[0].servable.model  # the newest wrapper of this base (an adapter may have just been added)
+        batch = self.batches.get(key)
+        if batch is None:
+            batch = self.batches[key] = RowBatch(model)
+            self.rows[key] = []
+        batch.model, batch.mixed_adapters = model, isinstance(model, PeftModel)
+        batch.join([choice.decoding for choice in choices], room=max(c.request.max_tokens for c in choices) + 1)
+        self.rows[key] += choices
+        for choice in choices:
+            choice.feed(choice.decoding.tokens[-1])
+        self._leave_finished(key)
 
-        self.batch_sizes.append(len(rows))
-        with servable.active():
-            model.generate(**inputs, **kwargs, streamer=_RowStreamer(rows),
-                           stopping_criteria=StoppingCriteriaList([_RowsDone(rows)]))
-        for row in rows:
-            row.finish("length")
+    def _step_safely(self, key: int) -> None:
+        try:
+            self._step(key)
+        except Exception as error:  # a failing step ends its batch's requests with the reason
+            logger.exception("generation failed")
+            self._drop(key, error)
+
+    @torch.no_grad()
+    def _step(self, key: int) -> None:
+        batch = self.batches[key]
+        self._leave_finished(key)
+        if not len(batch):
+            return
+        self.batch_sizes.append(len(batch))
+        batch.step()
+        for choice in self.rows[key]:
+            choice.feed(choice.decoding.tokens[-1])
+        self._leave_finished(key)
+
+    def _leave_finished(self, key: int) -> None:
+        batch, kept = self.batches[key], []
+        for choice in self.rows[key]:
+            if choice.finished or choice.request.cancelled.is_set():
+                batch.leave(choice.decoding)
+            else:
+                kept.append(choice)
+        self.rows[key] = kept
+        if not kept:
+            del self.batches[key], self.rows[key]  # an idle batch gives its KV cache back
+
+    def _drop(self, key: int, error: Exception) -> None:
+        for choice in self.rows.pop(key, []):
+            if not choice.finished:
+                choice.request.sink(("error", f"{type(error).__name__}: {error}"))
+                choice.finished = True
+        self.batches.pop(key, None)
 
 
-def _prompt_tokens(tokenizer, prompt: str) -> int:
-    return len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+def _base_key(servable: Servable) -> int:
+    """Adapters of one base share a batch: the key is the base model under any peft wrapper."""
+    model = servable.model
+    return id(model.get_base_model() if hasattr(model, "get_base_model") else model)

@@ -47,6 +47,7 @@ class SamplingFields(BaseModel):
     seed: Optional[int] = None
     stop: Union[str, list[str], None] = None
     stream: bool = False
+    stream_options: Optional[dict] = None  # {"include_usage": true}: a last chunk carries the usage, as OpenAI's
 
     @field_validator("stop")
     @classmethod
@@ -123,46 +124,65 @@ async def _complete(request: Request, body: SamplingFields, render, chat: bool):
     response_id = ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12)
     shape = _Shape(response_id, body.model, chat)
     if body.stream:
-        return StreamingResponse(_stream(events, body.n, shape), media_type="text/event-stream",
+        usage = bool((body.stream_options or {}).get("include_usage"))
+        return StreamingResponse(_stream(events, body.n, shape, generation, usage), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     texts, reasons, usage = [""] * body.n, [None] * body.n, {"prompt": 0, "completion": 0}
-    async for event in _events(events, body.n):
-        if event[0] == "error":
-            return error_response(500, event[1], "server_error")
-        if event[0] == "usage":
-            usage["prompt"] = event[1]
-        elif event[0] == "delta":
-            texts[event[1]] += event[2]
-        elif event[0] == "done":
-            reasons[event[1]] = event[2]
-            usage["completion"] += event[3]
+    try:
+        async for event in _events(events, body.n, request):
+            if event[0] == "error":
+                return error_response(500, event[1], "server_error")
+            if event[0] == "usage":
+                usage["prompt"] = event[1]
+            elif event[0] == "delta":
+                texts[event[1]] += event[2]
+            elif event[0] == "done":
+                reasons[event[1]] = event[2]
+                usage["completion"] += event[3]
+    finally:
+        generation.cancel()  # a client that went away frees its batch slots at the next step
     return shape.whole(texts, reasons, usage)
 
 
-async def _events(events: asyncio.Queue, choices: int) -> AsyncIterator[tuple]:
-    """The worker's events for one request, until every choice is done (or an error)."""
+async def _events(events: asyncio.Queue, choices: int, request: Optional[Request] = None) -> AsyncIterator[tuple]:
+    """The worker's events for one request, until every choice is done (or an error, or the client left)."""
     done = 0
     while done < choices:
-        event = await events.get()
+        try:
+            event = await asyncio.wait_for(events.get(), timeout=1.0)
+        except asyncio.TimeoutError:
+            if request is not None and await request.is_disconnected():
+                return
+            continue
         yield event
         if event[0] == "error":
             return
         done += event[0] == "done"
 
 
-async def _stream(events: asyncio.Queue, choices: int, shape: "_Shape") -> AsyncIterator[str]:
-    if shape.chat:
-        for index in range(choices):
-            yield _sse(shape.chunk(index, {"role": "assistant", "content": ""}, None))
-    async for event in _events(events, choices):
-        if event[0] == "error":
-            yield _sse({"error": {"message": event[1], "type": "server_error", "param": None, "code": None}})
-            return
-        if event[0] == "delta":
-            yield _sse(shape.chunk(event[1], {"content": event[2]} if shape.chat else event[2], None))
-        elif event[0] == "done":
-            yield _sse(shape.chunk(event[1], {} if shape.chat else "", event[2]))
-    yield "data: [DONE]\n\n"
+async def _stream(events: asyncio.Queue, choices: int, shape: "_Shape", generation: GenerationRequest,
+                  include_usage: bool = False) -> AsyncIterator[str]:
+    usage = {"prompt": 0, "completion": 0}
+    try:
+        if shape.chat:
+            for index in range(choices):
+                yield _sse(shape.chunk(index, {"role": "assistant", "content": ""}, None))
+        async for event in _events(events, choices):
+            if event[0] == "error":
+                yield _sse({"error": {"message": event[1], "type": "server_error", "param": None, "code": None}})
+                return
+            if event[0] == "usage":
+                usage["prompt"] = event[1]
+            elif event[0] == "delta":
+                yield _sse(shape.chunk(event[1], {"content": event[2]} if shape.chat else event[2], None))
+            elif event[0] == "done":
+                usage["completion"] += event[3]
+                yield _sse(shape.chunk(event[1], {} if shape.chat else "", event[2]))
+        if include_usage:
+            yield _sse(shape.usage_chunk(usage))
+        yield "data: [DONE]\n\n"
+    finally:
+        generation.cancel()  # the client disconnected mid-stream (or all is sent): free the slots
 
 
 def _sse(payload: dict) -> str:
@@ -184,6 +204,13 @@ class _Shape:
                                   [{"index": index, "delta": delta, "finish_reason": finish_reason}])
         return self._envelope("text_completion",
                               [{"index": index, "text": delta, "logprobs": None, "finish_reason": finish_reason}])
+
+    def usage_chunk(self, usage: dict) -> dict:
+        """The last chunk of a stream asked with ``stream_options.include_usage``: no choices, the usage."""
+        chunk = self._envelope("chat.completion.chunk" if self.chat else "text_completion", [])
+        chunk["usage"] = {"prompt_tokens": usage["prompt"], "completion_tokens": usage["completion"],
+                          "total_tokens": usage["prompt"] + usage["completion"]}
+        return chunk
 
     def whole(self, texts: list[str], reasons: list[Optional[str]], usage: dict) -> dict:
         if self.chat:

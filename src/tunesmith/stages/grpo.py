@@ -320,18 +320,17 @@ class GroupPolicyObjective(Objective):
     def sample(self, policy: nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, greedy: bool) -> torch.Tensor:
         """Completions (N, T) of left-padded prompts, batched with the KV cache; sampling draws from the torch RNG."""
         config = self.config
-        options = {"do_sample": False} if greedy else {
-            "do_sample": True, "temperature": config.temperature, "top_p": config.top_p, "top_k": config.top_k}
+        from tunesmith.decoding import decode_padded  # the one decoding path (tunesmith generate, eval, serve)
+
+        options = {} if greedy else {"temperature": config.temperature, "top_p": config.top_p, "top_k": config.top_k}
         was_training = policy.training
         policy.eval()
         try:
-            with self.autocast(policy):
-                output = policy.generate(input_ids=prompt_ids, attention_mask=prompt_mask,
-                                         max_new_tokens=config.max_new_tokens, eos_token_id=self.stop_ids,
-                                         pad_token_id=self.tokenizer.pad_token_id, use_cache=True, **options)
+            with self.autocast(policy), torch.no_grad():
+                return decode_padded(policy, prompt_ids, prompt_mask, config.max_new_tokens, self.stop_ids,
+                                     self.tokenizer.pad_token_id, **options)
         finally:
             policy.train(was_training)
-        return output[:, prompt_ids.shape[1] :]
 
     def score(self, examples: list[PromptExample], completion_ids: torch.Tensor,
               mask: torch.Tensor) -> tuple[torch.Tensor, list[str]]:

@@ -1,0 +1,124 @@
+"""Single-stream generation speed: tunesmith's decoding path against ``model.generate`` and llama.cpp.
+
+    python benchmarks/generate_speed.py                                  # SmolLM2, 200 new tokens, 2 threads
+    python benchmarks/generate_speed.py --new-tokens 64 --repeats 1
+
+One greedy chat reply of exactly ``--new-tokens`` tokens (no stop token ends it) from the same prompt:
+plain ``model.generate`` (float32, as loaded), ``tunesmith.decoding.decode`` (float32; and with the
+weights in bfloat16), and llama.cpp through node-llama-cpp on the same model written as an f16 GGUF
+by tunesmith's exporter. Prefill included, model load excluded; the best of ``--repeats`` runs each.
+A benchmark, not a test: the ratios were measured in one run, on whatever else the machine was doing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "src"))
+
+import torch  # noqa: E402
+
+PROMPT = [{"role": "user", "content": "Tell me a story about a cat who learns to swim."}]
+
+
+def best_rate(run, new_tokens: int, repeats: int) -> float:
+    rates = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        produced = run()
+        rates.append(produced / (time.perf_counter() - started))
+        assert produced == new_tokens, produced
+    return max(rates)
+
+
+def llama_cpp_rate(model, tokenizer, prompt: list[int], new_tokens: int, repeats: int, threads: int) -> dict:
+    from tunesmith.export.gguf import write_gguf
+    from tunesmith.export.llama_cpp import llama_cpp_unavailable
+    from tunesmith.inference import stop_token_ids
+    from tunesmith.runtime import node_llama_cpp_dir
+
+    reason = llama_cpp_unavailable()
+    if reason:
+        return {"skipped": reason}
+    with tempfile.TemporaryDirectory(prefix="tunesmith-generate-speed-") as folder:
+        gguf = Path(folder) / "model-f16.gguf"
+        write_gguf(model, tokenizer, gguf, "f16", "bench", stop_token_ids(tokenizer)[-1])
+        request = {"model": str(gguf), "prompt": prompt, "new_tokens": new_tokens, "threads": threads,
+                   "repeats": repeats + 1}  # the first run warms up
+        done = subprocess.run(["node", str(REPO / "benchmarks" / "llama_cpp_speed.mjs")], input=json.dumps(request),
+                              capture_output=True, text=True, cwd=folder, timeout=1800,
+                              env={**os.environ, "NODE_PATH": str(node_llama_cpp_dir())})
+    if done.returncode != 0:
+        return {"skipped": done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "no message"}
+    runs = json.loads(done.stdout)["runs"][1:]
+    return {"rate": max(run["tokens"] / run["seconds"] for run in runs)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--new-tokens", type=int, default=200)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--no-llama-cpp", action="store_true")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    from tunesmith.decoding import decode
+    from tunesmith.inference import load_for_inference, stop_token_ids
+
+    model, tokenizer = load_for_inference(args.model)
+    rendered = tokenizer.apply_chat_template(PROMPT, add_generation_prompt=True, tokenize=True, return_dict=True)
+    prompt = list(rendered["input_ids"])
+    ids = torch.tensor([prompt])
+    n = args.new_tokens
+
+    def plain() -> int:
+        with torch.no_grad():
+            output = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                                    do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        return output.shape[1] - len(prompt)
+
+    def ours() -> int:
+        return len(decode(model, [prompt], n)[0])
+
+    plain(), ours()  # warm up
+    rows = {"model.generate (float32)": best_rate(plain, n, args.repeats),
+            "tunesmith decode (float32)": best_rate(ours, n, args.repeats)}
+    stops = stop_token_ids(tokenizer)
+    same = decode(model, [prompt], 48, stops)[0] == plain_tokens(model, ids, 48, len(prompt), tokenizer, stops)
+    llama = {"skipped": "--no-llama-cpp"} if args.no_llama_cpp else llama_cpp_rate(model, tokenizer, prompt, n,
+                                                                                     args.repeats, args.threads)
+    model.to(torch.bfloat16)
+    ours()
+    rows["tunesmith decode (bfloat16 weights)"] = best_rate(ours, n, args.repeats)
+    if "rate" in llama:
+        rows["llama.cpp f16 GGUF (node-llama-cpp)"] = llama["rate"]
+    print(f"model {args.model}, {n} new tokens greedy, {args.threads} threads, prompt {len(prompt)} tokens; "
+          f"float32 greedy tokens equal to model.generate's: {same}; load average (1 min) at the end: "
+          f"{os.getloadavg()[0]:.1f}" + ("" if "rate" in llama else f"; llama.cpp skipped: {llama['skipped']}"))
+    reference = rows["model.generate (float32)"]
+    print("| engine | tokens/s | vs model.generate | vs llama.cpp |")
+    print("|---|---|---|---|")
+    for name, rate in rows.items():
+        versus = f"{rate / llama['rate']:.2f}x" if "rate" in llama else "-"
+        print(f"| {name} | {rate:.1f} | {rate / reference:.2f}x | {versus} |")
+
+
+def plain_tokens(model, ids, n: int, prompt_length: int, tokenizer, stops: list[int]) -> list[int]:
+    """``model.generate``'s greedy reply, ending at a stop token (kept) as tunesmith's decode does."""
+    with torch.no_grad():
+        output = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
+                                eos_token_id=stops, pad_token_id=tokenizer.pad_token_id)
+    return output[0, prompt_length:].tolist()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,300 @@
+"""One decoding path for every caller: rows that join and leave a running batch at any step.
+
+``tunesmith generate``, evaluation's generation tasks, GRPO's rollouts and the server's continuous
+batcher all decode through :class:`RowBatch`. Its KV cache (:class:`SlotCache`) gives each row a
+slot of its own: the row's keys and values start at position 0 of its slot and nothing is padded
+on the left, so a row can join (its prompt is prefilled alone into a free slot) or leave (the last
+active slot moves into its place) between two steps without touching the other rows' caches.
+A decode step runs every active row's one new token through the model as one batch; attention
+reads each slot up to its own length (a boolean mask hides the rest of the slot).
+
+Why not transformers' continuous-batching manager (``init_continuous_batching``)? It flattens all
+rows into one sequence of batch size 1 with paged attention, so peft's per-row adapter selection
+(``adapter_names``, one name per batch row) cannot tell the rows apart, and serving several adapters
+of one base in one batch is the point here. This module keeps a real batch dimension instead:
+per-row LoRA is peft's mixed-batch forward, unchanged.
+
+Sampling draws from each row's own ``torch.Generator``, so a seeded row samples the same tokens
+whatever else shares its batch. Greedy rows take the argmax and draw nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+BASE_ADAPTER = "__base__"  # peft's name for "no adapter" in a mixed batch
+
+
+class SlotCache:
+    """Per-layer key/value buffers ``(slots, kv_heads, capacity, head_dim)``; a row owns one slot.
+
+    The model calls :meth:`update` once per layer with the new keys and values; what it returns is
+    what that layer attends to. The caller sets the step's plan first (:meth:`plan_prefill` or
+    :meth:`plan_decode`) and advances the lengths after the forward pass.
+    """
+
+    def __init__(self, layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype, device, slots: int = 4,
+                 capacity: int = 128) -> None:
+        shape = (slots, kv_heads, capacity, head_dim)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
+        self.lengths: list[int] = [0] * slots  # tokens held per slot
+        self._plan: tuple = ("decode", 0)
+
+    @property
+    def slots(self) -> int:
+        return self.keys[0].shape[0]
+
+    @property
+    def capacity(self) -> int:
+        return self.keys[0].shape[2]
+
+    def reserve(self, slots: int, capacity: int) -> None:
+        """Grow the buffers (doubling) so that ``slots`` slots of ``capacity`` positions fit."""
+        new_slots = self.slots
+        while new_slots < slots:
+            new_slots *= 2
+        new_capacity = self.capacity
+        while new_capacity < capacity:
+            new_capacity *= 2
+        if (new_slots, new_capacity) == (self.slots, self.capacity):
+            return
+        for buffers in (self.keys, self.values):
+            for layer, old in enumerate(buffers):
+                grown = old.new_zeros((new_slots, old.shape[1], new_capacity, old.shape[3]))
+                grown[: old.shape[0], :, : old.shape[2]] = old
+                buffers[layer] = grown
+        self.lengths += [0] * (new_slots - len(self.lengths))
+
+    def plan_prefill(self, slots: list[int], pads: list[int]) -> None:
+        """The next forward is left-padded prompts (``pads[i]`` pad tokens first) for these slots."""
+        self._plan = ("prefill", slots, pads)
+
+    def plan_decode(self, rows: int, device) -> None:
+        """The next forward is one new token for each of slots ``0 .. rows - 1``."""
+        positions = torch.tensor(self.lengths[:rows], device=device)  # where each row's new token goes
+        self._plan = ("decode", rows, torch.arange(rows, device=device), positions, max(self.lengths[:rows]) + 1)
+
+    def move(self, source: int, target: int) -> None:
+        """Copy slot ``source`` into slot ``target`` (a row leaving makes room this way)."""
+        for buffers in (self.keys, self.values):
+            for buffer in buffers:
+                buffer[target, :, : self.lengths[source]] = buffer[source, :, : self.lengths[source]]
+        self.lengths[target] = self.lengths[source]
+
+    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, **kwargs):
+        """Store this step's keys/values (batch, kv_heads, new, head_dim); return what attention reads."""
+        keys, values = self.keys[layer_idx], self.values[layer_idx]
+        if self._plan[0] == "prefill":
+            _, slots, pads = self._plan
+            for row, (slot, pad) in enumerate(zip(slots, pads)):
+                keys[slot, :, : key.shape[2] - pad] = key[row, :, pad:]
+                values[slot, :, : key.shape[2] - pad] = value[row, :, pad:]
+            return key, value  # the prompt attends to itself (left-padded, masked by the caller)
+        _, rows, index, positions, longest = self._plan
+        keys[index, :, positions] = key[:, :, 0].to(keys.dtype)
+        values[index, :, positions] = value[:, :, 0].to(values.dtype)
+        return keys[:rows, :, :longest], values[:rows, :, :longest]
+
+
+@dataclass
+class Row:
+    """One sequence being decoded: its prompt, its sampling settings and what it has produced."""
+
+    prompt: list[int]
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    generator: Optional[torch.Generator] = None  # sampling draws from it (seeded per request)
+    adapter: Optional[str] = None  # peft adapter name for this row; None = the model as it is
+    tokens: list[int] = field(default_factory=list)
+    slot: int = -1
+
+    def pick(self, logits: torch.Tensor) -> int:
+        """The next token from this row's logits (vocabulary,): argmax, or a draw (temperature, top-k, top-p)."""
+        if self.temperature <= 0:
+            return int(logits.argmax())
+        logits = logits.float() / self.temperature
+        if 0 < self.top_k < logits.shape[-1]:
+            threshold = torch.topk(logits, self.top_k).values[-1]
+            logits = logits.masked_fill(logits < threshold, float("-inf"))
+        if self.top_p < 1.0:  # as transformers' TopPLogitsWarper: drop the low tail holding 1 - top_p
+            ordered, order = torch.sort(logits, descending=False)
+            cumulative = ordered.softmax(-1).cumsum(-1)
+            drop = cumulative <= 1 - self.top_p
+            drop[-1] = False
+            logits = logits.masked_fill(drop.scatter(0, order, drop), float("-inf"))
+        return int(torch.multinomial(logits.softmax(-1), 1, generator=self.generator))
+
+
+class RowBatch:
+    """The running batch of one model: rows join (prefill), step together (decode) and leave.
+
+    Args:
+        model: A causal LM whose attention layers call ``cache.update`` (transformers' Llama, Qwen2,
+            Mistral, ... families), optionally wrapped by peft.
+        mixed_adapters: Pass each row's peft adapter name (peft's mixed-batch LoRA forward).
+    """
+
+    def __init__(self, model, mixed_adapters: bool = False) -> None:
+        config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        parameter = next(model.parameters())
+        self.model, self.mixed_adapters = model, mixed_adapters
+        self.device = parameter.device
+        dtype = parameter.dtype  # under autocast (GRPO's rollouts) keys and values come in autocast's dtype
+        if torch.is_autocast_enabled(self.device.type):
+            dtype = torch.get_autocast_dtype(self.device.type)
+        self.cache = SlotCache(config.num_hidden_layers, config.num_key_value_heads, head_dim, dtype, parameter.device)
+        self.rows: list[Row] = []  # row i lives in slot i
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @torch.no_grad()
+    def join(self, rows: list[Row], room: int = 1) -> None:
+        """Prefill ``rows`` (one left-padded forward) into free slots and pick each row's first token.
+
+        Args:
+            room: Positions to keep free after each prompt (the row's token budget).
+        """
+        if not rows:
+            return
+        first = len(self.rows)
+        longest = max(len(row.prompt) for row in rows)
+        self.cache.reserve(first + len(rows), longest + room)
+        pads = [longest - len(row.prompt) for row in rows]
+        for offset, row in enumerate(rows):
+            row.slot = first + offset
+            self.cache.lengths[row.slot] = len(row.prompt)
+        ids = torch.tensor([[0] * pad + row.prompt for pad, row in zip(pads, rows)], device=self.device)
+        pad = torch.tensor(pads, device=self.device)[:, None]  # (rows, 1)
+        position = torch.arange(longest, device=self.device)[None, :]  # (1, longest)
+        positions = (position - pad).clamp(min=0)  # (rows, longest)
+        real = position >= pad  # (rows, longest)
+        causal = torch.ones(longest, longest, dtype=torch.bool, device=self.device).tril()
+        # a pad query attends to itself only, so that no row of the softmax is empty
+        mask = (causal[None] & real[:, None, :]) | torch.eye(longest, dtype=torch.bool, device=self.device)[None]
+        self.cache.plan_prefill([row.slot for row in rows], pads)
+        logits = self._forward(ids, positions, mask[:, None], rows)
+        self.rows += rows
+        for row, row_logits in zip(rows, logits[:, -1]):
+            row.tokens.append(row.pick(row_logits))
+
+    @torch.no_grad()
+    def step(self) -> None:
+        """One new token for every row (each row's last token goes in, the next comes out)."""
+        count = len(self.rows)
+        lengths = self.cache.lengths[:count]
+        self.cache.reserve(count, max(lengths) + 1)
+        ids = torch.tensor([[row.tokens[-1]] for row in self.rows], device=self.device)
+        positions = torch.tensor(lengths, device=self.device)[:, None]  # (rows, 1)
+        keys = torch.arange(max(lengths) + 1, device=self.device)[None, :]  # (1, longest + 1)
+        mask = keys <= positions  # (rows, longest + 1): each row reads its own slot up to its new token
+        self.cache.plan_decode(count, self.device)
+        logits = self._forward(ids, positions, mask[:, None, None], self.rows)
+        for slot in range(count):
+            self.cache.lengths[slot] += 1
+        for row, row_logits in zip(self.rows, logits[:, -1]):
+            row.tokens.append(row.pick(row_logits))
+
+    def leave(self, row: Row) -> None:
+        """Free ``row``'s slot: the last row moves into it, nobody else is touched."""
+        last = self.rows.pop()
+        if last is not row:
+            self.cache.move(last.slot, row.slot)
+            last.slot = row.slot
+            self.rows[row.slot] = last
+        self.cache.lengths[len(self.rows)] = 0
+        row.slot = -1
+
+    def _forward(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, rows: list[Row]):
+        extra = {}
+        if self.mixed_adapters:
+            extra["adapter_names"] = [row.adapter or BASE_ADAPTER for row in rows]
+        output = self.model(input_ids=ids, position_ids=positions, attention_mask=mask, cache=self.cache,
+                            use_cache=True, logits_to_keep=1, **extra)
+        return output.logits  # (rows, 1, vocabulary)
+
+
+SLOT_FAMILIES = ("llama", "qwen2", "qwen3", "mistral")  # attention calls cache.update, rotary from position_ids
+
+
+def supports_slots(model) -> bool:
+    """Whether ``model`` can decode on the slot cache: a transformers causal LM of a family known to
+    work, without sliding-window attention, bare or with LoRA adapters only (prompt and prefix
+    tuning change the sequence the model sees; they decode through ``model.generate``)."""
+    from peft import PeftModel
+    from transformers import PreTrainedModel
+
+    inner = model
+    if isinstance(model, PeftModel):
+        if any(getattr(config.peft_type, "value", "") != "LORA" for config in model.peft_config.values()):
+            return False
+        inner = model.get_base_model()
+    if not isinstance(inner, PreTrainedModel):
+        return False
+    config = inner.config
+    return (config.model_type in SLOT_FAMILIES and not getattr(config, "use_sliding_window", False)
+            and (config.model_type != "mistral" or getattr(config, "sliding_window", None) is None))
+
+
+def decode(model, prompts: list[list[int]], max_new_tokens: int, stop_ids: set[int] | list[int] = (),
+           temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
+           generator: Optional[torch.Generator] = None, max_rows: int = 64) -> list[list[int]]:
+    """New tokens for each prompt, greedy (temperature 0) or sampled; a row ends at a stop id or the limit.
+
+    Rows leave the batch as they finish and waiting prompts take their slots (at most ``max_rows``
+    decode together). The stop token that ended a row is kept as its last token, as ``generate`` does.
+
+    Args:
+        generator: Where sampling draws from (all rows share it); None draws from torch's global RNG.
+    """
+    stop_ids = set(stop_ids)
+    if not supports_slots(model):
+        return _decode_with_generate(model, prompts, max_new_tokens, stop_ids, temperature, top_p, top_k, max_rows)
+    rows = [Row(list(prompt), temperature, top_p, top_k, generator) for prompt in prompts]
+    waiting, batch = list(rows), RowBatch(model)
+    room = max_new_tokens + 1
+    while waiting or len(batch):
+        if waiting and len(batch) < max_rows:
+            joining, waiting = waiting[: max_rows - len(batch)], waiting[max_rows - len(batch):]
+            batch.join(joining, room)
+        else:
+            batch.step()
+        for row in list(batch.rows):
+            if row.tokens[-1] in stop_ids or len(row.tokens) >= max_new_tokens:
+                batch.leave(row)
+    return [row.tokens for row in rows]
+
+
+def decode_padded(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_new_tokens: int,
+                  stop_ids: list[int], pad_id: int, **sampling) -> torch.Tensor:
+    """:func:`decode` for left-padded prompts, answered as ``generate`` does: (N, T) new tokens, pad after a stop."""
+    prompts = [row[mask.bool()].tolist() for row, mask in zip(prompt_ids, prompt_mask)]
+    new = decode(model, prompts, max_new_tokens, stop_ids, **sampling)
+    width = max(len(tokens) for tokens in new)
+    return torch.tensor([tokens + [pad_id] * (width - len(tokens)) for tokens in new], device=prompt_ids.device)
+
+
+@torch.no_grad()
+def _decode_with_generate(model, prompts, max_new_tokens, stop_ids, temperature, top_p, top_k, batch_size):
+    """The fallback for models the slot cache does not fit: left-padded batches through ``model.generate``."""
+    device = next(model.parameters()).device
+    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": top_k} if temperature > 0 else {
+        "do_sample": False}
+    replies: list[list[int]] = []
+    for start in range(0, len(prompts), batch_size):
+        batch = prompts[start : start + batch_size]
+        width = max(len(prompt) for prompt in batch)
+        ids = torch.tensor([[0] * (width - len(p)) + list(p) for p in batch], device=device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device=device)
+        output = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                                eos_token_id=sorted(stop_ids) or None, pad_token_id=0, **sampling)
+        for row in output[:, width:].tolist():
+            end = next((i + 1 for i, token in enumerate(row) if token in stop_ids), len(row))
+            replies.append(row[:end])
+    return replies
