@@ -91,6 +91,43 @@ class ClassificationTask(TaskBase, ChoiceOptions):
         return {str(k): v for k, v in value.items()} if isinstance(value, dict) else value
 
 
+class FilterStep(Section):
+    """One step of an lm-eval filter pipeline (``filter_list[].filter[]`` in an lm-eval task YAML)."""
+
+    function: Literal["regex", "take_first", "remove_whitespace", "lowercase", "uppercase"] = Field(
+        ..., description="lm-eval's filter of that name: regex extraction, the first response, strip, lower/upper case.")
+    regex_pattern: str = Field(r"#### (\-?[0-9\.\,]+)", description="regex: the pattern (lm-eval's default).")
+    group_select: int = Field(0, description="regex: which match of findall is kept (-1: the last).")
+    fallback: str = Field("[invalid]", description="regex: the answer when nothing matches.")
+
+    @field_validator("regex_pattern")
+    @classmethod
+    def _valid_pattern(cls, value: str) -> str:
+        import re
+
+        try:
+            re.compile(value)
+        except re.error as error:
+            raise ValueError(f"not a valid regular expression ({error})") from None
+        return value
+
+
+class FilterPipeline(Section):
+    """A named lm-eval filter pipeline (e.g. GSM8K's strict-match and flexible-extract)."""
+
+    name: str = Field(..., description="Metrics of this pipeline are named METRIC@NAME.")
+    filter: tuple[FilterStep, ...] = Field(..., min_length=1, description="The steps, applied in order.")
+
+
+class ExactMatchOptions(Section):
+    """lm-eval's exact_match keyword arguments (its HF-evaluate port): applied to prediction and references."""
+
+    regexes_to_ignore: tuple[str, ...] = Field((), description="Each removed (re.sub) from both strings, in order.")
+    ignore_case: bool = Field(False, description="Lowercase both strings.")
+    ignore_punctuation: bool = Field(False, description="Remove string.punctuation from both.")
+    ignore_numbers: bool = Field(False, description="Remove digits from both.")
+
+
 class GenerationTask(TaskBase):
     """Generation scored against references: summarisation, translation, question answering."""
 
@@ -105,6 +142,14 @@ class GenerationTask(TaskBase):
     few_shot: int = Field(0, ge=0, description="Solved records (the first of few_shot_path or the file) before each prompt.")
     few_shot_path: Optional[str] = Field(None, description="JSONL file of few-shot records.")
     max_new_tokens: int = Field(64, ge=1, description="Longest generated answer.")
+    until: tuple[str, ...] = Field((), description="Stop strings: the reply is cut before the first (lm-eval's until).")
+    filter_list: tuple[FilterPipeline, ...] = Field(
+        (), description="lm-eval filter pipelines; each metric is reported per pipeline as METRIC@NAME "
+        "(none given: the reply as it is, metrics under their plain names).")
+    exact_match_options: Optional[ExactMatchOptions] = Field(
+        None, description="Score exact_match as lm-eval does with these options (default: whitespace collapsed).")
+    rouge_stemmer: bool = Field(False, description="ROUGE with rouge-score's Porter stemmer (lm-eval's summarisation "
+                                "tasks, e.g. cnn_dailymail, use it).")
 
 
 class PerplexityTask(TaskBase):
