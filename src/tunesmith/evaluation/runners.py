@@ -17,7 +17,7 @@ from tunesmith.evaluation.multiple_choice import MultipleChoiceResult, PromptSty
 from tunesmith.evaluation.filters import headline, score_documents, tokenisation_of
 from tunesmith.evaluation.progress import item_progress
 from tunesmith.evaluation.results import task_result
-from tunesmith.evaluation.tasks import (BiasTask, ClassificationTask, GenerationTask, LmEvalTask, MmluTask,
+from tunesmith.evaluation.tasks import (BiasTask, ClassificationTask, GenerationTask, JudgeTask, LmEvalTask, MmluTask,
                                         MultipleChoiceTask, PerplexityTask, StageTask)
 from tunesmith.registry import Registry
 
@@ -109,6 +109,14 @@ def run_generation(model, tokenizer, task: GenerationTask) -> dict[str, Any]:
                     "prompt": "chat template of the model (tunesmith.inference.generate), greedy decoding"}
     return task_result("generation", headline(task), metrics, len(predictions), tokenisation=tokenisation,
                        samples=samples, details={"documents": documents})
+
+
+@TASK_RUNNERS.register("judge")
+def run_judge(model, tokenizer, task: JudgeTask) -> dict[str, Any]:
+    """A model as judge: win rate against another model's answers, or a mean 1-10 grade."""
+    from tunesmith.evaluation.judge_task import run_judge_task
+
+    return run_judge_task(model, tokenizer, task)
 
 
 @TASK_RUNNERS.register("bias")
