@@ -85,6 +85,7 @@ def test_length_controlled_win_rate_equals_a_reference_fit():
     assert same_length == pytest.approx(win_rate(outcomes), abs=1e-3)
 
 
+@pytest.mark.slow
 def test_local_logprob_judge_reads_the_most_likely_verdict(tiny):
     """logprob verdicts equal the argmax of the judge's own log-probabilities, computed here by hand."""
     import torch
@@ -97,10 +98,10 @@ def test_local_logprob_judge_reads_the_most_likely_verdict(tiny):
     for judgement, question, a, b in zip(judgements, QUESTIONS, ["4", "blue"], ["five, I think", "a colour is a colour"]):
         for messages, raw, parsed in zip(judgement.prompts, judgement.raw, judgement.parsed):
             context = render_prompt(tokenizer, messages) + "[["
-            context_ids = tokenizer(context)["input_ids"]
+            context_ids = tokenizer(context, add_special_tokens=False)["input_ids"]
             totals = {}
             for option in "ABC":
-                ids = tokenizer(context + option + "]]")["input_ids"]
+                ids = tokenizer(context + option + "]]", add_special_tokens=False)["input_ids"]
                 with torch.no_grad():
                     logprobs = torch.log_softmax(model(torch.tensor([ids])).logits[0], dim=-1)
                 totals[option] = sum(float(logprobs[i - 1, ids[i]]) for i in range(len(context_ids), len(ids)))
@@ -120,6 +121,7 @@ def write_questions(folder: Path) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_judge_task_pairwise_and_single_through_a_suite(tiny, tiny_llama, tmp_path):
     from tunesmith.evaluation.suite import Suite, run_suite
 

@@ -98,19 +98,25 @@ class LocalJudge(Judge):
         if self.method == "generate":
             return generate(self.model, self.tokenizer, [list(c) for c in conversations], self.max_new_tokens,
                             batch_size=self.batch_size)
-        return [self._most_likely(conversation, options) for conversation in conversations]
+        return self._most_likely(conversations, options)
 
-    def _most_likely(self, conversation, options) -> str:
+    def _most_likely(self, conversations, options) -> list[str]:
+        """One scoring pass for every conversation's options; a conversation's options share its cached prefix."""
         from tunesmith.evaluation.loglikelihood import score_continuations
         from tunesmith.inference import render_prompt
 
-        context = render_prompt(self.tokenizer, list(conversation)) + "[["
-        scores = score_continuations(self.model, self.tokenizer, [(context, f"{o}]]") for o in options],
-                                     batch_size=len(options), add_bos=False)
-        logprobs = {o: s.logprob for o, s in zip(options, scores)}
-        best = max(logprobs, key=logprobs.get)
-        listed = ", ".join(f"{o}: {v:.4f}" for o, v in logprobs.items())
-        return f"[[{best}]] (log-probabilities after '[[': {listed})"
+        contexts = [render_prompt(self.tokenizer, list(c)) + "[[" for c in conversations]
+        requests = [(context, f"{o}]]") for context in contexts for o in options]
+        groups = [index for index in range(len(contexts)) for _ in options]
+        scores = score_continuations(self.model, self.tokenizer, requests, batch_size=self.batch_size * len(options),
+                                     add_bos=False, groups=groups)
+        verdicts = []
+        for index in range(len(contexts)):
+            logprobs = {o: scores[index * len(options) + k].logprob for k, o in enumerate(options)}
+            best = max(logprobs, key=logprobs.get)
+            listed = ", ".join(f"{o}: {v:.4f}" for o, v in logprobs.items())
+            verdicts.append(f"[[{best}]] (log-probabilities after '[[': {listed})")
+        return verdicts
 
 
 class EndpointJudge(Judge):
