@@ -70,7 +70,7 @@ def agreement_row(name: str, judgements, seconds: float) -> dict:
 
 def held_out_prompts(path: Path, limit: int) -> list[str]:
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()][:limit]
-    return [f"{r['instruction']}\n{r['input']}".strip() if r.get("input") else r["instruction"] for r in rows]
+    return [f"{r['instruction']}\n\n{r['input']}" if r.get("input") else r["instruction"] for r in rows]
 
 
 def main() -> None:
