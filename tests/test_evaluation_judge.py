@@ -186,3 +186,31 @@ def test_endpoint_judge_on_tunesmith_serve_equals_the_local_judge(tiny, tiny_lla
     assert [j.outcome for j in judgements] == [j.outcome for j in local]
     with pytest.raises(TunesmithError, match="did not answer"):
         EndpointJudge(server.url + "/v1", "judge", timeout=2).verdicts([pair_messages("q", "a", "b")], "ABC")
+
+
+def test_report_shows_win_rate_interval_and_example_pairs(tmp_path):
+    """Verdict texts -> task result -> report.html: the win rate, its interval, the controlled rate, example pairs."""
+    from tunesmith.evaluation.judge import PairJudgement
+    from tunesmith.evaluation.judge_task import pairwise_result
+    from tunesmith.evaluation.report import render_report
+    from tunesmith.evaluation.results import new_document, run_entry
+
+    verdicts = [("[[A]]", "[[B]]"), ("[[A]]", "[[A]]"), ("[[C]]", "[[C]]"), ("no verdict", "[[B]]")]
+    judgements = []
+    for index, raw in enumerate(verdicts):
+        parsed = (parse_pair_verdict(raw[0]), parse_pair_verdict(raw[1]))
+        sides = [None if parsed[0] is None else {"A": "win", "B": "loss", "C": "tie"}[parsed[0]],
+                 None if parsed[1] is None else {"B": "win", "A": "loss", "C": "tie"}[parsed[1]]]
+        outcome, consistent = combine_orders(*sides)
+        judgements.append(PairJudgement(f"question {index}", "tuned <b>answer</b>" * (index + 1), "base answer",
+                                        (pair_messages("q", "a", "b"), pair_messages("q", "b", "a")), raw, parsed,
+                                        outcome, consistent))
+    result = {"name": "vs_base", **pairwise_result(judgements, "smollm2", examples=2), "seconds": 1.0}
+    assert [j.outcome for j in judgements] == ["win", "tie", "tie", "invalid"]
+    assert result["score"] == pytest.approx(2 / 3) and result["metrics"]["order_agreement"] == pytest.approx(2 / 3)
+    document = new_document({"tuned": run_entry("m", None, None, {"judged": {"file": "", "role": "task",
+                                                                             "tasks": {"vs_base": result}}})})
+    page = render_report(document)
+    assert "win rate <b>0.667</b>" in page and "length-controlled" in page and "1 invalid verdicts" in page
+    assert page.count("question 0") == 1 and "question 2" not in page  # two example pairs
+    assert "tuned &lt;b&gt;answer&lt;/b&gt;" in page  # answers are escaped

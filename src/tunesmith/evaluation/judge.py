@@ -125,8 +125,8 @@ class EndpointJudge(Judge):
     def __init__(self, base_url: str, model: str, max_tokens: int = 256, api_key: Optional[str] = None,
                  timeout: float = 300.0) -> None:
         self.url = base_url.rstrip("/") + "/chat/completions"
-        self.name, self.model, self.max_tokens, self.api_key, self.timeout = f"{model}@{base_url}", model, max_tokens, \
-            api_key, timeout
+        self.name = f"{model}@{base_url}"
+        self.model, self.max_tokens, self.api_key, self.timeout = model, max_tokens, api_key, timeout
 
     def verdicts(self, conversations, options):
         return [self._ask(conversation) for conversation in conversations]

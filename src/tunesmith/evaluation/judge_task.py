@@ -45,9 +45,9 @@ def read_questions(path: Path, field: str, limit: Optional[int] = None) -> list[
             record = json.loads(line)
         except json.JSONDecodeError as error:
             raise TunesmithError(f"{path}:{number}: not valid JSON ({error.msg})") from None
-        value = record.get(field) if isinstance(record, dict) else None
-        if field not in record and "turns" in record and field == "question":
-            value = record["turns"]
+        if not isinstance(record, dict):
+            raise TunesmithError(f"{path}:{number}: each line must be a JSON object")
+        value = record["turns"] if field == "question" and field not in record and "turns" in record else record.get(field)
         value = value[0] if isinstance(value, list) and value else value
         if not isinstance(value, str) or not value.strip():
             raise TunesmithError(f"{path}:{number}: field '{field}' must be a non-empty string (or list of them)")
