@@ -137,7 +137,8 @@ def test_gsm8k_filters_and_exact_match_equal_lm_eval_per_document(tmp_path):
     flexible = [d["filtered"]["flexible-extract"] for d in documents]
     assert strict == ["72", "[invalid]", "16.", "[invalid]", "[invalid]", "3.5", "[invalid]"]
     assert flexible == ["72", "$1,234.", "17", "7", "[invalid]", "3.50", "1,001"]
-    assert metrics == {"exact_match@strict-match": pytest.approx(3 / 7), "exact_match@flexible-extract": pytest.approx(3 / 7)}
+    assert metrics == {"exact_match@strict-match": pytest.approx(3 / 7),
+                       "exact_match@flexible-extract": pytest.approx(3 / 7)}
 
 
 def test_exact_match_options_equal_lm_eval_per_document(tmp_path):
@@ -159,7 +160,8 @@ def test_summary_rouge_equals_lm_eval_cnn_dailymail_per_document(tmp_path):
     # lm-eval's own process_results of its cnn_dailymail task (ROUGE with the Porter stemmer)
     (tmp_path / "utils.py").write_text("from lm_eval.tasks.cnn_dailymail.utils import process_results  # noqa: F401\n")
     metrics = ("rouge1", "rouge2", "rougeL")
-    lm_eval_task(tmp_path, "ts_summary", data, doc_to_text="Summarize the following article:\n\n{{article}}\n\nSummary:",
+    lm_eval_task(tmp_path, "ts_summary", data,
+                 doc_to_text="Summarize the following article:\n\n{{article}}\n\nSummary:",
                  doc_to_target="{{highlights}}", process_results="!function utils.process_results",
                  metric_list=[{"metric": m, "aggregation": "mean", "higher_is_better": True} for m in metrics],
                  generation_kwargs={"do_sample": False, "max_gen_toks": 16})

@@ -95,7 +95,8 @@ def test_local_logprob_judge_reads_the_most_likely_verdict(tiny):
     model, tokenizer = tiny
     judge = LocalJudge(model, tokenizer, "tiny", "logprob")
     judgements = judge_pairs(judge, QUESTIONS[:2], ["4", "blue"], ["five, I think", "a colour is a colour"])
-    for judgement, question, a, b in zip(judgements, QUESTIONS, ["4", "blue"], ["five, I think", "a colour is a colour"]):
+    answers_a, answers_b = ["4", "blue"], ["five, I think", "a colour is a colour"]
+    for judgement, question, a, b in zip(judgements, QUESTIONS, answers_a, answers_b):
         for messages, raw, parsed in zip(judgement.prompts, judgement.raw, judgement.parsed):
             context = render_prompt(tokenizer, messages) + "[["
             context_ids = tokenizer(context, add_special_tokens=False)["input_ids"]
@@ -106,7 +107,7 @@ def test_local_logprob_judge_reads_the_most_likely_verdict(tiny):
                     logprobs = torch.log_softmax(model(torch.tensor([ids])).logits[0], dim=-1)
                 totals[option] = sum(float(logprobs[i - 1, ids[i]]) for i in range(len(context_ids), len(ids)))
             assert parsed == max(totals, key=totals.get) and raw.startswith(f"[[{parsed}]]")
-        assert judgement.prompts[0] == pair_messages(question, a, b) and judgement.prompts[1] == pair_messages(question, b, a)
+        assert judgement.prompts == (pair_messages(question, a, b), pair_messages(question, b, a))
         sides = [{"A": "win", "B": "loss", "C": "tie"}[judgement.parsed[0]],
                  {"B": "win", "A": "loss", "C": "tie"}[judgement.parsed[1]]]
         assert (judgement.outcome, judgement.consistent) == combine_orders(*sides)

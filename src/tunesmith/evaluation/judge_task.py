@@ -47,7 +47,8 @@ def read_questions(path: Path, field: str, limit: Optional[int] = None) -> list[
             raise TunesmithError(f"{path}:{number}: not valid JSON ({error.msg})") from None
         if not isinstance(record, dict):
             raise TunesmithError(f"{path}:{number}: each line must be a JSON object")
-        value = record["turns"] if field == "question" and field not in record and "turns" in record else record.get(field)
+        turns_instead = field == "question" and field not in record and "turns" in record
+        value = record["turns"] if turns_instead else record.get(field)
         value = value[0] if isinstance(value, list) and value else value
         if not isinstance(value, str) or not value.strip():
             raise TunesmithError(f"{path}:{number}: field '{field}' must be a non-empty string (or list of them)")
@@ -117,6 +118,7 @@ def run_judge_task(model, tokenizer, task: JudgeTask) -> dict[str, Any]:
         others = read_answers(Path(task.against_answers), len(questions))
     else:
         other_model, other_tokenizer = load_for_inference(task.against)
-        others = answer(other_model, other_tokenizer, questions, task.max_new_tokens, task.batch_size, task.system_prompt)
+        others = answer(other_model, other_tokenizer, questions, task.max_new_tokens, task.batch_size,
+                        task.system_prompt)
     judgements = judge_pairs(judge, questions, answers, others)
     return pairwise_result(judgements, judge.name, task.examples, task.resamples, task.seed)

@@ -105,7 +105,8 @@ def forgetting_report(retain_before: Optional[dict], retain_after: Optional[dict
                               for name, before in retain_before.items()}
         report.update(forgetting_measure(retain_before, retain_after))
         if general_before and general_after:  # (a cached measurement from an older tunesmith may lack it)
-            report.update(general_text_loss_before=general_before["loss"], general_text_loss_after=general_after["loss"],
+            report.update(general_text_loss_before=general_before["loss"],
+                          general_text_loss_after=general_after["loss"],
                           general_text_loss_rise=general_after["loss"] - general_before["loss"],
                           general_text_measure=GENERAL_TEXT_MEASURE)
     gain, forgetting = report.get("task_gain"), report.get("forgetting")
