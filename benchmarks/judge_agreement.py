@@ -103,6 +103,7 @@ def main() -> None:
         row["example_verdicts"] = [list(j.raw) for j in judgements[:3]]
         report["rows"].append(row)
         print(json.dumps({k: v for k, v in row.items() if k != "example_verdicts"}), flush=True)
+        Path(args.out).write_text(json.dumps(report, indent=1))  # what is done so far, after each stage
 
     if args.tuned and args.held_out:
         from tunesmith.evaluation.judge_task import answer, pairwise_result
@@ -121,6 +122,7 @@ def main() -> None:
             result = pairwise_result(judge_pairs(judge, prompts, tuned_answers, base_answers), args.judge)
             report["win_rate"][method] = {"metrics": result["metrics"], "samples": result["samples"]}
             print(json.dumps({"win_rate": method, **result["metrics"]}), flush=True)
+            Path(args.out).write_text(json.dumps(report, indent=1))
     Path(args.out).write_text(json.dumps(report, indent=1))
 
 
