@@ -84,6 +84,8 @@ def main() -> None:
     parser.add_argument("--tuned", help="a run folder: its answers against its base's on --held-out")
     parser.add_argument("--held-out")
     parser.add_argument("--held-out-limit", type=int, default=50)
+    parser.add_argument("--methods", default="logprob,generate", help="verdict methods, comma-separated")
+    parser.add_argument("--skip-agreement", action="store_true", help="only the win-rate table")
     parser.add_argument("--out", default="judge_agreement.json")
     args = parser.parse_args()
 
@@ -93,7 +95,9 @@ def main() -> None:
     model, tokenizer = load_for_inference(args.judge)
     pairs = hh_pairs(Path(args.assets) / "data/hh_rlhf/harmless-base-test.jsonl.gz", args.pairs, args.max_chars)
     report: dict = {"judge": args.judge, "data": "HH-RLHF harmless-base test", "rows": []}
-    for method, count in (("logprob", args.pairs), ("generate", args.generate_pairs)):
+    methods = args.methods.split(",")
+    stages = [] if args.skip_agreement else [(m, args.pairs if m == "logprob" else args.generate_pairs) for m in methods]
+    for method, count in stages:
         judge = LocalJudge(model, tokenizer, args.judge, method, args.max_new_tokens, batch_size=8)
         chosen_pairs = pairs[:count]
         started = time.perf_counter()
@@ -117,7 +121,7 @@ def main() -> None:
         tuned_answers = answer(tuned_model, tuned_tokenizer, prompts, 16, 16, system)
         base_answers = answer(base_model, base_tokenizer, prompts, 16, 16, system)
         report["win_rate"] = {}
-        for method in ("logprob", "generate"):
+        for method in methods:
             judge = LocalJudge(model, tokenizer, args.judge, method, args.max_new_tokens, batch_size=8)
             result = pairwise_result(judge_pairs(judge, prompts, tuned_answers, base_answers), args.judge)
             report["win_rate"][method] = {"metrics": result["metrics"], "samples": result["samples"]}
