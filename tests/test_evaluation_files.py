@@ -102,3 +102,12 @@ def test_every_shipped_suite_loads():
     assert len(suites) == 4
     for path in suites:
         assert load_suite(path, data_root="/data").tasks
+
+
+def test_every_shipped_task_file_loads():
+    from tunesmith.evaluation.tasks import load_task_file
+
+    files = sorted((Path(__file__).resolve().parents[1] / "suites" / "tasks").rglob("*.yaml"))
+    assert len(files) == 10
+    kinds = {load_task_file(path, Path("/data")).kind for path in files}
+    assert {"generation", "judge", "mmlu", "perplexity"} <= kinds

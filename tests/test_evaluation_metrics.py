@@ -55,6 +55,18 @@ def test_gsm8k_answer_extraction():
     assert extraction_accuracy(predictions, references, pattern) == pytest.approx(2 / 3)
 
 
+def test_grpo_reward_and_evaluation_accuracy_agree_on_the_same_text():
+    """One extraction (tunesmith.data.answers) behind both: the same text gets the same verdict."""
+    from tunesmith.config.rewards import GSM8K_ANSWER
+    from tunesmith.stages.rewards import answer_match
+
+    reference = "48 + 24 = 72\n#### 72"
+    texts = ["#### 72", "#### 72.0", "the answer is 72.", "#### 1,072", "$72", "#### 71\n#### 72", "no idea", "#### 7 2"]
+    rewards = answer_match(GSM8K_ANSWER)([""] * len(texts), texts, [reference] * len(texts), [0] * len(texts))
+    accuracy = [extraction_accuracy([text], [[reference]], GSM8K_ANSWER) for text in texts]
+    assert rewards == accuracy == [1.0, 1.0, 1.0, 0.0, 1.0, 1.0, 0.0, 0.0]
+
+
 def test_unknown_metric_lists_valid_ones():
     from tunesmith.errors import TunesmithError
 

@@ -86,7 +86,13 @@ def test_ewc_and_replay_cut_forgetting_at_a_comparable_task_gain(runs, tool, mos
 def test_retain_suite_runs_before_and_after(runs):
     root, summaries = runs
     before = json.loads((root / "full" / "retain_before.json").read_text())
-    assert set(before) == {"text_general_heldout"}
+    assert set(before) == {"text_general_heldout", "general_text_loss"} and before["general_text_loss"]["extra"]
+    forgetting = summaries["full"]["forgetting"]
+    assert set(forgetting["retained"]) == {"text_general_heldout"}  # the extra figure is not one of the suite's tasks
+    assert forgetting["general_text_loss_before"] == before["general_text_loss"]["loss"]
+    assert forgetting["general_text_loss_rise"] == pytest.approx(
+        forgetting["general_text_loss_after"] - forgetting["general_text_loss_before"])
+    assert forgetting["general_text_loss_rise"] > 0  # a narrow full fine-tune raises the loss on general text too
     assert summaries["full"]["forgetting"]["retained"]["text_general_heldout"]["before"] == before["text_general_heldout"]["score"]
     assert summaries["full"]["forgetting"]["task_metric"] == "val_loss"
 
@@ -137,6 +143,8 @@ def test_comparison_table_and_plot_from_the_runs(runs, tmp_path):
     rows = [comparison_row(name, summary) for name, summary in summaries.items()]
     table = markdown_table(rows)
     assert table.count("\n") == 2 + 3 and "| ewc | full |" in table
+    assert "general-text loss rise (nats/token)" in table
+    assert all(r["general_text_loss_rise"] is not None for r in rows)
     assert [r["trainable_parameters"] for r in rows] == [292_800] * 3
     assert plot_comparison(rows, tmp_path / "comparison.png") == (importlib.util.find_spec("matplotlib") is not None)
 

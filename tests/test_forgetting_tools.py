@@ -194,6 +194,12 @@ def test_forgetting_report_compares_before_and_after():
     assert report["retained"]["choice"] == {"metric": "accuracy", "before": 0.5, "after": 0.25, "change": -0.25}
     without_text = forgetting_report({"choice": before["choice"]}, {"choice": after["choice"]}, None, None)
     assert without_text["forgetting"] == 0.25 and "task_gain" not in without_text
+    assert "general_text_loss_rise" not in report  # measured by an older tunesmith: no general-text entry
+    general = {"metric": "loss", "lower_is_better": True, "extra": True}
+    with_general = forgetting_report({**before, "general_text_loss": {**general, "score": 2.5, "loss": 2.5}},
+                                     {**after, "general_text_loss": {**general, "score": 2.75, "loss": 2.75}}, 3.0, 1.0)
+    assert with_general["general_text_loss_rise"] == pytest.approx(0.25)
+    assert set(with_general["retained"]) == {"text", "choice"} and with_general["forgetting"] == pytest.approx(0.6931)
 
 
 def test_galore_optimizer_projects_block_weights(tiny_llama):

@@ -30,8 +30,10 @@ def test_built_in_rewards():
         == [1.0, 1.0, 0.0]
     gsm8k = answer_match(GSM8K_ANSWER)
     reference = "Natalia sold 48/2 = 24 clips in May... 48+24 = 72\n#### 72"
-    completions = ["so 48 + 24 = 72 #### 72", "#### 72.0", "the answer is 72", "#### 1,072", "#### 71\n#### 72"]
-    assert gsm8k([""] * 5, completions, [reference] * 5, [0] * 5) == [1.0, 1.0, 0.0, 0.0, 1.0]  # the last answer counts
+    completions = ["so 48 + 24 = 72 #### 72", "#### 72.0", "the answer is 72", "#### 1,072", "#### 71\n#### 72",
+                   "72 or #### 73"]
+    # the last answer counts; without the pattern the last number (evaluation's rule, tunesmith.data.answers)
+    assert gsm8k([""] * 6, completions, [reference] * 6, [0] * 6) == [1.0, 1.0, 1.0, 0.0, 1.0, 0.0]
     assert answer_match(r"\d{4}-\d{2}-\d{2}")([""], ["It is 2025-10-06."], ["2025-10-06"], [0]) == [1.0]
     assert required_format(r"\d{4}-\d{2}-\d{2}", "full")([""] * 2, ["2025-10-06", "on 2025-10-06"], NONE[:2], [0, 0]) \
         == [1.0, 0.0]

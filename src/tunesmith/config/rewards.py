@@ -46,8 +46,9 @@ class ExactMatchReward(RewardBase):
 class AnswerMatchReward(PatternReward):
     """1 when the answer extracted by ``pattern`` from the completion equals the reference's, else 0.
 
-    The reference's answer is extracted by the same pattern where it matches (GSM8K's ``#### N``),
-    else the whole reference is the answer. Numbers compare as numbers (``1,000`` = ``1000.0``).
+    Evaluation's rule (``tunesmith.data.answers``): the last match of ``pattern``, else the last number
+    in the text; the reference's answer the same way, else the whole reference. Numbers compare as
+    numbers (``1,000`` = ``1000.0``). Pair it with a ``format`` reward to require the pattern itself.
     """
 
     kind: Literal["answer_match"] = "answer_match"

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from tunesmith.errors import TunesmithError
 from tunesmith.evaluation.benchmarks import read_records
+from tunesmith.evaluation.filters import cut_at_stop
 from tunesmith.evaluation.progress import item_progress
 from tunesmith.evaluation.tasks import GenerationTask
 
@@ -72,6 +73,7 @@ def generate_for_records(model, tokenizer, task: GenerationTask) -> tuple[list[s
     with item_progress(task.name, len(conversations), "record") as advance:
         for start in range(0, len(conversations), task.batch_size):  # one batch at a time, for the bar
             batch = conversations[start : start + task.batch_size]
-            predictions += generate(model, tokenizer, batch, task.max_new_tokens, batch_size=task.batch_size)
+            replies = generate(model, tokenizer, batch, task.max_new_tokens, batch_size=task.batch_size)
+            predictions += [cut_at_stop(reply, task.until).strip() for reply in replies]
             advance(len(batch))
     return predictions, references, prompts

@@ -15,6 +15,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
+from tunesmith.data.answers import EXTRACTION_RULE, extract_answer, reference_answer, same_answer
 from tunesmith.registry import Registry
 
 References = Sequence[Sequence[str]]
@@ -137,37 +138,17 @@ def token_f1_score(predictions: Sequence[str], references: References) -> float:
 
 # Accuracy by answer extraction (GSM8K) -------------------------------------------------------------
 
-NUMBER = re.compile(r"-?[\d,]*\.?\d+")
-
-
-def extract_answer(text: str, pattern: Optional[str]) -> Optional[str]:
-    """The answer in ``text``: group 1 (or the whole match) of the last match of ``pattern``,
-    else the last number in the text; commas, ``$`` and a trailing period removed.
-    """
-    matches = list(re.finditer(pattern, text)) if pattern else []
-    if matches:
-        last = matches[-1]
-        found = last.group(1) if last.groups() else last.group(0)
-    else:
-        numbers = NUMBER.findall(text)
-        if not numbers:
-            return None
-        found = numbers[-1]
-    return found.strip().replace(",", "").replace("$", "").rstrip(".")
-
-
 def extraction_accuracy(predictions: Sequence[str], references: References, pattern: Optional[str]) -> float:
     """Share of predictions whose extracted answer equals the one extracted from a reference."""
     check_lengths(predictions, references)
     hits = []
     for prediction, refs in zip(predictions, references):
         answer = extract_answer(prediction, pattern)
-        hits.append(answer is not None and any(answer == extract_answer(r, pattern) for r in refs))
+        hits.append(answer is not None and any(same_answer(answer, reference_answer(r, pattern)) for r in refs))
     return sum(hits) / len(hits)
 
 
-EXTRACTION_TOKENISATION = ("last match of answer_pattern (group 1), else the last number; "
-                           "commas, '$' and a trailing period removed, then compared exactly")
+EXTRACTION_TOKENISATION = EXTRACTION_RULE
 
 
 def compute_metrics(names: Sequence[str], predictions: Sequence[str], references: References,

@@ -119,6 +119,37 @@ def comparison_section(comparison: dict) -> str:
     return "\n".join(parts)
 
 
+def fmt_any(value) -> str:
+    """A metric value of any kind (None for an undefined one, e.g. a win rate with no valid verdict)."""
+    return "–" if value is None else f"{value:.4g}" if isinstance(value, (int, float)) else str(value)
+
+
+def _short(text: str, limit: int = 300) -> str:
+    return html.escape(text if len(text) <= limit else text[: limit - 1] + "…")
+
+
+def judge_section(name: str, result: dict) -> str:
+    """A judge task: win rate with its interval and the length-controlled one (or the mean grade), and example items."""
+    m = result["metrics"]
+    if result["metric"] == "win_rate":
+        line = (f"win rate <b>{fmt(m['win_rate'], 3)}</b> (95% bootstrap interval {fmt(m['win_rate_ci_low'], 3)}–"
+                f"{fmt(m['win_rate_ci_high'], 3)}), length-controlled {fmt(m['lc_win_rate'], 3)}; "
+                f"{m['wins']} wins, {m['losses']} losses, {m['ties']} ties, {m['invalid']} invalid verdicts; "
+                f"the two orders agree on {fmt(m['order_agreement'], 3)} of the pairs")
+        rows = [[_short(s["prompt"]), _short(s["answer"]), _short(s["against"]), html.escape(s["outcome"]),
+                 _short(" | ".join(s["verdicts"]), 200)] for s in result["samples"]]
+        examples = table(["question", "this model", "against", "outcome", "judge's raw verdicts (both orders)"], rows)
+    else:
+        line = (f"mean grade <b>{fmt(m['mean_grade'], 2)}</b> / 10 (95% bootstrap interval "
+                f"{fmt(m['mean_grade_ci_low'], 2)}–{fmt(m['mean_grade_ci_high'], 2)}); {m['invalid']} invalid verdicts")
+        rows = [[_short(s["prompt"]), _short(s["answer"]), fmt(s["score"], 1), _short(s["verdicts"][0], 200)]
+                for s in result["samples"]]
+        examples = table(["question", "answer", "grade", "judge's raw verdict"], rows)
+    judge = html.escape(str(result["details"].get("judge", "")))
+    return (f"<details open><summary>{html.escape(name)}: judged by {judge}</summary><p>{line}</p>"
+            f"{examples}</details>")
+
+
 def run_section(run_name: str, run: dict) -> str:
     """Every suite and task of one evaluated model, with per-group tables and tokenisation notes."""
     model = run["model"]
@@ -127,7 +158,7 @@ def run_section(run_name: str, run: dict) -> str:
              f"<p><small>chat template: {html.escape(str(model.get('template')))}</small></p>"]
     for suite_name, suite in run["suites"].items():
         rows = [[html.escape(name), html.escape(r["kind"]), html.escape(r["metric"]), fmt(r["score"]), str(r["count"]),
-                 html.escape(", ".join(f"{k} {v:.4g}" for k, v in r["metrics"].items()))]
+                 html.escape(", ".join(f"{k} {fmt_any(v)}" for k, v in r["metrics"].items()))]
                 for name, r in suite["tasks"].items()]
         parts += [f"<h3>suite {html.escape(suite_name)} <small>({html.escape(suite.get('role', ''))})</small></h3>",
                   table(["task", "kind", "metric", "score", "items", "all metrics"], rows)]
@@ -138,6 +169,8 @@ def run_section(run_name: str, run: dict) -> str:
                 rows = [[html.escape(g), *[fmt(v[k]) for k in keys], str(v["count"])] for g, v in groups.items()]
                 parts.append(f"<details><summary>{html.escape(name)} by group</summary>"
                              f"{table(['group', *keys, 'count'], rows)}</details>")
+            if result["kind"] == "judge":
+                parts.append(judge_section(name, result))
             parts.append(f"<details><summary>{html.escape(name)}: how it tokenises</summary><pre>"
                          f"{html.escape(repr(result['tokenisation']))}</pre></details>")
     return "\n".join(parts)

@@ -30,6 +30,7 @@ RESULT_KEYS = ("schema_version", "created", "tunesmith_version", "runs", "compar
 TASK_RESULT_KEYS = ("name", "kind", "metric", "score", "lower_is_better", "metrics", "count", "details",
                     "tokenisation", "samples", "seconds")
 POINT_SCALED_METRICS = ("bleu", "chrf")  # already 0-100; other higher-is-better scores are shares in 0-1
+METRIC_SCALES = {"mean_grade": 10.0}  # a judge's 1-10 grade: one grade point is 10 points
 ROLES = ("task", "general", "bias")
 
 
@@ -52,7 +53,7 @@ def improvement(metric: str, base: float, tuned: float, lower_is_better: bool) -
     lower-is-better scores (perplexity) as the relative reduction in percent."""
     if lower_is_better:
         return 100.0 * (base - tuned) / base if base else 0.0
-    scale = 1.0 if metric in POINT_SCALED_METRICS else 100.0
+    scale = 1.0 if metric in POINT_SCALED_METRICS else METRIC_SCALES.get(metric, 100.0)
     return scale * (tuned - base)
 
 

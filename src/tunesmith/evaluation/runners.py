@@ -14,10 +14,10 @@ from typing import Any, Callable
 from tunesmith.evaluation import benchmarks
 from tunesmith.evaluation.harness import run_harness_tasks
 from tunesmith.evaluation.multiple_choice import MultipleChoiceResult, PromptStyle, evaluate_multiple_choice
-from tunesmith.evaluation.metrics import compute_metrics
+from tunesmith.evaluation.filters import headline, score_documents, tokenisation_of
 from tunesmith.evaluation.progress import item_progress
 from tunesmith.evaluation.results import task_result
-from tunesmith.evaluation.tasks import (BiasTask, ClassificationTask, GenerationTask, LmEvalTask, MmluTask,
+from tunesmith.evaluation.tasks import (BiasTask, ClassificationTask, GenerationTask, JudgeTask, LmEvalTask, MmluTask,
                                         MultipleChoiceTask, PerplexityTask, StageTask)
 from tunesmith.registry import Registry
 
@@ -98,16 +98,25 @@ def run_perplexity(model, tokenizer, task: PerplexityTask) -> dict[str, Any]:
 
 @TASK_RUNNERS.register("generation")
 def run_generation(model, tokenizer, task: GenerationTask) -> dict[str, Any]:
-    """Generate greedily (batched, chat template of training) and score against the references."""
+    """Generate greedily (batched, chat template of training) and score each reply (lm-eval's filters and metrics)."""
     from tunesmith.evaluation.generation import generate_for_records
 
     predictions, references, prompts = generate_for_records(model, tokenizer, task)
-    metrics, tokenisation = compute_metrics(task.metrics, predictions, references, task.answer_pattern)
+    metrics, documents = score_documents(task, predictions, references)
     samples = [{"prompt": p, "prediction": pred, "references": list(refs)}
                for p, pred, refs in list(zip(prompts, predictions, references))[:5]]
-    tokenisation["prompt"] = "chat template of the model (tunesmith.inference.generate), greedy decoding"
-    return task_result("generation", task.metrics[0], metrics, len(predictions), tokenisation=tokenisation,
-                       samples=samples)
+    tokenisation = {**tokenisation_of(task),
+                    "prompt": "chat template of the model (tunesmith.inference.generate), greedy decoding"}
+    return task_result("generation", headline(task), metrics, len(predictions), tokenisation=tokenisation,
+                       samples=samples, details={"documents": documents})
+
+
+@TASK_RUNNERS.register("judge")
+def run_judge(model, tokenizer, task: JudgeTask) -> dict[str, Any]:
+    """A model as judge: win rate against another model's answers, or a mean 1-10 grade."""
+    from tunesmith.evaluation.judge_task import run_judge_task
+
+    return run_judge_task(model, tokenizer, task)
 
 
 @TASK_RUNNERS.register("bias")

@@ -10,12 +10,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal, Optional, Union
 
-from pydantic import Field, TypeAdapter, ValidationError, field_validator
+from pydantic import Field, TypeAdapter, ValidationError, field_validator, model_validator
 
 from tunesmith.config.base import Section
 from tunesmith.config.stages import StageSection
 from tunesmith.config.loader import read_yaml
 from tunesmith.errors import TunesmithError, missing_file
+from tunesmith.evaluation.judge import DEFAULT_RUBRIC
 
 PROBES_DIR = Path(__file__).resolve().parent / "probes"
 
@@ -91,6 +92,43 @@ class ClassificationTask(TaskBase, ChoiceOptions):
         return {str(k): v for k, v in value.items()} if isinstance(value, dict) else value
 
 
+class FilterStep(Section):
+    """One step of an lm-eval filter pipeline (``filter_list[].filter[]`` in an lm-eval task YAML)."""
+
+    function: Literal["regex", "take_first", "remove_whitespace", "lowercase", "uppercase"] = Field(
+        ..., description="lm-eval's filter of that name: regex extraction, the first response, strip, lower/upper case.")
+    regex_pattern: str = Field(r"#### (\-?[0-9\.\,]+)", description="regex: the pattern (lm-eval's default).")
+    group_select: int = Field(0, description="regex: which match of findall is kept (-1: the last).")
+    fallback: str = Field("[invalid]", description="regex: the answer when nothing matches.")
+
+    @field_validator("regex_pattern")
+    @classmethod
+    def _valid_pattern(cls, value: str) -> str:
+        import re
+
+        try:
+            re.compile(value)
+        except re.error as error:
+            raise ValueError(f"not a valid regular expression ({error})") from None
+        return value
+
+
+class FilterPipeline(Section):
+    """A named lm-eval filter pipeline (e.g. GSM8K's strict-match and flexible-extract)."""
+
+    name: str = Field(..., description="Metrics of this pipeline are named METRIC@NAME.")
+    filter: tuple[FilterStep, ...] = Field(..., min_length=1, description="The steps, applied in order.")
+
+
+class ExactMatchOptions(Section):
+    """lm-eval's exact_match keyword arguments (its HF-evaluate port): applied to prediction and references."""
+
+    regexes_to_ignore: tuple[str, ...] = Field((), description="Each removed (re.sub) from both strings, in order.")
+    ignore_case: bool = Field(False, description="Lowercase both strings.")
+    ignore_punctuation: bool = Field(False, description="Remove string.punctuation from both.")
+    ignore_numbers: bool = Field(False, description="Remove digits from both.")
+
+
 class GenerationTask(TaskBase):
     """Generation scored against references: summarisation, translation, question answering."""
 
@@ -105,6 +143,62 @@ class GenerationTask(TaskBase):
     few_shot: int = Field(0, ge=0, description="Solved records (the first of few_shot_path or the file) before each prompt.")
     few_shot_path: Optional[str] = Field(None, description="JSONL file of few-shot records.")
     max_new_tokens: int = Field(64, ge=1, description="Longest generated answer.")
+    until: tuple[str, ...] = Field((), description="Stop strings: the reply is cut before the first (lm-eval's until).")
+    filter_list: tuple[FilterPipeline, ...] = Field(
+        (), description="lm-eval filter pipelines; each metric is reported per pipeline as METRIC@NAME "
+        "(none given: the reply as it is, metrics under their plain names).")
+    exact_match_options: Optional[ExactMatchOptions] = Field(
+        None, description="Score exact_match as lm-eval does with these options (default: whitespace collapsed).")
+    rouge_stemmer: bool = Field(False, description="ROUGE with rouge-score's Porter stemmer (lm-eval's summarisation "
+                                "tasks, e.g. cnn_dailymail, use it).")
+
+
+class JudgeSource(Section):
+    """Who judges: a local model (alias, folder or run folder) or an OpenAI-compatible endpoint."""
+
+    model: Optional[str] = Field(None, description="A local judge: model alias, hub folder or run folder.")
+    endpoint: Optional[str] = Field(None, description="Base URL of an OpenAI-compatible API, e.g. "
+                                    "http://127.0.0.1:8000/v1 (tunesmith serve).")
+    endpoint_model: str = Field("default", description="The model id sent to the endpoint.")
+    method: Literal["generate", "logprob"] = Field(
+        "generate", description="generate: the judge writes its verdict, parsed strictly; logprob (local judges): "
+        "the most likely verdict symbol after '[['.")
+    max_new_tokens: int = Field(256, ge=1, description="Longest verdict text (generate).")
+
+    @model_validator(mode="after")
+    def _one_judge(self) -> "JudgeSource":
+        if (self.model is None) == (self.endpoint is None):
+            raise ValueError("give exactly one of judge.model and judge.endpoint")
+        if self.endpoint is not None and self.method == "logprob":
+            raise ValueError("method logprob needs a local judge (judge.model); an endpoint gives text only")
+        return self
+
+
+class JudgeTask(TaskBase):
+    """A model as judge: the evaluated model's answers against another's (pairwise) or graded 1-10 (single)."""
+
+    kind: Literal["judge"] = "judge"
+    mode: Literal["pairwise", "single"] = Field("pairwise", description="pairwise: win rate against `against`; "
+                                                "single: a 1-10 grade against the rubric.")
+    path: str = Field(..., description="JSONL of questions (MT-Bench/Vicuna layout works: the first of 'turns').")
+    question_field: str = Field("question", description="Field holding the question (a list: its first element).")
+    judge: JudgeSource = Field(..., description="The judge.")
+    against: Optional[str] = Field(None, description="pairwise: the model (alias, folder or run folder) whose answers "
+                                   "the evaluated model's are compared with, e.g. the base model.")
+    against_answers: Optional[str] = Field(None, description="pairwise: a JSONL file of the other answers instead "
+                                           "(field 'answer', one line per question, same order).")
+    rubric: str = Field(DEFAULT_RUBRIC, description="single: what the grade judges (in the judge's instructions).")
+    max_new_tokens: int = Field(128, ge=1, description="Longest answer generated by the evaluated model.")
+    system_prompt: Optional[str] = Field(None, description="System turn before each question (both models).")
+    examples: int = Field(3, ge=0, description="Example pairs (or graded answers) shown in the report.")
+    resamples: int = Field(1000, ge=10, description="Bootstrap resamples of the confidence interval.")
+    seed: int = Field(0, description="Seed of the bootstrap.")
+
+    @model_validator(mode="after")
+    def _pairwise_needs_other(self) -> "JudgeTask":
+        if self.mode == "pairwise" and (self.against is None) == (self.against_answers is None):
+            raise ValueError("pairwise judging needs exactly one of 'against' (a model) and 'against_answers' (a file)")
+        return self
 
 
 class PerplexityTask(TaskBase):
@@ -158,12 +252,13 @@ class LmEvalTask(TaskBase):
 
 TaskSection = Annotated[
     Union[MmluTask, MultipleChoiceTask, ClassificationTask, GenerationTask, PerplexityTask, BiasTask, LmEvalTask,
-          StageTask],
+          StageTask, JudgeTask],
     Field(discriminator="kind"),
 ]
-TASK_KINDS = ("mmlu", "multiple_choice", "classification", "generation", "perplexity", "bias", "lm_eval", "stage")
+TASK_KINDS = ("mmlu", "multiple_choice", "classification", "generation", "perplexity", "bias", "lm_eval", "stage",
+              "judge")
 _TASK_ADAPTER = TypeAdapter(TaskSection)
-PATH_FIELDS = ("path", "few_shot_path", "include_path")
+PATH_FIELDS = ("path", "few_shot_path", "include_path", "against_answers")
 
 
 def resolve_path(value: str, base_dir: Path, data_root: Optional[Path]) -> str:

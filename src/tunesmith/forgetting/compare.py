@@ -22,6 +22,7 @@ COLUMNS = (
     ("task_gain", "task gain (nats/token)", "{:+.4f}"),
     ("forgetting", "forgetting (nats/token)", "{:+.4f}"),
     ("forgetting_per_gain", "forgetting / gain", "{:.3f}"),
+    ("general_text_loss_rise", "general-text loss rise (nats/token)", "{:+.4f}"),
     ("trainable_parameters", "trainable params", "{:,}"),
     ("wall_time_s", "time (s)", "{:.1f}"),
     ("peak_memory_mb", "peak memory (MB)", "{:.0f}"),
@@ -66,6 +67,7 @@ def comparison_row(name: str, summary: Mapping[str, Any]) -> dict[str, Any]:
             "task_gain": forgetting.get("task_gain"), "forgetting": forgetting.get("forgetting"),
             "forgetting_per_gain": forgetting.get("forgetting_per_gain"),
             "forgetting_measure": forgetting.get("forgetting_measure"),
+            "general_text_loss_rise": forgetting.get("general_text_loss_rise"),
             "retained": forgetting.get("retained", {}),
             "trainable_parameters": summary.trainable_parameters, "wall_time_s": summary.wall_time_s,
             "peak_memory_mb": summary.peak_memory_mb}

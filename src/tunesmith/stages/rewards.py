@@ -34,6 +34,7 @@ from tunesmith.config.rewards import (
     LengthReward,
     ModelReward,
 )
+from tunesmith.data.answers import extract_answer, reference_answer, same_answer
 from tunesmith.errors import TunesmithError
 from tunesmith.registry import Registry
 
@@ -148,32 +149,15 @@ def exact_match(case_sensitive: bool = False) -> RewardFunction:
     return score
 
 
-def extract_answer(text: str, pattern: re.Pattern) -> Optional[str]:
-    """The last match of ``pattern`` in ``text`` (its first group if it has one), or None."""
-    matches = list(pattern.finditer(text))
-    if not matches:
-        return None
-    last = matches[-1]
-    return (last.group(1) if pattern.groups else last.group(0)).strip()
-
-
-def _same_answer(first: str, second: str) -> bool:
-    try:
-        return math.isclose(float(first.replace(",", "")), float(second.replace(",", "")), rel_tol=1e-9)
-    except ValueError:
-        return first.strip().casefold() == second.strip().casefold()
-
-
 def answer_match(pattern: str) -> RewardFunction:
-    """1.0 where the answer ``pattern`` extracts from the completion equals the reference's answer."""
+    """1.0 where the completion's answer equals the reference's (:mod:`tunesmith.data.answers`: evaluation's rule)."""
     compiled = re.compile(pattern)
 
     def score(prompts, completions, references, lengths, conversations=None):
         scores = []
         for completion, reference in zip(completions, references):
-            expected = extract_answer(reference, compiled) or reference.strip()
             found = extract_answer(completion, compiled)
-            scores.append(float(found is not None and _same_answer(found, expected)))
+            scores.append(float(found is not None and same_answer(found, reference_answer(reference, compiled))))
         return scores
 
     return score
