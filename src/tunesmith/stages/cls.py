@@ -89,8 +89,10 @@ class SequenceClassification(Stage):
         self.encoder = is_encoder(model.config)
 
     def prepare_data(self, section: DataSection, tokenizer, seed: int, cache: Path) -> PreparedData:
-        config = self.config
-        data, self.labels = prepare_classification(section, tokenizer, seed, config.text_field, config.label_field,
+        config, columns = self.config, section.columns
+        text_field = columns.prompt if columns else config.text_field  # data.columns, where given, names them
+        label_field = columns.label or columns.answer if columns else config.label_field
+        data, self.labels = prepare_classification(section, tokenizer, seed, text_field, label_field,  # type: ignore[arg-type]
                                                    config.labels, self.encoder)
         self.majority = Counter(example.label for example in data.train).most_common(1)[0][0]
         self.tokenizer, self.data, self.max_length = tokenizer, data, section.max_length
