@@ -79,6 +79,7 @@ def test_inspect_counts_what_the_mapping_yields(studio):
     assert bad.status_code == 400 and "columns.answer or columns.label" in bad.text
 
 
+@pytest.mark.slow  # the plan measures a fresh process once per cache folder
 def test_the_guided_recipe_for_labelling_texts(studio):
     from tunesmith.config import validate_recipe
 
