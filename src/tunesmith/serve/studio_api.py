@@ -414,10 +414,11 @@ def unique_path(folder: Path, stem: str, suffix: str) -> Path:
 
 
 def _include_route_modules() -> None:
-    """The studio's route modules beside this one (the guided path), under the same /api prefix."""
-    from tunesmith.serve import guided
+    """The studio's route modules beside this one (the guided path, the playground and downloads), under /api."""
+    from tunesmith.serve import guided, playground
 
     router.include_router(guided.router)
+    router.include_router(playground.router)
 
 
 _include_route_modules()
