@@ -133,7 +133,7 @@ async function inspect() {
   const body = { path };
   if (Object.keys(state.columns).length) body.columns = state.columns;
   const report = await api("/api/data/inspect", { method: "POST", body });
-  $("#inspect-report").textContent = `${report.records} rows give ${report.examples} training examples; ` +
+  $("#inspect-report").textContent = `${report.records} records give ${report.examples} training examples; ` +
     `exact duplicates ${report.exact_duplicates}, near duplicates ${report.near_duplicates}, empty ${report.empty}, ` +
     `unreadable ${report.malformed}\nlength in words: ${JSON.stringify(report.length)}\n${report.verdict}` +
     (report.malformed_examples.length ? `\nfirst problem: ${report.malformed_examples[0]}` : "");
@@ -273,6 +273,7 @@ function watch(jobId) {
   state.logOffset = 0;
   state.metricsOffset = 0;
   state.resultShown = false;
+  state.totalSteps = undefined;
   $("#train-log").textContent = "";
   $("#train-stats").textContent = "";
   $("#train-result").textContent = "";
@@ -298,6 +299,13 @@ function watch(jobId) {
     state.metricsOffset = update.metrics_offset;
     if (update.metrics_offset < state.metrics.length) state.metrics = [];  // resumed: the file was rewound
     state.metrics.push(...update.metrics);
+    if (state.totalSteps === undefined && update.metrics.length && update.job.run_dir && update.job.kind === "train") {
+      state.totalSteps = null;  // the run's own recipe says how many steps (train.max_steps)
+      fetch(`/api/files/raw?path=${encodeURIComponent(`${update.job.run_dir}/config.yaml`)}`)
+        .then((response) => (response.ok ? response.text() : ""))
+        .then((text) => { const found = /^\s+max_steps:\s*(\d+)/m.exec(text); state.totalSteps = found ? Number(found[1]) : null; })
+        .catch(() => {});
+    }
     state.logText += update.log;
     const log = $("#train-log");
     log.textContent += update.log;
@@ -323,8 +331,7 @@ function phase(job, log, steps) {
     return `failed: ${error ? error.slice(7) : "see the output below"}`;
   }
   if (job.status !== "running") return job.status === "done" ? "done" : job.status;
-  const bars = [...log.matchAll(/(\d+)\/(\d+) \[/g)];
-  const total = bars.length ? Number(bars[bars.length - 1][2]) : null;
+  const total = state.totalSteps;
   if (/saved (adapter|model|the result)|summary in /.test(log)) return "evaluating after training and writing the summary";
   if (steps.length) {
     const last = steps[steps.length - 1];
