@@ -173,8 +173,7 @@ async function checkRecipe() {
   link.href = URL.createObjectURL(new Blob([result.yaml], { type: "text/yaml" }));
   const unplaced = state.form.showErrors(result.errors);
   $("#recipe-errors").textContent = unplaced.map((e) => `${e.loc}: ${e.message}`).join("; ");
-  if (result.errors.length && !unplaced.length) $("#recipe-errors").textContent = "some settings need a fix: see All settings";
-  if (result.errors.length) $("#full-form").open = true;
+  if (result.errors.length && !unplaced.length && state.dataFile) $("#recipe-errors").textContent = "some settings need a fix: see All settings";
   $("#recipe-form").dataset.valid = String(result.valid);
   return result;
 }
@@ -256,7 +255,10 @@ async function plan() {
 
 async function train() {
   const check = await checkRecipe();
-  if (!check.valid) return notice("fix the recipe first: the errors are shown at their fields", true);
+  if (!check.valid) {
+    $("#full-form").open = true;  // errors next to their fields
+    return notice("fix the recipe first: the errors are shown at their fields", true);
+  }
   const saved = await api("/api/recipes", { method: "POST", body: { recipe: state.recipe, name: $("#run-name").value } });
   const job = await api("/api/jobs", { method: "POST", body: { kind: "train", recipe: saved.path } });
   notice(`job ${job.id} queued: ${job.title} (recipe ${saved.path})`);
@@ -325,7 +327,7 @@ function watch(jobId) {
 
 // The phase, from what the job itself wrote: its log lines and its metrics file.
 function phase(job, log, steps) {
-  if (job.status === "queued") return "queued: waiting for the job before it to finish";
+  if (job.status === "queued") return "queued: it starts as soon as no other job is running";
   if (job.status === "failed") {
     const error = log.split("\n").reverse().find((line) => /^error: /.test(line));
     return `failed: ${error ? error.slice(7) : "see the output below"}`;
