@@ -209,7 +209,7 @@ def test_upload_keeps_its_sanitised_name_and_a_size_limit(client, workspace):
     again = client.post("/api/upload", files={"file": ("evil.jsonl", json.dumps(row) + "\n")}).json()["path"]
     assert again == "data/evil-2.jsonl"  # nothing existing is replaced
     odd = client.post("/api/upload", files={"file": ("My news (v2) é.TSV", "a\tb\n1\t2\n")}).json()["path"]
-    assert odd == "data/My-news-v2.TSV"
+    assert odd == "data/My-news-v2.tsv"  # the extension as the readers know it
     preview = client.get("/api/data/preview", params={"path": stored}).json()
     assert preview["format"] == "alpaca" and preview["rows"][0] == row  # returned as data; the page shows it as text
     assert client.post("/api/upload", files={"file": ("big.jsonl", "x" * (1 << 20) + "\n")}).status_code == 413
