@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import zipfile
+from itertools import islice
 from pathlib import Path
 from typing import Iterator
 
@@ -141,3 +142,28 @@ async def download(path: str, request: Request):
         raise TunesmithError(f"'{path}' is not a run or an export; download folders under runs/ or exports/")
     headers = {"Content-Disposition": f'attachment; filename="{folder.name}.zip"', "X-Content-Type-Options": "nosniff"}
     return StreamingResponse(zip_stream(folder), media_type="application/zip", headers=headers)
+
+
+@router.get("/runs/examples")
+async def run_examples(path: str, request: Request, limit: int = 5):
+    """A few held-out rows of a classifier run: the text, the label it has, and the label the trained model gives."""
+    from tunesmith.config import load_recipe
+    from tunesmith.data.readers import read_records
+
+    workspace = request.app.state.workspace
+    run = workspace.resolve(path, must_exist=True)
+    folder = classifier_folder(run)
+    if folder is None or not (run / "config.yaml").is_file():
+        raise TunesmithError(f"'{path}' is not a classifier run (stage cls)")
+    recipe = load_recipe(run / "config.yaml")
+    columns, stage = recipe.data.columns, recipe.stage
+    text_field = columns.prompt if columns else stage.text_field
+    label_field = (columns.label or columns.answer) if columns else stage.label_field
+    source = recipe.data.validation or recipe.data.train[0]
+    rows = [record.fields for record in islice(read_records(workspace.resolve(source, must_exist=True),
+                                                            on_bad_line=lambda error: None), max(1, min(limit, 20)))]
+    texts = [str(row.get(text_field, "")) for row in rows]
+    labels, probabilities = await asyncio.to_thread(_label, path, folder, texts)
+    return {"source": source, "held_out": bool(recipe.data.validation), "examples": [
+        {"text": text, "expected": str(row.get(label_field, "")).strip(), "predicted": labels[int(p.argmax())],
+         "confidence": round(float(p.max()), 4)} for text, row, p in zip(texts, rows, probabilities)]}

@@ -279,6 +279,7 @@ function watch(jobId) {
   $("#train-log").textContent = "";
   $("#train-stats").textContent = "";
   $("#train-result").textContent = "";
+  $("#train-examples").replaceChildren();
   $("#train-job").textContent = `job ${jobId}: starting`;
   $("#train-job").dataset.status = "";
   $("#train-status").textContent = "sending the job to the server ...";
@@ -392,6 +393,12 @@ async function showResult(job) {
   state.lastRun = run.path;
   $("#train-result").textContent = resultSentence(run.summary);
   $("#train-result").dataset.ready = "true";
+  const { classifiers } = await api("/api/classifiers");
+  if (!classifiers.includes(run.path)) return $("#train-examples").replaceChildren();
+  const found = await api(`/api/runs/examples?path=${encodeURIComponent(run.path)}&limit=5`);
+  table($("#train-examples"), ["text", "its label", "the trained model says"], found.examples.map((e) =>
+    [e.text, e.expected, `${e.predicted} (${(100 * e.confidence).toFixed(0)}%)${e.predicted === e.expected ? "" : " ✗"}`]));
+  $("#train-examples").dataset.source = found.source;
 }
 
 // --- evaluate --------------------------------------------------------------------------------------
