@@ -93,7 +93,12 @@ async def guided_recipe(body: GuidedBody, request: Request):
     recipe, errors = check_recipe(raw, request)
     if recipe is None:
         raise TunesmithError("; ".join(f"{e['loc']}: {e['message']}" for e in errors))
-    plan, raw = await asyncio.to_thread(planned, raw, recipe, request)
+    try:
+        plan, raw = await asyncio.to_thread(planned, raw, recipe, request)
+    except TunesmithError as error:
+        raise TunesmithError(request.app.state.workspace.scrub(str(error))) from None
+    except Exception as error:  # a model the plan cannot build: say so, not a 500
+        raise TunesmithError(f"could not work out the plan for {raw['model']['name']}: {error}") from None
     reasons = explain(task, body, raw, rows, test_rows, plan)
     return {"recipe": raw, "reasons": reasons, "plan": plan}
 
