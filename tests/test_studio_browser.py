@@ -130,7 +130,7 @@ def test_studio_whole_flow(studio, tmp_path):
 
     # Plan
     page.click("#plan-button")
-    page.wait_for_selector("#plan-table td")
+    page.wait_for_selector("#plan-table td", timeout=120_000)  # the server imports the model classes on first use
     assert "292,800" in page.inner_text("#plan-table")
     shoot(page, "plan", shots)
 
