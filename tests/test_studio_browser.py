@@ -337,7 +337,7 @@ def test_journey_from_a_spreadsheet_to_a_downloaded_classifier(journey):
     summary = json.loads((workspace / "runs" / "headlines-label" / "summary.json").read_text())["validation"]
     assert f"{100 * summary['accuracy']:.0f}% after training" in result and "before training" in result
     assert summary["accuracy"] > summary["zero_shot_accuracy"], summary
-    expect(page, "#train-examples tr").to_have_count(6)  # a few held-out rows: their label, the model's
+    sync_api.expect(page.locator("#train-examples tr")).to_have_count(6)  # a few held-out rows: their label, the model's
     assert page.get_attribute("#train-examples", "data-source") == "data/headlines-test.csv"
     shoot(page, "journey-train", shots)
     violations["train"] = accessibility_violations(page)
