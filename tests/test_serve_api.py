@@ -196,13 +196,17 @@ def test_paths_from_the_browser_stay_in_the_workspace(client, workspace, tmp_pat
                                                  "path": "../prefs.jsonl"}).status_code == 403
 
 
-def test_upload_gets_a_generated_name_and_a_size_limit(client, workspace):
+def test_upload_keeps_its_sanitised_name_and_a_size_limit(client, workspace):
     row = {"instruction": "<script>window.pwned=1</script>", "output": "<b>bold</b>"}
     response = client.post("/api/upload", files={"file": ("../../evil.jsonl", json.dumps(row) + "\n")})
     assert response.status_code == 200
     stored = response.json()["path"]
-    assert stored.startswith("data/upload-") and stored.endswith(".jsonl") and (workspace / stored).is_file()
+    assert stored == "data/evil.jsonl" and (workspace / stored).is_file()
     assert not (workspace.parent / "evil.jsonl").exists()
+    again = client.post("/api/upload", files={"file": ("evil.jsonl", json.dumps(row) + "\n")}).json()["path"]
+    assert again == "data/evil-2.jsonl"  # nothing existing is replaced
+    odd = client.post("/api/upload", files={"file": ("My news (v2) é.TSV", "a\tb\n1\t2\n")}).json()["path"]
+    assert odd == "data/My-news-v2.tsv"  # the extension as the readers know it
     preview = client.get("/api/data/preview", params={"path": stored}).json()
     assert preview["format"] == "alpaca" and preview["rows"][0] == row  # returned as data; the page shows it as text
     assert client.post("/api/upload", files={"file": ("big.jsonl", "x" * (1 << 20) + "\n")}).status_code == 413

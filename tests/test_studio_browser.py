@@ -108,11 +108,12 @@ def test_studio_whole_flow(studio, tmp_path):
     assert page.locator("#preview-bubbles .bubble", has_text="<script>").count() >= 1
     assert page.evaluate("window.pwned") is None and page.locator("#preview-table img").count() == 0
     page.click("#inspect-button")
-    expect(page, "#inspect-report").to_contain_text("64 records")
+    expect(page, "#inspect-report").to_contain_text("64 records give 64 training examples")
     shoot(page, "data", shots)
 
     # Recipe: the form from the schema; an error appears at its field; the YAML follows the form
     page.click("#use-data-button")
+    page.click("#full-form summary")  # the whole schema form, one click away from the guided path
     page.fill('[data-path="train.max_steps"]', "60")
     page.fill('[data-path="train.lr"]', "-1")
     expect(page, "[data-error-for=\"train.lr\"]").to_contain_text("greater than 0")
@@ -124,12 +125,12 @@ def test_studio_whole_flow(studio, tmp_path):
     expect(page, '[data-error-for="train.lr"]').to_have_text("")
     page.fill("#run-name", "first-run")
     expect(page, "#recipe-yaml").to_contain_text("runs/first-run")
-    assert "data/upload-" in page.inner_text("#recipe-yaml") and "lr: 0.002" in page.inner_text("#recipe-yaml")
+    assert "data/my-stories.jsonl" in page.inner_text("#recipe-yaml") and "lr: 0.002" in page.inner_text("#recipe-yaml")
     shoot(page, "recipe", shots)
 
     # Plan
     page.click("#plan-button")
-    page.wait_for_selector("#plan-table td")
+    page.wait_for_selector("#plan-table td", timeout=120_000)  # the server imports the model classes on first use
     assert "292,800" in page.inner_text("#plan-table")
     shoot(page, "plan", shots)
 
@@ -150,7 +151,7 @@ def test_studio_whole_flow(studio, tmp_path):
     page.wait_for_selector("#prefer-left:enabled")
     left, right = (page.locator(f"#chat-{side}-log .bubble.assistant").last.inner_text() for side in ("left", "right"))
     page.click("#prefer-right")
-    expect(page, "#preference-status").to_contain_text("1 pairs")
+    expect(page, "#preference-status").to_contain_text("1 preference pair saved")
     pair = json.loads((workspace / "data" / "preferences.jsonl").read_text())
     assert pair["prompt"] == "Give three tips for staying healthy."
     assert (pair["chosen"], pair["rejected"]) == (right.strip(), left.strip())
@@ -205,4 +206,193 @@ def test_studio_whole_flow(studio, tmp_path):
     run_job_on_screen(page, "evaluate", "runs/first-run", prefix="eval")
     sync_api.expect(page.frame_locator("#report-frame").locator("body")).to_contain_text("stereotype")
     shoot(page, "evaluate", shots)
+    assert errors == []
+
+
+# --- the journey of issue 24: a spreadsheet of headlines -> a classifier in the person's hands --------------------
+
+AXE = Path(os.environ.get("TUNESMITH_AXE", Path.home() / ".cache/tunesmith/axe/node_modules/axe-core/axe.min.js"))
+TOPIC_WORDS = {"sport": ["match", "goal", "team", "league", "coach"], "politics": ["vote", "minister", "election", "law", "party"],
+               "science": ["study", "cells", "space", "physics", "planet"], "business": ["market", "shares", "profit", "bank", "trade"]}
+
+
+def headline_table(path: Path, rows: int, seed: int) -> None:
+    """A CSV ``headline,topic`` whose column names match no data format (as a spreadsheet export has them)."""
+    import csv
+    import random
+
+    pick = random.Random(seed)
+    with path.open("w", newline="", encoding="utf-8-sig") as handle:  # Excel's CSV export starts with a BOM
+        writer = csv.writer(handle)
+        writer.writerow(["headline", "topic"])
+        for _ in range(rows):
+            topic = pick.choice(list(TOPIC_WORDS))
+            first, second = pick.sample(TOPIC_WORDS[topic], 2)
+            writer.writerow([f"The {first} news: what the {second} means this week", topic])
+
+
+class Person:
+    """Playwright playing the person: every click and typed field is counted."""
+
+    def __init__(self, page) -> None:
+        self.page, self.clicks, self.typed = page, 0, 0
+
+    def click(self, selector: str, **options) -> None:
+        self.clicks += 1
+        self.page.click(selector, **options)
+
+    def type(self, selector: str, text: str) -> None:
+        self.typed += 1
+        self.page.fill(selector, text)
+
+    def files(self, selector: str, paths: list[str]) -> None:
+        self.typed += 1
+        self.page.set_input_files(selector, paths)
+
+
+def accessibility_violations(page) -> list[str]:
+    """axe-core's serious and critical violations on the screen as it is now."""
+    if not page.evaluate("() => typeof window.axe !== 'undefined'"):
+        page.add_script_tag(content=AXE.read_text())
+    results = page.evaluate("async () => (await window.axe.run(document, {resultTypes: ['violations']})).violations"
+                            ".filter(v => ['serious', 'critical'].includes(v.impact))"
+                            ".map(v => `${v.id}: ${v.help} (${v.nodes.slice(0, 3).map(n => n.target.join(' ')).join('; ')})`)")
+    return results
+
+
+@pytest.fixture
+def journey(tmp_path, tiny_llama):
+    import shutil
+
+    if not CHROMIUM.exists():
+        pytest.skip(f"{CHROMIUM} is missing (apt-get install chromium, or set TUNESMITH_CHROMIUM)")
+    if not AXE.is_file():
+        pytest.skip(f"{AXE} is missing (npm install axe-core, see .ci/run, or set TUNESMITH_AXE)")
+    workspace = tmp_path / "workspace"
+    shutil.copytree(tiny_llama, workspace / "models" / "tiny")
+    headline_table(tmp_path / "headlines.csv", 240, seed=1)
+    headline_table(tmp_path / "headlines-test.csv", 60, seed=2)
+    server = Server(workspace).start()
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        # bypass_csp: only so that the test can load axe-core into the page; the studio's own scripts run as always
+        context = browser.new_context(viewport={"width": 1180, "height": 860}, accept_downloads=True, bypass_csp=True)
+        page = context.new_page()
+        errors: list[str] = []
+        page.on("pageerror", lambda error: errors.append(str(error)))
+        yield page, server, workspace, tmp_path, errors
+        browser.close()
+    server.stop()
+
+
+def test_journey_from_a_spreadsheet_to_a_downloaded_classifier(journey):
+    import zipfile
+
+    page, server, workspace, folder, errors = journey
+    shots = folder / "screenshots"
+    person = Person(page)
+    violations: dict[str, list[str]] = {}
+    page.goto(server.url + "/")
+    page.wait_for_selector("body[data-ready=true]")
+
+    # Data: both files in one upload; the columns are guessed and shown, the rows as the model will see them
+    person.files("#upload-file", [str(folder / "headlines.csv"), str(folder / "headlines-test.csv")])
+    person.click("#upload-button")
+    expect(page, "#data-format").to_contain_text("prompt = headline, label = topic")
+    assert page.input_value("#col-prompt") == "headline" and page.input_value("#col-label") == "topic"
+    assert page.input_value("#data-file") == "data/headlines.csv"
+    assert page.input_value("#test-file") == "data/headlines-test.csv"
+    assert page.locator("#preview-bubbles .bubble.assistant").first.inner_text() in TOPIC_WORDS
+    expect(page, "#inspect-report").to_contain_text("240 records give 240 training examples")
+    assert str(workspace) not in page.inner_text("body")
+    shoot(page, "journey-data", shots)
+    violations["data"] = accessibility_violations(page)
+
+    # Recipe: the task in the person's words; the server fills everything else
+    person.click("#use-data-button")
+    page.wait_for_selector("#guided-tasks input[value=label]")
+    violations["recipe"] = accessibility_violations(page)
+    person.click("#guided-tasks input[value=label]")
+    expect(page, "#guided-status").to_contain_text("ready: runs/headlines-label")
+    reasons = page.inner_text("#guided-reasons")
+    assert "column 'headline'" in reasons and "column 'topic'" in reasons and "the 60 rows of data/headlines-test.csv" in reasons
+    shoot(page, "journey-recipe", shots)
+
+    # Train: a status line from the first second, the ETA only from measured steps, the result before -> after
+    person.click("#train-button")
+    started, statuses = time.time(), []
+    page.wait_for_selector("#train-status:not(:empty)", timeout=2000)
+    first_status = (time.time() - started, page.inner_text("#train-status"))
+    while time.time() - started < 300 and page.get_attribute("#train-job", "data-status") not in ("done", "failed"):
+        text = page.inner_text("#train-status")
+        if not statuses or statuses[-1] != text:
+            statuses.append(text)
+        time.sleep(0.2)
+    assert page.get_attribute("#train-job", "data-status") == "done", page.inner_text("#train-log")[-2000:]
+    assert first_status[0] < 2 and first_status[1], first_status
+    assert any("loading the model" in s or "measuring the base model" in s for s in statuses), statuses
+    assert all("left" not in s for s in statuses if "training" not in s), statuses  # no ETA before steps are measured
+    expect(page, "#train-result").to_contain_text("→")
+    result = page.inner_text("#train-result")
+    summary = json.loads((workspace / "runs" / "headlines-label" / "summary.json").read_text())["validation"]
+    assert f"{100 * summary['accuracy']:.0f}% after training" in result and "before training" in result
+    assert summary["accuracy"] > summary["zero_shot_accuracy"], summary
+    sync_api.expect(page.locator("#train-examples tr")).to_have_count(6)  # a few held-out rows: their label, the model's
+    assert page.get_attribute("#train-examples", "data-source") == "data/headlines-test.csv"
+    shoot(page, "journey-train", shots)
+    violations["train"] = accessibility_violations(page)
+
+    # Try it: a typed headline labelled through the trained head (the same label tunesmith classify gives)
+    person.click("button[data-screen=try]")
+    page.wait_for_selector('#try-model option[value="runs/headlines-label"]', state="attached")
+    headline = "The goal news: what the coach means this week"
+    person.type("#try-input", headline)
+    person.click("#try-button")
+    expect(page, "#try-table td strong").to_have_count(1)
+    shown = page.inner_text("#try-table td strong")
+    from tunesmith.stages.cls import classify, load_classifier
+
+    model, tokenizer, labels = load_classifier(workspace / "runs" / "headlines-label" / "adapter")
+    assert shown == classify(model, tokenizer, [headline], labels)[0]
+    shoot(page, "journey-try", shots)
+    violations["try"] = accessibility_violations(page)
+
+    # Export (hf keeps the head and the labels) and download it as one archive
+    person.click("button[data-screen=export]")
+    page.wait_for_selector('#export-run option[value="runs/headlines-label"]', state="attached")
+    assert page.input_value("#export-run") == "runs/headlines-label"
+    person.click("#export-button")
+    expect(page, "#export-status").to_have_attribute("data-status", "done", timeout=180_000)
+    expect(page, "#export-report").to_contain_text("head: head.safetensors and labels.json reloaded: 4 labels")
+    with page.expect_download() as waiting:
+        person.click("#export-download")
+    archive = folder / "downloaded.zip"
+    waiting.value.save_as(archive)
+    names = zipfile.ZipFile(archive).namelist()
+    assert {"headlines-label-merged/head.safetensors", "headlines-label-merged/labels.json",
+            "headlines-label-merged/model.safetensors"} <= set(names), names
+    shoot(page, "journey-export", shots)
+    violations["export"] = accessibility_violations(page)
+
+    # The other screens, the 400 px layout and the keyboard: the skip link is the first stop
+    for screen in ("plan", "evaluate", "chat", "runs", "sweep"):
+        page.click(f"button[data-screen={screen}]")
+        violations[screen] = accessibility_violations(page)
+    page.set_viewport_size({"width": 400, "height": 860})
+    page.click("button[data-screen=data]")
+    assert page.evaluate("() => document.documentElement.scrollWidth") <= 400
+    shoot(page, "journey-narrow", shots)
+    page.reload()
+    page.wait_for_selector("body[data-ready=true]")
+    page.keyboard.press("Tab")
+    assert page.evaluate("() => document.activeElement.className") == "skip-link"
+    page.keyboard.press("Enter")
+    assert page.evaluate("() => document.activeElement.id") == "main"
+    report = {"clicks": person.clicks, "typed_fields": person.typed, "statuses": statuses, "result": result,
+              "accessibility": violations}
+    for target in filter(None, [shots, os.environ.get("TUNESMITH_STUDIO_SCREENSHOTS")]):
+        (Path(target) / "journey.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    print(json.dumps(report, indent=2, ensure_ascii=False))
+    assert {screen: found for screen, found in violations.items() if found} == {}
+    assert person.clicks <= 15 and person.typed <= 3, report
     assert errors == []

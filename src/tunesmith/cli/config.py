@@ -59,9 +59,9 @@ def check_inputs(recipe) -> list[str]:
     # The record formats are SFT's; every other stage reads its own layout (pairs, text/label rows,
     # plain text) and names what it expects when it prepares the data, so only the files are checked here.
     records = recipe.stage.kind == "sft"
-    _check_files("data", data.train, data.format, data.text_field, formats=records)
+    _check_files("data", data.train, data.format, data.text_field, formats=records, columns=data.columns)
     _check_files("data", (data.validation,) if data.validation else (), data.format, data.text_field, "validation",
-                 formats=records)
+                 formats=records, columns=data.columns)
     for index, source in enumerate(data.sources):
         _check_files(f"data.sources[{index}]", source.train, source.format, data.text_field)
         if source.validation:
@@ -112,7 +112,7 @@ def _check_exist(field: str, paths) -> None:
 
 
 def _check_files(section: str, paths, data_format: str, text_field: str, key: str = "train",
-                 formats: bool = True) -> None:
+                 formats: bool = True, columns=None) -> None:
     """Each file exists and its first record reads; with ``formats``, it fits ``data_format`` (detected for auto)."""
     from tunesmith.data.formats import FORMATS, FormatOptions, detect_format
     from tunesmith.data.readers import read_records
@@ -131,8 +131,8 @@ def _check_files(section: str, paths, data_format: str, text_field: str, key: st
         if first is None:
             raise TunesmithError(f"{section}.{key}: data file {path} holds no records")
         if formats:
-            name = detect_format(first, text_field) if data_format == "auto" else data_format
-            FORMATS.get(name).convert(first, FormatOptions(text_field=text_field))
+            name = detect_format(first, text_field, columns) if data_format == "auto" else data_format
+            FORMATS.get(name).convert(first, FormatOptions(text_field=text_field, columns=columns))
 
 
 def _check_suites(recipe) -> None:

@@ -34,16 +34,42 @@ def _common(parser: argparse.ArgumentParser, output: bool = True, on_error_help:
         parser.add_argument("--force", action="store_true", help="Replace the output if it exists.")
     parser.add_argument("--format", default="auto", help="Record layout: alpaca, sharegpt, messages, preference, text, auto.")
     parser.add_argument("--text-field", default="text", help="Field of the 'text' layout.")
+    parser.add_argument("--columns", type=columns_flag, default=None, metavar="ROLE=COLUMN,...",
+                        help="Which column holds what, as data.columns: e.g. prompt=headline,label=topic "
+                             "(roles: prompt, answer, label, system).")
     parser.add_argument("--on-error", choices=["skip", "fail"], default="fail",
                         help=on_error_help or "Skip and count malformed records, or stop at the first (default).")
     parser.add_argument("--report", help="Also write the report as JSON to this file.")
 
 
-def _record_text(args: argparse.Namespace):
+def columns_flag(text: str):
+    """``prompt=headline,label=topic`` -> the recipe's data.columns section (argparse type of --columns)."""
+    from pydantic import ValidationError
+
+    from tunesmith.config import ColumnsSection
+
+    pairs = [part.split("=", 1) for part in text.split(",") if part.strip()]
+    if any(len(pair) != 2 for pair in pairs):
+        raise argparse.ArgumentTypeError(f"{text!r}: give ROLE=COLUMN pairs separated by commas, e.g. prompt=headline,label=topic")
+    try:
+        return ColumnsSection.model_validate({role.strip(): column.strip() for role, column in pairs})
+    except ValidationError as error:
+        first = error.errors()[0]
+        where = ".".join(str(part) for part in first["loc"])
+        raise argparse.ArgumentTypeError(f"{text!r}: {where + ': ' if where else ''}{first['msg']} "
+                                         "(roles: prompt, answer, label, system)") from None
+
+
+def _options(args: argparse.Namespace):
     from tunesmith.data.formats import FormatOptions
+
+    return FormatOptions(text_field=args.text_field, columns=args.columns)
+
+
+def _record_text(args: argparse.Namespace):
     from tunesmith.data.prepare.records import RecordText
 
-    return RecordText(args.format, FormatOptions(text_field=args.text_field))
+    return RecordText(args.format, _options(args))
 
 
 def _finish(args: argparse.Namespace, report: Any) -> int:
@@ -78,7 +104,6 @@ def _register_inspect(steps) -> None:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from tunesmith.data.formats import FormatOptions
     from tunesmith.data.prepare.inspect import (MEASURED_LENGTH_FACTOR, histogram_text, inspect_file, model_parameters,
                                                 save_histogram_png, token_measure)
     from tunesmith.data.templates import resolve_template
@@ -89,7 +114,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         path, tokenizer = _load_tokenizer(args.model)
         resolve_template(tokenizer, args.template)
         measure, unit, parameters = token_measure(tokenizer, longest=MEASURED_LENGTH_FACTOR * args.max_length), "tokens", model_parameters(path)
-    report = inspect_file(args.file, data_format=args.format, options=FormatOptions(text_field=args.text_field),
+    report = inspect_file(args.file, data_format=args.format, options=_options(args),
                           measure=measure, unit=unit, max_length=args.max_length, parameters=parameters,
                           near_sample=args.near_sample)
     summary = report.as_dict()
@@ -295,9 +320,8 @@ def _register_convert(steps) -> None:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from tunesmith.data.formats import FormatOptions
     from tunesmith.data.prepare.convert import convert_file
 
     report = convert_file(args.file, args.output, args.to, source_format=args.format,
-                          options=FormatOptions(text_field=args.text_field), on_error=args.on_error, force=args.force)
+                          options=_options(args), on_error=args.on_error, force=args.force)
     return _finish(args, report)

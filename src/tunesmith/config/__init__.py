@@ -1,6 +1,6 @@
 """Recipes: the typed, frozen description of a run."""
 
-from tunesmith.config.data import DataSection, DataSourceSection
+from tunesmith.config.data import ColumnsSection, DataSection, DataSourceSection
 from tunesmith.config.forgetting import EwcSection, RegulariseSection, RetainSection
 from tunesmith.config.loader import apply_override, load_recipe, recipe_to_yaml, validate_recipe
 from tunesmith.config.methods import FullMethod, LoraMethod, MethodSection, PartialMethod
@@ -21,6 +21,7 @@ from tunesmith.config.train import EarlyStoppingSection, GaloreSection, TrainSec
 
 __all__ = [
     "DataSection",
+    "ColumnsSection",
     "DataSourceSection",
     "EarlyStoppingSection",
     "EvalReportSection",

@@ -10,6 +10,33 @@ from tunesmith.config.base import Section
 from tunesmith.config.prepare import PrepareSection
 
 
+class ColumnsSection(Section):
+    """Which column of a table holds what (any CSV, TSV, JSON Lines, Parquet or spreadsheet export), for
+    files whose column names match no built-in format: ``columns: {prompt: headline, label: topic}``."""
+
+    prompt: str = Field(..., description="Column holding the input: the question, instruction or text to label.")
+    answer: Optional[str] = Field(None, description="Column holding the expected answer or output text.")
+    label: Optional[str] = Field(
+        None, description="Column holding the label (stage cls); without an answer column the label is the answer."
+    )
+    system: Optional[str] = Field(None, description="Column holding a per-row system prompt (optional).")
+
+    @model_validator(mode="after")
+    def _has_a_target(self) -> "ColumnsSection":
+        if self.answer is None and self.label is None:
+            raise ValueError("name the column the model should learn to give: columns.answer or columns.label")
+        return self
+
+    @property
+    def target(self) -> str:
+        """The column whose text the model learns to produce (the answer, else the label)."""
+        return self.answer or self.label  # type: ignore[return-value]
+
+    def used(self) -> tuple[str, ...]:
+        """The named columns, input first."""
+        return tuple(c for c in (self.prompt, self.answer, self.label, self.system) if c)
+
+
 class DataSourceSection(Section):
     """One data source of a mixture (``data.sources``), e.g. the task data or a general 'replay' set."""
 
@@ -38,7 +65,12 @@ class DataSection(Section):
         (), description="Training file(s): .json, .jsonl, .csv, .tsv, .parquet or .txt, optionally .gz."
     )
     format: str = Field(
-        "auto", description="Record layout: alpaca, sharegpt, messages, text, or auto (detected)."
+        "auto", description="Record layout: alpaca, sharegpt, messages, text, columns (see data.columns), or auto "
+        "(detected; 'columns' whenever data.columns is given)."
+    )
+    columns: Optional[ColumnsSection] = Field(
+        None, description="Which column holds the input, the answer, the label and the system prompt, for tables "
+        "whose column names match no format (e.g. {prompt: headline, label: topic})."
     )
     validation: Optional[str] = Field(None, description="Validation file (same format as train).")
     validation_fraction: float = Field(
@@ -80,6 +112,9 @@ class DataSection(Section):
     def _one_validation_source(self) -> "DataSection":
         if self.validation and self.validation_fraction:
             raise ValueError("give either data.validation or data.validation_fraction, not both")
+        if self.columns is not None and self.format not in ("auto", "columns"):
+            raise ValueError(f"data.columns names the columns itself; set data.format to auto (not {self.format!r}) "
+                             "or drop data.columns")
         if not self.train and not self.sources:
             raise ValueError("give the training data as data.train (or data.sources)")
         if self.prepare is not None and self.sources:

@@ -37,7 +37,7 @@ def label_text(record: RawRecord, field: str) -> str:
     value = record.fields.get(field)
     if value is None or isinstance(value, (list, dict)):
         raise TunesmithError(f"{record.where}: missing label field '{field}' (fields present: "
-                             f"{', '.join(record.fields) or 'none'}); set stage.label_field")
+                             f"{', '.join(record.fields) or 'none'}); set data.columns.label (or stage.label_field)")
     return str(value).strip()
 
 
@@ -71,7 +71,7 @@ def encode_texts(records: Sequence[RawRecord], tokenizer, labels: Sequence[str],
         text = record.fields.get(text_field)
         if not isinstance(text, str):
             raise TunesmithError(f"{record.where}: missing text field '{text_field}' (fields present: "
-                                 f"{', '.join(record.fields) or 'none'}); set stage.text_field")
+                                 f"{', '.join(record.fields) or 'none'}); set data.columns.prompt (or stage.text_field)")
         label = label_text(record, label_field)
         if label not in index:
             raise TunesmithError(f"{record.where}: label {label!r} is not in the label set {list(labels)}; "

@@ -31,7 +31,8 @@ def prepare_data(section: DataSection, tokenizer, seed: int, cache: Optional[Pat
     if section.sources:
         return prepare_mixture(section, tokenizer, seed)
     template = resolve_template(tokenizer, section.template)
-    options = FormatOptions(text_field=section.text_field, system_prompt=section.system_prompt)
+    options = FormatOptions(text_field=section.text_field, system_prompt=section.system_prompt,
+                            columns=section.columns)
     formats: dict[str, str] = {}
     train_examples: list[Example] = []
     for path in prepare_for_training(section, tokenizer, template, cache):

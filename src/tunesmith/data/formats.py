@@ -10,6 +10,7 @@ import json
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
+from tunesmith.config.data import ColumnsSection
 from tunesmith.data.readers import RawRecord
 from tunesmith.data.tools import parse_call, parse_tools
 from tunesmith.errors import TunesmithError
@@ -51,6 +52,7 @@ class FormatOptions:
 
     text_field: str = "text"
     system_prompt: Optional[str] = None
+    columns: Optional[ColumnsSection] = None  # data.columns: which column holds what (the 'columns' format)
 
 
 FORMATS: Registry[DataFormat] = Registry("data format")
@@ -200,7 +202,35 @@ def _preference(record: RawRecord, options: FormatOptions) -> Example:
     return Example(messages=_with_system(messages, options.system_prompt), where=record.where)
 
 
+COLUMNS_LAYOUT = "columns format (the columns named by data.columns: prompt, answer or label, system)"
+
+
+def _cell_text(record: RawRecord, column: str, role: str) -> str:
+    """A cell as text (a number or boolean label becomes its text); missing or empty is an error naming it."""
+    value = record.fields.get(column)
+    if value is None or isinstance(value, (list, dict)) or str(value).strip() == "":
+        raise TunesmithError(
+            f"{record.where}: no {role} in column '{column}' (data.columns.{role}; columns present: "
+            f"{', '.join(map(str, record.fields)) or 'none'}); fill the cell or pick another column"
+        )
+    return str(value)
+
+
+def _columns(record: RawRecord, options: FormatOptions) -> Example:
+    """A table row as one exchange: the prompt column asks, the answer (or label) column answers."""
+    columns = options.columns
+    if columns is None:
+        raise TunesmithError(f"{record.where}: data.format 'columns' needs data.columns (which column is the "
+                             "prompt, the answer or label)")
+    role = "answer" if columns.answer else "label"
+    messages = [{"role": "user", "content": _cell_text(record, columns.prompt, "prompt")},
+                {"role": "assistant", "content": _cell_text(record, columns.target, role)}]
+    system = (_optional_text(record, columns.system) if columns.system else None) or options.system_prompt
+    return Example(messages=_with_system(messages, system), where=record.where)
+
+
 for _format in (
+    DataFormat("columns", COLUMNS_LAYOUT, (), _columns),
     DataFormat("alpaca", ALPACA_LAYOUT, ("instruction", "output"), _alpaca),
     DataFormat("preference", PREFERENCE_LAYOUT, ("chosen", "rejected"), _preference),
     DataFormat("sharegpt", SHAREGPT_LAYOUT, ("conversations",), _sharegpt),
@@ -210,20 +240,29 @@ for _format in (
     FORMATS.register(_format.name)(_format)
 
 
-def detect_format(record: RawRecord, text_field: str = "text") -> str:
-    """The name of the format whose identifying fields ``record`` has.
+def detect_format(record: RawRecord, text_field: str = "text", columns: Optional[ColumnsSection] = None) -> str:
+    """The name of the format whose identifying fields ``record`` has: ``columns`` when ``columns``
+    (data.columns) is given and the record has its prompt column.
 
     Raises:
         TunesmithError: If no format matches; names the record and the known layouts.
     """
+    if columns is not None and columns.prompt in record.fields:
+        return "columns"
     # Most specific layouts first: a preference record also has 'messages' or 'conversations'.
     for name in sorted(FORMATS, key=lambda n: -len(FORMATS.get(n).detect_fields)):
         data_format = FORMATS.get(name)
+        if not data_format.detect_fields and name != "text":
+            continue  # chosen by name or by data.columns only
         wanted = (text_field,) if name == "text" else data_format.detect_fields
         if all(key in record.fields for key in wanted):
             return name
-    layouts = "; ".join(FORMATS.get(name).layout for name in FORMATS)
+    layouts = "; ".join(FORMATS.get(name).layout for name in FORMATS if name != "columns")
+    if columns is not None:
+        raise TunesmithError(f"{record.where}: no column '{columns.prompt}' (data.columns.prompt) among the "
+                             f"columns {sorted(record.fields)}; pick one of those")
     raise TunesmithError(
-        f"{record.where}: cannot tell the data format from fields {sorted(record.fields)}; "
-        f"set data.format to one of: {layouts}"
+        f"{record.where}: cannot tell the data format from columns {sorted(record.fields)}; say which column is "
+        f"the input and which the answer or label with data.columns (e.g. {{prompt: {next(iter(record.fields), 'question')}, "
+        f"answer: ...}}), or set data.format to one of: {layouts}"
     )

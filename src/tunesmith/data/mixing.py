@@ -96,7 +96,8 @@ def prepare_mixture(section: DataSection, tokenizer, seed: int) -> PreparedData:
         and whose ``validation_by_source`` holds each source's validation examples.
     """
     template = resolve_template(tokenizer, section.template)
-    options = FormatOptions(text_field=section.text_field, system_prompt=section.system_prompt)
+    options = FormatOptions(text_field=section.text_field, system_prompt=section.system_prompt,
+                            columns=section.columns)
     sources = resolve_sources(section)
     train: list[EncodedExample] = []
     validation_by_source: dict[str, list[EncodedExample]] = {}

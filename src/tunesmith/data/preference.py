@@ -244,6 +244,10 @@ def refuse_unsupported(section: DataSection, stage: str) -> None:
         raise TunesmithError(f"data.prepare is not supported by stage {stage}; remove it")
     if section.format not in ("auto", "preference", "kto", "text"):
         raise TunesmithError(f"data.format {section.format!r} does not fit stage {stage}; leave it 'auto'")
+    if section.columns is not None and stage != "cls":
+        raise TunesmithError(f"data.columns is not read by stage {stage} (it has a layout of its own); remove it")
+    if section.columns is not None and section.columns.system:
+        raise TunesmithError("data.columns.system: stage cls reads only the prompt and label columns; remove it")
 
 
 __all__ = ["EncodedLabelledReply", "EncodedPair", "EncodedReply", "JudgedStats", "PREFERENCE_LAYOUT", "KTO_LAYOUT",

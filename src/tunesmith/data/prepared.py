@@ -64,7 +64,7 @@ def load_examples(path: str, data_format: str = "auto", options: FormatOptions =
     for record in read_records(path, options.text_field):
         if converter is None:
             if data_format == "auto":
-                data_format = detect_format(record, options.text_field)
+                data_format = detect_format(record, options.text_field, options.columns)
             converter = FORMATS.get(data_format).convert
         examples.append(converter(record, options))
     if not examples:

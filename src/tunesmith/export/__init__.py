@@ -10,6 +10,7 @@ already) fold into the base weights for ``hf`` and ``gguf``; the others raise
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -45,6 +46,7 @@ class ExportReport:
     checks: dict[str, CheckResult]
     load_seconds: float
     skipped: dict[str, str] = field(default_factory=dict)
+    head: str = ""  # the head check of a classifier or reward model (stage cls/rm), when it has one
 
     @property
     def max_logit_difference(self) -> float:
@@ -59,6 +61,7 @@ class ExportReport:
                  f"{self.out} ({self.size_bytes / 2**20:.1f} MiB)"]
         lines += [f"  {loader}: {check.describe()}" for loader, check in self.checks.items()]
         lines += [f"  {loader}: not checked ({reason})" for loader, reason in self.skipped.items()]
+        lines += [f"  head: {self.head}"] if self.head else []
         return "\n".join(lines)
 
 
@@ -86,6 +89,7 @@ def export(source: str | Path, out: str | Path, format: str = "hf", quantize: Op
     if format == "gguf":
         check_architecture(base_config(location, base_model), quantize)
     loaded = load_result(source, base_model, device=device)
+    head_reference = reference_head(loaded, location.folder)
     probe = probe_reference(loaded.model, loaded.tokenizer)
     method = loaded.method.kind if loaded.method is not None else ("peft" if location.kind == "adapter" else "model")
     with atomic_folder(out, fixed_name=True, only_empty=True) as partial:  # out: absent or empty (checked above)
@@ -100,9 +104,81 @@ def export(source: str | Path, out: str | Path, format: str = "hf", quantize: Op
                                                               ollama, out.name)
         for loader, check in checks.items():
             require(check, f"the {format} export reloaded with {loader}")
+        head = ""
+        if head_reference is not None:
+            files, head = files + copy_head(location.folder, partial, format), check_head(head_reference, partial, format,
+                                                                                          loaded, device)
         write_export_card(location, partial, format, quantize, checks, skipped)
     files = tuple(out / path.relative_to(partial) for path in files)
-    return ExportReport(out, method, format, quantize, files, checks, seconds, skipped)
+    return ExportReport(out, method, format, quantize, files, checks, seconds, skipped, head)
+
+
+HEAD_PROBES = ("The match ended in a late goal.", "Parliament votes on the new budget today.",
+               "A telescope finds a planet.", "Shares fell sharply on Monday.")
+
+
+def reference_head(loaded: LoadedResult, folder: Path):
+    """For a result with a head (stage cls or rm): the head's scores of the probe texts, from the trained
+    model with its head; the head is then taken off again so the language model exports as usual. None otherwise."""
+    from tunesmith.methods.base import base_model_of
+    from tunesmith.stages.cls import LABELS_FILE, head_scores
+    from tunesmith.stages.scoring import HEAD_ATTRIBUTE, HEAD_FILE, load_head
+
+    if not (folder / HEAD_FILE).is_file():
+        return None
+    model = load_head(loaded.model, folder)
+    labels = json.loads((folder / LABELS_FILE).read_text()) if (folder / LABELS_FILE).is_file() else None
+    probabilities = head_scores(model, loaded.tokenizer, list(HEAD_PROBES))
+    delattr(base_model_of(model), HEAD_ATTRIBUTE)
+    return probabilities, labels
+
+
+def copy_head(folder: Path, partial: Path, format: str) -> tuple[Path, ...]:
+    """Copy head.safetensors and labels.json into the export (the peft export copied them with the adapter)."""
+    from tunesmith.stages.cls import LABELS_FILE
+    from tunesmith.stages.scoring import HEAD_FILE
+
+    names = [name for name in (HEAD_FILE, LABELS_FILE) if (folder / name).is_file()]
+    if format != "peft":
+        for name in names:
+            shutil.copy2(folder / name, partial / name)
+    return tuple(partial / name for name in names if format != "peft")
+
+
+def check_head(reference, partial: Path, format: str, loaded: LoadedResult, device: str) -> str:
+    """Reload the exported model with its head and compare the head's scores with the trained model's.
+
+    Raises:
+        TunesmithError: If the head or labels did not come back, or the probabilities differ.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from tunesmith.stages.cls import LABELS_FILE, head_scores
+    from tunesmith.stages.scoring import load_head
+
+    probabilities, labels = reference
+    if format == "peft":
+        from peft import PeftModel
+
+        from tunesmith.models import resolve_model_path
+        from tunesmith.runtime import cache_dir
+
+        base = AutoModelForCausalLM.from_pretrained(resolve_model_path(loaded.base_model, cache_dir()), dtype=torch.float32)
+        model = PeftModel.from_pretrained(base.to(device), partial).eval()
+    else:
+        model = AutoModelForCausalLM.from_pretrained(partial, dtype=torch.float32).to(device).eval()
+    model = load_head(model, partial)
+    exported = head_scores(model, loaded.tokenizer, list(HEAD_PROBES))
+    difference = float((exported - probabilities).abs().max())
+    if labels is not None and json.loads((partial / LABELS_FILE).read_text()) != labels:
+        raise TunesmithError(f"the {format} export's {LABELS_FILE} differs from the trained result's")
+    if difference > 1e-4:
+        raise TunesmithError(f"the {format} export with its head gives scores up to {difference:.2e} away from the "
+                             "trained model's (tolerance 1e-4)")
+    named = f"{len(labels)} labels" if labels is not None else "scores"
+    return (f"head.safetensors and {LABELS_FILE if labels is not None else 'no labels'} reloaded: {named}, scores "
+            f"within {difference:.1e} of the trained model's on {len(HEAD_PROBES)} probe texts")
 
 
 def export_result(result: str | Path, out: str | Path, merge: bool, model_name: Optional[str] = None,
@@ -148,6 +224,12 @@ def validate_request(source, out: Path, format: str, quantize: Optional[str], ol
     if location is None:
         raise TunesmithError(f"{source} is not a folder; give a run folder, its adapter/ or model/ folder, or a "
                              "model folder")
+    from tunesmith.stages.scoring import HEAD_FILE
+
+    if format == "gguf" and (location.folder / HEAD_FILE).is_file():
+        raise TunesmithError(f"{location.folder} has a trained head ({HEAD_FILE}: a classifier or reward model) and "
+                             "GGUF cannot hold it; export it with --format hf (merged model + head + labels) or --format "
+                             "peft (adapter + head + labels)")
     if format == "peft" and location.kind != "adapter":
         raise TunesmithError(f"{location.folder} is a complete model, not an adapter; export it with --format hf or gguf")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import difflib
 import json
-from itertools import islice
 from pathlib import Path
 from typing import Any, Optional
 
@@ -45,7 +44,7 @@ async def list_files(request: Request, folder: str = "data"):
 
 @router.post("/upload")
 async def upload(request: Request, file: UploadFile = File(...)):
-    """Store an uploaded data file under ``data/`` with a generated name (size-limited)."""
+    """Store an uploaded data file under ``data/`` by its own name, sanitised and never replacing a file (size-limited)."""
     workspace, limit = _workspace(request), request.app.state.max_upload_bytes
     target = workspace.new_upload_path(file.filename or "")
     size = 0
@@ -56,42 +55,6 @@ async def upload(request: Request, file: UploadFile = File(...)):
                 raise TooLarge(f"upload is larger than the limit of {limit // (1 << 20)} MiB (serve --max-upload-mb)")
             handle.write(chunk)
     return {"path": workspace.relative(target), "size": size, "original_name": file.filename}
-
-
-@router.get("/data/preview")
-async def preview(request: Request, path: str, limit: int = Query(20, ge=1, le=200)):
-    """The first records as read (``rows``) and as conversations (``examples``), in their detected format."""
-    from tunesmith.data.formats import FORMATS, FormatOptions, detect_format
-    from tunesmith.data.readers import read_records
-
-    file = _workspace(request).resolve(path, must_exist=True)
-    records = list(islice(read_records(file), limit))
-    if not records:
-        return {"path": path, "format": None, "rows": [], "examples": []}
-    data_format = detect_format(records[0])
-    convert = FORMATS.get(data_format).convert
-    examples = []
-    for record in records:
-        try:
-            example = convert(record, FormatOptions())
-            examples.append({"messages": list(example.messages), "text": example.text})
-        except TunesmithError as error:
-            examples.append({"error": str(error)})
-    return {"path": path, "format": data_format, "rows": [r.fields for r in records], "examples": examples}
-
-
-class PathBody(BaseModel):
-    path: str
-
-
-@router.post("/data/inspect")
-async def inspect(body: PathBody, request: Request):
-    """``tunesmith data inspect`` (lengths in words): counts, lengths, duplicates and the verdict."""
-    from tunesmith.data.prepare.inspect import inspect_file
-
-    file = _workspace(request).resolve(body.path, must_exist=True)
-    report = await asyncio.to_thread(inspect_file, file, max_length=1024)
-    return {**report.as_dict(), "verdict": report.verdict()}
 
 
 class PreferenceBody(BaseModel):
@@ -139,9 +102,20 @@ async def raw_file(request: Request, path: str):
 
 @router.get("/recipe/schema")
 async def recipe_schema():
+    """The recipe's JSON schema; fields whose values come from a registry (data formats, chat templates) carry
+    them as ``enum``, so the form offers a list rather than a free-text box."""
     from tunesmith.config import Recipe
+    from tunesmith.data.formats import FORMATS
+    from tunesmith.data.templates import TEMPLATES
 
-    return Recipe.model_json_schema()
+    schema = Recipe.model_json_schema()
+    choices = {"format": ["auto", *FORMATS.names(), "kto"], "template": ["auto", *TEMPLATES.names()]}  # kto: stage kto's own
+    for section in ("DataSection", "DataSourceSection"):
+        for name, values in choices.items():
+            field = schema.get("$defs", {}).get(section, {}).get("properties", {}).get(name)
+            if field is not None and field.get("type") == "string":
+                field["enum"] = values
+    return schema
 
 
 @router.get("/recipe/models")
@@ -339,9 +313,33 @@ def yaml_from_browser(text: str, what: str) -> Any:
         raise TunesmithError(f"the {what} is nested too deeply to be YAML the studio reads") from None
 
 
+def unique_name(workspace, wanted: str) -> str:
+    """A run name from ``wanted`` (letters, digits, ``_.-``) that no run or recipe has yet."""
+    import re
+
+    stem = re.sub(r"[^A-Za-z0-9_.-]+", "-", wanted).strip(".-_")[:56] or "run"
+    name, number = stem, 2
+    while (workspace.root / "runs" / name).exists() or (workspace.root / "recipes" / f"{name}.yaml").exists():
+        name, number = f"{stem}-{number}", number + 1
+    return name
+
+
 def unique_path(folder: Path, stem: str, suffix: str) -> Path:
     """``folder/stem<suffix>``, or with -2, -3, ... when taken: nothing existing is replaced."""
     candidate, number = folder / f"{stem}{suffix}", 2
     while candidate.exists():
         candidate, number = folder / f"{stem}-{number}{suffix}", number + 1
     return candidate
+
+
+def _include_route_modules() -> None:
+    """The studio's route modules beside this one (data preview and inspect, the guided path, the playground and
+    downloads), under /api."""
+    from tunesmith.serve import guided, playground, studio_data
+
+    router.include_router(studio_data.router)
+    router.include_router(guided.router)
+    router.include_router(playground.router)
+
+
+_include_route_modules()

@@ -7,12 +7,14 @@ refuses absolute paths, ``..`` and symlinks that lead outside.
 from __future__ import annotations
 
 import os
-import secrets
+import re
 from pathlib import Path, PurePosixPath
 
 from tunesmith.errors import TunesmithError
 
 SUBFOLDERS = ("data", "recipes", "runs", "exports", "models", "jobs")
+UPLOAD_EXTENSIONS = (".jsonl.gz", ".json.gz", ".csv.gz", ".tsv.gz", ".jsonl", ".json", ".csv", ".tsv", ".parquet", ".txt",
+                     ".gz")
 
 
 class PathRefused(TunesmithError):
@@ -62,11 +64,21 @@ class Workspace:
         return Path(os.path.relpath(Path(path).resolve(), self.root)).as_posix()
 
     def new_upload_path(self, original_name: str) -> Path:
-        """A fresh generated file name in ``data/``, keeping only a known extension of the original."""
-        name = original_name.lower()
-        for extension in (".jsonl.gz", ".json.gz", ".csv.gz", ".jsonl", ".json", ".csv", ".parquet", ".txt", ".gz"):
-            if name.endswith(extension):
+        """A new file in ``data/`` named after the original (sanitised: letters, digits, ``._-``; never an
+        existing file's name: ``-2``, ``-3`` ... are added), keeping a known extension."""
+        name = PurePosixPath(original_name.replace("\\", "/")).name
+        lower = name.lower()
+        for extension in UPLOAD_EXTENSIONS:
+            if lower.endswith(extension):
                 break
         else:
-            raise PathRefused(f"upload '{original_name}' must be .json, .jsonl, .csv, .parquet or .txt (optionally .gz)")
-        return self.root / "data" / f"upload-{secrets.token_hex(6)}{extension}"
+            raise PathRefused(f"upload '{name}' must be one of {', '.join(UPLOAD_EXTENSIONS[3:])} (optionally .gz)")
+        stem = re.sub(r"[^A-Za-z0-9_.-]+", "-", name[: -len(extension)]).strip(".-_")[:64] or "upload"
+        candidate, number = self.root / "data" / f"{stem}{extension}", 2
+        while candidate.exists():
+            candidate, number = self.root / "data" / f"{stem}-{number}{extension}", number + 1
+        return candidate
+
+    def scrub(self, text: str) -> str:
+        """``text`` with the workspace's absolute location removed: messages name workspace paths only."""
+        return text.replace(f"{self.root}{os.sep}", "").replace(str(self.root), ".")

@@ -89,8 +89,10 @@ class SequenceClassification(Stage):
         self.encoder = is_encoder(model.config)
 
     def prepare_data(self, section: DataSection, tokenizer, seed: int, cache: Path) -> PreparedData:
-        config = self.config
-        data, self.labels = prepare_classification(section, tokenizer, seed, config.text_field, config.label_field,
+        config, columns = self.config, section.columns
+        text_field = columns.prompt if columns else config.text_field  # data.columns, where given, names them
+        label_field = columns.label or columns.answer if columns else config.label_field
+        data, self.labels = prepare_classification(section, tokenizer, seed, text_field, label_field,  # type: ignore[arg-type]
                                                    config.labels, self.encoder)
         self.majority = Counter(example.label for example in data.train).most_common(1)[0][0]
         self.tokenizer, self.data, self.max_length = tokenizer, data, section.max_length
@@ -153,9 +155,14 @@ def load_classifier(folder: str | Path, device: str = "cpu", dtype: str = "float
     return load_head(model, folder).eval(), tokenizer, json.loads((folder / LABELS_FILE).read_text())
 
 
+def label_probabilities(model: nn.Module, tokenizer, texts: list[str], max_length: int = 1024) -> torch.Tensor:
+    """Each text's probability of each label, (texts, labels), encoded as in training."""
+    return head_scores(model, tokenizer, texts, max_length).softmax(-1)
+
+
 @torch.no_grad()
-def classify(model: nn.Module, tokenizer, texts: list[str], labels: list[str], max_length: int = 1024) -> list[str]:
-    """The predicted label of each text, encoded as in training."""
+def head_scores(model: nn.Module, tokenizer, texts: list[str], max_length: int = 1024) -> torch.Tensor:
+    """The head's raw scores of each text, (texts, outputs), encoded as in training (a reward model: one output)."""
     from tunesmith.training.batching import collate
 
     encoder = is_encoder(base_model_of(model).config)
@@ -163,4 +170,9 @@ def classify(model: nn.Module, tokenizer, texts: list[str], labels: list[str], m
                 for text in texts]
     device = next(model.parameters()).device
     batch = {k: v.to(device) for k, v in collate(examples, tokenizer.pad_token_id).items()}
-    return [labels[i] for i in sequence_scores(model, batch).argmax(-1).tolist()]
+    return sequence_scores(model, batch).float().cpu()
+
+
+def classify(model: nn.Module, tokenizer, texts: list[str], labels: list[str], max_length: int = 1024) -> list[str]:
+    """The predicted label of each text, encoded as in training."""
+    return [labels[i] for i in label_probabilities(model, tokenizer, texts, max_length).argmax(-1).tolist()]

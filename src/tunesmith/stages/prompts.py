@@ -78,7 +78,7 @@ def record_prompt(record: RawRecord, data_format: str, options: FormatOptions) -
             messages = [{"role": "system", "content": system}, *messages] if messages[0]["role"] != "system" \
                 else messages
         return PromptRecord(tuple(messages), None if reference is None else str(reference), record.where)
-    name = detect_format(record, options.text_field) if data_format == "auto" else data_format
+    name = detect_format(record, options.text_field, options.columns) if data_format == "auto" else data_format
     if name == "text":
         raise TunesmithError(f"{record.where}: a grpo prompt cannot be plain text; expected {LAYOUT}")
     turns = list(FORMATS.get(name).convert(record, options).messages)
@@ -147,7 +147,8 @@ def prepare_prompts(section: DataSection, tokenizer, seed: int, max_new_tokens: 
         raise TunesmithError("data.sources: the grpo stage reads prompts from data.train alone; mix the files first "
                              "(tunesmith data convert) or list them all under data.train")
     template = resolve_template(tokenizer, section.template)
-    options = FormatOptions(text_field=section.text_field, system_prompt=section.system_prompt)
+    options = FormatOptions(text_field=section.text_field, system_prompt=section.system_prompt,
+                            columns=section.columns)
     train = [prompt for path in section.train for prompt in read_prompts(path, section.format, options)]
     validation = read_prompts(section.validation, section.format, options) if section.validation else None
     if validation is None and section.validation_fraction:

@@ -160,7 +160,8 @@ class Augmenter:
     def new_rows(self, batch: list[RawRecord], report: AugmentReport) -> Iterator[dict[str, Any]]:
         """The kept new rows made from ``batch``."""
         if self.record_text.data_format == "auto" and batch:
-            self.record_text.data_format = detect_format(batch[0], self.record_text.options.text_field)
+            self.record_text.data_format = detect_format(batch[0], self.record_text.options.text_field,
+                                                          self.record_text.options.columns)
         jobs = [(record, text_paths(record.fields, self.record_text.data_format, self.settings.fields,
                                     self.record_text.options.text_field)) for record in batch]
         sources = [_get(record.fields, path) for record, paths in jobs for path in paths]

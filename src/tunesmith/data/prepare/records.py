@@ -67,7 +67,7 @@ class RecordText:
             TunesmithError: If the record does not fit the format (naming file and line).
         """
         if self.data_format == "auto":
-            self.data_format = detect_format(record, self.options.text_field)
+            self.data_format = detect_format(record, self.options.text_field, self.options.columns)
         if self.data_format == "preference":
             prompt, chosen, rejected = preference_parts(record)
             turns = [*prompt, {"role": "chosen", "content": chosen}, {"role": "rejected", "content": rejected}]

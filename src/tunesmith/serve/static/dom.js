@@ -32,7 +32,15 @@ export async function api(path, { method = "GET", body, raw } = {}) {
     options.body = JSON.stringify(body);
     options.headers["Content-Type"] = "application/json";
   }
-  const response = await fetch(path, options);
+  let response;
+  try {
+    response = await fetch(path, options);
+  } catch (error) {  // the server is down or unreachable: say so, do not pretend
+    const banner = $("#offline");
+    if (banner) banner.hidden = false;
+    throw new Error("the studio server cannot be reached");
+  }
+  if ($("#offline")) $("#offline").hidden = true;
   const data = await response.json().catch(() => ({}));
   if (!response.ok) {
     const message = (data.error && data.error.message) || `${response.status} ${response.statusText}`;

@@ -85,7 +85,7 @@ export class RecipeForm {
     const key = node.discriminator.propertyName;
     const current = (getAt(this.values, path) || {})[key] || Object.keys(mapping).find((k) => DEFAULT_KINDS.includes(k)) || Object.keys(mapping)[0];
     const body = el("div");
-    const select = el("select", { dataset: { path: [...path, key].join("."), kind: "union" } },
+    const select = el("select", { dataset: { path: [...path, key].join("."), kind: "union" }, "aria-label": `${name} ${key}` },
       Object.keys(mapping).map((option) => el("option", { value: option, selected: option === current }, option)));
     const show = (choice) => body.replaceChildren(...this.sectionChildren(this.resolve({ $ref: mapping[choice] }), path));
     select.addEventListener("change", () => show(select.value));

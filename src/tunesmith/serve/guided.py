@@ -1,0 +1,209 @@
+"""The studio's guided path: from what the person wants, in their words, to a whole recipe.
+
+``GET /api/guided/tasks`` lists the tasks; ``POST /api/guided/recipe`` takes the task, the data file (and
+an optional test file), the column mapping and the model, and fills stage, format, method, the held-out
+metric and the sizes: the lengths and step count from the data, the method checked by
+:func:`tunesmith.plan.plan_recipe` (the same plan as ``tunesmith plan``: memory on this machine and the
+data verdict; a plan that does not fit halves the batch). The recipe comes back for the full form, which
+stays one click away.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Optional
+
+from fastapi import APIRouter, Request
+from pydantic import BaseModel
+
+from tunesmith.errors import TunesmithError
+
+router = APIRouter(prefix="/guided")  # under studio_api's /api
+
+TaskName = Literal["label", "answer", "rewrite", "style", "prefer"]
+
+
+@dataclass(frozen=True)
+class Task:
+    """One thing a person may want, and what it means for the recipe."""
+
+    name: str
+    title: str
+    example: str
+    stage: str
+    needs: tuple[str, ...]  # the columns of data.columns it reads ('' for a file in a format of its own)
+    metric: str
+
+
+TASKS = {task.name: task for task in (
+    Task("label", "Label texts", "sort each headline, ticket or review into one of your categories",
+         "cls", ("prompt", "label"), "accuracy on the held-out rows, before (the base model guessing) and after"),
+    Task("answer", "Answer questions or chat", "reply the way your example answers do",
+         "sft", ("prompt", "answer"), "loss on the held-out rows (lower is better), before and after"),
+    Task("rewrite", "Summarise or rewrite", "turn each text into its summary, translation or cleaner version",
+         "sft", ("prompt", "answer"), "loss on the held-out rows (lower is better), before and after"),
+    Task("style", "Follow a house style", "write replies in the tone and format of your examples",
+         "sft", ("prompt", "answer"), "loss on the held-out rows (lower is better), before and after"),
+    Task("prefer", "Prefer better answers", "learn from pairs of a better and a worse answer (prompt, chosen, "
+         "rejected), such as the ones collected in Chat", "dpo", (), "how often the better answer wins, on held-out "
+         "pairs"),
+)}
+EPOCHS = 3  # passes over the training rows: enough for a small table to be learnt, not memorised
+MAX_STEPS = 2000
+HELD_OUT = 0.2  # share held out when no test file is given
+
+
+class ColumnsBody(BaseModel):
+    prompt: Optional[str] = None
+    answer: Optional[str] = None
+    label: Optional[str] = None
+    system: Optional[str] = None
+
+
+class GuidedBody(BaseModel):
+    task: TaskName
+    data: str
+    test: Optional[str] = None
+    columns: ColumnsBody = ColumnsBody()
+    model: Optional[str] = None
+    name: Optional[str] = None
+
+
+@router.get("/tasks")
+async def tasks():
+    """The tasks the guided path knows, in plain words."""
+    return {"tasks": [{"name": t.name, "title": t.title, "example": t.example, "metric": t.metric}
+                      for t in TASKS.values()]}
+
+
+@router.post("/recipe")
+async def guided_recipe(body: GuidedBody, request: Request):
+    """A whole recipe for ``body.task`` on ``body.data``, with the reasons for each choice."""
+    from tunesmith.serve.studio_api import check_recipe, unique_name
+
+    workspace = request.app.state.workspace
+    task = TASKS[body.task]
+    rows = count_rows(workspace, body.data)
+    test_rows = count_rows(workspace, body.test) if body.test else 0
+    raw = base_recipe(task, body, rows, test_rows, pick_model(body.model, request),
+                      unique_name(workspace, body.name or f"{Path(body.data).stem}-{task.name}"))
+    recipe, errors = check_recipe(raw, request)
+    if recipe is None:
+        raise TunesmithError("; ".join(f"{e['loc']}: {e['message']}" for e in errors))
+    try:
+        plan, raw = await asyncio.to_thread(planned, raw, recipe, request)
+    except TunesmithError as error:
+        raise TunesmithError(request.app.state.workspace.scrub(str(error))) from None
+    except Exception as error:  # a model the plan cannot build: say so, not a 500
+        raise TunesmithError(f"could not work out the plan for {raw['model']['name']}: {error}") from None
+    reasons = explain(task, body, raw, rows, test_rows, plan)
+    return {"recipe": raw, "reasons": reasons, "plan": plan}
+
+
+def count_rows(workspace, path: str) -> int:
+    from tunesmith.data.readers import read_records
+
+    try:
+        return sum(1 for _ in read_records(workspace.resolve(path, must_exist=True), on_bad_line=lambda error: None))
+    except TunesmithError as error:
+        raise TunesmithError(workspace.scrub(str(error))) from None
+
+
+def pick_model(wanted: Optional[str], request: Request) -> str:
+    """The model asked for, else the first base given at start or in models/, else the built-in default."""
+    if wanted:
+        return wanted
+    entries = request.app.state.pool.list_ids()
+    base = next((e["id"] for e in entries if e["kind"] == "base"), None)
+    return base or next(e["id"] for e in entries if e["kind"] == "alias")
+
+
+def base_recipe(task: Task, body: GuidedBody, rows: int, test_rows: int, model: str, name: str) -> dict:
+    """The recipe before the plan: stage, data (with the mapping and the held-out part), method and sizes."""
+    columns = {role: getattr(body.columns, role) for role in ("prompt", "answer", "label", "system")}
+    missing = [role for role in task.needs if not columns[role]]
+    if missing:
+        raise TunesmithError(f"columns: '{task.title}' needs the {' and '.join(missing)} column; pick "
+                             f"{'it' if len(missing) == 1 else 'them'} on the Data screen")
+    data: dict = {"train": [body.data], "max_length": 256}
+    if task.needs:
+        data["columns"] = {role: columns[role] for role in task.needs}
+        if task.stage != "cls" and columns["system"]:
+            data["columns"]["system"] = columns["system"]
+    if body.test:
+        data["validation"] = body.test
+    elif rows >= 10:
+        data["validation_fraction"] = HELD_OUT
+    train_rows = rows if body.test else rows - round(rows * HELD_OUT)
+    batch = 8
+    steps = min(MAX_STEPS, max(10, math.ceil(EPOCHS * train_rows / batch)))
+    lr = {"cls": 1e-3, "dpo": 5e-5}.get(task.stage, 2e-4)
+    return {"stage": {"kind": task.stage}, "model": {"name": model}, "data": data,
+            "method": {"kind": "lora", "r": 8, "alpha": 16},
+            "train": {"max_steps": steps, "batch_size": batch, "lr": lr, "log_every": 1,
+                      "checkpoint_every": max(5, steps // 10)},
+            "output": {"dir": f"runs/{name}"}}
+
+
+def planned(raw: dict, recipe, request: Request) -> tuple[dict, dict]:
+    """Check the recipe with ``tunesmith plan`` (no calibration run): memory here and the data verdict; halve the
+    batch (keeping the examples per step by accumulation) while it does not fit."""
+    from tunesmith.plan import plan_recipe
+
+    root = request.app.state.workspace.root
+    for _ in range(4):
+        local = recipe.model_copy(update={"model": recipe.model.model_copy(update={"name": absolute(root, recipe.model.name)}),
+                                          "data": recipe.data.model_copy(update={
+                                              "train": tuple(str(root / p) for p in recipe.data.train),
+                                              "validation": str(root / recipe.data.validation) if recipe.data.validation else None})})
+        plan = plan_recipe(local, methods="recipe", calibrate=False, say=lambda *args: None)
+        method = plan.methods[0]
+        if method.fits or raw["train"]["batch_size"] == 1:
+            break
+        train = raw["train"]
+        train["batch_size"] //= 2
+        train["grad_accum"] = train.get("grad_accum", 1) * 2
+        recipe, _ = _recheck(raw, request)
+    summary = {"method": method.label, "memory_gb": round(method.memory.total / 2**30, 2), "fits": method.fits,
+               "available_gb": round(plan.available_memory / 2**30, 1) if plan.available_memory else None,
+               "data_verdict": plan.data["verdict"], "data_note": method.data_note, "recommendation": plan.recommendation,
+               "examples": plan.data["examples"], "longest_tokens": plan.data["length"]["max"]}
+    longest = plan.data["length"]["p95"] if plan.data["length"] else 0
+    raw["data"]["max_length"] = min(1024, max(32, 32 * math.ceil(1.25 * longest / 32)))  # room above the 95th percentile
+    return summary, raw
+
+
+def _recheck(raw: dict, request: Request):
+    from tunesmith.serve.studio_api import check_recipe
+
+    recipe, errors = check_recipe(raw, request)
+    if recipe is None:
+        raise TunesmithError("; ".join(f"{e['loc']}: {e['message']}" for e in errors))
+    return recipe, errors
+
+
+def absolute(root: Path, name: str) -> str:
+    return str(root / name) if (root / name).is_dir() else name
+
+
+def explain(task: Task, body: GuidedBody, raw: dict, rows: int, test_rows: int, plan: dict) -> list[str]:
+    """Each choice in a sentence."""
+    data, train = raw["data"], raw["train"]
+    held = (f"the {test_rows} rows of {body.test} are kept for measuring" if body.test else
+            f"{round(rows * HELD_OUT)} of the {rows} rows are kept aside for measuring" if "validation_fraction" in data
+            else f"all {rows} rows train (too few to keep some aside: add a test file to measure the result)")
+    reads = {"cls": f"the model reads column '{body.columns.prompt}' and learns to give one of the labels of column "
+                    f"'{body.columns.label}' (a small label head on top of it)",
+             "sft": f"the model reads column '{body.columns.prompt}' and learns to write column '{body.columns.answer}'",
+             "dpo": "the model learns to prefer each pair's chosen answer over its rejected one"}[task.stage]
+    memory = f"{plan['memory_gb']} GB" + (f" of the {plan['available_gb']} GB free" if plan["available_gb"] else "")
+    return [f"Task: {task.title.lower()}: {reads}.", f"Measured: {task.metric}; {held}.",
+            f"Method: LoRA (small trainable matrices beside the frozen model; {plan['method']}); needs about {memory}"
+            + ("" if plan["fits"] else ": more than this machine has") + ".",
+            f"Length: texts up to {data['max_length']} tokens (the longest of yours is {plan['longest_tokens']}).",
+            f"Training: {train['max_steps']} steps of {train['batch_size'] * train.get('grad_accum', 1)} examples "
+            f"(about {EPOCHS} passes over the data), learning rate {train['lr']}.",
+            f"Data: {plan['data_verdict']}"]
