@@ -120,11 +120,27 @@ def end_of_turn_id(tokenizer) -> int:
                          "not know where to stop; train with data.template: chatml or simple")
 
 
+def probe_conversation(tokenizer, conversation: list[dict]) -> list[dict]:
+    """``conversation`` as the chat template accepts it: a template that refuses a system turn (Gemma 2's
+    raises "System role not supported") gets it folded into the first user turn."""
+    from jinja2 import TemplateError
+
+    try:
+        render_prompt(tokenizer, conversation)
+        return conversation
+    except TemplateError:
+        if conversation[0]["role"] != "system":
+            raise
+    system, user, *rest = conversation
+    return [{**user, "content": f"{system['content']}\n\n{user['content']}"}, *rest]
+
+
 @torch.no_grad()
 def probe_reference(model, tokenizer) -> Probe:
     """Run the reference model on the probe prompts (logits and greedy replies)."""
     stop = end_of_turn_id(tokenizer)
-    texts = [render_prompt(tokenizer, conversation) for conversation in PROBE_CONVERSATIONS]
+    texts = [render_prompt(tokenizer, probe_conversation(tokenizer, conversation))
+             for conversation in PROBE_CONVERSATIONS]
     prompts = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
     logits = [next_token_logits(model, ids) for ids in prompts]
     replies = [greedy_reply(model, ids, stop) for ids in prompts]

@@ -291,10 +291,10 @@ def export_gguf(plain, tokenizer, probe, partial: Path, quantize: str, ollama: b
         gguf_tokenizer.chat_template = gguf_tokenizer.chat_template or tokenizer.chat_template
 
         def tokenize(index: int) -> list[int]:
-            from tunesmith.export.check import PROBE_CONVERSATIONS
+            from tunesmith.export.check import PROBE_CONVERSATIONS, probe_conversation
 
-            text = gguf_tokenizer.apply_chat_template(PROBE_CONVERSATIONS[index], tokenize=False,
-                                                      add_generation_prompt=True)
+            conversation = probe_conversation(gguf_tokenizer, PROBE_CONVERSATIONS[index])
+            text = gguf_tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
             return gguf_tokenizer(text, add_special_tokens=False)["input_ids"]
 
         check = check_hf_model(probe, reloaded.to(next(plain.parameters()).device), TOLERANCES[quantize], tokenize)
