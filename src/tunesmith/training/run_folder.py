@@ -35,14 +35,12 @@ from typing import IO, Callable, Iterator, Optional
 from tunesmith.errors import TunesmithError
 from tunesmith.training.checkpoint import (checkpoint_step, has_whole_checkpoint, latest_checkpoint,
                                            list_checkpoints)
+from tunesmith.run_files import RunLayout
 from tunesmith.training.fingerprint import fingerprint_changes
 
-MARKERS = ("config.yaml", "summary.json", "checkpoints")
+MARKERS = RunLayout.markers()
 # Everything a run writes into its folder; an --overwrite that finds anything else refuses.
-RUN_ENTRIES = frozenset({
-    *MARKERS, "metrics.jsonl", "adapter", "model", "task_before.json", "task_after.json", "tensorboard", "eval",
-    "retain_before.json", "task_loss_before.json",
-})
+RUN_ENTRIES = RunLayout.entries()
 ASIDE_SUFFIX = ".tunesmith-old"
 LOCK_SUFFIX = ".tunesmith-lock"
 
