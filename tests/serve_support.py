@@ -14,7 +14,6 @@ from pathlib import Path
 
 from conftest import REPO
 
-
 BASE = "models/base"
 """The workspace id of the model :func:`make_workspace` copies in (the tests' tiny Llama, or stories260k)."""
 

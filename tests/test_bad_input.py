@@ -16,8 +16,9 @@ from typing import Callable
 import pytest
 import torch
 
-from conftest import REPO, run_cli
 from tunesmith.cli import main
+
+from conftest import REPO, run_cli
 
 
 def write(path: Path, content: str | bytes) -> Path:
@@ -198,7 +199,7 @@ CASES = [
          ("--num-perm", "at least 1")),
     Case("data clean --min-length -1", lambda t: ["data", "clean", "x.jsonl", "-o", "y.jsonl", "--min-length", "-1"],
          ("--min-length", "at least 0")),
-    Case("recipe is a folder", lambda t: ["train", str(t)], (f"recipe file", "is a folder, not a file")),
+    Case("recipe is a folder", lambda t: ["train", str(t)], ("recipe file", "is a folder, not a file")),
     Case("data file is a folder", lambda t: ["data", "inspect", str(t)], ("data file", "is a folder, not a file")),
     Case("data file in a recipe is a folder", lambda t: ["config", "check", str(recipe(t, data=str(t)))],
          ("data.train", "is a folder, not a file")),
@@ -329,8 +330,8 @@ def test_relative_data_root_flag_is_relative_to_the_current_folder(tmp_path, mon
     ("completely_unrelated", "train", None),
 ])
 def test_typo_suggestion_is_the_nearest_key(typo, choices, expected):
-    from tunesmith.config.methods import LoraMethod
     from tunesmith.config import DataSection, TrainSection
+    from tunesmith.config.methods import LoraMethod
     from tunesmith.registry import nearest_name
 
     keys = {"lora": LoraMethod, "train": TrainSection, "data": DataSection}[choices].model_fields

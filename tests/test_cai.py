@@ -6,6 +6,7 @@ import json
 import shutil
 
 import pytest
+
 from tunesmith.constitutional import critique_and_revise, local_chat, read_principles, read_prompts, run_cai
 from tunesmith.data.formats import preference_parts
 from tunesmith.data.readers import read_records
@@ -83,9 +84,10 @@ def test_only_a_loopback_endpoint_is_used():
 @pytest.mark.slow
 def test_an_openai_compatible_endpoint_answers_as_the_local_model(tiny_llama, tmp_path):
     pytest.importorskip("fastapi")
-    from serve_support import Server
     from tunesmith.constitutional import endpoint_chat
     from tunesmith.inference import load_for_inference
+
+    from serve_support import Server
 
     workspace = tmp_path / "workspace"
     (workspace / "models").mkdir(parents=True)

@@ -6,7 +6,10 @@ import json
 from pathlib import Path
 
 from tunesmith.data.prepare.augment import (
-    AugmentSettings, augment_file, back_translation, similarity,
+    AugmentSettings,
+    augment_file,
+    back_translation,
+    similarity,
 )
 from tunesmith.rewriters import causal_lm_translator, load_rewrite_model
 

@@ -10,13 +10,14 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from conftest import run_cli
 from tunesmith.config import ColumnsSection, DataSection
 from tunesmith.data.formats import FormatOptions, detect_format
 from tunesmith.data.prepare.inspect import inspect_file
 from tunesmith.data.prepared import load_examples
 from tunesmith.data.readers import read_records
 from tunesmith.errors import TunesmithError
+
+from conftest import run_cli
 
 ROWS = [{"headline": "Late goal wins the cup final", "topic": "sport", "note": "n1"},
         {"headline": "Parliament passes the budget", "topic": "politics", "note": "n2"},

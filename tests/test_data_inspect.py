@@ -4,15 +4,15 @@ and bounded memory on a large file."""
 from __future__ import annotations
 
 import json
-import resource
 import subprocess
 import sys
 
 import pytest
 
-from conftest import REPO, run_cli
 from tunesmith.data.prepare.inspect import inspect_file, token_measure
 from tunesmith.data.prepare.sufficiency import sufficiency_verdict
+
+from conftest import REPO, run_cli
 
 
 def test_verdict_follows_the_rules_of_thumb():

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_cli
 from tunesmith.config.prepare import CleanSection, DedupSection, PrepareSection
 from tunesmith.data.prepare.clean import Cleaner, clean_file, luhn_valid
 from tunesmith.data.prepare.convert import convert_file
@@ -17,6 +16,8 @@ from tunesmith.data.prepare.dedup import dedup_file
 from tunesmith.data.prepare.pipeline import prepare_training_files
 from tunesmith.data.prepare.split import split_file
 from tunesmith.errors import TunesmithError
+
+from conftest import run_cli
 
 
 def write_jsonl(path: Path, rows: list) -> Path:
@@ -260,9 +261,8 @@ def test_manifest_changes_with_any_input_or_step(tmp_path):
 
 
 def test_train_recipe_prepare_section_feeds_prepare_data(tmp_path, tiny_llama):
-    from tunesmith.config import DataSection
+    from tunesmith.config import DataSection, ModelSection
     from tunesmith.data import prepare_data
-    from tunesmith.config import ModelSection
     from tunesmith.models import load_tokenizer
 
     rows = [{"instruction": f"question {i} <b>bold</b>", "output": f"answer {i}"} for i in range(6)]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import asset
 from tunesmith.config import ModelSection
 from tunesmith.data.encode import IGNORE_INDEX, encode_example
 from tunesmith.data.formats import Example
@@ -12,6 +11,8 @@ from tunesmith.data.prepared import load_examples
 from tunesmith.data.templates import resolve_template
 from tunesmith.errors import TunesmithError
 from tunesmith.models.loading import load_tokenizer
+
+from conftest import asset
 
 
 @pytest.fixture

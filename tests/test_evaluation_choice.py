@@ -5,11 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import REPO
 from tunesmith.evaluation.benchmarks import read_mmlu
 from tunesmith.evaluation.multiple_choice import NORMALISATIONS, PromptStyle, evaluate_multiple_choice
 from tunesmith.evaluation.runners import run_mmlu
 from tunesmith.evaluation.tasks import MmluTask
+
+from conftest import REPO
 
 SUBJECTS = ("astronomy", "marketing")
 DESCRIPTION = "The following are multiple choice questions (with answers) about {group}.\n\n"

@@ -21,9 +21,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import asset
 from tunesmith.evaluation.filters import score_documents
 from tunesmith.evaluation.tasks import GenerationTask
+
+from conftest import asset
 
 pytest.importorskip("lm_eval", reason="lm-evaluation-harness is not installed (pip install 'tunesmith[lm-eval]')")
 

@@ -9,10 +9,22 @@ from pathlib import Path
 import pytest
 
 from tunesmith.errors import TunesmithError
-from tunesmith.evaluation.judge import (LocalJudge, combine_orders, grade_answers, judge_pairs, pair_messages,
-                                        parse_grade, parse_pair_verdict)
-from tunesmith.evaluation.judge_stats import (bootstrap_interval, length_controlled_win_rate, order_agreement,
-                                              summarise_pairs, win_rate)
+from tunesmith.evaluation.judge import (
+    LocalJudge,
+    combine_orders,
+    grade_answers,
+    judge_pairs,
+    pair_messages,
+    parse_grade,
+    parse_pair_verdict,
+)
+from tunesmith.evaluation.judge_stats import (
+    bootstrap_interval,
+    length_controlled_win_rate,
+    order_agreement,
+    summarise_pairs,
+    win_rate,
+)
 from tunesmith.evaluation.tasks import parse_task
 
 QUESTIONS = ["What is 2 + 2?", "Name a colour.", "Say hello."]
@@ -168,9 +180,9 @@ def test_judge_task_mistakes_name_the_field(tmp_path):
 @pytest.mark.slow
 def test_endpoint_judge_on_tunesmith_serve_equals_the_local_judge(tiny, tiny_llama, tmp_path):
     """A real ``tunesmith serve`` on 127.0.0.1 as the judge: its verdicts equal the same model judging locally."""
-    from serve_support import Server
-
     from tunesmith.evaluation.judge import EndpointJudge
+
+    from serve_support import Server
 
     model, tokenizer = tiny
     (tmp_path / "workspace").mkdir()

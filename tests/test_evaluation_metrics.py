@@ -4,8 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from tunesmith.evaluation.metrics import (compute_metrics, exact_match_score, extract_answer, extraction_accuracy,
-                                          token_f1, token_f1_score)
+from tunesmith.evaluation.metrics import (
+    compute_metrics,
+    exact_match_score,
+    extract_answer,
+    extraction_accuracy,
+    token_f1,
+    token_f1_score,
+)
 
 PREDICTIONS = ["the cat sat on the mat", "a quick brown dog jumps", "It rained all day.\nThe river rose."]
 REFERENCES = [["the cat is on the mat", "there is a cat on the mat"],

@@ -7,8 +7,9 @@ import json
 
 import pytest
 
-from conftest import REPO, run_cli
 from tunesmith.evaluation.results import improvement
+
+from conftest import REPO, run_cli
 
 # The stable schema: a change here breaks users' scripts, so it must be deliberate.
 DOCUMENT_KEYS = {"schema_version", "created", "tunesmith_version", "runs", "comparison", "training"}
@@ -127,7 +128,7 @@ def test_report_numbers_equal_an_independent_computation(tuned_run, tiny_llama):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from test_evaluation_choice import DESCRIPTION, direct_logprob, direct_mmlu_prompt
+    from test_evaluation_choice import direct_logprob, direct_mmlu_prompt
     from tunesmith.data.templates import resolve_template
     from tunesmith.evaluation.benchmarks import read_mmlu
 

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, run_cli
 from tunesmith.errors import TunesmithError
+
+from conftest import REPO, run_cli
 
 
 def _train(out: Path, model: str) -> Path:

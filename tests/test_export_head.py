@@ -8,8 +8,9 @@ import json
 
 import pytest
 
-from conftest import run_cli
 from tunesmith.errors import TunesmithError
+
+from conftest import run_cli
 
 pytestmark = pytest.mark.slow
 

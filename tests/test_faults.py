@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-
 from tests.conftest import REPO, StartedAt, StopAt, run_cli
+
 from tunesmith.errors import TunesmithError
 from tunesmith.finetune import finetune
 from tunesmith.training.checkpoint import checkpoint_problem, latest_checkpoint, list_checkpoints
@@ -648,9 +648,9 @@ def test_an_adapter_names_the_base_it_needs(adapter_and_bases, tiny_llama):
     assert manifest["base_model"] == str(Path(tiny_llama).resolve())
     assert manifest["base_config"] == {"model_type": "llama", "hidden_size": 64, "vocab_size": 512,
                                        "num_hidden_layers": 5}
-    with pytest.raises(TunesmithError, match=rf"trained on base model .*tiny_llama\d*, which differs from .*narrow "
-                                             rf"\(hidden_size 64 there, 32 here, num_hidden_layers 5 there, 2 here\); "
-                                             rf"load it with --model .*tiny_llama\d*"):
+    with pytest.raises(TunesmithError, match=r"trained on base model .*tiny_llama\d*, which differs from .*narrow "
+                                             r"\(hidden_size 64 there, 32 here, num_hidden_layers 5 there, 2 here\); "
+                                             r"load it with --model .*tiny_llama\d*"):
         load_for_inference(str(narrow), str(adapter))
     with pytest.raises(TunesmithError, match=r"trained on base model .*tiny_llama\d*, not .*copy; load it with --model"):
         load_for_inference(str(copy), str(adapter))

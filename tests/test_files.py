@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from tunesmith.files import atomic_folder, atomic_path, fresh_partial_folder, swap_in_folder
 
 

@@ -14,8 +14,8 @@ import json
 
 import pytest
 import torch
-
 from tests.conftest import REPO, StartedAt
+
 from tunesmith.config import validate_recipe
 
 
@@ -30,6 +30,7 @@ def load_example_data_maker():
 def runs(tmp_path_factory):
     """The narrow task trained three ways: full, full + EWC, full + replay (summaries by name)."""
     from tests.conftest import asset
+
     from tunesmith.finetune import finetune
 
     model = str(asset("models/stories260k"))

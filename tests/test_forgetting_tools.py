@@ -9,14 +9,13 @@ import torch
 from torch import nn
 
 from tunesmith.config import validate_recipe
-from tunesmith.config import DataSourceSection
 from tunesmith.data.encode import EncodedExample
 from tunesmith.data.mixing import SourceSlice, mixture_weights, resolve_sources
-from tunesmith.training.sampler import MixtureSampler
 from tunesmith.errors import TunesmithError
 from tunesmith.forgetting.ewc import diagonal_fisher, normalise_fisher
 from tunesmith.forgetting.regularisers import AnchorPenalty, add_neftune_noise, set_model_dropout
 from tunesmith.forgetting.retain import forgetting_report
+from tunesmith.training.sampler import MixtureSampler
 
 
 class TinyLM(nn.Module):
@@ -222,9 +221,9 @@ def test_galore_optimizer_projects_block_weights(tiny_llama):
 
 
 def test_every_forgetting_example_recipe_is_valid():
-    from tunesmith.config import load_recipe
-
     from tests.conftest import REPO
+
+    from tunesmith.config import load_recipe
 
     recipes = sorted((REPO / "examples" / "forgetting").rglob("*.yaml"))
     assert len(recipes) == 6
@@ -236,9 +235,9 @@ def test_every_forgetting_example_recipe_is_valid():
 
 def test_the_stories260k_comparison_recipes_are_valid():
     """The recipes behind the stories260k table in docs/forgetting.md (they need the test assets)."""
-    from tunesmith.config import load_recipe
-
     from tests.conftest import REPO
+
+    from tunesmith.config import load_recipe
 
     recipes = sorted((REPO / "tests" / "recipes" / "forgetting_stories260k").glob("*.yaml"))
     assert [p.stem for p in recipes] == ["ewc", "full", "l2sp_neftune", "lora", "replay"]

@@ -8,10 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import run_cli
 from tunesmith.config import load_recipe
 from tunesmith.config.loader import validate_method
 from tunesmith.methods import METHODS, build_method
+
+from conftest import run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "examples" / "methods"

@@ -17,8 +17,8 @@ from typing import Callable
 import pytest
 import torch
 from safetensors.torch import load_file
-
 from tests.conftest import StartedAt
+
 from tunesmith.config import TrainSection
 from tunesmith.config.loader import validate_method, validate_recipe
 from tunesmith.errors import TunesmithError

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO
 from tunesmith.config import validate_recipe
+
+from conftest import REPO
 
 
 @pytest.fixture(scope="module")
@@ -30,13 +31,13 @@ def _recipe(tiny_llama: str, tmp_path: Path, method: dict, **speed) -> dict:
 
 
 def test_meta_device_parameter_counts_equal_the_real_ones_for_every_method(tiny_llama: str) -> None:
+    import copy
+
     from transformers import AutoModelForCausalLM
 
     from tunesmith.config.loader import validate_method
     from tunesmith.methods import METHODS, build_method, count_parameters
     from tunesmith.plan import meta_parameter_counts
-
-    import copy
 
     model = AutoModelForCausalLM.from_pretrained(tiny_llama)
     for kind in METHODS.names():

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from tests.conftest import StartedAt
+
 from tunesmith.config import ModelSection
 from tunesmith.config.loader import validate_recipe
 from tunesmith.methods import count_parameters

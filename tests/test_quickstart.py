@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from conftest import REPO, run_cli
+from conftest import run_cli
 
 
 @pytest.mark.slow

@@ -232,8 +232,9 @@ def test_loopback_load_streams_every_request_and_answers_as_alone(tiny_llama, tm
     import httpx
     import uvicorn
 
-    from serve_support import free_port
     from tunesmith.serve.app import create_app
+
+    from serve_support import free_port
 
     shutil.copytree(tiny_llama, tmp_path / "models" / "tiny")
     app = create_app(tmp_path)

@@ -10,18 +10,18 @@ import torch
 import torch.nn.functional as F
 
 from tunesmith.config import EvalSection, FullMethod, LoraMethod, SpeedSection, TrainSection
-from tunesmith.data.prepared import PreparedData
 from tunesmith.data.encode import IGNORE_INDEX, EncodedExample
+from tunesmith.data.prepared import PreparedData
 from tunesmith.methods import build_method
 from tunesmith.runtime import Runtime
 from tunesmith.training.batching import collate
 from tunesmith.training.chunked_loss import LinearCrossEntropy, chunked_loss_sum, model_inputs, plain_loss_sum
 from tunesmith.training.hooks import Hook
 from tunesmith.training.loop import LoopSeams, Trainer
-from tunesmith.training.objective import TokenCrossEntropy
-from tunesmith.training.sampler import LengthGroupedSampler, StepSampler, build_sampler
 from tunesmith.training.loss import count_real_tokens, count_target_tokens
+from tunesmith.training.objective import TokenCrossEntropy
 from tunesmith.training.packing import VARLEN_ATTENTION, enable_packed_attention, pack_collate, restore_attention
+from tunesmith.training.sampler import LengthGroupedSampler, StepSampler, build_sampler
 from tunesmith.training.speed import autocast_choice, autocast_dtype, native_bfloat16, prepare_speed
 
 CPU = Runtime(torch.device("cpu"))

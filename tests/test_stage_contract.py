@@ -14,6 +14,7 @@ from typing import Literal
 import pytest
 import torch
 import torch.nn.functional as F
+
 from tunesmith.config import SftStage
 from tunesmith.config.base import Section
 from tunesmith.data import IGNORE_INDEX, prepare_data

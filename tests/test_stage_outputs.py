@@ -8,11 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TINY_PAIRS
 from test_stages_text import recipe, sentiment_rows
 from tiny_files import kto_rows, text_file
 from tunesmith.cli import main
 from tunesmith.finetune import finetune
+
+from conftest import TINY_PAIRS
 
 
 def held_out_file(tmp_path: Path, stage: str) -> tuple[str, str]:

@@ -10,11 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import TINY_DATA
-from tiny_files import text_file
 from test_stages_text import recipe, sentiment_rows, validation_records
+from tiny_files import text_file
 from tunesmith.errors import TunesmithError
 from tunesmith.finetune import finetune
+
+from conftest import TINY_DATA
 
 LORA = {"kind": "lora", "r": 4, "alpha": 8, "dropout": 0.0}
 
@@ -123,8 +124,9 @@ def test_resume_is_exact(tiny_llama, tmp_path, stage):
     For cls the run also reports the base model's zero-shot label-word accuracy, which equals a direct
     computation with plain transformers logits.
     """
-    from test_training import StopAt, trained_weights
     from safetensors.torch import load_file
+
+    from test_training import StopAt, trained_weights
 
     if stage == "pt":
         data = {"train": str(text_file(tmp_path / "wiki.txt", 20)), "max_length": 128}

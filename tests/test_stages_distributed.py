@@ -12,9 +12,10 @@ import sys
 import pytest
 import yaml
 
-from conftest import REPO, TINY_PAIRS
 from test_stages_cls import sentiment_files
 from test_stages_text import recipe
+
+from conftest import REPO, TINY_PAIRS
 
 LORA = {"kind": "lora", "r": 4, "alpha": 8, "dropout": 0.0}
 

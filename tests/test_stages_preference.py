@@ -12,7 +12,6 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from conftest import TINY_PAIRS
 from tiny_files import kto_file
 from tunesmith.config import DpoStage, LoraMethod, ModelSection
 from tunesmith.data.preference import EncodedPair, encode_pairs
@@ -27,9 +26,11 @@ from tunesmith.stages.pairs import Reference
 from tunesmith.stages.rm import RewardObjective, load_reward_model, score_conversations
 from tunesmith.stages.scoring import add_head, reply_logps
 from tunesmith.training.batching import collate
+from tunesmith.training.chunked_loss import plain_loss_sum
 from tunesmith.training.packing import enable_packed_attention, pack_collate, restore_attention
 from tunesmith.training.speed import SpeedSetup
-from tunesmith.training.chunked_loss import plain_loss_sum
+
+from conftest import TINY_PAIRS
 
 
 def load(tiny_llama):

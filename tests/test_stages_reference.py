@@ -6,7 +6,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import StopAt
 from test_stages_preference import demo_pairs, gradients, kto_examples, lora_model, padded_speed, pair_recipe, records
 from test_training import trained_weights
 from tunesmith.config import DpoStage, KtoStage
@@ -16,6 +15,8 @@ from tunesmith.runtime import Runtime
 from tunesmith.stages.dpo import DpoObjective
 from tunesmith.stages.kto import KtoObjective
 from tunesmith.stages.pairs import Reference, ReferenceTable
+
+from conftest import StopAt
 
 
 @pytest.mark.parametrize("stage", ["dpo", "kto"])

@@ -8,17 +8,16 @@ import random
 import pytest
 import torch
 
-from conftest import TINY_DATA, TINY_PAIRS
 from tiny_files import kto_file, text_file
-from tunesmith.config import apply_override, validate_recipe
+from tunesmith.config import ModelSection, apply_override, validate_recipe
 from tunesmith.data.preference import encode_pairs
 from tunesmith.data.readers import RawRecord
+from tunesmith.data.templates import resolve_template
 from tunesmith.errors import TunesmithError
 from tunesmith.finetune import finetune
 from tunesmith.models.loading import load_tokenizer
-from tunesmith.config import ModelSection
-from tunesmith.data.templates import resolve_template
 
+from conftest import TINY_DATA, TINY_PAIRS
 
 LORA = {"kind": "lora", "r": 4, "alpha": 8, "dropout": 0.0}
 
@@ -37,8 +36,8 @@ def validation_records(run_dir) -> list[dict]:
 
 
 def test_pt_cuts_text_into_blocks_and_perplexity_falls(tiny_llama, tmp_path):
-    from tunesmith.data.pretraining import text_blocks
     from tunesmith.data.formats import Example
+    from tunesmith.data.pretraining import text_blocks
 
     tokenizer = load_tokenizer(tiny_llama, ModelSection(name=tiny_llama))
     blocks, stats = text_blocks([Example(text="Once upon a time there was a cat. " * 20)], tokenizer, 64)

@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO
 from tunesmith.errors import TunesmithError
+
+from conftest import REPO
 
 
 def _files(tiny_llama: str, tmp_path: Path, space: dict) -> tuple[Path, Path]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
 from tunesmith.cli import main
 
 GOOD_LINE = '{"instruction": "Say hi.", "output": "hi"}\n'
@@ -12,8 +13,8 @@ GOOD_LINE = '{"instruction": "Say hi.", "output": "hi"}\n'
 
 def recipe_file(tmp: Path) -> Path:
     """A recipe on a model folder with a readable weights file and good data; made bad by an override."""
-    from safetensors.torch import save_file
     import torch
+    from safetensors.torch import save_file
 
     (tmp / "good.jsonl").write_text(GOOD_LINE * 3)
     model = tmp / "weights-only-model"

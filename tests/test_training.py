@@ -4,8 +4,8 @@ import json
 
 import pytest
 import torch
-
 from tests.conftest import StartedAt, StopAt
+
 from tunesmith.errors import TunesmithError
 from tunesmith.finetune import finetune
 

@@ -41,8 +41,8 @@ from typing import Optional
 import torch
 
 from tunesmith.config import Recipe
-from tunesmith.config.recipe import TRAINS_BASE_WEIGHTS
 from tunesmith.config.loader import validate_method
+from tunesmith.config.recipe import TRAINS_BASE_WEIGHTS
 from tunesmith.data import prepare_data
 from tunesmith.data.prepare.sufficiency import RULES, judge
 from tunesmith.errors import TunesmithError
@@ -492,8 +492,9 @@ def calibration_costs(recipe: Recipe) -> list[int]:
 
 def calibration_recipe(recipe: Recipe, out: Path) -> str:
     """The recipe cut to a few logged steps, nothing evaluated or checkpointed, into ``out``."""
-    from tunesmith.config import recipe_to_yaml
     import yaml
+
+    from tunesmith.config import recipe_to_yaml
 
     raw = yaml.safe_load(recipe_to_yaml(recipe))
     raw["train"].update(max_steps=CALIBRATION_STEPS, log_every=1, checkpoint_every=None, early_stopping=None)

@@ -15,7 +15,6 @@ from tunesmith.errors import TunesmithError
 from tunesmith.inference import generate, load_for_inference
 from tunesmith.models import resolve_model_path
 
-
 TRANSLATE_PROMPT = "Translate the following text from {source} to {target}. Answer with the translation only.\n\n{text}"
 PARAPHRASE_PROMPT = "Paraphrase the following text, keeping its meaning. Answer with the paraphrase only.\n\n{text}"
 

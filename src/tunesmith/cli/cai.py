@@ -5,8 +5,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from tunesmith.cli.common import (add_model_arguments, at_least, check_generation_length, load_model_from_args,
-                                  refuse_foreign_replacement)
+from tunesmith.cli.common import (
+    add_model_arguments,
+    at_least,
+    check_generation_length,
+    load_model_from_args,
+    refuse_foreign_replacement,
+)
 
 
 def register(commands) -> None:

@@ -104,8 +104,14 @@ def _register_inspect(steps) -> None:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from tunesmith.data.prepare.inspect import (MEASURED_LENGTH_FACTOR, histogram_text, inspect_file, model_parameters,
-                                                save_histogram_png, token_measure)
+    from tunesmith.data.prepare.inspect import (
+        MEASURED_LENGTH_FACTOR,
+        histogram_text,
+        inspect_file,
+        model_parameters,
+        save_histogram_png,
+        token_measure,
+    )
     from tunesmith.data.templates import resolve_template
 
     measure, unit, parameters = None, "words", None

@@ -44,8 +44,8 @@ def add_common(parser: argparse.ArgumentParser) -> None:
 
 def stage_of(run: str, wanted: str, command: str):
     """The run's stage, refusing a run of another stage in one sentence."""
-    from tunesmith.results import locate_result
     from tunesmith.evaluation.stage_metrics import judged_stage
+    from tunesmith.results import locate_result
 
     location = locate_result(run)
     if location is None:

@@ -15,7 +15,16 @@ from tunesmith.config.recipe import (
 from tunesmith.config.schema import schema_text
 from tunesmith.config.speed import SpeedSection
 from tunesmith.config.stages import (
-    ClsStage, DpoStage, GrpoStage, KtoStage, OrpoStage, PtStage, RmStage, SftStage, SimpoStage, StageSection,
+    ClsStage,
+    DpoStage,
+    GrpoStage,
+    KtoStage,
+    OrpoStage,
+    PtStage,
+    RmStage,
+    SftStage,
+    SimpoStage,
+    StageSection,
 )
 from tunesmith.config.train import EarlyStoppingSection, GaloreSection, TrainSection
 

@@ -13,7 +13,6 @@ from tunesmith.config.methods import LoraMethod, MethodSection
 from tunesmith.config.stages import SftStage, StageSection
 from tunesmith.config.train import TrainSection
 
-
 TRAINS_BASE_WEIGHTS = ("full", "partial")  # the methods that update base weights (no quantised base under them)
 
 

@@ -13,8 +13,8 @@ from typing import Optional, Sequence
 
 from tunesmith.config import DataSection
 from tunesmith.data.encode import IGNORE_INDEX, EncodedExample
-from tunesmith.data.prepared import EncodeStats, PreparedData, split_by_fraction
 from tunesmith.data.preference import refuse_unsupported
+from tunesmith.data.prepared import EncodeStats, PreparedData, split_by_fraction
 from tunesmith.data.readers import RawRecord, read_records
 from tunesmith.errors import TunesmithError
 

@@ -12,8 +12,8 @@ from typing import Optional
 from tunesmith.config import DataSection
 from tunesmith.data.encode import EncodedExample
 from tunesmith.data.formats import Example, FormatOptions
-from tunesmith.data.prepared import EncodeStats, PreparedData, load_examples, split_by_fraction
 from tunesmith.data.preference import refuse_unsupported
+from tunesmith.data.prepared import EncodeStats, PreparedData, load_examples, split_by_fraction
 from tunesmith.errors import TunesmithError
 
 MIN_BLOCK = 2  # a block of one token predicts nothing

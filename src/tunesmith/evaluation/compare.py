@@ -7,13 +7,19 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from tunesmith.errors import TunesmithError
-from tunesmith.results import load_result, locate_result
-from tunesmith.run_files import RunLayout
-from tunesmith.evaluation.results import (check_document, compare_runs, new_document, read_loss_curve, run_entry,
-                                          write_json_atomically)
+from tunesmith.evaluation.results import (
+    check_document,
+    compare_runs,
+    new_document,
+    read_loss_curve,
+    run_entry,
+    write_json_atomically,
+)
 from tunesmith.evaluation.stage_metrics import attach_head, held_out_task, result_stage
 from tunesmith.evaluation.suite import Suite, run_suite
 from tunesmith.evaluation.tasks import PROBES_DIR, BiasTask
+from tunesmith.results import load_result, locate_result
+from tunesmith.run_files import RunLayout
 
 RESULTS_FILE = "results.json"
 REPORT_FILE = "report.html"

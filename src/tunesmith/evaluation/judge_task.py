@@ -12,8 +12,15 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from tunesmith.errors import TunesmithError
-from tunesmith.evaluation.judge import (EndpointJudge, Grade, Judge, LocalJudge, PairJudgement, grade_answers,
-                                        judge_pairs)
+from tunesmith.evaluation.judge import (
+    EndpointJudge,
+    Grade,
+    Judge,
+    LocalJudge,
+    PairJudgement,
+    grade_answers,
+    judge_pairs,
+)
 from tunesmith.evaluation.judge_stats import summarise_grades, summarise_pairs
 from tunesmith.evaluation.results import task_result
 from tunesmith.evaluation.tasks import JudgeSource, JudgeTask

@@ -12,13 +12,22 @@ from pathlib import Path
 from typing import Any, Callable
 
 from tunesmith.evaluation import benchmarks
+from tunesmith.evaluation.filters import headline, score_documents, tokenisation_of
 from tunesmith.evaluation.harness import run_harness_tasks
 from tunesmith.evaluation.multiple_choice import MultipleChoiceResult, PromptStyle, evaluate_multiple_choice
-from tunesmith.evaluation.filters import headline, score_documents, tokenisation_of
 from tunesmith.evaluation.progress import item_progress
 from tunesmith.evaluation.results import task_result
-from tunesmith.evaluation.tasks import (BiasTask, ClassificationTask, GenerationTask, JudgeTask, LmEvalTask, MmluTask,
-                                        MultipleChoiceTask, PerplexityTask, StageTask)
+from tunesmith.evaluation.tasks import (
+    BiasTask,
+    ClassificationTask,
+    GenerationTask,
+    JudgeTask,
+    LmEvalTask,
+    MmluTask,
+    MultipleChoiceTask,
+    PerplexityTask,
+    StageTask,
+)
 from tunesmith.registry import Registry
 
 TaskRunner = Callable[..., dict[str, Any]]

@@ -13,8 +13,8 @@ from typing import Annotated, Literal, Optional, Union
 from pydantic import Field, TypeAdapter, ValidationError, field_validator, model_validator
 
 from tunesmith.config.base import Section
-from tunesmith.config.stages import StageSection
 from tunesmith.config.loader import read_yaml
+from tunesmith.config.stages import StageSection
 from tunesmith.errors import TunesmithError, missing_file
 from tunesmith.evaluation.judge import DEFAULT_RUBRIC
 

@@ -5,8 +5,14 @@ from __future__ import annotations
 import torch
 
 from tunesmith.config import EwcSection
-from tunesmith.forgetting.ewc import (diagonal_fisher, file_identity, fisher_cache_key, load_cached_fisher,
-                                      normalise_fisher, save_cached_fisher)
+from tunesmith.forgetting.ewc import (
+    diagonal_fisher,
+    file_identity,
+    fisher_cache_key,
+    load_cached_fisher,
+    normalise_fisher,
+    save_cached_fisher,
+)
 from tunesmith.forgetting.reference import reference_examples
 from tunesmith.runtime import Runtime
 

@@ -4,7 +4,7 @@ Importing this package registers every built-in method.
 """
 
 from tunesmith.methods import adapter, full, ia3, lora, partial, prefix, prompt, ptuning  # noqa: F401  (registers the methods)
-from tunesmith.methods.base import METHODS, MANIFEST, Method, NotMergeable, count_parameters
+from tunesmith.methods.base import MANIFEST, METHODS, Method, NotMergeable, count_parameters
 
 
 def build_method(config) -> Method:

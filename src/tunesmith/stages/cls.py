@@ -20,10 +20,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from tunesmith.config import DataSection
-from tunesmith.errors import TunesmithError
-from tunesmith.methods.base import base_model_of
 from tunesmith.data.classification import EncodedText, cut, encode_text, prepare_classification
 from tunesmith.data.prepared import PreparedData
+from tunesmith.errors import TunesmithError
+from tunesmith.methods.base import base_model_of
 from tunesmith.models import is_encoder
 from tunesmith.stages.base import STAGES, Stage
 from tunesmith.stages.pairs import PairObjective, PairValues

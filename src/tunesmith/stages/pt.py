@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from tunesmith.config import DataSection
-from tunesmith.data.pretraining import prepare_text
 from tunesmith.data.prepared import PreparedData
+from tunesmith.data.pretraining import prepare_text
 from tunesmith.stages.base import STAGES, Stage
 from tunesmith.training.objective import Objective, TokenCrossEntropy
 from tunesmith.training.speed import SpeedSetup

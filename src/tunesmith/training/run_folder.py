@@ -33,9 +33,8 @@ from pathlib import Path
 from typing import IO, Callable, Iterator, Optional
 
 from tunesmith.errors import TunesmithError
-from tunesmith.training.checkpoint import (checkpoint_step, has_whole_checkpoint, latest_checkpoint,
-                                           list_checkpoints)
 from tunesmith.run_files import RunLayout
+from tunesmith.training.checkpoint import checkpoint_step, has_whole_checkpoint, latest_checkpoint, list_checkpoints
 from tunesmith.training.fingerprint import fingerprint_changes
 
 MARKERS = RunLayout.markers()

@@ -225,7 +225,7 @@ def augment_file(source: str | Path, output: str | Path, rewrite: Rewriter, sett
     report = AugmentReport(bad=BadRecords(on_error))
     augmenter = Augmenter(rewrite, settings, record_text)
     for record in stream_records(source, BadRecords("skip")):
-        _try(lambda: augmenter.remember(record), BadRecords("skip"))
+        _try(lambda record=record: augmenter.remember(record), BadRecords("skip"))
     with AtomicJsonlWriter(output, force, inputs=(source,)) as writer:
         for batch in _batches(stream_records(source, report.bad), settings.batch_size):
             report.originals += len(batch)

@@ -23,7 +23,12 @@ import numpy as np
 
 from tunesmith.config.prepare import DedupSection
 from tunesmith.data.prepare.records import (
-    AtomicJsonlWriter, BadRecords, OnError, RecordText, normalise, stream_records,
+    AtomicJsonlWriter,
+    BadRecords,
+    OnError,
+    RecordText,
+    normalise,
+    stream_records,
 )
 from tunesmith.data.readers import RawRecord
 from tunesmith.errors import TunesmithError
