@@ -234,7 +234,15 @@ def test_plan_counts_parameters_as_the_method_does(client, workspace):
     recipe = validate_recipe(tiny_recipe("x"))
     model = build_method(recipe.method).apply(load_model(str(workspace / BASE), recipe.model))
     assert (plan["trainable_parameters"], plan["total_parameters"]) == count_parameters(model)
-    assert plan["base_parameters"] == 292_800
+    # the Plan screen shows `tunesmith plan`'s own figures (one plan, no second formula)
+    from tunesmith.plan import plan_recipe
+
+    local = recipe.model_copy(update={"model": recipe.model.model_copy(update={"name": str(workspace / BASE)}),
+                                      "data": recipe.data.model_copy(update={"train": tuple(
+                                          str(workspace / p) for p in recipe.data.train)})})
+    same = plan_recipe(local, calibrate=False, say=lambda *a: None).methods[0]
+    assert plan["memory_mb"] == round(same.memory.total / 2**20, 1) and plan["fits"] == same.fits
+    assert plan["data_verdict"] in ("enough", "few", "too few", "unknown")
 
 
 def test_preferences_append_pairs_that_read_as_preference_data(client, workspace):

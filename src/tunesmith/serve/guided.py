@@ -151,15 +151,9 @@ def base_recipe(task: Task, body: GuidedBody, rows: int, test_rows: int, model: 
 def planned(raw: dict, recipe, request: Request) -> tuple[dict, dict]:
     """Check the recipe with ``tunesmith plan`` (no calibration run): memory here and the data verdict; halve the
     batch (keeping the examples per step by accumulation) while it does not fit."""
-    from tunesmith.plan import plan_recipe
-
     root = request.app.state.workspace.root
     for _ in range(4):
-        local = recipe.model_copy(update={"model": recipe.model.model_copy(update={"name": absolute(root, recipe.model.name)}),
-                                          "data": recipe.data.model_copy(update={
-                                              "train": tuple(str(root / p) for p in recipe.data.train),
-                                              "validation": str(root / recipe.data.validation) if recipe.data.validation else None})})
-        plan = plan_recipe(local, methods="recipe", calibrate=False, say=lambda *args: None)
+        plan = plan_in_workspace(recipe, root)
         method = plan.methods[0]
         if method.fits or raw["train"]["batch_size"] == 1:
             break
@@ -183,6 +177,18 @@ def _recheck(raw: dict, request: Request):
     if recipe is None:
         raise TunesmithError("; ".join(f"{e['loc']}: {e['message']}" for e in errors))
     return recipe, errors
+
+
+def plan_in_workspace(recipe, root: Path):
+    """``tunesmith plan`` for the recipe's own method, without a calibration run, its paths read in the workspace:
+    the one plan behind the guided path and the Plan screen."""
+    from tunesmith.plan import plan_recipe
+
+    local = recipe.model_copy(update={"model": recipe.model.model_copy(update={"name": absolute(root, recipe.model.name)}),
+                                      "data": recipe.data.model_copy(update={
+                                          "train": tuple(str(root / p) for p in recipe.data.train),
+                                          "validation": str(root / recipe.data.validation) if recipe.data.validation else None})})
+    return plan_recipe(local, methods="recipe", calibrate=False, say=lambda *args: None)
 
 
 def absolute(root: Path, name: str) -> str:

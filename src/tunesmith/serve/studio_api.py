@@ -225,31 +225,23 @@ async def plan(body: RecipeBody, request: Request):
 
 
 def estimate_plan(recipe, root: Path) -> dict:
-    """Parameters and trainable share (the model built on the meta device: no weights read) and a
-    first memory estimate (weights + gradients + Adam moments of the trainable part)."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    """What ``tunesmith plan`` says of the recipe's own method (no calibration run): parameters, peak memory by
+    part on this machine, whether it fits, and the data verdict. The same plan as the guided path's and the CLI's."""
+    from tunesmith.serve.guided import plan_in_workspace
 
-    from tunesmith.methods import build_method, count_parameters
-    from tunesmith.models import resolve_model_path
-    from tunesmith.runtime import cache_dir
-
-    name = recipe.model.name
-    path = resolve_model_path(str(root / name) if (root / name).is_dir() else name, cache_dir())
-    config = AutoConfig.from_pretrained(path)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    total_before = sum(p.numel() for p in model.parameters())
-    model = build_method(recipe.method).apply(model)
-    trainable, total = count_parameters(model)
-    bytes_per = 2 if recipe.model.dtype in ("bfloat16", "float16") else 4
-    memory_mb = (total * bytes_per + trainable * (4 + 8)) / 2**20  # weights, fp32 grads, two Adam moments
-    steps = recipe.train.max_steps
-    return {"model": recipe.model.name, "method": recipe.method.kind, "total_parameters": total,
-            "base_parameters": total_before, "trainable_parameters": trainable,
-            "trainable_share": trainable / max(total, 1), "weights_and_optimizer_mb": round(memory_mb, 1),
-            "max_steps": steps, "batch_size": recipe.train.batch_size, "max_length": recipe.data.max_length,
-            "note": "activation memory and time are measured during the first steps (Train screen)"}
+    plan = plan_in_workspace(recipe, root)
+    method, mb = plan.methods[0], 2**20
+    memory = method.memory
+    return {"model": recipe.model.name, "method": method.label, "total_parameters": method.total,
+            "trainable_parameters": method.trainable, "trainable_share": method.trainable / max(method.total, 1),
+            "memory_mb": round(memory.total / mb, 1),
+            "memory_parts_mb": {part: round(getattr(memory, part) / mb, 1) for part in
+                                ("weights", "gradients", "optimizer", "activations", "logits", "regularisers", "process")},
+            "available_mb": round(plan.available_memory / mb) if plan.available_memory else None, "fits": method.fits,
+            "steps": plan.steps, "batch_size": recipe.train.batch_size, "max_length": recipe.data.max_length,
+            "data_verdict": plan.data["verdict"], "data_note": method.data_note, "recommendation": plan.recommendation,
+            "note": "time per step is measured in the first steps (Train screen), or by `tunesmith plan` on the "
+                    "command line"}
 
 
 # --- runs ----------------------------------------------------------------------------------------------

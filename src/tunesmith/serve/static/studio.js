@@ -244,11 +244,15 @@ async function uploadYaml() {
 
 async function plan() {
   const result = await api("/api/plan", { method: "POST", body: { recipe: state.recipe } });
-  const rows = [["model", result.model], ["method", result.method], ["base model parameters", result.base_parameters.toLocaleString()],
+  const parts = Object.entries(result.memory_parts_mb).map(([part, mb]) => `${part} ${mb}`).join(", ");
+  const rows = [["model", result.model], ["method", result.method],
     ["parameters with the method", result.total_parameters.toLocaleString()],
     ["trainable", `${result.trainable_parameters.toLocaleString()} (${(100 * result.trainable_share).toFixed(3)}%)`],
-    ["weights + gradients + Adam", `${result.weights_and_optimizer_mb} MB`], ["steps", result.max_steps ?? "epochs"],
-    ["batch size", result.batch_size], ["max length", result.max_length], ["not yet known", result.note]];
+    ["peak memory", `${result.memory_mb} MB (${parts} MB)`],
+    ["fits this machine", result.available_mb ? `${result.fits ? "yes" : "no"}: ${result.available_mb} MB available` : "unknown"],
+    ["data", `${result.data_verdict}: ${result.data_note}`], ["steps", result.steps],
+    ["batch size", result.batch_size], ["max length", result.max_length],
+    ["recommendation", result.recommendation || "-"], ["not yet known", result.note]];
   table($("#plan-table"), ["", ""], rows);
   show("plan");
 }
