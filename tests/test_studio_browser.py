@@ -194,6 +194,7 @@ def test_studio_whole_flow(studio, tmp_path):
     expect(page, "#recipe-yaml").to_contain_text("validation_fraction: 0.25")
     page.click("button[data-screen=sweep]")
     page.fill("#sweep-trials", "2")
+    page.fill("#sweep-workers", "2")  # two worker processes share the study
     page.click("#sweep-button")
     expect(page, "#sweep-status").to_have_attribute("data-status", "done", timeout=240_000)
     table = page.inner_text("#sweep-trials-table")

@@ -47,6 +47,7 @@ class SweepJob(BaseModel):
     space: str = Field(max_length=20_000, description="The search space as YAML: dotted recipe field -> range or "
                        "choices (docs/sweep.md).")
     trials: int = Field(8, ge=1, le=200)
+    workers: int = Field(1, ge=1, le=16, description="Worker processes running trials of the one study at once.")
 
 
 class EvalJob(BaseModel):
@@ -144,7 +145,8 @@ def submit_sweep(body: SweepJob, workspace, runner, rules: SafetyRules) -> int:
     space_file = unique_path(recipe_file.parent, f"{stem}-space", ".yaml")
     write_text_atomic(space_file, yaml.safe_dump(space, sort_keys=False))
     out = unique_path(workspace.root / "runs", f"{stem}-sweep", "")
-    args = ["sweep", str(recipe_file), "--space", str(space_file), "--trials", str(body.trials), "--out", str(out)]
+    args = ["sweep", str(recipe_file), "--space", str(space_file), "--trials", str(body.trials), "--out", str(out),
+            "--workers", str(body.workers)]
     return runner.submit("sweep", f"sweep {stem} ({body.trials} trials)", args, workspace.relative(out / "trials.md"),
                          workspace.relative(out), resume_args=args)  # the study on disk continues where it stopped
 

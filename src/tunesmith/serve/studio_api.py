@@ -254,8 +254,10 @@ def _read_metrics(folder: Path) -> list[dict]:
 def run_info(folder: Path, workspace) -> dict:
     layout = RunLayout(folder)
     summary = layout.read_summary()
+    trackers = summary.trackers if summary is not None and summary.trackers else {}
     return {"path": workspace.relative(folder), "name": folder.name,
             "summary": summary.to_dict() if summary is not None else None,
+            "trackers": {name: workspace.scrub(where) for name, where in trackers.items()},  # where each entry is
             "finished": summary is not None, "has_report": layout.report_html.is_file(),
             "modified": folder.stat().st_mtime}
 

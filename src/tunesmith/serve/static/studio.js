@@ -512,11 +512,12 @@ async function refreshRuns() {
     el("span", {}, el("button", { onclick: () => watch(job.id) }, "watch"), " ",
       job.resumable ? el("button", { onclick: async () => { await api(`/api/jobs/${job.id}/resume`, { method: "POST" }); watch(job.id); } }, "resume") : "")]);
   table($("#jobs-table"), ["id", "kind", "job", "status", ""], jobRows);
-  table($("#runs-table"), ["compare", "run", "result", "steps", "train loss", "val loss", "method"], runs.map((run) => [
+  table($("#runs-table"), ["compare", "run", "result", "steps", "train loss", "val loss", "method", "trackers"], runs.map((run) => [
     el("input", { type: "checkbox", class: "compare-pick", value: run.path, "aria-label": `compare ${run.name}` }), run.name,
     run.summary ? resultSentence(run.summary) : "",
     run.summary ? String(run.summary.steps) : "(running or stopped)", run.summary ? fmt(run.summary.train_loss) : "",
-    run.summary ? fmt(run.summary.val_loss) : "", run.summary ? run.summary.method : ""]));
+    run.summary ? fmt(run.summary.val_loss) : "", run.summary ? run.summary.method : "",
+    Object.entries(run.trackers || {}).map(([name, where]) => `${name}: ${where}`).join("; ")]));
 }
 
 const fmt = (value) => (typeof value !== "number" ? (value == null ? "" : String(value))
@@ -596,7 +597,7 @@ async function sweep() {
   if (!check.valid) return notice("fix the recipe first (Recipe screen): the errors are shown at their fields", true);
   const saved = await api("/api/recipes", { method: "POST", body: { recipe: state.recipe, name: $("#run-name").value } });
   const job = await api("/api/jobs", { method: "POST", body: { kind: "sweep", recipe: saved.path,
-    space: $("#sweep-space").value, trials: Number($("#sweep-trials").value) } });
+    space: $("#sweep-space").value, trials: Number($("#sweep-trials").value), workers: Number($("#sweep-workers").value) } });
   state.sweepJob = job.id;
   $("#sweep-status").textContent = `job ${job.id} ${job.status}: ${job.title}`;
   $("#sweep-trials-table").textContent = "";
@@ -607,7 +608,7 @@ async function sweep() {
     const progress = await api(`/api/jobs/${job.id}/progress?log_offset=${offset}`);
     offset = progress.log_offset;
     job_ = progress.job;
-    const lines = progress.log.split("\n").filter((line) => /^(trial |best|study |sweep|error)/.test(line));
+    const lines = progress.log.split("\n").filter((line) => /^(worker \d+: )?(trial |best|study |sweep|error)/.test(line));
     if (lines.length) $("#sweep-log").textContent += lines.join("\n") + "\n";
     $("#sweep-status").textContent = `job ${job.id} ${job_.status}: ${job_.title}`;
   }
