@@ -38,3 +38,22 @@ def test_cli_errors_are_sentences_not_tracebacks(tmp_path):
     assert "Traceback" not in result.stderr
     listing = run_cli("models")
     assert listing.returncode == 0 and all(name in listing.stdout for name in ALIASES)
+
+
+@pytest.mark.parametrize("name", ["smollm2-1.7b", "qwen2.5-3b", "llama-3.1-8b"])
+def test_published_shapes_build_on_meta_with_their_parameter_count(name: str) -> None:
+    from tunesmith.models.shapes import SHAPES, build_random_model, shape_config
+
+    model = build_random_model(shape_config(name), "meta")
+    assert sum(p.numel() for p in model.parameters()) == SHAPES.get(name).parameters
+    assert all(p.device.type == "meta" for p in model.parameters())
+
+
+def test_a_shape_from_a_model_folder(tiny_llama: str) -> None:
+    import torch
+
+    from tunesmith.models.shapes import build_random_model, shape_config
+
+    model = build_random_model(shape_config(tiny_llama), "cpu", torch.bfloat16)
+    assert sum(p.numel() for p in model.parameters()) == 292_800
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}

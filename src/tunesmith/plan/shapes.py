@@ -1,13 +1,14 @@
 """A plan from a model's shape alone, before anything loads: bf16 LoRA, QLoRA nf4 and full, with and without
 activation checkpointing, on this machine and on GPUs of 24, 48 and 80 GB; the cheapest option that fits each.
 
-Everything is counted on the ``meta`` device (no weight is allocated):
+The parameters are counted on the ``meta`` device (no weight of the model is allocated):
 
 - weights: a LoRA base held in bfloat16 (the run computes in bfloat16), a QLoRA base in nf4 (its linear layers;
   the embeddings, norms and head in bfloat16), full fine-tuning in float32 (AdamW's master weights);
 - gradients and AdamW's two float32 moments for the trainable parameters;
-- activations: the bytes autograd saves in a forward pass of the meta model under bfloat16 autocast, with the
-  method applied (``torch.autograd.graph.saved_tensors_hooks``, deduplicated by storage), per token; with
+- activations: the bytes autograd saves per token (``torch.autograd.graph.saved_tensors_hooks``, deduplicated by
+  storage) in real forward passes under bfloat16 autocast of the shape cut to one and two blocks, with the method
+  applied (:func:`saved_bytes_per_token`: a few hundred MB at 8B, never the model); with
   activation checkpointing each block keeps its input and one block is recomputed at a time;
 - the chunked loss's logits (two float32 chunks of ``loss_chunk_tokens`` x vocabulary);
 - on this machine the training process's own footprint (:func:`training_process_bytes`), on a GPU a CUDA context.
@@ -17,11 +18,13 @@ The sum is scaled by the allocator's overhead, as :class:`~tunesmith.plan.memory
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
+from tunesmith.models.shapes import build_random_model
 from tunesmith.plan.memory import NF4_BYTES_PER_WEIGHT, Memory, training_process_bytes
 from tunesmith.plan.timing import matmul_flops_per_token
 
@@ -69,8 +72,6 @@ def plan_shape(config, name: str, tokens: int = 512, r: int = 16, available: Opt
     free on this machine, measured by the caller before anything loads)."""
     from tunesmith.config.loader import validate_method
     from tunesmith.methods import build_method, count_parameters
-    from tunesmith.models.shapes import build_random_model
-
     process = training_process_bytes()
     options = []
     baseline = None
@@ -78,7 +79,8 @@ def plan_shape(config, name: str, tokens: int = 512, r: int = 16, available: Opt
         section = validate_method({"kind": "lora", "r": r, "alpha": 2 * r} if kind == "lora" else {"kind": "full"})
         model = build_method(section).apply(build_random_model(config, "meta"))
         trainable, total = count_parameters(model)
-        per_token, blocks = saved_bytes_per_token(model, config, min(tokens, 256))
+        if quantize == "none":  # nf4 saves what bf16 LoRA saves (its layers dequantise into bfloat16)
+            per_token, blocks = saved_bytes_per_token(section, config, min(tokens, 256))
         for checkpointing in (False, True):
             activations = checkpointed_bytes(per_token, blocks, config, tokens) if checkpointing else per_token * tokens
             weights = base_weight_bytes(model, kind, quantize, total)
@@ -109,29 +111,49 @@ def base_weight_bytes(model, kind: str, quantize: str, total: int) -> int:
     return int(linear * NF4_BYTES_PER_WEIGHT + 2 * (frozen - linear) + 4 * trainable)
 
 
-def saved_bytes_per_token(model, config, tokens: int) -> tuple[float, int]:
-    """(bytes autograd saves per token in the blocks, number of blocks), from a meta forward under bf16 autocast.
+def saved_bytes_per_token(section, config, tokens: int) -> tuple[float, int]:
+    """(bytes autograd saves per token in the model's body, number of blocks) with ``section``'s method applied.
 
-    Weights (and their autocast copies) are left out: they do not grow with tokens, and the base is already
-    held in bfloat16 in :func:`base_weight_bytes`. The head's logits are counted apart (the chunked loss).
+    Measured in real forward passes, under bfloat16 autocast as training computes, of the same shape cut to one
+    and to two blocks (with a small vocabulary: the logits are counted apart, by the chunked loss): their
+    difference is one block's activations, and the model's are the one-block model's plus the other blocks'.
+    The meta device cannot stand in here: autocast and the fused attention kernels do not run on it.
+    Weights (and their autocast copies) are left out: they do not grow with tokens.
     """
-    from tunesmith.methods.base import transformer_blocks
+    from tunesmith.methods import build_method
 
+    saved = []
+    for blocks in (1, 2):
+        cut = copy.deepcopy(config)
+        cut.num_hidden_layers, cut.vocab_size = blocks, 256
+        if getattr(cut, "layer_types", None):
+            cut.layer_types = list(cut.layer_types[:blocks])
+        torch.manual_seed(0)
+        model = build_method(section).apply(build_random_model(cut, "cpu", torch.bfloat16 if section.kind != "full"
+                                                               else torch.float32))
+        saved.append(forward_saved_bytes(model, tokens))
+        del model
+    per_block = saved[1] - saved[0]
+    return (saved[0] + (config.num_hidden_layers - 1) * per_block) / tokens, config.num_hidden_layers
+
+
+def forward_saved_bytes(model, tokens: int) -> int:
+    """Bytes autograd saves in one forward of the model's body over ``tokens`` tokens, weights left out."""
     shapes = {tuple(p.shape) for p in model.parameters()}
     seen: dict[int, int] = {}
 
     def pack(tensor):
-        storage = tensor.untyped_storage()
         if tuple(tensor.shape) not in shapes:
-            seen[storage._cdata] = max(seen.get(storage._cdata, 0), storage.nbytes())
+            storage = tensor.untyped_storage()
+            seen[storage.data_ptr()] = max(seen.get(storage.data_ptr(), 0), storage.nbytes())
         return tensor
 
     body = model.get_base_model().model if hasattr(model, "get_base_model") else model.model
     model.train()
-    ids = torch.zeros(1, tokens, dtype=torch.long, device="meta")
+    ids = torch.randint(0, 256, (1, tokens))
     with torch.autocast("cpu", dtype=torch.bfloat16), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         body(input_ids=ids)
-    return sum(seen.values()) / tokens, len(transformer_blocks(model))
+    return sum(seen.values())
 
 
 def checkpointed_bytes(per_token: float, blocks: int, config, tokens: int) -> float:
