@@ -57,3 +57,33 @@ def test_a_shape_from_a_model_folder(tiny_llama: str) -> None:
     model = build_random_model(shape_config(tiny_llama), "cpu", torch.bfloat16)
     assert sum(p.numel() for p in model.parameters()) == 292_800
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+
+
+@pytest.mark.parametrize("kind", ["linear", "dynamic", "yarn"])
+def test_rope_scaling_reaches_the_model_config(tiny_llama: str, kind: str) -> None:
+    import torch
+
+    from tunesmith.config import ModelSection
+    from tunesmith.models import load_model
+
+    plain = load_model(tiny_llama, ModelSection(name=tiny_llama))
+    scaled = load_model(tiny_llama, ModelSection(name=tiny_llama, rope_scaling={"kind": kind, "factor": 4.0}))
+    rotary = scaled.model.rotary_emb
+    assert scaled.config.rope_parameters["rope_type"] == kind and scaled.config.rope_parameters["factor"] == 4.0
+    assert rotary.rope_type == kind
+    ids = (torch.arange(600) % 500 + 3).unsqueeze(0)  # past the 512 trained positions, where dynamic starts scaling
+    with torch.no_grad():
+        assert not torch.allclose(plain(ids).logits, scaled(ids).logits)
+    if kind == "linear":
+        assert torch.allclose(rotary.inv_freq, plain.model.rotary_emb.inv_freq / 4.0)
+
+
+def test_rope_scaling_is_checked_in_the_recipe() -> None:
+    from pydantic import ValidationError
+
+    from tunesmith.config import ModelSection
+
+    with pytest.raises(ValidationError):
+        ModelSection(rope_scaling={"kind": "ntk", "factor": 2.0})
+    with pytest.raises(ValidationError):
+        ModelSection(rope_scaling={"kind": "linear", "factor": 0.5})
