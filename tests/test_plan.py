@@ -98,3 +98,46 @@ def test_plan_command_prints_json_for_every_method(tiny_llama: str, tmp_path: Pa
     assert lora["trainable"] == 23_120 and lora["memory"]["total"] > lora["memory"]["process"]
     assert plan["data"]["examples"] == 240 and "examples" in plan["data"]["verdict"]
     assert plan["recommendation"] and len(plan["reasons"]) == len(METHODS.names())
+
+
+def _tiny_shape():
+    from transformers import LlamaConfig
+
+    return LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+                       num_key_value_heads=2, vocab_size=300, max_position_embeddings=256)
+
+
+def test_saved_bytes_from_cut_models_equal_the_whole_model() -> None:
+    """The shape plan's activations, extrapolated from one- and two-block cuts, are what the whole model saves."""
+    import torch
+
+    from tunesmith.config.loader import validate_method
+    from tunesmith.methods import build_method
+    from tunesmith.models.shapes import build_random_model
+    from tunesmith.plan.shapes import forward_saved_bytes, saved_bytes_per_token
+
+    config = _tiny_shape()
+    for section in (validate_method({"kind": "lora", "r": 4}), validate_method({"kind": "full"})):
+        dtype = torch.float32 if section.kind == "full" else torch.bfloat16
+        whole = build_method(section).apply(build_random_model(config, "cpu", dtype))
+        per_token, blocks = saved_bytes_per_token(section, config, 64)
+        assert blocks == 3 and per_token > 0
+        assert per_token == pytest.approx(forward_saved_bytes(whole, 64) / 64, rel=0.02)
+
+
+def test_shape_plan_ranks_options_and_says_when_nothing_fits(capsys) -> None:
+    from tunesmith.cli import main
+    from tunesmith.plan.shapes import describe_shape, plan_shape
+
+    plan = plan_shape(_tiny_shape(), "tiny", tokens=128, r=4, available=10**12)
+    by = {o.label: o for o in plan.options}
+    lora, qlora, full = by["bf16 LoRA r=4"], by["QLoRA nf4 r=4"], by["full"]
+    assert qlora.memory.weights < lora.memory.weights < full.memory.weights
+    assert by["bf16 LoRA r=4 + checkpointing"].memory.activations < lora.memory.activations
+    assert full.trainable == full.total and lora.trainable < lora.total
+    assert plan.choice("this machine") is lora  # everything fits: the cheapest is bf16 LoRA without checkpointing
+    tight = plan_shape(_tiny_shape(), "tiny", tokens=128, r=4, available=1)
+    assert tight.choice("this machine") is None
+    assert "this machine (0.0 GB available): nothing fits" in describe_shape(tight)
+    assert main(["plan", "--shape", "no-such-shape"]) == 2
+    assert "--shape no-such-shape is neither a built-in shape" in capsys.readouterr().err

@@ -16,6 +16,17 @@ from tunesmith.config.train import TrainSection
 TRAINS_BASE_WEIGHTS = ("full", "partial")  # the methods that update base weights (no quantised base under them)
 
 
+class RopeScalingSection(Section):
+    """Stretch the model's rotary position embeddings to sequences longer than it was trained on."""
+
+    kind: Literal["linear", "dynamic", "yarn"] = Field(
+        ..., description="linear: positions divided by factor; dynamic: NTK-aware, grows with the sequence; "
+                         "yarn: YaRN (frequency bands interpolated, attention rescaled).")
+    factor: float = Field(..., gt=1.0, description="How many times the trained context to reach, e.g. 4.0.")
+    original_max_position_embeddings: Optional[int] = Field(
+        None, ge=1, description="The context the model was trained on (yarn; default: the config's).")
+
+
 class ModelSection(Section):
     """Which pre-trained causal language model to start from."""
 
@@ -36,6 +47,9 @@ class ModelSection(Section):
     )
     compute_dtype: Literal["bfloat16", "float32"] = Field(
         "bfloat16", description="Dtype an nf4 layer dequantises into for its matrix product (model.quantize: nf4).",
+    )
+    rope_scaling: Optional[RopeScalingSection] = Field(
+        None, description="RoPE scaling written into the model's config before it loads (linear, dynamic, yarn).",
     )
 
 

@@ -115,6 +115,7 @@ def load_model(path: str, section: ModelSection, device: torch.device | str = "c
     if Path(path).is_dir():
         check_weight_files(Path(path))
     config = _from_pretrained(AutoConfig, path, section)
+    apply_rope_scaling(config, section)
     encoder = is_encoder(config)
     factory = AutoModel if encoder else AutoModelForCausalLM
     if section.quantize != "none":
@@ -129,6 +130,25 @@ def load_model(path: str, section: ModelSection, device: torch.device | str = "c
         # gradient (DDP refuses those) and a LoRA target that never trains.
         model.pooler = None
     return model.to(device).eval()
+
+
+def apply_rope_scaling(config, section: ModelSection) -> None:
+    """Write ``model.rope_scaling`` into the config's RoPE parameters (transformers reads them as the model builds).
+
+    Raises:
+        TunesmithError: For a model without rotary position embeddings.
+    """
+    scaling = section.rope_scaling
+    if scaling is None:
+        return
+    current = getattr(config, "rope_parameters", None)
+    if not isinstance(current, dict):
+        raise TunesmithError(f"model.rope_scaling: {section.name} ({getattr(config, 'model_type', '?')}) has no "
+                             "rotary position embeddings to scale; drop model.rope_scaling")
+    values = {**current, "rope_type": scaling.kind, "factor": scaling.factor}
+    if scaling.original_max_position_embeddings is not None:
+        values["original_max_position_embeddings"] = scaling.original_max_position_embeddings
+    config.rope_parameters = values
 
 
 def quantization_config(section: ModelSection):
