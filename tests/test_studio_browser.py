@@ -398,3 +398,62 @@ def test_journey_from_a_spreadsheet_to_a_downloaded_classifier(journey):
     assert {screen: found for screen, found in violations.items() if found} == {}
     assert person.clicks <= 15 and person.typed <= 3, report
     assert errors == []
+
+
+def test_every_stage_from_the_studio(journey):
+    """Issue 24 §7 on screen: practice with built-in rewards (GRPO) and the preference methods from the guided path,
+    Constitutional-AI data made as a job on the Data screen, suites picked from a list on Evaluate; axe-core on each."""
+    import shutil
+
+    from conftest import REPO
+
+    page, server, workspace, folder, errors = journey
+    (workspace / "data").mkdir(exist_ok=True)
+    for name in ("principles.jsonl", "prompts.jsonl"):
+        shutil.copy(REPO / "examples" / "cai" / name, workspace / "data" / name)
+    rows = [{"question": f"What is {i} plus {i}?", "result": str(2 * i)} for i in range(12)]
+    (workspace / "data" / "sums.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    (workspace / "suites").mkdir()
+    (workspace / "suites" / "quick.yaml").write_text("name: quick\ntasks:\n  - {name: bias, kind: bias, path: "
+                                                      "'{probes}/counterfactual_pairs.csv'}\n")
+    (workspace / "suites" / "outside.yaml").write_text("name: outside\ndata_root: /etc\ntasks:\n  - x.yaml\n")
+    violations: dict[str, list[str]] = {}
+    page.goto(server.url + "/#screen=data&data=data/sums.jsonl&prompt=question&answer=result")
+    page.wait_for_selector("body[data-ready=true]")
+
+    # Data: Constitutional-AI data as a job, its files named when it ends
+    page.click("#cai summary")
+    expect(page, "#cai-prompts").to_have_value("data/prompts.jsonl")
+    assert page.input_value("#cai-principles") == "data/principles.jsonl"
+    page.select_option("#cai-model", "models/tiny")
+    page.fill("#cai-limit", "1")
+    violations["data (cai)"] = accessibility_violations(page)
+    page.click("#cai-button")
+    expect(page, "#cai-status").to_contain_text("done: data/prompts-cai/sft.jsonl", timeout=240_000)
+    assert (workspace / "data" / "prompts-cai" / "preference.jsonl").is_file()
+
+    # Recipe: practice with built-in rewards; the preference method is a list
+    page.click("#tabs button[data-screen=recipe]")
+    page.wait_for_selector("#guided-tasks input[value=practise]")
+    page.click("#guided-tasks input[value=practise]")
+    expect(page, "#guided-status").to_contain_text("ready: runs/sums-practise")
+    assert page.is_visible("#guided-rewards") and not page.is_visible("#guided-prefer")
+    assert "(exact_match)" in page.inner_text("#guided-reasons")
+    page.check("#reward-length")
+    page.click("#guided-again")
+    expect(page, "#guided-reasons").to_contain_text("exact_match, length")
+    assert "exact_match, length" in page.inner_text("#guided-reasons")
+    violations["recipe (practise)"] = accessibility_violations(page)
+    options = page.locator("#guided-preference option").all_inner_texts()
+    assert [o.split(" ")[0] for o in options] == ["DPO", "ORPO", "SimPO", "KTO"]
+
+    # Evaluate: the suites of the workspace, one that cannot run shown with its reason and not selectable
+    page.click("#tabs button[data-screen=evaluate]")
+    expect(page, "#eval-suite-list").to_contain_text("quick")
+    assert page.is_enabled(".eval-suite[value='suites/quick.yaml']")
+    assert page.is_disabled(".eval-suite[value='suites/outside.yaml']")
+    assert "outside the workspace" in page.inner_text("#eval-suite-list")
+    violations["evaluate (suites)"] = accessibility_violations(page)
+    assert str(workspace) not in page.inner_text("body")
+    assert not errors, errors
+    assert not any(violations.values()), violations
