@@ -111,3 +111,49 @@ def test_a_guided_grpo_run_trains_as_a_job_then_evaluates_on_a_listed_suite(stud
         task = results["runs"][side]["suites"]["sentiment"]["tasks"]["sst2"]
         assert task["count"] == 4 and 0 <= task["score"] <= 1
     assert "sst2" in (root / evaluation["output"]).read_text()
+
+
+def test_the_guided_recipe_measures_generation_on_the_tasks_own_metric(studio):
+    from tunesmith.config import validate_recipe
+
+    client, root = studio
+    rows = "".join(f"Text number {i} is long,short {i}\n" for i in range(30))
+    for name in ("notes.csv", "notes-test.csv"):
+        (root / "data" / name).write_text("text,summary\n" + rows)
+    body = {"task": "rewrite", "data": "data/notes.csv", "test": "data/notes-test.csv",
+            "columns": {"prompt": "text", "answer": "summary"}}
+    result = client.post("/api/guided/recipe", json=body)
+    assert result.status_code == 200, result.text
+    task = validate_recipe(result.json()["recipe"]).eval.task
+    assert task.metric == "rougeL" and task.file == "data/notes-test.csv" and task.columns.answer == "summary"
+    assert any("rougeL of the model's answers" in line for line in result.json()["reasons"])
+    answer = client.post("/api/guided/recipe", json={**body, "task": "answer"}).json()["recipe"]
+    assert answer["eval"]["task"]["metric"] == "exact_match"
+    alone = client.post("/api/guided/recipe", json={**body, "test": None}).json()["recipe"]
+    assert "eval" not in alone  # no test file: held-out loss (never the training rows passed off as a test)
+
+
+@pytest.mark.parametrize("metric", ["exact_match", "rougeL", "token_f1"])
+def test_a_generation_task_reads_a_table_through_its_columns(tiny_llama, tmp_path, metric):
+    from tunesmith.config import GenerationTaskSection
+    from tunesmith.config.data import ColumnsSection
+    from tunesmith.evaluation import run_generation_task
+    from tunesmith.evaluation.metrics import exact_match_score, rouge, token_f1
+    from tunesmith.inference import load_for_inference
+
+    table = tmp_path / "qa.csv"
+    table.write_text("question,reply\nName a colour.,blue\nName a fruit.,apple\nSay hello.,hello there\n")
+    model, tokenizer = load_for_inference(tiny_llama, None, "float32", "cpu", False)
+    section = GenerationTaskSection(file=str(table), metric=metric, max_new_tokens=4)
+    columns = ColumnsSection(prompt="question", answer="reply")
+    result = run_generation_task(model, tokenizer, section, columns=columns)  # data.columns, as train passes it
+    own = run_generation_task(model, tokenizer, section.model_copy(update={"columns": columns}))
+    assert result == own and result["count"] == 3 and result["metric"] == metric
+    assert [s["reference"] for s in result["samples"]] == ["blue", "apple", "hello there"]
+    assert result["samples"][0]["prompt"] == "Name a colour."
+    score = {"exact_match": lambda p, r: exact_match_score([p], [[r]]), "rougeL": lambda p, r: rouge([p], [[r]], "rougeL"),
+             "token_f1": token_f1}[metric]
+    expected = sum(score(s["prediction"], s["reference"]) for s in result["samples"]) / 3
+    assert result["score"] == pytest.approx(expected)
+    with pytest.raises(Exception, match="data.columns|format"):
+        run_generation_task(model, tokenizer, section)  # without the mapping the table cannot be read

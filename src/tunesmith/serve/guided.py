@@ -44,11 +44,14 @@ TASKS = {task.name: task for task in (
     Task("label", "Label texts", "sort each headline, ticket or review into one of your categories",
          "cls", ("prompt", "label"), "accuracy on the held-out rows, before (the base model guessing) and after"),
     Task("answer", "Answer questions or chat", "reply the way your example answers do",
-         "sft", ("prompt", "answer"), "loss on the held-out rows (lower is better), before and after"),
+         "sft", ("prompt", "answer"), "exact match of the answers on the test file (with a test file; else the "
+         "loss on held-out rows), before and after"),
     Task("rewrite", "Summarise or rewrite", "turn each text into its summary, translation or cleaner version",
-         "sft", ("prompt", "answer"), "loss on the held-out rows (lower is better), before and after"),
+         "sft", ("prompt", "answer"), "ROUGE-L against the test file's answers (with a test file; else the loss on "
+         "held-out rows), before and after"),
     Task("style", "Follow a house style", "write replies in the tone and format of your examples",
-         "sft", ("prompt", "answer"), "loss on the held-out rows (lower is better), before and after"),
+         "sft", ("prompt", "answer"), "ROUGE-L against the test file's answers (with a test file; else the loss on "
+         "held-out rows), before and after"),
     Task("prefer", "Prefer better answers", "learn from pairs of a better and a worse answer (prompt, chosen, "
          "rejected), such as the ones collected in Chat", "dpo", (), "how often the better answer wins, on held-out "
          "pairs"),
@@ -168,6 +171,7 @@ def base_recipe(task: Task, body: GuidedBody, rows: int, test_rows: int, model: 
     batch = 8
     steps = min(MAX_STEPS, max(10, math.ceil(EPOCHS * train_rows / batch)))
     stage = stage_section(task, body)
+    measure = generation_task(task, body, data)
     lr = {"cls": 1e-3, "dpo": 5e-5, "orpo": 5e-5, "simpo": 5e-5, "kto": 5e-5, "rm": 1e-4, "grpo": 1e-5}.get(
         stage["kind"], 2e-4)
     if stage["kind"] == "grpo":  # each step samples a group per prompt: fewer prompts per step, fewer steps
@@ -177,7 +181,20 @@ def base_recipe(task: Task, body: GuidedBody, rows: int, test_rows: int, model: 
             "method": {"kind": "lora", "r": 8, "alpha": 16},
             "train": {"max_steps": steps, "batch_size": batch, "lr": lr, "log_every": 1,
                       "checkpoint_every": max(5, steps // 10)},
-            "output": {"dir": f"runs/{name}"}}
+            "output": {"dir": f"runs/{name}"}, **({"eval": {"task": measure}} if measure else {})}
+
+
+GENERATION_METRICS = {"answer": ("exact_match", 32), "rewrite": ("rougeL", 96), "style": ("rougeL", 96)}
+TASK_ROWS = 40  # held-out rows generated before and after training: enough to see a change, minutes on a CPU
+
+
+def generation_task(task: Task, body: GuidedBody, data: dict) -> Optional[dict]:
+    """``eval.task`` for a generation task with a test file: the task's own metric on its rows, before and after."""
+    if task.name not in GENERATION_METRICS or not body.test:
+        return None
+    metric, tokens = GENERATION_METRICS[task.name]
+    return {"file": body.test, "metric": metric, "max_new_tokens": tokens, "limit": TASK_ROWS,
+            "columns": dict(data["columns"])}
 
 
 def stage_section(task: Task, body: GuidedBody) -> dict:
@@ -268,7 +285,9 @@ def explain(task: Task, body: GuidedBody, raw: dict, rows: int, test_rows: int, 
                      f"({', '.join(r['kind'] for r in raw['stage'].get('rewards', ()))}) score above the others, "
                      f"against column '{body.columns.answer}'"}[task.stage]
     memory = f"{plan['memory_gb']} GB" + (f" of the {plan['available_gb']} GB free" if plan["available_gb"] else "")
-    return [f"Task: {task.title.lower()}: {reads}.", f"Measured: {task.metric}; {held}.",
+    measured = (f"{raw['eval']['task']['metric']} of the model's answers to up to {TASK_ROWS} rows of {body.test}, "
+                "before and after" if "eval" in raw else task.metric)
+    return [f"Task: {task.title.lower()}: {reads}.", f"Measured: {measured}; {held}.",
             f"Method: LoRA (small trainable matrices beside the frozen model; {plan['method']}); needs about {memory}"
             + ("" if plan["fits"] else ": more than this machine has") + ".",
             f"Length: texts up to {data['max_length']} tokens (the longest of yours is {plan['longest_tokens']}).",
