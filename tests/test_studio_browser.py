@@ -454,6 +454,24 @@ def test_every_stage_from_the_studio(journey):
     assert page.is_disabled(".eval-suite[value='suites/outside.yaml']")
     assert "outside the workspace" in page.inner_text("#eval-suite-list")
     violations["evaluate (suites)"] = accessibility_violations(page)
-    assert str(workspace) not in page.inner_text("body")
+    assert str(workspace) not in page.inner_text("body")  # (the Train screen's job log below shows its command line)
+
+    # A generation task measured on its own metric: exact match before -> after, and the same inputs answered by both
+    rows = "".join(f"Say the word {word},{word}\n" for word in ("alpha", "beta", "gamma", "delta") * 5)
+    for name in ("words.csv", "words-test.csv"):
+        (workspace / "data" / name).write_text("text,reply\n" + rows)
+    page.goto(server.url + "/#screen=recipe&data=data/words.csv&test=data/words-test.csv&prompt=text&answer=reply")
+    page.reload()
+    page.wait_for_selector("body[data-ready=true]")
+    page.click("#guided-tasks input[value=answer]")
+    expect(page, "#guided-status").to_contain_text("ready: runs/words-answer")
+    assert "exact_match of the model's answers" in page.inner_text("#guided-reasons")
+    page.click("#train-button")
+    expect(page, "#train-result").to_contain_text("exact_match: ", timeout=300_000)
+    assert "before →" in page.inner_text("#train-result")
+    expect(page, "#train-examples").to_contain_text("before training")
+    cells = page.locator("#train-examples tr").nth(1).locator("td").all_inner_texts()
+    assert cells[0].startswith("Say the word") and cells[3] in ("alpha", "beta", "gamma", "delta")
+    violations["train (generation examples)"] = accessibility_violations(page)
     assert not errors, errors
     assert not any(violations.values()), violations

@@ -433,6 +433,19 @@ export function resultSentence(summary) {
   return `training loss at the end: ${summary.train_loss?.toFixed(4)}`;
 }
 
+// A generation task (eval.task): the same held-out inputs answered before and after training, beside the reference.
+async function taskExamples(run) {
+  const read = async (name) => {
+    const response = await fetch(`/api/files/raw?path=${encodeURIComponent(`${run.path}/${name}`)}`);
+    return response.ok ? response.json() : null;
+  };
+  const [before, after] = await Promise.all([read("task_before.json"), read("task_after.json")]);
+  if (!before || !after) return $("#train-examples").replaceChildren();
+  table($("#train-examples"), ["input", "before training", "after training", "expected"], after.samples.map((sample, index) =>
+    [sample.prompt, before.samples[index]?.prediction ?? "", sample.prediction, sample.reference]));
+  $("#train-examples").dataset.source = "task";
+}
+
 async function showResult(job) {
   const { runs } = await api("/api/runs");
   const run = runs.find((r) => r.path === job.run_dir);
@@ -441,7 +454,7 @@ async function showResult(job) {
   $("#train-result").textContent = resultSentence(run.summary);
   $("#train-result").dataset.ready = "true";
   const { classifiers } = await api("/api/classifiers");
-  if (!classifiers.includes(run.path)) return $("#train-examples").replaceChildren();
+  if (!classifiers.includes(run.path)) return taskExamples(run);
   const found = await api(`/api/runs/examples?path=${encodeURIComponent(run.path)}&limit=5`);
   table($("#train-examples"), ["text", "its label", "the trained model says"], found.examples.map((e) =>
     [e.text, e.expected, `${e.predicted} (${(100 * e.confidence).toFixed(0)}%)${e.predicted === e.expected ? "" : " ✗"}`]));
