@@ -11,8 +11,9 @@ import pytest
 
 pytest.importorskip("fastapi", reason="needs the serve extra: pip install 'tunesmith[serve]'")
 
-from conftest import REPO  # noqa: E402
 from fastapi.testclient import TestClient  # noqa: E402
+
+from conftest import REPO  # noqa: E402
 from serve_support import wait_for  # noqa: E402
 
 
