@@ -180,7 +180,7 @@ def test_studio_whole_flow(studio, tmp_path):
     page.click("#export-button")
     expect(page, "#export-status").to_contain_text("done: exports/first-run-gguf-q8_0", timeout=180_000)
     gguf = workspace / "exports" / "first-run-gguf-q8_0"
-    assert sorted(p.name for p in gguf.iterdir()) == ["Modelfile", "model-q8_0.gguf"]
+    assert sorted(p.name for p in gguf.iterdir()) == ["Modelfile", "README.md", "model-q8_0.gguf"]  # README: the model card
     report = page.inner_text("#export-report")
     assert "exported lora result as gguf q8_0" in report and "transformers: max |logit difference|" in report
     assert "llama.cpp: " in report  # checked by llama.cpp, or the reason it was not (node-llama-cpp missing)
