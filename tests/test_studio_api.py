@@ -87,7 +87,7 @@ def test_the_guided_recipe_for_labelling_texts(studio):
     train = upload(client, "guided.csv", headlines(40))
     test = upload(client, "guided-test.csv", headlines(9, offset=40))
     tasks = client.get("/api/guided/tasks").json()["tasks"]
-    assert [t["name"] for t in tasks] == ["label", "answer", "rewrite", "style", "prefer"]
+    assert [t["name"] for t in tasks][:5] == ["label", "answer", "rewrite", "style", "prefer"]
     body = {"task": "label", "data": train, "test": test, "columns": {"prompt": "headline", "label": "topic"}}
     result = client.post("/api/guided/recipe", json=body).json()
     recipe = validate_recipe(result["recipe"])  # a whole, valid recipe: what the CLI would run
@@ -111,3 +111,82 @@ def test_the_guided_recipe_names_what_is_missing(studio):
     assert response.status_code == 400 and "needs the answer column" in response.text
     response = client.post("/api/guided/recipe", json={"task": "cook", "data": train})
     assert response.status_code == 400 or response.status_code == 422
+
+
+def write_jsonl(path, rows):
+    import json
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return str(path.relative_to(path.parents[1]))
+
+
+def preference_pairs(count: int) -> list[dict]:
+    return [{"prompt": f"Name a colour {i}.", "chosen": "Blue.", "rejected": "I will not say."} for i in range(count)]
+
+
+def test_guided_tasks_list_every_stage_the_studio_trains(studio):
+    client, _ = studio
+    listing = client.get("/api/guided/tasks").json()
+    assert {t["name"]: t["stage"] for t in listing["tasks"]} == {
+        "label": "cls", "answer": "sft", "rewrite": "sft", "style": "sft", "prefer": "dpo", "score": "rm",
+        "practise": "grpo"}
+    assert list(listing["preference_stages"]) == ["dpo", "orpo", "simpo", "kto"]
+    assert listing["rewards"] == ["exact_match", "answer_match", "format", "length"]  # no module:function
+
+
+@pytest.mark.parametrize("preference", ["dpo", "orpo", "simpo"])
+def test_the_guided_recipe_for_preference_pairs(studio, preference):
+    from tunesmith.config import validate_recipe
+
+    client, root = studio
+    data = write_jsonl(root / "data" / "pairs.jsonl", preference_pairs(30))
+    result = client.post("/api/guided/recipe", json={"task": "prefer", "data": data, "preference": preference})
+    assert result.status_code == 200, result.text
+    recipe = validate_recipe(result.json()["recipe"])
+    assert recipe.stage.kind == preference and recipe.data.validation_fraction == 0.2
+    assert preference.upper() in result.json()["reasons"][0].replace("SimPO", "SIMPO")
+
+
+def test_the_guided_recipe_for_single_judged_replies_kto(studio):
+    from tunesmith.config import validate_recipe
+
+    client, root = studio
+    rows = [{"messages": [{"role": "user", "content": f"Greet me {i}."},
+                          {"role": "assistant", "content": "Hello!" if i % 2 else "No."}], "label": bool(i % 2)}
+            for i in range(30)]
+    data = write_jsonl(root / "data" / "judged.jsonl", rows)
+    result = client.post("/api/guided/recipe", json={"task": "prefer", "data": data, "preference": "kto"})
+    assert result.status_code == 200, result.text
+    assert validate_recipe(result.json()["recipe"]).stage.kind == "kto"
+
+
+def test_the_guided_recipe_for_scoring_answers_is_a_reward_model(studio):
+    from tunesmith.config import validate_recipe
+
+    client, root = studio
+    data = write_jsonl(root / "data" / "pairs-rm.jsonl", preference_pairs(20))
+    result = client.post("/api/guided/recipe", json={"task": "score", "data": data})
+    assert result.status_code == 200, result.text
+    recipe = validate_recipe(result.json()["recipe"])
+    assert recipe.stage.kind == "rm" and "score" in result.json()["reasons"][0]
+
+
+def test_the_guided_recipe_for_practice_takes_built_in_rewards_only(studio):
+    from tunesmith.config import validate_recipe
+
+    client, root = studio
+    rows = [{"question": f"What is {i} plus {i}?", "result": str(2 * i)} for i in range(20)]
+    data = write_jsonl(root / "data" / "sums.jsonl", rows)
+    body = {"task": "practise", "data": data, "columns": {"prompt": "question", "answer": "result"},
+            "rewards": [{"kind": "answer_match", "pattern": r"(-?\d+)"}, {"kind": "format", "pattern": r"\d"},
+                        {"kind": "length", "target": 8, "weight": 0.5}]}
+    result = client.post("/api/guided/recipe", json=body)
+    assert result.status_code == 200, result.text
+    recipe = validate_recipe(result.json()["recipe"])
+    assert recipe.stage.kind == "grpo" and [r.kind for r in recipe.stage.rewards] == ["answer_match", "format", "length"]
+    assert recipe.data.columns.prompt == "question" and recipe.train.batch_size == 2
+    refused = client.post("/api/guided/recipe", json={**body, "rewards": [{"kind": "function", "function": "os:system"}]})
+    assert refused.status_code == 400 and "rewards.0.kind" in refused.json()["error"]["message"]
+    no_pattern = client.post("/api/guided/recipe", json={**body, "rewards": [{"kind": "format"}]})
+    assert no_pattern.status_code == 400 and "pattern" in no_pattern.json()["error"]["message"]

@@ -180,7 +180,7 @@ def test_studio_whole_flow(studio, tmp_path):
     page.click("#export-button")
     expect(page, "#export-status").to_contain_text("done: exports/first-run-gguf-q8_0", timeout=180_000)
     gguf = workspace / "exports" / "first-run-gguf-q8_0"
-    assert sorted(p.name for p in gguf.iterdir()) == ["Modelfile", "model-q8_0.gguf"]
+    assert sorted(p.name for p in gguf.iterdir()) == ["Modelfile", "README.md", "model-q8_0.gguf"]  # README: the model card
     report = page.inner_text("#export-report")
     assert "exported lora result as gguf q8_0" in report and "transformers: max |logit difference|" in report
     assert "llama.cpp: " in report  # checked by llama.cpp, or the reason it was not (node-llama-cpp missing)
@@ -398,3 +398,80 @@ def test_journey_from_a_spreadsheet_to_a_downloaded_classifier(journey):
     assert {screen: found for screen, found in violations.items() if found} == {}
     assert person.clicks <= 15 and person.typed <= 3, report
     assert errors == []
+
+
+def test_every_stage_from_the_studio(journey):
+    """Issue 24 §7 on screen: practice with built-in rewards (GRPO) and the preference methods from the guided path,
+    Constitutional-AI data made as a job on the Data screen, suites picked from a list on Evaluate; axe-core on each."""
+    import shutil
+
+    from conftest import REPO
+
+    page, server, workspace, folder, errors = journey
+    (workspace / "data").mkdir(exist_ok=True)
+    for name in ("principles.jsonl", "prompts.jsonl"):
+        shutil.copy(REPO / "examples" / "cai" / name, workspace / "data" / name)
+    rows = [{"question": f"What is {i} plus {i}?", "result": str(2 * i)} for i in range(12)]
+    (workspace / "data" / "sums.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    (workspace / "suites").mkdir()
+    (workspace / "suites" / "quick.yaml").write_text("name: quick\ntasks:\n  - {name: bias, kind: bias, path: "
+                                                      "'{probes}/counterfactual_pairs.csv'}\n")
+    (workspace / "suites" / "outside.yaml").write_text("name: outside\ndata_root: /etc\ntasks:\n  - x.yaml\n")
+    violations: dict[str, list[str]] = {}
+    page.goto(server.url + "/#screen=data&data=data/sums.jsonl&prompt=question&answer=result")
+    page.wait_for_selector("body[data-ready=true]")
+
+    # Data: Constitutional-AI data as a job, its files named when it ends
+    page.click("#cai summary")
+    expect(page, "#cai-prompts").to_have_value("data/prompts.jsonl")
+    assert page.input_value("#cai-principles") == "data/principles.jsonl"
+    page.select_option("#cai-model", "models/tiny")
+    page.fill("#cai-limit", "1")
+    violations["data (cai)"] = accessibility_violations(page)
+    page.click("#cai-button")
+    expect(page, "#cai-status").to_contain_text("done: data/prompts-cai/sft.jsonl", timeout=240_000)
+    assert (workspace / "data" / "prompts-cai" / "preference.jsonl").is_file()
+
+    # Recipe: practice with built-in rewards; the preference method is a list
+    page.click("#tabs button[data-screen=recipe]")
+    page.wait_for_selector("#guided-tasks input[value=practise]")
+    page.click("#guided-tasks input[value=practise]")
+    expect(page, "#guided-status").to_contain_text("ready: runs/sums-practise")
+    assert page.is_visible("#guided-rewards") and not page.is_visible("#guided-prefer")
+    assert "(exact_match)" in page.inner_text("#guided-reasons")
+    page.check("#reward-length")
+    page.click("#guided-again")
+    expect(page, "#guided-reasons").to_contain_text("exact_match, length")
+    assert "exact_match, length" in page.inner_text("#guided-reasons")
+    violations["recipe (practise)"] = accessibility_violations(page)
+    options = page.locator("#guided-preference option").all_inner_texts()
+    assert [o.split(" ")[0] for o in options] == ["DPO", "ORPO", "SimPO", "KTO"]
+
+    # Evaluate: the suites of the workspace, one that cannot run shown with its reason and not selectable
+    page.click("#tabs button[data-screen=evaluate]")
+    expect(page, "#eval-suite-list").to_contain_text("quick")
+    assert page.is_enabled(".eval-suite[value='suites/quick.yaml']")
+    assert page.is_disabled(".eval-suite[value='suites/outside.yaml']")
+    assert "outside the workspace" in page.inner_text("#eval-suite-list")
+    violations["evaluate (suites)"] = accessibility_violations(page)
+    assert str(workspace) not in page.inner_text("body")  # (the Train screen's job log below shows its command line)
+
+    # A generation task measured on its own metric: exact match before -> after, and the same inputs answered by both
+    rows = "".join(f"Say the word {word},{word}\n" for word in ("alpha", "beta", "gamma", "delta") * 5)
+    for name in ("words.csv", "words-test.csv"):
+        (workspace / "data" / name).write_text("text,reply\n" + rows)
+    page.goto(server.url + "/#screen=recipe&data=data/words.csv&test=data/words-test.csv&prompt=text&answer=reply")
+    page.reload()
+    page.wait_for_selector("body[data-ready=true]")
+    page.click("#guided-tasks input[value=answer]")
+    expect(page, "#guided-status").to_contain_text("ready: runs/words-answer")
+    assert "exact_match of the model's answers" in page.inner_text("#guided-reasons")
+    page.click("#train-button")
+    expect(page, "#train-result").to_contain_text("exact_match: ", timeout=300_000)
+    assert "before →" in page.inner_text("#train-result")
+    expect(page, "#train-examples").to_contain_text("before training")
+    cells = page.locator("#train-examples tr").nth(1).locator("td").all_inner_texts()
+    assert cells[0].startswith("Say the word") and cells[3] in ("alpha", "beta", "gamma", "delta")
+    violations["train (generation examples)"] = accessibility_violations(page)
+    assert not errors, errors
+    assert not any(violations.values()), violations

@@ -235,7 +235,7 @@ def evaluate_task(context: RunContext, model, tokenizer, when: str, reuse_saved:
     if reuse_saved and cache.exists():
         return json.loads(cache.read_text())
     say(f"evaluating {recipe.eval.task.metric} on {recipe.eval.task.file} {when} ...")
-    result = run_generation_task(model, tokenizer, recipe.eval.task, recipe.data.system_prompt)
+    result = run_generation_task(model, tokenizer, recipe.eval.task, recipe.data.system_prompt, recipe.data.columns)
     cache.write_text(json.dumps(result, indent=2) + "\n")
     sample = result["samples"][0]
     say(f"{result['metric']} {when}: {result['score']:.3f} on {result['count']} examples "

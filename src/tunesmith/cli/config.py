@@ -69,7 +69,8 @@ def check_inputs(recipe) -> list[str]:
     if data.prepare and data.prepare.dedup:
         _check_exist("data.prepare.dedup.against", data.prepare.dedup.against)
     if recipe.eval.task:
-        _check_files("eval.task", (recipe.eval.task.file,), recipe.eval.task.format, data.text_field, "file")
+        _check_files("eval.task", (recipe.eval.task.file,), recipe.eval.task.format, data.text_field, "file",
+                     columns=recipe.eval.task.columns or data.columns)
     _check_suites(recipe)
     ewc = recipe.regularise.ewc
     if ewc and ewc.data != "generations":

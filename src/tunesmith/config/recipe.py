@@ -7,7 +7,7 @@ from typing import Literal, Optional
 from pydantic import Field, field_validator, model_validator
 
 from tunesmith.config.base import Section
-from tunesmith.config.data import DataSection
+from tunesmith.config.data import ColumnsSection, DataSection
 from tunesmith.config.forgetting import RegulariseSection, RetainSection
 from tunesmith.config.methods import LoraMethod, MethodSection
 from tunesmith.config.stages import SftStage, StageSection
@@ -58,10 +58,15 @@ class GenerationTaskSection(Section):
 
     file: str = Field(..., description="Evaluation file with prompts and reference answers.")
     format: str = Field("auto", description="Record layout of the file (as data.format).")
-    metric: Literal["exact_match"] = Field("exact_match", description="How answers are scored.")
+    metric: Literal["exact_match", "rougeL", "token_f1"] = Field(
+        "exact_match", description="How answers are scored: exact match (case and spacing ignored), ROUGE-L F-measure "
+        "or token F1 against the reference.")
     max_new_tokens: int = Field(32, ge=1, description="Longest generated answer.")
     limit: Optional[int] = Field(None, ge=1, description="Score only the first N records.")
     batch_size: int = Field(16, ge=1, description="Prompts generated together.")
+    columns: Optional[ColumnsSection] = Field(
+        None, description="Which column of the file is the prompt and which the reference answer (default: "
+        "data.columns), for a table whose column names match no format.")
 
 
 class EvalReportSection(Section):

@@ -17,13 +17,15 @@ from pathlib import Path
 from typing import Literal, Optional
 
 from fastapi import APIRouter, Request
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from tunesmith.errors import TunesmithError
 
 router = APIRouter(prefix="/guided")  # under studio_api's /api
 
-TaskName = Literal["label", "answer", "rewrite", "style", "prefer"]
+TaskName = Literal["label", "answer", "rewrite", "style", "prefer", "score", "practise"]
+PreferenceStage = Literal["dpo", "orpo", "simpo", "kto"]
+BuiltinReward = Literal["exact_match", "answer_match", "format", "length"]  # never a module:function reward
 
 
 @dataclass(frozen=True)
@@ -42,15 +44,29 @@ TASKS = {task.name: task for task in (
     Task("label", "Label texts", "sort each headline, ticket or review into one of your categories",
          "cls", ("prompt", "label"), "accuracy on the held-out rows, before (the base model guessing) and after"),
     Task("answer", "Answer questions or chat", "reply the way your example answers do",
-         "sft", ("prompt", "answer"), "loss on the held-out rows (lower is better), before and after"),
+         "sft", ("prompt", "answer"), "exact match of the answers on the test file (with a test file; else the "
+         "loss on held-out rows), before and after"),
     Task("rewrite", "Summarise or rewrite", "turn each text into its summary, translation or cleaner version",
-         "sft", ("prompt", "answer"), "loss on the held-out rows (lower is better), before and after"),
+         "sft", ("prompt", "answer"), "ROUGE-L against the test file's answers (with a test file; else the loss on "
+         "held-out rows), before and after"),
     Task("style", "Follow a house style", "write replies in the tone and format of your examples",
-         "sft", ("prompt", "answer"), "loss on the held-out rows (lower is better), before and after"),
+         "sft", ("prompt", "answer"), "ROUGE-L against the test file's answers (with a test file; else the loss on "
+         "held-out rows), before and after"),
     Task("prefer", "Prefer better answers", "learn from pairs of a better and a worse answer (prompt, chosen, "
          "rejected), such as the ones collected in Chat", "dpo", (), "how often the better answer wins, on held-out "
          "pairs"),
+    Task("score", "Score answers", "learn to give a better answer a higher score, from pairs of a better and a worse "
+         "answer (prompt, chosen, rejected): a reward model for ranking replies or for reward practice",
+         "rm", (), "how often the better answer scores higher, on held-out pairs"),
+    Task("practise", "Get answers right by practice", "answer questions whose right answer you have; the model tries "
+         "several answers per question and is rewarded for the right one (exact match, the answer a pattern finds, "
+         "a required format, a length)", "grpo", ("prompt", "answer"), "the reward on the held-out questions, "
+         "before and after"),
 )}
+PREFERENCE_STAGES = {"dpo": "DPO (the better answer made likelier than the worse, against the model before training)",
+                     "orpo": "ORPO (learns the better answers and prefers them, without a reference model)",
+                     "simpo": "SimPO (prefers the better answer by its average token likelihood, no reference model)",
+                     "kto": "KTO (single answers marked good or bad, no pairs needed)"}
 EPOCHS = 3  # passes over the training rows: enough for a small table to be learnt, not memorised
 MAX_STEPS = 2000
 HELD_OUT = 0.2  # share held out when no test file is given
@@ -63,8 +79,21 @@ class ColumnsBody(BaseModel):
     system: Optional[str] = None
 
 
+class RewardBody(BaseModel):
+    """One built-in reward of the practice task (user code is never a choice here)."""
+
+    kind: BuiltinReward
+    pattern: Optional[str] = Field(None, max_length=500, description="answer_match: the regular expression whose first "
+                                   "group is the answer; format: the pattern the reply must match.")
+    target: Optional[int] = Field(None, ge=1, le=4096, description="length: the reply length (tokens) not penalised.")
+    weight: float = Field(1.0, gt=0, le=100)
+
+
 class GuidedBody(BaseModel):
     task: TaskName
+    preference: PreferenceStage = Field("dpo", description="prefer: which preference method trains.")
+    rewards: list[RewardBody] = Field(default_factory=lambda: [RewardBody(kind="exact_match")], min_length=1,
+                                      max_length=4, description="practise: the built-in rewards, summed.")
     data: str
     test: Optional[str] = None
     columns: ColumnsBody = ColumnsBody()
@@ -75,8 +104,9 @@ class GuidedBody(BaseModel):
 @router.get("/tasks")
 async def tasks():
     """The tasks the guided path knows, in plain words."""
-    return {"tasks": [{"name": t.name, "title": t.title, "example": t.example, "metric": t.metric}
-                      for t in TASKS.values()]}
+    return {"tasks": [{"name": t.name, "title": t.title, "example": t.example, "metric": t.metric, "stage": t.stage}
+                      for t in TASKS.values()],
+            "preference_stages": PREFERENCE_STAGES, "rewards": list(BuiltinReward.__args__)}
 
 
 @router.post("/recipe")
@@ -140,12 +170,54 @@ def base_recipe(task: Task, body: GuidedBody, rows: int, test_rows: int, model: 
     train_rows = rows if body.test else rows - round(rows * HELD_OUT)
     batch = 8
     steps = min(MAX_STEPS, max(10, math.ceil(EPOCHS * train_rows / batch)))
-    lr = {"cls": 1e-3, "dpo": 5e-5}.get(task.stage, 2e-4)
-    return {"stage": {"kind": task.stage}, "model": {"name": model}, "data": data,
+    stage = stage_section(task, body)
+    measure = generation_task(task, body, data)
+    lr = {"cls": 1e-3, "dpo": 5e-5, "orpo": 5e-5, "simpo": 5e-5, "kto": 5e-5, "rm": 1e-4, "grpo": 1e-5}.get(
+        stage["kind"], 2e-4)
+    if stage["kind"] == "grpo":  # each step samples a group per prompt: fewer prompts per step, fewer steps
+        batch = 2
+        steps = min(200, max(10, math.ceil(train_rows / batch)))
+    return {"stage": stage, "model": {"name": model}, "data": data,
             "method": {"kind": "lora", "r": 8, "alpha": 16},
             "train": {"max_steps": steps, "batch_size": batch, "lr": lr, "log_every": 1,
                       "checkpoint_every": max(5, steps // 10)},
-            "output": {"dir": f"runs/{name}"}}
+            "output": {"dir": f"runs/{name}"}, **({"eval": {"task": measure}} if measure else {})}
+
+
+GENERATION_METRICS = {"answer": ("exact_match", 32), "rewrite": ("rougeL", 96), "style": ("rougeL", 96)}
+TASK_ROWS = 40  # held-out rows generated before and after training: enough to see a change, minutes on a CPU
+
+
+def generation_task(task: Task, body: GuidedBody, data: dict) -> Optional[dict]:
+    """``eval.task`` for a generation task with a test file: the task's own metric on its rows, before and after."""
+    if task.name not in GENERATION_METRICS or not body.test:
+        return None
+    metric, tokens = GENERATION_METRICS[task.name]
+    return {"file": body.test, "metric": metric, "max_new_tokens": tokens, "limit": TASK_ROWS,
+            "columns": dict(data["columns"])}
+
+
+def stage_section(task: Task, body: GuidedBody) -> dict:
+    """The ``stage`` section: the task's stage, the preference method asked for, the built-in rewards."""
+    if task.name == "prefer":
+        return {"kind": body.preference}
+    if task.stage != "grpo":
+        return {"kind": task.stage}
+    rewards = []
+    for reward in body.rewards:
+        entry: dict = {"kind": reward.kind, "weight": reward.weight}
+        if reward.kind in ("answer_match", "format"):
+            if reward.kind == "format" and not reward.pattern:
+                raise TunesmithError("rewards: the format reward needs the pattern a good reply matches, "
+                                     "e.g. 'Answer: .+'")
+            if reward.pattern:
+                entry["pattern"] = reward.pattern
+        if reward.kind == "length":
+            if not reward.target:
+                raise TunesmithError("rewards: the length reward needs target, the reply length in tokens")
+            entry["target"] = reward.target
+        rewards.append(entry)
+    return {"kind": "grpo", "rewards": rewards, "group_size": 4, "max_new_tokens": 64}
 
 
 def planned(raw: dict, recipe, request: Request) -> tuple[dict, dict]:
@@ -204,12 +276,22 @@ def explain(task: Task, body: GuidedBody, raw: dict, rows: int, test_rows: int, 
     reads = {"cls": f"the model reads column '{body.columns.prompt}' and learns to give one of the labels of column "
                     f"'{body.columns.label}' (a small label head on top of it)",
              "sft": f"the model reads column '{body.columns.prompt}' and learns to write column '{body.columns.answer}'",
-             "dpo": "the model learns to prefer each pair's chosen answer over its rejected one"}[task.stage]
+             "dpo": "the model learns to prefer each pair's chosen answer over its rejected one, by "
+                    + PREFERENCE_STAGES[body.preference],
+             "rm": "the model learns to score each pair's chosen answer above its rejected one (a score head on top "
+                   "of it)",
+             "grpo": f"for each question of column '{body.columns.prompt}' the model tries "
+                     f"{raw['stage'].get('group_size')} answers and learns from the ones the rewards "
+                     f"({', '.join(r['kind'] for r in raw['stage'].get('rewards', ()))}) score above the others, "
+                     f"against column '{body.columns.answer}'"}[task.stage]
     memory = f"{plan['memory_gb']} GB" + (f" of the {plan['available_gb']} GB free" if plan["available_gb"] else "")
-    return [f"Task: {task.title.lower()}: {reads}.", f"Measured: {task.metric}; {held}.",
+    measured = (f"{raw['eval']['task']['metric']} of the model's answers to up to {TASK_ROWS} rows of {body.test}, "
+                "before and after" if "eval" in raw else task.metric)
+    return [f"Task: {task.title.lower()}: {reads}.", f"Measured: {measured}; {held}.",
             f"Method: LoRA (small trainable matrices beside the frozen model; {plan['method']}); needs about {memory}"
             + ("" if plan["fits"] else ": more than this machine has") + ".",
             f"Length: texts up to {data['max_length']} tokens (the longest of yours is {plan['longest_tokens']}).",
-            f"Training: {train['max_steps']} steps of {train['batch_size'] * train.get('grad_accum', 1)} examples "
-            f"(about {EPOCHS} passes over the data), learning rate {train['lr']}.",
+            f"Training: {train['max_steps']} steps of {train['batch_size'] * train.get('grad_accum', 1)} "
+            + (f"questions, {raw['stage']['group_size']} tries each (about one pass)" if task.stage == "grpo" else
+               f"examples (about {EPOCHS} passes over the data)") + f", learning rate {train['lr']}.",
             f"Data: {plan['data_verdict']}"]

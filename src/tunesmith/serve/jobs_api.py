@@ -54,11 +54,23 @@ class EvalJob(BaseModel):
     kind: Literal["eval"]
     run: str
     suite: Optional[str] = Field(None, description="Workspace suite file of the task; the bias probe always runs.")
+    suites: list[str] = Field(default_factory=list, max_length=8, description="More workspace suite files, picked "
+                              "from GET /api/jobs/suites.")
     limit: Optional[int] = Field(None, ge=1)
 
 
+class CaiJob(BaseModel):
+    kind: Literal["cai"]
+    principles: str = Field(description="Workspace JSONL of {name, critique_request, revision_request}.")
+    prompts: str = Field(description="Workspace prompt file (a prompt/instruction/question field, or .txt lines).")
+    model: str = Field(description="The model that drafts, critiques and revises: an id of GET /v1/models.")
+    limit: Optional[int] = Field(None, ge=1, le=100_000, description="Use only the first N prompts.")
+    max_new_tokens: int = Field(256, ge=1, le=4096)
+    temperature: float = Field(0.0, ge=0, le=2, description="0 means greedy.")
+
+
 JobId = Annotated[int, Path(ge=1, le=2**53, description="The job's number (POST /api/jobs gives it).")]
-JobBody = Annotated[Union[TrainJob, DataJob, ExportJob, EvalJob, SweepJob], Field(discriminator="kind")]
+JobBody = Annotated[Union[TrainJob, DataJob, ExportJob, EvalJob, SweepJob, CaiJob], Field(discriminator="kind")]
 
 
 @router.post("")
@@ -88,6 +100,8 @@ async def submit(body: JobBody, request: Request):
         job_id = submit_export(body, workspace, runner)
     elif isinstance(body, SweepJob):
         job_id = submit_sweep(body, workspace, runner, request.app.state.safety)
+    elif isinstance(body, CaiJob):
+        job_id = submit_cai(body, workspace, runner, request.app.state.pool)
     else:
         from tunesmith.serve.pool import ModelPool
 
@@ -96,9 +110,9 @@ async def submit(body: JobBody, request: Request):
         base = ModelPool._base_of(result, workspace.root) if (result / "tunesmith.json").is_file() else str(result)
         out = unique_path(run, "eval", "")
         args = ["eval", "--compare", base, str(run), "--bias", "--out", str(out)]
-        if body.suite:
-            refuse_unsafe_suite(body.suite, request.app.state.safety)
-            args += ["--suite", str(workspace.resolve(body.suite, must_exist=True))]
+        for suite in ([body.suite] if body.suite else []) + body.suites:
+            refuse_unsafe_suite(suite, request.app.state.safety)
+            args += ["--suite", str(workspace.resolve(suite, must_exist=True))]
         if body.limit:
             args += ["--limit", str(body.limit)]
         job_id = runner.submit("eval", f"eval {run.name}", args, workspace.relative(out / "report.html"),
@@ -119,6 +133,47 @@ def submit_export(body: ExportJob, workspace, runner) -> int:
     output = out / "config.json" if fmt == "hf" else out
     return runner.submit("export", f"export {run.name} as {fmt}{' ' + body.quantize if body.quantize else ''}", args,
                          workspace.relative(output), workspace.relative(run))
+
+
+def submit_cai(body: CaiJob, workspace, runner, pool) -> int:
+    """``tunesmith cai`` into ``data/PROMPTS-cai/`` (``sft.jsonl`` and ``preference.jsonl``, ready to train on).
+
+    The model is an id the server already serves (a base, an alias, a workspace model, run or export), so the
+    browser names no path outside the workspace and no ``--trust-remote-code``.
+    """
+    principles = workspace.resolve(body.principles, must_exist=True)
+    prompts = workspace.resolve(body.prompts, must_exist=True)
+    spec = pool.spec(body.model)
+    out = unique_path(workspace.root / "data", f"{prompts.name.split('.')[0]}-cai", "")
+    args = ["cai", "--principles", str(principles), "--prompts", str(prompts), "--out", str(out), "--model", spec.base,
+            "--max-new-tokens", str(body.max_new_tokens), "--temperature", str(body.temperature)]
+    args += (["--adapter", spec.adapter] if spec.adapter else []) + (["--limit", str(body.limit)] if body.limit else [])
+    return runner.submit("cai", f"cai {prompts.name} with {body.model}", args, workspace.relative(out / "summary.json"))
+
+
+def suite_choices(workspace, rules: SafetyRules) -> list[dict]:
+    """Every suite file in the workspace's ``suites/`` folder: its tasks, or why it cannot run from here."""
+    from tunesmith.evaluation.suite import load_suite
+    from tunesmith.serve.safety import suite_file_problems
+
+    choices = []
+    for file in sorted((workspace.root / "suites").rglob("*.y*ml")) if (workspace.root / "suites").is_dir() else ():
+        path = workspace.relative(file)
+        problems = suite_file_problems(path, "suite", rules)
+        entry = {"path": path, "name": file.stem, "tasks": [], "problem": None}
+        if problems:
+            entry["problem"] = problems[0].message
+        else:
+            try:
+                suite = load_suite(file)
+            except TunesmithError as error:
+                if "a suite needs" in str(error):
+                    continue  # a task file beside the suites, not a suite
+                entry["problem"] = workspace.scrub(str(error))
+            else:
+                entry["name"], entry["tasks"] = suite.name or file.stem, [f"{t.name} ({t.kind})" for t in suite.tasks]
+        choices.append(entry)
+    return choices
 
 
 def submit_sweep(body: SweepJob, workspace, runner, rules: SafetyRules) -> int:
@@ -149,6 +204,16 @@ def submit_sweep(body: SweepJob, workspace, runner, rules: SafetyRules) -> int:
             "--workers", str(body.workers)]
     return runner.submit("sweep", f"sweep {stem} ({body.trials} trials)", args, workspace.relative(out / "trials.md"),
                          workspace.relative(out), resume_args=args)  # the study on disk continues where it stopped
+
+
+@router.get("/suites")
+async def list_suites(request: Request):
+    """The evaluation suites an ``eval`` job can run: the built-in bias probe and the workspace's ``suites/`` files."""
+    import asyncio
+
+    found = await asyncio.to_thread(suite_choices, request.app.state.workspace, request.app.state.safety)
+    return {"builtin": [{"name": "bias", "what": "counterfactual pairs: does the answer change with the group named? "
+                         "(always run)"}], "suites": found}
 
 
 @router.get("")

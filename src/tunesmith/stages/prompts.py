@@ -71,7 +71,8 @@ def record_prompt(record: RawRecord, data_format: str, options: FormatOptions) -
     """
     fields = record.fields
     prompt_field = next((name for name in PROMPT_FIELDS if name in fields), None)
-    if data_format == "auto" and prompt_field is not None:
+    mapped = options.columns is not None and options.columns.prompt in fields  # data.columns wins over field names
+    if data_format == "auto" and prompt_field is not None and not mapped:
         messages = _prompt_turns(record, fields[prompt_field])
         reference = next((fields[name] for name in REFERENCE_FIELDS if fields.get(name) is not None), None)
         if system := options.system_prompt:

@@ -31,7 +31,7 @@ function show(screen) {
   saveLocation();
   for (const button of document.querySelectorAll("#tabs button")) button.classList.toggle("active", button.dataset.screen === screen);
   for (const section of document.querySelectorAll(".screen")) section.classList.toggle("active", section.id === `screen-${screen}`);
-  const refresh = { data: refreshDataFiles, runs: refreshRuns, chat: refreshChatModels, evaluate: refreshRunPickers,
+  const refresh = { data: refreshDataFiles, runs: refreshRuns, chat: refreshChatModels, evaluate: refreshEvaluate,
     export: refreshExports, try: () => refreshClassifiers(state.lastRun), recipe: refreshTasks };
   if (refresh[screen]) refresh[screen]();
 }
@@ -139,6 +139,30 @@ async function inspect() {
     (report.malformed_examples.length ? `\nfirst problem: ${report.malformed_examples[0]}` : "");
 }
 
+async function refreshCai() {
+  const [{ files }, { data }] = await Promise.all([api("/api/files?folder=data"), api("/v1/models")]);
+  const plain = files.filter((f) => !f.folder);
+  for (const [id, guess] of [["#cai-principles", /principle/], ["#cai-prompts", /prompt/]]) {
+    const select = $(id), current = select.value;
+    select.replaceChildren(...plain.map((f) => el("option", { value: f.path, selected: f.path === current || (!current && guess.test(f.name)) }, f.name)));
+  }
+  const current = $("#cai-model").value;
+  $("#cai-model").replaceChildren(...data.map((m) => el("option", { value: m.id, selected: m.id === current }, m.id)));
+}
+
+async function cai() {
+  const body = { kind: "cai", principles: $("#cai-principles").value, prompts: $("#cai-prompts").value, model: $("#cai-model").value };
+  if ($("#cai-limit").value) body.limit = Number($("#cai-limit").value);
+  const job = await api("/api/jobs", { method: "POST", body });
+  $("#cai-status").textContent = `job ${job.id}: ${job.title} running ...`;
+  const done = await waitForJob(job.id);
+  const folder = done.output.replace(/\/summary\.json$/, "");
+  $("#cai-status").textContent = done.status === "done"
+    ? `job ${job.id} done: ${folder}/sft.jsonl (train with "Answer questions or chat") and ${folder}/preference.jsonl ("Prefer better answers")`
+    : `job ${job.id} ${done.status}: see its log on the Runs screen`;
+  await refreshDataFiles();
+}
+
 async function dataStep(step) {
   const job = await api("/api/jobs", { method: "POST", body: { kind: "data", step, path: $("#data-file").value } });
   notice(`job ${job.id}: ${job.title} queued; the result will be ${job.output}`);
@@ -211,10 +235,27 @@ async function setUpRecipe() {
 
 async function refreshTasks() {
   if ($("#guided-tasks").childElementCount) return;
-  const { tasks } = await api("/api/guided/tasks");
+  const { tasks, preference_stages: stages } = await api("/api/guided/tasks");
+  $("#guided-preference").replaceChildren(...Object.entries(stages).map(([name, what]) => el("option", { value: name }, what)));
   $("#guided-tasks").replaceChildren(...tasks.map((task) => el("label", { class: "task" },
-    el("input", { type: "radio", name: "task", value: task.name, onchange: () => guided(task.name).catch((error) => notice(error.message, true)) }),
+    el("input", { type: "radio", name: "task", value: task.name, onchange: () => pickTask(task.name) }),
     el("strong", {}, task.title), el("small", {}, ` ${task.example}; measured by ${task.metric}`))));
+}
+
+function pickTask(task) {
+  state.task = task;
+  $("#guided-prefer").hidden = task !== "prefer";
+  $("#guided-rewards").hidden = task !== "practise";
+  guided(task).catch((error) => notice(error.message, true));
+}
+
+function guidedRewards() {  // the built-in rewards ticked on the Recipe screen (never user code)
+  const rewards = [];
+  if ($("#reward-exact_match").checked) rewards.push({ kind: "exact_match" });
+  if ($("#reward-answer_match").checked) rewards.push({ kind: "answer_match", ...($("#reward-answer-pattern").value ? { pattern: $("#reward-answer-pattern").value } : {}) });
+  if ($("#reward-format").checked) rewards.push({ kind: "format", pattern: $("#reward-format-pattern").value });
+  if ($("#reward-length").checked) rewards.push({ kind: "length", target: Number($("#reward-length-target").value) });
+  return rewards;
 }
 
 async function guided(task) {
@@ -223,6 +264,8 @@ async function guided(task) {
   $("#guided-reasons").replaceChildren();
   const body = { task, data: state.dataFile, columns: state.columns, model: $("#model-picker").value };
   if ($("#test-file").value) body.test = $("#test-file").value;
+  if (task === "prefer") body.preference = $("#guided-preference").value;
+  if (task === "practise") body.rewards = guidedRewards();
   const result = await api("/api/guided/recipe", { method: "POST", body }).catch((error) => {
     $("#guided-status").textContent = "";
     throw error;
@@ -390,6 +433,19 @@ export function resultSentence(summary) {
   return `training loss at the end: ${summary.train_loss?.toFixed(4)}`;
 }
 
+// A generation task (eval.task): the same held-out inputs answered before and after training, beside the reference.
+async function taskExamples(run) {
+  const read = async (name) => {
+    const response = await fetch(`/api/files/raw?path=${encodeURIComponent(`${run.path}/${name}`)}`);
+    return response.ok ? response.json() : null;
+  };
+  const [before, after] = await Promise.all([read("task_before.json"), read("task_after.json")]);
+  if (!before || !after) return $("#train-examples").replaceChildren();
+  table($("#train-examples"), ["input", "before training", "after training", "expected"], after.samples.map((sample, index) =>
+    [sample.prompt, before.samples[index]?.prediction ?? "", sample.prediction, sample.reference]));
+  $("#train-examples").dataset.source = "task";
+}
+
 async function showResult(job) {
   const { runs } = await api("/api/runs");
   const run = runs.find((r) => r.path === job.run_dir);
@@ -398,7 +454,7 @@ async function showResult(job) {
   $("#train-result").textContent = resultSentence(run.summary);
   $("#train-result").dataset.ready = "true";
   const { classifiers } = await api("/api/classifiers");
-  if (!classifiers.includes(run.path)) return $("#train-examples").replaceChildren();
+  if (!classifiers.includes(run.path)) return taskExamples(run);
   const found = await api(`/api/runs/examples?path=${encodeURIComponent(run.path)}&limit=5`);
   table($("#train-examples"), ["text", "its label", "the trained model says"], found.examples.map((e) =>
     [e.text, e.expected, `${e.predicted} (${(100 * e.confidence).toFixed(0)}%)${e.predicted === e.expected ? "" : " ✗"}`]));
@@ -406,6 +462,18 @@ async function showResult(job) {
 }
 
 // --- evaluate --------------------------------------------------------------------------------------
+
+async function refreshSuites() {
+  const { suites } = await api("/api/jobs/suites");
+  $("#eval-suite-list").replaceChildren(...(suites.length ? suites.map((suite) => el("label", { class: "task" },
+    el("input", { type: "checkbox", class: "eval-suite", value: suite.path, disabled: Boolean(suite.problem) }),
+    el("strong", {}, suite.name), el("small", {}, suite.problem ? ` cannot run from the studio: ${suite.problem}` : ` ${suite.tasks.join(", ")}`)))
+    : [el("p", {}, "no suite files in suites/ yet: only the bias probe runs")]));
+}
+
+async function refreshEvaluate() {
+  await Promise.all([refreshRunPickers(), refreshSuites()]);
+}
 
 async function refreshRunPickers() {
   const { runs } = await api("/api/runs");
@@ -418,7 +486,8 @@ async function refreshRunPickers() {
 
 async function evaluate() {
   const run = $("#eval-run").value;
-  const job = await api("/api/jobs", { method: "POST", body: { kind: "eval", run, limit: 8 } });
+  const suites = [...document.querySelectorAll(".eval-suite:checked")].map((box) => box.value);
+  const job = await api("/api/jobs", { method: "POST", body: { kind: "eval", run, limit: 8, suites } });
   $("#eval-status").textContent = `job ${job.id} running: ${job.title}`;
   const done = await waitForJob(job.id);
   $("#eval-status").textContent = `job ${job.id} ${done.status}`;
@@ -658,6 +727,10 @@ async function start() {
   on("#stop-button", async () => renderTrain(await api(`/api/jobs/${state.job}/stop`, { method: "POST" })));
   on("#resume-button", async () => { await api(`/api/jobs/${state.job}/resume`, { method: "POST" }); watch(state.job); });
   on("#eval-button", evaluate);
+  on("#cai-button", cai);
+  on("#guided-again", () => guided("practise"));
+  $("#cai").addEventListener("toggle", () => { if ($("#cai").open) refreshCai().catch((error) => notice(error.message, true)); });
+  $("#guided-preference").addEventListener("change", () => guided("prefer").catch((error) => notice(error.message, true)));
   on("#report-button", openReport);
   on("#chat-send", sendChat);
   on("#prefer-left", () => prefer("left"));
