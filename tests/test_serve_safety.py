@@ -148,8 +148,11 @@ def test_raw_file_route_reads_only_workspace_files(client):
 
 def test_upload_route_chooses_the_name_itself(client, workspace):
     response = client.post("/api/upload", files={"file": ("../../../evil.jsonl", '{"text": "x"}\n')})
-    assert response.status_code == 200 and response.json()["path"].startswith("data/upload-")
-    assert not (workspace.parent / "evil.jsonl").exists()
+    # the file keeps its own name, reduced to a plain name under data/: no folder of the browser's is followed
+    assert response.status_code == 200 and response.json()["path"] == "data/evil.jsonl"
+    assert not (workspace.parent / "evil.jsonl").exists() and (workspace / "data" / "evil.jsonl").is_file()
+    again = client.post("/api/upload", files={"file": ("evil.jsonl", '{"text": "y"}\n')}).json()["path"]
+    assert again == "data/evil-2.jsonl"  # never replaces a file already there
     refused(client.post("/api/upload", files={"file": ("rewards.py", "import os")}), 403, "rewards.py")
 
 

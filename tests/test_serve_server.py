@@ -60,6 +60,7 @@ def test_job_stop_resume_and_the_openai_client(workspace):
         update = progress(server, job["id"])
         assert done["status"] == "done", update["log"][-2000:]
         assert "resuming from" in update["log"]
+        assert str(workspace) not in update["log"]  # the page is shown workspace paths, never the server's own
         assert [record["step"] for record in update["metrics"] if "loss" in record] == list(range(1, 121))
 
         client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)

@@ -239,7 +239,7 @@ async def progress(job_id: JobId, request: Request, log_offset: int = Query(0, g
             handle.seek(log_offset)
             chunk = handle.read(1 << 20)
         next_log = log_offset + len(chunk)
-        text = chunk.decode("utf-8", errors="replace")
+        text = workspace.scrub(chunk.decode("utf-8", errors="replace"))  # the page names workspace paths only
     records = _read_metrics(workspace.root / job["run_dir"]) if job["run_dir"] and job["kind"] == "train" else []
     return {"job": job, "log": text, "log_offset": next_log, "metrics": records[metrics_offset:],
             "metrics_offset": len(records)}
