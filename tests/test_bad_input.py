@@ -78,6 +78,12 @@ def data_command(tmp: Path, name: str, content: str | bytes, *extra: str) -> lis
     return ["data", "convert", str(path), "-o", str(tmp / "out.jsonl"), "--to", "messages", *extra]
 
 
+def force_over_a_file_of_ours(tmp: Path) -> list[str]:
+    """``data convert ... --force`` whose output is a file the user wrote, not tunesmith."""
+    write(tmp / "out.jsonl", "my notes\n")
+    return data_command(tmp, "d.jsonl", GOOD_LINE, "--force")
+
+
 CASES = [
     # --- data files -----------------------------------------------------------------------------------
     Case("malformed JSON line", lambda t: data_command(t, "d.jsonl", GOOD_LINE + '{"instruction": "x",\n'),
@@ -212,6 +218,13 @@ CASES = [
                                                           str(write(t / "mine" / "thesis.tex", "years").parent),
                                                           "--overwrite", "--endpoint", "http://127.0.0.1:9/v1"],
          ("--overwrite would delete files this command did not write", "thesis.tex")),
+    Case("data --force over a file tunesmith did not write",
+         lambda t: force_over_a_file_of_ours(t),
+         ("out.jsonl exists and was not written by tunesmith", "--force does not replace it", "remove the file yourself")),
+    Case("data split --force over a part tunesmith did not write",
+         lambda t: ["data", "split", str(write(t / "d.jsonl", GOOD_LINE * 4)), "--out-dir", str(write(t / "parts" / "train.jsonl", "mine\n").parent),
+                    "--fractions", "train=0.5,test=0.5", "--force"],
+         ("train.jsonl exists and was not written by tunesmith",)),
     Case("--allow-changes without --resume", lambda t: ["train", str(recipe(t)), "--allow-changes"],
          ("--allow-changes only applies to --resume",)),
 ]

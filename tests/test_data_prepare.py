@@ -109,6 +109,28 @@ def test_clean_file_drops_by_bounds_and_required_fields_and_leaves_the_input(tmp
         clean_file(tmp_path / "out.jsonl", tmp_path / "out.jsonl", section, force=True)
 
 
+def test_force_replaces_only_what_tunesmith_wrote_and_nobody_changed(tmp_path):
+    """``force`` replaces an output the data tools wrote (recorded with its SHA-256 beside it), never another file."""
+    from tunesmith.data.prepare.records import WRITTEN_MANIFEST
+
+    source = write_jsonl(tmp_path / "in.jsonl", [{"instruction": "a fine question here", "output": "a fine answer"}])
+    section = CleanSection(required=("instruction",))
+    clean_file(source, tmp_path / "out.jsonl", section)
+    assert set(json.loads((tmp_path / WRITTEN_MANIFEST).read_text())["written"]) == {"out.jsonl"}
+    clean_file(source, tmp_path / "out.jsonl", section, force=True)  # its own file: replaced
+    assert len(read_jsonl(tmp_path / "out.jsonl")) == 1
+    mine = tmp_path / "mine.jsonl"
+    mine.write_text('{"instruction": "my own", "output": "data"}\n')
+    with pytest.raises(TunesmithError, match="mine.jsonl exists and was not written by tunesmith"):
+        clean_file(source, mine, section, force=True)
+    assert mine.read_text() == '{"instruction": "my own", "output": "data"}\n'
+    with (tmp_path / "out.jsonl").open("a") as edited:  # the user edited tunesmith's output: now theirs
+        edited.write('{"instruction": "added by hand", "output": "x"}\n')
+    with pytest.raises(TunesmithError, match="or was changed since"):
+        clean_file(source, tmp_path / "out.jsonl", section, force=True)
+    assert len(read_jsonl(tmp_path / "out.jsonl")) == 2
+
+
 def test_token_bounds_need_a_tokenizer_and_use_it(tmp_path):
     source = write_jsonl(tmp_path / "in.jsonl", [{"text": "one two three"}, {"text": "one two three four five six"}])
     section = CleanSection(max_length=4, length_unit="tokens")

@@ -6,8 +6,8 @@ Two ways of giving both tools the same replies:
   (replies written to hit the edge cases of GSM8K's strict-match and flexible-extract filters, of
   exact_match's normalisation options and of ROUGE), and tunesmith's :func:`score_documents` fed the
   same replies;
-* a real model: lm-eval's ``HFLM`` and tunesmith's generation task greedy-decode on stories260k with
-  the chat template and a stop string, and each document's filtered answers and scores are compared.
+* a real model: lm-eval's ``HFLM`` and tunesmith's generation task greedy-decode on the tests' tiny Llama
+  (random weights: the comparison needs the same replies, not good ones) with a stop string, and each document's filtered answers and scores are compared.
 
 lm-eval runs local task YAMLs over local JSONL files (its GSM8K filters and metric options copied
 from its ``gsm8k.yaml``; ROUGE through its own ``cnn_dailymail`` ``process_results``).
@@ -23,8 +23,6 @@ import yaml
 
 from tunesmith.evaluation.filters import score_documents
 from tunesmith.evaluation.tasks import GenerationTask
-
-from conftest import asset
 
 pytest.importorskip("lm_eval", reason="lm-evaluation-harness is not installed (pip install 'tunesmith[lm-eval]')")
 
@@ -179,14 +177,14 @@ def test_summary_rouge_equals_lm_eval_cnn_dailymail_per_document(tmp_path):
     assert unstemmed[0]["scores"]["rouge1"] < float(theirs["none"][0]["rouge1"])  # the stemmer matters here
 
 
-def test_gsm8k_task_equals_lm_eval_hflm_on_stories260k(tmp_path):
+def test_gsm8k_task_equals_lm_eval_hflm_on_the_tiny_llama(tmp_path, tiny_llama):
     """Same model, same data: lm-eval's HFLM (chat template, a stop string) and tunesmith's generation task."""
     from lm_eval.models.huggingface import HFLM
 
     from tunesmith.evaluation.generation import generate_for_records
     from tunesmith.inference import load_for_inference
 
-    model, tokenizer = load_for_inference(str(asset("models/stories260k")))
+    model, tokenizer = load_for_inference(tiny_llama)
     docs = [{"question": q, "answer": f"#### {n}"} for q, n in (("Lily had 2 dogs and 3 cats.", 5),
                                                                  ("Tom saw 10 birds.", 10),
                                                                  ("Once upon a time, there was a little girl.", 1),

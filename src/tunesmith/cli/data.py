@@ -1,7 +1,7 @@
 """``tunesmith data inspect|clean|dedup|augment|split|convert``: preparing a data set, one step each.
 
 Every step streams its input, writes a new JSON Lines file atomically (refusing to replace an
-existing one without ``--force``), never touches the input, and with ``--on-error skip`` skips
+existing one without ``--force``, and with it any file tunesmith did not write), never touches the input, and with ``--on-error skip`` skips
 and counts malformed records instead of stopping at the first.
 """
 
@@ -31,7 +31,7 @@ def _common(parser: argparse.ArgumentParser, output: bool = True, on_error_help:
     parser.add_argument("file", help="Data file (.json, .jsonl, .csv, .tsv, .parquet, .txt, optionally .gz).")
     if output:
         parser.add_argument("-o", "--output", required=True, help="New .jsonl file to write.")
-        parser.add_argument("--force", action="store_true", help="Replace the output if it exists.")
+        parser.add_argument("--force", action="store_true", help="Replace the output if it exists and tunesmith wrote it (never a file of yours).")
     parser.add_argument("--format", default="auto", help="Record layout: alpaca, sharegpt, messages, preference, text, auto.")
     parser.add_argument("--text-field", default="text", help="Field of the 'text' layout.")
     parser.add_argument("--columns", type=columns_flag, default=None, metavar="ROLE=COLUMN,...",
@@ -306,7 +306,7 @@ def _register_split(steps) -> None:
     split.add_argument("--fractions", default="train=0.8,validation=0.1,test=0.1")
     split.add_argument("--seed", type=int, default=42)
     split.add_argument("--stratify", help="Field whose values keep their proportions in every part.")
-    split.add_argument("--force", action="store_true", help="Replace existing part files.")
+    split.add_argument("--force", action="store_true", help="Replace existing part files that tunesmith wrote (never a file of yours).")
     split.set_defaults(handler=cmd_split)
 
 

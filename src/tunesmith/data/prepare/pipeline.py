@@ -137,7 +137,7 @@ def _run_steps(train, prepare: PrepareSection, folder: Path, names, data_format,
             records = cleaner.run(records, clean_report)
         if deduplicator:
             records = deduplicate(records, deduplicator, dedup_report)
-        with AtomicJsonlWriter(folder / name, force=True, inputs=(source,)) as writer:
+        with AtomicJsonlWriter(folder / name, force=True, inputs=(source,), own_folder=True) as writer:
             for record in records:
                 writer.write(record.fields)
     counts: dict[str, Any] = {"skipped_bad": bad.count}

@@ -8,6 +8,7 @@ is never touched, and a half-written output never appears under the final name.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import unicodedata
 from dataclasses import dataclass, field
@@ -17,10 +18,13 @@ from typing import Any, Iterator, Literal
 from tunesmith.data.formats import FORMATS, FormatOptions, detect_format, preference_parts
 from tunesmith.data.readers import RawRecord, read_records
 from tunesmith.errors import TunesmithError
-from tunesmith.files import atomic_path
+from tunesmith.files import atomic_path, write_text_atomic
 
 OnError = Literal["skip", "fail"]
 MAX_EXAMPLES_KEPT = 5
+# Beside the files the data tools write: each file's name and the SHA-256 of what was written, so that
+# ``--force`` replaces only a file tunesmith wrote itself and nobody changed since.
+WRITTEN_MANIFEST = ".tunesmith-data.json"
 
 
 @dataclass
@@ -86,20 +90,27 @@ def normalise(text: str) -> str:
 class AtomicJsonlWriter:
     """Writes records as JSON Lines to a temporary sibling, renamed into place on success.
 
+    Each file written is recorded (name and SHA-256) in :data:`WRITTEN_MANIFEST` beside it, so that a
+    later ``force`` replaces it but never a file tunesmith did not write.
+
     Args:
         path: The output file; must end in ``.jsonl``.
-        force: Replace an existing file (never one of ``inputs``).
+        force: Replace an existing file that tunesmith wrote (never one of ``inputs``, never another file).
         inputs: Files being read, which are never overwritten.
+        own_folder: The caller owns the whole folder (the prepared-data cache): ``force`` replaces any file.
 
     Raises:
-        TunesmithError: If the output exists without ``force``, is an input, or is not ``.jsonl``.
+        TunesmithError: If the output exists without ``force``, is an input, was not written by
+            tunesmith, or is not ``.jsonl``.
     """
 
-    def __init__(self, path: str | Path, force: bool = False, inputs: tuple[str | Path, ...] = ()) -> None:
+    def __init__(self, path: str | Path, force: bool = False, inputs: tuple[str | Path, ...] = (),
+                 own_folder: bool = False) -> None:
         self.path = Path(path)
-        check_output(self.path, force, inputs)
+        check_output(self.path, force, inputs, own_folder)
         self.count = 0
         self._handle: Any = None
+        self._digest = hashlib.sha256()
         self._open = contextlib.ExitStack()
 
     def __enter__(self) -> "AtomicJsonlWriter":
@@ -111,15 +122,47 @@ class AtomicJsonlWriter:
 
     def write(self, fields: dict[str, Any]) -> None:
         """Append one record."""
-        self._handle.write(json.dumps(fields, ensure_ascii=False) + "\n")
+        line = json.dumps(fields, ensure_ascii=False) + "\n"
+        self._handle.write(line)
+        self._digest.update(line.encode("utf-8"))
         self.count += 1
 
     def __exit__(self, error_type, error, traceback) -> None:
         self._open.__exit__(error_type, error, traceback)
+        if error_type is None:
+            record_written(self.path, self._digest.hexdigest())
 
 
-def check_output(path: Path, force: bool, inputs: tuple[str | Path, ...] = ()) -> None:
-    """Refuse an output that would overwrite an input, or an existing file without ``force``.
+def _written(folder: Path) -> dict[str, str]:
+    """The files the data tools wrote into ``folder``: name -> SHA-256 (empty when none or unreadable)."""
+    try:
+        written = json.loads((folder / WRITTEN_MANIFEST).read_text(encoding="utf-8")).get("written", {})
+    except (OSError, ValueError, AttributeError):
+        return {}
+    return written if isinstance(written, dict) else {}
+
+
+def record_written(path: Path, sha256: str) -> None:
+    """Note in the folder's :data:`WRITTEN_MANIFEST` that tunesmith wrote ``path`` with this content."""
+    written = {**_written(path.parent), path.name: sha256}
+    write_text_atomic(path.parent / WRITTEN_MANIFEST, json.dumps({"written": written}, indent=1, sort_keys=True))
+
+
+def written_by_tunesmith(path: Path) -> bool:
+    """Whether ``path`` is a file the data tools wrote and nobody changed since."""
+    expected = _written(path.parent).get(path.name)
+    if expected is None or not path.is_file():
+        return False
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest() == expected
+
+
+def check_output(path: Path, force: bool, inputs: tuple[str | Path, ...] = (), own_folder: bool = False) -> None:
+    """Refuse an output that would overwrite an input, an existing file without ``force``, or with
+    ``force`` a file tunesmith did not write (or that was changed since).
 
     Raises:
         TunesmithError: Naming the file and the fix.
@@ -131,3 +174,6 @@ def check_output(path: Path, force: bool, inputs: tuple[str | Path, ...] = ()) -
             raise TunesmithError(f"output {path} is also an input; the input is never modified, so choose another name")
     if path.exists() and not force:
         raise TunesmithError(f"output {path} already exists; choose another name or pass --force to replace it")
+    if path.exists() and not own_folder and not written_by_tunesmith(path):
+        raise TunesmithError(f"output {path} exists and was not written by tunesmith (or was changed since), so "
+                             "--force does not replace it; choose another name or remove the file yourself")
