@@ -30,7 +30,7 @@ class TinyLM(nn.Module):
     def get_input_embeddings(self) -> nn.Module:
         return self.embed
 
-    def forward(self, input_ids, attention_mask=None):
+    def forward(self, input_ids, attention_mask=None, use_cache=None):  # as a transformers causal LM takes it
         return SimpleNamespace(logits=self.head(torch.tanh(self.hidden(self.embed(input_ids)))))
 
 
