@@ -20,6 +20,7 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel, Field
 
 from tunesmith.errors import TunesmithError
+from tunesmith.serve.workspace import plan_in_workspace
 
 router = APIRouter(prefix="/guided")  # under studio_api's /api
 
@@ -249,22 +250,6 @@ def _recheck(raw: dict, request: Request):
     if recipe is None:
         raise TunesmithError("; ".join(f"{e['loc']}: {e['message']}" for e in errors))
     return recipe, errors
-
-
-def plan_in_workspace(recipe, root: Path):
-    """``tunesmith plan`` for the recipe's own method, without a calibration run, its paths read in the workspace:
-    the one plan behind the guided path and the Plan screen."""
-    from tunesmith.plan import plan_recipe
-
-    local = recipe.model_copy(update={"model": recipe.model.model_copy(update={"name": absolute(root, recipe.model.name)}),
-                                      "data": recipe.data.model_copy(update={
-                                          "train": tuple(str(root / p) for p in recipe.data.train),
-                                          "validation": str(root / recipe.data.validation) if recipe.data.validation else None})})
-    return plan_recipe(local, methods="recipe", calibrate=False, say=lambda *args: None)
-
-
-def absolute(root: Path, name: str) -> str:
-    return str(root / name) if (root / name).is_dir() else name
 
 
 def explain(task: Task, body: GuidedBody, raw: dict, rows: int, test_rows: int, plan: dict) -> list[str]:

@@ -21,7 +21,7 @@ from pydantic import BaseModel, Field, ValidationError
 from tunesmith.errors import TunesmithError
 from tunesmith.files import atomic_path, write_text_atomic
 from tunesmith.run_files import RunLayout
-from tunesmith.serve.workspace import TooLarge
+from tunesmith.serve.workspace import TooLarge, plan_in_workspace
 
 router = APIRouter(prefix="/api")
 
@@ -227,8 +227,6 @@ async def plan(body: RecipeBody, request: Request):
 def estimate_plan(recipe, root: Path) -> dict:
     """What ``tunesmith plan`` says of the recipe's own method (no calibration run): parameters, peak memory by
     part on this machine, whether it fits, and the data verdict. The same plan as the guided path's and the CLI's."""
-    from tunesmith.serve.guided import plan_in_workspace
-
     plan = plan_in_workspace(recipe, root)
     method, mb = plan.methods[0], 2**20
     memory = method.memory

@@ -82,3 +82,19 @@ class Workspace:
     def scrub(self, text: str) -> str:
         """``text`` with the workspace's absolute location removed: messages name workspace paths only."""
         return text.replace(f"{self.root}{os.sep}", "").replace(str(self.root), ".")
+
+
+def plan_in_workspace(recipe, root: Path):
+    """``tunesmith plan`` for the recipe's own method, without a calibration run, its paths read in the workspace:
+    the one plan behind the guided path and the Plan screen."""
+    from tunesmith.plan import plan_recipe
+
+    local = recipe.model_copy(update={"model": recipe.model.model_copy(update={"name": absolute(root, recipe.model.name)}),
+                                      "data": recipe.data.model_copy(update={
+                                          "train": tuple(str(root / p) for p in recipe.data.train),
+                                          "validation": str(root / recipe.data.validation) if recipe.data.validation else None})})
+    return plan_recipe(local, methods="recipe", calibrate=False, say=lambda *args: None)
+
+
+def absolute(root: Path, name: str) -> str:
+    return str(root / name) if (root / name).is_dir() else name
