@@ -49,7 +49,7 @@ def create_app(workspace: str | Path, api_key: Optional[str] = None, bases: Opti
         allow_code: ``serve --allow-code``: recipes from the browser may name code (reward functions,
             trust_remote_code, lm-eval include paths); see :mod:`tunesmith.serve.safety`.
     """
-    from tunesmith.serve import jobs_api, openai_api, studio_api
+    from tunesmith.serve import guided, jobs_api, openai_api, playground, studio_api, studio_data
     from tunesmith.serve.batching import BatchingGenerator
     from tunesmith.serve.jobs import JobRunner
 
@@ -92,6 +92,8 @@ def create_app(workspace: str | Path, api_key: Optional[str] = None, bases: Opti
     _add_error_handlers(app)
     app.include_router(openai_api.router)
     app.include_router(studio_api.router)
+    for studio_routes in (studio_data, guided, playground):  # data preview/inspect, the guided path, playground
+        app.include_router(studio_routes.router, prefix="/api")
     app.include_router(jobs_api.router)
 
     @app.get("/", include_in_schema=False)

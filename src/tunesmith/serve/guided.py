@@ -22,7 +22,7 @@ from pydantic import BaseModel, Field
 from tunesmith.errors import TunesmithError
 from tunesmith.serve.workspace import plan_in_workspace
 
-router = APIRouter(prefix="/guided")  # under studio_api's /api
+router = APIRouter(prefix="/guided")  # under /api (serve/app.py)
 
 TaskName = Literal["label", "answer", "rewrite", "style", "prefer", "score", "practise"]
 PreferenceStage = Literal["dpo", "orpo", "simpo", "kto"]

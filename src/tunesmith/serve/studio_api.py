@@ -322,16 +322,3 @@ def unique_path(folder: Path, stem: str, suffix: str) -> Path:
     while candidate.exists():
         candidate, number = folder / f"{stem}-{number}{suffix}", number + 1
     return candidate
-
-
-def _include_route_modules() -> None:
-    """The studio's route modules beside this one (data preview and inspect, the guided path, the playground and
-    downloads), under /api."""
-    from tunesmith.serve import guided, playground, studio_data
-
-    router.include_router(studio_data.router)
-    router.include_router(guided.router)
-    router.include_router(playground.router)
-
-
-_include_route_modules()
