@@ -21,6 +21,7 @@ import yaml
 from tunesmith.files import write_text_atomic
 from tunesmith.models.aliases import ALIASES
 from tunesmith.run_files import RunLayout
+from tunesmith.training.trackers import flatten_config
 
 CARD_FILE = "README.md"
 
@@ -157,21 +158,12 @@ def evaluation_section(summary: dict[str, Any]) -> str:
     if summary.get("val_perplexity") is not None:
         rows.append(f"| validation perplexity | | {float(summary['val_perplexity']):.4f} |")
     forgetting = summary.get("forgetting") or {}
-    for name, value in flatten(forgetting).items():
+    for name, value in flatten_config(forgetting).items():
         if isinstance(value, (int, float)):
             rows.append(f"| forgetting: {name} | | {value:.4f} |")
     if not rows:
         return ""
     return "## Evaluation\n\n| metric | before | after |\n|---|---|---|\n" + "\n".join(rows) + "\n"
-
-
-def flatten(mapping: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``."""
-    flat: dict[str, Any] = {}
-    for key, value in mapping.items():
-        name = f"{prefix}{key}"
-        flat.update(flatten(value, name + ".") if isinstance(value, dict) else {name: value})
-    return flat
 
 
 def cost_section(summary: dict[str, Any]) -> str:
