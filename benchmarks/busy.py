@@ -11,7 +11,7 @@ own default (how much the policy costs when nothing else runs).
 
 Policies:
     torch       torch's defaults: every core, OpenMP threads spin before they sleep (libgomp: 300,000 spins)
-    tunesmith   what the CLI does at start (:func:`tunesmith.runtime.configure_threads`)
+    tunesmith   what the CLI does at start (:func:`tunesmith.core.runtime.configure_threads`)
     passive     OMP_WAIT_POLICY=PASSIVE, every core
     spin=N      GOMP_SPINCOUNT=N, every core
     threads=N   torch.set_num_threads(N), torch's wait policy
@@ -71,7 +71,7 @@ def policy_environment(policy: str) -> dict[str, str]:
 def loop_worker(policy: str, steps: int, size: str) -> dict:
     """tunesmith's loop on a generated model (LoRA, autocast auto), timed per step; prints its tokens/s."""
     if policy == "tunesmith":
-        from tunesmith.runtime import configure_threads
+        from tunesmith.core.runtime import configure_threads
 
         configure_threads()
     sys.path.insert(0, str(HERE))

@@ -31,7 +31,7 @@ sys.path.insert(0, str(REPO / "src"))
 from tunesmith.evaluation.benchmarks import read_mmlu  # noqa: E402  (after the path is set)
 from tunesmith.evaluation.harness import harness_documents, write_mmlu_task_yamls  # noqa: E402
 from tunesmith.evaluation.multiple_choice import PromptStyle, evaluate_multiple_choice  # noqa: E402
-from tunesmith.inference import load_for_inference  # noqa: E402
+from tunesmith.inference.generate import load_for_inference  # noqa: E402
 
 DESCRIPTION = "The following are multiple choice questions (with answers) about {group}.\n\n"
 ASSETS = Path(os.environ.get("TUNESMITH_TEST_ASSETS", REPO.parent / "shared" / "assets"))  # as the tests find it
@@ -72,7 +72,7 @@ def score_both(model, tokenizer, folder: Path, subjects: tuple[str, ...], limit:
 @torch.no_grad()
 def generation_ratio(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int) -> dict:
     """New tokens/s and time to first token: tunesmith's generation against plain ``model.generate``."""
-    from tunesmith.inference import generate
+    from tunesmith.inference.generate import generate
 
     conversations = [[{"role": "user", "content": p}] for p in prompts]
 

@@ -18,7 +18,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from tunesmith.errors import TunesmithError
+from tunesmith.core.errors import TunesmithError
 from tunesmith.export import export
 
 FORMATS = (("hf", None), ("peft", None), ("gguf", "f16"), ("gguf", "q8_0"), ("gguf", "q4_0"))

@@ -4,7 +4,7 @@
     python benchmarks/generate_speed.py --new-tokens 64 --repeats 1
 
 One greedy chat reply of exactly ``--new-tokens`` tokens (no stop token ends it) from the same prompt:
-plain ``model.generate`` (float32, as loaded), ``tunesmith.decoding.decode`` (float32; and with the
+plain ``model.generate`` (float32, as loaded), ``tunesmith.inference.decoding.decode`` (float32; and with the
 weights in bfloat16), and llama.cpp through node-llama-cpp on the same model written as an f16 GGUF
 by tunesmith's exporter. Prefill included, model load excluded; the best of ``--repeats`` runs each.
 A benchmark, not a test: the ratios were measured in one run, on whatever else the machine was doing.
@@ -40,10 +40,10 @@ def best_rate(run, new_tokens: int, repeats: int) -> float:
 
 
 def llama_cpp_rate(model, tokenizer, prompt: list[int], new_tokens: int, repeats: int, threads: int) -> dict:
+    from tunesmith.core.runtime import node_llama_cpp_dir
     from tunesmith.export.gguf import write_gguf
     from tunesmith.export.llama_cpp import llama_cpp_unavailable
-    from tunesmith.inference import stop_token_ids
-    from tunesmith.runtime import node_llama_cpp_dir
+    from tunesmith.inference.generate import stop_token_ids
 
     reason = llama_cpp_unavailable()
     if reason:
@@ -71,8 +71,8 @@ def main() -> None:
     parser.add_argument("--no-llama-cpp", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    from tunesmith.decoding import decode
-    from tunesmith.inference import load_for_inference, stop_token_ids
+    from tunesmith.inference.decoding import decode
+    from tunesmith.inference.generate import load_for_inference, stop_token_ids
 
     model, tokenizer = load_for_inference(args.model)
     rendered = tokenizer.apply_chat_template(PROMPT, add_generation_prompt=True, tokenize=True, return_dict=True)

@@ -90,7 +90,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from tunesmith.evaluation.judge import LocalJudge, judge_pairs
-    from tunesmith.inference import load_for_inference
+    from tunesmith.inference.generate import load_for_inference
 
     model, tokenizer = load_for_inference(args.judge)
     pairs = hh_pairs(Path(args.assets) / "data/hh_rlhf/harmless-base-test.jsonl.gz", args.pairs, args.max_chars)
@@ -111,7 +111,7 @@ def main() -> None:
 
     if args.tuned and args.held_out:
         from tunesmith.evaluation.judge_task import answer, pairwise_result
-        from tunesmith.results import locate_result
+        from tunesmith.inference.results import locate_result
 
         prompts = held_out_prompts(Path(args.held_out), args.held_out_limit)
         tuned_model, tuned_tokenizer = load_for_inference(args.tuned)

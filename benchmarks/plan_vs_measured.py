@@ -32,7 +32,7 @@ from pathlib import Path
 import yaml
 
 from tunesmith.config import validate_recipe
-from tunesmith.plan import calibrate_time, plan_recipe
+from tunesmith.workflows.plan import calibrate_time, plan_recipe
 
 REPO = Path(__file__).resolve().parents[1]
 METHODS = {"lora r=16": {"kind": "lora", "r": 16, "alpha": 32}, "lora r=64": {"kind": "lora", "r": 64, "alpha": 128},

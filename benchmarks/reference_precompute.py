@@ -26,7 +26,7 @@ def run(stage: str, model: str, steps: int, precompute: bool, out: Path, max_len
         autocast: str) -> tuple[list[float], float]:
     """(step times after the first, seconds before the first step) of one run."""
     from tunesmith.config import validate_recipe
-    from tunesmith.finetune import finetune
+    from tunesmith.pipeline.finetune import finetune
 
     recipe = validate_recipe({
         "stage": {"kind": stage, "precompute_reference": precompute}, "model": {"name": model},

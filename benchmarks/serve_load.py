@@ -55,7 +55,7 @@ def make_adapters(workspace: Path, model: str, count: int = 2) -> list[str]:
     from peft import LoraConfig, get_peft_model
 
     sys.path.insert(0, str(REPO / "src"))
-    from tunesmith.inference import load_for_inference
+    from tunesmith.inference.generate import load_for_inference
 
     base, _ = load_for_inference(model)
     ids = []

@@ -30,10 +30,10 @@ KINDS = {"lora": ({"dtype": "bfloat16"}, "bf16 LoRA r=16"), "qlora": ({"quantize
 def write_model(name: str, folder: Path) -> Path:
     """The shape with random bfloat16 weights and SmolLM2's tokenizer, saved once into ``folder``."""
     from tunesmith.config import ModelSection
+    from tunesmith.core.runtime import cache_dir
     from tunesmith.models import ALIASES
     from tunesmith.models.loading import load_tokenizer
     from tunesmith.models.shapes import build_random_model, shape_config
-    from tunesmith.runtime import cache_dir
 
     target = folder / name
     if (target / "config.json").is_file():
@@ -58,21 +58,21 @@ def recipe(model: Path, kind: str, steps: int, out: Path) -> dict:
 
 def largest_tokens(raw: dict) -> int:
     from tunesmith.config import validate_recipe
-    from tunesmith.data import prepare_data
+    from tunesmith.data import encode_data
     from tunesmith.models.loading import load_tokenizer
-    from tunesmith.plan import largest_micro_batch_tokens
+    from tunesmith.workflows.plan import largest_micro_batch_tokens
 
     parsed = validate_recipe(raw)
     tokenizer = load_tokenizer(parsed.model.name, parsed.model)
-    data = prepare_data(parsed.data, tokenizer, parsed.train.seed)
+    data = encode_data(parsed.data, tokenizer, parsed.train.seed)
     return largest_micro_batch_tokens(parsed, [len(e.input_ids) for e in data.train], parsed.train.max_steps)
 
 
 def main() -> None:
+    from tunesmith.core.run_files import RunLayout
+    from tunesmith.core.runtime import available_memory_bytes
     from tunesmith.models.shapes import shape_config
-    from tunesmith.plan.shapes import plan_shape
-    from tunesmith.run_files import RunLayout
-    from tunesmith.runtime import available_memory_bytes
+    from tunesmith.workflows.plan.shapes import plan_shape
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", nargs="+", default=["smollm2-1.7b", "qwen2.5-3b"])

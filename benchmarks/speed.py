@@ -35,7 +35,7 @@ REPO = Path(__file__).resolve().parents[1]
 ASSETS = Path(os.environ.get("TUNESMITH_TEST_ASSETS", REPO.parent / "shared" / "assets"))
 sys.path.insert(0, str(REPO / "src"))
 
-from tunesmith.runtime import peak_memory_mb  # noqa: E402  (after the path is set)
+from tunesmith.core.runtime import peak_memory_mb  # noqa: E402  (after the path is set)
 
 MODELS = {
     "S": dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=8, num_attention_heads=8,
@@ -188,20 +188,20 @@ def run_reference(model, examples, steps: int, lora: bool, config: str,
 def run_tunesmith(model, examples, steps: int, lora: bool, speed: dict) -> tuple[list[float], list[float]]:
     """tunesmith's loop with ``train.speed`` options, examples in the given order."""
     from tunesmith.config import EvalSection, FullMethod, LoraMethod, SpeedSection, TrainSection
-    from tunesmith.data.prepared import PreparedData
+    from tunesmith.core.runtime import Runtime
+    from tunesmith.data.encoded import EncodedData
     from tunesmith.methods import build_method
-    from tunesmith.runtime import Runtime
     from tunesmith.training.hooks import Hook
     from tunesmith.training.loop import LoopSeams, Trainer
     from tunesmith.training.objective import TokenCrossEntropy
-    from tunesmith.training.speed import prepare_speed
+    from tunesmith.training.speed import apply_speed
 
     method = build_method(LoraMethod(r=16, alpha=32, dropout=0.0, targets="all-linear") if lora else FullMethod())
     model = method.apply(model)
     train = TrainSection(batch_size=BATCH, lr=LR, schedule="constant", max_steps=steps, log_every=10**6,
                          speed=SpeedSection(**speed))
     runtime = Runtime(torch.device("cpu"))
-    setup = prepare_speed(model, method, train.speed, train, runtime.device)
+    setup = apply_speed(model, method, train.speed, train, runtime.device)
     stamps, losses = [], []
 
     class Clock(Hook):
@@ -209,7 +209,7 @@ def run_tunesmith(model, examples, steps: int, lora: bool, speed: dict) -> tuple
             stamps.append(time.perf_counter())
             losses.append(record["loss"])
 
-    data = PreparedData(train=examples, validation=None, template="none")
+    data = EncodedData(train=examples, validation=None, template="none")
     seams = LoopSeams(TokenCrossEntropy(setup.token_loss, setup.collate_fn), InOrder(len(examples)), hooks=(Clock(),))
     trainer = Trainer(model, method, data, train, EvalSection(), runtime, 0, seams)
     trainer.fit()
@@ -249,15 +249,15 @@ def smollm2_recipe(folder: Path, method: str, steps: int, speed: dict) -> dict:
 def smollm2_reference(args) -> dict:
     """The reference on SmolLM2 and the examples tunesmith prepares, in the order tunesmith's sampler takes them."""
     from tunesmith.config import validate_recipe
-    from tunesmith.data import prepare_data
+    from tunesmith.core.runtime import cache_dir
+    from tunesmith.data import encode_data
     from tunesmith.models import load_model_and_tokenizer
-    from tunesmith.runtime import cache_dir
     from tunesmith.training.sampler import StepSampler
 
     with tempfile.TemporaryDirectory() as folder:
         recipe = validate_recipe(smollm2_recipe(Path(folder), args.method, args.steps, {}))
     model, tokenizer = load_model_and_tokenizer(recipe.model, cache_dir(), torch.device("cpu"))
-    examples = prepare_data(recipe.data, tokenizer, recipe.train.seed).train
+    examples = encode_data(recipe.data, tokenizer, recipe.train.seed).train
     sampler = StepSampler(len(examples), BATCH, 1, 1, 0, recipe.train.seed)
     order = [i for step in range(args.steps) for i in sampler.micro_batches(step)[0]]
     lora = args.method == "lora"
@@ -325,7 +325,7 @@ def stack_environment(stack: str, reference_policy: str) -> dict:
     policies (on a busy machine torch's spin-waiting alone makes it several times slower:
     benchmarks/busy.py); ``--reference-policy torch`` gives it torch's defaults instead.
     """
-    from tunesmith.runtime import thread_environment
+    from tunesmith.core.runtime import thread_environment
 
     env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
     same = stack == "tunesmith" or reference_policy == "tunesmith"
@@ -445,8 +445,8 @@ def main() -> None:
           f"reference wait policy: {args.reference_policy}'s; "
           f"load average before: {os.getloadavg()[0]:.2f}", flush=True)
     if size == "smollm2":
+        from tunesmith.core.runtime import cache_dir
         from tunesmith.models.smollm2 import ensure_smollm2_folder
-        from tunesmith.runtime import cache_dir
 
         ensure_smollm2_folder(cache_dir())  # convert once, outside every timed run
     ceilings = {"float32": matmul_ceiling(torch.float32), "bfloat16": matmul_ceiling(torch.bfloat16)}

@@ -82,11 +82,11 @@ def before_metrics(raw: dict) -> dict:
     import torch
 
     from tunesmith.config import validate_recipe
+    from tunesmith.core.runtime import init_runtime
     from tunesmith.methods import build_method
     from tunesmith.models import load_model_and_tokenizer
-    from tunesmith.runtime import init_runtime
     from tunesmith.stages import build_stage
-    from tunesmith.training.speed import prepare_speed
+    from tunesmith.training.speed import apply_speed
 
     config = validate_recipe(raw)
     runtime = init_runtime(config.train.device)
@@ -94,11 +94,11 @@ def before_metrics(raw: dict) -> dict:
     model, tokenizer = load_model_and_tokenizer(config.model, runtime.cache, runtime.device)
     stage = build_stage(config.stage)
     stage.check_model(model)
-    data = stage.prepare_data(config.data, tokenizer, config.train.seed, runtime.cache)
+    data = stage.encode_data(config.data, tokenizer, config.train.seed, runtime.cache)
     method = build_method(config.method)
-    model = method.apply(stage.prepare_model(model))
+    model = method.apply(stage.adapt_model(model))
     stage.after_method(model)
-    speed = prepare_speed(model, method, config.train.speed, config.train, runtime.device)
+    speed = apply_speed(model, method, config.train.speed, config.train, runtime.device)
     try:
         return stage.objective(speed).evaluate(model, data.validation, config.eval.batch_size,
                                                tokenizer.pad_token_id, runtime)
@@ -109,7 +109,7 @@ def before_metrics(raw: dict) -> dict:
 def run_one(stage: str, args: argparse.Namespace) -> dict:
     """Before metrics, then the training run (this process); returns the table row."""
     from tunesmith.config import validate_recipe
-    from tunesmith.finetune import finetune
+    from tunesmith.pipeline.finetune import finetune
 
     out = Path(args.work) / stage
     model = model_folder(args.cls_model or args.model) if stage == "cls" else args.model

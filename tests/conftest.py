@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tunesmith.runtime import gguf_converter_dir, node_llama_cpp_dir
+from tunesmith.core.runtime import gguf_converter_dir, node_llama_cpp_dir
 from tunesmith.training.hooks import Hook
 
 REPO = Path(__file__).resolve().parents[1]

@@ -42,7 +42,7 @@ def tiny_recipe(run: str, steps: int = 6, **train) -> dict:
 
 def greedy_completion(base: str, adapter: str | None, prompt: str, max_tokens: int) -> str:
     """What tunesmith's own inference (transformers' greedy ``generate``) continues ``prompt`` with."""
-    from tunesmith.inference import load_for_inference
+    from tunesmith.inference.generate import load_for_inference
 
     model, tokenizer = load_for_inference(base, adapter)
     inputs = tokenizer(prompt, return_tensors="pt")

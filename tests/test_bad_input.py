@@ -345,14 +345,14 @@ def test_relative_data_root_flag_is_relative_to_the_current_folder(tmp_path, mon
 def test_typo_suggestion_is_the_nearest_key(typo, choices, expected):
     from tunesmith.config import DataSection, TrainSection
     from tunesmith.config.methods import LoraMethod
-    from tunesmith.registry import nearest_name
+    from tunesmith.core.registry import nearest_name
 
     keys = {"lora": LoraMethod, "train": TrainSection, "data": DataSection}[choices].model_fields
     assert nearest_name(typo, list(keys)) == expected
 
 
 def test_edit_distance_counts_a_swap_as_one():
-    from tunesmith.registry import edit_distance
+    from tunesmith.core.registry import edit_distance
 
     assert edit_distance("rnak", "rank") == 1
     assert edit_distance("", "abc") == 3
@@ -374,7 +374,7 @@ def test_config_check_valid_means_resolvable(tiny_llama, tmp_path, capsys):
 PEAK_SCRIPT = """
 import sys, torch
 from tunesmith.cli import main
-from tunesmith.runtime import peak_memory_mb
+from tunesmith.core.runtime import peak_memory_mb
 code = main(sys.argv[1:])
 print(f"PEAK_MB {peak_memory_mb(torch.device('cpu')):.1f} EXIT {code}")
 """
@@ -444,7 +444,7 @@ def test_max_new_tokens_beyond_the_context_window_is_refused(tiny_llama, capsys)
 
 @pytest.mark.parametrize("fmt", ["hf", "peft", "gguf"])
 def test_a_relative_out_works_for_every_export_format(fmt, tiny_recipe, tmp_path, monkeypatch, capsys):
-    from tunesmith.finetune import finetune
+    from tunesmith.pipeline.finetune import finetune
 
     finetune(tiny_recipe("train.max_steps=1"), progress=False)
     monkeypatch.chdir(tmp_path)

@@ -7,10 +7,10 @@ import shutil
 
 import pytest
 
-from tunesmith.constitutional import critique_and_revise, local_chat, read_principles, read_prompts, run_cai
+from tunesmith.core.errors import TunesmithError
 from tunesmith.data.formats import preference_parts
 from tunesmith.data.readers import read_records
-from tunesmith.errors import TunesmithError
+from tunesmith.workflows.constitutional import critique_and_revise, local_chat, read_principles, read_prompts, run_cai
 
 from conftest import REPO, run_cli
 
@@ -42,7 +42,7 @@ def test_cai_writes_sft_and_preference_data_with_every_step_kept(tiny_llama, tmp
 
 
 def test_the_critique_sees_the_draft_and_the_revision_sees_the_critique(tiny_llama):
-    from tunesmith.inference import load_for_inference
+    from tunesmith.inference.generate import load_for_inference
 
     model, tokenizer = load_for_inference(tiny_llama)
     real = local_chat(model, tokenizer, max_new_tokens=8)
@@ -75,7 +75,7 @@ def test_a_principles_file_without_pairs_names_the_line(tmp_path):
 
 
 def test_only_a_loopback_endpoint_is_used():
-    from tunesmith.constitutional import endpoint_chat
+    from tunesmith.workflows.constitutional import endpoint_chat
 
     with pytest.raises(TunesmithError, match="only a server on this machine"):
         endpoint_chat("http://example.com/v1", "m")
@@ -84,8 +84,8 @@ def test_only_a_loopback_endpoint_is_used():
 @pytest.mark.slow
 def test_an_openai_compatible_endpoint_answers_as_the_local_model(tiny_llama, tmp_path):
     pytest.importorskip("fastapi")
-    from tunesmith.constitutional import endpoint_chat
-    from tunesmith.inference import load_for_inference
+    from tunesmith.inference.generate import load_for_inference
+    from tunesmith.workflows.constitutional import endpoint_chat
 
     from serve_support import Server
 

@@ -5,7 +5,7 @@ import pytest
 from pydantic import ValidationError
 
 from tunesmith.config import load_recipe, schema_text, validate_recipe
-from tunesmith.errors import TunesmithError
+from tunesmith.core.errors import TunesmithError
 
 from conftest import REPO, run_cli
 

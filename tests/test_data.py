@@ -6,10 +6,10 @@ import json
 import pytest
 
 from tunesmith.config import DataSection
-from tunesmith.data import IGNORE_INDEX, load_examples, prepare_data
+from tunesmith.core.errors import TunesmithError
+from tunesmith.data import IGNORE_INDEX, encode_data, load_examples
 from tunesmith.data.encode import encode_example
 from tunesmith.data.formats import FormatOptions
-from tunesmith.errors import TunesmithError
 
 ALPACA = [
     {"instruction": "Add the numbers.", "input": "2 and 3", "output": "5"},
@@ -96,7 +96,7 @@ def test_truncation_and_dropping_are_counted(tmp_path, tokenizer):
     long_prompt = {"instruction": "word " * 200, "output": "x"}
     long_answer = {"instruction": "q", "output": "word " * 200}
     path = write(tmp_path / "d.jsonl", [long_prompt, long_answer, ALPACA[0]])
-    data = prepare_data(DataSection(train=(path,), max_length=48, template="simple"), tokenizer, seed=0)
+    data = encode_data(DataSection(train=(path,), max_length=48, template="simple"), tokenizer, seed=0)
     stats = data.stats["train"]
     assert (stats.records, stats.dropped, stats.truncated) == (3, 1, 1)
     assert max(len(e.input_ids) for e in data.train) == 48
@@ -105,8 +105,8 @@ def test_truncation_and_dropping_are_counted(tmp_path, tokenizer):
 def test_validation_split_by_fraction_is_seeded(tmp_path, tokenizer):
     rows = [{"instruction": f"q{i}", "output": f"a{i}"} for i in range(20)]
     section = DataSection(train=(write(tmp_path / "d.jsonl", rows),), validation_fraction=0.25, template="simple")
-    first = prepare_data(section, tokenizer, seed=1)
-    again = prepare_data(section, tokenizer, seed=1)
+    first = encode_data(section, tokenizer, seed=1)
+    again = encode_data(section, tokenizer, seed=1)
     assert len(first.validation) == 5 and len(first.train) == 15
     assert [e.input_ids for e in first.validation] == [e.input_ids for e in again.validation]
 
@@ -144,4 +144,4 @@ def test_empty_and_undetectable_data(tmp_path, tokenizer):
 def test_max_length_shorter_than_every_prompt(tmp_path, tokenizer):
     path = write(tmp_path / "d.jsonl", [{"instruction": "word " * 50, "output": "x"}])
     with pytest.raises(TunesmithError, match="raise data.max_length"):
-        prepare_data(DataSection(train=(path,), max_length=16, template="simple"), tokenizer, seed=0)
+        encode_data(DataSection(train=(path,), max_length=16, template="simple"), tokenizer, seed=0)

@@ -11,7 +11,7 @@ from tunesmith.data.prepare.augment import (
     back_translation,
     similarity,
 )
-from tunesmith.rewriters import causal_lm_translator, load_rewrite_model
+from tunesmith.inference.rewriters import causal_lm_translator, load_rewrite_model
 
 ROWS = [
     {"instruction": "Give three tips for staying healthy.", "input": "", "output": "Eat, sleep, move."},

@@ -11,11 +11,11 @@ import pytest
 from pydantic import ValidationError
 
 from tunesmith.config import ColumnsSection, DataSection
+from tunesmith.core.errors import TunesmithError
+from tunesmith.data.encoded import load_examples
 from tunesmith.data.formats import FormatOptions, detect_format
 from tunesmith.data.prepare.inspect import inspect_file
-from tunesmith.data.prepared import load_examples
 from tunesmith.data.readers import read_records
-from tunesmith.errors import TunesmithError
 
 from conftest import run_cli
 
@@ -111,8 +111,8 @@ def test_cls_reads_text_and_label_from_the_columns(tmp_path, tiny_llama):
     path = write_table(tmp_path, ".csv")
     stage = SequenceClassification(ClsStage())  # text_field 'sentence', label_field 'label': data.columns wins
     tokenizer = load_tokenizer(tiny_llama, ModelSection(name=tiny_llama))
-    data = stage.prepare_data(DataSection(train=(str(path),), columns=COLUMNS), tokenizer, 0, tmp_path)
+    data = stage.encode_data(DataSection(train=(str(path),), columns=COLUMNS), tokenizer, 0, tmp_path)
     assert stage.labels == ("politics", "science", "sport") and [e.label for e in data.train] == [2, 0, 1]
     with pytest.raises(TunesmithError, match="data.columns.system: stage cls reads only"):
-        stage.prepare_data(DataSection(train=(str(path),), columns={**COLUMNS.model_dump(), "system": "note"}),
+        stage.encode_data(DataSection(train=(str(path),), columns={**COLUMNS.model_dump(), "system": "note"}),
                            tokenizer, 0, tmp_path)

@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 
 from tunesmith.config.prepare import CleanSection, DedupSection, PrepareSection
+from tunesmith.core.errors import TunesmithError
 from tunesmith.data.prepare.clean import Cleaner, clean_file, luhn_valid
 from tunesmith.data.prepare.convert import convert_file
 from tunesmith.data.prepare.dedup import dedup_file
 from tunesmith.data.prepare.pipeline import prepare_training_files
 from tunesmith.data.prepare.split import split_file
-from tunesmith.errors import TunesmithError
 
 from conftest import run_cli
 
@@ -284,17 +284,17 @@ def test_manifest_changes_with_any_input_or_step(tmp_path):
 
 def test_train_recipe_prepare_section_feeds_prepare_data(tmp_path, tiny_llama):
     from tunesmith.config import DataSection, ModelSection
-    from tunesmith.data import prepare_data
+    from tunesmith.data import encode_data
     from tunesmith.models import load_tokenizer
 
     rows = [{"instruction": f"question {i} <b>bold</b>", "output": f"answer {i}"} for i in range(6)]
     rows += [rows[0], rows[1]]
     train = write_jsonl(tmp_path / "train.jsonl", rows)
     tokenizer = load_tokenizer(tiny_llama, ModelSection(name=tiny_llama))
-    plain = prepare_data(DataSection(train=(str(train),), max_length=64), tokenizer, seed=0)
+    plain = encode_data(DataSection(train=(str(train),), max_length=64), tokenizer, seed=0)
     section = DataSection(train=(str(train),), max_length=64, prepare={
         "clean": {"html": True}, "dedup": {"near": False}, "cache_dir": str(tmp_path / "cache")})
-    prepared = prepare_data(section, tokenizer, seed=0)
+    prepared = encode_data(section, tokenizer, seed=0)
     assert len(plain.train) == 8 and len(prepared.train) == 6
     manifest = json.loads(next((tmp_path / "cache").glob("*/manifest.json")).read_text())
     assert manifest["template"] == prepared.template and manifest["tokenizer"]["vocab_size"] == len(tokenizer)

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 
 from tunesmith.config import ModelSection
+from tunesmith.core.errors import TunesmithError
 from tunesmith.data.encode import IGNORE_INDEX, encode_example
+from tunesmith.data.encoded import load_examples
 from tunesmith.data.formats import Example
-from tunesmith.data.prepared import load_examples
 from tunesmith.data.templates import resolve_template
-from tunesmith.errors import TunesmithError
 from tunesmith.models.loading import load_tokenizer
 
 from conftest import asset

@@ -19,7 +19,7 @@ def test_two_processes_equal_one_at_the_same_global_batch(tiny_recipe, tmp_path)
     import os
     import subprocess
 
-    from tunesmith.finetune import finetune
+    from tunesmith.pipeline.finetune import finetune
 
     finetune(tiny_recipe("train.batch_size=8", output="single"), progress=False)
     recipe = tiny_recipe("train.batch_size=4", output="ddp").model_dump(mode="json")

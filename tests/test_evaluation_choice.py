@@ -24,7 +24,7 @@ MMLU = REPO / "tests" / "data" / "mmlu_layout"
 
 @pytest.fixture(scope="module")
 def tiny(tiny_llama):
-    from tunesmith.inference import load_for_inference
+    from tunesmith.inference.generate import load_for_inference
 
     return load_for_inference(tiny_llama)
 

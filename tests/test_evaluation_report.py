@@ -39,7 +39,7 @@ DATA = REPO / "tests" / "data"  # instructions.json and small project-written mm
 def tuned_run(tmp_path_factory, tiny_llama):
     """Train LoRA on the tiny Llama for 6 steps with eval.report asking for a task, general and bias report."""
     from tunesmith.config import validate_recipe
-    from tunesmith.finetune import finetune
+    from tunesmith.pipeline.finetune import finetune
 
     root = tmp_path_factory.mktemp("report")
     (root / "task.yaml").write_text(
@@ -72,7 +72,7 @@ def direct_perplexity(model, tokenizer, path, limit: int, max_length: int) -> fl
     import torch
 
     from tunesmith.data.encode import encode_example
-    from tunesmith.data.prepared import load_examples
+    from tunesmith.data.encoded import load_examples
 
     examples, _ = load_examples(str(path))
     encoded = [e for e in (encode_example(x, tokenizer, max_length) for x in examples[:limit]) if e is not None]

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tunesmith.errors import TunesmithError
+from tunesmith.core.errors import TunesmithError
 
 from conftest import REPO, run_cli
 
@@ -15,7 +15,7 @@ from conftest import REPO, run_cli
 def _train(out: Path, model: str) -> Path:
     """A real 6-step LoRA run on ``model`` (run folder with adapter/, manifest and tokenizer)."""
     from tunesmith.config import validate_recipe
-    from tunesmith.finetune import finetune
+    from tunesmith.pipeline.finetune import finetune
 
     recipe = validate_recipe({
         "model": {"name": model},
@@ -175,7 +175,7 @@ def test_gguf_metadata_names_llama_tensors_chat_template_and_end_of_turn(sentenc
     from gguf import GGUFReader
 
     from tunesmith.export import export
-    from tunesmith.results import load_result
+    from tunesmith.inference.results import load_result
 
     export(sentencepiece_run, tmp_path / "out", "gguf", "q8_0", ollama=True)
     reader = GGUFReader(tmp_path / "out" / "model-q8_0.gguf")
@@ -280,7 +280,7 @@ def test_llama_cpp_replies_from_a_smollm2_gguf_stop_at_im_end(tmp_path: Path) ->
     from tunesmith.export.check import TOLERANCES, probe_reference
     from tunesmith.export.gguf import write_gguf
     from tunesmith.export.llama_cpp import check_with_llama_cpp
-    from tunesmith.results import load_result
+    from tunesmith.inference.results import load_result
 
     _llama_cpp_or_skip()
     loaded = load_result(_smollm2_folder())
@@ -294,8 +294,8 @@ def test_llama_cpp_replies_from_a_smollm2_gguf_stop_at_im_end(tmp_path: Path) ->
 
 
 def _smollm2_folder() -> str:
+    from tunesmith.core.runtime import cache_dir
     from tunesmith.models import resolve_model_path
-    from tunesmith.runtime import cache_dir
 
     try:
         return resolve_model_path("smollm2-135m-instruct", cache_dir())

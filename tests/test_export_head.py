@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from tunesmith.errors import TunesmithError
+from tunesmith.core.errors import TunesmithError
 
 from conftest import run_cli
 
@@ -18,7 +18,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def classifier(tmp_path_factory, tiny_llama):
     from tunesmith.config import validate_recipe
-    from tunesmith.finetune import finetune
+    from tunesmith.pipeline.finetune import finetune
 
     folder = tmp_path_factory.mktemp("cls")
     with (folder / "news.csv").open("w", newline="") as handle:

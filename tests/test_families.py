@@ -38,7 +38,7 @@ def family_models(tmp_path_factory):
 def trained_runs(family_models, tmp_path_factory, tiny_data_module):
     """Each family's LoRA run (2 steps on the tiny instruction data, packed where the family can), on first use."""
     from tunesmith.config import validate_recipe
-    from tunesmith.finetune import finetune
+    from tunesmith.pipeline.finetune import finetune
 
     runs: dict[str, tuple[Path, dict]] = {}
 
@@ -109,7 +109,7 @@ def test_packed_per_example_losses_equal_unpacked(name: str, family_models) -> N
 @pytest.mark.parametrize("name", NAMES)
 def test_each_family_trains_lora_and_generates_with_its_own_template(name: str, family_models, trained_runs) -> None:
     from tunesmith.data.encode import render_prompt
-    from tunesmith.inference import generate, load_for_inference
+    from tunesmith.inference.generate import generate, load_for_inference
 
     out, summary = trained_runs(name)
     model, tokenizer = load_for_inference(str(family_models(name)), adapter=str(out))
@@ -233,7 +233,7 @@ def test_each_family_exports_to_gguf_checked_by_llama_cpp(name: str, trained_run
 
 
 def test_gguf_of_a_converted_family_refuses_q4_0_by_name(trained_runs, tmp_path: Path) -> None:
-    from tunesmith.errors import TunesmithError
+    from tunesmith.core.errors import TunesmithError
     from tunesmith.export import export
 
     out, _ = trained_runs("qwen2")

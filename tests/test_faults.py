@@ -22,8 +22,8 @@ import torch
 from safetensors.torch import load_file
 from tests.conftest import REPO, StartedAt, StopAt, run_cli
 
-from tunesmith.errors import TunesmithError
-from tunesmith.finetune import finetune
+from tunesmith.core.errors import TunesmithError
+from tunesmith.pipeline.finetune import finetune
 from tunesmith.training.checkpoint import checkpoint_problem, latest_checkpoint, list_checkpoints
 from tunesmith.training.fingerprint import fingerprint_changes, run_fingerprint
 
@@ -112,7 +112,7 @@ def test_a_failed_run_leaves_nothing_that_blocks_the_corrected_rerun(tiny_recipe
 
 
 def test_read_only_output_folder_is_one_sentence_before_the_model_loads(tiny_recipe, tmp_path, monkeypatch):
-    import tunesmith.finetune as finetune_module
+    import tunesmith.pipeline.finetune as finetune_module
 
     def must_not_load(*args, **kwargs):
         raise AssertionError("the model was loaded before the output folder was checked")
@@ -333,7 +333,7 @@ KILLED_IN_FIRST_CHECKPOINT = """
 import os, signal, sys
 import tunesmith.training.checkpoint as checkpoint
 from tunesmith.config import load_recipe
-from tunesmith.finetune import finetune
+from tunesmith.pipeline.finetune import finetune
 
 def killed(obj, handle, *args, **kwargs):  # the first checkpoint is half written when the process dies
     handle.write(b"partial bytes"); handle.flush()
@@ -515,8 +515,8 @@ torch.set_num_threads(1)
 import peft, transformers  # imported once here, not in every child
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 from tunesmith.config import load_recipe
-from tunesmith.errors import TunesmithError
-from tunesmith.finetune import finetune
+from tunesmith.core.errors import TunesmithError
+from tunesmith.pipeline.finetune import finetune
 
 for line in sys.stdin:  # one run per line: {"recipe", "overrides", "resume", "log"}
     job = json.loads(line)
@@ -641,7 +641,7 @@ def adapter_and_bases(tiny_recipe, tmp_path, tiny_llama):
 
 
 def test_an_adapter_names_the_base_it_needs(adapter_and_bases, tiny_llama):
-    from tunesmith.inference import load_for_inference
+    from tunesmith.inference.generate import load_for_inference
 
     adapter, copy, narrow = adapter_and_bases
     manifest = json.loads((adapter / "tunesmith.json").read_text())
@@ -659,7 +659,7 @@ def test_an_adapter_names_the_base_it_needs(adapter_and_bases, tiny_llama):
 
 
 def test_an_old_manifest_on_a_narrower_base_is_a_sentence_not_a_traceback(adapter_and_bases):
-    from tunesmith.inference import load_for_inference
+    from tunesmith.inference.generate import load_for_inference
 
     adapter, _, narrow = adapter_and_bases
     manifest = json.loads((adapter / "tunesmith.json").read_text())

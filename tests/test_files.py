@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tunesmith.files import atomic_folder, atomic_path, fresh_partial_folder, swap_in_folder
+from tunesmith.core.files import atomic_folder, atomic_path, fresh_partial_folder, swap_in_folder
 
 
 def test_a_folder_replaces_the_old_one_only_when_complete(tmp_path):

@@ -31,7 +31,7 @@ def load_example_data_maker():
 
 def train_three_ways(model: str, root):
     """The narrow task trained three ways on ``model``: full, full + EWC, full + replay (summaries by name)."""
-    from tunesmith.finetune import finetune
+    from tunesmith.pipeline.finetune import finetune
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # two shared cores: one thread is faster than two fighting ones
@@ -122,12 +122,12 @@ def test_replay_reports_validation_per_source_and_logs_the_mixture_seen(runs):
 def test_ewc_fisher_is_cached_and_reused(runs, monkeypatch):
     from safetensors.torch import load_file
 
-    from tunesmith.assembly import run_identity
     from tunesmith.config import load_recipe
+    from tunesmith.core.runtime import Runtime
     from tunesmith.forgetting.fisher_cache import fisher_for_run
     from tunesmith.methods import build_method
     from tunesmith.models import load_model_and_tokenizer
-    from tunesmith.runtime import Runtime
+    from tunesmith.pipeline.assembly import run_identity
 
     root, _ = runs
     monkeypatch.setenv("TUNESMITH_CACHE", str(root / "cache"))
@@ -147,7 +147,7 @@ def test_ewc_fisher_is_cached_and_reused(runs, monkeypatch):
 
 
 def test_comparison_table_and_plot_from_the_runs(runs, tmp_path):
-    from tunesmith.forgetting.compare import comparison_row, markdown_table, plot_comparison
+    from tunesmith.workflows.compare import comparison_row, markdown_table, plot_comparison
 
     _, summaries = runs
     rows = [comparison_row(name, summary) for name, summary in summaries.items()]
@@ -164,7 +164,7 @@ def test_resume_is_exact_with_mixing_ewc_on_generations_neftune_and_lora(runs, t
 
     from safetensors.torch import load_file
 
-    from tunesmith.finetune import finetune
+    from tunesmith.pipeline.finetune import finetune
 
     root, _ = runs
     monkeypatch.setenv("TUNESMITH_CACHE", str(tmp_path / "cache"))

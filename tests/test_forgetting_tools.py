@@ -9,9 +9,9 @@ import torch
 from torch import nn
 
 from tunesmith.config import validate_recipe
+from tunesmith.core.errors import TunesmithError
 from tunesmith.data.encode import EncodedExample
 from tunesmith.data.mixing import SourceSlice, mixture_weights, resolve_sources
-from tunesmith.errors import TunesmithError
 from tunesmith.forgetting.ewc import diagonal_fisher, normalise_fisher
 from tunesmith.forgetting.regularisers import AnchorPenalty, add_neftune_noise, set_model_dropout
 from tunesmith.forgetting.retain import forgetting_report

@@ -148,7 +148,7 @@ def test_fsdp_refuses_what_it_cannot_do_yet_naming_the_field(tiny_recipe):
     from tunesmith.config.forgetting import RegulariseSection
     from tunesmith.config.methods import AdapterMethod
     from tunesmith.config.recipe import EvalSection, GenerationTaskSection
-    from tunesmith.errors import TunesmithError
+    from tunesmith.core.errors import TunesmithError
     from tunesmith.training.sharding import check_sharded_recipe
 
     sharded = tiny_recipe("train.distributed=fsdp")

@@ -9,7 +9,7 @@ import torch
 
 from tunesmith.config import DataSection
 from tunesmith.config.rewards import GSM8K_ANSWER, ModelReward
-from tunesmith.errors import TunesmithError
+from tunesmith.core.errors import TunesmithError
 from tunesmith.stages.rewards import (
     NamedReward,
     RewardSet,
@@ -89,12 +89,12 @@ GSM8K_ROWS = [  # GSM8K's layout: a question, and a worked answer ending in "###
 def test_prompts_from_gsm8k(tiny_llama, tmp_path):
     from transformers import AutoTokenizer
 
-    from tunesmith.stages.prompts import prepare_prompts
+    from tunesmith.stages.prompts import load_prompts
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
     test_file = tmp_path / "test.jsonl"
     test_file.write_text("".join(json.dumps(row) + "\n" for row in GSM8K_ROWS))
-    data = prepare_prompts(DataSection(train=str(test_file), template="simple", max_length=1024), tokenizer, 0, 32,
+    data = load_prompts(DataSection(train=str(test_file), template="simple", max_length=1024), tokenizer, 0, 32,
                            True)
     first = json.loads(test_file.read_text().splitlines()[0])
     assert data.train[0].messages[-1]["content"] == first["question"] and data.train[0].reference == first["answer"]
@@ -104,18 +104,18 @@ def test_prompts_from_gsm8k(tiny_llama, tmp_path):
 def test_prompts_from_the_quickstart_and_conversations(tiny_llama, tmp_path):
     from transformers import AutoTokenizer
 
-    from tunesmith.stages.prompts import prepare_prompts
+    from tunesmith.stages.prompts import load_prompts
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
     quickstart = REPO / "examples" / "data" / "quickstart"
-    data = prepare_prompts(DataSection(train=str(quickstart / "train.jsonl"), validation=str(quickstart / "test.jsonl"),
+    data = load_prompts(DataSection(train=str(quickstart / "train.jsonl"), validation=str(quickstart / "test.jsonl"),
                                        template="simple", max_length=128), tokenizer, 0, 16, True)
     assert data.validation[0].reference == "2025-10-06" and "6 October 2025" in data.validation[0].prompt_text
     assert len(data.train) == 400 and data.stats["train"].dropped == 0
     conversation = tmp_path / "turns.jsonl"
     conversation.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
     with pytest.raises(TunesmithError, match="turns.jsonl, line 1: the conversation must end with the assistant"):
-        prepare_prompts(DataSection(train=str(conversation), template="simple"), tokenizer, 0, 16, False)
+        load_prompts(DataSection(train=str(conversation), template="simple"), tokenizer, 0, 16, False)
 
 
 def test_the_shipped_reward_function_imports_from_the_repository_root(monkeypatch):

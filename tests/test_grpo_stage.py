@@ -16,8 +16,8 @@ import torch
 from safetensors.torch import load_file
 
 from tunesmith.config import validate_recipe
-from tunesmith.errors import TunesmithError
-from tunesmith.finetune import finetune
+from tunesmith.core.errors import TunesmithError
+from tunesmith.pipeline.finetune import finetune
 
 from conftest import StartedAt, StopAt
 
@@ -108,8 +108,8 @@ def test_peft_reference_is_the_separately_loaded_base(grpo_recipe):
     recipe = grpo_recipe()
     model, tokenizer = load_model_and_tokenizer(recipe.model, Path("."))
     stage = build_stage(recipe.stage)
-    data = stage.prepare_data(recipe.data, tokenizer, 0, Path("."))
-    model = build_method(recipe.method).apply(stage.prepare_model(model))
+    data = stage.encode_data(recipe.data, tokenizer, 0, Path("."))
+    model = build_method(recipe.method).apply(stage.adapt_model(model))
     stage.after_method(model)
     with torch.no_grad():
         for name, parameter in model.named_parameters():
@@ -136,8 +136,8 @@ def test_full_fine_tuning_keeps_a_frozen_copy_as_reference(grpo_recipe):
 
     model, tokenizer = load_model_and_tokenizer(finetune_recipe.model, Path("."))
     stage = build_stage(finetune_recipe.stage)
-    stage.prepare_data(finetune_recipe.data, tokenizer, 0, Path("."))
-    stage.after_method(stage.prepare_model(model))
+    stage.encode_data(finetune_recipe.data, tokenizer, 0, Path("."))
+    stage.after_method(stage.adapt_model(model))
     with torch.no_grad():
         next(model.parameters()).add_(1.0)  # training moves the model, not its reference
     reference = dict(stage.reference.copy.named_parameters())
@@ -193,8 +193,8 @@ def test_num_iterations_reuses_the_rollouts_and_equals_trl_loss(grpo_recipe, los
     recipe = grpo_recipe(num_iterations=2, epsilon=0.02, loss_type=loss_type)
     model, tokenizer = load_model_and_tokenizer(recipe.model, Path("."))
     stage = build_stage(recipe.stage)
-    data = stage.prepare_data(recipe.data, tokenizer, 0, Path("."))
-    model = build_method(recipe.method).apply(stage.prepare_model(model))
+    data = stage.encode_data(recipe.data, tokenizer, 0, Path("."))
+    model = build_method(recipe.method).apply(stage.adapt_model(model))
     stage.after_method(model)
     objective = stage.objective(SpeedSetup(None, None, False, None))
     assert objective.updates_per_batch == 2

@@ -10,8 +10,8 @@ def chat_replies(stdout: str) -> list[str]:
 
 def test_generate_and_chat_commands_on_a_trained_adapter(tiny_recipe, tmp_path, tiny_llama):
     from tunesmith.data.templates import TEMPLATES
-    from tunesmith.finetune import finetune
-    from tunesmith.inference import generate, load_for_inference, stream_reply
+    from tunesmith.inference.generate import generate, load_for_inference, stream_reply
+    from tunesmith.pipeline.finetune import finetune
 
     # Trained with the alpaca template, which the base tokenizer's fallback (simple) is not: the
     # replies below can only match if generate and chat take the template saved with the adapter.
@@ -48,7 +48,7 @@ def test_generate_and_chat_commands_on_a_trained_adapter(tiny_recipe, tmp_path, 
 
 
 def test_stream_reply_equals_batched_greedy_generation(tiny_llama):
-    from tunesmith.inference import generate, load_for_inference, stream_reply
+    from tunesmith.inference.generate import generate, load_for_inference, stream_reply
 
     model, tokenizer = load_for_inference(tiny_llama)
     conversation = [{"role": "user", "content": "Lily went to the park."}]

@@ -42,7 +42,7 @@ def test_methods_command_lists_every_method_and_counts_parameters(tiny_llama: st
 
 def _trained_result(method_settings: dict, tiny_llama: str, folder: Path) -> Path:
     """A result folder as a run writes it: the tiny Llama with a perturbed method applied."""
-    from tunesmith.inference import load_for_inference
+    from tunesmith.inference.generate import load_for_inference
 
     method = build_method(validate_method(method_settings))
     model, tokenizer = load_for_inference(tiny_llama)
@@ -66,7 +66,7 @@ def test_export_merges_and_the_plain_folder_reproduces_the_logits(settings: dict
     from transformers import AutoModelForCausalLM
 
     from tunesmith.export import export_result
-    from tunesmith.inference import load_for_inference
+    from tunesmith.inference.generate import load_for_inference
 
     result = _trained_result(settings, tiny_llama, tmp_path / "adapter")
     report = export_result(result, tmp_path / "plain", merge=True)
@@ -92,7 +92,7 @@ def test_export_of_an_unmergeable_method_says_why(tiny_llama: str, tmp_path: Pat
 
 
 def test_export_of_an_adapter_without_merge_asks_for_it(tiny_llama: str, tmp_path: Path) -> None:
-    from tunesmith.errors import TunesmithError
+    from tunesmith.core.errors import TunesmithError
     from tunesmith.export import export_result
 
     result = _trained_result({"kind": "lora", "r": 4}, tiny_llama, tmp_path / "adapter")
@@ -105,7 +105,7 @@ def test_export_command_writes_a_folder_that_reloads_with_the_trained_outputs(ti
     gives the trained model's logits and greedy text; a second export into the same folder is refused."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tunesmith.inference import generate, load_for_inference
+    from tunesmith.inference.generate import generate, load_for_inference
 
     result = _trained_result({"kind": "lora", "r": 4}, tiny_llama, tmp_path / "adapter")
     out = tmp_path / "plain"
@@ -139,7 +139,7 @@ def test_every_method_reduces_validation_loss_on_smollm2(recipe: str, tmp_path: 
     """SmolLM2-135M-Instruct, the example recipe at 30 steps: validation loss falls for every method."""
     import json
 
-    from tunesmith.finetune import finetune
+    from tunesmith.pipeline.finetune import finetune
 
     path = EXAMPLES / recipe
     overrides = [f"output.dir={tmp_path / 'run'}", "train.max_steps=30", "eval.every_steps=null",

@@ -3,7 +3,7 @@
 Most checks run on a tiny random Llama (seeded, no assets needed) whose sizes make the parameter
 formulas easy to read: vocab V=128, hidden H=32, feed-forward I=64, L=2 blocks, 4 query heads and
 2 key/value heads of width 8 (so keys and values have KV=16 features). Checks that need a tokenizer
-or a whole run (generation through ``tunesmith.inference``, train -> resume) use the session's
+or a whole run (generation through ``tunesmith.inference.generate``, train -> resume) use the session's
 ``tiny_llama`` (stories260k's shapes, random weights, a tokenizer of its own).
 """
 
@@ -21,8 +21,8 @@ from tests.conftest import StartedAt
 
 from tunesmith.config import TrainSection
 from tunesmith.config.loader import validate_method, validate_recipe
-from tunesmith.errors import TunesmithError
-from tunesmith.inference import load_trained
+from tunesmith.core.errors import TunesmithError
+from tunesmith.inference.generate import load_trained
 from tunesmith.methods import NotMergeable, build_method, count_parameters
 from tunesmith.training.loss import loss_sum
 from tunesmith.training.schedule import add_param_groups, build_optimizer, build_scheduler
@@ -291,7 +291,7 @@ def test_prefix_needs_a_model_with_a_key_value_cache() -> None:
 # On the tiny Llama of conftest: a tokenizer, the inference functions and whole runs.
 
 def test_prompt_text_init_and_inference_functions(tiny_llama: str) -> None:
-    from tunesmith.inference import generate, load_for_inference, stream_reply
+    from tunesmith.inference.generate import generate, load_for_inference, stream_reply
 
     text = "Once upon a time"
     method = build_method(validate_method({"kind": "prompt", "virtual_tokens": 6, "init_text": text}))
@@ -326,7 +326,7 @@ def _recipe(tiny_llama: str, method: dict, out: Path):
 ], ids=["partial-unfreezing", "loraplus", "adapter", "prefix"])
 def test_resume_from_a_checkpoint_equals_training_straight_through(method: dict, tiny_llama: str,
                                                                  tmp_path: Path) -> None:
-    from tunesmith.finetune import finetune
+    from tunesmith.pipeline.finetune import finetune
 
     straight = tmp_path / "straight"
     finetune(_recipe(tiny_llama, method, straight), progress=False)

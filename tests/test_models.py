@@ -3,7 +3,7 @@
 import pytest
 
 from tunesmith.config import ModelSection
-from tunesmith.errors import TunesmithError
+from tunesmith.core.errors import TunesmithError
 from tunesmith.models import ALIASES, load_model, resolve_model_path
 
 from conftest import run_cli

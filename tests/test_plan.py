@@ -37,7 +37,7 @@ def test_meta_device_parameter_counts_equal_the_real_ones_for_every_method(tiny_
 
     from tunesmith.config.loader import validate_method
     from tunesmith.methods import METHODS, build_method, count_parameters
-    from tunesmith.plan import meta_parameter_counts
+    from tunesmith.workflows.plan import meta_parameter_counts
 
     model = AutoModelForCausalLM.from_pretrained(tiny_llama)
     for kind in METHODS.names():
@@ -49,7 +49,7 @@ def test_meta_device_parameter_counts_equal_the_real_ones_for_every_method(tiny_
 @pytest.mark.slow
 @pytest.mark.parametrize("method", [{"kind": "lora", "r": 4, "alpha": 8}, {"kind": "full"}], ids=["lora", "full"])
 def test_planned_peak_memory_is_within_20_percent_of_a_measured_run(tiny_llama: str, tmp_path: Path, method) -> None:
-    from tunesmith.plan import plan_recipe
+    from tunesmith.workflows.plan import plan_recipe
 
     # the calibration is a real run of the recipe in a fresh process: its peak memory is the measurement
     plan = plan_recipe(validate_recipe(_recipe(tiny_llama, tmp_path, method)), say=lambda *a: None)
@@ -68,7 +68,7 @@ def test_planned_peak_memory_is_within_20_percent_of_a_measured_run(tiny_llama: 
 
 
 def test_activations_follow_the_layout_and_checkpointing_saves_memory(tiny_llama: str, tmp_path: Path) -> None:
-    from tunesmith.plan import plan_recipe
+    from tunesmith.workflows.plan import plan_recipe
 
     def activations(**speed):
         raw = _recipe(tiny_llama, tmp_path, {"kind": "full"}, **speed)
@@ -114,7 +114,7 @@ def test_saved_bytes_from_cut_models_equal_the_whole_model() -> None:
     from tunesmith.config.loader import validate_method
     from tunesmith.methods import build_method
     from tunesmith.models.shapes import build_random_model
-    from tunesmith.plan.shapes import forward_saved_bytes, saved_bytes_per_token
+    from tunesmith.workflows.plan.shapes import forward_saved_bytes, saved_bytes_per_token
 
     config = _tiny_shape()
     for section in (validate_method({"kind": "lora", "r": 4}), validate_method({"kind": "full"})):
@@ -127,7 +127,7 @@ def test_saved_bytes_from_cut_models_equal_the_whole_model() -> None:
 
 def test_shape_plan_ranks_options_and_says_when_nothing_fits(capsys) -> None:
     from tunesmith.cli import main
-    from tunesmith.plan.shapes import describe_shape, plan_shape
+    from tunesmith.workflows.plan.shapes import describe_shape, plan_shape
 
     plan = plan_shape(_tiny_shape(), "tiny", tokens=128, r=4, available=10**12)
     by = {o.label: o for o in plan.options}

@@ -36,7 +36,7 @@ def _recipe(model: str, out: Path, method: str = "lora", quantize: str = "nf4", 
 
 @pytest.mark.parametrize("method", ["full", "partial"])
 def test_quantised_base_is_refused_for_methods_that_train_the_base(method: str, tmp_path: Path) -> None:
-    from tunesmith.errors import TunesmithError
+    from tunesmith.core.errors import TunesmithError
 
     with pytest.raises((TunesmithError, ValueError), match="trains the base weights; use method lora"):
         _recipe("x", tmp_path, method=method)
@@ -103,7 +103,7 @@ def test_qlora_trains_resumes_exactly_and_exports_a_checked_merged_model(tiny_ll
     from safetensors.torch import load_file
 
     from tunesmith.export import export
-    from tunesmith.finetune import finetune
+    from tunesmith.pipeline.finetune import finetune
 
     straight = tmp_path / "straight"
     summary = finetune(_recipe(tiny_llama, straight), progress=False)

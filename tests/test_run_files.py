@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from tunesmith.reporter import Reporter
-from tunesmith.run_files import RunLayout, RunSummary
+from tunesmith.core.reporter import Reporter
+from tunesmith.core.run_files import RunLayout, RunSummary
 from tunesmith.training.run_folder import RUN_ENTRIES
 
 WRITTEN = {  # a summary.json as finetune() wrote it before RunSummary existed (key order included)
@@ -51,7 +51,7 @@ def test_reporter_speaks_on_the_main_process_only(capsys):
 
 
 def test_finetune_returns_what_summary_json_holds(tiny_recipe, tmp_path):
-    from tunesmith.finetune import finetune
+    from tunesmith.pipeline.finetune import finetune
 
     summary = finetune(tiny_recipe("train.max_steps=1"), progress=False)
     assert isinstance(summary, RunSummary)

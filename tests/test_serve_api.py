@@ -51,7 +51,7 @@ def client(app):
 
 def reference(workspace, model_id: str, max_tokens: int) -> tuple[str, str]:
     """What tunesmith's own inference answers (greedy) for the same model id: (chat reply, completion)."""
-    from tunesmith.inference import generate, load_for_inference
+    from tunesmith.inference.generate import generate, load_for_inference
 
     base = str(workspace / BASE)
     adapter = str(workspace / model_id / "adapter") if model_id.startswith("runs/") else None
@@ -235,7 +235,7 @@ def test_plan_counts_parameters_as_the_method_does(client, workspace):
     model = build_method(recipe.method).apply(load_model(str(workspace / BASE), recipe.model))
     assert (plan["trainable_parameters"], plan["total_parameters"]) == count_parameters(model)
     # the Plan screen shows `tunesmith plan`'s own figures (one plan, no second formula)
-    from tunesmith.plan import plan_recipe
+    from tunesmith.workflows.plan import plan_recipe
 
     local = recipe.model_copy(update={"model": recipe.model.model_copy(update={"name": str(workspace / BASE)}),
                                       "data": recipe.data.model_copy(update={"train": tuple(

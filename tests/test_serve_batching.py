@@ -12,7 +12,7 @@ import time
 import pytest
 import torch
 
-from tunesmith.decoding import decode
+from tunesmith.inference.decoding import decode
 
 VOCAB = 96
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tunesmith.errors import TunesmithError
+from tunesmith.core.errors import TunesmithError
 from tunesmith.models import smollm2
 
 

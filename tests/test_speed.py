@@ -10,10 +10,10 @@ import torch
 import torch.nn.functional as F
 
 from tunesmith.config import EvalSection, FullMethod, LoraMethod, SpeedSection, TrainSection
+from tunesmith.core.runtime import Runtime
 from tunesmith.data.encode import IGNORE_INDEX, EncodedExample
-from tunesmith.data.prepared import PreparedData
+from tunesmith.data.encoded import EncodedData
 from tunesmith.methods import build_method
-from tunesmith.runtime import Runtime
 from tunesmith.training.batching import collate
 from tunesmith.training.chunked_loss import LinearCrossEntropy, chunked_loss_sum, model_inputs, plain_loss_sum
 from tunesmith.training.hooks import Hook
@@ -22,7 +22,7 @@ from tunesmith.training.loss import count_real_tokens, count_target_tokens
 from tunesmith.training.objective import TokenCrossEntropy
 from tunesmith.training.packing import VARLEN_ATTENTION, enable_packed_attention, pack_collate, restore_attention
 from tunesmith.training.sampler import LengthGroupedSampler, StepSampler, build_sampler
-from tunesmith.training.speed import autocast_choice, autocast_dtype, native_bfloat16, prepare_speed
+from tunesmith.training.speed import apply_speed, autocast_choice, autocast_dtype, native_bfloat16
 
 CPU = Runtime(torch.device("cpu"))
 
@@ -160,8 +160,8 @@ def test_bfloat16_autocast_close_to_float32(tiny_llama) -> None:
     batch = pack_collate(make_examples(6), 0)
     enable_packed_attention(model)
     train, method = TrainSection(), build_method(FullMethod())
-    full = prepare_speed(model, method, SpeedSection(autocast="off"), train, CPU.device)
-    fast = prepare_speed(model, method, SpeedSection(autocast="bfloat16"), train, CPU.device)
+    full = apply_speed(model, method, SpeedSection(autocast="off"), train, CPU.device)
+    fast = apply_speed(model, method, SpeedSection(autocast="bfloat16"), train, CPU.device)
     assert full.autocast_dtype is None and fast.autocast_dtype is torch.bfloat16
 
     reference = full.token_loss(model, batch)
@@ -184,7 +184,7 @@ def lora_losses_and_grads(path: str, speed: SpeedSection, steps: int = 3):
     model = load_llama(path)
     method = build_method(LoraMethod(r=4, alpha=8))
     model = method.apply(model)
-    setup = prepare_speed(model, method, speed, TrainSection(), CPU.device)
+    setup = apply_speed(model, method, speed, TrainSection(), CPU.device)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     batch, losses = pack_collate(make_examples(6), 0), []
     for _ in range(steps):
@@ -268,8 +268,8 @@ def train_losses(model_path: str, speed: SpeedSection, examples: list[EncodedExa
     model = method.apply(model)
     train = TrainSection(batch_size=3, grad_accum=2, max_steps=2, lr=1e-3, schedule="constant", log_every=1,
                          speed=speed)
-    setup = prepare_speed(model, method, speed, train, CPU.device)
-    data = PreparedData(train=examples, validation=None, template="none")
+    setup = apply_speed(model, method, speed, train, CPU.device)
+    data = EncodedData(train=examples, validation=None, template="none")
     lengths = [len(e.input_ids) for e in examples] if setup.group_by_length else None
     sampler = build_sampler(len(examples), [], train.batch_size, train.grad_accum, 1, 0, train.seed, lengths)
     losses = []
@@ -296,7 +296,7 @@ def test_packed_chunked_training_equals_plain_training(tiny_llama) -> None:
 
 def test_train_end_to_end_with_fast_options(tmp_path, tiny_llama, tiny_data, capsys) -> None:
     from tunesmith.config import validate_recipe
-    from tunesmith.finetune import finetune
+    from tunesmith.pipeline.finetune import finetune
 
     recipe = validate_recipe({
         "model": {"name": tiny_llama},

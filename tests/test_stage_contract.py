@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from tunesmith.config import SftStage
 from tunesmith.config.base import Section
-from tunesmith.data import IGNORE_INDEX, prepare_data
+from tunesmith.data import IGNORE_INDEX, encode_data
 from tunesmith.stages import STAGES, Stage
 from tunesmith.training.batching import collate
 from tunesmith.training.loss import count_real_tokens, count_target_tokens
@@ -66,8 +66,8 @@ def smoothed_stage(monkeypatch):
     class LabelSmoothed(Stage):
         kind = "sft_smoothed"
 
-        def prepare_data(self, section, tokenizer, seed, cache):
-            return prepare_data(section, tokenizer, seed, cache)
+        def encode_data(self, section, tokenizer, seed, cache):
+            return encode_data(section, tokenizer, seed, cache)
 
         def objective(self, speed):
             return SmoothedObjective(self.config.smoothing)
@@ -76,8 +76,8 @@ def smoothed_stage(monkeypatch):
 
 
 def test_a_new_stage_trains_through_the_real_run(smoothed_stage, tiny_recipe, tmp_path):
-    from tunesmith.finetune import finetune
     from tunesmith.models import load_model_and_tokenizer
+    from tunesmith.pipeline.finetune import finetune
 
     # A real stage's section joins config.stages.StageSection; here it is set without touching the schema.
     recipe = tiny_recipe("train.max_steps=2", "train.schedule=constant", "train.lr=1e-9")
@@ -87,7 +87,7 @@ def test_a_new_stage_trains_through_the_real_run(smoothed_stage, tiny_recipe, tm
 
     # The first step's loss is the smoothed loss of the untouched model on step 0's examples.
     model, tokenizer = load_model_and_tokenizer(recipe.model, tmp_path / "cache")
-    data = prepare_data(recipe.data, tokenizer, recipe.train.seed)
+    data = encode_data(recipe.data, tokenizer, recipe.train.seed)
     from tunesmith.training.sampler import StepSampler
 
     sampler = StepSampler(len(data.train), recipe.train.batch_size, recipe.train.grad_accum, seed=recipe.train.seed)
@@ -101,7 +101,7 @@ def test_a_new_stage_trains_through_the_real_run(smoothed_stage, tiny_recipe, tm
 
 
 def test_stage_by_name_and_unknown_stage(tiny_recipe):
-    from tunesmith.errors import TunesmithError
+    from tunesmith.core.errors import TunesmithError
 
     assert tiny_recipe("stage=sft").stage == SftStage()
     with pytest.raises(TunesmithError, match="stage"):

@@ -11,7 +11,7 @@ import pytest
 from test_stages_text import recipe, sentiment_rows
 from tiny_files import kto_rows, text_file
 from tunesmith.cli import main
-from tunesmith.finetune import finetune
+from tunesmith.pipeline.finetune import finetune
 
 from conftest import TINY_PAIRS
 
@@ -54,7 +54,7 @@ def cli_json(capsys, *args: str) -> dict:
 def test_generating_stages_reload_and_generate(tiny_llama, tmp_path, capsys):
     """``generate`` on each stage's run prints what the reloaded result generates (the tiny Llama is untrained,
     so its greedy reply may be blank: the command is compared with a direct generation, not read)."""
-    from tunesmith.inference import generate, load_for_inference
+    from tunesmith.inference.generate import generate, load_for_inference
 
     for stage in ("pt", "orpo", "simpo", "kto"):  # dpo: tests/test_stages_preference.py::test_resume_is_exact
         run, _, _ = train_stage(tiny_llama, tmp_path, stage, "train.max_steps=2")

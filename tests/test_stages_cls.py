@@ -12,8 +12,8 @@ import torch
 
 from test_stages_text import recipe, sentiment_rows, validation_records
 from tiny_files import text_file
-from tunesmith.errors import TunesmithError
-from tunesmith.finetune import finetune
+from tunesmith.core.errors import TunesmithError
+from tunesmith.pipeline.finetune import finetune
 
 from conftest import TINY_DATA
 
@@ -43,8 +43,8 @@ def dev_rows(folder: Path) -> list[list[str]]:
 def test_cls_on_the_minilm_encoder_learns_and_reloads(tiny_llama, tmp_path, capsys, method):
     """Mean-pooled MiniLM + label head: held-out accuracy rises past the majority class; the result folder
     (adapter or full model, + head) reloads and reproduces the validation numbers."""
+    from tunesmith.core.runtime import Runtime
     from tunesmith.models import is_encoder
-    from tunesmith.runtime import Runtime
     from tunesmith.stages.cls import ClassificationObjective, classify, load_classifier
     from tunesmith.training.batching import collate
     from tunesmith.training.chunked_loss import plain_loss_sum
@@ -80,9 +80,9 @@ def test_cls_on_the_minilm_encoder_learns_and_reloads(tiny_llama, tmp_path, caps
 
 def run_examples(run, tokenizer):
     """The validation examples of ``run`` as the stage encodes them for an encoder ([CLS] ... [SEP])."""
-    from tunesmith.data.classification import prepare_classification
+    from tunesmith.data.classification import encode_classification
 
-    data, _ = prepare_classification(run.data, tokenizer, 0, "sentence", "label", None, encoder=True)
+    data, _ = encode_classification(run.data, tokenizer, 0, "sentence", "label", None, encoder=True)
     first = data.validation[0]
     assert first.input_ids[0] == tokenizer.cls_token_id and first.input_ids[-1] == tokenizer.sep_token_id
     return data.validation

@@ -31,7 +31,7 @@ def test_two_processes_equal_one(tiny_llama, tmp_path, stage):
     """Losses and validation metrics of 2 processes x batch 2 equal 1 process x batch 4 within rel 1e-5 (float32:
     only the order of the gradient all-reduce's sums differs; metrics near 0 such as the margin within abs 1e-5);
     cls's zero-shot baseline is the same number."""
-    from tunesmith.finetune import finetune
+    from tunesmith.pipeline.finetune import finetune
 
     if stage == "dpo":
         data = {"train": str(TINY_PAIRS), "max_length": 192, "template": "simple",

@@ -14,13 +14,13 @@ import torch
 
 from tiny_files import kto_file
 from tunesmith.config import DpoStage, LoraMethod, ModelSection
+from tunesmith.core.errors import TunesmithError
+from tunesmith.core.runtime import Runtime
 from tunesmith.data.preference import EncodedPair, encode_pairs
 from tunesmith.data.readers import read_records
-from tunesmith.errors import TunesmithError
-from tunesmith.finetune import finetune
 from tunesmith.methods import build_method
 from tunesmith.models.loading import load_model, load_tokenizer
-from tunesmith.runtime import Runtime
+from tunesmith.pipeline.finetune import finetune
 from tunesmith.stages.dpo import DpoObjective
 from tunesmith.stages.pairs import Reference
 from tunesmith.stages.rm import RewardObjective, load_reward_model, score_conversations
@@ -260,7 +260,7 @@ def test_reward_model_trains_saves_and_reloads_as_a_scorer(tiny_llama, tmp_path)
     assert {"loss", "accuracy", "margin", "chosen_reward", "rejected_reward"} <= set(summary["validation"])
     assert (tmp_path / "run" / "adapter" / "head.safetensors").is_file()
     model, tokenizer = load_reward_model(tmp_path / "run" / "adapter")
-    data = build_stage(recipe.stage).prepare_data(recipe.data, tokenizer, recipe.train.seed, tmp_path)
+    data = build_stage(recipe.stage).encode_data(recipe.data, tokenizer, recipe.train.seed, tmp_path)
     again = RewardObjective(padded_speed(), 0.0).evaluate(model, data.validation, 8, tokenizer.pad_token_id,
                                                           Runtime(torch.device("cpu")))
     assert again["loss"] == pytest.approx(summary["validation"]["loss"], rel=1e-5)  # the head came back
@@ -285,7 +285,7 @@ def test_resume_is_exact(tiny_llama, tmp_path, stage):
     for name, value in trained_weights(tmp_path / "straight").items():
         torch.testing.assert_close(trained_weights(tmp_path / "stopped")[name], value)
     if stage == "dpo":  # the result generates like an SFT result
-        from tunesmith.inference import generate, load_for_inference
+        from tunesmith.inference.generate import generate, load_for_inference
 
         model, tokenizer = load_for_inference(tiny_llama, str(tmp_path / "stopped" / "adapter"))
         replies = generate(model, tokenizer, [[{"role": "user", "content": "Tell me a story."}]], max_new_tokens=8)

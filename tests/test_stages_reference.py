@@ -9,9 +9,9 @@ import torch
 from test_stages_preference import demo_pairs, gradients, kto_examples, lora_model, padded_speed, pair_recipe, records
 from test_training import trained_weights
 from tunesmith.config import DpoStage, KtoStage
-from tunesmith.errors import TunesmithError
-from tunesmith.finetune import finetune
-from tunesmith.runtime import Runtime
+from tunesmith.core.errors import TunesmithError
+from tunesmith.core.runtime import Runtime
+from tunesmith.pipeline.finetune import finetune
 from tunesmith.stages.dpo import DpoObjective
 from tunesmith.stages.kto import KtoObjective
 from tunesmith.stages.pairs import Reference, ReferenceTable

@@ -10,12 +10,12 @@ import torch
 
 from tiny_files import kto_file, text_file
 from tunesmith.config import ModelSection, apply_override, validate_recipe
+from tunesmith.core.errors import TunesmithError
 from tunesmith.data.preference import encode_pairs
 from tunesmith.data.readers import RawRecord
 from tunesmith.data.templates import resolve_template
-from tunesmith.errors import TunesmithError
-from tunesmith.finetune import finetune
 from tunesmith.models.loading import load_tokenizer
+from tunesmith.pipeline.finetune import finetune
 
 from conftest import TINY_DATA, TINY_PAIRS
 

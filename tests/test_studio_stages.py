@@ -140,7 +140,7 @@ def test_a_generation_task_reads_a_table_through_its_columns(tiny_llama, tmp_pat
     from tunesmith.config.data import ColumnsSection
     from tunesmith.evaluation import run_generation_task
     from tunesmith.evaluation.metrics import exact_match_score, rouge, token_f1
-    from tunesmith.inference import load_for_inference
+    from tunesmith.inference.generate import load_for_inference
 
     table = tmp_path / "qa.csv"
     table.write_text("question,reply\nName a colour.,blue\nName a fruit.,apple\nSay hello.,hello there\n")

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tunesmith.errors import TunesmithError
+from tunesmith.core.errors import TunesmithError
 
 from conftest import REPO
 
@@ -29,7 +29,7 @@ def _files(tiny_llama: str, tmp_path: Path, space: dict) -> tuple[Path, Path]:
 @pytest.mark.slow
 def test_sweep_runs_normal_trials_resumes_and_writes_the_best_recipe(tiny_llama: str, tmp_path: Path) -> None:
     from tunesmith.config import load_recipe
-    from tunesmith.sweep import run_sweep
+    from tunesmith.workflows.sweep import run_sweep
 
     recipe, space = _files(tiny_llama, tmp_path, {"train.lr": {"low": 1e-4, "high": 3e-2, "log": True},
                                                    "method.kind": {"choices": ["lora", "ia3"]},
@@ -64,7 +64,7 @@ def test_sweep_runs_normal_trials_resumes_and_writes_the_best_recipe(tiny_llama:
     ({"train.batch_size": {"choices": [0, 4]}}, "train.batch_size=0"),
 ])
 def test_a_bad_search_space_names_the_field_and_the_fix(tiny_llama: str, tmp_path: Path, space, message) -> None:
-    from tunesmith.sweep import run_sweep
+    from tunesmith.workflows.sweep import run_sweep
 
     recipe, space_file = _files(tiny_llama, tmp_path, space)
     with pytest.raises(TunesmithError, match=message.replace("(", r"\(").replace(")", r"\)").replace(".", r"\.")):

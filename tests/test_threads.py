@@ -9,7 +9,7 @@ import json
 import subprocess
 import sys
 
-from tunesmith.runtime import SPIN_COUNT, thread_environment
+from tunesmith.core.runtime import SPIN_COUNT, thread_environment
 
 from conftest import REPO
 

@@ -40,7 +40,7 @@ def error_line(argv: list[str], capsys) -> tuple[int, str]:
 ])
 def test_a_bad_recipe_fails_in_train_as_in_config_check_before_the_model_loads(override, expected, tmp_path,
                                                                              monkeypatch, capsys):
-    import tunesmith.finetune as finetune_module
+    import tunesmith.pipeline.finetune as finetune_module
 
     def must_not_load(*args, **kwargs):
         raise AssertionError("the model was loaded before the recipe was checked")

@@ -6,8 +6,8 @@ import pytest
 import torch
 from tests.conftest import StartedAt, StopAt
 
-from tunesmith.errors import TunesmithError
-from tunesmith.finetune import finetune
+from tunesmith.core.errors import TunesmithError
+from tunesmith.pipeline.finetune import finetune
 
 
 def losses(run_dir) -> list[float]:
@@ -97,7 +97,7 @@ def test_train_save_reload_every_method(tiny_recipe, tmp_path, method, tiny_llam
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    from tunesmith.inference import generate, load_for_inference
+    from tunesmith.inference.generate import generate, load_for_inference
 
     overrides = {"full": ["method={kind: full}"], "partial": ["method={kind: partial, blocks: 1, modules: [lm_head]}"],
                  "lora": []}[method]

@@ -71,7 +71,7 @@ def load(model_name: str):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from tunesmith.models.loading import resolve_model_path
-    from tunesmith.runtime import cache_dir
+    from tunesmith.core.runtime import cache_dir
 
     path = resolve_model_path(model_name, cache_dir())
     return AutoModelForCausalLM.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)

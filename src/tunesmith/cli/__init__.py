@@ -13,8 +13,8 @@ import logging
 import sys
 from typing import Sequence
 
-from tunesmith.errors import TunesmithError
-from tunesmith.runtime import configure_threads
+from tunesmith.core.errors import TunesmithError
+from tunesmith.core.runtime import configure_threads
 
 COMMAND_MODULES = ("train", "plan", "sweep", "inference", "evaluate", "config", "models", "methods", "export", "data",
                    "compare", "serve", "cai", "scoring", "reproduce")

@@ -36,7 +36,7 @@ CAI_OUTPUTS = frozenset({"sft.jsonl", "preference.jsonl", "summary.json"})
 
 
 def cmd_cai(args: argparse.Namespace) -> int:
-    from tunesmith.constitutional import endpoint_chat, local_chat, read_principles, read_prompts, run_cai
+    from tunesmith.workflows.constitutional import endpoint_chat, local_chat, read_principles, read_prompts, run_cai
 
     if args.overwrite:  # --overwrite replaces what an earlier `tunesmith cai` wrote, nothing else
         refuse_foreign_replacement(Path(args.out), CAI_OUTPUTS, "--overwrite")

@@ -41,8 +41,8 @@ def between(low: float, high: float) -> Callable[[str], float]:
 
 def device(text: str) -> str:
     """An argparse type: a device this machine has (``--device cuda`` without a GPU is refused here)."""
-    from tunesmith.errors import TunesmithError
-    from tunesmith.runtime import check_device
+    from tunesmith.core.errors import TunesmithError
+    from tunesmith.core.runtime import check_device
 
     try:
         check_device(text, "device")
@@ -61,7 +61,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 def load_model_from_args(args: argparse.Namespace):
     """(model, tokenizer) named by --model/--adapter/--dtype/--device."""
-    from tunesmith.inference import load_for_inference
+    from tunesmith.inference.generate import load_for_inference
 
     return load_for_inference(args.model, args.adapter, args.dtype, args.device, args.trust_remote_code)
 
@@ -72,7 +72,7 @@ def check_generation_length(model, tokenizer, max_new_tokens: int) -> None:
     Raises:
         TunesmithError: Naming the flag, the window and the largest value that fits.
     """
-    from tunesmith.errors import TunesmithError
+    from tunesmith.core.errors import TunesmithError
     from tunesmith.evaluation.loglikelihood import max_model_length
 
     window = max_model_length(model, tokenizer)
@@ -87,7 +87,7 @@ def refuse_foreign_replacement(out: Path, written: frozenset[str], flag: str) ->
     Raises:
         TunesmithError: Naming the folder and the first foreign names.
     """
-    from tunesmith.errors import TunesmithError
+    from tunesmith.core.errors import TunesmithError
 
     if out.exists() and not out.is_dir():
         raise TunesmithError(f"{out} is a file, not a folder; {flag} replaces only a folder this command wrote")

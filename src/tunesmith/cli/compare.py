@@ -22,7 +22,7 @@ def register(commands) -> None:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     from tunesmith.config import load_recipe
-    from tunesmith.forgetting.compare import compare
+    from tunesmith.workflows.compare import compare
 
     for recipe in args.recipes:
         load_recipe(recipe, args.overrides)  # fail on a bad recipe before any training starts

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from tunesmith.errors import TunesmithError, missing_file
+from tunesmith.core.errors import TunesmithError, missing_file
 
 
 def register(commands) -> None:
@@ -50,7 +50,7 @@ def check_inputs(recipe) -> list[str]:
         TunesmithError: For an unknown model alias, a missing or damaged model folder, an unknown
             chat template or data format, a missing or malformed data file, a bad suite or device.
     """
-    from tunesmith.runtime import check_device
+    from tunesmith.core.runtime import check_device
 
     check_device(recipe.train.device, "train.device")
     notes = [note for note in [_check_model(recipe.model.name)] if note]

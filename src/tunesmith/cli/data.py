@@ -81,8 +81,8 @@ def _finish(args: argparse.Namespace, report: Any) -> int:
 
 def _load_tokenizer(name: str):
     from tunesmith.config import ModelSection
+    from tunesmith.core.runtime import cache_dir
     from tunesmith.models import load_tokenizer, resolve_model_path
-    from tunesmith.runtime import cache_dir
 
     path = resolve_model_path(name, cache_dir())
     return path, load_tokenizer(path, ModelSection(name=name))
@@ -148,7 +148,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 def _fail_on_bad(report) -> None:
     """Under ``--on-error fail``: a malformed record, or a file without one usable record, is an error."""
-    from tunesmith.errors import TunesmithError
+    from tunesmith.core.errors import TunesmithError
 
     if report.bad.count:
         raise TunesmithError(f"{report.file}: {report.bad.count} malformed record(s), the first: "
@@ -203,7 +203,7 @@ def _section(cls, **values):
     """Build a recipe section from options; invalid values become one-sentence errors."""
     from pydantic import ValidationError
 
-    from tunesmith.errors import TunesmithError
+    from tunesmith.core.errors import TunesmithError
 
     try:
         return cls(**values)
@@ -285,7 +285,7 @@ def cmd_augment(args: argparse.Namespace) -> int:
 def _model_rewriter(args: argparse.Namespace, name: str, direction: str):
     """A translator (back-translation) or rewriter (paraphrase) around the named model."""
     from tunesmith import rewriters as augment
-    from tunesmith.runtime import cache_dir
+    from tunesmith.core.runtime import cache_dir
 
     kind, model, tokenizer = augment.load_rewrite_model(name, cache_dir(), args.device)
     if kind == "seq2seq":

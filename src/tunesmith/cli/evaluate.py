@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 
 from tunesmith.cli.common import add_model_arguments, at_least, load_model_from_args
-from tunesmith.errors import TunesmithError
+from tunesmith.core.errors import TunesmithError
 
 
 def register(commands) -> None:
@@ -53,7 +53,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _evaluate_and_report(args: argparse.Namespace) -> int:
-    from tunesmith.evaluation.compare import ModelSpec, compare_and_report, evaluate_and_report, resolve_tuned
+    from tunesmith.evaluation.before_after import ModelSpec, evaluate_and_report, evaluate_before_after, resolve_tuned
 
     suites = collect_suites(args)
     if args.data:
@@ -64,7 +64,7 @@ def _evaluate_and_report(args: argparse.Namespace) -> int:
         base_name, tuned_path = args.compare
         tuned = resolve_tuned(tuned_path, base_name)
         metrics = Path(args.metrics) if args.metrics else None
-        document = compare_and_report(ModelSpec(base_name), tuned, suites, out, metrics, **options)
+        document = evaluate_before_after(ModelSpec(base_name), tuned, suites, out, metrics, **options)
         print_comparison(document["comparison"])
     else:
         spec = ModelSpec(args.model, args.adapter)
@@ -75,7 +75,7 @@ def _evaluate_and_report(args: argparse.Namespace) -> int:
 
 def collect_suites(args: argparse.Namespace) -> list:
     """``(suite, role)`` pairs from --suite, --general-suite and --bias."""
-    from tunesmith.evaluation.compare import builtin_bias_suite
+    from tunesmith.evaluation.before_after import builtin_bias_suite
     from tunesmith.evaluation.suite import load_suite
 
     suites = [(load_suite(path, args.data_root, args.limit), "task") for path in args.suite]
@@ -112,10 +112,10 @@ def held_out_suite(tuned: str, args: argparse.Namespace):
 
 
 def cmd_loss(args: argparse.Namespace) -> int:
-    from tunesmith.data.prepared import encode_all, load_examples
+    from tunesmith.core.runtime import Runtime, pick_device
+    from tunesmith.data.encoded import encode_all, load_examples
     from tunesmith.evaluation import evaluate_loss
     from tunesmith.evaluation.stage_metrics import result_stage
-    from tunesmith.runtime import Runtime, pick_device
 
     judged = result_stage(args.adapter or args.model)
     if judged is not None:
@@ -145,7 +145,7 @@ def cmd_stage_metrics(args: argparse.Namespace, judged) -> int:
 def load_scorer(args: argparse.Namespace):
     """(model, tokenizer) named by --model/--adapter, with the head an rm or cls result saved."""
     from tunesmith.evaluation.stage_metrics import attach_head
-    from tunesmith.results import locate_result
+    from tunesmith.inference.results import locate_result
 
     model, tokenizer = load_model_from_args(args)
     return attach_head(model, locate_result(args.adapter or args.model)), tokenizer

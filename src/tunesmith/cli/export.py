@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from tunesmith.cli.common import device
-from tunesmith.errors import TunesmithError
+from tunesmith.core.errors import TunesmithError
 
 
 def register(commands) -> None:

@@ -25,8 +25,8 @@ def _conversation(system: str | None) -> list[dict[str, str]]:
 
 def refuse_scorers(args: argparse.Namespace) -> None:
     """A reward model or a classifier gives numbers or labels, not text: say which command it needs."""
-    from tunesmith.errors import TunesmithError
-    from tunesmith.results import locate_result
+    from tunesmith.core.errors import TunesmithError
+    from tunesmith.inference.results import locate_result
 
     source = args.adapter or args.model
     location = locate_result(source)
@@ -38,7 +38,7 @@ def refuse_scorers(args: argparse.Namespace) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from tunesmith.inference import generate
+    from tunesmith.inference.generate import generate
 
     refuse_scorers(args)
     model, tokenizer = load_model_from_args(args)
@@ -49,7 +49,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    from tunesmith.inference import stream_reply
+    from tunesmith.inference.generate import stream_reply
 
     refuse_scorers(args)
     model, tokenizer = load_model_from_args(args)

@@ -44,8 +44,8 @@ def cmd_methods(args: argparse.Namespace) -> int:
 
 def load_base(name: str):
     from tunesmith.config import ModelSection
+    from tunesmith.core.runtime import cache_dir
     from tunesmith.models import load_model
     from tunesmith.models.loading import resolve_model_path
-    from tunesmith.runtime import cache_dir
 
     return load_model(resolve_model_path(name, cache_dir()), ModelSection(name=name))

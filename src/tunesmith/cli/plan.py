@@ -28,12 +28,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
     import sys
 
     from tunesmith.config import load_recipe
-    from tunesmith.plan import describe, plan_recipe
+    from tunesmith.workflows.plan import describe, plan_recipe
 
     if args.shape:
         return plan_a_shape(args)
     if args.recipe is None:
-        from tunesmith.errors import TunesmithError
+        from tunesmith.core.errors import TunesmithError
 
         raise TunesmithError("tunesmith plan needs a recipe file, or --shape NAME to plan a model's shape")
     recipe = load_recipe(args.recipe, list(args.overrides))
@@ -48,10 +48,10 @@ def plan_a_shape(args: argparse.Namespace) -> int:
 
     import torch
 
-    from tunesmith.errors import TunesmithError
+    from tunesmith.core.errors import TunesmithError
+    from tunesmith.core.runtime import available_memory_bytes
     from tunesmith.models.shapes import shape_config
-    from tunesmith.plan.shapes import describe_shape, plan_shape
-    from tunesmith.runtime import available_memory_bytes
+    from tunesmith.workflows.plan.shapes import describe_shape, plan_shape
 
     if args.recipe is not None:
         raise TunesmithError(f"tunesmith plan --shape takes no recipe (got {args.recipe}); drop one of them")

@@ -16,7 +16,7 @@ def register(commands) -> None:
 
 
 def cmd_reproduce(args: argparse.Namespace) -> int:
-    from tunesmith.reproduce import REPORT_FILE, reproduce
+    from tunesmith.workflows.reproduce import REPORT_FILE, reproduce
 
     result = reproduce(args.run, args.out, progress=not args.no_progress)
     print(result.describe())

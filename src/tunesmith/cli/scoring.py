@@ -15,7 +15,7 @@ import argparse
 import json
 
 from tunesmith.cli.common import at_least, device
-from tunesmith.errors import TunesmithError
+from tunesmith.core.errors import TunesmithError
 
 
 def register(commands) -> None:
@@ -45,7 +45,7 @@ def add_common(parser: argparse.ArgumentParser) -> None:
 def stage_of(run: str, wanted: str, command: str):
     """The run's stage, refusing a run of another stage in one sentence."""
     from tunesmith.evaluation.stage_metrics import judged_stage
-    from tunesmith.results import locate_result
+    from tunesmith.inference.results import locate_result
 
     location = locate_result(run)
     if location is None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from tunesmith.errors import TunesmithError
+from tunesmith.core.errors import TunesmithError
 
 
 def register(commands) -> None:

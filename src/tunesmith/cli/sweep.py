@@ -26,7 +26,7 @@ def register(commands) -> None:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from tunesmith.sweep import run_sweep
+    from tunesmith.workflows.sweep import run_sweep
 
     study = run_sweep(args.recipe, args.space, args.trials, args.out, args.objective, pruning=not args.no_pruning,
                       storage=args.storage, workers=args.workers, heartbeat=args.heartbeat)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import shlex
 
-from tunesmith.errors import TunesmithError
+from tunesmith.core.errors import TunesmithError
 
 
 def register(commands) -> None:
@@ -23,7 +23,7 @@ def register(commands) -> None:
 def cmd_train(args: argparse.Namespace) -> int:
     from tunesmith.cli.config import check_inputs
     from tunesmith.config import load_recipe
-    from tunesmith.finetune import finetune
+    from tunesmith.pipeline.finetune import finetune
 
     if args.allow_changes and not args.resume:
         raise TunesmithError("--allow-changes only applies to --resume; drop it or add --resume")

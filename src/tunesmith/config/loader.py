@@ -10,8 +10,8 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from tunesmith.config.recipe import Recipe
-from tunesmith.errors import TunesmithError, decode_utf8, missing_file
-from tunesmith.registry import did_you_mean
+from tunesmith.core.errors import TunesmithError, decode_utf8, missing_file
+from tunesmith.core.registry import did_you_mean
 
 
 def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:

@@ -1,6 +1,6 @@
 """Data: reading files, formats, chat templates, tokenisation with loss masks, splits."""
 
-from tunesmith.data.dataset import PreparedData, load_examples, prepare_data
+from tunesmith.data.dataset import EncodedData, encode_data, load_examples
 from tunesmith.data.encode import IGNORE_INDEX, EncodedExample, encode_example, render_prompt
 from tunesmith.data.formats import FORMATS, Example, FormatOptions
 from tunesmith.data.templates import TEMPLATES, resolve_template
@@ -12,10 +12,10 @@ __all__ = [
     "EncodedExample",
     "Example",
     "FormatOptions",
-    "PreparedData",
+    "EncodedData",
     "encode_example",
     "load_examples",
-    "prepare_data",
+    "encode_data",
     "render_prompt",
     "resolve_template",
 ]

@@ -12,11 +12,11 @@ from dataclasses import dataclass
 from typing import Optional, Sequence
 
 from tunesmith.config import DataSection
+from tunesmith.core.errors import TunesmithError
 from tunesmith.data.encode import IGNORE_INDEX, EncodedExample
+from tunesmith.data.encoded import EncodedData, EncodeStats, split_by_fraction
 from tunesmith.data.preference import refuse_unsupported
-from tunesmith.data.prepared import EncodeStats, PreparedData, split_by_fraction
 from tunesmith.data.readers import RawRecord, read_records
-from tunesmith.errors import TunesmithError
 
 
 @dataclass(frozen=True)
@@ -83,9 +83,9 @@ def encode_texts(records: Sequence[RawRecord], tokenizer, labels: Sequence[str],
     return encoded, stats
 
 
-def prepare_classification(section: DataSection, tokenizer, seed: int, text_field: str, label_field: str,
+def encode_classification(section: DataSection, tokenizer, seed: int, text_field: str, label_field: str,
                            labels: Optional[Sequence[str]],
-                           encoder: bool = False) -> tuple[PreparedData, tuple[str, ...]]:
+                           encoder: bool = False) -> tuple[EncodedData, tuple[str, ...]]:
     """Read, split and encode text/label rows (``encoder``: for an encoder-only model, see :func:`encode_text`).
 
     Returns:
@@ -107,4 +107,4 @@ def prepare_classification(section: DataSection, tokenizer, seed: int, text_fiel
     if validation is not None:
         held_out, all_stats["validation"] = encode_texts(validation, tokenizer, label_set, text_field, label_field,
                                                          section.max_length, encoder)
-    return PreparedData(encoded, held_out, "none", {path: "text/label" for path in section.train}, all_stats), label_set
+    return EncodedData(encoded, held_out, "none", {path: "text/label" for path in section.train}, all_stats), label_set

@@ -1,7 +1,7 @@
 """From the recipe's data section to encoded training and validation examples.
 
 One data source (``data.train``) is read here; several (``data.sources``) are mixed by
-:mod:`tunesmith.data.mixing`. Both build on the shared pieces of :mod:`tunesmith.data.prepared`.
+:mod:`tunesmith.data.mixing`. Both build on the shared pieces of :mod:`tunesmith.data.encoded`.
 """
 
 from __future__ import annotations
@@ -10,16 +10,16 @@ from pathlib import Path
 from typing import Optional
 
 from tunesmith.config import DataSection
+from tunesmith.data.encoded import EncodedData, EncodeStats, encode_all, load_examples, split_by_fraction
 from tunesmith.data.formats import Example, FormatOptions
-from tunesmith.data.mixing import prepare_mixture
+from tunesmith.data.mixing import encode_mixture
 from tunesmith.data.prepare.pipeline import prepare_for_training
-from tunesmith.data.prepared import EncodeStats, PreparedData, encode_all, load_examples, split_by_fraction
 from tunesmith.data.templates import resolve_template
 
-__all__ = ["EncodeStats", "PreparedData", "encode_all", "load_examples", "prepare_data", "split_by_fraction"]
+__all__ = ["EncodeStats", "EncodedData", "encode_all", "load_examples", "encode_data", "split_by_fraction"]
 
 
-def prepare_data(section: DataSection, tokenizer, seed: int, cache: Optional[Path] = None) -> PreparedData:
+def encode_data(section: DataSection, tokenizer, seed: int, cache: Optional[Path] = None) -> EncodedData:
     """Read, convert, template, tokenise and split the recipe's data.
 
     Args:
@@ -29,7 +29,7 @@ def prepare_data(section: DataSection, tokenizer, seed: int, cache: Optional[Pat
         cache: tunesmith's cache folder (``Runtime.cache``), where ``data.prepare`` keeps prepared copies.
     """
     if section.sources:
-        return prepare_mixture(section, tokenizer, seed)
+        return encode_mixture(section, tokenizer, seed)
     template = resolve_template(tokenizer, section.template)
     options = FormatOptions(text_field=section.text_field, system_prompt=section.system_prompt,
                             columns=section.columns)
@@ -50,4 +50,4 @@ def prepare_data(section: DataSection, tokenizer, seed: int, cache: Optional[Pat
     if validation_examples is not None:
         validation, stats["validation"] = encode_all(validation_examples, tokenizer, section.max_length,
                                                      "validation", section.train_on, section.reasoning)
-    return PreparedData(train, validation, template, formats, stats)
+    return EncodedData(train, validation, template, formats, stats)

@@ -13,9 +13,9 @@ import weakref
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
+from tunesmith.core.errors import TunesmithError
 from tunesmith.data.formats import Example
 from tunesmith.data.tools import for_template
-from tunesmith.errors import TunesmithError
 
 IGNORE_INDEX = -100
 REASONING = re.compile(r"<think>.*?</think>\s*", re.DOTALL)  # a reasoning trace and the space after it

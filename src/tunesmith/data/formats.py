@@ -11,10 +11,10 @@ from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 from tunesmith.config.data import ColumnsSection
+from tunesmith.core.errors import TunesmithError
+from tunesmith.core.registry import Registry
 from tunesmith.data.readers import RawRecord
 from tunesmith.data.tools import parse_call, parse_tools
-from tunesmith.errors import TunesmithError
-from tunesmith.registry import Registry
 
 ROLES = ("system", "user", "assistant")
 

@@ -10,11 +10,11 @@ from dataclasses import dataclass
 from typing import Optional, Sequence
 
 from tunesmith.config import DataSection, DataSourceSection
+from tunesmith.core.errors import TunesmithError
 from tunesmith.data.encode import EncodedExample
+from tunesmith.data.encoded import EncodedData, EncodeStats, encode_all, load_examples, split_by_fraction
 from tunesmith.data.formats import Example, FormatOptions
-from tunesmith.data.prepared import EncodeStats, PreparedData, encode_all, load_examples, split_by_fraction
 from tunesmith.data.templates import resolve_template
-from tunesmith.errors import TunesmithError
 
 TRAIN_SOURCE = "train"
 
@@ -88,11 +88,11 @@ def load_source(source: DataSourceSection, options: FormatOptions, seed: int) ->
     return train, validation, formats
 
 
-def prepare_mixture(section: DataSection, tokenizer, seed: int) -> PreparedData:
+def encode_mixture(section: DataSection, tokenizer, seed: int) -> EncodedData:
     """Read and encode every source; concatenate them and record where each sits and its weight.
 
     Returns:
-        A :class:`~tunesmith.data.prepared.PreparedData` whose ``sources`` list the slices of ``train``
+        A :class:`~tunesmith.data.encoded.EncodedData` whose ``sources`` list the slices of ``train``
         and whose ``validation_by_source`` holds each source's validation examples.
     """
     template = resolve_template(tokenizer, section.template)
@@ -121,5 +121,5 @@ def prepare_mixture(section: DataSection, tokenizer, seed: int) -> PreparedData:
     slices = [SourceSlice(s.name, start, count, weight)
               for s, start, count, weight in zip(sources, starts, counts, weights)]
     validation = [example for examples in validation_by_source.values() for example in examples] or None
-    return PreparedData(train, validation, template, formats, stats, sources=slices,
+    return EncodedData(train, validation, template, formats, stats, sources=slices,
                         validation_by_source=validation_by_source)

@@ -18,12 +18,12 @@ from dataclasses import dataclass
 from typing import Callable, Iterable, Optional
 
 from tunesmith.config import DataSection
+from tunesmith.core.errors import TunesmithError
 from tunesmith.data.encode import IGNORE_INDEX, EncodedExample, conversation_segments
+from tunesmith.data.encoded import EncodedData, EncodeStats, split_by_fraction
 from tunesmith.data.formats import PREFERENCE_LAYOUT, FormatOptions, _messages, _sharegpt, preference_parts
-from tunesmith.data.prepared import EncodeStats, PreparedData, split_by_fraction
 from tunesmith.data.readers import RawRecord, read_records
 from tunesmith.data.templates import resolve_template
-from tunesmith.errors import TunesmithError
 
 KTO_LAYOUT = ("kto format (messages or conversations ending with the assistant reply, and a boolean "
               "'label': true for a desirable reply, false for an undesirable one)")
@@ -196,8 +196,8 @@ def encode_labelled(records: Iterable[RawRecord], tokenizer, max_length: int) ->
     return examples, stats
 
 
-def prepare_judged(section: DataSection, tokenizer, seed: int, stage: str, layout: str,
-                   encode: Callable[[Iterable[RawRecord], object, int], tuple[list, JudgedStats]]) -> PreparedData:
+def encode_judged(section: DataSection, tokenizer, seed: int, stage: str, layout: str,
+                   encode: Callable[[Iterable[RawRecord], object, int], tuple[list, JudgedStats]]) -> EncodedData:
     """Read, split and encode the data of a judgement stage (one source; validation file or fraction).
 
     Args:
@@ -222,7 +222,7 @@ def prepare_judged(section: DataSection, tokenizer, seed: int, stage: str, layou
     if validation_records is not None:
         validation, all_stats["validation"] = encode_all_judged(validation_records, tokenizer, section.max_length,
                                                                 "validation", stage, layout, encode)
-    return PreparedData(train, validation, template, {path: stage for path in section.train}, all_stats)
+    return EncodedData(train, validation, template, {path: stage for path in section.train}, all_stats)
 
 
 def encode_all_judged(records: list[RawRecord], tokenizer, max_length: int, split: str, stage: str, layout: str,
@@ -251,4 +251,4 @@ def refuse_unsupported(section: DataSection, stage: str) -> None:
 
 
 __all__ = ["EncodedLabelledReply", "EncodedPair", "EncodedReply", "JudgedStats", "PREFERENCE_LAYOUT", "KTO_LAYOUT",
-           "encode_labelled", "encode_pairs", "encode_reply", "judged_conversation", "prepare_judged"]
+           "encode_labelled", "encode_pairs", "encode_reply", "judged_conversation", "encode_judged"]

@@ -10,11 +10,11 @@ from __future__ import annotations
 from typing import Optional
 
 from tunesmith.config import DataSection
+from tunesmith.core.errors import TunesmithError
 from tunesmith.data.encode import EncodedExample
+from tunesmith.data.encoded import EncodedData, EncodeStats, load_examples, split_by_fraction
 from tunesmith.data.formats import Example, FormatOptions
 from tunesmith.data.preference import refuse_unsupported
-from tunesmith.data.prepared import EncodeStats, PreparedData, load_examples, split_by_fraction
-from tunesmith.errors import TunesmithError
 
 MIN_BLOCK = 2  # a block of one token predicts nothing
 
@@ -38,7 +38,7 @@ def text_blocks(examples: list[Example], tokenizer, max_length: int) -> tuple[li
     return blocks, stats
 
 
-def prepare_text(section: DataSection, tokenizer, seed: int) -> PreparedData:
+def encode_corpus(section: DataSection, tokenizer, seed: int) -> EncodedData:
     """Plain-text records (``data.text_field``; .txt lines) -> blocks for training and validation.
 
     Raises:
@@ -59,4 +59,4 @@ def prepare_text(section: DataSection, tokenizer, seed: int) -> PreparedData:
     held_out = None
     if validation is not None:
         held_out, stats["validation"] = text_blocks(validation, tokenizer, section.max_length)
-    return PreparedData(blocks, held_out, "none", {path: "text" for path in section.train}, stats)
+    return EncodedData(blocks, held_out, "none", {path: "text" for path in section.train}, stats)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Iterator, Optional
 
-from tunesmith.errors import TunesmithError, decode_utf8, missing_file
+from tunesmith.core.errors import TunesmithError, decode_utf8, missing_file
 
 SUPPORTED_SUFFIXES = (".json", ".jsonl", ".csv", ".tsv", ".parquet", ".txt")
 

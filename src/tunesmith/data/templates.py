@@ -6,8 +6,8 @@ with the result, so generation, chat and evaluation render prompts exactly as tr
 
 from __future__ import annotations
 
-from tunesmith.errors import TunesmithError
-from tunesmith.registry import Registry
+from tunesmith.core.errors import TunesmithError
+from tunesmith.core.registry import Registry
 
 TEMPLATES: Registry[str] = Registry("chat template")
 

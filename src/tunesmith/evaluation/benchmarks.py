@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Iterator, Optional
 
-from tunesmith.errors import TunesmithError, missing_file
+from tunesmith.core.errors import TunesmithError, missing_file
 from tunesmith.evaluation.multiple_choice import MultipleChoiceItem
 
 MMLU_COLUMNS = ("question", "choice0", "choice1", "choice2", "choice3", "answer")

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
-from tunesmith.errors import TunesmithError
+from tunesmith.core.errors import TunesmithError
 from tunesmith.evaluation.benchmarks import non_empty, read_table, require_columns
 from tunesmith.evaluation.loglikelihood import TOKENISATION, score_continuations
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tunesmith.errors import TunesmithError
+from tunesmith.core.errors import TunesmithError
 from tunesmith.evaluation.benchmarks import read_records
 from tunesmith.evaluation.filters import cut_at_stop
 from tunesmith.evaluation.progress import item_progress
@@ -57,7 +57,7 @@ def generate_for_records(model, tokenizer, task: GenerationTask) -> tuple[list[s
     Returns:
         ``(predictions, references, prompts)``.
     """
-    from tunesmith.inference import generate
+    from tunesmith.inference.generate import generate
 
     skip = task.few_shot if task.few_shot and not task.few_shot_path else 0
     limit = task.limit + skip if task.limit else None

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from tunesmith.errors import TunesmithError
+from tunesmith.core.errors import TunesmithError
 from tunesmith.evaluation.results import task_result
 from tunesmith.evaluation.tasks import LmEvalTask
 

@@ -1,6 +1,6 @@
 """A model as judge: pairwise preference (both orders) and single-answer grading against a rubric.
 
-The judge is a local model (alias, folder or run folder, loaded by :func:`tunesmith.inference.load_for_inference`)
+The judge is a local model (alias, folder or run folder, loaded by :func:`tunesmith.inference.generate.load_for_inference`)
 or any OpenAI-compatible chat endpoint (``tunesmith serve`` included). Its prompts follow MT-Bench's
 ``pair-v2`` and ``single-v1`` judges (Zheng et al. 2023, https://arxiv.org/abs/2306.05685) in tunesmith's wording.
 
@@ -22,7 +22,7 @@ import urllib.request
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
-from tunesmith.errors import TunesmithError
+from tunesmith.core.errors import TunesmithError
 
 PAIR_SYSTEM = (
     "Please act as an impartial judge and evaluate the quality of the responses provided by two AI assistants to "
@@ -93,7 +93,7 @@ class LocalJudge(Judge):
         self.method, self.max_new_tokens, self.batch_size = method, max_new_tokens, batch_size
 
     def verdicts(self, conversations, options):
-        from tunesmith.inference import generate
+        from tunesmith.inference.generate import generate
 
         if self.method == "generate":
             return generate(self.model, self.tokenizer, [list(c) for c in conversations], self.max_new_tokens,
@@ -103,7 +103,7 @@ class LocalJudge(Judge):
     def _most_likely(self, conversations, options) -> list[str]:
         """One scoring pass for every conversation's options; a conversation's options share its cached prefix."""
         from tunesmith.evaluation.loglikelihood import score_continuations
-        from tunesmith.inference import render_prompt
+        from tunesmith.inference.generate import render_prompt
 
         contexts = [render_prompt(self.tokenizer, list(c)) + "[[" for c in conversations]
         requests = [(context, f"{o}]]") for context in contexts for o in options]

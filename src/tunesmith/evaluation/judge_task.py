@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from tunesmith.errors import TunesmithError
+from tunesmith.core.errors import TunesmithError
 from tunesmith.evaluation.judge import (
     EndpointJudge,
     Grade,
@@ -24,7 +24,7 @@ from tunesmith.evaluation.judge import (
 from tunesmith.evaluation.judge_stats import summarise_grades, summarise_pairs
 from tunesmith.evaluation.results import task_result
 from tunesmith.evaluation.tasks import JudgeSource, JudgeTask
-from tunesmith.inference import generate, load_for_inference
+from tunesmith.inference.generate import generate, load_for_inference
 
 JUDGE_NOTE = ("verdicts parsed strictly (exactly one distinct [[A]]/[[B]]/[[C]] or [[1..10]], else invalid); "
               "both orders, a tie when they disagree; win rate = (wins + ties/2)/valid with a percentile "

@@ -15,8 +15,8 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
+from tunesmith.core.registry import Registry
 from tunesmith.data.answers import EXTRACTION_RULE, extract_answer, reference_answer, same_answer
-from tunesmith.registry import Registry
 
 References = Sequence[Sequence[str]]
 

@@ -8,7 +8,7 @@ import io
 from pathlib import Path
 from typing import Optional
 
-from tunesmith.files import write_text_atomic
+from tunesmith.core.files import write_text_atomic
 
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2rem auto; max-width: 60rem; color: #222; }

@@ -23,7 +23,7 @@ import json
 from pathlib import Path
 from typing import Any, Optional
 
-from tunesmith.files import write_text_atomic
+from tunesmith.core.files import write_text_atomic
 
 SCHEMA_VERSION = 1
 RESULT_KEYS = ("schema_version", "created", "tunesmith_version", "runs", "comparison", "training")
@@ -57,7 +57,7 @@ def improvement(metric: str, base: float, tuned: float, lower_is_better: bool) -
     return scale * (tuned - base)
 
 
-def compare_runs(base: dict, tuned: dict, base_name: str = "base", tuned_name: str = "tuned") -> dict:
+def before_after_rows(base: dict, tuned: dict, base_name: str = "base", tuned_name: str = "tuned") -> dict:
     """Per-task rows and the three summary numbers of a before/after comparison.
 
     ``task_gain`` and ``general_change`` are the mean :func:`improvement` over the task and general

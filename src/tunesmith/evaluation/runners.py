@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable
 
+from tunesmith.core.registry import Registry
 from tunesmith.evaluation import benchmarks
 from tunesmith.evaluation.filters import headline, score_documents, tokenisation_of
 from tunesmith.evaluation.harness import run_harness_tasks
@@ -28,7 +29,6 @@ from tunesmith.evaluation.tasks import (
     PerplexityTask,
     StageTask,
 )
-from tunesmith.registry import Registry
 
 TaskRunner = Callable[..., dict[str, Any]]
 TASK_RUNNERS: Registry[TaskRunner] = Registry("evaluation task kind")
@@ -90,8 +90,8 @@ def run_classification(model, tokenizer, task: ClassificationTask) -> dict[str, 
 @TASK_RUNNERS.register("perplexity")
 def run_perplexity(model, tokenizer, task: PerplexityTask) -> dict[str, Any]:
     """Loss and perplexity on a data file, encoded exactly as training encodes it."""
-    from tunesmith.data.prepared import encode_all, load_examples
-    from tunesmith.runtime import Runtime
+    from tunesmith.core.runtime import Runtime
+    from tunesmith.data.encoded import encode_all, load_examples
     from tunesmith.training.validation import evaluate_loss
 
     examples, _ = load_examples(task.path, task.format)

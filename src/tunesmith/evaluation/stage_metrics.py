@@ -19,8 +19,8 @@ from pydantic import TypeAdapter
 
 from tunesmith.config import DataSection
 from tunesmith.config.stages import StageSection
-from tunesmith.errors import TunesmithError
-from tunesmith.results import ResultFolder, locate_result
+from tunesmith.core.errors import TunesmithError
+from tunesmith.inference.results import ResultFolder, locate_result
 
 JUDGED_STAGES = ("rm", "dpo", "orpo", "simpo", "kto", "cls")
 HEAD_STAGES = ("rm", "cls")
@@ -109,7 +109,7 @@ def stage_metrics(model, tokenizer, task) -> Optional[dict[str, float]]:
     Raises:
         TunesmithError: If the file lacks what the stage needs (naming the file and the layout expected).
     """
-    from tunesmith.runtime import Runtime, cache_dir
+    from tunesmith.core.runtime import Runtime, cache_dir
     from tunesmith.stages import build_stage
     from tunesmith.stages.pairs import ReferenceStage
     from tunesmith.training.batching import collate
@@ -125,7 +125,7 @@ def stage_metrics(model, tokenizer, task) -> Optional[dict[str, float]]:
     stage = build_stage(config)
     section = DataSection(train=(task.path,), template=task.template, max_length=task.max_length)
     try:
-        examples = stage.prepare_data(section, tokenizer, 0, cache_dir()).train
+        examples = stage.encode_data(section, tokenizer, 0, cache_dir()).train
     except TunesmithError as error:
         raise TunesmithError(f"{task.path}: {error}") from None
     examples = examples[: task.limit] if task.limit else examples
@@ -145,7 +145,7 @@ def reference_for(model, task):
     if adapter_owner(model) is not None:
         return Reference(model)  # the adapter switched off
     if task.reference is not None:
-        from tunesmith.results import load_result
+        from tunesmith.inference.results import load_result
 
         base = load_result(task.reference, device=next(model.parameters()).device).model
         return Reference.model_itself(base)

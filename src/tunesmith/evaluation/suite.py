@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 from tunesmith.config.loader import read_yaml
-from tunesmith.errors import TunesmithError, missing_file
+from tunesmith.core.errors import TunesmithError, missing_file
 from tunesmith.evaluation.tasks import TaskSection, load_task_file, parse_task
 
 
@@ -98,7 +98,7 @@ def run_suite(model, tokenizer, suite: Union[Suite, str, Path], data_root: Optio
     Args:
         model: Causal LM (base, or base + adapter), in eval mode.
         tokenizer: Its tokenizer, carrying the chat template of training
-            (:func:`tunesmith.inference.load_for_inference` gives both).
+            (:func:`tunesmith.inference.generate.load_for_inference` gives both).
         suite: A :class:`Suite` or the path of a suite file.
         data_root: Only for a path: what ``{data_root}`` in task paths stands for.
         limit: Only for a path: caps every task's item count.

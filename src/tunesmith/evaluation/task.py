@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from tunesmith.config import GenerationTaskSection
+from tunesmith.core.errors import TunesmithError
 from tunesmith.data.dataset import load_examples
-from tunesmith.errors import TunesmithError
 from tunesmith.evaluation.metrics import exact_match_score, rouge, token_f1
 
 
@@ -29,7 +29,7 @@ def run_generation_task(model, tokenizer, section: GenerationTaskSection, system
         ``{"metric", "score", "count", "samples"}`` with a few (prompt, prediction, reference) samples.
     """
     from tunesmith.data.formats import FormatOptions
-    from tunesmith.inference import generate
+    from tunesmith.inference.generate import generate
 
     options = FormatOptions(system_prompt=system_prompt, columns=section.columns or columns)
     examples, _ = load_examples(section.file, section.format, options)

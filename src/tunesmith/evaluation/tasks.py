@@ -15,7 +15,7 @@ from pydantic import Field, TypeAdapter, ValidationError, field_validator, model
 from tunesmith.config.base import Section
 from tunesmith.config.loader import read_yaml
 from tunesmith.config.stages import StageSection
-from tunesmith.errors import TunesmithError, missing_file
+from tunesmith.core.errors import TunesmithError, missing_file
 from tunesmith.evaluation.judge import DEFAULT_RUBRIC
 
 PROBES_DIR = Path(__file__).resolve().parent / "probes"

@@ -17,13 +17,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from tunesmith.errors import TunesmithError
+from tunesmith.core.errors import TunesmithError
+from tunesmith.core.files import atomic_folder
 from tunesmith.export.check import TOLERANCES, CheckResult, Probe, check_hf_model, probe_reference, require
 from tunesmith.export.gguf import QUANTISATIONS, check_architecture, export_gguf
-from tunesmith.files import atomic_folder
+from tunesmith.export.model_card import run_card_facts, write_card
+from tunesmith.inference.results import LoadedResult, ResultFolder, load_result, locate_result
 from tunesmith.methods import NotMergeable
-from tunesmith.model_card import run_card_facts, write_card
-from tunesmith.results import LoadedResult, ResultFolder, load_result, locate_result
 
 FORMATS = ("hf", "peft", "gguf")
 
@@ -161,8 +161,8 @@ def check_head(reference, partial: Path, format: str, loaded: LoadedResult, devi
     if format == "peft":
         from peft import PeftModel
 
+        from tunesmith.core.runtime import cache_dir
         from tunesmith.models import resolve_model_path
-        from tunesmith.runtime import cache_dir
 
         base = AutoModelForCausalLM.from_pretrained(resolve_model_path(loaded.base_model, cache_dir()), dtype=torch.float32)
         model = PeftModel.from_pretrained(base.to(device), partial).eval()
@@ -241,8 +241,8 @@ def base_config(location: ResultFolder, base_model: Optional[str]):
     """The model config, read without loading weights (to refuse an architecture early)."""
     from transformers import AutoConfig
 
+    from tunesmith.core.runtime import cache_dir
     from tunesmith.models import resolve_model_path
-    from tunesmith.runtime import cache_dir
 
     if location.kind == "model":
         return AutoConfig.from_pretrained(location.folder)
@@ -290,8 +290,8 @@ def export_peft(location: ResultFolder, loaded: LoadedResult, probe: Probe, part
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
+    from tunesmith.core.runtime import cache_dir
     from tunesmith.models import resolve_model_path
-    from tunesmith.runtime import cache_dir
 
     if not (location.folder / "adapter_config.json").is_file():
         raise TunesmithError(f"the {loaded.method.kind if loaded.method else ''} result in {location.folder} is not a "

@@ -17,8 +17,8 @@ from typing import Callable, Optional
 
 import torch
 
+from tunesmith.core.errors import TunesmithError
 from tunesmith.data.encode import render_prompt
-from tunesmith.errors import TunesmithError
 
 PROBE_CONVERSATIONS = (
     [{"role": "user", "content": "What is the capital of France?"}],
@@ -161,7 +161,7 @@ def greedy_reply(model, ids: list[int], stop: int, limit: int = REPLY_TOKENS) ->
     return output[0, len(ids):].tolist()
 
 
-def compare(probe: Probe, tolerance: Tolerance, logits_of: Callable[[list[int]], torch.Tensor],
+def check_probe(probe: Probe, tolerance: Tolerance, logits_of: Callable[[list[int]], torch.Tensor],
             reply_of: Callable[[list[int], int, int], list[int]], tokenize: Optional[Callable[[int], list[int]]] = None
             ) -> CheckResult:
     """Compare an export, seen through ``logits_of(ids)`` and ``reply_of(ids, stop, limit)``, with ``probe``.
@@ -200,7 +200,7 @@ def kl_divergence(reference: torch.Tensor, logits: torch.Tensor) -> torch.Tensor
 def check_hf_model(probe: Probe, model, tolerance: Tolerance, tokenize=None) -> CheckResult:
     """Compare a reloaded transformers/peft model with ``probe``."""
     with torch.no_grad():
-        return compare(probe, tolerance, lambda ids: next_token_logits(model, ids),
+        return check_probe(probe, tolerance, lambda ids: next_token_logits(model, ids),
                        lambda ids, stop, limit: greedy_reply(model, ids, stop, limit), tokenize)
 
 

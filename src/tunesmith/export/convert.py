@@ -20,9 +20,9 @@ import tempfile
 from pathlib import Path
 from typing import Optional
 
-from tunesmith.errors import TunesmithError
-from tunesmith.files import atomic_folder
-from tunesmith.runtime import gguf_converter_dir
+from tunesmith.core.errors import TunesmithError
+from tunesmith.core.files import atomic_folder
+from tunesmith.core.runtime import gguf_converter_dir
 
 SOURCE_PACKAGE = "llama-cpp-python"
 SOURCE_VERSION = "0.3.36"  # its vendor/llama.cpp: the converter; node-llama-cpp's llama.cpp reads what it writes

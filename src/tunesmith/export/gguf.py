@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tunesmith.errors import TunesmithError
+from tunesmith.core.errors import TunesmithError
 
 QUANTISATIONS = ("f16", "q8_0", "q4_0")
 # The architectures this writer knows, by the ``model_type`` of their Hugging Face config.

@@ -9,7 +9,7 @@ that stop where llama.cpp sees an end of generation (the file's eos/eot metadata
 compares them with the in-memory model as the transformers check does.
 
 The check is optional: without ``node`` on the PATH or ``node-llama-cpp`` in
-:func:`tunesmith.runtime.node_llama_cpp_dir`, it is skipped with the reason and the install command.
+:func:`tunesmith.core.runtime.node_llama_cpp_dir`, it is skipped with the reason and the install command.
 """
 
 from __future__ import annotations
@@ -26,9 +26,9 @@ from typing import Union
 import numpy as np
 import torch
 
-from tunesmith.errors import TunesmithError
-from tunesmith.export.check import REPLY_TOKENS, CheckResult, Probe, Tolerance, compare
-from tunesmith.runtime import node_llama_cpp_dir
+from tunesmith.core.errors import TunesmithError
+from tunesmith.core.runtime import node_llama_cpp_dir
+from tunesmith.export.check import REPLY_TOKENS, CheckResult, Probe, Tolerance, check_probe
 
 SCRIPT = Path(__file__).with_name("llama_cpp_check.mjs")
 NODE_LLAMA_CPP_VERSION = "3.22.1"
@@ -90,7 +90,7 @@ def check_with_llama_cpp(path: Path, probe: Probe, tolerance: Tolerance) -> Unio
     reason = llama_cpp_unavailable()
     if reason is not None:
         return reason
-    # the same budgets compare() asks of every loader: twice the reference's where the reference stopped
+    # the same budgets check_probe() asks of every loader: twice the reference's where the reference stopped
     limits = [2 * REPLY_TOKENS if stops else REPLY_TOKENS for stops in probe.stops]
     answer, logits = run_llama_cpp(path, probe.prompts, probe.texts, limits)
     if "skipped" in answer:
@@ -103,5 +103,5 @@ def check_with_llama_cpp(path: Path, probe: Probe, tolerance: Tolerance) -> Unio
     def reply_of(ids: list[int], stop: int, limit: int) -> list[int]:
         return answer["replies"][by_prompt[tuple(ids)]][:limit]
 
-    result = compare(probe, tolerance, logits_of, reply_of, lambda index: answer["tokenized"][index])
+    result = check_probe(probe, tolerance, logits_of, reply_of, lambda index: answer["tokenized"][index])
     return dataclasses.replace(result, load_seconds=float(answer["load_seconds"]))

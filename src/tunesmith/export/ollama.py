@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tunesmith.errors import TunesmithError
+from tunesmith.core.errors import TunesmithError
 
 MARKER = "\u2063{role}\u2063"
 

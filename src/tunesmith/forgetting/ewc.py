@@ -19,8 +19,8 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
+from tunesmith.core.files import atomic_path
 from tunesmith.data.encode import EncodedExample
-from tunesmith.files import atomic_path
 from tunesmith.training.batching import collate
 from tunesmith.training.loss import count_target_tokens, loss_sum
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from tunesmith.config import EwcSection
+from tunesmith.core.runtime import Runtime
 from tunesmith.forgetting.ewc import (
     diagonal_fisher,
     file_identity,
@@ -14,7 +15,6 @@ from tunesmith.forgetting.ewc import (
     save_cached_fisher,
 )
 from tunesmith.forgetting.reference import reference_examples
-from tunesmith.runtime import Runtime
 
 
 def fisher_for_run(section: EwcSection, identity: dict, model, tokenizer, runtime: Runtime, say=print,

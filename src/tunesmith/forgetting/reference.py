@@ -6,7 +6,7 @@ import torch
 
 from tunesmith.config import EwcSection
 from tunesmith.data.encode import EncodedExample
-from tunesmith.data.prepared import encode_all, load_examples
+from tunesmith.data.encoded import encode_all, load_examples
 
 
 def reference_examples(section: EwcSection, model, tokenizer, seed: int) -> list[EncodedExample]:

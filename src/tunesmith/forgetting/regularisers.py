@@ -8,7 +8,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from tunesmith.errors import TunesmithError
+from tunesmith.core.errors import TunesmithError
 
 
 class AnchorPenalty:

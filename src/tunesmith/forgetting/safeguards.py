@@ -15,14 +15,14 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from tunesmith.config import RegulariseSection, RetainSection
+from tunesmith.core.reporter import Reporter
+from tunesmith.core.run_files import RunLayout
+from tunesmith.core.runtime import Runtime
+from tunesmith.data.encoded import EncodedData
 from tunesmith.data.mixing import TRAIN_SOURCE
-from tunesmith.data.prepared import PreparedData
 from tunesmith.forgetting.fisher_cache import fisher_for_run
 from tunesmith.forgetting.regularisers import AnchorPenalty, add_neftune_noise, set_model_dropout
 from tunesmith.forgetting.retain import forgetting_report, measure_retained
-from tunesmith.reporter import Reporter
-from tunesmith.run_files import RunLayout
-from tunesmith.runtime import Runtime
 from tunesmith.training.validation import evaluate_loss
 
 TASK_PROBE_EXAMPLES = 256  # training examples scored for the task gain when there is no validation data
@@ -59,7 +59,7 @@ class Safeguards:
         for change in set_model_dropout(model, regularise.attention_dropout, regularise.hidden_dropout):
             self.reporter.say(f"regularise: {change}")
 
-    def measure_before(self, model, tokenizer, data: PreparedData) -> None:
+    def measure_before(self, model, tokenizer, data: EncodedData) -> None:
         """The retain suite and the task loss of the model before training (reused on resume)."""
         if self.retain is None:
             return
@@ -98,7 +98,7 @@ class Safeguards:
             handle.remove()
         self.handles.clear()
 
-    def measure_after(self, model, tokenizer, data: PreparedData) -> dict[str, Any]:
+    def measure_after(self, model, tokenizer, data: EncodedData) -> dict[str, Any]:
         """Measure again; the summary's ``forgetting`` block (or {})."""
         if self.retain is None:
             return {}
@@ -114,7 +114,7 @@ class Safeguards:
         self.reporter.say(f"retain suite {when} ...")
         return measure_retained(model, tokenizer, self.retain, progress=self.reporter.say)
 
-    def task_loss(self, model, data: PreparedData, pad_token_id: int) -> float:
+    def task_loss(self, model, data: EncodedData, pad_token_id: int) -> float:
         """Loss of the task's validation data (source 'train' when mixing), else of early training examples."""
         examples = data.validation_by_source.get(TRAIN_SOURCE) if data.sources else data.validation
         if not examples:

@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from tunesmith.errors import TunesmithError
+from tunesmith.core.errors import TunesmithError
 from tunesmith.methods.base import METHODS, Method, NotMergeable, transformer_blocks
 
 logger = logging.getLogger(__name__)

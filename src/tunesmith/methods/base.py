@@ -16,8 +16,8 @@ from typing import ClassVar, Optional
 import torch
 from torch import nn
 
-from tunesmith.errors import TunesmithError, decode_utf8
-from tunesmith.registry import Registry
+from tunesmith.core.errors import TunesmithError, decode_utf8
+from tunesmith.core.registry import Registry
 
 MANIFEST = "tunesmith.json"
 
@@ -95,7 +95,7 @@ class Method(ABC):
         trainable = [p for p in model.parameters() if p.requires_grad]
         return decay_groups(trainable, train_config.weight_decay)
 
-    def prepare_for_autocast(self, model: nn.Module, dtype: torch.dtype = torch.bfloat16,
+    def cast_for_autocast(self, model: nn.Module, dtype: torch.dtype = torch.bfloat16,
                              store_frozen_base: bool = True) -> None:
         """Adjust ``model`` (after :meth:`apply`) for training under ``dtype`` autocast; nothing by default."""
 

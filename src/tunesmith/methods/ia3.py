@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from tunesmith.errors import TunesmithError
+from tunesmith.core.errors import TunesmithError
 from tunesmith.methods.base import METHODS, check_module_names
 from tunesmith.methods.peft_method import PeftMethod, peft_task_type
 

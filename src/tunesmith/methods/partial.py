@@ -11,7 +11,7 @@ import logging
 
 from torch import nn
 
-from tunesmith.errors import TunesmithError
+from tunesmith.core.errors import TunesmithError
 from tunesmith.methods.base import METHODS, transformer_blocks
 from tunesmith.methods.full import FullFineTuning
 

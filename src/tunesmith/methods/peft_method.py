@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from tunesmith.errors import TunesmithError
+from tunesmith.core.errors import TunesmithError
 from tunesmith.methods.base import Method, store_frozen_in
 
 
@@ -46,7 +46,7 @@ class PeftMethod(Method):
     def save(self, model: nn.Module, directory: Path, state_dict: Optional[dict] = None) -> None:
         model.save_pretrained(directory, state_dict=state_dict)  # peft keeps the adapter's entries of it
 
-    def prepare_for_autocast(self, model: nn.Module, dtype: torch.dtype = torch.bfloat16,
+    def cast_for_autocast(self, model: nn.Module, dtype: torch.dtype = torch.bfloat16,
                              store_frozen_base: bool = True) -> None:
         """Store the frozen base in ``dtype`` (``store_frozen_base``); switch off peft's input cast where it is a no-op.
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from torch import nn
 
-from tunesmith.errors import TunesmithError
+from tunesmith.core.errors import TunesmithError
 from tunesmith.methods.base import METHODS
 from tunesmith.methods.virtual_tokens import VirtualTokenMethod
 

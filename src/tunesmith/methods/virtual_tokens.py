@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from tunesmith.errors import TunesmithError
+from tunesmith.core.errors import TunesmithError
 from tunesmith.methods.base import NotMergeable, base_model_of
 from tunesmith.methods.peft_method import PeftMethod
 

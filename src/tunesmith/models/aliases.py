@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
-from tunesmith.registry import Registry
+from tunesmith.core.registry import Registry
 
 
 @dataclass(frozen=True)

@@ -10,9 +10,9 @@ import torch
 from safetensors import SafetensorError
 
 from tunesmith.config import ModelSection
-from tunesmith.errors import TunesmithError
+from tunesmith.core.errors import TunesmithError
+from tunesmith.core.registry import did_you_mean
 from tunesmith.models.aliases import ALIASES
-from tunesmith.registry import did_you_mean
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from tunesmith.errors import TunesmithError
-from tunesmith.registry import Registry
+from tunesmith.core.errors import TunesmithError
+from tunesmith.core.registry import Registry
 
 
 @dataclass(frozen=True)

@@ -20,8 +20,8 @@ from typing import TYPE_CHECKING
 
 from filelock import FileLock
 
-from tunesmith.errors import TunesmithError
-from tunesmith.files import atomic_folder
+from tunesmith.core.errors import TunesmithError
+from tunesmith.core.files import atomic_folder
 
 if TYPE_CHECKING:
     from transformers import LlamaForCausalLM, PreTrainedModel, PreTrainedTokenizerBase

@@ -14,7 +14,7 @@ from fastapi.responses import FileResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from tunesmith.errors import TunesmithError
+from tunesmith.core.errors import TunesmithError
 from tunesmith.serve.openai_api import error_response
 from tunesmith.serve.pool import ModelPool, UnknownModel
 from tunesmith.serve.safety import CodeRefused, SafetyRules

@@ -1,7 +1,7 @@
 """Generation for concurrent requests: continuous batching.
 
 One worker thread owns the models and keeps one running batch per loaded base model
-(:class:`tunesmith.decoding.RowBatch`). Between two decode steps, requests that arrived join the
+(:class:`tunesmith.inference.decoding.RowBatch`). Between two decode steps, requests that arrived join the
 batch (their prompts are prefilled together into free KV-cache slots) and rows that finished or
 were cancelled leave it, so a short request never waits for a long one and a new one waits at
 most one step. Rows of one batch may differ in everything: model id (adapters of one base are
@@ -25,7 +25,7 @@ from typing import Callable, Optional
 
 import torch
 
-from tunesmith.decoding import Row, RowBatch, supports_slots
+from tunesmith.inference.decoding import Row, RowBatch, supports_slots
 from tunesmith.serve.pool import ModelPool, Servable
 
 logger = logging.getLogger(__name__)
@@ -202,7 +202,7 @@ class BatchingGenerator:
         if request.cancelled.is_set():
             return
         try:
-            from tunesmith.inference import stop_token_ids
+            from tunesmith.inference.generate import stop_token_ids
 
             servable = self.pool.get(request.model_id)
             tokenizer = servable.tokenizer

@@ -3,7 +3,7 @@
 ``GET /api/guided/tasks`` lists the tasks; ``POST /api/guided/recipe`` takes the task, the data file (and
 an optional test file), the column mapping and the model, and fills stage, format, method, the held-out
 metric and the sizes: the lengths and step count from the data, the method checked by
-:func:`tunesmith.plan.plan_recipe` (the same plan as ``tunesmith plan``: memory on this machine and the
+:func:`tunesmith.workflows.plan.plan_recipe` (the same plan as ``tunesmith plan``: memory on this machine and the
 data verdict; a plan that does not fit halves the batch). The recipe comes back for the full form, which
 stays one click away.
 """
@@ -19,7 +19,7 @@ from typing import Literal, Optional
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, Field
 
-from tunesmith.errors import TunesmithError
+from tunesmith.core.errors import TunesmithError
 from tunesmith.serve.workspace import plan_in_workspace
 
 router = APIRouter(prefix="/guided")  # under /api (serve/app.py)

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from tunesmith.errors import TunesmithError
+from tunesmith.core.errors import TunesmithError
 from tunesmith.serve.workspace import NotFound, Workspace
 
 FINISHED = ("done", "failed", "stopped", "interrupted", "cancelled")

@@ -13,8 +13,8 @@ from typing import Annotated, Literal, Optional, Union
 from fastapi import APIRouter, Path, Query, Request
 from pydantic import BaseModel, Field
 
-from tunesmith.errors import TunesmithError
-from tunesmith.run_files import RunLayout
+from tunesmith.core.errors import TunesmithError
+from tunesmith.core.run_files import RunLayout
 from tunesmith.serve.safety import SafetyRules, refuse_unsafe_recipe, refuse_unsafe_space, refuse_unsafe_suite
 from tunesmith.serve.studio_api import _read_metrics, unique_path, yaml_from_browser
 
@@ -184,7 +184,7 @@ def submit_sweep(body: SweepJob, workspace, runner, rules: SafetyRules) -> int:
     """
     import yaml
 
-    from tunesmith.files import write_text_atomic
+    from tunesmith.core.files import write_text_atomic
 
     recipe_file = workspace.resolve(body.recipe, must_exist=True)
     space = yaml_from_browser(body.space, "search space")

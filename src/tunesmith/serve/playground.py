@@ -18,7 +18,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field
 
-from tunesmith.errors import TunesmithError
+from tunesmith.core.errors import TunesmithError
 
 router = APIRouter()
 LABELS_FILE, HEAD_FILE = "labels.json", "head.safetensors"

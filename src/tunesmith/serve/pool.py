@@ -7,7 +7,7 @@ A model id is one of:
 - a trained run in the workspace (``runs/x``: its ``adapter/`` on the base it was trained from,
   or its ``model/``), or a run's ``adapter/`` folder itself.
 
-Loading goes through :mod:`tunesmith.inference` (``load_for_inference``, ``load_trained``). Adapters
+Loading goes through :mod:`tunesmith.inference.generate` (``load_for_inference``, ``load_trained``). Adapters
 written by peft on the same base share one loaded base: the first is put on it with
 ``load_trained``, later ones are added with peft's ``load_adapter`` and chosen per batch with
 ``set_adapter``; the base itself answers with the adapters disabled.
@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from tunesmith.errors import TunesmithError
-from tunesmith.run_files import RunLayout
+from tunesmith.core.errors import TunesmithError
+from tunesmith.core.run_files import RunLayout
 from tunesmith.serve.workspace import Workspace
 
 MANIFEST = "tunesmith.json"  # written by Method.write_manifest
@@ -144,8 +144,8 @@ class ModelPool:
 
         A relative folder is relative to the workspace: the studio's jobs run there.
         """
+        from tunesmith.inference.results import ResultFolder
         from tunesmith.methods.base import read_manifest  # a damaged manifest is a sentence, not a traceback
-        from tunesmith.results import ResultFolder
 
         manifest = read_manifest(result) if (result / MANIFEST).is_file() else None
         name = ResultFolder(result, "adapter", manifest).recorded_base  # results.py reads what a result records
@@ -166,7 +166,7 @@ class ModelPool:
             return self._load(spec)
 
     def _load(self, spec: ModelSpec) -> Servable:
-        from tunesmith.inference import load_for_inference, load_trained
+        from tunesmith.inference.generate import load_for_inference, load_trained
 
         base = self.loaded.get(spec.base)
         if base is None:

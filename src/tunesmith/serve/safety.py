@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
-from tunesmith.errors import TunesmithError
+from tunesmith.core.errors import TunesmithError
 from tunesmith.serve.workspace import PathRefused, Workspace
 
 ALLOW_CODE_FLAG = "--allow-code"
@@ -224,7 +224,7 @@ def refuse_unsafe_space(recipe: Any, space: dict, rules: SafetyRules) -> None:
     from pydantic import ValidationError
 
     from tunesmith.config import Recipe, recipe_to_yaml
-    from tunesmith.sweep import trial_recipe
+    from tunesmith.workflows.sweep import trial_recipe
 
     base = yaml.safe_load(recipe_to_yaml(recipe))
     for key, value in space.items():

@@ -18,9 +18,9 @@ from fastapi import APIRouter, File, Query, Request, UploadFile
 from fastapi.responses import FileResponse
 from pydantic import BaseModel, Field, ValidationError
 
-from tunesmith.errors import TunesmithError
-from tunesmith.files import atomic_path, write_text_atomic
-from tunesmith.run_files import RunLayout
+from tunesmith.core.errors import TunesmithError
+from tunesmith.core.files import atomic_path, write_text_atomic
+from tunesmith.core.run_files import RunLayout
 from tunesmith.serve.workspace import TooLarge, plan_in_workspace
 
 router = APIRouter(prefix="/api")

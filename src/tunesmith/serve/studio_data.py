@@ -12,7 +12,7 @@ from typing import Optional
 from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, ValidationError
 
-from tunesmith.errors import TunesmithError
+from tunesmith.core.errors import TunesmithError
 
 router = APIRouter()
 

@@ -10,7 +10,7 @@ import os
 import re
 from pathlib import Path, PurePosixPath
 
-from tunesmith.errors import TunesmithError
+from tunesmith.core.errors import TunesmithError
 
 SUBFOLDERS = ("data", "recipes", "runs", "exports", "models", "jobs")
 UPLOAD_EXTENSIONS = (".jsonl.gz", ".json.gz", ".csv.gz", ".tsv.gz", ".jsonl", ".json", ".csv", ".tsv", ".parquet", ".txt",
@@ -87,7 +87,7 @@ class Workspace:
 def plan_in_workspace(recipe, root: Path):
     """``tunesmith plan`` for the recipe's own method, without a calibration run, its paths read in the workspace:
     the one plan behind the guided path and the Plan screen."""
-    from tunesmith.plan import plan_recipe
+    from tunesmith.workflows.plan import plan_recipe
 
     local = recipe.model_copy(update={"model": recipe.model.model_copy(update={"name": absolute(root, recipe.model.name)}),
                                       "data": recipe.data.model_copy(update={

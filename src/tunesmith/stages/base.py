@@ -16,10 +16,10 @@ from typing import ClassVar
 from torch import nn
 
 from tunesmith.config import DataSection
-from tunesmith.data.prepared import PreparedData
-from tunesmith.errors import TunesmithError
+from tunesmith.core.errors import TunesmithError
+from tunesmith.core.registry import Registry
+from tunesmith.data.encoded import EncodedData
 from tunesmith.models import is_encoder
-from tunesmith.registry import Registry
 from tunesmith.training.objective import Objective
 from tunesmith.training.speed import SpeedSetup
 
@@ -51,14 +51,14 @@ class Stage(ABC):
                                  "needs a causal language model, and only stage cls trains an encoder")
 
     @abstractmethod
-    def prepare_data(self, section: DataSection, tokenizer, seed: int, cache: Path) -> PreparedData:
+    def encode_data(self, section: DataSection, tokenizer, seed: int, cache: Path) -> EncodedData:
         """The training and validation examples of this stage, read from ``data``.
 
         Raises:
             TunesmithError: If the data lacks what the stage needs (the message names the layout expected).
         """
 
-    def prepare_model(self, model: nn.Module) -> nn.Module:
+    def adapt_model(self, model: nn.Module) -> nn.Module:
         """Adapt the loaded model before the method is applied (e.g. a scalar head); unchanged by default."""
         return model
 

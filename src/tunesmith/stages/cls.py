@@ -20,9 +20,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from tunesmith.config import DataSection
-from tunesmith.data.classification import EncodedText, cut, encode_text, prepare_classification
-from tunesmith.data.prepared import PreparedData
-from tunesmith.errors import TunesmithError
+from tunesmith.core.errors import TunesmithError
+from tunesmith.data.classification import EncodedText, cut, encode_classification, encode_text
+from tunesmith.data.encoded import EncodedData
 from tunesmith.methods.base import base_model_of
 from tunesmith.models import is_encoder
 from tunesmith.stages.base import STAGES, Stage
@@ -81,24 +81,24 @@ class SequenceClassification(Stage):
         self.zero_shot: Optional[float] = None
         self.zero_shot_note = ""
         self.tokenizer = None
-        self.data: Optional[PreparedData] = None
+        self.data: Optional[EncodedData] = None
         self.max_length = 0
 
     def check_model(self, model: nn.Module) -> None:
         """Any causal LM or encoder-only model: an encoder's texts get its own special tokens ([CLS] ... [SEP])."""
         self.encoder = is_encoder(model.config)
 
-    def prepare_data(self, section: DataSection, tokenizer, seed: int, cache: Path) -> PreparedData:
+    def encode_data(self, section: DataSection, tokenizer, seed: int, cache: Path) -> EncodedData:
         config, columns = self.config, section.columns
         text_field = columns.prompt if columns else config.text_field  # data.columns, where given, names them
         label_field = columns.label or columns.answer if columns else config.label_field
-        data, self.labels = prepare_classification(section, tokenizer, seed, text_field, label_field,  # type: ignore[arg-type]
+        data, self.labels = encode_classification(section, tokenizer, seed, text_field, label_field,  # type: ignore[arg-type]
                                                    config.labels, self.encoder)
         self.majority = Counter(example.label for example in data.train).most_common(1)[0][0]
         self.tokenizer, self.data, self.max_length = tokenizer, data, section.max_length
         return data
 
-    def prepare_model(self, model: nn.Module) -> nn.Module:
+    def adapt_model(self, model: nn.Module) -> nn.Module:
         """Measure the zero-shot baseline on the untouched base model, then add the label head."""
         self.zero_shot, self.zero_shot_note = self.measure_zero_shot(model)
         return add_head(model, len(self.labels))
@@ -147,7 +147,7 @@ class SequenceClassification(Stage):
 
 def load_classifier(folder: str | Path, device: str = "cpu", dtype: str = "float32"):
     """The classifier in a result folder of ``stage: cls``: (model, tokenizer, label names)."""
-    from tunesmith.inference import load_for_inference
+    from tunesmith.inference.generate import load_for_inference
 
     folder = Path(folder)
     manifest = json.loads((folder / "tunesmith.json").read_text())

@@ -23,13 +23,13 @@ import torch
 from torch import nn
 
 from tunesmith.config import DataSection
-from tunesmith.data.prepared import PreparedData
-from tunesmith.inference import stop_token_ids
-from tunesmith.runtime import Runtime
+from tunesmith.core.runtime import Runtime
+from tunesmith.data.encoded import EncodedData
+from tunesmith.inference.generate import stop_token_ids
 from tunesmith.stages import policy_loss as pl
 from tunesmith.stages.base import STAGES, Stage
 from tunesmith.stages.pairs import Reference
-from tunesmith.stages.prompts import PromptExample, prepare_prompts
+from tunesmith.stages.prompts import PromptExample, load_prompts
 from tunesmith.stages.rewards import RewardSet, build_rewards
 from tunesmith.training.chunked_loss import unwrap
 from tunesmith.training.objective import Objective
@@ -48,10 +48,10 @@ class GroupRelativePolicyOptimisation(Stage):
         self.rewards: Optional[RewardSet] = None
         self.reference: Optional[Reference] = None
 
-    def prepare_data(self, section: DataSection, tokenizer, seed: int, cache: Path) -> PreparedData:
+    def encode_data(self, section: DataSection, tokenizer, seed: int, cache: Path) -> EncodedData:
         self.tokenizer = tokenizer
         self.rewards = build_rewards(self.config.rewards, tokenizer)  # fails early: imports, reward models
-        return prepare_prompts(section, tokenizer, seed, self.config.max_new_tokens, self.rewards.needs_reference)
+        return load_prompts(section, tokenizer, seed, self.config.max_new_tokens, self.rewards.needs_reference)
 
     def after_method(self, model: nn.Module) -> None:
         """The KL reference, as DPO's: the adapter switched off under PEFT, else a frozen copy (beta 0: none)."""
@@ -320,7 +320,9 @@ class GroupPolicyObjective(Objective):
     def sample(self, policy: nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, greedy: bool) -> torch.Tensor:
         """Completions (N, T) of left-padded prompts, batched with the KV cache; sampling draws from the torch RNG."""
         config = self.config
-        from tunesmith.decoding import decode_padded  # the one decoding path (tunesmith generate, eval, serve)
+        from tunesmith.inference.decoding import (
+            decode_padded,  # the one decoding path (tunesmith generate, eval, serve)
+        )
 
         options = {} if greedy else {"temperature": config.temperature, "top_p": config.top_p, "top_k": config.top_k}
         was_training = policy.training

@@ -13,8 +13,8 @@ import torch
 from torch import nn
 
 from tunesmith.config import DataSection
-from tunesmith.data.preference import PREFERENCE_LAYOUT, encode_pairs, prepare_judged
-from tunesmith.data.prepared import PreparedData
+from tunesmith.data.encoded import EncodedData
+from tunesmith.data.preference import PREFERENCE_LAYOUT, encode_judged, encode_pairs
 from tunesmith.stages.base import STAGES, Stage
 from tunesmith.stages.dpo import preference_metrics
 from tunesmith.stages.losses import orpo, simpo
@@ -48,8 +48,8 @@ class ReferenceFreeObjective(PairObjective):
 class ReferenceFreePreference(Stage):
     """Preference pairs, no reference model."""
 
-    def prepare_data(self, section: DataSection, tokenizer, seed: int, cache: Path) -> PreparedData:
-        return prepare_judged(section, tokenizer, seed, self.kind, PREFERENCE_LAYOUT, encode_pairs)
+    def encode_data(self, section: DataSection, tokenizer, seed: int, cache: Path) -> EncodedData:
+        return encode_judged(section, tokenizer, seed, self.kind, PREFERENCE_LAYOUT, encode_pairs)
 
     def objective(self, speed: SpeedSetup) -> ReferenceFreeObjective:
         return ReferenceFreeObjective(speed, self.config)

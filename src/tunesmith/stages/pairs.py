@@ -20,12 +20,12 @@ import torch
 from torch import nn
 
 from tunesmith.config import DataSection
+from tunesmith.core.files import atomic_path
+from tunesmith.core.reporter import Reporter
+from tunesmith.core.runtime import Runtime
 from tunesmith.data.encode import EncodedExample
-from tunesmith.data.preference import EncodedPair, prepare_judged
-from tunesmith.data.prepared import PreparedData
-from tunesmith.files import atomic_path
-from tunesmith.reporter import Reporter
-from tunesmith.runtime import Runtime
+from tunesmith.data.encoded import EncodedData
+from tunesmith.data.preference import EncodedPair, encode_judged
 from tunesmith.stages.base import Stage
 from tunesmith.stages.scoring import count_sequences, reply_logps
 from tunesmith.training.chunked_loss import unwrap
@@ -266,8 +266,8 @@ class ReferenceStage(Stage):
         super().__init__(config)
         self.reference: Optional[Reference] = None
 
-    def prepare_data(self, section: DataSection, tokenizer, seed: int, cache: Path) -> PreparedData:
-        return prepare_judged(section, tokenizer, seed, self.kind, self.layout, type(self).encode)
+    def encode_data(self, section: DataSection, tokenizer, seed: int, cache: Path) -> EncodedData:
+        return encode_judged(section, tokenizer, seed, self.kind, self.layout, type(self).encode)
 
     def after_method(self, model: nn.Module) -> None:
         self.reference = Reference(model)

@@ -12,12 +12,12 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from tunesmith.config import DataSection
+from tunesmith.core.errors import TunesmithError
 from tunesmith.data.encode import render_prompt
+from tunesmith.data.encoded import EncodedData, EncodeStats, split_by_fraction
 from tunesmith.data.formats import FORMATS, ROLES, FormatOptions, detect_format
-from tunesmith.data.prepared import EncodeStats, PreparedData, split_by_fraction
 from tunesmith.data.readers import RawRecord, read_records
 from tunesmith.data.templates import resolve_template
-from tunesmith.errors import TunesmithError
 
 PROMPT_FIELDS = ("prompt", "question")
 REFERENCE_FIELDS = ("answer", "reference", "solution")
@@ -137,8 +137,8 @@ def encode_prompts(prompts: list[PromptRecord], tokenizer, max_prompt_length: in
     return encoded, stats
 
 
-def prepare_prompts(section: DataSection, tokenizer, seed: int, max_new_tokens: int,
-                    need_reference: bool) -> PreparedData:
+def load_prompts(section: DataSection, tokenizer, seed: int, max_new_tokens: int,
+                    need_reference: bool) -> EncodedData:
     """The training and validation prompts of the recipe's ``data`` section.
 
     Raises:
@@ -162,4 +162,4 @@ def prepare_prompts(section: DataSection, tokenizer, seed: int, max_new_tokens: 
     held_out, all_stats = None, {"train": stats}
     if validation is not None:
         held_out, all_stats["validation"] = encode_prompts(validation, tokenizer, limit, "validation", need_reference)
-    return PreparedData(encoded, held_out, template, {path: section.format for path in section.train}, all_stats)
+    return EncodedData(encoded, held_out, template, {path: section.format for path in section.train}, all_stats)

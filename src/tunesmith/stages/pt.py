@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from tunesmith.config import DataSection
-from tunesmith.data.prepared import PreparedData
-from tunesmith.data.pretraining import prepare_text
+from tunesmith.data.encoded import EncodedData
+from tunesmith.data.pretraining import encode_corpus
 from tunesmith.stages.base import STAGES, Stage
 from tunesmith.training.objective import Objective, TokenCrossEntropy
 from tunesmith.training.speed import SpeedSetup
@@ -18,8 +18,8 @@ class ContinuedPretraining(Stage):
 
     kind = "pt"
 
-    def prepare_data(self, section: DataSection, tokenizer, seed: int, cache: Path) -> PreparedData:
-        return prepare_text(section, tokenizer, seed)
+    def encode_data(self, section: DataSection, tokenizer, seed: int, cache: Path) -> EncodedData:
+        return encode_corpus(section, tokenizer, seed)
 
     def objective(self, speed: SpeedSetup) -> Objective:
         return TokenCrossEntropy(speed.token_loss, speed.collate_fn)

@@ -34,9 +34,9 @@ from tunesmith.config.rewards import (
     LengthReward,
     ModelReward,
 )
+from tunesmith.core.errors import TunesmithError
+from tunesmith.core.registry import Registry
 from tunesmith.data.answers import extract_answer, reference_answer, same_answer
-from tunesmith.errors import TunesmithError
-from tunesmith.registry import Registry
 
 RewardFunction = Callable[..., list[float]]
 """``(prompts, completions, references, completion_lengths, conversations) -> one score per completion``."""

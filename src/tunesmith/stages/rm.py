@@ -14,8 +14,8 @@ from torch import nn
 
 from tunesmith.config import DataSection
 from tunesmith.data.encode import EncodedExample
-from tunesmith.data.preference import PREFERENCE_LAYOUT, encode_pairs, encode_reply, prepare_judged
-from tunesmith.data.prepared import PreparedData
+from tunesmith.data.encoded import EncodedData
+from tunesmith.data.preference import PREFERENCE_LAYOUT, encode_judged, encode_pairs, encode_reply
 from tunesmith.stages.base import STAGES, Stage
 from tunesmith.stages.losses import bradley_terry
 from tunesmith.stages.pairs import PairObjective, PairValues, split_pairs
@@ -45,10 +45,10 @@ class RewardModelling(Stage):
 
     kind = "rm"
 
-    def prepare_data(self, section: DataSection, tokenizer, seed: int, cache: Path) -> PreparedData:
-        return prepare_judged(section, tokenizer, seed, self.kind, PREFERENCE_LAYOUT, encode_pairs)
+    def encode_data(self, section: DataSection, tokenizer, seed: int, cache: Path) -> EncodedData:
+        return encode_judged(section, tokenizer, seed, self.kind, PREFERENCE_LAYOUT, encode_pairs)
 
-    def prepare_model(self, model: nn.Module) -> nn.Module:
+    def adapt_model(self, model: nn.Module) -> nn.Module:
         return add_head(model, 1)
 
     def after_method(self, model: nn.Module) -> None:
@@ -67,7 +67,7 @@ def load_reward_model(folder: str | Path, device: str = "cpu", dtype: str = "flo
     Returns:
         (model, tokenizer), the model in eval mode; score with :func:`score_conversations`.
     """
-    from tunesmith.inference import load_for_inference
+    from tunesmith.inference.generate import load_for_inference
 
     manifest = json.loads((Path(folder) / "tunesmith.json").read_text())
     model, tokenizer = load_for_inference(manifest["base_model"], str(folder), dtype, device)

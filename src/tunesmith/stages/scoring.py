@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tunesmith.core.errors import TunesmithError
 from tunesmith.data.encode import IGNORE_INDEX
-from tunesmith.errors import TunesmithError
 from tunesmith.methods.base import base_model_of
 from tunesmith.models import is_encoder
 

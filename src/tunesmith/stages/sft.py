@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from tunesmith.config import DataSection
-from tunesmith.data import prepare_data
-from tunesmith.data.prepared import PreparedData
+from tunesmith.data import encode_data
+from tunesmith.data.encoded import EncodedData
 from tunesmith.stages.base import STAGES, Stage
 from tunesmith.training.objective import Objective, TokenCrossEntropy
 from tunesmith.training.speed import SpeedSetup
@@ -18,8 +18,8 @@ class SupervisedFineTuning(Stage):
 
     kind = "sft"
 
-    def prepare_data(self, section: DataSection, tokenizer, seed: int, cache: Path) -> PreparedData:
-        return prepare_data(section, tokenizer, seed, cache)
+    def encode_data(self, section: DataSection, tokenizer, seed: int, cache: Path) -> EncodedData:
+        return encode_data(section, tokenizer, seed, cache)
 
     def objective(self, speed: SpeedSetup) -> Objective:
         return TokenCrossEntropy(speed.token_loss, speed.collate_fn)

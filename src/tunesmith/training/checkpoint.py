@@ -26,8 +26,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from tunesmith.errors import TunesmithError
-from tunesmith.files import atomic_folder
+from tunesmith.core.errors import TunesmithError
+from tunesmith.core.files import atomic_folder
 
 PREFIX = "step-"
 MANIFEST = "manifest.json"

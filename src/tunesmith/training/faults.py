@@ -14,7 +14,7 @@ import threading
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-from tunesmith.errors import TunesmithError
+from tunesmith.core.errors import TunesmithError
 from tunesmith.training.checkpoint import last_complete_checkpoint
 
 

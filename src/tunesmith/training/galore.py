@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from tunesmith.config import TrainSection
-from tunesmith.errors import TunesmithError
+from tunesmith.core.errors import TunesmithError
 from tunesmith.methods.base import transformer_blocks
 
 

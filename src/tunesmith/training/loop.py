@@ -17,10 +17,10 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from tunesmith.config import EvalSection, TrainSection
-from tunesmith.data.prepared import PreparedData
-from tunesmith.errors import TunesmithError
+from tunesmith.core.errors import TunesmithError
+from tunesmith.core.runtime import Runtime
+from tunesmith.data.encoded import EncodedData
 from tunesmith.methods.base import Method, decay_groups
-from tunesmith.runtime import Runtime
 from tunesmith.training.checkpoint import TrainState, load_checkpoint, save_checkpoint, set_rng_state
 from tunesmith.training.faults import StopRequest, check_finite
 from tunesmith.training.hooks import Hook
@@ -40,7 +40,7 @@ Penalty = Callable[[torch.nn.Module], torch.Tensor]
 
 @dataclass(frozen=True)
 class LoopSeams:
-    """Everything the loop is told rather than asks, built once per run (:func:`tunesmith.assembly.assemble_loop`).
+    """Everything the loop is told rather than asks, built once per run (:func:`tunesmith.pipeline.assembly.assemble_loop`).
 
     Attributes:
         objective: What a batch is, its loss and its validation metrics (the stage's seam).
@@ -76,7 +76,7 @@ class Trainer:
 
     model: torch.nn.Module
     method: Method
-    data: PreparedData
+    data: EncodedData
     train_config: TrainSection
     eval_config: EvalSection
     runtime: Runtime

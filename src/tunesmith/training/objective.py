@@ -16,7 +16,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
-from tunesmith.runtime import Runtime
+from tunesmith.core.runtime import Runtime
 from tunesmith.training.batching import collate
 from tunesmith.training.loss import count_real_tokens, count_target_tokens, loss_sum
 from tunesmith.training.validation import evaluate_loss

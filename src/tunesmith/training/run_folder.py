@@ -32,8 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Callable, Iterator, Optional
 
-from tunesmith.errors import TunesmithError
-from tunesmith.run_files import RunLayout
+from tunesmith.core.errors import TunesmithError
+from tunesmith.core.run_files import RunLayout
 from tunesmith.training.checkpoint import checkpoint_step, has_whole_checkpoint, latest_checkpoint, list_checkpoints
 from tunesmith.training.fingerprint import fingerprint_changes
 

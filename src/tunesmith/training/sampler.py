@@ -14,8 +14,8 @@ from typing import Optional, Protocol, Sequence
 
 import torch
 
+from tunesmith.core.errors import TunesmithError
 from tunesmith.data.mixing import SourceSlice
-from tunesmith.errors import TunesmithError
 
 
 class Sampler(Protocol):
@@ -39,7 +39,7 @@ def build_sampler(num_examples: int, sources: Sequence[SourceSlice], batch_size:
 
     Args:
         num_examples: Training examples (all sources together).
-        sources: Where each source sits and its weight (``PreparedData.sources``); empty for one source.
+        sources: Where each source sits and its weight (``EncodedData.sources``); empty for one source.
         lengths: Token length of every example, to regroup each step's micro-batches by length; None: as drawn.
     """
     sampler: Sampler = (MixtureSampler(sources, batch_size, grad_accum, world_size, rank, seed) if sources

@@ -22,9 +22,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from tunesmith.errors import TunesmithError
-from tunesmith.files import fresh_partial_folder, partial_folder_name, swap_in_folder
-from tunesmith.runtime import Runtime
+from tunesmith.core.errors import TunesmithError
+from tunesmith.core.files import fresh_partial_folder, partial_folder_name, swap_in_folder
+from tunesmith.core.runtime import Runtime
 from tunesmith.training.checkpoint import (
     PREFIX,
     TrainState,

@@ -1,7 +1,7 @@
 """From ``train.speed`` to how a run computes: token loss, collation, autocast, model preparation.
 
-``finetune()`` calls :func:`prepare_speed` once after the method is applied (a visible step: it changes
-the model in place) and the run's assembly (:mod:`tunesmith.assembly`) hands the result to the stage;
+``finetune()`` calls :func:`apply_speed` once after the method is applied (a visible step: it changes
+the model in place) and the run's assembly (:mod:`tunesmith.pipeline.assembly`) hands the result to the stage;
 the loop itself never asks which levers are on.
 """
 
@@ -25,7 +25,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class SpeedSetup:
-    """What :func:`prepare_speed` decided.
+    """What :func:`apply_speed` decided.
 
     Attributes:
         token_loss: Summed next-token loss of a batch with the chosen levers (chunked, autocast).
@@ -90,7 +90,7 @@ def autocast_choice(section: SpeedSection, device: torch.device) -> tuple[Option
     return torch.bfloat16, f"bfloat16 autocast (auto: {support})"
 
 
-def prepare_speed(model: torch.nn.Module, method: Method, section: SpeedSection, train: TrainSection,
+def apply_speed(model: torch.nn.Module, method: Method, section: SpeedSection, train: TrainSection,
                   device: torch.device) -> SpeedSetup:
     """Prepare ``model`` in place for ``section`` and say how batches and the token loss are made.
 
@@ -117,7 +117,7 @@ def prepare_speed(model: torch.nn.Module, method: Method, section: SpeedSection,
     if dtype is not None:
         loss = functools.partial(autocast_loss, loss, dtype)
         # FSDP flattens each block's parameters into one tensor of one dtype: there the base keeps its dtype.
-        method.prepare_for_autocast(model, dtype, store_frozen_base=train.distributed != "fsdp")
+        method.cast_for_autocast(model, dtype, store_frozen_base=train.distributed != "fsdp")
     notes.append(why)
     if section.activation_checkpointing:
         enable_activation_checkpointing(base)

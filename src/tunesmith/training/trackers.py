@@ -18,7 +18,7 @@ import math
 from pathlib import Path
 from typing import Any, Optional
 
-from tunesmith.registry import Registry
+from tunesmith.core.registry import Registry
 from tunesmith.training.hooks import Hook
 
 logger = logging.getLogger(__name__)

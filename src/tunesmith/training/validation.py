@@ -9,8 +9,8 @@ import math
 
 import torch
 
+from tunesmith.core.runtime import Runtime
 from tunesmith.data.encode import EncodedExample
-from tunesmith.runtime import Runtime
 from tunesmith.training.batching import collate
 from tunesmith.training.loss import count_target_tokens, loss_sum
 

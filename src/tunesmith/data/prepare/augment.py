@@ -22,11 +22,11 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Optional
 
 from tunesmith.config.prepare import DedupSection
+from tunesmith.core.errors import TunesmithError
 from tunesmith.data.formats import detect_format
 from tunesmith.data.prepare.dedup import Deduplicator, jaccard, shingles
 from tunesmith.data.prepare.records import AtomicJsonlWriter, BadRecords, OnError, RecordText, stream_records
 from tunesmith.data.readers import RawRecord
-from tunesmith.errors import TunesmithError
 
 Translator = Callable[[list[str], str, str], list[str]]
 Rewriter = Callable[[list[str]], list[str]]

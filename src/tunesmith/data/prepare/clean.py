@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Optional
 
 from tunesmith.config.prepare import CleanSection
+from tunesmith.core.errors import TunesmithError
 from tunesmith.data.prepare.records import AtomicJsonlWriter, BadRecords, OnError, RecordText, stream_records
 from tunesmith.data.readers import RawRecord
-from tunesmith.errors import TunesmithError
 
 MAX_ROUNDS = 5
 STRUCTURAL_KEYS = frozenset({"role", "from"})  # layout markers, never text to clean

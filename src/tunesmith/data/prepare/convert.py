@@ -10,11 +10,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from tunesmith.core.errors import TunesmithError
+from tunesmith.core.registry import Registry
 from tunesmith.data.formats import FORMATS, Example, FormatOptions, detect_format, preference_parts
 from tunesmith.data.prepare.records import AtomicJsonlWriter, BadRecords, OnError, stream_records
 from tunesmith.data.readers import RawRecord
-from tunesmith.errors import TunesmithError
-from tunesmith.registry import Registry
 
 Messages = list[dict[str, str]]
 WRITERS: Registry[Callable[[Messages, Optional[str], str], dict[str, Any]]] = Registry("output layout")

@@ -22,6 +22,7 @@ from typing import Any, Iterable, Iterator, Optional
 import numpy as np
 
 from tunesmith.config.prepare import DedupSection
+from tunesmith.core.errors import TunesmithError
 from tunesmith.data.prepare.records import (
     AtomicJsonlWriter,
     BadRecords,
@@ -31,7 +32,6 @@ from tunesmith.data.prepare.records import (
     stream_records,
 )
 from tunesmith.data.readers import RawRecord
-from tunesmith.errors import TunesmithError
 
 MAX_CLUSTERS_REPORTED = 20
 MAX_MEMBERS_REPORTED = 5

@@ -18,11 +18,11 @@ from typing import Any, Callable, Optional
 import numpy as np
 
 from tunesmith.config.prepare import DedupSection
+from tunesmith.core.errors import TunesmithError
 from tunesmith.data.formats import FORMATS, FormatOptions
 from tunesmith.data.prepare.dedup import Deduplicator
 from tunesmith.data.prepare.records import BadRecords, RecordText, stream_records
 from tunesmith.data.prepare.sufficiency import sufficiency_verdict
-from tunesmith.errors import TunesmithError
 
 LANGUAGE_CHARS = 400  # enough to tell a language; langid's cost grows with the text
 Measure = Callable[[Any], int]  # an Example -> its length

@@ -17,11 +17,11 @@ from pathlib import Path
 from typing import Any, Optional
 
 from tunesmith.config.prepare import PrepareSection
+from tunesmith.core.files import write_text_atomic
 from tunesmith.data.formats import FormatOptions
 from tunesmith.data.prepare.clean import Cleaner, CleanReport
 from tunesmith.data.prepare.dedup import Deduplicator, DedupReport, deduplicate
 from tunesmith.data.prepare.records import AtomicJsonlWriter, BadRecords, RecordText, stream_records
-from tunesmith.files import write_text_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -151,7 +151,7 @@ def _run_steps(train, prepare: PrepareSection, folder: Path, names, data_format,
 
 def prepare_for_training(section, tokenizer, template: str, cache: Optional[Path] = None) -> tuple[str, ...]:
     """The training files ``train`` reads: the recipe's own, or their prepared copies when
-    ``data.prepare`` is given (the small hook called by :func:`tunesmith.data.dataset.prepare_data`).
+    ``data.prepare`` is given (the small hook called by :func:`tunesmith.data.dataset.encode_data`).
 
     Prepared copies go to ``data.prepare.cache_dir``, else ``cache/prepared`` (``cache`` defaults to
     tunesmith's cache folder)."""
@@ -160,7 +160,7 @@ def prepare_for_training(section, tokenizer, template: str, cache: Optional[Path
     if section.prepare.cache_dir:
         root = Path(section.prepare.cache_dir)
     else:
-        from tunesmith.runtime import cache_dir
+        from tunesmith.core.runtime import cache_dir
 
         root = (cache or cache_dir()) / "prepared"
     options = FormatOptions(text_field=section.text_field, system_prompt=section.system_prompt)

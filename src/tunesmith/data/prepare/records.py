@@ -15,10 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Literal
 
+from tunesmith.core.errors import TunesmithError
+from tunesmith.core.files import atomic_path, write_text_atomic
 from tunesmith.data.formats import FORMATS, FormatOptions, detect_format, preference_parts
 from tunesmith.data.readers import RawRecord, read_records
-from tunesmith.errors import TunesmithError
-from tunesmith.files import atomic_path, write_text_atomic
 
 OnError = Literal["skip", "fail"]
 MAX_EXAMPLES_KEPT = 5

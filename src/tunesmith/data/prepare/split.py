@@ -14,8 +14,8 @@ from typing import Any, Optional
 
 import numpy as np
 
+from tunesmith.core.errors import TunesmithError
 from tunesmith.data.prepare.records import AtomicJsonlWriter, BadRecords, OnError, stream_records
-from tunesmith.errors import TunesmithError
 
 
 def parse_fractions(text: str) -> dict[str, float]:

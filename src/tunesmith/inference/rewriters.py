@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from tunesmith.core.errors import TunesmithError
 from tunesmith.data.prepare.augment import Rewriter, Translator
-from tunesmith.errors import TunesmithError
-from tunesmith.inference import generate, load_for_inference
+from tunesmith.inference.generate import generate, load_for_inference
 from tunesmith.models import resolve_model_path
 
 TRANSLATE_PROMPT = "Translate the following text from {source} to {target}. Answer with the translation only.\n\n{text}"

@@ -10,20 +10,27 @@ from typing import Iterator, Optional, Sequence
 
 import torch
 
-from tunesmith.assembly import Assembly, RunContext, RunParts, assemble_loop, build_safeguards, describe_assembly
 from tunesmith.config import Recipe, recipe_to_yaml
-from tunesmith.errors import TunesmithError
+from tunesmith.core.errors import TunesmithError
+from tunesmith.core.files import atomic_folder, write_text_atomic
+from tunesmith.core.reporter import Reporter
+from tunesmith.core.run_files import RunLayout, RunSummary
+from tunesmith.core.runtime import Runtime, init_runtime, peak_memory_mb, shutdown_runtime
 from tunesmith.evaluation import run_generation_task
-from tunesmith.evaluation.compare import report_after_training
-from tunesmith.files import atomic_folder, write_text_atomic
-from tunesmith.inference import base_shape
+from tunesmith.evaluation.before_after import report_after_training
+from tunesmith.export.model_card import run_card_facts, write_card
+from tunesmith.inference.generate import base_shape
 from tunesmith.methods import build_method, count_parameters
-from tunesmith.model_card import run_card_facts, write_card
 from tunesmith.models import load_model_and_tokenizer
-from tunesmith.provenance import record_provenance
-from tunesmith.reporter import Reporter
-from tunesmith.run_files import RunLayout, RunSummary
-from tunesmith.runtime import Runtime, init_runtime, peak_memory_mb, shutdown_runtime
+from tunesmith.pipeline.assembly import (
+    Assembly,
+    RunContext,
+    RunParts,
+    assemble_loop,
+    build_safeguards,
+    describe_assembly,
+)
+from tunesmith.pipeline.provenance import record_provenance
 from tunesmith.stages import build_stage
 from tunesmith.training.checkpoint import latest_checkpoint
 from tunesmith.training.fingerprint import run_fingerprint
@@ -31,7 +38,7 @@ from tunesmith.training.hooks import Hook
 from tunesmith.training.loop import Trainer, TrainResult
 from tunesmith.training.run_folder import RunFolder, open_run_folder
 from tunesmith.training.sharding import check_sharded_recipe
-from tunesmith.training.speed import prepare_speed
+from tunesmith.training.speed import apply_speed
 from tunesmith.training.trackers import Trackers
 
 
@@ -66,7 +73,7 @@ def finetune(recipe: Recipe, resume: bool = False, extra_hooks: Sequence[Hook] =
         model, tokenizer = load_model_and_tokenizer(recipe.model, runtime.cache, runtime.device)
         stage = build_stage(recipe.stage)
         stage.check_model(model)  # e.g. an encoder is refused by every stage but cls
-        data = stage.prepare_data(recipe.data, tokenizer, recipe.train.seed, runtime.cache)
+        data = stage.encode_data(recipe.data, tokenizer, recipe.train.seed, runtime.cache)
         for split, stats in data.stats.items():
             say(stats.describe(split))
         task_before = evaluate_task(context, model, tokenizer, "before training", reuse_saved=True)
@@ -74,13 +81,13 @@ def finetune(recipe: Recipe, resume: bool = False, extra_hooks: Sequence[Hook] =
         safeguards.set_dropout(model)
         safeguards.measure_before(model, tokenizer, data)
         method = build_method(recipe.method)
-        model = method.apply(stage.prepare_model(model))
+        model = method.apply(stage.adapt_model(model))
         stage.after_method(model)  # e.g. a reward head trains; DPO keeps its reference
         for note in stage.notes():
             say(note)
         parameters = count_parameters(model)  # before gradual unfreezing adds any
         say(describe_parameters(method, parameters))
-        speed = prepare_speed(model, method, recipe.train.speed, recipe.train, runtime.device)
+        speed = apply_speed(model, method, recipe.train.speed, recipe.train, runtime.device)
         describe_assembly(context, data, speed)
         penalties = safeguards.compute_anchor_penalties(model, tokenizer)  # EWC's Fisher: passes over its data
         safeguards.add_neftune_noise(model)
@@ -119,7 +126,7 @@ def run_session(recipe: Recipe, resume: bool, allow_changes: bool = False) -> It
     runtime = init_runtime(recipe.train.device)
     folder = None
     try:
-        folder = prepare_output_dir(Path(recipe.output.dir), resume, recipe.output.overwrite, recipe.train.max_steps,
+        folder = claim_output_dir(Path(recipe.output.dir), resume, recipe.output.overwrite, recipe.train.max_steps,
                                     runtime, run_fingerprint(recipe, runtime.world_size), allow_changes)
         yield runtime, folder
         if runtime.is_main:
@@ -211,7 +218,7 @@ def summarise(context: RunContext, result: TrainResult, method, data, parameters
     )
 
 
-def prepare_output_dir(out: Path, resume: bool, overwrite: bool, max_steps: Optional[int], runtime: Runtime,
+def claim_output_dir(out: Path, resume: bool, overwrite: bool, max_steps: Optional[int], runtime: Runtime,
                        fingerprint: Optional[dict] = None, allow_changes: bool = False) -> RunFolder:
     """Check (and on the main process, create or set aside) the output folder; see :mod:`training.run_folder`.
 

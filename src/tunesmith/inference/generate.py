@@ -7,10 +7,17 @@ from typing import Iterator, Optional
 
 import torch
 
+from tunesmith.core.errors import TunesmithError
 from tunesmith.data.encode import render_prompt
-from tunesmith.errors import TunesmithError
+from tunesmith.inference.results import (
+    LoadedResult,
+    base_shape,
+    check_base_model,
+    load_result,
+    load_trained,
+    locate_result,
+)
 from tunesmith.methods import MANIFEST
-from tunesmith.results import LoadedResult, base_shape, check_base_model, load_result, load_trained, locate_result
 
 __all__ = ["LoadedResult", "base_shape", "check_base_model", "generate", "load_for_inference", "load_result", "load_trained", "stream_reply"]
 
@@ -19,7 +26,7 @@ def load_for_inference(model_name: str, adapter: Optional[str] = None, dtype: st
                        device: torch.device | str = "cpu", trust_remote_code: bool = False):
     """A model (base, or base + trained result) and its tokenizer, ready to generate.
 
-    A thin wrapper over :func:`tunesmith.results.load_result`.
+    A thin wrapper over :func:`tunesmith.inference.results.load_result`.
 
     Args:
         model_name: Alias, hub id or folder of the base model (or of a full fine-tuned ``model/``).
@@ -60,10 +67,10 @@ def generate(model, tokenizer, conversations: list[list[dict[str, str]]], max_ne
              temperature: float = 0.0, batch_size: int = 16) -> list[str]:
     """Replies to each conversation (greedy when temperature is 0), up to ``batch_size`` decoded together.
 
-    Decodes through :func:`tunesmith.decoding.decode` (rows leave as they finish, waiting ones join);
+    Decodes through :func:`tunesmith.inference.decoding.decode` (rows leave as they finish, waiting ones join);
     sampling uses the model's generation config's top-k and top-p, as ``model.generate`` would.
     """
-    from tunesmith.decoding import decode
+    from tunesmith.inference.decoding import decode
 
     prompts = [tokenizer(render_prompt(tokenizer, c), add_special_tokens=False)["input_ids"] for c in conversations]
     config = getattr(model, "generation_config", None)

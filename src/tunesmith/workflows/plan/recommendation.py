@@ -9,13 +9,20 @@ from typing import Optional
 
 from tunesmith.config import Recipe
 from tunesmith.config.loader import validate_method
-from tunesmith.data import prepare_data
+from tunesmith.core.errors import TunesmithError
+from tunesmith.core.runtime import available_memory_bytes, cache_dir, pick_device
+from tunesmith.data import encode_data
 from tunesmith.data.prepare.sufficiency import RULES, judge
-from tunesmith.errors import TunesmithError
 from tunesmith.methods import METHODS, build_method
 from tunesmith.models import load_model_and_tokenizer
-from tunesmith.plan.memory import Memory, activation_bytes, meta_parameter_counts, training_process_bytes, weight_bytes
-from tunesmith.plan.timing import (
+from tunesmith.workflows.plan.memory import (
+    Memory,
+    activation_bytes,
+    meta_parameter_counts,
+    training_process_bytes,
+    weight_bytes,
+)
+from tunesmith.workflows.plan.timing import (
     CALIBRATION_STEPS,
     COSTED_STEPS,
     calibrate_time,
@@ -27,7 +34,6 @@ from tunesmith.plan.timing import (
     step_costs,
     validation_costs,
 )
-from tunesmith.runtime import available_memory_bytes, cache_dir, pick_device
 
 
 @dataclass(frozen=True)
@@ -93,7 +99,7 @@ def plan_recipe(recipe: Recipe, methods: str = "recipe", calibrate: bool = True,
     available = available_memory_bytes(device)  # before the model loads: its own weights are not "used by others"
     say(f"loading {recipe.model.name} and preparing the data ...")
     model, tokenizer = load_model_and_tokenizer(recipe.model, cache_dir(), "cpu")
-    data = prepare_data(recipe.data, tokenizer, recipe.train.seed)
+    data = encode_data(recipe.data, tokenizer, recipe.train.seed)
     lengths = [len(example.input_ids) for example in data.train]
     steps = run_steps(recipe, len(lengths))
     micro_tokens = largest_micro_batch_tokens(recipe, lengths, steps)

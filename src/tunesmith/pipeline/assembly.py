@@ -1,8 +1,8 @@
 """One assembly of a run: its context, and the loop's seams built once from the parts that decide them.
 
 :class:`RunContext` is built once per run: the recipe (each part reads only its own section), the
-runtime, the run folder's :class:`~tunesmith.run_files.RunLayout` and the one
-:class:`~tunesmith.reporter.Reporter`. :func:`assemble_loop` then builds the seams: the stage gives
+runtime, the run folder's :class:`~tunesmith.core.run_files.RunLayout` and the one
+:class:`~tunesmith.core.reporter.Reporter`. :func:`assemble_loop` then builds the seams: the stage gives
 the objective (using the speed levers), the data's sources and the speed options decide the sampler,
 the penalties come ready-made, and the output section gives the hooks. Nothing here changes the model
 or runs it: the steps that do (speed levers, the EWC Fisher, NEFTune) are lines of ``finetune()``.
@@ -17,12 +17,12 @@ from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
 from tunesmith.config import Recipe
-from tunesmith.data.prepared import PreparedData
+from tunesmith.core.reporter import Reporter
+from tunesmith.core.run_files import RunLayout
+from tunesmith.core.runtime import Runtime
+from tunesmith.data.encoded import EncodedData
 from tunesmith.forgetting.safeguards import Safeguards
 from tunesmith.methods import Method
-from tunesmith.reporter import Reporter
-from tunesmith.run_files import RunLayout
-from tunesmith.runtime import Runtime
 from tunesmith.stages import Stage
 from tunesmith.training.hooks import Hook, MetricsFile, ProgressBar
 from tunesmith.training.loop import LoopSeams, Penalty
@@ -68,7 +68,7 @@ class RunParts:
     method: Method
     model: Any
     tokenizer: Any
-    data: PreparedData
+    data: EncodedData
 
 
 @dataclass(frozen=True)
@@ -99,7 +99,7 @@ def assemble_loop(context: RunContext, parts: RunParts, speed: SpeedSetup,
     Args:
         context: The run's context; each seam reads only its own section of the recipe.
         parts: Stage, method, model, tokenizer and data of the run.
-        speed: The speed levers :func:`~tunesmith.training.speed.prepare_speed` applied.
+        speed: The speed levers :func:`~tunesmith.training.speed.apply_speed` applied.
         penalties: Terms added to each step's loss (EWC, L2-SP), already built.
     """
     train, runtime, data = context.recipe.train, context.runtime, parts.data
@@ -113,7 +113,7 @@ def assemble_loop(context: RunContext, parts: RunParts, speed: SpeedSetup,
     return Assembly(LoopSeams(objective, sampler, tuple(penalties), hooks), speed, trackers)
 
 
-def describe_assembly(context: RunContext, data: PreparedData, speed: SpeedSetup) -> None:
+def describe_assembly(context: RunContext, data: EncodedData, speed: SpeedSetup) -> None:
     """Say what the data mixture and the speed levers are."""
     if data.sources:
         context.reporter.say("data mixture: " + ", ".join(f"{s.name} {s.weight:.3f} ({s.count} examples)"

@@ -6,10 +6,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
-from tunesmith.errors import TunesmithError
+from tunesmith.core.errors import TunesmithError
+from tunesmith.core.run_files import RunLayout
 from tunesmith.evaluation.results import (
+    before_after_rows,
     check_document,
-    compare_runs,
     new_document,
     read_loss_curve,
     run_entry,
@@ -18,8 +19,7 @@ from tunesmith.evaluation.results import (
 from tunesmith.evaluation.stage_metrics import attach_head, held_out_task, result_stage
 from tunesmith.evaluation.suite import Suite, run_suite
 from tunesmith.evaluation.tasks import PROBES_DIR, BiasTask
-from tunesmith.results import load_result, locate_result
-from tunesmith.run_files import RunLayout
+from tunesmith.inference.results import load_result, locate_result
 
 RESULTS_FILE = "results.json"
 REPORT_FILE = "report.html"
@@ -108,7 +108,7 @@ def evaluate_and_report(spec: ModelSpec, suites: Sequence[tuple[Suite, str]], ou
     return document
 
 
-def compare_and_report(base: ModelSpec, tuned: ModelSpec, suites: Sequence[tuple[Suite, str]], out_dir: Path,
+def evaluate_before_after(base: ModelSpec, tuned: ModelSpec, suites: Sequence[tuple[Suite, str]], out_dir: Path,
                        metrics_file: Optional[Path] = None, **options) -> dict:
     """Evaluate base and tuned on the same suites and report gain, forgetting and bias change.
 
@@ -126,7 +126,7 @@ def compare_and_report(base: ModelSpec, tuned: ModelSpec, suites: Sequence[tuple
     if metrics_file is None and tuned.run_dir:
         metrics_file = RunLayout(Path(tuned.run_dir)).metrics
     training = read_loss_curve(metrics_file) if metrics_file else None
-    document = new_document(runs, compare_runs(runs["base"], runs["tuned"]), training)
+    document = new_document(runs, before_after_rows(runs["base"], runs["tuned"]), training)
     write_outputs(document, out_dir)
     return document
 
@@ -152,7 +152,7 @@ def report_after_training(recipe, out: Path, device: str = "cpu") -> dict:
     print("writing the before/after evaluation report ...")
     tuned = resolve_tuned(str(out), recipe.model.name)
     reports = RunLayout(out).reports
-    document = compare_and_report(ModelSpec(recipe.model.name), tuned, suites, reports,
+    document = evaluate_before_after(ModelSpec(recipe.model.name), tuned, suites, reports,
                                   dtype=recipe.model.dtype, device=device)
     comparison = document["comparison"]
     return {"task_gain": comparison["task_gain"], "general_change": comparison["general_change"],

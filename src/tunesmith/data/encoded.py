@@ -1,7 +1,7 @@
 """What every way of preparing data shares: reading a file into examples, encoding them, splitting.
 
 :mod:`tunesmith.data.dataset` (one source) and :mod:`tunesmith.data.mixing` (several sources) both
-build a :class:`PreparedData` from these pieces.
+build a :class:`EncodedData` from these pieces.
 """
 
 from __future__ import annotations
@@ -11,10 +11,10 @@ import random
 from dataclasses import dataclass, field
 from typing import Iterable, Literal, Optional
 
+from tunesmith.core.errors import TunesmithError
 from tunesmith.data.encode import EncodedExample, Reasoning, encode_example
 from tunesmith.data.formats import FORMATS, Example, FormatOptions, detect_format
 from tunesmith.data.readers import read_records
-from tunesmith.errors import TunesmithError
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ class EncodeStats:
 
 
 @dataclass
-class PreparedData:
+class EncodedData:
     """Encoded splits and how they were made."""
 
     train: list[EncodedExample]

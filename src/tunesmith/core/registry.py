@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from typing import Callable, Generic, Iterable, Iterator, Optional, TypeVar
 
-from tunesmith.errors import TunesmithError
+from tunesmith.core.errors import TunesmithError
 
 T = TypeVar("T")
 

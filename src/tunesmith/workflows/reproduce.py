@@ -17,11 +17,11 @@ from pathlib import Path
 from typing import Any, Iterator, Optional
 
 from tunesmith.config import load_recipe
-from tunesmith.errors import TunesmithError
-from tunesmith.files import write_text_atomic
-from tunesmith.finetune import finetune
-from tunesmith.provenance import check_data_unchanged, differences, read_provenance
-from tunesmith.run_files import RunLayout
+from tunesmith.core.errors import TunesmithError
+from tunesmith.core.files import write_text_atomic
+from tunesmith.core.run_files import RunLayout
+from tunesmith.pipeline.finetune import finetune
+from tunesmith.pipeline.provenance import check_data_unchanged, differences, read_provenance
 
 REPORT_FILE = "reproduce.json"
 
@@ -91,7 +91,7 @@ def reproduce(run: str | Path, out: Optional[str | Path] = None, progress: bool 
         recipe = load_recipe(layout.config, [f"output.dir={out}", "output.overwrite=false"])
         finetune(recipe, progress=progress)
     again = read_provenance(out) or {}
-    result = compare_runs(run, out, differences(original or {}, again), original is not None)
+    result = check_reproduction(run, out, differences(original or {}, again), original is not None)
     write_text_atomic(out / REPORT_FILE, json.dumps(asdict(result), indent=2) + "\n")
     return result
 
@@ -110,9 +110,9 @@ def started_in(folder: Path) -> Iterator[None]:
         os.chdir(before)
 
 
-def compare_runs(original: Path, reproduced: Path, changed: dict, data_verified: bool) -> Reproduction:
+def check_reproduction(original: Path, reproduced: Path, changed: dict, data_verified: bool) -> Reproduction:
     """Compare two finished runs' results tensor by tensor and their logged loss curves."""
-    identical, largest, count = compare_results(result_folder(original), result_folder(reproduced))
+    identical, largest, count = diff_results(result_folder(original), result_folder(reproduced))
     first, second = losses(original), losses(reproduced)
     curve = [(step, first.get(step), second.get(step)) for step in sorted(set(first) | set(second))]
     gaps = [abs(a - b) for _, a, b in curve if a is not None and b is not None]
@@ -128,7 +128,7 @@ def result_folder(run: Path) -> Path:
     return found
 
 
-def compare_results(first: Path, second: Path) -> tuple[bool, float, int]:
+def diff_results(first: Path, second: Path) -> tuple[bool, float, int]:
     """(bit-identical, largest absolute difference, tensors compared) over every ``*.safetensors`` file."""
     import torch
     from safetensors.torch import load_file

@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from tunesmith.config import Recipe
-from tunesmith.errors import TunesmithError
-from tunesmith.files import write_text_atomic
-from tunesmith.run_files import RunLayout
+from tunesmith.core.errors import TunesmithError
+from tunesmith.core.files import write_text_atomic
+from tunesmith.core.run_files import RunLayout
 from tunesmith.training.fingerprint import file_digest
 
 PACKAGES = ("torch", "transformers", "peft", "tunesmith", "safetensors", "tokenizers", "numpy")

@@ -17,10 +17,10 @@ from typing import Optional
 import torch
 
 from tunesmith.config import Recipe
-from tunesmith.data import prepare_data
-from tunesmith.errors import TunesmithError
-from tunesmith.run_files import RunLayout
-from tunesmith.runtime import cache_dir
+from tunesmith.core.errors import TunesmithError
+from tunesmith.core.run_files import RunLayout
+from tunesmith.core.runtime import cache_dir
+from tunesmith.data import encode_data
 
 CALIBRATION_STEPS = 4  # timed steps of the calibration run (the first is left out as warm-up)
 CALIBRATION_FORMAT = 2  # 2: per-step times from step_s, rates per computed token, start-up timed
@@ -59,7 +59,7 @@ def micro_batch_costs(recipe: Recipe, lengths: list[int], steps: int) -> list[li
 
     train = recipe.train
     packed = train.speed.packing
-    grouped = train.speed.group_by_length and not packed and train.grad_accum > 1  # as prepare_speed decides
+    grouped = train.speed.group_by_length and not packed and train.grad_accum > 1  # as apply_speed decides
     sampler = build_sampler(len(lengths), (), train.batch_size, train.grad_accum, 1, 0, train.seed,
                             lengths if grouped else None)
     costs = []
@@ -188,7 +188,7 @@ def calibration_costs(recipe: Recipe) -> list[int]:
     from tunesmith.models.loading import load_tokenizer
 
     tokenizer = load_tokenizer(resolve_model_path(recipe.model.name, cache_dir()), recipe.model)
-    data = prepare_data(recipe.data, tokenizer, recipe.train.seed)
+    data = encode_data(recipe.data, tokenizer, recipe.train.seed)
     return step_costs(recipe, [len(e.input_ids) for e in data.train], CALIBRATION_STEPS)
 
 

@@ -12,8 +12,8 @@ import sys
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from tunesmith.errors import TunesmithError
-from tunesmith.run_files import RunLayout, RunSummary
+from tunesmith.core.errors import TunesmithError
+from tunesmith.core.run_files import RunLayout, RunSummary
 
 COLUMNS = (
     ("recipe", "recipe", "{}"),

@@ -18,13 +18,13 @@ import torch
 
 from tunesmith.config import ModelSection
 from tunesmith.config.loader import validate_method
+from tunesmith.core.errors import TunesmithError
+from tunesmith.core.run_files import RunLayout
+from tunesmith.core.runtime import cache_dir
 from tunesmith.data.templates import resolve_template
-from tunesmith.errors import TunesmithError
 from tunesmith.methods import MANIFEST, Method, build_method
 from tunesmith.methods.base import read_manifest
 from tunesmith.models import load_model, load_tokenizer, resolve_model_path
-from tunesmith.run_files import RunLayout
-from tunesmith.runtime import cache_dir
 
 PEFT_CONFIG = "adapter_config.json"
 

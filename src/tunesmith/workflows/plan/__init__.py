@@ -25,7 +25,7 @@ scaling), :mod:`.recommendation` (each method's plan and the choice), :mod:`.rep
 :mod:`.shapes` (a plan from a model's shape alone, before anything loads).
 """
 
-from tunesmith.plan.memory import (
+from tunesmith.workflows.plan.memory import (
                                    ALLOCATOR_OVERHEAD,
                                    INT8_BYTES_PER_WEIGHT,
                                    NF4_BYTES_PER_WEIGHT,
@@ -37,9 +37,16 @@ from tunesmith.plan.memory import (
                                    training_process_bytes,
                                    weight_bytes,
 )
-from tunesmith.plan.recommendation import MethodPlan, Plan, human_seconds, method_label, plan_recipe, recommend
-from tunesmith.plan.report import describe
-from tunesmith.plan.timing import (
+from tunesmith.workflows.plan.recommendation import (
+                                   MethodPlan,
+                                   Plan,
+                                   human_seconds,
+                                   method_label,
+                                   plan_recipe,
+                                   recommend,
+)
+from tunesmith.workflows.plan.report import describe
+from tunesmith.workflows.plan.timing import (
                                    CALIBRATION_STEPS,
                                    calibrate_time,
                                    calibration_key,

@@ -14,9 +14,9 @@ import torch
 
 from tunesmith.config import Recipe
 from tunesmith.config.recipe import TRAINS_BASE_WEIGHTS
+from tunesmith.core.runtime import cache_dir, pick_device, process_memory_bytes
 from tunesmith.methods import build_method, count_parameters
 from tunesmith.methods.base import logical_numel
-from tunesmith.runtime import cache_dir, pick_device, process_memory_bytes
 
 PROBE_TOKENS = 256  # tokens of the micro-batch whose saved activations are measured
 # The allocator keeps freed blocks and cannot always reuse them: peak resident memory on these
@@ -85,8 +85,8 @@ def training_process_bytes() -> int:
     cache = cache_dir() / "plan" / f"process-{key}.json"
     if cache.is_file():
         return json.loads(cache.read_text())["bytes"]
-    code = ("import tunesmith.finetune, transformers.models.llama.modeling_llama, peft\n"
-            "from tunesmith.runtime import process_memory_bytes\nprint(process_memory_bytes())")
+    code = ("import tunesmith.pipeline.finetune, transformers.models.llama.modeling_llama, peft\n"
+            "from tunesmith.core.runtime import process_memory_bytes\nprint(process_memory_bytes())")
     completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                                env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
     if completed.returncode != 0:
@@ -111,17 +111,17 @@ def activation_bytes(recipe: Recipe, section, model, tokenizer, data, micro_toke
 
     Measured in one real forward of a short micro-batch.
 
-    The forward runs through the speed seams of training (``prepare_speed``), so packing, the chunked
+    The forward runs through the speed seams of training (``apply_speed``), so packing, the chunked
     loss, autocast and activation checkpointing save exactly what they save in a run. Checkpointing
     recomputes one block at a time in the backward pass: one block's activations are added back.
     """
     from tunesmith.methods.base import transformer_blocks
-    from tunesmith.training.speed import prepare_speed
+    from tunesmith.training.speed import apply_speed
 
     method = build_method(section)
     trial = method.apply(copy.deepcopy(model)).train()
     probe = probe_examples(data, PROBE_TOKENS)
-    speed = prepare_speed(trial, method, recipe.train.speed, recipe.train, torch.device("cpu"))
+    speed = apply_speed(trial, method, recipe.train.speed, recipe.train, torch.device("cpu"))
     batch = speed.collate_fn(probe, tokenizer.pad_token_id)
     tokens = sum(len(e.input_ids) for e in probe)
     seen: dict[int, tuple[int, tuple]] = {}

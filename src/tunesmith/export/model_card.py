@@ -18,9 +18,9 @@ from typing import Any, Optional
 
 import yaml
 
-from tunesmith.files import write_text_atomic
+from tunesmith.core.files import write_text_atomic
+from tunesmith.core.run_files import RunLayout
 from tunesmith.models.aliases import ALIASES
-from tunesmith.run_files import RunLayout
 from tunesmith.training.trackers import flatten_config
 
 CARD_FILE = "README.md"

@@ -13,7 +13,7 @@ The parameters are counted on the ``meta`` device (no weight of the model is all
 - the chunked loss's logits (two float32 chunks of ``loss_chunk_tokens`` x vocabulary);
 - on this machine the training process's own footprint (:func:`training_process_bytes`), on a GPU a CUDA context.
 
-The sum is scaled by the allocator's overhead, as :class:`~tunesmith.plan.memory.Memory` does.
+The sum is scaled by the allocator's overhead, as :class:`~tunesmith.workflows.plan.memory.Memory` does.
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ from typing import Optional
 import torch
 
 from tunesmith.models.shapes import build_random_model
-from tunesmith.plan.memory import NF4_BYTES_PER_WEIGHT, Memory, training_process_bytes
-from tunesmith.plan.timing import matmul_flops_per_token
+from tunesmith.workflows.plan.memory import NF4_BYTES_PER_WEIGHT, Memory, training_process_bytes
+from tunesmith.workflows.plan.timing import matmul_flops_per_token
 
 GPUS = {"GPU 24 GB": 24 * 2**30, "GPU 48 GB": 48 * 2**30, "GPU 80 GB": 80 * 2**30}
 CUDA_CONTEXT = 600 * 2**20  # what a CUDA context and cuBLAS workspace take before any tensor (about)
@@ -99,7 +99,7 @@ def plan_shape(config, name: str, tokens: int = 512, r: int = 16, available: Opt
 
 def base_weight_bytes(model, kind: str, quantize: str, total: int) -> int:
     """Bytes of every weight: float32 for full, else a bfloat16 base (nf4 linear layers under QLoRA)."""
-    from tunesmith.plan.memory import quantisable_weight_count
+    from tunesmith.workflows.plan.memory import quantisable_weight_count
 
     if kind == "full":
         return 4 * total

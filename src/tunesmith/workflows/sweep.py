@@ -27,11 +27,11 @@ import yaml
 
 from tunesmith.config import Recipe, load_recipe, recipe_to_yaml, validate_recipe
 from tunesmith.config.loader import validate_method
-from tunesmith.errors import TunesmithError, missing_file
-from tunesmith.files import atomic_path, write_text_atomic
-from tunesmith.finetune import Interrupted, finetune
-from tunesmith.registry import did_you_mean
-from tunesmith.run_files import RunLayout
+from tunesmith.core.errors import TunesmithError, missing_file
+from tunesmith.core.files import atomic_path, write_text_atomic
+from tunesmith.core.registry import did_you_mean
+from tunesmith.core.run_files import RunLayout
+from tunesmith.pipeline.finetune import Interrupted, finetune
 from tunesmith.training.hooks import Hook
 
 OBJECTIVES = ("val_loss", "task")
@@ -358,7 +358,7 @@ def worker_seed(task: SweepTask) -> int:
 
 def worker_main(task: SweepTask, index: int) -> None:
     """Entry point of a worker process started by :func:`start_workers`."""
-    from tunesmith.runtime import configure_threads
+    from tunesmith.core.runtime import configure_threads
 
     configure_threads()
     try:

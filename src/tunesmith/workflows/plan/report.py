@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tunesmith.plan.recommendation import Plan, human_seconds
+from tunesmith.workflows.plan.recommendation import Plan, human_seconds
 
 
 def describe(plan: Plan) -> str:

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Mapping, Optional
 if TYPE_CHECKING:
     import torch
 
-from tunesmith.errors import TunesmithError
+from tunesmith.core.errors import TunesmithError
 
 # Variables through which a user chooses OpenMP's threads or wait policy; tunesmith keeps theirs.
 WAIT_POLICY_VARIABLES = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME")

@@ -1,0 +1,1 @@
+"""Commands built on runs: plan, sweep, reproduce, constitutional AI."""
