@@ -9,6 +9,7 @@ from typing import Any, Sequence
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from tunesmith.config.methods import MethodSection
 from tunesmith.config.recipe import Recipe
 from tunesmith.core.errors import TunesmithError, decode_utf8, missing_file
 from tunesmith.core.registry import did_you_mean
@@ -163,7 +164,6 @@ def validate_method(raw: dict[str, Any], source: str = "method") -> Any:
     """Validate a method section alone (e.g. from a saved result's manifest)."""
     from pydantic import TypeAdapter
 
-    from tunesmith.config.methods import MethodSection
 
     try:
         return TypeAdapter(MethodSection).validate_python(raw)

@@ -8,6 +8,8 @@ from typing import Optional, Sequence
 
 from tunesmith.core.errors import TunesmithError
 from tunesmith.core.run_files import RunLayout
+from tunesmith.data.templates import TEMPLATES
+from tunesmith.evaluation.report import write_report
 from tunesmith.evaluation.results import (
     before_after_rows,
     check_document,
@@ -17,7 +19,7 @@ from tunesmith.evaluation.results import (
     write_json_atomically,
 )
 from tunesmith.evaluation.stage_metrics import attach_head, held_out_task, result_stage
-from tunesmith.evaluation.suite import Suite, run_suite
+from tunesmith.evaluation.suite import Suite, load_suite, run_suite
 from tunesmith.evaluation.tasks import PROBES_DIR, BiasTask
 from tunesmith.inference.results import load_result, locate_result
 
@@ -82,14 +84,12 @@ def evaluate_spec(spec: ModelSpec, suites: Sequence[tuple[Suite, str]], dtype: s
 
 def template_name(tokenizer) -> str:
     """The built-in template the tokenizer carries (as saved with a run's adapter), else ``tokenizer``."""
-    from tunesmith.data.templates import TEMPLATES
 
     return next((name for name in TEMPLATES if TEMPLATES.get(name) == tokenizer.chat_template), "tokenizer")
 
 
 def write_outputs(document: dict, out_dir: Path) -> tuple[Path, Path]:
     """``results.json`` and ``report.html`` in ``out_dir``."""
-    from tunesmith.evaluation.report import write_report
 
     check_document(document)
     return write_json_atomically(document, out_dir / RESULTS_FILE), write_report(document, out_dir / REPORT_FILE)
@@ -137,7 +137,6 @@ def report_after_training(recipe, out: Path, device: str = "cpu") -> dict:
     Returns:
         The comparison's headline numbers and where the report is (for ``summary.json``).
     """
-    from tunesmith.evaluation.suite import load_suite
 
     section = recipe.eval.report
     suites = [(load_suite(p, section.data_root, section.limit), "task") for p in section.suites]

@@ -9,6 +9,7 @@ from tunesmith.evaluation.benchmarks import read_records
 from tunesmith.evaluation.filters import cut_at_stop
 from tunesmith.evaluation.progress import item_progress
 from tunesmith.evaluation.tasks import GenerationTask
+from tunesmith.inference.generate import generate
 
 
 def field_text(value: object) -> str:
@@ -57,7 +58,6 @@ def generate_for_records(model, tokenizer, task: GenerationTask) -> tuple[list[s
     Returns:
         ``(predictions, references, prompts)``.
     """
-    from tunesmith.inference.generate import generate
 
     skip = task.few_shot if task.few_shot and not task.few_shot_path else 0
     limit = task.limit + skip if task.limit else None

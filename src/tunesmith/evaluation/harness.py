@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from tunesmith.core.errors import TunesmithError
+from tunesmith.evaluation.benchmarks import mmlu_subject_files
 from tunesmith.evaluation.results import task_result
 from tunesmith.evaluation.tasks import LmEvalTask
 
@@ -69,7 +70,6 @@ def write_mmlu_task_yamls(folder, out_dir, subjects, split: str = "test", few_sh
 
     import yaml
 
-    from tunesmith.evaluation.benchmarks import mmlu_subject_files
 
     folder, out_dir = Path(folder).resolve(), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

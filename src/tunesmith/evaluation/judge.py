@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from typing import Optional, Sequence
 
 from tunesmith.core.errors import TunesmithError
+from tunesmith.evaluation.loglikelihood import score_continuations
+from tunesmith.inference.generate import generate, render_prompt
 
 PAIR_SYSTEM = (
     "Please act as an impartial judge and evaluate the quality of the responses provided by two AI assistants to "
@@ -93,7 +95,6 @@ class LocalJudge(Judge):
         self.method, self.max_new_tokens, self.batch_size = method, max_new_tokens, batch_size
 
     def verdicts(self, conversations, options):
-        from tunesmith.inference.generate import generate
 
         if self.method == "generate":
             return generate(self.model, self.tokenizer, [list(c) for c in conversations], self.max_new_tokens,
@@ -102,8 +103,6 @@ class LocalJudge(Judge):
 
     def _most_likely(self, conversations, options) -> list[str]:
         """One scoring pass for every conversation's options; a conversation's options share its cached prefix."""
-        from tunesmith.evaluation.loglikelihood import score_continuations
-        from tunesmith.inference.generate import render_prompt
 
         contexts = [render_prompt(self.tokenizer, list(c)) + "[[" for c in conversations]
         requests = [(context, f"{o}]]") for context in contexts for o in options]

@@ -17,6 +17,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Callable, Literal, Optional, Sequence
 
+from tunesmith.data.encode import render_prompt
 from tunesmith.evaluation.loglikelihood import TOKENISATIONS, ContinuationScore, TokenisationMethod, score_continuations
 
 Normalisation = Literal["sum", "per_token", "per_char", "per_byte"]
@@ -153,7 +154,6 @@ def build_context(tokenizer, item: MultipleChoiceItem, shots: Sequence[MultipleC
     """The text every choice of ``item`` is scored after."""
     description = style.description.format(group=(item.group or "").replace("_", " "))
     if style.use_chat_template:
-        from tunesmith.data.encode import render_prompt
 
         messages = [{"role": "system", "content": description}] if description else []
         for shot in shots:

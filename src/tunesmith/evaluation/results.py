@@ -23,6 +23,7 @@ import json
 from pathlib import Path
 from typing import Any, Optional
 
+from tunesmith import __version__
 from tunesmith.core.files import write_text_atomic
 
 SCHEMA_VERSION = 1
@@ -41,7 +42,6 @@ def run_entry(model_name: str, adapter: Optional[str], template: Optional[str], 
 
 def new_document(runs: dict[str, dict], comparison: Optional[dict] = None, training: Optional[dict] = None) -> dict:
     """The results document in its stable schema."""
-    from tunesmith import __version__
 
     return {"schema_version": SCHEMA_VERSION,
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

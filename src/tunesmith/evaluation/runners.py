@@ -12,12 +12,18 @@ from pathlib import Path
 from typing import Any, Callable
 
 from tunesmith.core.registry import Registry
+from tunesmith.core.runtime import Runtime
+from tunesmith.data.encoded import encode_all, load_examples
 from tunesmith.evaluation import benchmarks
+from tunesmith.evaluation.bias import evaluate_bias_pairs, read_bias_pairs
 from tunesmith.evaluation.filters import headline, score_documents, tokenisation_of
+from tunesmith.evaluation.generation import generate_for_records
 from tunesmith.evaluation.harness import run_harness_tasks
+from tunesmith.evaluation.judge_task import run_judge_task
 from tunesmith.evaluation.multiple_choice import MultipleChoiceResult, PromptStyle, evaluate_multiple_choice
 from tunesmith.evaluation.progress import item_progress
 from tunesmith.evaluation.results import task_result
+from tunesmith.evaluation.stage_metrics import stage_metrics
 from tunesmith.evaluation.tasks import (
     BiasTask,
     ClassificationTask,
@@ -29,6 +35,7 @@ from tunesmith.evaluation.tasks import (
     PerplexityTask,
     StageTask,
 )
+from tunesmith.training.validation import evaluate_loss
 
 TaskRunner = Callable[..., dict[str, Any]]
 TASK_RUNNERS: Registry[TaskRunner] = Registry("evaluation task kind")
@@ -90,9 +97,6 @@ def run_classification(model, tokenizer, task: ClassificationTask) -> dict[str, 
 @TASK_RUNNERS.register("perplexity")
 def run_perplexity(model, tokenizer, task: PerplexityTask) -> dict[str, Any]:
     """Loss and perplexity on a data file, encoded exactly as training encodes it."""
-    from tunesmith.core.runtime import Runtime
-    from tunesmith.data.encoded import encode_all, load_examples
-    from tunesmith.training.validation import evaluate_loss
 
     examples, _ = load_examples(task.path, task.format)
     examples = examples[: task.limit] if task.limit else examples
@@ -108,7 +112,6 @@ def run_perplexity(model, tokenizer, task: PerplexityTask) -> dict[str, Any]:
 @TASK_RUNNERS.register("generation")
 def run_generation(model, tokenizer, task: GenerationTask) -> dict[str, Any]:
     """Generate greedily (batched, chat template of training) and score each reply (lm-eval's filters and metrics)."""
-    from tunesmith.evaluation.generation import generate_for_records
 
     predictions, references, prompts = generate_for_records(model, tokenizer, task)
     metrics, documents = score_documents(task, predictions, references)
@@ -123,7 +126,6 @@ def run_generation(model, tokenizer, task: GenerationTask) -> dict[str, Any]:
 @TASK_RUNNERS.register("judge")
 def run_judge(model, tokenizer, task: JudgeTask) -> dict[str, Any]:
     """A model as judge: win rate against another model's answers, or a mean 1-10 grade."""
-    from tunesmith.evaluation.judge_task import run_judge_task
 
     return run_judge_task(model, tokenizer, task)
 
@@ -131,7 +133,6 @@ def run_judge(model, tokenizer, task: JudgeTask) -> dict[str, Any]:
 @TASK_RUNNERS.register("bias")
 def run_bias(model, tokenizer, task: BiasTask) -> dict[str, Any]:
     """Share of counterfactual pairs where the stereotypical sentence is more likely, per category."""
-    from tunesmith.evaluation.bias import evaluate_bias_pairs, read_bias_pairs
 
     pairs = read_bias_pairs(Path(task.path), task.limit)
     result = evaluate_bias_pairs(model, tokenizer, pairs, task.batch_size)
@@ -149,7 +150,6 @@ def run_lm_eval(model, tokenizer, task: LmEvalTask) -> dict[str, Any]:
 @TASK_RUNNERS.register("stage")
 def run_stage(model, tokenizer, task: StageTask) -> dict[str, Any]:
     """A training stage's held-out metrics (accuracy headlines); no score for a model without the stage's head."""
-    from tunesmith.evaluation.stage_metrics import stage_metrics
 
     metrics = stage_metrics(model, tokenizer, task)
     kind = task.stage.kind

@@ -20,7 +20,16 @@ from pydantic import TypeAdapter
 from tunesmith.config import DataSection
 from tunesmith.config.stages import StageSection
 from tunesmith.core.errors import TunesmithError
-from tunesmith.inference.results import ResultFolder, locate_result
+from tunesmith.core.runtime import Runtime, cache_dir
+from tunesmith.evaluation.tasks import StageTask
+from tunesmith.inference.results import ResultFolder, load_result, locate_result
+from tunesmith.stages import build_stage
+from tunesmith.stages.cls import LABELS_FILE
+from tunesmith.stages.pairs import Reference, ReferenceStage, adapter_owner
+from tunesmith.stages.scoring import HEAD_FILE, head_of, load_head
+from tunesmith.training.batching import collate
+from tunesmith.training.chunked_loss import plain_loss_sum
+from tunesmith.training.speed import SpeedSetup
 
 JUDGED_STAGES = ("rm", "dpo", "orpo", "simpo", "kto", "cls")
 HEAD_STAGES = ("rm", "cls")
@@ -55,7 +64,6 @@ def judged_stage(location: Optional[ResultFolder]) -> Optional[JudgedStage]:
     """The judgement stage a result was trained with, or None (sft, pt, grpo, or a folder tunesmith did not write)."""
     if location is None or location.manifest is None or location.manifest.get("stage") not in JUDGED_STAGES:
         return None
-    from tunesmith.stages.cls import LABELS_FILE
 
     manifest = location.manifest
     raw = dict(manifest.get("stage_config") or {"kind": manifest["stage"]})
@@ -74,7 +82,6 @@ def result_stage(source: str) -> Optional[JudgedStage]:
 
 def attach_head(model, location: Optional[ResultFolder]):
     """Load the reward or label head saved with a result (rm, cls) onto its loaded model; others unchanged."""
-    from tunesmith.stages.scoring import HEAD_FILE, load_head
 
     if location is not None and (location.folder / HEAD_FILE).is_file():
         load_head(model, location.folder)
@@ -84,7 +91,6 @@ def attach_head(model, location: Optional[ResultFolder]):
 def held_out_task(judged: JudgedStage, path: str, name: str = "held_out", batch_size: int = 8,
                   max_length: Optional[int] = None):
     """The evaluation task (kind ``stage``) that scores ``path`` with the result's stage."""
-    from tunesmith.evaluation.tasks import StageTask
 
     reference = judged.base_model if judged.full and judged.kind in ("dpo", "kto") else None
     return StageTask(name=name, path=str(path), stage=judged.config, template=judged.template,
@@ -93,7 +99,6 @@ def held_out_task(judged: JudgedStage, path: str, name: str = "held_out", batch_
 
 
 def has_head(model) -> bool:
-    from tunesmith.stages.scoring import head_of
 
     try:
         head_of(model)
@@ -109,12 +114,6 @@ def stage_metrics(model, tokenizer, task) -> Optional[dict[str, float]]:
     Raises:
         TunesmithError: If the file lacks what the stage needs (naming the file and the layout expected).
     """
-    from tunesmith.core.runtime import Runtime, cache_dir
-    from tunesmith.stages import build_stage
-    from tunesmith.stages.pairs import ReferenceStage
-    from tunesmith.training.batching import collate
-    from tunesmith.training.chunked_loss import plain_loss_sum
-    from tunesmith.training.speed import SpeedSetup
 
     config = task.stage
     if config.kind not in JUDGED_STAGES:
@@ -140,12 +139,10 @@ def stage_metrics(model, tokenizer, task) -> Optional[dict[str, float]]:
 
 def reference_for(model, task):
     """The base that DPO/KTO rewards are measured against (see the module docstring)."""
-    from tunesmith.stages.pairs import Reference, adapter_owner
 
     if adapter_owner(model) is not None:
         return Reference(model)  # the adapter switched off
     if task.reference is not None:
-        from tunesmith.inference.results import load_result
 
         base = load_result(task.reference, device=next(model.parameters()).device).model
         return Reference.model_itself(base)

@@ -19,6 +19,7 @@ from typing import Any, Optional, Union
 
 from tunesmith.config.loader import read_yaml
 from tunesmith.core.errors import TunesmithError, missing_file
+from tunesmith.evaluation.runners import TASK_RUNNERS
 from tunesmith.evaluation.tasks import TaskSection, load_task_file, parse_task
 
 
@@ -84,7 +85,6 @@ def load_suite(path: Union[str, Path], data_root: Optional[Union[str, Path]] = N
 
 def run_task(model, tokenizer, task: TaskSection) -> dict[str, Any]:
     """Run one task with the runner of its kind; adds ``name`` and ``seconds``."""
-    from tunesmith.evaluation.runners import TASK_RUNNERS
 
     started = time.perf_counter()
     result = TASK_RUNNERS.get(task.kind)(model, tokenizer, task)

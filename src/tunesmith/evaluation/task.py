@@ -7,7 +7,9 @@ from typing import Any
 from tunesmith.config import GenerationTaskSection
 from tunesmith.core.errors import TunesmithError
 from tunesmith.data.dataset import load_examples
+from tunesmith.data.formats import FormatOptions
 from tunesmith.evaluation.metrics import exact_match_score, rouge, token_f1
+from tunesmith.inference.generate import generate
 
 
 def score_answer(metric: str, prediction: str, reference: str) -> float:
@@ -28,8 +30,6 @@ def run_generation_task(model, tokenizer, section: GenerationTaskSection, system
     Returns:
         ``{"metric", "score", "count", "samples"}`` with a few (prompt, prediction, reference) samples.
     """
-    from tunesmith.data.formats import FormatOptions
-    from tunesmith.inference.generate import generate
 
     options = FormatOptions(system_prompt=system_prompt, columns=section.columns or columns)
     examples, _ = load_examples(section.file, section.format, options)

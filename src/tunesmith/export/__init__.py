@@ -19,11 +19,16 @@ from typing import Optional
 
 from tunesmith.core.errors import TunesmithError
 from tunesmith.core.files import atomic_folder
+from tunesmith.core.runtime import cache_dir
 from tunesmith.export.check import TOLERANCES, CheckResult, Probe, check_hf_model, probe_reference, require
 from tunesmith.export.gguf import QUANTISATIONS, check_architecture, export_gguf
 from tunesmith.export.model_card import run_card_facts, write_card
 from tunesmith.inference.results import LoadedResult, ResultFolder, load_result, locate_result
 from tunesmith.methods import NotMergeable
+from tunesmith.methods.base import base_model_of
+from tunesmith.models import resolve_model_path
+from tunesmith.stages.cls import LABELS_FILE, head_scores
+from tunesmith.stages.scoring import HEAD_ATTRIBUTE, HEAD_FILE, load_head
 
 FORMATS = ("hf", "peft", "gguf")
 
@@ -120,9 +125,6 @@ HEAD_PROBES = ("The match ended in a late goal.", "Parliament votes on the new b
 def reference_head(loaded: LoadedResult, folder: Path):
     """For a result with a head (stage cls or rm): the head's scores of the probe texts, from the trained
     model with its head; the head is then taken off again so the language model exports as usual. None otherwise."""
-    from tunesmith.methods.base import base_model_of
-    from tunesmith.stages.cls import LABELS_FILE, head_scores
-    from tunesmith.stages.scoring import HEAD_ATTRIBUTE, HEAD_FILE, load_head
 
     if not (folder / HEAD_FILE).is_file():
         return None
@@ -135,8 +137,6 @@ def reference_head(loaded: LoadedResult, folder: Path):
 
 def copy_head(folder: Path, partial: Path, format: str) -> tuple[Path, ...]:
     """Copy head.safetensors and labels.json into the export (the peft export copied them with the adapter)."""
-    from tunesmith.stages.cls import LABELS_FILE
-    from tunesmith.stages.scoring import HEAD_FILE
 
     names = [name for name in (HEAD_FILE, LABELS_FILE) if (folder / name).is_file()]
     if format != "peft":
@@ -154,15 +154,11 @@ def check_head(reference, partial: Path, format: str, loaded: LoadedResult, devi
     import torch
     from transformers import AutoModelForCausalLM
 
-    from tunesmith.stages.cls import LABELS_FILE, head_scores
-    from tunesmith.stages.scoring import load_head
 
     probabilities, labels = reference
     if format == "peft":
         from peft import PeftModel
 
-        from tunesmith.core.runtime import cache_dir
-        from tunesmith.models import resolve_model_path
 
         base = AutoModelForCausalLM.from_pretrained(resolve_model_path(loaded.base_model, cache_dir()), dtype=torch.float32)
         model = PeftModel.from_pretrained(base.to(device), partial).eval()
@@ -224,7 +220,6 @@ def validate_request(source, out: Path, format: str, quantize: Optional[str], ol
     if location is None:
         raise TunesmithError(f"{source} is not a folder; give a run folder, its adapter/ or model/ folder, or a "
                              "model folder")
-    from tunesmith.stages.scoring import HEAD_FILE
 
     if format == "gguf" and (location.folder / HEAD_FILE).is_file():
         raise TunesmithError(f"{location.folder} has a trained head ({HEAD_FILE}: a classifier or reward model) and "
@@ -241,8 +236,6 @@ def base_config(location: ResultFolder, base_model: Optional[str]):
     """The model config, read without loading weights (to refuse an architecture early)."""
     from transformers import AutoConfig
 
-    from tunesmith.core.runtime import cache_dir
-    from tunesmith.models import resolve_model_path
 
     if location.kind == "model":
         return AutoConfig.from_pretrained(location.folder)
@@ -290,8 +283,6 @@ def export_peft(location: ResultFolder, loaded: LoadedResult, probe: Probe, part
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from tunesmith.core.runtime import cache_dir
-    from tunesmith.models import resolve_model_path
 
     if not (location.folder / "adapter_config.json").is_file():
         raise TunesmithError(f"the {loaded.method.kind if loaded.method else ''} result in {location.folder} is not a "

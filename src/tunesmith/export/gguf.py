@@ -18,6 +18,10 @@ import numpy as np
 import torch
 
 from tunesmith.core.errors import TunesmithError
+from tunesmith.export.check import PROBE_CONVERSATIONS, TOLERANCES, check_hf_model, probe_conversation
+from tunesmith.export.convert import convert_with_llama_cpp, converter_unavailable
+from tunesmith.export.llama_cpp import check_with_llama_cpp
+from tunesmith.export.ollama import write_modelfile
 
 QUANTISATIONS = ("f16", "q8_0", "q4_0")
 # The architectures this writer knows, by the ``model_type`` of their Hugging Face config.
@@ -42,7 +46,6 @@ def check_architecture(config, quantize: str = "f16") -> None:
     Raises:
         TunesmithError: For another architecture, q4_0 where only the converter applies, or a missing converter.
     """
-    from tunesmith.export.convert import converter_unavailable
 
     model_type = getattr(config, "model_type", None)
     if uses_own_writer(config):
@@ -262,9 +265,6 @@ def export_gguf(plain, tokenizer, probe, partial: Path, quantize: str, ollama: b
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tunesmith.export.check import TOLERANCES, check_hf_model
-    from tunesmith.export.llama_cpp import check_with_llama_cpp
-    from tunesmith.export.ollama import write_modelfile
 
     partial.mkdir(parents=True, exist_ok=True)
     path = partial / f"model-{quantize}.gguf"
@@ -291,7 +291,6 @@ def export_gguf(plain, tokenizer, probe, partial: Path, quantize: str, ollama: b
         gguf_tokenizer.chat_template = gguf_tokenizer.chat_template or tokenizer.chat_template
 
         def tokenize(index: int) -> list[int]:
-            from tunesmith.export.check import PROBE_CONVERSATIONS, probe_conversation
 
             conversation = probe_conversation(gguf_tokenizer, PROBE_CONVERSATIONS[index])
             text = gguf_tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
@@ -321,7 +320,6 @@ def convert_family(plain, tokenizer, path: Path, quantize: str, end_of_turn_id: 
     The end-of-turn token is written as the generation's stop (``generation_config.json``'s eos, which
     the converter reads), so runtimes stop where the chat template ends a reply.
     """
-    from tunesmith.export.convert import convert_with_llama_cpp
 
     with tempfile.TemporaryDirectory(prefix="tunesmith-gguf-", dir=path.parent.parent) as folder:
         plain.save_pretrained(folder)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from tunesmith.core.errors import TunesmithError
+from tunesmith.export.check import PROBE_CONVERSATIONS
 
 MARKER = "\u2063{role}\u2063"
 
@@ -82,7 +83,6 @@ def write_modelfile(folder: Path, gguf_name: str, tokenizer, end_of_turn_id: int
     Raises:
         TunesmithError: If the derived template does not reproduce the chat template on the probe conversations.
     """
-    from tunesmith.export.check import PROBE_CONVERSATIONS
 
     pieces = role_pieces(tokenizer)
     for conversation in PROBE_CONVERSATIONS:

@@ -9,6 +9,7 @@ import torch
 
 from tunesmith.core.errors import TunesmithError
 from tunesmith.data.encode import render_prompt
+from tunesmith.inference.decoding import decode
 from tunesmith.inference.results import (
     LoadedResult,
     base_shape,
@@ -70,7 +71,6 @@ def generate(model, tokenizer, conversations: list[list[dict[str, str]]], max_ne
     Decodes through :func:`tunesmith.inference.decoding.decode` (rows leave as they finish, waiting ones join);
     sampling uses the model's generation config's top-k and top-p, as ``model.generate`` would.
     """
-    from tunesmith.inference.decoding import decode
 
     prompts = [tokenizer(render_prompt(tokenizer, c), add_special_tokens=False)["input_ids"] for c in conversations]
     config = getattr(model, "generation_config", None)

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from tunesmith.core.registry import Registry
+from tunesmith.models.smollm2 import ensure_smollm2_folder
 
 
 @dataclass(frozen=True)
@@ -32,7 +33,6 @@ ALIASES: Registry[ModelAlias] = Registry("model alias")
 
 
 def _smollm2(cache: Path) -> Path:
-    from tunesmith.models.smollm2 import ensure_smollm2_folder
 
     return ensure_smollm2_folder(cache / "models")
 

@@ -23,12 +23,14 @@ from tunesmith.config import DataSection
 from tunesmith.core.errors import TunesmithError
 from tunesmith.data.classification import EncodedText, cut, encode_classification, encode_text
 from tunesmith.data.encoded import EncodedData
+from tunesmith.inference.generate import load_for_inference
 from tunesmith.methods.base import base_model_of
 from tunesmith.models import is_encoder
 from tunesmith.stages.base import STAGES, Stage
 from tunesmith.stages.pairs import PairObjective, PairValues
 from tunesmith.stages.scoring import add_head, count_sequences, head_of, load_head, save_head, sequence_scores
 from tunesmith.stages.zero_shot import default_label_words, zero_shot_accuracy
+from tunesmith.training.batching import collate
 from tunesmith.training.speed import SpeedSetup
 
 LABELS_FILE = "labels.json"
@@ -147,7 +149,6 @@ class SequenceClassification(Stage):
 
 def load_classifier(folder: str | Path, device: str = "cpu", dtype: str = "float32"):
     """The classifier in a result folder of ``stage: cls``: (model, tokenizer, label names)."""
-    from tunesmith.inference.generate import load_for_inference
 
     folder = Path(folder)
     manifest = json.loads((folder / "tunesmith.json").read_text())
@@ -163,7 +164,6 @@ def label_probabilities(model: nn.Module, tokenizer, texts: list[str], max_lengt
 @torch.no_grad()
 def head_scores(model: nn.Module, tokenizer, texts: list[str], max_length: int = 1024) -> torch.Tensor:
     """The head's raw scores of each text, (texts, outputs), encoded as in training (a reward model: one output)."""
-    from tunesmith.training.batching import collate
 
     encoder = is_encoder(base_model_of(model).config)
     examples = [EncodedText(cut(encode_text(tokenizer, text, encoder), max_length, encoder), 0).example

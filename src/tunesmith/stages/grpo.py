@@ -25,6 +25,7 @@ from torch import nn
 from tunesmith.config import DataSection
 from tunesmith.core.runtime import Runtime
 from tunesmith.data.encoded import EncodedData
+from tunesmith.inference.decoding import decode_padded  # the one decoding path (tunesmith generate, eval, serve)
 from tunesmith.inference.generate import stop_token_ids
 from tunesmith.stages import policy_loss as pl
 from tunesmith.stages.base import STAGES, Stage
@@ -320,9 +321,6 @@ class GroupPolicyObjective(Objective):
     def sample(self, policy: nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, greedy: bool) -> torch.Tensor:
         """Completions (N, T) of left-padded prompts, batched with the KV cache; sampling draws from the torch RNG."""
         config = self.config
-        from tunesmith.inference.decoding import (
-            decode_padded,  # the one decoding path (tunesmith generate, eval, serve)
-        )
 
         options = {} if greedy else {"temperature": config.temperature, "top_p": config.top_p, "top_k": config.top_k}
         was_training = policy.training

@@ -16,6 +16,7 @@ from tunesmith.config import DataSection
 from tunesmith.data.encode import EncodedExample
 from tunesmith.data.encoded import EncodedData
 from tunesmith.data.preference import PREFERENCE_LAYOUT, encode_judged, encode_pairs, encode_reply
+from tunesmith.inference.generate import load_for_inference
 from tunesmith.stages.base import STAGES, Stage
 from tunesmith.stages.losses import bradley_terry
 from tunesmith.stages.pairs import PairObjective, PairValues, split_pairs
@@ -67,7 +68,6 @@ def load_reward_model(folder: str | Path, device: str = "cpu", dtype: str = "flo
     Returns:
         (model, tokenizer), the model in eval mode; score with :func:`score_conversations`.
     """
-    from tunesmith.inference.generate import load_for_inference
 
     manifest = json.loads((Path(folder) / "tunesmith.json").read_text())
     model, tokenizer = load_for_inference(manifest["base_model"], str(folder), dtype, device)

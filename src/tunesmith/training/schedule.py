@@ -8,6 +8,7 @@ from typing import Callable, Optional
 import torch
 
 from tunesmith.config import TrainSection
+from tunesmith.training.galore import build_galore_optimizer
 
 
 def warmup_steps(section: TrainSection, total_steps: int) -> int:
@@ -52,7 +53,6 @@ def build_optimizer(model: torch.nn.Module, section: TrainSection,
             matrices, none on biases and norm weights (1-D). A group may set its own ``lr``.
     """
     if section.optimizer == "galore_adamw":
-        from tunesmith.training.galore import build_galore_optimizer
 
         return build_galore_optimizer(model, section)
     if param_groups is None:

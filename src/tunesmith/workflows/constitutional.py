@@ -29,6 +29,7 @@ from typing import Callable, Optional
 from tunesmith.core.errors import TunesmithError
 from tunesmith.core.files import atomic_folder
 from tunesmith.data.readers import read_records
+from tunesmith.inference.generate import generate
 
 Conversation = list[dict[str, str]]
 Chat = Callable[[list[Conversation]], list[str]]
@@ -146,7 +147,6 @@ def write_outputs(rows: list[CaiRow], out: Path, extra: Optional[dict] = None) -
 
 def local_chat(model, tokenizer, max_new_tokens: int = 256, temperature: float = 0.0, batch_size: int = 8) -> Chat:
     """A :data:`Chat` from a loaded causal LM (its chat template; greedy unless ``temperature`` > 0)."""
-    from tunesmith.inference.generate import generate
 
     def chat(conversations: list[Conversation]) -> list[str]:
         return generate(model, tokenizer, conversations, max_new_tokens, temperature, batch_size)

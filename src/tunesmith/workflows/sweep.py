@@ -31,6 +31,7 @@ from tunesmith.core.errors import TunesmithError, missing_file
 from tunesmith.core.files import atomic_path, write_text_atomic
 from tunesmith.core.registry import did_you_mean
 from tunesmith.core.run_files import RunLayout
+from tunesmith.core.runtime import configure_threads
 from tunesmith.pipeline.finetune import Interrupted, finetune
 from tunesmith.training.hooks import Hook
 
@@ -358,7 +359,6 @@ def worker_seed(task: SweepTask) -> int:
 
 def worker_main(task: SweepTask, index: int) -> None:
     """Entry point of a worker process started by :func:`start_workers`."""
-    from tunesmith.core.runtime import configure_threads
 
     configure_threads()
     try:

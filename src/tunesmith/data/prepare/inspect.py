@@ -19,6 +19,7 @@ import numpy as np
 
 from tunesmith.config.prepare import DedupSection
 from tunesmith.core.errors import TunesmithError
+from tunesmith.data.encode import encode_example
 from tunesmith.data.formats import FORMATS, FormatOptions
 from tunesmith.data.prepare.dedup import Deduplicator
 from tunesmith.data.prepare.records import BadRecords, RecordText, stream_records
@@ -143,7 +144,6 @@ MEASURED_LENGTH_FACTOR = 64
 
 def token_measure(tokenizer, train_on: str = "assistant", longest: int = 2**31 - 1) -> Measure:
     """Tokens of an example exactly as training encodes it (template applied, up to ``longest`` tokens)."""
-    from tunesmith.data.encode import encode_example
 
     def measure(example) -> int:
         encoded = encode_example(example, tokenizer, longest, "all")

@@ -18,6 +18,7 @@ from typing import Any, Optional
 
 from tunesmith.config.prepare import PrepareSection
 from tunesmith.core.files import write_text_atomic
+from tunesmith.core.runtime import cache_dir
 from tunesmith.data.formats import FormatOptions
 from tunesmith.data.prepare.clean import Cleaner, CleanReport
 from tunesmith.data.prepare.dedup import Deduplicator, DedupReport, deduplicate
@@ -160,7 +161,6 @@ def prepare_for_training(section, tokenizer, template: str, cache: Optional[Path
     if section.prepare.cache_dir:
         root = Path(section.prepare.cache_dir)
     else:
-        from tunesmith.core.runtime import cache_dir
 
         root = (cache or cache_dir()) / "prepared"
     options = FormatOptions(text_field=section.text_field, system_prompt=section.system_prompt)

@@ -16,7 +16,8 @@ from tunesmith.config import Recipe
 from tunesmith.config.recipe import TRAINS_BASE_WEIGHTS
 from tunesmith.core.runtime import cache_dir, pick_device, process_memory_bytes
 from tunesmith.methods import build_method, count_parameters
-from tunesmith.methods.base import logical_numel
+from tunesmith.methods.base import logical_numel, transformer_blocks
+from tunesmith.training.speed import apply_speed, autocast_dtype
 
 PROBE_TOKENS = 256  # tokens of the micro-batch whose saved activations are measured
 # The allocator keeps freed blocks and cannot always reuse them: peak resident memory on these
@@ -53,7 +54,6 @@ def weight_bytes(recipe: Recipe, method, model, total: int) -> int:
     or int8 and the rest (embeddings, norms, head) in the recipe's dtype; a frozen base under bfloat16
     autocast is held in bfloat16 (training/speed.py); otherwise every weight takes the recipe's dtype.
     """
-    from tunesmith.training.speed import autocast_dtype
 
     dtype_bytes = torch.finfo(torch.float32 if recipe.model.dtype == "auto" else getattr(torch, recipe.model.dtype)).bits // 8
     frozen_base = method.kind not in TRAINS_BASE_WEIGHTS
@@ -115,8 +115,6 @@ def activation_bytes(recipe: Recipe, section, model, tokenizer, data, micro_toke
     loss, autocast and activation checkpointing save exactly what they save in a run. Checkpointing
     recomputes one block at a time in the backward pass: one block's activations are added back.
     """
-    from tunesmith.methods.base import transformer_blocks
-    from tunesmith.training.speed import apply_speed
 
     method = build_method(section)
     trial = method.apply(copy.deepcopy(model)).train()

@@ -12,7 +12,7 @@ from tunesmith.config.loader import validate_method
 from tunesmith.core.errors import TunesmithError
 from tunesmith.core.runtime import available_memory_bytes, cache_dir, pick_device
 from tunesmith.data import encode_data
-from tunesmith.data.prepare.sufficiency import RULES, judge
+from tunesmith.data.prepare.sufficiency import RULES, judge, sufficiency_verdict
 from tunesmith.methods import METHODS, build_method
 from tunesmith.models import load_model_and_tokenizer
 from tunesmith.workflows.plan.memory import (
@@ -169,7 +169,6 @@ def data_fit(section, examples: int, tokens: int, parameters: int) -> tuple[str,
 
 def data_summary(data, lengths: list[int], parameters: int) -> dict:
     """Size, lengths, duplicates and the verdict of ``tunesmith data inspect``."""
-    from tunesmith.data.prepare.sufficiency import sufficiency_verdict
 
     ids = [tuple(example.input_ids) for example in data.train]
     ordered = sorted(lengths)

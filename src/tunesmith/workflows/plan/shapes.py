@@ -24,8 +24,15 @@ from typing import Optional
 
 import torch
 
+from tunesmith.config.loader import validate_method
+from tunesmith.methods import build_method, count_parameters
 from tunesmith.models.shapes import build_random_model
-from tunesmith.workflows.plan.memory import NF4_BYTES_PER_WEIGHT, Memory, training_process_bytes
+from tunesmith.workflows.plan.memory import (
+    NF4_BYTES_PER_WEIGHT,
+    Memory,
+    quantisable_weight_count,
+    training_process_bytes,
+)
 from tunesmith.workflows.plan.timing import matmul_flops_per_token
 
 GPUS = {"GPU 24 GB": 24 * 2**30, "GPU 48 GB": 48 * 2**30, "GPU 80 GB": 80 * 2**30}
@@ -70,8 +77,6 @@ class ShapePlan:
 def plan_shape(config, name: str, tokens: int = 512, r: int = 16, available: Optional[int] = None) -> ShapePlan:
     """Plan ``config``'s shape for a micro-batch of ``tokens`` with LoRA/QLoRA rank ``r`` (``available``: bytes
     free on this machine, measured by the caller before anything loads)."""
-    from tunesmith.config.loader import validate_method
-    from tunesmith.methods import build_method, count_parameters
     process = training_process_bytes()
     options = []
     baseline = None
@@ -99,7 +104,6 @@ def plan_shape(config, name: str, tokens: int = 512, r: int = 16, available: Opt
 
 def base_weight_bytes(model, kind: str, quantize: str, total: int) -> int:
     """Bytes of every weight: float32 for full, else a bfloat16 base (nf4 linear layers under QLoRA)."""
-    from tunesmith.workflows.plan.memory import quantisable_weight_count
 
     if kind == "full":
         return 4 * total
@@ -120,7 +124,6 @@ def saved_bytes_per_token(section, config, tokens: int) -> tuple[float, int]:
     The meta device cannot stand in here: autocast and the fused attention kernels do not run on it.
     Weights (and their autocast copies) are left out: they do not grow with tokens.
     """
-    from tunesmith.methods import build_method
 
     saved = []
     for blocks in (1, 2):

@@ -16,11 +16,14 @@ from typing import Optional
 
 import torch
 
-from tunesmith.config import Recipe
+from tunesmith.config import Recipe, recipe_to_yaml
 from tunesmith.core.errors import TunesmithError
 from tunesmith.core.run_files import RunLayout
 from tunesmith.core.runtime import cache_dir
 from tunesmith.data import encode_data
+from tunesmith.models import resolve_model_path
+from tunesmith.models.loading import load_tokenizer
+from tunesmith.training.sampler import build_sampler
 
 CALIBRATION_STEPS = 4  # timed steps of the calibration run (the first is left out as warm-up)
 CALIBRATION_FORMAT = 2  # 2: per-step times from step_s, rates per computed token, start-up timed
@@ -55,7 +58,6 @@ def step_costs(recipe: Recipe, lengths: list[int], steps: int) -> list[int]:
 
 def micro_batch_costs(recipe: Recipe, lengths: list[int], steps: int) -> list[list[int]]:
     """Per optimizer step, the tokens each of its micro-batches computes, as training/sampler.py draws them."""
-    from tunesmith.training.sampler import build_sampler
 
     train = recipe.train
     packed = train.speed.packing
@@ -184,8 +186,6 @@ def calibrate_time(recipe: Recipe, say=print, costs: Optional[list[int]] = None,
 
 def calibration_costs(recipe: Recipe) -> list[int]:
     """:func:`step_costs` of the calibration's steps, from the recipe's data prepared here."""
-    from tunesmith.models import resolve_model_path
-    from tunesmith.models.loading import load_tokenizer
 
     tokenizer = load_tokenizer(resolve_model_path(recipe.model.name, cache_dir()), recipe.model)
     data = encode_data(recipe.data, tokenizer, recipe.train.seed)
@@ -196,7 +196,6 @@ def calibration_recipe(recipe: Recipe, out: Path) -> str:
     """The recipe cut to a few logged steps, nothing evaluated or checkpointed, into ``out``."""
     import yaml
 
-    from tunesmith.config import recipe_to_yaml
 
     raw = yaml.safe_load(recipe_to_yaml(recipe))
     raw["train"].update(max_steps=CALIBRATION_STEPS, log_every=1, checkpoint_every=None, early_stopping=None)
