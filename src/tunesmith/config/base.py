@@ -1,6 +1,9 @@
 """The base of every recipe section: frozen, typed, unknown keys forbidden."""
 
-from pydantic import BaseModel, ConfigDict
+import re
+from typing import Annotated
+
+from pydantic import AfterValidator, BaseModel, ConfigDict
 
 
 class Section(BaseModel):
@@ -10,3 +13,15 @@ class Section(BaseModel):
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True, allow_inf_nan=False)
+
+
+def _compiles(value: str) -> str:
+    try:
+        re.compile(value)
+    except re.error as error:
+        raise ValueError(f"not a valid regular expression ({error})") from None
+    return value
+
+
+Regex = Annotated[str, AfterValidator(_compiles)]
+"""A field holding a regular expression, compiled when the recipe is read (one sentence when it does not compile)."""

@@ -6,12 +6,11 @@ several are combined as a weighted sum and each is logged on its own under its `
 
 from __future__ import annotations
 
-import re
 from typing import Annotated, Literal, Optional, Union
 
 from pydantic import Field, field_validator
 
-from tunesmith.config.base import Section
+from tunesmith.config.base import Regex, Section
 
 GSM8K_ANSWER = r"####\s*(-?[\d,]*\.?\d+)"
 
@@ -23,19 +22,6 @@ class RewardBase(Section):
     name: Optional[str] = Field(None, description="Name in logs and metrics (default: the kind; a function's module:name).")
 
 
-class PatternReward(RewardBase):
-    """A reward with a regular expression ``pattern``, checked when the recipe is read."""
-
-    @field_validator("pattern", check_fields=False)
-    @classmethod
-    def _valid_pattern(cls, value: str) -> str:
-        try:
-            re.compile(value)
-        except re.error as error:
-            raise ValueError(f"not a valid regular expression ({error})") from None
-        return value
-
-
 class ExactMatchReward(RewardBase):
     """1 when the completion equals the reference answer (whitespace and case ignored), else 0."""
 
@@ -43,7 +29,7 @@ class ExactMatchReward(RewardBase):
     case_sensitive: bool = Field(False, description="Compare letter case too.")
 
 
-class AnswerMatchReward(PatternReward):
+class AnswerMatchReward(RewardBase):
     """1 when the answer extracted by ``pattern`` from the completion equals the reference's, else 0.
 
     Evaluation's rule (``tunesmith.data.answers``): the last match of ``pattern``, else the last number
@@ -52,14 +38,14 @@ class AnswerMatchReward(PatternReward):
     """
 
     kind: Literal["answer_match"] = "answer_match"
-    pattern: str = Field(GSM8K_ANSWER, description="Regular expression; its first group (or the match) is the answer.")
+    pattern: Regex = Field(GSM8K_ANSWER, description="Regular expression; its first group (or the match) is the answer.")
 
 
-class FormatReward(PatternReward):
+class FormatReward(RewardBase):
     """1 when the completion has the required form (the regular expression matches), else 0."""
 
     kind: Literal["format"] = "format"
-    pattern: str = Field(..., description="Regular expression the completion must match.")
+    pattern: Regex = Field(..., description="Regular expression the completion must match.")
     match: Literal["search", "full"] = Field("search", description="Anywhere in the completion, or the whole of it.")
 
 

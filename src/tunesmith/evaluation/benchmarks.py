@@ -39,7 +39,7 @@ def read_table(path: Path) -> Iterator[tuple[str, dict]]:
         with path.open(encoding="utf-8") as handle:
             for number, line in enumerate(handle, start=1):
                 if line.strip():
-                    yield f"{path}:{number}", _json_object(line, f"{path}:{number}")
+                    yield f"{path}:{number}", json_object(line, f"{path}:{number}")
         return
     delimiter = "\t" if path.suffix == ".tsv" else ","
     with path.open(encoding="utf-8", newline="") as handle:
@@ -49,7 +49,8 @@ def read_table(path: Path) -> Iterator[tuple[str, dict]]:
             yield f"{path}:{reader.line_num}", row
 
 
-def _json_object(line: str, where: str) -> dict:
+def json_object(line: str, where: str) -> dict:
+    """One JSON Lines record, or one sentence naming the file and line (benchmark files, judge task files)."""
     try:
         value = json.loads(line)
     except json.JSONDecodeError as error:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from tunesmith.core.errors import TunesmithError
+from tunesmith.evaluation.benchmarks import json_object
 from tunesmith.evaluation.judge import (
     EndpointJudge,
     Grade,
@@ -48,12 +49,7 @@ def read_questions(path: Path, field: str, limit: Optional[int] = None) -> list[
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
             continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise TunesmithError(f"{path}:{number}: not valid JSON ({error.msg})") from None
-        if not isinstance(record, dict):
-            raise TunesmithError(f"{path}:{number}: each line must be a JSON object")
+        record = json_object(line, f"{path}:{number}")
         turns_instead = field == "question" and field not in record and "turns" in record
         value = record["turns"] if turns_instead else record.get(field)
         value = value[0] if isinstance(value, list) and value else value

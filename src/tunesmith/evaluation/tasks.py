@@ -12,7 +12,7 @@ from typing import Annotated, Literal, Optional, Union
 
 from pydantic import Field, TypeAdapter, ValidationError, field_validator, model_validator
 
-from tunesmith.config.base import Section
+from tunesmith.config.base import Regex, Section
 from tunesmith.config.loader import read_yaml
 from tunesmith.config.stages import StageSection
 from tunesmith.core.errors import TunesmithError, missing_file
@@ -97,20 +97,9 @@ class FilterStep(Section):
 
     function: Literal["regex", "take_first", "remove_whitespace", "lowercase", "uppercase"] = Field(
         ..., description="lm-eval's filter of that name: regex extraction, the first response, strip, lower/upper case.")
-    regex_pattern: str = Field(r"#### (\-?[0-9\.\,]+)", description="regex: the pattern (lm-eval's default).")
+    regex_pattern: Regex = Field(r"#### (\-?[0-9\.\,]+)", description="regex: the pattern (lm-eval's default).")
     group_select: int = Field(0, description="regex: which match of findall is kept (-1: the last).")
     fallback: str = Field("[invalid]", description="regex: the answer when nothing matches.")
-
-    @field_validator("regex_pattern")
-    @classmethod
-    def _valid_pattern(cls, value: str) -> str:
-        import re
-
-        try:
-            re.compile(value)
-        except re.error as error:
-            raise ValueError(f"not a valid regular expression ({error})") from None
-        return value
 
 
 class FilterPipeline(Section):

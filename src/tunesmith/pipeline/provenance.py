@@ -18,9 +18,8 @@ from typing import Any
 
 from tunesmith.config import Recipe
 from tunesmith.core.errors import TunesmithError
-from tunesmith.core.files import write_text_atomic
+from tunesmith.core.files import file_sha256, write_text_atomic
 from tunesmith.core.run_files import RunLayout
-from tunesmith.training.fingerprint import file_digest
 
 PACKAGES = ("torch", "transformers", "peft", "tunesmith", "safetensors", "tokenizers", "numpy")
 VERSION = 1
@@ -53,7 +52,7 @@ def record_provenance(recipe: Recipe, out: Path, threads: int, world_size: int, 
         "version": VERSION,
         "cwd": str(cwd),
         "seed": recipe.train.seed,
-        "data": [{"path": name, "sha256": file_digest(cwd / name), "bytes": (cwd / name).stat().st_size}
+        "data": [{"path": name, "sha256": file_sha256(cwd / name), "bytes": (cwd / name).stat().st_size}
                  for name in dict.fromkeys(data_files(recipe)) if (cwd / name).is_file()],
         "packages": package_versions(),
         "threads": threads,
@@ -82,7 +81,7 @@ def check_data_unchanged(record: dict[str, Any]) -> None:
         path = cwd / entry["path"]
         if not path.is_file():
             raise TunesmithError(f"data file {path} that the run read is missing; a reproduction needs the same data")
-        if file_digest(path) != entry["sha256"]:
+        if file_sha256(path) != entry["sha256"]:
             raise TunesmithError(f"data file {path} changed since the run (its SHA-256 differs from the one recorded "
                                  "in provenance.json); a reproduction needs the same data: restore the file")
 

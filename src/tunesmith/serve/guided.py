@@ -20,6 +20,7 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel, Field
 
 from tunesmith.core.errors import TunesmithError
+from tunesmith.serve.studio_data import ColumnMapping
 from tunesmith.serve.workspace import plan_in_workspace
 
 router = APIRouter(prefix="/guided")  # under /api (serve/app.py)
@@ -73,13 +74,6 @@ MAX_STEPS = 2000
 HELD_OUT = 0.2  # share held out when no test file is given
 
 
-class ColumnsBody(BaseModel):
-    prompt: Optional[str] = None
-    answer: Optional[str] = None
-    label: Optional[str] = None
-    system: Optional[str] = None
-
-
 class RewardBody(BaseModel):
     """One built-in reward of the practice task (user code is never a choice here)."""
 
@@ -97,7 +91,7 @@ class GuidedBody(BaseModel):
                                       max_length=4, description="practise: the built-in rewards, summed.")
     data: str
     test: Optional[str] = None
-    columns: ColumnsBody = ColumnsBody()
+    columns: ColumnMapping = ColumnMapping()
     model: Optional[str] = None
     name: Optional[str] = None
 

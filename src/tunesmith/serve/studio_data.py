@@ -21,7 +21,7 @@ def _workspace(request: Request):
     return request.app.state.workspace
 
 
-class ColumnsQuery(BaseModel):
+class ColumnMapping(BaseModel):
     """Which column holds what (``data.columns``); all empty means: read the file's own format."""
 
     prompt: Optional[str] = None
@@ -65,7 +65,7 @@ async def preview(request: Request, path: str, limit: int = Query(20, ge=1, le=2
 
     workspace = _workspace(request)
     file = workspace.resolve(path, must_exist=True)
-    columns = ColumnsQuery(prompt=prompt, answer=answer, label=label, system=system).section()
+    columns = ColumnMapping(prompt=prompt, answer=answer, label=label, system=system).section()
     try:
         records = list(islice(read_records(file, on_bad_line=lambda error: None), limit))
     except TunesmithError as error:
@@ -91,7 +91,7 @@ async def preview(request: Request, path: str, limit: int = Query(20, ge=1, le=2
 
 class InspectBody(BaseModel):
     path: str
-    columns: Optional[ColumnsQuery] = None
+    columns: Optional[ColumnMapping] = None
 
 
 @router.post("/data/inspect")

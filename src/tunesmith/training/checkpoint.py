@@ -13,7 +13,6 @@ RNG states are stored as tensors), so a planted file cannot run code on ``--resu
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import pickle
 import random
@@ -27,7 +26,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tunesmith.core.errors import TunesmithError
-from tunesmith.core.files import atomic_folder
+from tunesmith.core.files import atomic_folder, file_sha256
 
 PREFIX = "step-"
 MANIFEST = "manifest.json"
@@ -84,14 +83,6 @@ def is_disk_full(error: BaseException) -> bool:
     return "No space left on device" in str(error) or "os error 28" in str(error)
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _write_files(partial: Path, trainable: dict[str, torch.Tensor], optimizer, scheduler, state: TrainState) -> None:
     save_file({name: t.contiguous().cpu() for name, t in trainable.items()}, partial / "trainable.safetensors")
     with (partial / "training.pt").open("wb") as handle:  # a Python file: a full disk raises OSError(ENOSPC)
@@ -111,7 +102,7 @@ def write_checkpoint_manifest(partial: Path, step: int) -> None:
     """
     files = {}
     for file in sorted(p for p in partial.rglob("*") if p.is_file() and p.name != MANIFEST):
-        files[file.relative_to(partial).as_posix()] = {"bytes": file.stat().st_size, "sha256": _sha256(file)}
+        files[file.relative_to(partial).as_posix()] = {"bytes": file.stat().st_size, "sha256": file_sha256(file)}
     (partial / MANIFEST).write_text(json.dumps({"format": 1, "step": step, "files": files}, indent=2))
 
 
@@ -171,7 +162,7 @@ def checkpoint_problem(path: Path) -> Optional[str]:
             return f"{name} is missing"
         if file.stat().st_size != expected.get("bytes"):
             return f"{name} has {file.stat().st_size:,} bytes, {expected.get('bytes')} expected"
-        if _sha256(file) != expected.get("sha256"):
+        if file_sha256(file) != expected.get("sha256"):
             return f"{name} does not match its SHA-256"
     return None
 

@@ -12,6 +12,8 @@ import hashlib
 from pathlib import Path
 from typing import Any, Optional
 
+from tunesmith.core.files import file_sha256
+
 # Recipe fields that do not change the weights a run reaches: where it writes, how often it logs and
 # checkpoints, what it evaluates only for the report.
 # train.device: a checkpoint resumes on another device (the numbers differ by rounding only). The per-process
@@ -29,23 +31,15 @@ def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix.rstrip("."): value}
 
 
-def file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _digest(name: str) -> str:
     """``sha256:...`` of a data file (of every file under a folder), or ``missing``."""
     path = Path(name).expanduser()
     if path.is_file():
-        return "sha256:" + file_digest(path)
+        return "sha256:" + file_sha256(path)
     if path.is_dir():
         digest = hashlib.sha256()
         for file in sorted(p for p in path.rglob("*") if p.is_file()):
-            digest.update(f"{file.relative_to(path).as_posix()}\0{file_digest(file)}\0".encode())
+            digest.update(f"{file.relative_to(path).as_posix()}\0{file_sha256(file)}\0".encode())
         return "sha256:" + digest.hexdigest()
     return "missing"
 

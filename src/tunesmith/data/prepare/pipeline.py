@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from tunesmith.config.prepare import PrepareSection
-from tunesmith.core.files import write_text_atomic
+from tunesmith.core.files import file_sha256, write_text_atomic
 from tunesmith.core.runtime import cache_dir
 from tunesmith.data.formats import FormatOptions
 from tunesmith.data.prepare.clean import Cleaner, CleanReport
@@ -28,15 +28,6 @@ logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
-
-
-def file_sha256(path: str | Path) -> str:
-    """SHA-256 of a file's bytes, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def tokenizer_identity(tokenizer) -> dict[str, Any]:

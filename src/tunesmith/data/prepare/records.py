@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Iterator, Literal
 
 from tunesmith.core.errors import TunesmithError
-from tunesmith.core.files import atomic_path, write_text_atomic
+from tunesmith.core.files import atomic_path, file_sha256, write_text_atomic
 from tunesmith.data.formats import FORMATS, FormatOptions, detect_format, preference_parts
 from tunesmith.data.readers import RawRecord, read_records
 
@@ -153,11 +153,7 @@ def written_by_tunesmith(path: Path) -> bool:
     expected = _written(path.parent).get(path.name)
     if expected is None or not path.is_file():
         return False
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest() == expected
+    return file_sha256(path) == expected
 
 
 def check_output(path: Path, force: bool, inputs: tuple[str | Path, ...] = (), own_folder: bool = False) -> None:
