@@ -103,11 +103,13 @@ async def submit(body: JobBody, request: Request):
     elif isinstance(body, CaiJob):
         job_id = submit_cai(body, workspace, runner, request.app.state.pool)
     else:
+        from tunesmith.inference.results import locate_result
         from tunesmith.serve.pool import ModelPool
 
         run = workspace.resolve(body.run, must_exist=True)
         result = RunLayout(run).saved_result() or RunLayout(run).result("model")
-        base = ModelPool._base_of(result, workspace.root) if (result / "tunesmith.json").is_file() else str(result)
+        found = locate_result(result)
+        base = ModelPool._base_of(found, workspace.root) if found and found.manifest is not None else str(result)
         out = unique_path(run, "eval", "")
         args = ["eval", "--compare", base, str(run), "--bias", "--out", str(out)]
         for suite in ([body.suite] if body.suite else []) + body.suites:

@@ -83,10 +83,11 @@ def load_any_classifier(folder: Path):
 
     import torch
 
+    from tunesmith.methods.base import MANIFEST
     from tunesmith.stages.cls import load_classifier
     from tunesmith.stages.scoring import load_head
 
-    if (folder / "tunesmith.json").is_file():
+    if (folder / MANIFEST).is_file():
         return load_classifier(folder)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

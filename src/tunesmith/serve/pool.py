@@ -22,10 +22,9 @@ from pathlib import Path
 from typing import Optional
 
 from tunesmith.core.errors import TunesmithError
-from tunesmith.core.run_files import RunLayout
+from tunesmith.inference.results import ResultFolder, locate_result
+from tunesmith.methods.base import MANIFEST
 from tunesmith.serve.workspace import Workspace
-
-MANIFEST = "tunesmith.json"  # written by Method.write_manifest
 
 
 class UnknownModel(TunesmithError):
@@ -95,7 +94,7 @@ class ModelPool:
         entries += [{"id": name, "kind": "alias"} for name in ALIASES.names() if name not in self.bases]
         for folder, kind in (("models", "base"), ("exports", "export"), ("runs", "run")):
             for path in sorted((self.workspace.root / folder).glob("*")):
-                if path.is_dir() and self._folder_kind(path) is not None:
+                if path.is_dir() and self._servable(path):
                     entries.append({"id": f"{folder}/{path.name}", "kind": kind})
         return entries
 
@@ -116,43 +115,36 @@ class ModelPool:
         except TunesmithError:
             raise UnknownModel(f"model '{model_id}' is not an alias, a base given at start or a workspace "
                                "model, run or export folder; GET /v1/models lists them") from None
-        kind = self._folder_kind(folder)
-        if kind == "hf":
-            return ModelSpec(model_id, str(folder))
-        if kind == "run":
-            folder = RunLayout(folder).saved_result()
-            kind = self._folder_kind(folder)
-        if kind == "result":
-            return ModelSpec(model_id, self._base_of(folder, self.workspace.root), str(folder))
-        if kind == "hf":
-            return ModelSpec(model_id, str(folder))
-        raise UnknownModel(f"workspace folder '{model_id}' holds no model, trained result or finished run")
+        try:
+            found = locate_result(folder)  # inference/results.py: the one reading of what a folder holds
+        except TunesmithError as error:
+            if (folder / MANIFEST).is_file():
+                raise  # a damaged manifest is its own sentence
+            raise UnknownModel(f"workspace folder '{model_id}' holds no model, trained result or finished run") from error
+        if found is None:
+            raise UnknownModel(f"workspace folder '{model_id}' holds no model, trained result or finished run")
+        if found.kind == "model" and found.manifest is None:
+            return ModelSpec(model_id, str(found.folder))  # a plain model folder: a base of its own
+        return ModelSpec(model_id, self._base_of(found, self.workspace.root), str(found.folder))
 
     @staticmethod
-    def _folder_kind(folder: Path) -> Optional[str]:
-        if (folder / MANIFEST).is_file() or (folder / "adapter_config.json").is_file():
-            return "result"
-        if (folder / "config.json").is_file():
-            return "hf"
-        if RunLayout(folder).saved_result() is not None:
-            return "run"
-        return None
+    def _servable(folder: Path) -> bool:
+        try:
+            return locate_result(folder) is not None
+        except TunesmithError:
+            return False
 
     @staticmethod
-    def _base_of(result: Path, root: Path) -> str:
+    def _base_of(found: ResultFolder, root: Path) -> str:
         """The base model a trained result was trained from (its manifest, or the peft config).
 
         A relative folder is relative to the workspace: the studio's jobs run there.
         """
-        from tunesmith.inference.results import ResultFolder
-        from tunesmith.methods.base import read_manifest  # a damaged manifest is a sentence, not a traceback
-
-        manifest = read_manifest(result) if (result / MANIFEST).is_file() else None
-        name = ResultFolder(result, "adapter", manifest).recorded_base  # results.py reads what a result records
-        if not name and manifest is not None and (result / "adapter_config.json").is_file():
-            name = ResultFolder(result, "adapter").recorded_base  # a manifest without base_model: the peft config
+        name = found.recorded_base  # results.py reads what a result records
+        if not name and found.manifest is not None and (found.folder / "adapter_config.json").is_file():
+            name = ResultFolder(found.folder, "adapter").recorded_base  # a manifest without base_model: the peft config
         if not name:
-            raise UnknownModel(f"{result} does not record its base model")
+            raise UnknownModel(f"{found.folder} does not record its base model")
         if not Path(name).is_absolute() and (root / name).is_dir():
             return str((root / name).resolve())
         return name

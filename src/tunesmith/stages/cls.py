@@ -24,7 +24,7 @@ from tunesmith.core.errors import TunesmithError
 from tunesmith.data.classification import EncodedText, cut, encode_classification, encode_text
 from tunesmith.data.encoded import EncodedData
 from tunesmith.inference.generate import load_for_inference
-from tunesmith.methods.base import base_model_of
+from tunesmith.methods.base import base_model_of, read_manifest
 from tunesmith.models import is_encoder
 from tunesmith.stages.base import STAGES, Stage
 from tunesmith.stages.pairs import PairObjective, PairValues
@@ -151,7 +151,7 @@ def load_classifier(folder: str | Path, device: str = "cpu", dtype: str = "float
     """The classifier in a result folder of ``stage: cls``: (model, tokenizer, label names)."""
 
     folder = Path(folder)
-    manifest = json.loads((folder / "tunesmith.json").read_text())
+    manifest = read_manifest(folder)
     model, tokenizer = load_for_inference(manifest["base_model"], str(folder), dtype, device)
     return load_head(model, folder).eval(), tokenizer, json.loads((folder / LABELS_FILE).read_text())
 

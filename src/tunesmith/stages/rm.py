@@ -6,7 +6,6 @@ loads it back as a scorer of conversations (what the online stages use as their 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -17,6 +16,7 @@ from tunesmith.data.encode import EncodedExample
 from tunesmith.data.encoded import EncodedData
 from tunesmith.data.preference import PREFERENCE_LAYOUT, encode_judged, encode_pairs, encode_reply
 from tunesmith.inference.generate import load_for_inference
+from tunesmith.methods.base import read_manifest
 from tunesmith.stages.base import STAGES, Stage
 from tunesmith.stages.losses import bradley_terry
 from tunesmith.stages.pairs import PairObjective, PairValues, split_pairs
@@ -69,7 +69,7 @@ def load_reward_model(folder: str | Path, device: str = "cpu", dtype: str = "flo
         (model, tokenizer), the model in eval mode; score with :func:`score_conversations`.
     """
 
-    manifest = json.loads((Path(folder) / "tunesmith.json").read_text())
+    manifest = read_manifest(Path(folder))
     model, tokenizer = load_for_inference(manifest["base_model"], str(folder), dtype, device)
     return load_head(model, Path(folder)).eval(), tokenizer
 
