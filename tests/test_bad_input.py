@@ -227,6 +227,9 @@ CASES = [
          ("train.jsonl exists and was not written by tunesmith",)),
     Case("--allow-changes without --resume", lambda t: ["train", str(recipe(t)), "--allow-changes"],
          ("--allow-changes only applies to --resume",)),
+    Case("a whole-recipe check (no stray '':)", lambda t: ["config", "check", str(recipe(t, "method: {kind: full}\n")),
+                                                         "model.quantize=nf4"],
+         ("recipe.yaml: model.quantize: nf4 freezes a quantised base", "use method lora")),
 ]
 
 NO_GPU = pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
@@ -251,6 +254,7 @@ def run_main(argv: list[str], capsys) -> tuple[int, str]:
 def check_refusal(case: Case, code: int, output: str, tmp_path: Path) -> None:
     assert code == 2, f"{case.name}: exit {code}\n{output}"
     assert "Traceback" not in output, output
+    assert "'':" not in output, f"{case.name}: an empty field name in\n{output}"
     error_lines = [line for line in output.splitlines() if "error:" in line]
     assert len(error_lines) == 1, f"{case.name}: expected one error sentence, got\n{output}"
     for fragment in case.expected:
