@@ -263,6 +263,25 @@ def test_job_routes_say_404_for_a_job_that_does_not_exist(client):
         assert client.get(f"/api/jobs/{number}").status_code == 400
 
 
+def test_a_job_that_cannot_be_stopped_or_resumed_is_a_conflict_not_a_malformed_request(tmp_path):
+    from tunesmith.serve.jobs import JobStore
+    from tunesmith.serve.workspace import Workspace
+
+    store = JobStore(Workspace(tmp_path).root / "jobs" / "jobs.sqlite")  # finished before this server started
+    done = store.add("train", "done", ["train", "r.yaml"], "runs/a", "runs/a", resume_args=["train", "r.yaml", "--resume"])
+    store.update(done, status="done", returncode=0)
+    failed_export = store.add("export", "export", ["export"], "exports/a")
+    store.update(failed_export, status="failed", returncode=2)
+    app, client = make_client(tmp_path)
+    with client:
+        refused(client.post(f"/api/jobs/{done}/stop"), 409, f"job {done} is done", "only a queued or running job")
+        refused(client.post(f"/api/jobs/{done}/resume"), 409, f"job {done} (train, done) cannot be resumed")
+        refused(client.post(f"/api/jobs/{failed_export}/resume"), 409, "(export, failed) cannot be resumed")
+        assert client.get(f"/api/jobs/{done}").json()["status"] == "done"  # refused, so unchanged
+    app.state.generator.close()
+    app.state.jobs.close()
+
+
 def test_static_and_page_routes_serve_only_the_package(client):
     for path in ("/static/../app.py", "/static/%2e%2e/app.py", "/static/..%2fapp.py"):
         assert client.get(path).status_code == 404, path

@@ -18,7 +18,7 @@ from tunesmith.errors import TunesmithError
 from tunesmith.serve.openai_api import error_response
 from tunesmith.serve.pool import ModelPool, UnknownModel
 from tunesmith.serve.safety import CodeRefused, SafetyRules
-from tunesmith.serve.workspace import NotFound, PathRefused, TooLarge, Workspace
+from tunesmith.serve.workspace import Conflict, NotFound, PathRefused, TooLarge, Workspace
 
 STATIC = Path(__file__).parent / "static"
 KEY_COOKIE = "tunesmith_key"
@@ -138,6 +138,10 @@ def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(NotFound)
     async def not_found(request: Request, error: NotFound):
         return error_response(404, str(error), code="not_found")
+
+    @app.exception_handler(Conflict)
+    async def conflict(request: Request, error: Conflict):
+        return error_response(409, str(error), code="conflict")
 
     @app.exception_handler(TooLarge)
     async def too_large(request: Request, error: TooLarge):
