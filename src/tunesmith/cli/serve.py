@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from tunesmith.cli.common import status
 from tunesmith.errors import TunesmithError
 
 
@@ -96,6 +97,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                              "(or bind to 127.0.0.1)")
     bases = parse_bases(args.model)
     check_start(args, bases)
+    status(f"starting the server on {args.host}:{args.port} ...")
     app = create_app(args.workspace, args.api_key, bases, args.device, args.max_upload_mb,
                      batch_window_ms=args.batch_window_ms, allow_code=args.allow_code,
                      allow_remote_models=args.allow_remote_models)
