@@ -227,6 +227,9 @@ CASES = [
          ("train.jsonl exists and was not written by tunesmith",)),
     Case("--allow-changes without --resume", lambda t: ["train", str(recipe(t)), "--allow-changes"],
          ("--allow-changes only applies to --resume",)),
+    Case("a whole-recipe check (no stray '':)", lambda t: ["config", "check", str(recipe(t, "method: {kind: full}\n")),
+                                                         "model.quantize=nf4"],
+         ("recipe.yaml: model.quantize: nf4 freezes a quantised base", "use method lora")),
 ]
 
 NO_GPU = pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
@@ -251,6 +254,7 @@ def run_main(argv: list[str], capsys) -> tuple[int, str]:
 def check_refusal(case: Case, code: int, output: str, tmp_path: Path) -> None:
     assert code == 2, f"{case.name}: exit {code}\n{output}"
     assert "Traceback" not in output, output
+    assert "'':" not in output, f"{case.name}: an empty field name in\n{output}"
     error_lines = [line for line in output.splitlines() if "error:" in line]
     assert len(error_lines) == 1, f"{case.name}: expected one error sentence, got\n{output}"
     for fragment in case.expected:
@@ -450,4 +454,25 @@ def test_a_relative_out_works_for_every_export_format(fmt, tiny_recipe, tmp_path
     monkeypatch.chdir(tmp_path)
     code, output = run_main(["export", "run", "--format", fmt, "--out", f"exported-{fmt}"], capsys)
     assert code == 0 and "Traceback" not in output, output
+    assert ("tunesmith export: loading torch and transformers ...\n"  # what it does, before it does it
+            f"exporting run to exported-{fmt}, then checking the export by reloading it ...\n") in output
     assert (tmp_path / f"exported-{fmt}").is_dir() and any((tmp_path / f"exported-{fmt}").iterdir())
+
+
+def test_a_long_command_says_what_it_does_before_each_slow_step(tiny_llama, tmp_path, capsys):
+    """Issue 22, no command hangs without output: the libraries, the model and the scoring each get a first line
+    on standard error before they start (standard output stays the result: JSON here)."""
+    data = write(tmp_path / "d.jsonl", GOOD_LINE * 5)
+    code = main(["eval", "--model", tiny_llama, "--data", str(data)])
+    captured = capsys.readouterr()
+    assert code == 0 and json.loads(captured.out)["examples"] == 5
+    assert captured.err.splitlines() == ["tunesmith eval: loading torch and transformers ...",
+                                         f"loading {tiny_llama} ...", f"scoring 5 records of {data} ..."]
+
+
+def test_counting_says_after_each_batch_how_much_is_done(capsys):
+    from tunesmith.cli.common import counting
+
+    rewrite = counting(lambda texts: [text.upper() for text in texts], "augment: texts rewritten", total=5)
+    assert rewrite(["a", "b", "c"]) == ["A", "B", "C"] and rewrite(["d", "e"]) == ["D", "E"]
+    assert capsys.readouterr().err == "augment: texts rewritten: 3/5 done\naugment: texts rewritten: 5/5 done\n"

@@ -29,6 +29,9 @@ def test_cai_writes_sft_and_preference_data_with_every_step_kept(tiny_llama, tmp
     assert summary["rows"] == len(sft) == 4 and summary["revised"] == len(pairs)
     assert summary["share_revised"] == pytest.approx(len(pairs) / 4, abs=1e-4) and len(pairs) > 0
     assert f"{summary['revised']} revised" in result.stdout
+    progress = [line for line in result.stderr.splitlines() if line.startswith(("tunesmith cai", "loading", "cai:"))]
+    assert progress[:2] == ["tunesmith cai: loading torch and transformers ...", f"loading {tiny_llama} ..."]
+    assert progress[-1] == "cai: replies: 12 done"  # 4 drafts, 4 critiques, 4 revisions: said batch by batch
     names = {p.name for p in read_principles(PRINCIPLES)}
     for row in sft:
         assert {"draft", "principle", "critique", "revision"} <= set(row) and row["principle"] in names

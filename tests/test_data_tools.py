@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from tunesmith.config import ModelSection
@@ -11,8 +13,6 @@ from tunesmith.data.encoded import load_examples
 from tunesmith.data.formats import Example
 from tunesmith.data.templates import resolve_template
 from tunesmith.models.loading import load_tokenizer
-
-from conftest import asset
 
 
 @pytest.fixture
@@ -28,18 +28,54 @@ def trained_and_context(tokenizer, encoded) -> tuple[str, str]:
     return tokenizer.decode(trained), tokenizer.decode(context)
 
 
-def test_glaive_tool_calls_are_trained_definitions_and_results_are_context(tokenizer):
-    examples, data_format = load_examples(str(asset("data/llama_factory/glaive_toolcall_en_demo.json")))
+# Glaive's tool-calling data as LLaMA-Factory ships it (glaive_toolcall_en_demo.json, 300 records), written here
+# with every quirk of the real file: a JSON array of ShareGPT records; ``tools`` a JSON *string* of bare
+# definitions ({name, description, parameters}, no {"type": "function"} wrapper), "[]" in 109 of the 300 records;
+# a ``function_call`` turn whose value is a JSON string {name, arguments} with ``arguments`` an object (in all
+# 211 calls); an ``observation`` turn holding the tool's JSON answer; human first, gpt last, in every record.
+GLAIVE_RECORDS = [
+    {"conversations": [
+        {"from": "human", "value": "Hi, I have some ingredients and I want to cook something. Can you help me find a recipe?"},
+        {"from": "gpt", "value": "Of course! I can help you with that. Please tell me what ingredients you have."},
+        {"from": "human", "value": "I have chicken, bell peppers, and rice."},
+        {"from": "function_call", "value": json.dumps(
+            {"name": "search_recipes", "arguments": {"ingredients": ["chicken", "bell peppers", "rice"]}})},
+        {"from": "observation", "value": json.dumps(
+            {"recipes": [{"name": "Chicken and Bell Pepper Stir Fry", "ingredients": ["chicken", "bell peppers", "rice"]}]})},
+        {"from": "gpt", "value": "I found a recipe for you: Chicken and Bell Pepper Stir Fry."},
+        {"from": "human", "value": "Can you order the ingredients for me?"},
+        {"from": "gpt", "value": "I'm sorry, but I can't order ingredients."}],
+     "tools": json.dumps([{"name": "search_recipes", "description": "Search for recipes based on ingredients",
+                           "parameters": {"type": "object", "properties": {"ingredients": {
+                               "type": "array", "items": {"type": "string"},
+                               "description": "The ingredients to search for"}}, "required": ["ingredients"]}}])},
+    {"conversations": [{"from": "human", "value": "Tell me a joke."},
+                       {"from": "gpt", "value": "Why did the tomato blush? It saw the salad dressing."}],
+     "tools": "[]"},
+]
+
+
+def test_glaive_tool_calls_are_trained_definitions_and_results_are_context(tokenizer, tmp_path):
+    path = tmp_path / "glaive_toolcall.json"
+    path.write_text(json.dumps(GLAIVE_RECORDS, indent=1))
+    examples, data_format = load_examples(str(path))
     example = examples[0]
     assert data_format == "sharegpt" and example.tools[0]["function"]["name"] == "search_recipes"
+    assert [m["role"] for m in example.messages] == ["user", "assistant", "user", "assistant", "tool", "assistant",
+                                                     "user", "assistant"]
     assert example.messages[3]["tool_calls"][0]["function"]["arguments"] == {
         "ingredients": ["chicken", "bell peppers", "rice"]}
+    assert examples[1].tools == () and len(examples[1].messages) == 2  # "[]": a plain conversation
     trained, context = trained_and_context(tokenizer, encode_example(example, tokenizer, 4096))
     squash = lambda text: text.replace(" ", "")  # noqa: E731  (the tiny vocabulary spells words in pieces)
     assert squash('<tool_call>\n{"name": "search_recipes"') in squash(trained)  # the call is learnt
     assert squash("Of course! I can help you with that.") in squash(trained)
     assert squash('"description": "Search for recipes based on ingredients"') in squash(context)  # definitions
     assert squash("<tool_response>") in squash(context) and squash("<tool_response>") not in squash(trained)
+    assert squash("Chicken and Bell Pepper Stir Fry") in squash(context)  # the tool's answer is context...
+    assert squash("I found a recipe for you") in squash(trained)  # ...the reply built on it is learnt
+    plain_trained, plain_context = trained_and_context(tokenizer, encode_example(examples[1], tokenizer, 512))
+    assert "<tools>" not in plain_context and squash("saw the salad dressing") in squash(plain_trained)
 
 
 TOOL_TEMPLATE = (  # a template that renders tools itself, as Qwen's and Llama 3's do

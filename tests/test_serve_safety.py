@@ -263,10 +263,87 @@ def test_job_routes_say_404_for_a_job_that_does_not_exist(client):
         assert client.get(f"/api/jobs/{number}").status_code == 400
 
 
+def test_a_job_that_cannot_be_stopped_or_resumed_is_a_conflict_not_a_malformed_request(tmp_path):
+    from tunesmith.serve.jobs import JobStore
+    from tunesmith.serve.workspace import Workspace
+
+    store = JobStore(Workspace(tmp_path).root / "jobs" / "jobs.sqlite")  # finished before this server started
+    done = store.add("train", "done", ["train", "r.yaml"], "runs/a", "runs/a", resume_args=["train", "r.yaml", "--resume"])
+    store.update(done, status="done", returncode=0)
+    failed_export = store.add("export", "export", ["export"], "exports/a")
+    store.update(failed_export, status="failed", returncode=2)
+    app, client = make_client(tmp_path)
+    with client:
+        refused(client.post(f"/api/jobs/{done}/stop"), 409, f"job {done} is done", "only a queued or running job")
+        refused(client.post(f"/api/jobs/{done}/resume"), 409, f"job {done} (train, done) cannot be resumed")
+        refused(client.post(f"/api/jobs/{failed_export}/resume"), 409, "(export, failed) cannot be resumed")
+        assert client.get(f"/api/jobs/{done}").json()["status"] == "done"  # refused, so unchanged
+    app.state.generator.close()
+    app.state.jobs.close()
+
+
 def test_static_and_page_routes_serve_only_the_package(client):
     for path in ("/static/../app.py", "/static/%2e%2e/app.py", "/static/..%2fapp.py"):
         assert client.get(path).status_code == 404, path
     assert client.get("/").status_code == 200 and client.get("/api/openapi.json").status_code == 200
+
+
+HUB_ID = "HuggingFaceTB/SmolLM2-135M"  # never downloaded: every route refuses it before anything loads
+
+
+def test_a_hub_id_is_a_remote_model_but_aliases_bases_and_workspace_folders_are_not(workspace):
+    from tunesmith.config import Recipe
+    from tunesmith.serve.safety import SafetyRules, recipe_problems
+    from tunesmith.serve.workspace import Workspace
+
+    rules = SafetyRules(Workspace(workspace), {"outside": "/somewhere/base"})
+    hub = tiny_recipe("x")
+    hub["model"]["name"] = HUB_ID
+    [problem] = recipe_problems(Recipe.model_validate(hub), rules)
+    assert (problem.loc, problem.remote, problem.code) == ("model.name", True, False)
+    assert "--allow-remote-models" in problem.message and "models/" in problem.message
+    allowing = SafetyRules(Workspace(workspace), {}, allow_remote_models=True)
+    assert recipe_problems(Recipe.model_validate(hub), allowing) == []
+    for name in ("models/base", "smollm2-135m-instruct", "/somewhere/base"):  # owner/name-shaped, alias, base
+        assert recipe_problems(Recipe.model_validate({**hub, "model": {"name": name}}), rules) == [], name
+    outside = {**hub, "model": {"name": "../models/base"}}
+    assert [p.remote for p in recipe_problems(Recipe.model_validate(outside), allowing)] == [False]  # path rule stays
+
+
+def test_every_route_taking_a_recipe_refuses_a_hub_model_with_403(client, workspace):
+    hub = tiny_recipe("hub")
+    hub["model"]["name"] = HUB_ID
+    for route in ("/api/recipes", "/api/plan"):
+        message = refused(client.post(route, json={"recipe": hub, "name": "hub"}), 403, HUB_ID, "--allow-remote-models")
+        assert client.post(route, json={"recipe": hub}).json()["error"]["code"] == "remote_model_refused", message
+    assert not list((workspace / "recipes").glob("hub*.yaml"))  # nothing saved
+    errors = client.post("/api/recipe/check", json={"recipe": hub}).json()["errors"]
+    assert [e["loc"] for e in errors] == ["model.name"]
+    (workspace / "recipes" / "hub.yaml").write_text(yaml.safe_dump(hub))
+    refused(client.post("/api/jobs", json={"kind": "train", "recipe": "recipes/hub.yaml"}), 403, "--allow-remote-models")
+    (workspace / "recipes" / "base.yaml").write_text(yaml.safe_dump(tiny_recipe("base")))
+    refused(client.post("/api/jobs", json={"kind": "sweep", "recipe": "recipes/base.yaml", "trials": 2,
+                                           "space": yaml.safe_dump({"model.name": ["models/base", HUB_ID]})}),
+            403, "model.name", "--allow-remote-models")
+    rows = "".join(json.dumps({"prompt": f"q{i}", "answer": f"a{i}"}) + "\n" for i in range(12))
+    (workspace / "data" / "qa.jsonl").write_text(rows)
+    refused(client.post("/api/guided/recipe", json={"task": "answer", "data": "data/qa.jsonl", "model": HUB_ID,
+                                                    "columns": {"prompt": "prompt", "answer": "answer"}}),
+            403, "--allow-remote-models")
+    assert client.get("/api/jobs").json()["jobs"] == []
+
+
+def test_allow_remote_models_lifts_only_that_rule(workspace):
+    app, client = make_client(workspace, allow_remote_models=True)
+    with client:
+        hub = tiny_recipe("hub")
+        hub["model"]["name"] = HUB_ID
+        saved = client.post("/api/recipes", json={"recipe": hub, "name": "remote"})
+        assert saved.status_code == 200 and HUB_ID in (workspace / saved.json()["path"]).read_text()
+        hub["model"]["trust_remote_code"] = True
+        refused(client.post("/api/recipes", json={"recipe": hub}), 403, "trust_remote_code", "--allow-code")
+    app.state.generator.close()
+    app.state.jobs.close()
 
 
 def test_allow_code_lifts_the_code_rule_but_not_the_path_rule(workspace):

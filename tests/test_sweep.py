@@ -35,8 +35,12 @@ def test_sweep_runs_normal_trials_resumes_and_writes_the_best_recipe(tiny_llama:
                                                    "method.kind": {"choices": ["lora", "ia3"]},
                                                    "method.r": {"choices": [2, 4]}})
     quiet = lambda *a, **k: None  # noqa: E731
-    first = run_sweep(recipe, space, trials=3, out=tmp_path / "sweep", say=quiet)
+    said: list[str] = []
+    first = run_sweep(recipe, space, trials=3, out=tmp_path / "sweep", say=said.append)
     assert [r["number"] for r in first.rows] == [0, 1, 2]
+    trial_zero = [line for line in said if line.startswith("trial 0")]  # a trial is never silent (issue 22)
+    assert trial_zero[0].startswith("trial 0: train.lr=0.001") and "trial 0: step 2/4, loss " in trial_zero[1]
+    assert any(line.startswith("trial 0: step 2/4") and "val_loss" in line for line in trial_zero)
     assert first.rows[0]["params"] == {"train.lr": 1e-3, "method.kind": "lora", "method.r": 4}  # the recipe's own
     again = run_sweep(recipe, space, trials=4, out=tmp_path / "sweep", say=quiet)  # resumes: one more trial
     assert [r["number"] for r in again.rows] == [0, 1, 2, 3]

@@ -13,11 +13,14 @@ import logging
 import sys
 from typing import Sequence
 
+from tunesmith.cli.common import status
 from tunesmith.core.errors import TunesmithError
 from tunesmith.core.runtime import configure_threads
 
 COMMAND_MODULES = ("train", "plan", "sweep", "inference", "evaluate", "config", "models", "methods", "export", "data",
                    "compare", "serve", "cai", "scoring", "reproduce")
+STARTS_SLOWLY = ("generate", "chat", "eval", "export", "cai", "score", "classify", "sweep", "serve", "reproduce")
+"""Commands whose first work is importing torch and transformers (seconds; a minute on a busy machine): they say so."""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -32,6 +35,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger(__name__).info(threads)
+    if args.command in STARTS_SLOWLY:
+        status(f"tunesmith {args.command}: loading torch and transformers ...")
     if args.command in ("train", "plan", "sweep", "generate", "chat", "eval", "methods", "export", "cai", "score", "reproduce",
                         "classify"):
         quiet_libraries()

@@ -9,6 +9,7 @@ from tunesmith.cli.common import (
     add_model_arguments,
     at_least,
     check_generation_length,
+    counting,
     load_model_from_args,
     refuse_foreign_replacement,
 )
@@ -47,5 +48,5 @@ def cmd_cai(args: argparse.Namespace) -> int:
         model, tokenizer = load_model_from_args(args)
         check_generation_length(model, tokenizer, args.max_new_tokens)
         chat = local_chat(model, tokenizer, args.max_new_tokens, args.temperature, args.batch_size)
-    run_cai(chat, args.principles, args.prompts, Path(args.out), args.seed, args.limit, args.overwrite)
+    run_cai(counting(chat, "cai: replies"), args.principles, args.prompts, Path(args.out), args.seed, args.limit, args.overwrite)
     return 0

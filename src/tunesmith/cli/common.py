@@ -3,8 +3,32 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence, TypeVar
+
+T = TypeVar("T")
+
+
+def status(message: str) -> None:
+    """A progress line on standard error, flushed: a long command says what it is doing before it does it
+    (standard output stays the command's result, e.g. eval's JSON or generate's reply)."""
+    print(message, file=sys.stderr, flush=True)
+
+
+def counting(work: Callable[[Sequence], list[T]], what: str, total: int | None = None) -> Callable[[Sequence], list[T]]:
+    """``work`` (a batch in, a list out: a model generating or rewriting) saying after each batch how many
+    items it has done, so a long generation is never silent."""
+    done = 0
+
+    def counted(batch: Sequence) -> list[T]:
+        nonlocal done
+        results = work(batch)
+        done += len(batch)
+        status(f"{what}: {done}{f'/{total}' if total else ''} done")
+        return results
+
+    return counted
 
 
 def at_least(minimum: float, kind: type = int) -> Callable[[str], float]:
@@ -61,6 +85,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 def load_model_from_args(args: argparse.Namespace):
     """(model, tokenizer) named by --model/--adapter/--dtype/--device."""
+    status(f"loading {args.model}{f' with {args.adapter}' if args.adapter else ''} ...")
     from tunesmith.inference.generate import load_for_inference
 
     return load_for_inference(args.model, args.adapter, args.dtype, args.device, args.trust_remote_code)

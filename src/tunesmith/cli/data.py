@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from tunesmith.cli import quiet_libraries
-from tunesmith.cli.common import at_least, between, device
+from tunesmith.cli.common import at_least, between, counting, device, status
 
 
 def register(commands) -> None:
@@ -265,6 +265,7 @@ def _register_augment(steps) -> None:
 def cmd_augment(args: argparse.Namespace) -> int:
     from tunesmith.data.prepare.augment import AugmentSettings, augment_file, back_translation
 
+    status(f"augment: loading torch, transformers and {args.model} ...")
     quiet_libraries()
     rewrite_to = _model_rewriter(args, args.model, "to")
     if args.method == "paraphrase":
@@ -277,7 +278,7 @@ def cmd_augment(args: argparse.Namespace) -> int:
                   "pivot": args.pivot_language}
     settings = AugmentSettings(origin=origin, min_similarity=args.min_similarity, max_similarity=args.max_similarity,
                                fields=_names(args.fields), batch_size=args.batch_size, only_new=args.only_new)
-    report = augment_file(args.file, args.output, rewrite, settings, on_error=args.on_error, force=args.force,
+    report = augment_file(args.file, args.output, counting(rewrite, "augment: texts rewritten"), settings, on_error=args.on_error, force=args.force,
                           record_text=_record_text(args), limit=args.limit)
     return _finish(args, report)
 

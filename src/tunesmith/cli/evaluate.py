@@ -13,7 +13,7 @@ import argparse
 import json
 from pathlib import Path
 
-from tunesmith.cli.common import add_model_arguments, at_least, load_model_from_args
+from tunesmith.cli.common import add_model_arguments, at_least, load_model_from_args, status
 from tunesmith.core.errors import TunesmithError
 
 
@@ -124,6 +124,7 @@ def cmd_loss(args: argparse.Namespace) -> int:
     examples, _ = load_examples(args.data, args.format)
     encoded, stats = encode_all(examples, tokenizer, args.max_length or 1024, "evaluation")
     runtime = Runtime(device=pick_device(args.device.split(":")[0], setting="--device"))
+    status(f"scoring {len(encoded)} records of {args.data} ...")
     metrics = evaluate_loss(model, encoded, args.batch_size, tokenizer.pad_token_id, runtime)
     print(json.dumps({"data": args.data, "examples": len(encoded), **metrics}, indent=2))
     return 0
@@ -135,6 +136,7 @@ def cmd_stage_metrics(args: argparse.Namespace, judged) -> int:
     from tunesmith.evaluation.suite import run_task
 
     model, tokenizer = load_scorer(args)
+    status(f"scoring {args.data} as stage {judged.kind} ...")
     result = run_task(model, tokenizer, held_out_task(judged, args.data, Path(args.data).stem, args.batch_size,
                                                       args.max_length))
     print(json.dumps({"data": args.data, "stage": judged.kind, "count": result["count"], **result["metrics"]},

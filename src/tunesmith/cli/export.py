@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from tunesmith.cli.common import device
+from tunesmith.cli.common import device, status
 from tunesmith.core.errors import TunesmithError
 
 
@@ -41,6 +41,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace):
     from tunesmith.export import export, export_result
 
+    status(f"exporting {args.result or args.adapter} to {args.out}, then checking the export by reloading it ...")
     if args.format is None and args.quantize is None and not args.ollama:
         report = export_result(args.result or args.adapter, args.out, args.merge or args.result is not None,
                                args.model, args.device)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from tunesmith.cli.common import status
 from tunesmith.core.errors import TunesmithError
 
 
@@ -23,6 +24,9 @@ def register(commands) -> None:
     serve.add_argument("--allow-code", action="store_true",
                        help="Let recipes from the browser name code: reward functions (module:function), "
                             "trust_remote_code, lm-eval include paths. Off: refused with 403 (docs/studio.md).")
+    serve.add_argument("--allow-remote-models", action="store_true",
+                       help="Let recipes from the browser name a Hugging Face hub id as model.name (the job downloads "
+                            "it). Off: only built-in aliases, --model bases and workspace folders (403 otherwise).")
     serve.set_defaults(handler=cmd_serve)
 
 
@@ -93,8 +97,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
                              "(or bind to 127.0.0.1)")
     bases = parse_bases(args.model)
     check_start(args, bases)
+    status(f"starting the server on {args.host}:{args.port} ...")
     app = create_app(args.workspace, args.api_key, bases, args.device, args.max_upload_mb,
-                     batch_window_ms=args.batch_window_ms, allow_code=args.allow_code)
+                     batch_window_ms=args.batch_window_ms, allow_code=args.allow_code,
+                     allow_remote_models=args.allow_remote_models)
     print(f"tunesmith studio on http://{args.host}:{args.port}/  (workspace {app.state.workspace.root})", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0

@@ -105,10 +105,15 @@ def describe_error(item: dict[str, Any]) -> str:
     if item["type"] == "missing":
         return f"'{dotted}' is required"
     if item["type"] == "value_error":  # a validator's own sentence; the input may be a whole section
-        return f"'{dotted}': {item['msg'].removeprefix('Value error, ')}"
+        return _where(dotted) + item["msg"].removeprefix("Value error, ")
     given = item.get("input")
     shown = repr(given) if len(repr(given)) <= 80 else repr(given)[:77] + "..."
-    return f"'{dotted}': {item['msg']} (got {shown})"
+    return f"{_where(dotted)}{item['msg']} (got {shown})"
+
+
+def _where(dotted: str) -> str:
+    """``'train.lr': `` before a field's error; nothing for a whole-recipe check (its sentence names its fields)."""
+    return f"'{dotted}': " if dotted else ""
 
 
 def _dotted(location: tuple[Any, ...]) -> str:

@@ -17,8 +17,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from tunesmith.core.errors import TunesmithError
 from tunesmith.serve.openai_api import error_response
 from tunesmith.serve.pool import ModelPool, UnknownModel
-from tunesmith.serve.safety import CodeRefused, SafetyRules
-from tunesmith.serve.workspace import NotFound, PathRefused, TooLarge, Workspace
+from tunesmith.serve.safety import CodeRefused, RemoteModelRefused, SafetyRules
+from tunesmith.serve.workspace import Conflict, NotFound, PathRefused, TooLarge, Workspace
 
 STATIC = Path(__file__).parent / "static"
 KEY_COOKIE = "tunesmith_key"
@@ -36,7 +36,8 @@ def is_loopback(host: str) -> bool:
 
 def create_app(workspace: str | Path, api_key: Optional[str] = None, bases: Optional[dict[str, str]] = None,
                device: str = "cpu", max_upload_mb: int = 200, max_body_kb: int = 1024,
-               batch_window_ms: float = 10.0, max_batch: int = 32, allow_code: bool = False) -> FastAPI:
+               batch_window_ms: float = 10.0, max_batch: int = 32, allow_code: bool = False,
+               allow_remote_models: bool = False) -> FastAPI:
     """The server as an ASGI app.
 
     Args:
@@ -48,6 +49,8 @@ def create_app(workspace: str | Path, api_key: Optional[str] = None, bases: Opti
         batch_window_ms: How long generation waits to batch concurrent requests.
         allow_code: ``serve --allow-code``: recipes from the browser may name code (reward functions,
             trust_remote_code, lm-eval include paths); see :mod:`tunesmith.serve.safety`.
+        allow_remote_models: ``serve --allow-remote-models``: recipes from the browser may name a hub id as
+            ``model.name`` (the job downloads it).
     """
     from tunesmith.serve import guided, jobs_api, openai_api, playground, studio_api, studio_data
     from tunesmith.serve.batching import BatchingGenerator
@@ -63,7 +66,8 @@ def create_app(workspace: str | Path, api_key: Optional[str] = None, bases: Opti
                   lifespan=lifespan)
     app.state.workspace = Workspace(workspace)
     app.state.pool = ModelPool(app.state.workspace, bases, device)
-    app.state.safety = SafetyRules(app.state.workspace, dict(app.state.pool.bases), allow_code)
+    app.state.safety = SafetyRules(app.state.workspace, dict(app.state.pool.bases), allow_code,
+                                  allow_remote_models)
     app.state.generator = BatchingGenerator(app.state.pool, batch_window_ms / 1000, max_batch)
     app.state.jobs = JobRunner(app.state.workspace)
     app.state.max_upload_bytes = max_upload_mb << 20
@@ -135,9 +139,17 @@ def _add_error_handlers(app: FastAPI) -> None:
     async def code_refused(request: Request, error: CodeRefused):
         return error_response(403, str(error), "permission_error", code="code_refused")
 
+    @app.exception_handler(RemoteModelRefused)
+    async def remote_model_refused(request: Request, error: RemoteModelRefused):
+        return error_response(403, str(error), "permission_error", param="model.name", code="remote_model_refused")
+
     @app.exception_handler(NotFound)
     async def not_found(request: Request, error: NotFound):
         return error_response(404, str(error), code="not_found")
+
+    @app.exception_handler(Conflict)
+    async def conflict(request: Request, error: Conflict):
+        return error_response(409, str(error), code="conflict")
 
     @app.exception_handler(TooLarge)
     async def too_large(request: Request, error: TooLarge):

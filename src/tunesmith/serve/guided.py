@@ -107,7 +107,7 @@ async def tasks():
 @router.post("/recipe")
 async def guided_recipe(body: GuidedBody, request: Request):
     """A whole recipe for ``body.task`` on ``body.data``, with the reasons for each choice."""
-    from tunesmith.serve.studio_api import check_recipe, unique_name
+    from tunesmith.serve.studio_api import safe_recipe, unique_name
 
     workspace = request.app.state.workspace
     task = TASKS[body.task]
@@ -115,9 +115,7 @@ async def guided_recipe(body: GuidedBody, request: Request):
     test_rows = count_rows(workspace, body.test) if body.test else 0
     raw = base_recipe(task, body, rows, test_rows, pick_model(body.model, request),
                       unique_name(workspace, body.name or f"{Path(body.data).stem}-{task.name}"))
-    recipe, errors = check_recipe(raw, request)
-    if recipe is None:
-        raise TunesmithError("; ".join(f"{e['loc']}: {e['message']}" for e in errors))
+    recipe = safe_recipe(raw, request)  # malformed: 400; a model from the hub or a path outside: 403
     try:
         plan, raw = await asyncio.to_thread(planned, raw, recipe, request)
     except TunesmithError as error:

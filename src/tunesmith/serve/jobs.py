@@ -22,8 +22,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from tunesmith.core.errors import TunesmithError
-from tunesmith.serve.workspace import NotFound, Workspace
+from tunesmith.serve.workspace import Conflict, NotFound, Workspace
 
 FINISHED = ("done", "failed", "stopped", "interrupted", "cancelled")
 
@@ -142,14 +141,15 @@ class JobRunner:
             except ProcessLookupError:
                 pass
         else:
-            raise TunesmithError(f"job {job_id} is {job['status']}; only a queued or running job can be stopped")
+            raise Conflict(f"job {job_id} is {job['status']}; only a queued or running job can be stopped")
         return self.store.get(job_id)
 
     def resume(self, job_id: int) -> dict:
         """Queue a stopped, interrupted or failed job again, with its resume command."""
         job = self.store.get(job_id)
         if not job["resumable"]:
-            raise TunesmithError(f"job {job_id} ({job['kind']}, {job['status']}) cannot be resumed")
+            raise Conflict(f"job {job_id} ({job['kind']}, {job['status']}) cannot be resumed; only a stopped, "
+                           "interrupted or failed training or sweep can")
         self.store.update(job_id, status="queued", args=json.dumps(job["resume_args"]), pid=None, returncode=None,
                           stop_requested=0, finished=None)
         self.wake.set()

@@ -1,4 +1,4 @@
-"""What the server refuses from the browser: code it did not choose, and paths outside its workspace.
+"""What the server refuses from the browser: code it did not choose, models from the hub, paths outside its workspace.
 
 The one home of the studio's and the API's safety rules. Every route that takes a recipe, a recipe
 file, a suite file or a search space asks :func:`recipe_problems` (or one of the ``refuse_*``
@@ -11,6 +11,10 @@ Two rules:
   an evaluation task of ``kind: lm_eval`` with an ``include_path`` (lm-eval task YAMLs may name
   Python functions with ``!function``). Refused unless the server was started with
   ``tunesmith serve --allow-code``.
+* **Remote models.** A ``model.name`` that is neither a built-in alias, a
+  base given at start, nor a folder in the workspace is a Hugging Face hub id: the job would download
+  a model the server's owner did not choose. Refused unless the server was started with
+  ``tunesmith serve --allow-remote-models``.
 * **Paths.** Every file or folder a recipe or suite names lies inside the workspace (no absolute
   path, no ``..``, no symlink out; a base model given at start and tunesmith's own probe files are
   the only exceptions), and a run's ``output.dir`` lies under ``runs/``. Never lifted.
@@ -27,25 +31,36 @@ from tunesmith.core.errors import TunesmithError
 from tunesmith.serve.workspace import PathRefused, Workspace
 
 ALLOW_CODE_FLAG = "--allow-code"
+ALLOW_REMOTE_MODELS_FLAG = "--allow-remote-models"
 
 
 class CodeRefused(TunesmithError):
     """Something from the browser that would run code the server's owner did not choose (HTTP 403)."""
 
 
+class RemoteModelRefused(TunesmithError):
+    """A model from the browser that the server would download from the hub (HTTP 403)."""
+
+
 @dataclass(frozen=True)
 class Problem:
-    """One refused field: where it is (dotted), why, and whether it is the code rule (``--allow-code`` lifts it)."""
+    """One refused field: where it is (dotted), why, and which rule: code (``--allow-code`` lifts it), remote
+    (``--allow-remote-models`` lifts it) or else the path rule."""
 
     loc: str
     message: str
     code: bool = False
+    remote: bool = False
 
     def as_dict(self) -> dict[str, str]:
         return {"loc": self.loc, "message": self.message}
 
+    @property
+    def refusal(self) -> type[TunesmithError]:
+        return CodeRefused if self.code else RemoteModelRefused if self.remote else PathRefused
+
     def error(self) -> TunesmithError:
-        return (CodeRefused if self.code else PathRefused)(f"{self.loc}: {self.message}")
+        return self.refusal(f"{self.loc}: {self.message}")
 
 
 @dataclass(frozen=True)
@@ -56,17 +71,37 @@ class SafetyRules:
         workspace: The workspace every path must stay in.
         bases: Base models given at start (``--model``), by id: their paths are allowed as ``model.name``.
         allow_code: ``serve --allow-code``: lift the code rule (the path rule stays).
+        allow_remote_models: ``serve --allow-remote-models``: lift the remote-model rule.
     """
 
     workspace: Workspace
     bases: dict[str, str]
     allow_code: bool = False
+    allow_remote_models: bool = False
 
 
 def _code(loc: str, what: str) -> Problem:
     return Problem(loc, f"{what} runs code on the server's machine, which the studio refuses unless the server "
                         f"was started with 'tunesmith serve {ALLOW_CODE_FLAG}' (or run it from the command line)",
                    code=True)
+
+
+def _model(rules: SafetyRules, loc: str, value: str) -> list[Problem]:
+    """A model named by the browser: an alias, a base given at start, a workspace path, or a hub id (remote)."""
+    from tunesmith.models.aliases import ALIASES
+    from tunesmith.models.loading import looks_like_hub_id
+
+    if value in ALIASES or value in rules.bases.values():
+        return []
+    problems = _path(rules, loc, value)
+    if problems or rules.allow_remote_models or not looks_like_hub_id(value):
+        return problems
+    if rules.workspace.resolve(value).is_dir():  # models/tiny is a workspace folder, not the hub's models/tiny
+        return []
+    return [Problem(loc, f"'{value}' is not a built-in alias or a folder in the workspace, so the job would download "
+                         "it from the Hugging Face hub, which the studio refuses unless the server was started with "
+                         f"'tunesmith serve {ALLOW_REMOTE_MODELS_FLAG}' (or put the model folder under models/)",
+                    remote=True)]
 
 
 def _path(rules: SafetyRules, loc: str, value: Optional[str]) -> list[Problem]:
@@ -91,7 +126,7 @@ def stage_problems(stage: Any, loc: str, rules: SafetyRules) -> list[Problem]:
         if reward.kind == "function" and not rules.allow_code:
             problems.append(_code(f"{where}.function", f"the reward function '{reward.function}'"))
         if reward.kind == "model":
-            problems += _path(rules, f"{where}.path", reward.path)
+            problems += _path(rules, f"{where}.path", reward.path)  # a local folder only (stages/rewards.py)
     return problems
 
 
@@ -105,13 +140,10 @@ def recipe_problems(recipe: Any, rules: SafetyRules) -> list[Problem]:
     Returns:
         The problems, in recipe order (empty when the recipe may run).
     """
-    from tunesmith.models.aliases import ALIASES
-
     problems: list[Problem] = []
     if recipe.model.trust_remote_code and not rules.allow_code:
         problems.append(_code("model.trust_remote_code", "trust_remote_code (the model's own Python files)"))
-    if recipe.model.name not in ALIASES and recipe.model.name not in rules.bases.values():
-        problems += _path(rules, "model.name", recipe.model.name)
+    problems += _model(rules, "model.name", recipe.model.name)
     problems += stage_problems(recipe.stage, "stage", rules)
     data = recipe.data
     problems += _paths(rules, "data.train", data.train) + _path(rules, "data.validation", data.validation)
@@ -200,12 +232,13 @@ def refuse(problems: list[Problem]) -> None:
 
     Raises:
         CodeRefused: If the first problem is the code rule.
+        RemoteModelRefused: If it is the remote-model rule.
         PathRefused: If it is the path rule.
     """
     if problems:
         first = problems[0]
         more = f" (and {len(problems) - 1} more: {', '.join(p.loc for p in problems[1:])})" if problems[1:] else ""
-        raise (CodeRefused if first.code else PathRefused)(f"{first.loc}: {first.message}{more}")
+        raise first.refusal(f"{first.loc}: {first.message}{more}")
 
 
 def refuse_unsafe_recipe(recipe: Any, rules: SafetyRules) -> None:
@@ -240,7 +273,7 @@ def refuse_unsafe_space(recipe: Any, space: dict, rules: SafetyRules) -> None:
             except (ValidationError, KeyError, TypeError, IndexError, AttributeError):
                 continue  # not a recipe a trial could run: the sweep command refuses it before any trial
             problems = recipe_problems(trial, rules)
-            refuse([Problem(f"space {key}={choice!r}: {p.loc}", p.message, p.code) for p in problems])
+            refuse([Problem(f"space {key}={choice!r}: {p.loc}", p.message, p.code, p.remote) for p in problems])
 
 
 def refuse_unsafe_suite(value: str, rules: SafetyRules) -> None:

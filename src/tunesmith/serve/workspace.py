@@ -25,6 +25,10 @@ class NotFound(TunesmithError):
     """A workspace path (or a job, a run) that does not exist (HTTP 404)."""
 
 
+class Conflict(TunesmithError):
+    """A request the current state forbids (HTTP 409): stopping a job that has finished, resuming one that cannot."""
+
+
 class TooLarge(TunesmithError):
     """An upload over the server's size limit."""
 

@@ -179,6 +179,21 @@ class PruningHook(Hook):
         return self.pruned is not None
 
 
+class TrialProgress(Hook):
+    """A trial's logged steps as lines (``trial 3: step 20/100, loss 1.9312``): trials run without a progress bar
+    (workers share the terminal), and a long trial must not be silent."""
+
+    def __init__(self, number: int, say) -> None:
+        self.number, self.say, self.total = number, say, 0
+
+    def on_train_start(self, total_steps: int, start_step: int) -> None:
+        self.total = total_steps
+
+    def on_log(self, record: dict[str, Any]) -> None:
+        shown = [f"{key} {record[key]:.4f}" for key in ("loss", "val_loss") if isinstance(record.get(key), float)]
+        self.say(f"trial {self.number}: step {record.get('step')}/{self.total}" + "".join(f", {s}" for s in shown))
+
+
 @dataclass
 class SweepResult:
     """The study after this command, and where its outputs are."""
@@ -424,7 +439,7 @@ def run_trial(trial, base: dict, dimensions: list[Dimension], out: Path, objecti
     trial.set_user_attr("run_dir", str(folder))
     hooks = [PruningHook(trial)] if objective == "val_loss" else []
     try:
-        summary = finetune(recipe, extra_hooks=hooks, progress=False, recipe_path=str(RunLayout(folder).config))
+        summary = finetune(recipe, extra_hooks=hooks + [TrialProgress(trial.number, say)], progress=False, recipe_path=str(RunLayout(folder).config))
     except Interrupted:
         raise KeyboardInterrupt from None  # Ctrl-C stops the sweep, not just this trial
     if hooks and hooks[0].pruned:
