@@ -107,12 +107,12 @@ def trained_bpe() -> str:
     return bpe.to_str()
 
 
-def build_family(name: str, folder: Path, seed: int = 0) -> Path:
-    """Save a random model of family ``name`` with its tokenizer and chat template into ``folder``."""
+def build_family(name: str, folder: Path, seed: int = 0, family: Family | None = None) -> Path:
+    """Save a random model of family ``name`` (or of ``family``, a variant of it) with its tokenizer and template."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    family = FAMILIES[name]
+    family = family or FAMILIES[name]
     tokenizer = build_tokenizer()
     tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token = family.bos, family.eos, family.pad
     tokenizer.chat_template = (TEMPLATES / f"{family.template}.jinja").read_text()

@@ -211,25 +211,52 @@ def test_each_family_exports_to_hf_and_peft(name: str, trained_runs, tmp_path: P
         assert all(check.passed for check in report.checks.values()) and report.checks
 
 
-# Checked by llama.cpp in this session (docs/families.md): Llama 3 and Qwen3 agree; Gemma 3's sliding
-# layers do not (KL 0.054 nats), a known gap. The other families convert but were not checked here in time.
-GGUF_CHECKED = ["llama3", "qwen3", pytest.param("gemma3", marks=pytest.mark.xfail(
-    strict=True, raises=Exception, reason="llama.cpp's Gemma 3 differs from transformers' on these tiny sliding layers"))]
-
-
-@pytest.mark.slow  # llama.cpp's converter starts a Python with torch and transformers per file
-@pytest.mark.parametrize("name", GGUF_CHECKED)
-def test_each_family_exports_to_gguf_checked_by_llama_cpp(name: str, trained_runs, tmp_path: Path) -> None:
-    from tunesmith.export import export
+def skip_without_llama_cpp() -> None:
     from tunesmith.export.convert import converter_unavailable
     from tunesmith.export.llama_cpp import llama_cpp_unavailable
 
     for reason in (converter_unavailable(), llama_cpp_unavailable()):
         if reason:
             pytest.skip(reason)
+
+
+NO_WINDOW_IN_LLAMA_CPP = ("llama.cpp converts Mistral to its 'llama' architecture, which has no sliding window: the tiny "
+                          "model's 8-token window (as Mistral v0.1's 4096) is not applied there (KL 0.22 nats), even with "
+                          "the window written as metadata; Mistral v0.2/v0.3 have none (the test below)")
+GGUF_FAMILIES = [pytest.param(name, marks=pytest.mark.xfail(strict=True, raises=Exception, reason=NO_WINDOW_IN_LLAMA_CPP))
+                 if name == "mistral" else name for name in NAMES]
+
+
+@pytest.mark.slow  # llama.cpp's converter starts a Python with torch and transformers per file; node runs llama.cpp
+@pytest.mark.parametrize("name", GGUF_FAMILIES)
+def test_each_family_exports_to_gguf_checked_by_llama_cpp(name: str, trained_runs, tmp_path: Path) -> None:
+    """Every family's f16 GGUF, run by llama.cpp, agrees with transformers (export/check.py's f16 tolerance)."""
+    from tunesmith.export import export
+
+    skip_without_llama_cpp()
     out, _ = trained_runs(name)
     report = export(out, tmp_path / "gguf", "gguf", quantize="f16")
-    assert "llama.cpp" in report.checks and report.checks["llama.cpp"].passed
+    check = report.checks["llama.cpp"]
+    assert check.passed and check.tokenizer_matches  # llama.cpp tokenises the probe prompts as transformers does
+    if FAMILIES[name].config_class == "Gemma3TextConfig":  # llama.cpp assumes 5 sliding layers to 1 full unless told
+        from gguf import GGUFReader
+
+        field = GGUFReader(tmp_path / "gguf" / "model-f16.gguf").fields["gemma3.attention.sliding_window_pattern"]
+        assert [bool(field.parts[index][0]) for index in field.data] == [True, False]  # the tiny config's layer_types
+
+
+@pytest.mark.slow  # one conversion and one llama.cpp run of an untrained model
+def test_mistral_without_a_sliding_window_exports_to_gguf_checked_by_llama_cpp(tmp_path: Path) -> None:
+    """Mistral v0.2/v0.3's shape (sliding_window: null): llama.cpp's 'llama' architecture runs it as transformers."""
+    import dataclasses
+
+    from tunesmith.export import export
+
+    skip_without_llama_cpp()
+    family = dataclasses.replace(FAMILIES["mistral"], config={**FAMILIES["mistral"].config, "sliding_window": None})
+    folder = build_family("mistral", tmp_path / "model", family=family)
+    report = export(folder, tmp_path / "gguf", "gguf", quantize="f16")
+    assert report.checks["llama.cpp"].passed and report.checks["llama.cpp"].tokenizer_matches
 
 
 def test_gguf_of_a_converted_family_refuses_q4_0_by_name(trained_runs, tmp_path: Path) -> None:

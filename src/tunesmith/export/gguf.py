@@ -32,6 +32,14 @@ CONVERTER_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "gem
                          "granite")
 # Pre-tokenisers llama.cpp names, by the shape of a Hugging Face byte-level pre-tokenizer.
 BYTE_LEVEL_PRE_TOKENIZERS = {("ByteLevel",): "gpt-2", ("Digits", "ByteLevel"): "smollm"}
+# ... and by the regex of a Split before a ByteLevel without its own regex (transformers 5 gives a
+# tokenizer of model_type qwen2 Qwen2's split, whatever tokenizer.json said), as llama-vocab.cpp writes them.
+SPLIT_PRE_TOKENIZERS = {
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+":
+        "qwen2",
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+":
+        "llama-bpe",
+}
 
 
 def uses_own_writer(config) -> bool:
@@ -208,6 +216,15 @@ def byte_level_pre_tokenizer(spec) -> str:
     return BYTE_LEVEL_PRE_TOKENIZERS[shape]
 
 
+def converter_pre_tokenizer(spec) -> str | None:
+    """llama.cpp's name for a tokenizer.json's byte-level split, for the converter; None where we know none."""
+    parts = spec.get("pretokenizers", [spec]) if spec else []
+    shape = tuple(part["type"] for part in parts)
+    if shape == ("Split", "ByteLevel") and not parts[1].get("use_regex", True):
+        return SPLIT_PRE_TOKENIZERS.get(parts[0].get("pattern", {}).get("Regex"))
+    return BYTE_LEVEL_PRE_TOKENIZERS.get(shape)
+
+
 def gguf_tensors(model: torch.nn.Module, quantize: str):
     """``(gguf name, data, GGML type)`` for every weight, with Llama's rotary permutation of q and k."""
     import gguf
@@ -325,12 +342,10 @@ def convert_family(plain, tokenizer, path: Path, quantize: str, end_of_turn_id: 
         plain.save_pretrained(folder)
         tokenizer.save_pretrained(folder)
         spec = json.loads((Path(folder) / "tokenizer.json").read_text())
-        pre = spec.get("pre_tokenizer") or {}
-        shape = tuple(part["type"] for part in pre.get("pretokenizers", [pre])) if pre else ()
         generation = Path(folder) / "generation_config.json"
         settings = json.loads(generation.read_text()) if generation.is_file() else {}
         stops = settings.get("eos_token_id")
         stops = [stops] if isinstance(stops, int) else list(stops or [])
         settings["eos_token_id"] = [end_of_turn_id, *[stop for stop in stops if stop != end_of_turn_id]]
         generation.write_text(json.dumps(settings))
-        convert_with_llama_cpp(Path(folder), path, quantize, BYTE_LEVEL_PRE_TOKENIZERS.get(shape))
+        convert_with_llama_cpp(Path(folder), path, quantize, converter_pre_tokenizer(spec.get("pre_tokenizer")))

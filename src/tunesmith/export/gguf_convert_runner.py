@@ -9,7 +9,11 @@ stops with "BPE pre-tokenizer was not recognized". There, and only there, this r
 (``-`` when it has none). Some families (Gemma) read the vocabulary only from sentencepiece's
 ``tokenizer.model``, which a tokenizer saved by transformers 5 need not include; without that file
 the runner reads ``tokenizer.json`` as the converter does for Llama (sentencepiece-style when it
-falls back to bytes, else byte-level). Everything else is the converter's own code, from its own ``gguf-py``.
+falls back to bytes, else byte-level). llama.cpp runs a Gemma 3 file with five sliding-window layers to
+each full one unless the file lists its layers (``gemma3.attention.sliding_window_pattern``, which
+llama.cpp reads), and the converter does not write that list for Gemma 3 (it does for Gemma 3n): the
+runner adds it from the config's ``layer_types``, so a model whose layers differ (any other count or
+order) runs in llama.cpp as in transformers. Everything else is the converter's own code, from its own ``gguf-py``.
 """
 
 from __future__ import annotations
@@ -37,11 +41,22 @@ def main() -> None:
             return pre_tokenizer
 
     import conversion
+    import gguf
 
     def model_class(name: str, mmproj: bool = False):
         found = known_class(name, mmproj)
-        return found if mmproj else type(found.__name__, (found,), {"set_vocab": vocab_from_tokenizer_json,
-                                                                   "model_arch": found.model_arch})
+        if mmproj:
+            return found
+        overrides = {"set_vocab": vocab_from_tokenizer_json, "model_arch": found.model_arch}
+        if found.model_arch == gguf.MODEL_ARCH.GEMMA3:
+            overrides["set_gguf_parameters"] = parameters_with_layer_pattern
+        return type(found.__name__, (found,), overrides)
+
+    def parameters_with_layer_pattern(self) -> None:
+        super(type(self), self).set_gguf_parameters()
+        layer_types = self.hparams.get("layer_types")
+        if layer_types and self.hparams.get("sliding_window"):
+            self.gguf_writer.add_sliding_window_pattern([kind == "sliding_attention" for kind in layer_types])
 
     def vocab_from_tokenizer_json(self) -> None:
         try:

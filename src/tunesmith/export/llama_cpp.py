@@ -48,6 +48,20 @@ def llama_cpp_unavailable() -> Union[str, None]:
     return None
 
 
+ONE_THREAD_BELOW_BYTES = 64 * 2**20
+
+
+def check_threads(path: Path) -> int:
+    """llama.cpp's threads for the check: one for a small file, else as many as torch uses.
+
+    ggml's CPU threads meet at a spinning barrier after every operation of the graph; for a small
+    model each operation is far shorter than that meeting, so more threads only add waiting (the
+    0.3 MiB Qwen2 of tests/test_families.py, 3 probe prompts: 20 CPU-s and 152 s with 2 threads,
+    1.1 CPU-s and 11 s with one, on the busy 2-core machine).
+    """
+    return 1 if path.stat().st_size < ONE_THREAD_BELOW_BYTES else torch.get_num_threads()
+
+
 def run_llama_cpp(path: Path, prompts: list[list[int]], texts: list[str], limits: list[int]) -> tuple[dict, list]:
     """Evaluate ``prompts`` with llama.cpp: its answer (see ``llama_cpp_check.mjs``) and (positions, vocab) logits per prompt.
 
@@ -57,7 +71,7 @@ def run_llama_cpp(path: Path, prompts: list[list[int]], texts: list[str], limits
     with tempfile.TemporaryDirectory(prefix="tunesmith-llama-cpp-") as folder:
         logits_file = Path(folder) / "logits.f32"
         request = {"model": str(path), "prompts": prompts, "texts": texts, "limits": limits,
-                   "logits": str(logits_file), "threads": torch.get_num_threads()}
+                   "logits": str(logits_file), "threads": check_threads(path)}
         environment = {**os.environ, "NODE_PATH": str(node_llama_cpp_dir())}
         try:
             done = subprocess.run(["node", str(SCRIPT)], input=json.dumps(request), capture_output=True, text=True,
