@@ -4,9 +4,9 @@
     python benchmarks/generate_speed.py --new-tokens 64 --repeats 1
 
 One greedy chat reply of exactly ``--new-tokens`` tokens (no stop token ends it) from the same prompt:
-plain ``model.generate`` (float32, as loaded), ``tunesmith.decoding.decode`` (float32; and with the
-weights in bfloat16), and llama.cpp through node-llama-cpp on the same model written as an f16 GGUF
-by tunesmith's exporter. Prefill included, model load excluded; the best of ``--repeats`` runs each.
+plain ``model.generate`` and ``tunesmith.decoding.decode`` (its lean decode step), each in float32
+(as loaded) and with the weights in bfloat16 (``--dtype bfloat16``), and llama.cpp through
+node-llama-cpp on the same model written as an f16 GGUF by tunesmith's exporter. Prefill included, model load excluded; the best of ``--repeats`` runs each.
 A benchmark, not a test: the ratios were measured in one run, on whatever else the machine was doing.
 """
 
@@ -36,6 +36,7 @@ def best_rate(run, new_tokens: int, repeats: int) -> float:
         produced = run()
         rates.append(produced / (time.perf_counter() - started))
         assert produced == new_tokens, produced
+    print(f"  {getattr(run, '__name__', 'run')}: {max(rates):.1f} tokens/s", file=sys.stderr, flush=True)  # progress
     return max(rates)
 
 
@@ -80,16 +81,16 @@ def main() -> None:
     ids = torch.tensor([prompt])
     n = args.new_tokens
 
-    def plain() -> int:
+    def plain(n: int = n) -> int:
         with torch.no_grad():
             output = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
                                     do_sample=False, pad_token_id=tokenizer.pad_token_id)
         return output.shape[1] - len(prompt)
 
-    def ours() -> int:
+    def ours(n: int = n) -> int:
         return len(decode(model, [prompt], n)[0])
 
-    plain(), ours()  # warm up
+    plain(8), ours(8)  # warm up
     rows = {"model.generate (float32)": best_rate(plain, n, args.repeats),
             "tunesmith decode (float32)": best_rate(ours, n, args.repeats)}
     stops = stop_token_ids(tokenizer)
@@ -97,7 +98,8 @@ def main() -> None:
     llama = {"skipped": "--no-llama-cpp"} if args.no_llama_cpp else llama_cpp_rate(model, tokenizer, prompt, n,
                                                                                      args.repeats, args.threads)
     model.to(torch.bfloat16)
-    ours()
+    plain(8), ours(8)  # warm up
+    rows["model.generate (bfloat16 weights)"] = best_rate(plain, n, args.repeats)
     rows["tunesmith decode (bfloat16 weights)"] = best_rate(ours, n, args.repeats)
     if "rate" in llama:
         rows["llama.cpp f16 GGUF (node-llama-cpp)"] = llama["rate"]
