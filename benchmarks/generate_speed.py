@@ -4,17 +4,21 @@
     python benchmarks/generate_speed.py --new-tokens 64 --repeats 1
 
 One greedy chat reply of exactly ``--new-tokens`` tokens (no stop token ends it) from the same prompt:
-plain ``model.generate`` (float32, as loaded), ``tunesmith.inference.decoding.decode`` (float32; and with the
-weights in bfloat16), and llama.cpp through node-llama-cpp on the same model written as an f16 GGUF
-by tunesmith's exporter. Prefill included, model load excluded; the best of ``--repeats`` runs each.
+plain ``model.generate`` and ``tunesmith.inference.decoding.decode`` (its lean decode step), each in float32
+(as loaded) and with the weights in bfloat16 (``--dtype bfloat16``), and llama.cpp through
+node-llama-cpp on the same model written as an f16 GGUF by tunesmith's exporter. Prefill included, model load excluded; the best of ``--repeats`` rounds, each round running
+every PyTorch engine once in turn (llama.cpp runs its repeats in its own process).
 A benchmark, not a test: the ratios were measured in one run, on whatever else the machine was doing.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import functools
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -29,14 +33,18 @@ import torch  # noqa: E402
 PROMPT = [{"role": "user", "content": "Tell me a story about a cat who learns to swim."}]
 
 
-def best_rate(run, new_tokens: int, repeats: int) -> float:
-    rates = []
+def round_rates(engines: dict, new_tokens: int, repeats: int) -> dict[str, list[float]]:
+    """Tokens/s of each engine in each of ``repeats`` rounds; every round runs each engine once, in turn,
+    so that a load that moves during the run falls on every engine alike."""
+    rates: dict[str, list[float]] = {name: [] for name in engines}
     for _ in range(repeats):
-        started = time.perf_counter()
-        produced = run()
-        rates.append(produced / (time.perf_counter() - started))
-        assert produced == new_tokens, produced
-    return max(rates)
+        for name, run in engines.items():
+            started = time.perf_counter()
+            produced = run()
+            rates[name].append(produced / (time.perf_counter() - started))
+            assert produced == new_tokens, produced
+            print(f"  {name}: {rates[name][-1]:.1f} tokens/s", file=sys.stderr, flush=True)  # progress
+    return rates
 
 
 def llama_cpp_rate(model, tokenizer, prompt: list[int], new_tokens: int, repeats: int, threads: int) -> dict:
@@ -80,36 +88,42 @@ def main() -> None:
     ids = torch.tensor([prompt])
     n = args.new_tokens
 
-    def plain() -> int:
+    halved = copy.deepcopy(model).to(torch.bfloat16)  # --dtype bfloat16: the weights as the f16 GGUF holds them
+
+    def plain(weights, n: int = n) -> int:
         with torch.no_grad():
-            output = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
-                                    do_sample=False, pad_token_id=tokenizer.pad_token_id)
+            output = weights.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
+                                      min_new_tokens=n, do_sample=False, pad_token_id=tokenizer.pad_token_id)
         return output.shape[1] - len(prompt)
 
-    def ours() -> int:
-        return len(decode(model, [prompt], n)[0])
+    def ours(weights, n: int = n) -> int:
+        return len(decode(weights, [prompt], n)[0])
 
-    plain(), ours()  # warm up
-    rows = {"model.generate (float32)": best_rate(plain, n, args.repeats),
-            "tunesmith decode (float32)": best_rate(ours, n, args.repeats)}
+    engines = {"model.generate (float32)": functools.partial(plain, model),
+               "tunesmith decode (float32)": functools.partial(ours, model),
+               "model.generate (bfloat16 weights)": functools.partial(plain, halved),
+               "tunesmith decode (bfloat16 weights)": functools.partial(ours, halved)}
+    for run in engines.values():
+        run(n=8)  # warm up
+    rounds = round_rates(engines, n, args.repeats)
+    rows = {name: max(values) for name, values in rounds.items()}
     stops = stop_token_ids(tokenizer)
     same = decode(model, [prompt], 48, stops)[0] == plain_tokens(model, ids, 48, len(prompt), tokenizer, stops)
     llama = {"skipped": "--no-llama-cpp"} if args.no_llama_cpp else llama_cpp_rate(model, tokenizer, prompt, n,
                                                                                      args.repeats, args.threads)
-    model.to(torch.bfloat16)
-    ours()
-    rows["tunesmith decode (bfloat16 weights)"] = best_rate(ours, n, args.repeats)
     if "rate" in llama:
         rows["llama.cpp f16 GGUF (node-llama-cpp)"] = llama["rate"]
     print(f"model {args.model}, {n} new tokens greedy, {args.threads} threads, prompt {len(prompt)} tokens; "
           f"float32 greedy tokens equal to model.generate's: {same}; load average (1 min) at the end: "
           f"{os.getloadavg()[0]:.1f}" + ("" if "rate" in llama else f"; llama.cpp skipped: {llama['skipped']}"))
     reference = rows["model.generate (float32)"]
-    print("| engine | tokens/s | vs model.generate | vs llama.cpp |")
-    print("|---|---|---|---|")
+    print("| engine | tokens/s (best) | vs model.generate | vs model.generate, median of rounds | vs llama.cpp |")
+    print("|---|---|---|---|---|")
     for name, rate in rows.items():
         versus = f"{rate / llama['rate']:.2f}x" if "rate" in llama else "-"
-        print(f"| {name} | {rate:.1f} | {rate / reference:.2f}x | {versus} |")
+        paired = [mine / theirs for mine, theirs in zip(rounds.get(name, []), rounds["model.generate (float32)"])]
+        median = f"{statistics.median(paired):.2f}x" if paired else "-"
+        print(f"| {name} | {rate:.1f} | {rate / reference:.2f}x | {median} | {versus} |")
 
 
 def plain_tokens(model, ids, n: int, prompt_length: int, tokenizer, stops: list[int]) -> list[int]:

@@ -54,3 +54,17 @@ def test_stream_reply_equals_batched_greedy_generation(tiny_llama):
     conversation = [{"role": "user", "content": "Lily went to the park."}]
     streamed = "".join(stream_reply(model, tokenizer, conversation, max_new_tokens=12)).strip()
     assert streamed == generate(model, tokenizer, [conversation], max_new_tokens=12)[0]
+
+
+def test_stream_reply_streams_the_text_of_model_generate(tiny_llama):
+    from tunesmith.data.encode import render_prompt
+    from tunesmith.inference.generate import load_for_inference, stop_token_ids, stream_reply
+
+    model, tokenizer = load_for_inference(tiny_llama)
+    conversation = [{"role": "user", "content": "Tom had a red ball."}]
+    prompt = tokenizer(render_prompt(tokenizer, conversation), add_special_tokens=False, return_tensors="pt")
+    output = model.generate(**prompt, max_new_tokens=12, do_sample=False, eos_token_id=stop_token_ids(tokenizer),
+                            pad_token_id=tokenizer.pad_token_id)
+    expected = tokenizer.decode(output[0, prompt["input_ids"].shape[1]:], skip_special_tokens=True)
+    pieces = list(stream_reply(model, tokenizer, conversation, max_new_tokens=12))
+    assert len(pieces) > 1 and "".join(pieces) == expected

@@ -9,7 +9,7 @@ import torch
 
 from tunesmith.core.errors import TunesmithError
 from tunesmith.data.encode import render_prompt
-from tunesmith.inference.decoding import decode
+from tunesmith.inference.decoding import Row, RowBatch, decode, supports_slots
 from tunesmith.inference.results import (
     LoadedResult,
     base_shape,
@@ -82,7 +82,15 @@ def generate(model, tokenizer, conversations: list[list[dict[str, str]]], max_ne
 
 def stream_reply(model, tokenizer, conversation: list[dict[str, str]], max_new_tokens: int = 256,
                  temperature: float = 0.0) -> Iterator[str]:
-    """Yield the reply to ``conversation`` piece by piece as it is generated."""
+    """Yield the reply to ``conversation`` piece by piece as it is generated.
+
+    Decodes on :class:`tunesmith.inference.decoding.RowBatch` (the lean decode step) where the model fits the
+    slot cache, else streams from ``model.generate``.
+    """
+
+    if supports_slots(model):
+        yield from _stream_on_slots(model, tokenizer, conversation, max_new_tokens, temperature)
+        return
     from transformers import TextIteratorStreamer
 
     device = next(model.parameters()).device
@@ -94,3 +102,24 @@ def stream_reply(model, tokenizer, conversation: list[dict[str, str]], max_new_t
     thread.start()
     yield from streamer
     thread.join()
+
+
+@torch.no_grad()
+def _stream_on_slots(model, tokenizer, conversation, max_new_tokens: int, temperature: float) -> Iterator[str]:
+    """:func:`stream_reply` on one row of a :class:`~tunesmith.inference.decoding.RowBatch`: new text after every token."""
+
+    prompt = tokenizer(render_prompt(tokenizer, conversation), add_special_tokens=False)["input_ids"]
+    config = getattr(model, "generation_config", None)
+    sampling = (temperature, getattr(config, "top_p", 1.0) or 1.0, getattr(config, "top_k", 0) or 0) \
+        if temperature > 0 else (0.0, 1.0, 0)
+    row, batch, stops, sent = Row(list(prompt), *sampling), RowBatch(model), set(stop_token_ids(tokenizer)), ""
+    batch.join([row], room=max_new_tokens + 1)
+    while True:
+        ended = row.tokens[-1] in stops or len(row.tokens) >= max_new_tokens
+        text = tokenizer.decode(row.tokens, skip_special_tokens=True)
+        if (ended or not text.endswith("\ufffd")) and len(text) > len(sent):  # not half a multi-byte character
+            yield text[len(sent):]
+            sent = text
+        if ended:
+            return
+        batch.step()
