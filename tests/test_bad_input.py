@@ -476,3 +476,6 @@ def test_counting_says_after_each_batch_how_much_is_done(capsys):
     rewrite = counting(lambda texts: [text.upper() for text in texts], "augment: texts rewritten", total=5)
     assert rewrite(["a", "b", "c"]) == ["A", "B", "C"] and rewrite(["d", "e"]) == ["D", "E"]
     assert capsys.readouterr().err == "augment: texts rewritten: 3/5 done\naugment: texts rewritten: 5/5 done\n"
+    chunked = counting(lambda texts: [len(texts)] * len(texts), "cai: replies", chunk=2)
+    assert chunked(["a", "b", "c", "d", "e"]) == [2, 2, 2, 2, 1]  # cut into calls of 2
+    assert capsys.readouterr().err.splitlines() == ["cai: replies: 2 done", "cai: replies: 4 done", "cai: replies: 5 done"]

@@ -48,5 +48,6 @@ def cmd_cai(args: argparse.Namespace) -> int:
         model, tokenizer = load_model_from_args(args)
         check_generation_length(model, tokenizer, args.max_new_tokens)
         chat = local_chat(model, tokenizer, args.max_new_tokens, args.temperature, args.batch_size)
-    run_cai(counting(chat, "cai: replies"), args.principles, args.prompts, Path(args.out), args.seed, args.limit, args.overwrite)
+    chat = counting(chat, "cai: replies", chunk=args.batch_size)  # a line per batch: hours of generation are never silent
+    run_cai(chat, args.principles, args.prompts, Path(args.out), args.seed, args.limit, args.overwrite)
     return 0

@@ -16,16 +16,22 @@ def status(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def counting(work: Callable[[Sequence], list[T]], what: str, total: int | None = None) -> Callable[[Sequence], list[T]]:
+def counting(work: Callable[[Sequence], list[T]], what: str, total: int | None = None,
+             chunk: int | None = None) -> Callable[[Sequence], list[T]]:
     """``work`` (a batch in, a list out: a model generating or rewriting) saying after each batch how many
-    items it has done, so a long generation is never silent."""
+    items it has done, so a long generation is never silent; ``chunk`` cuts a larger batch into calls of
+    that size (the same results: ``work`` treats its items independently)."""
     done = 0
 
     def counted(batch: Sequence) -> list[T]:
         nonlocal done
-        results = work(batch)
-        done += len(batch)
-        status(f"{what}: {done}{f'/{total}' if total else ''} done")
+        results: list[T] = []
+        size = chunk or max(1, len(batch))
+        for start in range(0, len(batch), size):
+            part = batch[start:start + size]
+            results += work(part)
+            done += len(part)
+            status(f"{what}: {done}{f'/{total}' if total else ''} done")
         return results
 
     return counted

@@ -278,7 +278,8 @@ def cmd_augment(args: argparse.Namespace) -> int:
                   "pivot": args.pivot_language}
     settings = AugmentSettings(origin=origin, min_similarity=args.min_similarity, max_similarity=args.max_similarity,
                                fields=_names(args.fields), batch_size=args.batch_size, only_new=args.only_new)
-    report = augment_file(args.file, args.output, counting(rewrite, "augment: texts rewritten"), settings, on_error=args.on_error, force=args.force,
+    rewrite = counting(rewrite, "augment: texts rewritten")  # called batch by batch: a line per batch
+    report = augment_file(args.file, args.output, rewrite, settings, on_error=args.on_error, force=args.force,
                           record_text=_record_text(args), limit=args.limit)
     return _finish(args, report)
 

@@ -4,7 +4,7 @@ The one home of the studio's and the API's safety rules. Every route that takes 
 file, a suite file or a search space asks :func:`recipe_problems` (or one of the ``refuse_*``
 functions built on it) before anything runs; see the audit table in docs/studio.md.
 
-Two rules:
+Three rules:
 
 * **Code.** A field that makes tunesmith import or execute something by name runs code on the
   server's machine: ``model.trust_remote_code``, a reward ``kind: function`` (``module:function``),
