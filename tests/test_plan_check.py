@@ -115,3 +115,14 @@ def test_qlora_plan_counts_the_checkpoint_mapped_while_it_loads() -> None:
     assert qlora.memory.load_peak == qlora.memory.process + int((2 * qlora.total + qlora.memory.weights)
                                                                 * ALLOCATOR_OVERHEAD)
     assert qlora.resident_peak == max(qlora.memory.total, qlora.memory.load_peak)
+
+
+def test_a_quantised_recipe_counts_its_checkpoint_files(tiny_recipe, tiny_llama: str) -> None:
+    from tunesmith.methods import build_method
+    from tunesmith.plan.memory import checkpoint_bytes
+
+    files = sum(f.stat().st_size for f in Path(tiny_llama).glob("*.safetensors"))
+    quantised = tiny_recipe("model.quantize=nf4")
+    assert files > 0 and checkpoint_bytes(quantised, build_method(quantised.method)) == files
+    plain = tiny_recipe()
+    assert checkpoint_bytes(plain, build_method(plain.method)) == 0

@@ -91,6 +91,20 @@ def weight_bytes(recipe: Recipe, method, model, total: int) -> int:
     return int(linear * per_weight + (total - linear) * dtype_bytes)
 
 
+def checkpoint_bytes(recipe: Recipe, method) -> int:
+    """Bytes of the checkpoint files a quantised base is loaded from (0 when the base is not quantised or not on disk)."""
+    from pathlib import Path
+
+    from tunesmith.models import resolve_model_path
+
+    if recipe.model.quantize == "none" or method.kind in TRAINS_BASE_WEIGHTS:
+        return 0
+    folder = Path(resolve_model_path(recipe.model.name, cache_dir()))
+    if not folder.is_dir():
+        return 0
+    return sum(f.stat().st_size for f in folder.iterdir() if f.name.endswith((".safetensors", ".bin")))
+
+
 def quantisable_weight_count(model) -> int:
     """Weights of the linear layers bitsandbytes quantises: every ``nn.Linear`` but the output head."""
     head = model.get_output_embeddings()
