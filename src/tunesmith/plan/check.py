@@ -96,19 +96,22 @@ def _local_config(path: str):
 
 
 def quick_bound(config, tokens: int) -> int:
-    """More than any option can take: 16 bytes a parameter (float32 weight, gradient, two AdamW moments), 64
-    float32-sized values a token per block and hidden unit (eager attention saves far fewer), and the logits
-    three times over in float32."""
+    """More than any option is expected to take: 16 bytes a parameter (float32 weight, gradient, two AdamW
+    moments), 128 bytes a token per block and hidden unit (twice what SmolLM2's blocks save in float32, less
+    under bfloat16 autocast or checkpointing), and the logits three times over in float32."""
     from tunesmith.models.shapes import build_random_model
 
     parameters = sum(p.numel() for p in build_random_model(config, "meta").parameters())
-    return 16 * parameters + tokens * (config.num_hidden_layers * config.hidden_size * 64 + config.vocab_size * 12)
+    return 16 * parameters + tokens * (config.num_hidden_layers * config.hidden_size * 128 + config.vocab_size * 12)
 
 
 def _causal(config) -> bool:
-    """Whether transformers builds ``config`` as a causal LM (the shape plan's model; encoders are not planned)."""
+    """Whether transformers builds ``config`` as a plain causal LM (the shape plan's model; encoders and models with
+    nested text configs, such as vision-language ones, are not planned)."""
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     from tunesmith.models.loading import is_encoder
 
-    return getattr(config, "model_type", None) in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and not is_encoder(config)
+    plain = config.get_text_config() is config and all(
+        isinstance(getattr(config, field, None), int) for field in ("num_hidden_layers", "hidden_size", "vocab_size"))
+    return plain and getattr(config, "model_type", None) in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and not is_encoder(config)
