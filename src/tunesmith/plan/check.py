@@ -6,10 +6,10 @@ peak exceeds the memory available, in one sentence naming the cheapest option th
 ``train.speed.activation_checkpointing: auto`` (on only when the run would not fit without it).
 
 The shape plan knows LoRA (a bfloat16 base), QLoRA nf4 and full fine-tuning; other methods are planned as LoRA
-of the same rank would be (their trainable parts are as small or smaller), int8 bases are not checked. A model
-whose every weight, gradient and AdamW moment in float32 would take under a quarter of the memory available
-(and a generous bound of the activations, :func:`quick_bound`) is not planned at all: it fits, and the check then
-costs nothing.
+of the same rank would be (their trainable parts are as small or smaller), int8 bases are not checked. A run
+whose generous bound (:func:`quick_bound`: float32 weights, and gradients and AdamW moments where the base
+trains, and twice the activations SmolLM2 saves) takes under a quarter of the memory available is not planned
+at all: it fits, and the check then costs nothing (the quick start on a machine with 14 GB free).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from tunesmith.config import Recipe
+from tunesmith.config.recipe import TRAINS_BASE_WEIGHTS
 from tunesmith.errors import TunesmithError
 
 QUICK_FIT_SHARE = 0.25  # a generous bound on the peak (see quick_bound) under this share of the memory: it fits
@@ -42,7 +43,7 @@ def check_fits(recipe: Recipe, path: str, available: Optional[int], gpu: bool = 
     if config is None or available is None or recipe.model.quantize == "int8" or not _causal(config):
         return _with_checkpointing(recipe, False) if auto else recipe
     tokens = recipe.train.batch_size * recipe.data.max_length
-    if not auto and (not refuse or quick_bound(config, tokens) < QUICK_FIT_SHARE * available):
+    if not auto and (not refuse or quick_bound(config, tokens, recipe.method.kind in TRAINS_BASE_WEIGHTS) < QUICK_FIT_SHARE * available):
         return recipe
     from tunesmith.plan.shapes import plan_shape
 
@@ -95,14 +96,14 @@ def _local_config(path: str):
         return None
 
 
-def quick_bound(config, tokens: int) -> int:
-    """More than any option is expected to take: 16 bytes a parameter (float32 weight, gradient, two AdamW
-    moments), 128 bytes a token per block and hidden unit (twice what SmolLM2's blocks save in float32, less
+def quick_bound(config, tokens: int, trains_base: bool) -> int:
+    """More than the recipe's option is expected to take: 16 bytes a parameter when the base trains (float32
+    weight, gradient, two AdamW moments), else 5 (a float32 base and room for the method's own), 128 bytes a token per block and hidden unit (twice what SmolLM2's blocks save in float32, less
     under bfloat16 autocast or checkpointing), and the logits three times over in float32."""
     from tunesmith.models.shapes import build_random_model
 
     parameters = sum(p.numel() for p in build_random_model(config, "meta").parameters())
-    return 16 * parameters + tokens * (config.num_hidden_layers * config.hidden_size * 128 + config.vocab_size * 12)
+    return (16 if trains_base else 5) * parameters + tokens * (config.num_hidden_layers * config.hidden_size * 128 + config.vocab_size * 12)
 
 
 def _causal(config) -> bool:
