@@ -6,8 +6,9 @@ For each shape (models/shapes.py) a random-weight model is written once in bfloa
 depend on the weights' values) with SmolLM2-135M-Instruct's tokenizer, then for each kind (bf16 LoRA r=16:
 ``model.dtype: bfloat16``; QLoRA: ``model.quantize: nf4``) trained for --steps steps with ``tunesmith train`` in
 a fresh process, ONE AT A TIME (free memory is printed first). The plan is :func:`plan_shape` for the run's own
-largest micro-batch (drawn as the run draws it). Printed per run: planned peak, measured peak (whole-process peak
-resident memory, summary.json), their ratio, and tokens per second. The load average is printed: on a busy
+largest micro-batch (drawn as the run draws it). Printed per run: planned peak (for QLoRA the larger of
+the training peak and the load peak, plan/memory.py), measured peak (whole-process peak resident memory,
+summary.json), their ratio, and tokens per second. The load average is printed: on a busy
 machine (as when the table in docs/plan.md was taken) the times are noise, the memory is not.
 """
 
@@ -24,7 +25,8 @@ import torch
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-KINDS = {"lora": ({"dtype": "bfloat16"}, "bf16 LoRA r=16"), "qlora": ({"quantize": "nf4"}, "QLoRA nf4 r=16")}
+KINDS = {"lora": ({"dtype": "bfloat16"}, "bf16 LoRA r=16"),
+         "qlora": ({"quantize": "nf4", "dtype": "bfloat16"}, "QLoRA nf4 r=16")}
 
 
 def write_model(name: str, folder: Path) -> Path:
@@ -33,15 +35,12 @@ def write_model(name: str, folder: Path) -> Path:
     from tunesmith.core.runtime import cache_dir
     from tunesmith.models import ALIASES
     from tunesmith.models.loading import load_tokenizer
-    from tunesmith.models.shapes import build_random_model, shape_config
+    from tunesmith.models.shapes import shape_config, write_random_checkpoint
 
     target = folder / name
-    if (target / "config.json").is_file():
+    if (target / "tokenizer_config.json").is_file():
         return target
-    torch.manual_seed(0)
-    model = build_random_model(shape_config(name), "cpu", torch.bfloat16)
-    model.save_pretrained(target)
-    del model
+    write_random_checkpoint(shape_config(name), target)  # shard by shard: never the whole model in memory
     smollm2 = ALIASES.get("smollm2-135m-instruct").materialise(cache_dir())
     load_tokenizer(str(smollm2), ModelSection()).save_pretrained(target)
     return target
@@ -98,12 +97,12 @@ def main() -> None:
                                   capture_output=True, text=True)
             summary = RunLayout(out).read_summary()
             if done.returncode != 0 or summary is None:
-                print(f"| {name} | {option.label} | {tokens} | {option.peak(False) / 2**30:.2f} GB | failed: "
+                print(f"| {name} | {option.label} | {tokens} | {option.resident_peak / 2**30:.2f} GB | failed: "
                       f"{(done.stderr or done.stdout).strip().splitlines()[-1:]} | | |")
                 continue
             measured = summary.peak_memory_mb * 2**20
-            print(f"| {name} | {option.label} | {tokens} | {option.peak(False) / 2**30:.2f} GB | "
-                  f"{measured / 2**30:.2f} GB | {option.peak(False) / measured:.2f} | {summary.tokens_per_s:.0f} |",
+            print(f"| {name} | {option.label} | {tokens} | {option.resident_peak / 2**30:.2f} GB | "
+                  f"{measured / 2**30:.2f} GB | {option.resident_peak / measured:.2f} | {summary.tokens_per_s:.0f} |",
                   flush=True)
 
 

@@ -286,7 +286,7 @@ def cmd_augment(args: argparse.Namespace) -> int:
 
 def _model_rewriter(args: argparse.Namespace, name: str, direction: str):
     """A translator (back-translation) or rewriter (paraphrase) around the named model."""
-    from tunesmith import rewriters as augment
+    from tunesmith.inference.generate import rewriters as augment
     from tunesmith.core.runtime import cache_dir
 
     kind, model, tokenizer = augment.load_rewrite_model(name, cache_dir(), args.device)

@@ -8,7 +8,7 @@ natively (``autocast: auto``; float32 elsewhere). The ones that cost warm-up or 
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, Union
 
 from pydantic import Field
 
@@ -42,6 +42,7 @@ class SpeedSection(Section):
         True, description="Without packing: sort each step's examples by length before splitting them into "
         "micro-batches (same global batch, less padding)."
     )
-    activation_checkpointing: bool = Field(
-        False, description="Recompute activations in the backward pass: less memory, some speed lost."
+    activation_checkpointing: Union[bool, Literal["auto"]] = Field(
+        False, description="Recompute activations in the backward pass: less memory, some speed lost. 'auto': "
+        "`tunesmith train` turns it on only when the plan says the run would not fit without it (docs/plan.md)."
     )

@@ -95,3 +95,72 @@ def build_random_model(config, device: str = "meta", dtype: torch.dtype = torch.
     finally:
         torch.set_default_dtype(previous)
     return model
+
+
+def write_random_checkpoint(config, folder, dtype: torch.dtype = torch.bfloat16, shard_bytes: int = 2 * 2**30,
+                            seed: int = 0) -> Path:
+    """Save a random-weight checkpoint of ``config``'s shape into ``folder``, one tensor at a time.
+
+    The model is built on the ``meta`` device (nothing allocated) only to name and shape its parameters; each
+    weight is then drawn in ``dtype`` (a few rows at a time, so no float32 copy of a large embedding either) and
+    written into safetensors shards of at most ``shard_bytes``, with the index ``from_pretrained`` reads. At most
+    one shard is in memory: an 8B bfloat16 checkpoint (16 GB) is written in about 2 GB. Weights are drawn as
+    transformers initialises them (normal, std ``initializer_range``), norms are ones, biases zeros. Tied
+    weights are written once.
+
+    Returns:
+        The folder (``config.json``, ``model-0000N-of-0000M.safetensors``, ``model.safetensors.index.json``).
+    """
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    skeleton = build_random_model(config, "meta", dtype)
+    named = list(skeleton.named_parameters())  # each shared (tied) parameter once, under its first name
+    del skeleton
+    generator = torch.Generator().manual_seed(seed)
+    std = getattr(config, "initializer_range", 0.02)
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    paths: list[Path] = []
+
+    def flush() -> None:
+        nonlocal size
+        path = folder / f"model-{len(paths) + 1:05d}.partial.safetensors"
+        save_file(shards[-1], str(path), metadata={"format": "pt"})
+        paths.append(path)
+        shards[-1] = {}
+        size = 0
+
+    for name, parameter in named:
+        nbytes = parameter.numel() * parameter.element_size()
+        if shards[-1] and size + nbytes > shard_bytes:
+            flush()
+        shards[-1][name] = random_tensor(name, tuple(parameter.shape), dtype, std, generator)
+        size += nbytes
+    if shards[-1]:
+        flush()
+    weight_map = {}
+    for index, path in enumerate(paths, 1):
+        final = folder / f"model-{index:05d}-of-{len(paths):05d}.safetensors"
+        path.replace(final)
+        with safe_open(str(final), "pt") as handle:
+            weight_map.update({key: final.name for key in handle.keys()})
+    total = sum(p.numel() * p.element_size() for _, p in named)
+    (folder / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
+    config.save_pretrained(folder)
+    return folder
+
+
+def random_tensor(name: str, shape: tuple, dtype: torch.dtype, std: float, generator: torch.Generator) -> torch.Tensor:
+    """One random weight as transformers initialises it, drawn in blocks of rows in ``dtype``."""
+    if len(shape) == 1:
+        return torch.ones(shape, dtype=dtype) if "norm" in name else torch.zeros(shape, dtype=dtype)
+    tensor = torch.empty(shape, dtype=dtype)
+    rows = max(1, 2**24 // max(1, tensor[0].numel()))  # about 64 MB of float32 at a time
+    for start in range(0, shape[0], rows):
+        block = tensor[start:start + rows]
+        block.copy_(torch.randn(block.shape, generator=generator) * std)
+    return tensor

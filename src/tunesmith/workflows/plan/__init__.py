@@ -22,7 +22,8 @@ Measured against real runs in docs/plan.md.
 
 The package, by concept: :mod:`.memory` (peak memory by part), :mod:`.timing` (steps, calibration, FLOPs
 scaling), :mod:`.recommendation` (each method's plan and the choice), :mod:`.report` (the printed table),
-:mod:`.shapes` (a plan from a model's shape alone, before anything loads).
+:mod:`.shapes` (a plan from a model's shape alone, before anything loads), :mod:`.check` (train's refusal before
+loading and ``activation_checkpointing: auto``, by the shape plan).
 """
 
 from tunesmith.workflows.plan.memory import (

@@ -17,6 +17,7 @@ from tunesmith.config.recipe import TRAINS_BASE_WEIGHTS
 from tunesmith.core.runtime import cache_dir, pick_device, process_memory_bytes
 from tunesmith.methods import build_method, count_parameters
 from tunesmith.methods.base import logical_numel, transformer_blocks
+from tunesmith.models import resolve_model_path
 from tunesmith.training.speed import apply_speed, autocast_dtype
 
 PROBE_TOKENS = 256  # tokens of the micro-batch whose saved activations are measured
@@ -36,11 +37,35 @@ class Memory:
     activations: int  # saved for the backward pass at the largest micro-batch
     logits: int  # the loss's logits (one chunk with the chunked loss, else every token)
     regularisers: int  # EWC Fisher + anchor, L2-SP anchor
+    checkpoint: int = 0  # a quantised base's checkpoint, mapped whole while it loads (0: not quantised)
 
     @property
     def total(self) -> int:
+        """The training peak: what must stay resident while steps run."""
         parts = self.weights + self.gradients + self.optimizer + self.activations + self.logits + self.regularisers
         return self.process + int(parts * ALLOCATOR_OVERHEAD)
+
+    @property
+    def load_peak(self) -> int:
+        """The resident peak while a quantised base loads (0 when the base is not quantised): see :func:`load_peak_bytes`."""
+        return load_peak_bytes(self.process, self.checkpoint, self.weights) if self.checkpoint else 0
+
+    @property
+    def resident_peak(self) -> int:
+        """The process's peak resident memory over the run (what ``summary.json`` reports): training or loading."""
+        return max(self.total, self.load_peak)
+
+
+def load_peak_bytes(process: int, checkpoint: int, weights: int) -> int:
+    """Peak resident memory while transformers loads a checkpoint and bitsandbytes quantises it.
+
+    Measured on random-weight checkpoints of SmolLM2-1.7B's shape (docs/plan.md): transformers maps the
+    safetensors shards and reads every tensor of them before the load ends, so the whole checkpoint becomes
+    resident as mapped file pages (``RssFile``: page cache, which the kernel may drop under pressure, but
+    counted in the peak resident set) beside the quantised weights already built (``RssAnon``). A float copy
+    of the whole base is not held: the anonymous part stays near the quantised weights.
+    """
+    return process + int((checkpoint + weights) * ALLOCATOR_OVERHEAD)
 
 
 NF4_BYTES_PER_WEIGHT = (4 + 8 / 64 + 32 / (64 * 256)) / 8  # 4-bit codes, an 8-bit scale per 64, a float per 256 scales
@@ -65,6 +90,19 @@ def weight_bytes(recipe: Recipe, method, model, total: int) -> int:
     linear = quantisable_weight_count(model)
     per_weight = NF4_BYTES_PER_WEIGHT if recipe.model.quantize == "nf4" else INT8_BYTES_PER_WEIGHT
     return int(linear * per_weight + (total - linear) * dtype_bytes)
+
+
+def checkpoint_bytes(recipe: Recipe, method) -> int:
+    """Bytes of the checkpoint files a quantised base is loaded from (0 when the base is not quantised or not on disk)."""
+    from pathlib import Path
+
+
+    if recipe.model.quantize == "none" or method.kind in TRAINS_BASE_WEIGHTS:
+        return 0
+    folder = Path(resolve_model_path(recipe.model.name, cache_dir()))
+    if not folder.is_dir():
+        return 0
+    return sum(f.stat().st_size for f in folder.iterdir() if f.name.endswith((".safetensors", ".bin")))
 
 
 def quantisable_weight_count(model) -> int:

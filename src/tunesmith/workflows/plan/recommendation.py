@@ -18,6 +18,7 @@ from tunesmith.models import load_model_and_tokenizer
 from tunesmith.workflows.plan.memory import (
     Memory,
     activation_bytes,
+    checkpoint_bytes,
     meta_parameter_counts,
     training_process_bytes,
     weight_bytes,
@@ -77,6 +78,7 @@ class Plan:
         document = asdict(self)
         for entry, method in zip(document["methods"], self.methods):
             entry["memory"]["total"] = method.memory.total
+            entry["memory"]["load_peak"] = method.memory.load_peak
             entry["run_seconds"] = method.run_seconds
         return document
 
@@ -136,7 +138,7 @@ def plan_method(recipe: Recipe, section, model, tokenizer, data, process: int, m
     saved_per_token, fixed, logits = activation_bytes(recipe, section, model, tokenizer, data, micro_tokens)
     memory = Memory(process=process, weights=weight_bytes(recipe, method, model, total), gradients=trainable * 4,
                     optimizer=2 * trainable * 4, activations=int(saved_per_token * micro_tokens + fixed), logits=logits,
-                    regularisers=anchors)
+                    regularisers=anchors, checkpoint=checkpoint_bytes(recipe, method))
     per_token = scaled_token_seconds(calibration, method.kind, trainable, total, recipe, costs)
     seconds = other = None
     if per_token is not None:

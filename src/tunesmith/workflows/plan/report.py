@@ -22,6 +22,10 @@ def describe(plan: Plan) -> str:
                      f"{mem.regularisers / gb:.2f} | {mem.process / gb:.2f} | {step} | {run} |")
     if any(not m.calibrated and m.seconds_per_step is not None for m in plan.methods):
         lines.append("* scaled from the calibrated method by matrix-product FLOPs")
+    for m in plan.methods:
+        if m.memory.load_peak:
+            lines.append(f"{m.label}: load peak {m.memory.load_peak / gb:.2f} GB (the checkpoint mapped while it is "
+                         "quantised: page cache the kernel can drop; docs/plan.md)")
     if plan.available_memory:
         lines.append(f"memory available: {plan.available_memory / gb:.1f} GB")
     lines += ["", f"data: {plan.data['verdict']}", f"recommendation: {plan.recommendation}"]

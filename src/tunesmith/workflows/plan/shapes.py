@@ -11,7 +11,10 @@ The parameters are counted on the ``meta`` device (no weight of the model is all
   applied (:func:`saved_bytes_per_token`: a few hundred MB at 8B, never the model); with
   activation checkpointing each block keeps its input and one block is recomputed at a time;
 - the chunked loss's logits (two float32 chunks of ``loss_chunk_tokens`` x vocabulary);
-- on this machine the training process's own footprint (:func:`training_process_bytes`), on a GPU a CUDA context.
+- on this machine the training process's own footprint (:func:`training_process_bytes`), on a GPU a CUDA context;
+- QLoRA's load peak on this machine: the bfloat16 checkpoint mapped whole while bitsandbytes quantises it, beside
+  the quantised weights (:func:`~tunesmith.workflows.plan.memory.load_peak_bytes`). Mapped file pages can be dropped by the
+  kernel, so whether an option fits is judged on the training peak; the load peak is printed beside it.
 
 The sum is scaled by the allocator's overhead, as :class:`~tunesmith.workflows.plan.memory.Memory` does.
 """
@@ -55,8 +58,14 @@ class ShapeOption:
     relative_cost: float  # step FLOPs per token relative to bf16 LoRA without checkpointing
 
     def peak(self, gpu: bool) -> int:
+        """The training peak on a GPU or on this machine (what must stay resident while steps run)."""
         parts = self.memory.total - self.memory.process
         return parts + (CUDA_CONTEXT if gpu else self.memory.process)
+
+    @property
+    def resident_peak(self) -> int:
+        """This machine's peak resident memory over the run, loading included (what ``summary.json`` reports)."""
+        return self.memory.resident_peak
 
 
 @dataclass(frozen=True)
@@ -91,7 +100,8 @@ def plan_shape(config, name: str, tokens: int = 512, r: int = 16, available: Opt
             weights = base_weight_bytes(model, kind, quantize, total)
             chunk = min(1024, tokens)
             memory = Memory(process=process, weights=weights, gradients=4 * trainable, optimizer=8 * trainable,
-                            activations=int(activations), logits=2 * chunk * config.vocab_size * 4, regularisers=0)
+                            activations=int(activations), logits=2 * chunk * config.vocab_size * 4, regularisers=0,
+                            checkpoint=2 * total if quantize != "none" else 0)  # a bfloat16 checkpoint, as published
             flops = matmul_flops_per_token(kind, trainable, total, checkpointing)
             baseline = baseline or flops
             label = {"none": "bf16 LoRA", "nf4": "QLoRA nf4"}[quantize] + f" r={r}" if kind == "lora" else "full"
@@ -169,8 +179,8 @@ def describe_shape(plan: ShapePlan) -> str:
     gb = 2**30
     targets = list(plan.targets)
     lines = [f"plan for the shape {plan.model}: micro-batch of {plan.tokens:,} tokens, nothing loaded (meta device)", "",
-             "| option | trainable | weights | grads+optimizer | activations | " + " | ".join(targets) + " |",
-             "|---|---|---|---|---|" + "---|" * len(targets)]
+             "| option | trainable | weights | grads+optimizer | activations | load peak here | " + " | ".join(targets) + " |",
+             "|---|---|---|---|---|---|" + "---|" * len(targets)]
     for o in plan.options:
         m = o.memory
         cells = []
@@ -179,7 +189,11 @@ def describe_shape(plan: ShapePlan) -> str:
             fits = memory is None or o.peak(gpu) < FIT_SHARE * memory
             cells.append(f"{o.peak(gpu) / gb:.1f} GB {'fits' if fits else 'no'}")
         lines.append(f"| {o.label} | {o.trainable:,} | {m.weights / gb:.1f} GB | {(m.gradients + m.optimizer) / gb:.1f} GB | "
-                     f"{m.activations / gb:.1f} GB | " + " | ".join(cells) + " |")
+                     f"{m.activations / gb:.1f} GB | " + (f"{m.load_peak / gb:.1f} GB" if m.load_peak else "-") + " | "
+                     + " | ".join(cells) + " |")
+    if any(o.memory.load_peak for o in plan.options):
+        lines.append("load peak: the bfloat16 checkpoint mapped while it is quantised (page cache the kernel can drop; "
+                     "fitting is judged on the training peak)")
     lines.append("")
     for target in targets:
         memory = plan.targets[target]
