@@ -45,3 +45,8 @@ class SpeedSection(Section):
     activation_checkpointing: bool = Field(
         False, description="Recompute activations in the backward pass: less memory, some speed lost."
     )
+    release_memory: bool = Field(
+        True, description="Hand the memory freed by each step back to the operating system before the next "
+        "forward (glibc's malloc_trim), so peak RSS stays near one step's activations instead of growing "
+        "with the longest batches seen. No effect off Linux/glibc."
+    )

@@ -8,6 +8,8 @@ the loop itself never asks which levers are on.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import functools
 import logging
 from dataclasses import dataclass, field
@@ -129,6 +131,9 @@ def prepare_speed(model: torch.nn.Module, method: Method, section: SpeedSection,
     group = section.group_by_length and not packing and train.grad_accum > 1
     if group:
         notes.append("length-grouped micro-batches")
+    if section.release_memory and device.type == "cpu" and release_freed_memory():
+        loss = functools.partial(after_releasing_memory, loss)
+        notes.append("freed memory released each step")
     return SpeedSetup(loss, pack_collate if packing else collate, packing, dtype, group, notes, restore)
 
 
@@ -156,6 +161,40 @@ def adapter_input_casts_off(model: torch.nn.Module) -> Iterator[None]:
 
     with disable_input_dtype_casting(model):
         yield
+
+
+def after_releasing_memory(loss_fn: Callable, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """``loss_fn`` after the memory freed since the last forward (the previous step's activations) went back."""
+    release_freed_memory()
+    return loss_fn(model, batch)
+
+
+@functools.lru_cache(maxsize=1)
+def _glibc():
+    """The C library if it is glibc (it has ``malloc_trim``), else None (macOS, Windows, musl)."""
+    try:
+        library = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+    return library if hasattr(library, "malloc_trim") else None
+
+
+def release_freed_memory() -> bool:
+    """Return the pages glibc holds free to the operating system; whether it could (glibc only).
+
+    Each step allocates its activations at sizes set by its packed row's length. glibc keeps the
+    freed ones; a longer row later needs larger blocks than the free ones it holds, so the heap
+    grows and the resident set with it: on SmolLM2 LoRA, 1.9, 2.9, then 3.9 GB after three steps
+    of 1,066, 1,588 and 2,243 tokens, with one step's live activations at about 1.5 GB.
+    ``malloc_trim(0)`` releases every free page (not only the heap's top), so each forward starts
+    from what is live. A fixed ``M_MMAP_THRESHOLD`` does the same but maps and unmaps every large
+    temporary: measured 15-30% slower; trimming once per forward measured within noise.
+    """
+    library = _glibc()
+    if library is None:
+        return False
+    library.malloc_trim(0)
+    return True
 
 
 def enable_activation_checkpointing(base: torch.nn.Module) -> None:
