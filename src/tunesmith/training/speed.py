@@ -118,6 +118,8 @@ def prepare_speed(model: torch.nn.Module, method: Method, section: SpeedSection,
     notes.append(f"chunked loss ({section.loss_chunk_tokens} tokens)" if section.chunked_loss else "full logits")
     dtype, why = autocast_choice(section, device)
     if dtype is not None:
+        if not section.activation_checkpointing:  # its recompute runs in the backward pass, outside the forward's casts
+            loss = functools.partial(without_adapter_input_casts, loss)
         loss = functools.partial(autocast_loss, loss, dtype)
         # FSDP flattens each block's parameters into one tensor of one dtype: there the base keeps its dtype.
         method.prepare_for_autocast(model, dtype, store_frozen_base=train.distributed != "fsdp")
@@ -141,7 +143,14 @@ def autocast_loss(loss_fn: Callable, dtype: torch.dtype, model: torch.nn.Module,
                   batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """``loss_fn`` with its forward pass under autocast; weights and optimizer stay float32."""
     device_type = next(unwrap(model).parameters()).device.type
-    with torch.autocast(device_type=device_type, dtype=dtype), adapter_input_casts_off(unwrap(model)):
+    with torch.autocast(device_type=device_type, dtype=dtype):
+        return loss_fn(model, batch)
+
+
+def without_adapter_input_casts(loss_fn: Callable, model: torch.nn.Module,
+                                batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """``loss_fn`` with peft's adapter input casts off during its forward (called under autocast only)."""
+    with adapter_input_casts_off(unwrap(model)):
         return loss_fn(model, batch)
 
 
@@ -155,7 +164,9 @@ def adapter_input_casts_off(model: torch.nn.Module) -> Iterator[None]:
     about 15% of a SmolLM2 LoRA step (benchmarks/RESULTS.md). Under autocast the product runs in
     bfloat16 either way, and bfloat16 -> float32 -> bfloat16 is exact, so the loss and the gradients
     are bit for bit the same without them. Outside autocast (validation, generation) the casts are
-    needed and stay on: peft's own context manager puts each layer's setting back on exit.
+    needed and stay on: peft's own context manager puts each layer's setting back on exit. Not with
+    activation checkpointing: its recompute in the backward pass would run with the casts back on,
+    and checkpointing refuses recomputed tensors of another dtype.
     """
     from peft.helpers import disable_input_dtype_casting
 
