@@ -164,14 +164,27 @@ def adapter_input_casts_off(model: torch.nn.Module) -> Iterator[None]:
     about 15% of a SmolLM2 LoRA step (benchmarks/RESULTS.md). Under autocast the product runs in
     bfloat16 either way, and bfloat16 -> float32 -> bfloat16 is exact, so the loss and the gradients
     are bit for bit the same without them. Outside autocast (validation, generation) the casts are
-    needed and stay on: peft's own context manager puts each layer's setting back on exit. Not with
+    needed and stay on: each layer's setting is put back on exit. Not with
     activation checkpointing: its recompute in the backward pass would run with the casts back on,
     and checkpointing refuses recomputed tensors of another dtype.
     """
-    from peft.helpers import disable_input_dtype_casting
+    from peft.tuners.tuners_utils import BaseTunerLayer
 
-    with disable_input_dtype_casting(model):
+    # peft.helpers.disable_input_dtype_casting does this, but reads the switch from layers that never set it
+    # (some tuner layers do not); peft itself reads it with getattr(..., True), and so does this.
+    missing = object()
+    layers = [module for module in model.modules() if isinstance(module, BaseTunerLayer)]
+    before = [module.__dict__.get("cast_input_dtype_enabled", missing) for module in layers]
+    for module in layers:
+        module.cast_input_dtype_enabled = False
+    try:
         yield
+    finally:
+        for module, value in zip(layers, before):
+            if value is missing:
+                del module.cast_input_dtype_enabled
+            else:
+                module.cast_input_dtype_enabled = value
 
 
 def after_releasing_memory(loss_fn: Callable, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
