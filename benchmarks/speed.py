@@ -13,6 +13,10 @@ only the ratios measured in one run mean anything.
     python benchmarks/speed.py --quick      # a small model, to check the script in a minute
     python benchmarks/speed.py --model smollm2 --repeats 1 --steps 5   # SmolLM2 + alpaca demo via `tunesmith train`
 
+After the table, one more process profiles tunesmith's step (torch.profiler, ``--profile-steps`` steps
+after a warm-up) and prints each op group's share of it and the share of everything that is not a
+matrix product (``--no-profile`` skips it).
+
 Real tokens are input tokens without padding; the first optimizer step is warm-up and not timed.
 """
 
@@ -246,8 +250,8 @@ def smollm2_recipe(folder: Path, method: str, steps: int, speed: dict) -> dict:
             "output": {"dir": str(folder / "run"), "overwrite": True}}
 
 
-def smollm2_reference(args) -> dict:
-    """The reference on SmolLM2 and the examples tunesmith prepares, in the order tunesmith's sampler takes them."""
+def smollm2_model_and_examples(method: str, steps: int):
+    """SmolLM2 (float32, as loaded) and the alpaca examples tunesmith prepares, in its sampler's order for ``steps``."""
     from tunesmith.config import validate_recipe
     from tunesmith.core.runtime import cache_dir
     from tunesmith.data import encode_data
@@ -255,11 +259,17 @@ def smollm2_reference(args) -> dict:
     from tunesmith.training.sampler import StepSampler
 
     with tempfile.TemporaryDirectory() as folder:
-        recipe = validate_recipe(smollm2_recipe(Path(folder), args.method, args.steps, {}))
+        recipe = validate_recipe(smollm2_recipe(Path(folder), method, steps, {}))
     model, tokenizer = load_model_and_tokenizer(recipe.model, cache_dir(), torch.device("cpu"))
     examples = encode_data(recipe.data, tokenizer, recipe.train.seed).train
     sampler = StepSampler(len(examples), BATCH, 1, 1, 0, recipe.train.seed)
-    order = [i for step in range(args.steps) for i in sampler.micro_batches(step)[0]]
+    order = [i for step in range(steps) for i in sampler.micro_batches(step)[0]]
+    return model, examples, order
+
+
+def smollm2_reference(args) -> dict:
+    """The reference on SmolLM2 and the examples tunesmith prepares, in the order tunesmith's sampler takes them."""
+    model, examples, order = smollm2_model_and_examples(args.method, args.steps)
     lora = args.method == "lora"
     stamps, losses = run_reference(model, examples, args.steps, lora, args.stack.split(":")[1], order)
     peak = peak_memory_mb(torch.device("cpu"))  # before the FLOP count below touches any memory
@@ -291,9 +301,88 @@ def smollm2_tunesmith(method: str, steps: int, speed: dict, env: dict) -> dict:
             "notes": first_lines}
 
 
+# Every op of the profile falls in one group; the first pattern that matches the op's name wins.
+PROFILE_GROUPS = (
+    ("matrix products", ("aten::mm", "aten::bmm", "aten::addmm", "aten::baddbmm", "aten::addbmm")),
+    ("attention", ("scaled_dot_product", "flash_attention")),
+    ("casts and copies", ("aten::copy_", "aten::_to_copy", "aten::to")),
+    ("loss softmax (fused head)", ("aten::_softmax", "aten::amax", "aten::softmax")),
+    ("elementwise (mul, add, norms, SiLU, RoPE)", ("aten::mul", "aten::add", "aten::sub", "aten::div", "aten::pow",
+                                                   "aten::silu", "aten::rsqrt", "aten::sqrt", "aten::neg",
+                                                   "aten::mean", "aten::sum", "aten::cat", "aten::fill_",
+                                                   "aten::zero_", "aten::where", "aten::exp")),
+)
+
+
+def profile_step(args) -> dict:
+    """torch.profiler over ``args.steps`` tunesmith steps after one warm-up step: self-CPU share per op group.
+
+    The step is the benchmark's: its examples, its method, ``prepare_speed`` with ``--speed``, AdamW.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    from tunesmith.config import FullMethod, LoraMethod, SpeedSection, TrainSection
+    from tunesmith.methods import build_method
+    from tunesmith.training.speed import prepare_speed
+
+    lora = args.method == "lora"
+    if args.size == "smollm2":
+        model, examples, order = smollm2_model_and_examples(args.method, args.steps + 1)
+    else:
+        model, examples = build_model(args.size), build_examples(args.size, BATCH * (args.steps + 1))
+        order = list(range(len(examples)))
+    method = build_method(LoraMethod(r=16, alpha=32, dropout=0.0, targets="all-linear") if lora else FullMethod())
+    model = method.apply(model)
+    train = TrainSection(batch_size=BATCH, lr=LR, speed=SpeedSection(**json.loads(args.speed)))
+    setup = prepare_speed(model, method, train.speed, train, torch.device("cpu"))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR, weight_decay=0.0)
+
+    def step(index: int) -> int:
+        batch = setup.collate_fn([examples[i] for i in order[index * BATCH:(index + 1) * BATCH]], 0)
+        setup.token_loss(model, batch).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return int(batch["attention_mask"].sum())
+
+    step(0)
+    with profile(activities=[ProfilerActivity.CPU]) as profiler:
+        started = time.perf_counter()
+        tokens = sum(step(index) for index in range(1, args.steps + 1))
+        seconds = time.perf_counter() - started
+    events = [e for e in profiler.key_averages() if e.self_cpu_time_total > 0]
+    total = sum(e.self_cpu_time_total for e in events)
+    shares = {name: 0.0 for name, _ in PROFILE_GROUPS} | {"other": 0.0}
+    for event in events:
+        group = next((name for name, patterns in PROFILE_GROUPS if any(p in event.key for p in patterns)), "other")
+        shares[group] += event.self_cpu_time_total / total
+    top = sorted(events, key=lambda e: -e.self_cpu_time_total)[:12]
+    return {"shares": shares, "tokens": tokens, "seconds": seconds, "notes": setup.describe(),
+            "top": [(e.key, e.self_cpu_time_total / total, e.count) for e in top]}
+
+
+def profile_report(profiles: dict) -> str:
+    """One column per method: the share of each op group and the non-matmul share of the step."""
+    methods = list(profiles)
+    lines = [f"Profile of tunesmith's step (torch.profiler, self CPU time; {profiles[methods[0]]['notes']})", "",
+             "| op group | " + " | ".join(methods) + " |", "|---|" + "---|" * len(methods)]
+    for group in profiles[methods[0]]["shares"]:
+        lines.append(f"| {group} | " + " | ".join(f"{100 * profiles[m]['shares'][group]:.0f}%" for m in methods) + " |")
+    lines.append("| **everything but matrix products** | " + " | ".join(
+        f"**{100 * (1 - profiles[m]['shares']['matrix products']):.0f}%**" for m in methods) + " |")
+    lines.append("| profiled tokens/s (profiler on) | " + " | ".join(
+        f"{profiles[m]['tokens'] / profiles[m]['seconds']:.0f}" for m in methods) + " |")
+    for method in methods:
+        lines.append("")
+        lines.append(f"{method}, largest ops: " + ", ".join(f"{key} {100 * share:.1f}% ({count})"
+                                                            for key, share, count in profiles[method]["top"]))
+    return "\n".join(lines)
+
+
 def worker(args) -> dict:
     """Train one configuration; returns its measurements (printed as JSON by the subprocess)."""
     lora = args.method == "lora"
+    if args.profile:
+        return profile_step(args)
     if args.size == "smollm2":
         return smollm2_reference(args)
     model = build_model(args.size)
@@ -427,7 +516,11 @@ def main() -> None:
     parser.add_argument("--reference-policy", choices=("tunesmith", "torch"), default="tunesmith",
                         help="the reference's OpenMP wait policy: tunesmith's (the default, so that only the "
                         "stacks differ) or torch's own")
+    parser.add_argument("--no-profile", action="store_true",
+                        help="skip the torch.profiler run of tunesmith's step (op shares, non-matmul share)")
+    parser.add_argument("--profile-steps", type=int, default=2, help="steps profiled after one warm-up step")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--profile", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--size", default="S", help=argparse.SUPPRESS)
     parser.add_argument("--stack", help=argparse.SUPPRESS)
     parser.add_argument("--method", help=argparse.SUPPRESS)
@@ -462,6 +555,21 @@ def main() -> None:
                       f"load {os.getloadavg()[0]:.1f} {' / '.join(run.get('notes', []))}", flush=True)
     print()
     print(report(results, ceilings, stacks))
+    if not args.no_profile:
+        print()
+        print(profile_report({method: run_profile(size, method, args.profile_steps, args.speed, args.threads)
+                              for method in args.methods.split(",")}))
+
+
+def run_profile(size: str, method: str, steps: int, speed: str, threads) -> dict:
+    """:func:`profile_step` in its own process, under tunesmith's thread policy."""
+    env = stack_environment("tunesmith", "tunesmith")
+    command = [sys.executable, __file__, "--worker", "--profile", "--size", size, "--stack", "tunesmith",
+               "--method", method, "--steps", str(steps), "--speed", speed] + (["--threads", str(threads)] if threads else [])
+    done = subprocess.run(command, capture_output=True, text=True, check=False, env=env)
+    if done.returncode != 0:
+        raise RuntimeError(f"profile of {method} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 if __name__ == "__main__":

@@ -226,6 +226,50 @@ def test_lora_frozen_base_held_in_bfloat16_under_autocast(tiny_llama) -> None:
     assert torch.isfinite(logits).all()
 
 
+def test_adapter_input_casts_skipped_under_autocast_change_nothing(tiny_llama) -> None:
+    """Without peft's per-layer input casts the autocast forward makes fewer copies and the same loss and
+    gradients bit for bit (bfloat16 -> float32 -> bfloat16 is exact); peft's setting is back afterwards."""
+    from peft.tuners.lora import LoraLayer
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountCopies(TorchDispatchMode):
+        copies = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            CountCopies.copies += func.__name__.startswith("_to_copy")
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    method = build_method(LoraMethod(r=4, alpha=8, dropout=0.0))  # no dropout: both forwards see the same
+    model = method.apply(load_llama(tiny_llama))
+    with torch.no_grad():  # B starts at zero: make the adapters' output (and A's gradient) non-zero
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(std=0.02)
+    setup = prepare_speed(model, method, SpeedSection(autocast="bfloat16"), TrainSection(), CPU.device)
+    batch = pack_collate(make_examples(6), 0)
+    results = []
+    for loss_fn in (setup.token_loss, functools.partial(autocast_loss_with_casts, setup)):
+        model.zero_grad(set_to_none=True)
+        CountCopies.copies = 0
+        with CountCopies():
+            loss = loss_fn(model, batch)
+            loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in model.parameters() if p.requires_grad],
+                        CountCopies.copies))
+    (fast, fast_grads, fast_copies), (cast, cast_grads, cast_copies) = results
+    assert torch.equal(fast, cast)
+    assert all(torch.equal(a, b) for a, b in zip(fast_grads, cast_grads))
+    assert fast_copies < cast_copies
+    assert all(module.cast_input_dtype_enabled for module in model.modules() if isinstance(module, LoraLayer))
+
+
+def autocast_loss_with_casts(setup, model, batch):
+    """The run's token loss under autocast with peft's input casts left on (the reference)."""
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        return chunked_loss_sum(model, batch)
+
+
 def test_frozen_base_keeps_float32_without_autocast(tiny_llama) -> None:
     _, _, model = lora_losses_and_grads(tiny_llama, SpeedSection(autocast="off"), steps=1)
     assert {p.dtype for p in model.parameters()} == {torch.float32}
@@ -316,3 +360,22 @@ def test_train_end_to_end_with_fast_options(tmp_path, tiny_llama, tiny_data, cap
     assert summary["tokens"] == records[-1]["tokens"] > 0
     saved = (tmp_path / "run" / "adapter" / "adapter_config.json").read_text()
     assert VARLEN_ATTENTION not in saved
+
+
+def test_freed_memory_released_before_each_forward(tiny_llama) -> None:
+    """On glibc the run's token loss hands freed pages back first (the run's log says so); the loss is the same."""
+    import platform
+
+    from tunesmith.training.speed import release_freed_memory
+
+    model = load_llama(tiny_llama)
+    method = build_method(FullMethod())
+    batch = pack_collate(make_examples(4), 0)
+    on = prepare_speed(model, method, SpeedSection(autocast="off"), TrainSection(), CPU.device)
+    off = prepare_speed(model, method, SpeedSection(autocast="off", release_memory=False), TrainSection(), CPU.device)
+    glibc = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+    assert release_freed_memory() is glibc
+    assert ("freed memory released each step" in on.notes) is glibc
+    assert "freed memory released each step" not in off.notes
+    with torch.no_grad():
+        assert torch.equal(on.token_loss(model, batch), off.token_loss(model, batch))

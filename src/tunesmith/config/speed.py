@@ -46,3 +46,8 @@ class SpeedSection(Section):
         False, description="Recompute activations in the backward pass: less memory, some speed lost. 'auto': "
         "`tunesmith train` turns it on only when the plan says the run would not fit without it (docs/plan.md)."
     )
+    release_memory: bool = Field(
+        True, description="Hand the memory freed by each step back to the operating system before the next "
+        "forward (glibc's malloc_trim), so peak RSS stays near one step's activations instead of growing "
+        "with the longest batches seen. No effect off Linux/glibc."
+    )
