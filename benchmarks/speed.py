@@ -317,13 +317,13 @@ PROFILE_GROUPS = (
 def profile_step(args) -> dict:
     """torch.profiler over ``args.steps`` tunesmith steps after one warm-up step: self-CPU share per op group.
 
-    The step is the benchmark's: its examples, its method, ``prepare_speed`` with ``--speed``, AdamW.
+    The step is the benchmark's: its examples, its method, ``apply_speed`` with ``--speed``, AdamW.
     """
     from torch.profiler import ProfilerActivity, profile
 
     from tunesmith.config import FullMethod, LoraMethod, SpeedSection, TrainSection
     from tunesmith.methods import build_method
-    from tunesmith.training.speed import prepare_speed
+    from tunesmith.training.speed import apply_speed
 
     lora = args.method == "lora"
     if args.size == "smollm2":
@@ -334,7 +334,7 @@ def profile_step(args) -> dict:
     method = build_method(LoraMethod(r=16, alpha=32, dropout=0.0, targets="all-linear") if lora else FullMethod())
     model = method.apply(model)
     train = TrainSection(batch_size=BATCH, lr=LR, speed=SpeedSection(**json.loads(args.speed)))
-    setup = prepare_speed(model, method, train.speed, train, torch.device("cpu"))
+    setup = apply_speed(model, method, train.speed, train, torch.device("cpu"))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR, weight_decay=0.0)
 
     def step(index: int) -> int:

@@ -66,8 +66,8 @@ def test_a_run_that_does_not_fit_is_refused_naming_the_cheapest_that_fits(tiny_r
 def test_train_refuses_before_loading_and_no_plan_check_trains(tiny_recipe, monkeypatch, capsys) -> None:
     import yaml
 
-    from tunesmith.core import runtime
     from tunesmith.cli import main
+    from tunesmith.core import runtime
 
     recipe = tiny_recipe("train.max_steps=1")
     path = Path(recipe.output.dir).parent / "recipe.yaml"

@@ -246,7 +246,7 @@ def test_adapter_input_casts_skipped_under_autocast_change_nothing(tiny_llama) -
         for name, parameter in model.named_parameters():
             if "lora_B" in name:
                 parameter.normal_(std=0.02)
-    setup = prepare_speed(model, method, SpeedSection(autocast="bfloat16"), TrainSection(), CPU.device)
+    setup = apply_speed(model, method, SpeedSection(autocast="bfloat16"), TrainSection(), CPU.device)
     batch = pack_collate(make_examples(6), 0)
     results = []
     for loss_fn in (setup.token_loss, functools.partial(autocast_loss_with_casts, setup)):
@@ -371,8 +371,8 @@ def test_freed_memory_released_before_each_forward(tiny_llama) -> None:
     model = load_llama(tiny_llama)
     method = build_method(FullMethod())
     batch = pack_collate(make_examples(4), 0)
-    on = prepare_speed(model, method, SpeedSection(autocast="off"), TrainSection(), CPU.device)
-    off = prepare_speed(model, method, SpeedSection(autocast="off", release_memory=False), TrainSection(), CPU.device)
+    on = apply_speed(model, method, SpeedSection(autocast="off"), TrainSection(), CPU.device)
+    off = apply_speed(model, method, SpeedSection(autocast="off", release_memory=False), TrainSection(), CPU.device)
     glibc = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
     assert release_freed_memory() is glibc
     assert ("freed memory released each step" in on.notes) is glibc

@@ -286,8 +286,8 @@ def cmd_augment(args: argparse.Namespace) -> int:
 
 def _model_rewriter(args: argparse.Namespace, name: str, direction: str):
     """A translator (back-translation) or rewriter (paraphrase) around the named model."""
-    from tunesmith.inference.generate import rewriters as augment
     from tunesmith.core.runtime import cache_dir
+    from tunesmith.inference import rewriters as augment
 
     kind, model, tokenizer = augment.load_rewrite_model(name, cache_dir(), args.device)
     if kind == "seq2seq":
