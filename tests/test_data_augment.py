@@ -112,3 +112,20 @@ def test_back_translation_end_to_end_with_a_real_model(tmp_path, tiny_llama):
     assert len(out) == 3 + report.kept
     for row in out[3:]:
         assert row["origin"]["model"] == "tiny-llama" and row["output"] in {r["output"] for r in ROWS}
+
+
+def test_augment_command_paraphrases_with_a_model_the_user_names(tmp_path, tiny_llama, capsys):
+    """What a user runs: `tunesmith data augment FILE -o OUT --method paraphrase --model FOLDER` (the CLI's own
+    loading of the rewriter, not only the library's)."""
+    from tunesmith.cli import main
+
+    source = write(tmp_path / "in.jsonl", ROWS[:2])
+    code = main(["data", "augment", str(source), "-o", str(tmp_path / "out.jsonl"), "--method", "paraphrase",
+                 "--model", tiny_llama, "--max-new-tokens", "8", "--min-similarity", "0", "--max-similarity", "1",
+                 "--report", str(tmp_path / "report.json")])
+    assert code == 0
+    report = json.loads((tmp_path / "report.json").read_text())
+    out = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert report["originals"] == 2 and report["generated"] == 2 and len(out) == 2 + report["kept"]
+    assert out[:2] == ROWS[:2]
+    assert "augment: texts rewritten" in capsys.readouterr().err
