@@ -26,6 +26,10 @@ def own_imports(tree: ast.AST):
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").startswith("tunesmith."):
             yield node, node.module.split(".")[1]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module == "tunesmith":
+            for alias in node.names:
+                if alias.name != "__version__":
+                    yield node, alias.name
         elif isinstance(node, ast.Import):
             for alias in node.names:
                 if alias.name.startswith("tunesmith."):
@@ -58,3 +62,27 @@ def test_own_imports_stand_at_the_top():
         top = {id(node) for node in tree.body}
         inner += [f"{path.relative_to(SRC)}:{node.lineno}" for node, _ in own_imports(tree) if id(node) not in top]
     assert inner == [], "imports of tunesmith modules inside functions (only cli/ and serve/ may, for start-up time)"
+
+
+def test_every_own_import_names_what_exists():
+    """Also the imports inside cli/ and serve/ handlers, which only run when a person takes that path: a module moved
+    or a name renamed must not wait for the first user to find it."""
+    import importlib
+
+    missing = []
+    for path in modules():
+        for node, _ in own_imports(ast.parse(path.read_text())):
+            names = [alias.name for alias in node.names]
+            module_name = node.module if isinstance(node, ast.ImportFrom) else None
+            try:
+                module = importlib.import_module(module_name or names[0])
+            except ImportError as error:
+                missing.append(f"{path.relative_to(SRC)}:{node.lineno}: {error}")
+                continue
+            for name in names if module_name else ():
+                if not hasattr(module, name):
+                    try:
+                        importlib.import_module(f"{module_name}.{name}")
+                    except ImportError:
+                        missing.append(f"{path.relative_to(SRC)}:{node.lineno}: {module_name} has no {name}")
+    assert missing == []
