@@ -259,8 +259,14 @@ def save_result(method, model, tokenizer, out: Path, recipe: Recipe, template: s
         base_model = str(local.resolve()) if local.is_dir() else recipe.model.name  # a folder: valid from any cwd
         method.write_manifest(partial, base_model=base_model, template=template, base_config=base_shape(model),
                               stage=recipe.stage.kind, data_max_length=recipe.data.max_length,
+                              **quantized_base_entry(recipe.model),
                               **(stage.manifest_entries() if stage is not None else {}))
     return final
+
+
+def quantized_base_entry(section) -> dict:
+    """The manifest's ``quantized_base`` for a run over a quantised base (how to rebuild what it trained against)."""
+    return {} if section.quantize == "none" else {"quantized_base": {"quantize": section.quantize, "dtype": section.dtype}}
 
 
 def interrupted_message(layout: RunLayout, recipe_path: str) -> str:

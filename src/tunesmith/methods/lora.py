@@ -53,10 +53,16 @@ class LoRA(PeftMethod):
     def apply(self, model: nn.Module) -> nn.Module:
         """peft's LoRA; on a mixture of experts, ``method.dropout`` goes on the linear layers' updates only.
 
+        With ``method.init: loftq`` the update over each nf4 layer starts as LoftQ sets it (:mod:`methods.loftq`).
+
         peft refuses dropout on the router and experts it wraps as parameters (``ParamWrapper``): the
         adapter is built without dropout, then each ordinary LoRA layer gets peft's own dropout module.
         """
         adapted = super().apply(model)
+        if self.config.init == "loftq":
+            from tunesmith.methods.loftq import loftq_initialise
+
+            loftq_initialise(adapted, model.name_or_path)
         if self.config.dropout > 0 and expert_parameters(model):
             from peft.tuners.lora.layer import LoraLayer, ParamWrapper
 
