@@ -62,7 +62,9 @@ class LoRA(PeftMethod):
         if self.config.init == "loftq":
             from tunesmith.methods.loftq import loftq_initialise
 
-            loftq_initialise(adapted, model.name_or_path)
+            layers, left = loftq_initialise(adapted, model.name_or_path)
+            self.loftq_note = (f"LoftQ start: the updates of {layers} nf4 layers correct their rounding; "
+                               f"{left:.0%} of the rounding error is left at rank {self.config.r}")
         if self.config.dropout > 0 and expert_parameters(model):
             from peft.tuners.lora.layer import LoraLayer, ParamWrapper
 
@@ -71,6 +73,10 @@ class LoRA(PeftMethod):
                     for adapter in module.lora_dropout:
                         module.lora_dropout[adapter] = nn.Dropout(p=self.config.dropout).train(module.training)
         return adapted
+
+    def summary(self) -> str:
+        """With ``method.init: loftq``: how much of the base's rounding error the start corrects."""
+        return getattr(self, "loftq_note", "")
 
     def param_groups(self, model: nn.Module, train_config) -> list[dict]:
         """With LoRA+, the B matrices learn ``loraplus_lr_ratio`` times faster than the rest.
