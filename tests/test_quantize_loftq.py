@@ -119,3 +119,19 @@ def test_qlora_export_merges_into_the_dequantised_base(tiny_llama: str, tmp_path
         torch.testing.assert_close(got, expected.to(got.dtype).float(), rtol=0, atol=1e-6)
         # on the checkpoint's own weights the rounding error would count twice (LoftQ's B·A holds it)
         assert (original[f"{name}.weight"] + scaling * lora_b @ lora_a - expected).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_a_quantised_base_dequantises_into_the_dtype_asked(dtype: str, tiny_llama: str) -> None:
+    bnb = pytest.importorskip("bitsandbytes")
+    from tunesmith.models.loading import load_dequantised
+
+    quantised = load_model(tiny_llama, ModelSection(name=tiny_llama, quantize="nf4"))
+    plain = load_dequantised(tiny_llama, ModelSection(name=tiny_llama, dtype=dtype),
+                             {"quantize": "nf4", "dtype": "float32"})
+    assert {p.dtype for p in plain.parameters()} == {getattr(torch, dtype)}
+    assert not any(isinstance(m, bnb.nn.Linear4bit) for m in plain.modules())
+    layer = quantised.get_submodule("model.layers.2.mlp.up_proj").weight
+    rounded = bnb.functional.dequantize_4bit(layer.data, layer.quant_state)
+    torch.testing.assert_close(plain.get_submodule("model.layers.2.mlp.up_proj").weight.data,
+                               rounded.to(getattr(torch, dtype)), rtol=0, atol=0)
