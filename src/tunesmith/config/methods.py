@@ -68,6 +68,12 @@ class LoraMethod(Section):
         description="LoRA+: learning rate of the B matrices = train.lr × this ratio, e.g. 16 "
         "(https://arxiv.org/abs/2402.12354); null: one learning rate.",
     )
+    init: Literal["default", "loftq"] = Field(
+        "default",
+        description="How the update starts: default (B = 0, the adapted model equals the base) or loftq (with "
+        "model.quantize: nf4: B·A starts as the best rank-r approximation of the base's 4-bit rounding error, "
+        "https://arxiv.org/abs/2310.08659; docs/quantization.md).",
+    )
 
 
 class Ia3Method(Section):

@@ -162,6 +162,18 @@ class Recipe(Section):
         return self
 
     @model_validator(mode="after")
+    def _loftq_corrects_an_nf4_base(self) -> "Recipe":
+        if getattr(self.method, "init", "default") != "loftq":
+            return self
+        if self.model.quantize != "nf4":
+            raise ValueError(f"method.init: loftq corrects the rounding error of an nf4 base, and model.quantize is "
+                             f"{self.model.quantize}; set model.quantize: nf4 or use method.init: default")
+        if self.method.dora:
+            raise ValueError("method.init: loftq starts a plain LoRA update; DoRA's magnitudes are measured before it "
+                             "is set, so drop method.dora or use method.init: default")
+        return self
+
+    @model_validator(mode="after")
     def _retain_needs_token_loss(self) -> "Recipe":
         # The forgetting report compares the task's token loss before and after: token-level stages only.
         if self.retain is not None and self.stage.kind not in ("sft", "pt"):

@@ -25,6 +25,7 @@ from tunesmith.data.templates import resolve_template
 from tunesmith.methods import MANIFEST, Method, build_method
 from tunesmith.methods.base import read_manifest
 from tunesmith.models import load_model, load_tokenizer, resolve_model_path
+from tunesmith.models.loading import load_dequantised
 
 PEFT_CONFIG = "adapter_config.json"
 
@@ -134,7 +135,10 @@ def load_result(source: str | Path, base_model: Optional[str] = None, dtype: str
         raise TunesmithError(f"{location.folder} is an adapter without a recorded base model; give the base model "
                              "(--model)")
     base_path = resolve_model_path(base, cache_dir())
-    model = load_model(base_path, section.model_copy(update={"name": base}), device)
+    trained_over = (location.manifest or {}).get("quantized_base")  # QLoRA: the rounded weights it learned against
+    base_section = section.model_copy(update={"name": base})
+    model = (load_dequantised(base_path, base_section, trained_over, device) if trained_over
+             else load_model(base_path, base_section, device))
     method = location.method()
     model = load_trained(model, location.folder, base, method)
     tokenizer_path = str(location.folder) if (location.folder / "tokenizer_config.json").is_file() else base_path

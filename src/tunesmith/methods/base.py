@@ -179,6 +179,23 @@ def store_frozen_in(model: nn.Module, dtype: torch.dtype) -> int:
     return converted
 
 
+def trainable_in_float32(model: nn.Module) -> int:
+    """Hold every trainable floating-point parameter of ``model`` in float32 (the optimizer's dtype).
+
+    The counterpart of :func:`store_frozen_in` for a model loaded in bfloat16 for a run that holds its
+    frozen base in bfloat16: what trains (adapters, a new head) stays float32.
+
+    Returns:
+        How many parameters were converted.
+    """
+    converted = 0
+    for parameter in model.parameters():
+        if parameter.requires_grad and parameter.is_floating_point() and parameter.dtype != torch.float32:
+            parameter.data = parameter.data.float()
+            converted += 1
+    return converted
+
+
 def count_parameters(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts; tied weights are counted once."""
     seen: set[int] = set()

@@ -16,6 +16,7 @@ import logging
 from torch import nn
 
 from tunesmith.methods.base import METHODS, check_module_names, decay_groups
+from tunesmith.methods.loftq import loftq_initialise
 from tunesmith.methods.peft_method import PeftMethod, peft_task_type
 
 logger = logging.getLogger(__name__)
@@ -53,10 +54,17 @@ class LoRA(PeftMethod):
     def apply(self, model: nn.Module) -> nn.Module:
         """peft's LoRA; on a mixture of experts, ``method.dropout`` goes on the linear layers' updates only.
 
+        With ``method.init: loftq`` the update over each nf4 layer starts as LoftQ sets it (:mod:`methods.loftq`).
+
         peft refuses dropout on the router and experts it wraps as parameters (``ParamWrapper``): the
         adapter is built without dropout, then each ordinary LoRA layer gets peft's own dropout module.
         """
         adapted = super().apply(model)
+        if self.config.init == "loftq":
+
+            layers, left = loftq_initialise(adapted, model.name_or_path)
+            self.loftq_note = (f"LoftQ start: the updates of {layers} nf4 layers correct their rounding; "
+                               f"{left:.0%} of the rounding error is left at rank {self.config.r}")
         if self.config.dropout > 0 and expert_parameters(model):
             from peft.tuners.lora.layer import LoraLayer, ParamWrapper
 
@@ -65,6 +73,10 @@ class LoRA(PeftMethod):
                     for adapter in module.lora_dropout:
                         module.lora_dropout[adapter] = nn.Dropout(p=self.config.dropout).train(module.training)
         return adapted
+
+    def summary(self) -> str:
+        """With ``method.init: loftq``: how much of the base's rounding error the start corrects."""
+        return getattr(self, "loftq_note", "")
 
     def param_groups(self, model: nn.Module, train_config) -> list[dict]:
         """With LoRA+, the B matrices learn ``loraplus_lr_ratio`` times faster than the rest.

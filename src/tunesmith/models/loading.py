@@ -132,6 +132,23 @@ def load_model(path: str, section: ModelSection, device: torch.device | str = "c
     return model.to(device).eval()
 
 
+def load_dequantised(path: str, section: ModelSection, trained_over: dict, device: torch.device | str = "cpu"):
+    """The base an adapter was trained over when its run had ``model.quantize``: quantised as in that run, then
+    dequantised into ``section.dtype``.
+
+    A QLoRA adapter learned against the rounded weights, not the checkpoint's; merged onto these it gives
+    exactly the model that trained (a LoftQ adapter even holds the rounding error, and would count it twice
+    on the checkpoint's weights). transformers' ``dequantize`` turns each bitsandbytes layer back into an
+    ``nn.Linear``.
+
+    Args:
+        trained_over: The manifest's ``quantized_base``: ``quantize`` and the ``dtype`` the run loaded in.
+    """
+    run_section = section.model_copy(update={"quantize": trained_over["quantize"], "dtype": trained_over["dtype"]})
+    model = load_model(path, run_section, device).dequantize()
+    return model if section.dtype == "auto" else model.to(DTYPES[section.dtype])
+
+
 def apply_rope_scaling(config, section: ModelSection) -> None:
     """Write ``model.rope_scaling`` into the config's RoPE parameters (transformers reads them as the model builds).
 

@@ -10,7 +10,7 @@ from typing import Iterator, Optional, Sequence
 
 import torch
 
-from tunesmith.config import Recipe, recipe_to_yaml
+from tunesmith.config import ModelSection, Recipe, recipe_to_yaml
 from tunesmith.core.errors import TunesmithError
 from tunesmith.core.files import atomic_folder, write_text_atomic
 from tunesmith.core.reporter import Reporter
@@ -21,6 +21,7 @@ from tunesmith.evaluation.before_after import report_after_training
 from tunesmith.export.model_card import run_card_facts, write_card
 from tunesmith.inference.generate import base_shape
 from tunesmith.methods import build_method, count_parameters
+from tunesmith.methods.base import trainable_in_float32
 from tunesmith.models import load_model_and_tokenizer
 from tunesmith.pipeline.assembly import (
     Assembly,
@@ -38,7 +39,7 @@ from tunesmith.training.hooks import Hook
 from tunesmith.training.loop import Trainer, TrainResult
 from tunesmith.training.run_folder import RunFolder, open_run_folder
 from tunesmith.training.sharding import check_sharded_recipe
-from tunesmith.training.speed import apply_speed
+from tunesmith.training.speed import apply_speed, autocast_choice
 from tunesmith.training.trackers import Trackers
 
 
@@ -70,7 +71,8 @@ def finetune(recipe: Recipe, resume: bool = False, extra_hooks: Sequence[Hook] =
                              tuple(extra_hooks))
         say = context.reporter.say
         torch.manual_seed(recipe.train.seed)
-        model, tokenizer = load_model_and_tokenizer(recipe.model, runtime.cache, runtime.device)
+        model_section = load_section(recipe, runtime.device)  # bfloat16 when the frozen base will be held in it
+        model, tokenizer = load_model_and_tokenizer(model_section, runtime.cache, runtime.device)
         stage = build_stage(recipe.stage)
         stage.check_model(model)  # e.g. an encoder is refused by every stage but cls
         data = stage.encode_data(recipe.data, tokenizer, recipe.train.seed, runtime.cache)
@@ -83,6 +85,8 @@ def finetune(recipe: Recipe, resume: bool = False, extra_hooks: Sequence[Hook] =
         method = build_method(recipe.method)
         model = method.apply(stage.adapt_model(model))
         stage.after_method(model)  # e.g. a reward head trains; DPO keeps its reference
+        if model_section is not recipe.model:
+            trainable_in_float32(model)  # loaded in bfloat16: what trains stays float32 for the optimizer
         for note in stage.notes():
             say(note)
         parameters = count_parameters(model)  # before gradual unfreezing adds any
@@ -113,6 +117,22 @@ def finetune(recipe: Recipe, resume: bool = False, extra_hooks: Sequence[Hook] =
         summary = summarise(context, result, method, data, parameters)
         return finish(context, replace(summary, forgetting=forgetting or None, task=task_change(task_before, task_after)),
                       loop.trackers)
+
+
+def load_section(recipe: Recipe, device: torch.device) -> ModelSection:
+    """``recipe.model``, loading in bfloat16 when the run would hold its frozen base in bfloat16 anyway.
+
+    Under bfloat16 autocast a frozen-base method (LoRA, DoRA, IA3) stores its frozen base in
+    bfloat16 (``PeftMethod.cast_for_autocast``); loaded in float32 first, the whole model would sit in
+    memory in float32 before the cast. Loaded in bfloat16, transformers casts each tensor as it streams in.
+    Only the default ``model.dtype: float32`` is replaced, and not under FSDP or a quantised base.
+    """
+    dtype = autocast_choice(recipe.train.speed, device)[0]
+    if (dtype is None or recipe.model.dtype != "float32" or recipe.model.quantize != "none"
+            or recipe.train.distributed == "fsdp"
+            or not getattr(build_method(recipe.method), "frozen_base_in_autocast_dtype", False)):
+        return recipe.model
+    return recipe.model.model_copy(update={"dtype": str(dtype).removeprefix("torch.")})
 
 
 @contextlib.contextmanager
@@ -266,8 +286,14 @@ def save_result(method, model, tokenizer, out: Path, recipe: Recipe, template: s
         base_model = str(local.resolve()) if local.is_dir() else recipe.model.name  # a folder: valid from any cwd
         method.write_manifest(partial, base_model=base_model, template=template, base_config=base_shape(model),
                               stage=recipe.stage.kind, data_max_length=recipe.data.max_length,
+                              **quantized_base_entry(recipe.model),
                               **(stage.manifest_entries() if stage is not None else {}))
     return final
+
+
+def quantized_base_entry(section) -> dict:
+    """The manifest's ``quantized_base`` for a run over a quantised base (how to rebuild what it trained against)."""
+    return {} if section.quantize == "none" else {"quantized_base": {"quantize": section.quantize, "dtype": section.dtype}}
 
 
 def interrupted_message(layout: RunLayout, recipe_path: str) -> str:
