@@ -21,7 +21,7 @@ def error_of(raw: dict) -> str:
 def test_unknown_key_names_it_and_the_nearest_valid_one():
     message = error_of({**MINIMAL, "method": {"kind": "lora", "alpah": 8}})
     assert "r.yaml" in message and "'method.alpah'" in message and "Did you mean 'alpha'?" in message
-    assert "Valid keys here: alpha, dora, dropout, kind" in message
+    assert "Valid keys here: alpha, dora, dropout, init, kind" in message
     message = error_of({"data": {"train": "x", "max_lenght": 10}})
     assert "Did you mean 'max_length'?" in message
 

@@ -34,7 +34,9 @@ def test_hub_ids_pass_through_unchanged(tmp_path):
 
 def test_cli_errors_are_sentences_not_tracebacks(tmp_path):
     result = run_cli("generate", "--model", "no-such-alias", "--prompt", "hi")
-    assert result.returncode == 2 and result.stderr.startswith("error: unknown model alias")
+    *progress, error = result.stderr.splitlines()  # progress lines first (loading ...), then the one sentence
+    assert result.returncode == 2 and error.startswith("error: unknown model alias")
+    assert all(line.endswith("...") for line in progress)
     assert "Traceback" not in result.stderr
     listing = run_cli("models")
     assert listing.returncode == 0 and all(name in listing.stdout for name in ALIASES)
