@@ -68,3 +68,29 @@ def test_stream_reply_streams_the_text_of_model_generate(tiny_llama):
     expected = tokenizer.decode(output[0, prompt["input_ids"].shape[1]:], skip_special_tokens=True)
     pieces = list(stream_reply(model, tokenizer, conversation, max_new_tokens=12))
     assert len(pieces) > 1 and "".join(pieces) == expected
+
+
+def test_a_run_folder_holding_a_plain_peft_adapter_is_a_result(tiny_llama, tmp_path):
+    """A run folder whose adapter/ was written by peft alone (no tunesmith.json) is an adapter result: what the server
+    serves as ``runs/NAME`` and generate loads (inference/results.locate_result is the one reading of folders)."""
+    import json
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from tunesmith.inference.results import load_result, locate_result
+
+    torch.manual_seed(0)
+    lora = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_llama),
+                          LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
+    lora.save_pretrained(tmp_path / "run" / "adapter")
+    config_file = tmp_path / "run" / "adapter" / "adapter_config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "base_model_name_or_path": tiny_llama}))
+    found = locate_result(tmp_path / "run")
+    assert (found.kind, found.folder, found.run_dir, found.recorded_base) == (
+        "adapter", tmp_path / "run" / "adapter", tmp_path / "run", tiny_llama)
+    loaded = load_result(tmp_path / "run")
+    ids = torch.tensor([[1, 5, 9, 13]])
+    with torch.no_grad():
+        assert torch.equal(loaded.model(ids).logits, lora(ids).logits)

@@ -93,8 +93,8 @@ def locate_result(path: str | Path) -> Optional[ResultFolder]:
         return None
     run_dir = None
     for artifact in RunLayout.RESULTS:
-        if (folder / artifact).is_dir() and ((folder / artifact / MANIFEST).is_file()
-                                             or (folder / artifact / "config.json").is_file()):
+        if (folder / artifact).is_dir() and any((folder / artifact / name).is_file()
+                                                for name in (MANIFEST, "config.json", PEFT_CONFIG)):
             run_dir, folder = folder, folder / artifact
             break
     manifest = read_manifest(folder) if (folder / MANIFEST).is_file() else None
