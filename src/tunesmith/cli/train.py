@@ -42,10 +42,14 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def plan_check(recipe, skip: bool):
     """The recipe, refused before loading when the plan says it cannot fit (plan/check.py), ``auto`` resolved."""
-    from tunesmith.core.runtime import available_memory_bytes, cache_dir, pick_device
+    from tunesmith.core.runtime import available_memory_bytes, cache_dir, launched_as_one_of_several, pick_device
     from tunesmith.models import resolve_model_path
     from tunesmith.workflows.plan.check import check_fits
 
+    if launched_as_one_of_several():
+        # The check plans one process on the whole machine's free memory, and under torchrun it left one rank of
+        # two hung at exit in about one run of four (measured; never with --no-plan-check): single process only.
+        return recipe
     device = pick_device(recipe.train.device, 0)
     return check_fits(recipe, resolve_model_path(recipe.model.name, cache_dir()), available_memory_bytes(device),
                       device.type == "cuda", refuse=not skip)

@@ -172,6 +172,11 @@ def init_runtime(device_preference: str = "auto") -> Runtime:
     return Runtime(device=device, rank=rank, local_rank=local_rank, world_size=world_size)
 
 
+def launched_as_one_of_several() -> bool:
+    """True when torchrun started this process as one of several (``WORLD_SIZE`` > 1), before any process group."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
 def shutdown_runtime(runtime: Runtime) -> None:
     """Leave the process group if this process joined one."""
     import torch
