@@ -10,6 +10,7 @@ the shared data sets; they find ``../shared/assets`` through one setting, ``TUNE
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -52,37 +53,69 @@ def tiny_data() -> str:
     return str(TINY_DATA)
 
 
-def build_tiny_llama(folder: Path) -> Path:
+def build_tiny_llama(folder: Path, tokenizer: str = "bpe", init_std: float = 0.02) -> Path:
     """Save a random Llama shaped like stories260k (292,800 parameters) and its tokenizer into ``folder``.
 
-    Deterministic: the tokenizer is a byte-level BPE of 512 tokens (``<unk>`` = pad, ``<s>``, ``</s>``)
-    trained on ``tests/data/instructions.json``, without a chat template (like stories260k); the
-    weights come from seed 0. Golden numbers computed on it hold on every machine.
+    Deterministic: the weights come from seed 0, the tokenizer of 512 tokens (``<unk>`` = pad, ``<s>``, ``</s>``)
+    is trained on ``tests/data/instructions.json`` without a chat template (like stories260k). Golden numbers
+    computed on it hold on every machine.
+
+    Args:
+        tokenizer: ``bpe``, a byte-level BPE; or ``sentencepiece``, a SentencePiece BPE with byte fallback
+            converted by transformers, as Llama 2's and stories260k's were (``Metaspace`` with
+            ``prepend_scheme: first``): the GGUF export's ``llama`` tokenizer model.
+        init_std: The random weights' standard deviation. At 0.02 (transformers' default) a random model's
+            next-token distributions are nearly flat, which no numerical check can tell apart from noise; a
+            wider init gives peaked distributions like a trained model's.
     """
-    import json
-
     import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import LlamaConfig, LlamaForCausalLM
 
+    save_tokenizer = {"bpe": _save_byte_level_bpe, "sentencepiece": _save_sentencepiece}[tokenizer]
     rows = json.loads(TINY_DATA.read_text())
+    save_tokenizer(folder, [f"{r['instruction']}\n{r['input']}\n{r['output']}" for r in rows])
+    config = LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=172, num_hidden_layers=5,
+                         num_attention_heads=8, num_key_value_heads=4, head_dim=8, max_position_embeddings=512,
+                         rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False,
+                         initializer_range=init_std)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        LlamaForCausalLM(config).save_pretrained(folder)
+    return folder
+
+
+def _save_byte_level_bpe(folder: Path, texts: list[str]) -> None:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    bpe.train_from_iterator([f"{r['instruction']}\n{r['input']}\n{r['output']}" for r in rows], trainer)
+    bpe.train_from_iterator(texts, trainer)
     bpe.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
                                                        special_tokens=[("<s>", 1)])
     PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
                             pad_token="<unk>").save_pretrained(folder)
-    config = LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=172, num_hidden_layers=5,
-                         num_attention_heads=8, num_key_value_heads=4, head_dim=8, max_position_embeddings=512,
-                         rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        LlamaForCausalLM(config).save_pretrained(folder)
-    return folder
+
+
+def _save_sentencepiece(folder: Path, texts: list[str]) -> None:
+    import io
+
+    import sentencepiece
+    from transformers import LlamaTokenizer
+
+    model = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(texts), model_writer=model, model_type="bpe", vocab_size=512, byte_fallback=True,
+        character_coverage=0.995, split_digits=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, num_threads=1,
+        minloglevel=2)
+    sentencepiece_folder = folder.parent / f"{folder.name}-sentencepiece"
+    sentencepiece_folder.mkdir()
+    (sentencepiece_folder / "tokenizer.model").write_bytes(model.getvalue())
+    LlamaTokenizer.from_pretrained(sentencepiece_folder, legacy=False, add_bos_token=True,
+                                   pad_token="<unk>").save_pretrained(folder)
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,7 @@ import pytest
 
 from tunesmith.core.errors import TunesmithError
 
-from conftest import REPO, run_cli
+from conftest import REPO, build_tiny_llama, run_cli
 
 
 def _train(out: Path, model: str) -> Path:
@@ -35,46 +35,11 @@ def trained_run(tmp_path_factory, tiny_llama) -> Path:
     return _train(tmp_path_factory.mktemp("export") / "run", tiny_llama)
 
 
-def build_sentencepiece_llama(folder: Path, init_std: float) -> Path:
-    """A random Llama with stories260k's shapes and a SentencePiece tokenizer of 512 pieces, saved into ``folder``.
-
-    The tokenizer is a SentencePiece BPE with byte fallback trained on ``tests/data/instructions.json`` and
-    converted by transformers, as Llama 2's and stories260k's were (``Metaspace`` with ``prepend_scheme: first``,
-    ``<unk>`` = pad, ``<s>``, ``</s>``). ``init_std`` scales the random weights: at 0.02 (transformers' default)
-    a random model's next-token distributions are nearly flat, which no numerical check can tell apart from
-    noise; a wider init gives peaked distributions like a trained model's. Deterministic (seed 0).
-    """
-    import io
-
-    import sentencepiece
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM, LlamaTokenizer
-
-    rows = json.loads((REPO / "tests" / "data" / "instructions.json").read_text())
-    model = io.BytesIO()
-    sentencepiece.SentencePieceTrainer.train(
-        sentence_iterator=iter(f"{r['instruction']}\n{r['input']}\n{r['output']}" for r in rows), model_writer=model,
-        model_type="bpe", vocab_size=512, byte_fallback=True, character_coverage=0.995, split_digits=True,
-        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, num_threads=1, minloglevel=2)
-    sentencepiece_folder = folder.parent / f"{folder.name}-sentencepiece"
-    sentencepiece_folder.mkdir()
-    (sentencepiece_folder / "tokenizer.model").write_bytes(model.getvalue())
-    LlamaTokenizer.from_pretrained(sentencepiece_folder, legacy=False, add_bos_token=True,
-                                   pad_token="<unk>").save_pretrained(folder)
-    config = LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=172, num_hidden_layers=5,
-                         num_attention_heads=8, num_key_value_heads=4, head_dim=8, max_position_embeddings=512,
-                         rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False,
-                         initializer_range=init_std)
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        LlamaForCausalLM(config).save_pretrained(folder)
-    return folder
-
-
 @pytest.fixture(scope="module")
 def sentencepiece_llama(tmp_path_factory) -> str:
-    """A random Llama with a SentencePiece tokenizer and peaked distributions (see build_sentencepiece_llama)."""
-    return str(build_sentencepiece_llama(tmp_path_factory.mktemp("export") / "sentencepiece-llama", init_std=0.1))
+    """A random Llama with a SentencePiece tokenizer and peaked distributions (see conftest.build_tiny_llama)."""
+    folder = tmp_path_factory.mktemp("export") / "sentencepiece-llama"
+    return str(build_tiny_llama(folder, tokenizer="sentencepiece", init_std=0.1))
 
 
 @pytest.fixture(scope="module")
@@ -205,7 +170,7 @@ def test_a_quantisation_beyond_its_tolerance_says_by_how_much_and_leaves_nothing
 
     # random perturbations of every LoRA weight make a model that 4-bit weights cannot follow; the measure needs
     # peaked distributions (a trained model's, or a wide random init's: at 0.02, flat ones stay within 0.5 nats)
-    model = str(build_sentencepiece_llama(tmp_path / "model", init_std=0.2))
+    model = str(build_tiny_llama(tmp_path / "model", tokenizer="sentencepiece", init_std=0.2))
     result = _trained_result({"kind": "lora", "r": 4}, model, tmp_path / "adapter")
     with pytest.raises(TunesmithError, match=r"KL divergence of [0-9.]+ nats, [0-9.]+x the tolerance of 0.5"):
         export(result, tmp_path / "out", "gguf", "q4_0")
