@@ -41,15 +41,33 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def plan_check(recipe, skip: bool):
-    """The recipe, refused before loading when the plan says it cannot fit (plan/check.py), ``auto`` resolved."""
-    from tunesmith.core.runtime import available_memory_bytes, cache_dir, launched_as_one_of_several, pick_device
+    """The recipe, refused before loading when the plan says it cannot fit (plan/check.py), ``auto`` resolved.
+
+    Under torchrun every process joins the group first and the main process decides for all, on the least
+    memory any process has (its share of the machine's: :func:`memory_for_each_process`): every process then
+    trains the same recipe (``auto`` resolved alike) or every process refuses with the same sentence.
+    """
+    from tunesmith.core.runtime import (
+        cache_dir,
+        from_main_process,
+        init_runtime,
+        memory_for_each_process,
+        shutdown_runtime,
+    )
     from tunesmith.models import resolve_model_path
     from tunesmith.workflows.plan.check import check_fits
 
-    if launched_as_one_of_several():
-        # The check plans one process on the whole machine's free memory, and under torchrun it left one rank of
-        # two hung at exit in about one run of four (measured; never with --no-plan-check): single process only.
-        return recipe
-    device = pick_device(recipe.train.device, 0)
-    return check_fits(recipe, resolve_model_path(recipe.model.name, cache_dir()), available_memory_bytes(device),
-                      device.type == "cuda", refuse=not skip)
+    runtime = init_runtime(recipe.train.device)  # finetune's run_session finds the group joined and keeps it
+    available = memory_for_each_process(runtime)
+    decision = None
+    if runtime.is_main:
+        try:
+            decision = check_fits(recipe, resolve_model_path(recipe.model.name, cache_dir()), available,
+                                  runtime.device.type == "cuda", refuse=not skip)
+        except TunesmithError as refusal:
+            decision = str(refusal)
+    decision = from_main_process(runtime, decision)
+    if isinstance(decision, str):
+        shutdown_runtime(runtime)
+        raise TunesmithError(decision)
+    return decision

@@ -172,9 +172,38 @@ def init_runtime(device_preference: str = "auto") -> Runtime:
     return Runtime(device=device, rank=rank, local_rank=local_rank, world_size=world_size)
 
 
-def launched_as_one_of_several() -> bool:
-    """True when torchrun started this process as one of several (``WORLD_SIZE`` > 1), before any process group."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+def memory_for_each_process(runtime: Runtime) -> Optional[int]:
+    """Bytes one process of the run may plan on, the same number in every process.
+
+    :func:`available_memory_bytes` of this process's device; on the CPU the machine's memory is shared by the
+    processes torchrun started on it (``LOCAL_WORLD_SIZE``), a GPU's belongs to its one process. Under torchrun
+    the least over all processes (an all-reduce), so that no process plans on more than another sees; None
+    where any process cannot tell.
+    """
+    import torch
+
+    available = available_memory_bytes(runtime.device)
+    if not runtime.distributed:
+        return available
+    sharing = 1 if runtime.device.type == "cuda" else int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    least = torch.tensor([-1 if available is None else available // sharing], dtype=torch.int64,
+                         device=runtime.device)
+    torch.distributed.all_reduce(least, op=torch.distributed.ReduceOp.MIN)
+    return None if int(least) < 0 else int(least)
+
+
+def from_main_process(runtime: Runtime, value):
+    """``value`` as the main process holds it, in every process (a broadcast; ``value`` itself in one process).
+
+    For what one process decides for all: the others pass anything (None) and receive the main process's.
+    """
+    import torch
+
+    if not runtime.distributed:
+        return value
+    box = [value]
+    torch.distributed.broadcast_object_list(box, src=0, device=runtime.device)
+    return box[0]
 
 
 def shutdown_runtime(runtime: Runtime) -> None:
