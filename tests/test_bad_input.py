@@ -44,6 +44,11 @@ def recipe(tmp: Path, body: str = "", data: str = "") -> Path:
     return write(tmp / "recipe.yaml", f"model: {{name: {model}}}\ndata: {{train: {train}}}\n{body}")
 
 
+def validated_recipe(tmp: Path) -> Path:
+    """:func:`recipe` holding out half its data for validation (what a sweep's ``val_loss`` needs)."""
+    return write(tmp / "recipe.yaml", recipe(tmp).read_text().replace("data: {", "data: {validation_fraction: 0.5, "))
+
+
 def fake_model(tmp: Path, weights: bytes) -> Path:
     folder = tmp / "model"
     write(folder / "config.json", json.dumps({"model_type": "llama"}))
@@ -182,6 +187,9 @@ CASES = [
          ("t.yaml does not exist",)),
     Case("suite unknown key", lambda t: ["eval", "--model", "x", "--suite", str(write(t / "s.yaml", "tasks: [t.yaml]\nlimt: 3\n"))],
          ("s.yaml", "unknown key(s) limt")),
+    Case("malformed sweep space YAML", lambda t: ["sweep", str(validated_recipe(t)), "--space",
+                                                  str(write(t / "s.yaml", "train.lr: {low: 1\n"))],
+         ("s.yaml, line 2", "not valid YAML", "search space file")),
     # --- flags ----------------------------------------------------------------------------------------
     Case("eval --batch-size 0", lambda t: ["eval", "--data", "x.jsonl", "--batch-size", "0"], ("--batch-size", "at least 1")),
     Case("eval --max-length 0", lambda t: ["eval", "--data", "x.jsonl", "--max-length", "0"], ("--max-length", "at least 8")),

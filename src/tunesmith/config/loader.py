@@ -50,16 +50,24 @@ def read_yaml(path: Path, what: str = "file") -> Any:
         data = path.read_bytes()
     except OSError as error:
         raise TunesmithError(f"{what} {path} cannot be read ({error.strerror or error})") from None
-    text = decode_utf8(path, data, what)
+    return parse_yaml(decode_utf8(path, data, what), str(path), what)
+
+
+def parse_yaml(text: str, source: str, what: str) -> Any:
+    """``text`` read as YAML data only (``safe_load``), from ``source`` (a path, or where a browser sent it).
+
+    Raises:
+        TunesmithError: If it is not YAML (one sentence naming ``source`` and the line) or nests too deeply.
+    """
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
-        where = f"{path}, line {mark.line + 1}" if mark is not None else str(path)
+        where = f"{source}, line {mark.line + 1}" if mark is not None else source
         problem = getattr(error, "problem", None) or str(error).splitlines()[0]
         raise TunesmithError(f"{where}: not valid YAML ({problem}); fix the {what}'s syntax there") from None
     except RecursionError:
-        raise TunesmithError(f"{path}: the YAML is nested too deeply to be a {what}") from None
+        raise TunesmithError(f"{source}: the YAML is nested too deeply to be a {what}") from None
 
 
 def validate_recipe(raw: dict[str, Any], source: str = "recipe") -> Recipe:

@@ -18,6 +18,7 @@ from fastapi import APIRouter, File, Query, Request, UploadFile
 from fastapi.responses import FileResponse
 from pydantic import BaseModel, Field, ValidationError
 
+from tunesmith.config.loader import parse_yaml
 from tunesmith.core.errors import TunesmithError
 from tunesmith.core.files import atomic_path, write_text_atomic
 from tunesmith.core.run_files import RunLayout
@@ -289,20 +290,12 @@ async def compare_runs(request: Request, runs: list[str] = Query(..., min_length
 
 
 def yaml_from_browser(text: str, what: str) -> Any:
-    """YAML sent by the browser, read as data only (``safe_load``); a syntax error is one sentence naming the line.
+    """YAML sent by the browser, read as data only; a syntax error is one sentence naming the line.
 
     Raises:
         TunesmithError: If it is not valid YAML or nests too deeply.
     """
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark is not None else ""
-        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
-        raise TunesmithError(f"the {what} is not valid YAML{where} ({problem}); fix its syntax there") from None
-    except RecursionError:
-        raise TunesmithError(f"the {what} is nested too deeply to be YAML the studio reads") from None
+    return parse_yaml(text, f"the {what} sent", what)
 
 
 def unique_name(workspace, wanted: str) -> str:

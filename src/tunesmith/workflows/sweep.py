@@ -26,7 +26,7 @@ from typing import Any, Optional
 import yaml
 
 from tunesmith.config import Recipe, load_recipe, recipe_to_yaml, validate_recipe
-from tunesmith.config.loader import validate_method
+from tunesmith.config.loader import read_yaml, validate_method
 from tunesmith.core.errors import TunesmithError, missing_file
 from tunesmith.core.files import atomic_path, write_text_atomic
 from tunesmith.core.registry import did_you_mean
@@ -68,10 +68,7 @@ def read_space(path: str | Path, raw_recipe: dict) -> list[Dimension]:
     path = Path(path)
     if not path.is_file():
         raise missing_file(path, "search space file")
-    try:
-        spec = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as error:
-        raise TunesmithError(f"{path} is not valid YAML: {error}") from None
+    spec = read_yaml(path, "search space file") or {}
     if not isinstance(spec, dict) or not spec:
         raise TunesmithError(f"{path} must map dotted recipe fields to ranges, e.g. 'train.lr: {{low: 1e-5, high: 1e-3, "
                              "log: true}'")
