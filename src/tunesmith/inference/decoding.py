@@ -76,7 +76,12 @@ class SlotCache:
     def plan_decode(self, rows: int, device) -> None:
         """The next forward is one new token for each of slots ``0 .. rows - 1``."""
         positions = torch.tensor(self.lengths[:rows], device=device)  # where each row's new token goes
-        self._plan = ("decode", rows, torch.arange(rows, device=device), positions, max(self.lengths[:rows]) + 1)
+        heads, capacity = self.keys[0].shape[1], self.capacity
+        # the flat position of (row, head, new token) in a buffer viewed as (slots * heads * capacity, head_dim):
+        # one index_copy_ per layer writes them all (advanced-index assignment took ~1 ms a layer at 32 rows)
+        flat = (torch.arange(rows, device=device)[:, None] * heads + torch.arange(heads, device=device)[None]) \
+            * capacity + positions[:, None]  # (rows, heads)
+        self._plan = ("decode", rows, flat.reshape(-1), max(self.lengths[:rows]) + 1)
 
     def move(self, source: int, target: int) -> None:
         """Copy slot ``source`` into slot ``target`` (a row leaving makes room this way)."""
@@ -94,9 +99,10 @@ class SlotCache:
                 keys[slot, :, : key.shape[2] - pad] = key[row, :, pad:]
                 values[slot, :, : key.shape[2] - pad] = value[row, :, pad:]
             return key, value  # the prompt attends to itself (left-padded, masked by the caller)
-        _, rows, index, positions, longest = self._plan
-        keys[index, :, positions] = key[:, :, 0].to(keys.dtype)
-        values[index, :, positions] = value[:, :, 0].to(values.dtype)
+        _, rows, flat, longest = self._plan
+        head_dim = keys.shape[-1]
+        keys.view(-1, head_dim).index_copy_(0, flat, key[:, :, 0].reshape(-1, head_dim).to(keys.dtype))
+        values.view(-1, head_dim).index_copy_(0, flat, value[:, :, 0].reshape(-1, head_dim).to(values.dtype))
         return keys[:rows, :, :longest], values[:rows, :, :longest]
 
 
@@ -128,6 +134,13 @@ class Row:
             drop[-1] = False
             logits = logits.masked_fill(drop.scatter(0, order, drop), float("-inf"))
         return int(torch.multinomial(logits.softmax(-1), 1, generator=self.generator))
+
+
+def _pick_each(rows: list[Row], logits: torch.Tensor) -> None:
+    """Append each row's next token; ``logits`` (rows, vocabulary). Greedy rows share one argmax call."""
+    greedy = logits.argmax(-1).tolist()
+    for row, token, row_logits in zip(rows, greedy, logits):
+        row.tokens.append(token if row.temperature <= 0 else row.pick(row_logits))
 
 
 class RowBatch:
@@ -182,8 +195,7 @@ class RowBatch:
         self.cache.plan_prefill([row.slot for row in rows], pads)
         logits = self._forward(ids, positions, mask[:, None], rows)
         self.rows += rows
-        for row, row_logits in zip(rows, logits[:, -1]):
-            row.tokens.append(row.pick(row_logits))
+        _pick_each(rows, logits[:, -1])
 
     @torch.no_grad()
     def step(self) -> None:
@@ -202,8 +214,7 @@ class RowBatch:
             logits = self._forward(ids, positions, mask[:, None, None], self.rows)
         for slot in range(count):
             self.cache.lengths[slot] += 1
-        for row, row_logits in zip(self.rows, logits[:, -1]):
-            row.tokens.append(row.pick(row_logits))
+        _pick_each(self.rows, logits[:, -1])
 
     def leave(self, row: Row) -> None:
         """Free ``row``'s slot: the last row moves into it, nobody else is touched."""
