@@ -274,6 +274,11 @@ class RowBatch:
             self.cache.lengths[slot] += 1
         _pick_each(self.rows, logits[:, -1])
 
+    def prefill_length(self, row: Row) -> int:
+        """Tokens of ``row``'s prompt a join would run through the model (those after a known shared start)."""
+        known = self.prefixes.get(row.adapter)
+        return len(row.prompt) - len(known.tokens) if known is not None and known.starts(row.prompt) else len(row.prompt)
+
     def _prefix_for(self, rows: list[Row]) -> Optional[Prefix]:
         """The shared start to reuse for ``rows`` (one adapter): the last one if all rows begin with it, else
         their longest common start when it is at least ``MIN_PREFIX`` tokens (computed now), else None."""
