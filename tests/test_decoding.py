@@ -116,7 +116,10 @@ def test_a_shared_prompt_start_is_computed_once_and_decodes_as_generate(name):
     assert common_prefix(asked) >= 20 >= MIN_PREFIX
     with_prefix = RowBatch(model)
     with_prefix.join([Row(prompt) for prompt in asked[:3]], room=8)
-    assert len(with_prefix.prefixes[None].tokens) == common_prefix(asked[:3])
+    shared = common_prefix(asked[:3])
+    assert len(with_prefix.prefixes[None].tokens) == shared
+    assert with_prefix.prefill_length(Row(asked[3])) == len(asked[3]) - shared  # what the server's budget counts
+    assert with_prefix.prefill_length(Row([5] + asked[3])) == len(asked[3]) + 1
     with_prefix.join([Row(asked[3])], room=8)  # a later row reuses the shared start (one row computes none)
     without = RowBatch(model)
     for prompt in asked:
