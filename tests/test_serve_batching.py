@@ -272,3 +272,32 @@ def test_loopback_load_streams_every_request_and_answers_as_alone(tiny_llama, tm
         app.state.jobs.close()
     assert together == alone and all(alone)
     assert max(app.state.generator.batch_sizes) > 1
+
+
+def test_serve_dtype_loads_every_served_model_in_it(tiny_llama, tmp_path):
+    """``serve --dtype bfloat16``: the pool loads in it and the batcher decodes it (a KV cache of that dtype)."""
+    import shutil
+
+    from tunesmith.serve.batching import BatchingGenerator, GenerationRequest
+    from tunesmith.serve.pool import ModelPool
+    from tunesmith.serve.workspace import Workspace
+
+    shutil.copytree(tiny_llama, tmp_path / "models" / "tiny")
+    pool = ModelPool(Workspace(tmp_path), dtype="bfloat16")
+    served = pool.get("models/tiny")
+    assert next(served.model.parameters()).dtype == torch.bfloat16
+    generator = BatchingGenerator(pool, window_s=0.0)
+    try:
+        events = []
+        done = threading.Event()
+
+        def sink(event):
+            events.append(event)
+            if event[0] in ("done", "error"):
+                done.set()
+
+        generator.submit(GenerationRequest("models/tiny", lambda tokenizer: "Once upon a time", sink, max_tokens=5))
+        assert done.wait(120)
+        assert events[-1][0] == "done" and events[-1][3] >= 1, events
+    finally:
+        generator.close()
