@@ -301,3 +301,24 @@ def test_serve_dtype_loads_every_served_model_in_it(tiny_llama, tmp_path):
         assert events[-1][0] == "done" and events[-1][3] >= 1, events
     finally:
         generator.close()
+
+
+def test_batcher_seed_holds_when_company_shares_the_prompt_start(batcher, monkeypatch):
+    """Prefix caching: in company the seeded row reads a shared start computed once; alone, its whole prompt."""
+    from tunesmith.inference.decoding import RowBatch
+
+    used = []
+    original = RowBatch._prefix_for
+    monkeypatch.setattr(RowBatch, "_prefix_for", lambda self, rows: used.append(original(self, rows)) or used[-1])
+    model = random_llama(eos=VOCAB + 5)
+    generator = batcher({"m": servable("m", model)})
+    start = list(range(3, 23))  # 20 tokens: at least MIN_PREFIX
+    prompt = start + prompts(1, seed=8)[0]
+    fields = {"temperature": 1.0, "top_p": 0.95, "seed": 5}
+    finished, alone, *_ = ask(generator, "m", prompt, 16, **fields)
+    assert finished.wait(60) and not any(used)
+    company = [ask(generator, "m", start + p, 30, temperature=1.0) for p in prompts(4, seed=9)]
+    finished, together, *_ = ask(generator, "m", prompt, 16, **fields)
+    assert finished.wait(60) and all(done.wait(60) for done, *_ in company)
+    assert any(prefix is not None and len(prefix.tokens) >= 16 for prefix in used)
+    assert tokens(alone) == tokens(together) and len(tokens(alone)) == 16
