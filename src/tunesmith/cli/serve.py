@@ -19,8 +19,8 @@ def register(commands) -> None:
                        help="A base model outside the workspace to serve and train from (repeatable).")
     serve.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (for serving; jobs use their recipe's)")
     serve.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
-                       help="Weights of served models. bfloat16 runs a crowd of requests several times faster on a CPU "
-                            "with AMX or AVX-512 BF16 (replies differ a little from float32's; docs/speed.md).")
+                       help="Weights of served models. bfloat16 decodes a crowd of requests about twice as fast on a CPU "
+                            "with AMX, but a seed then reproduces a reply only under the same traffic (docs/speed.md).")
     serve.add_argument("--max-upload-mb", type=int, default=200, help="Largest data file the studio accepts.")
     serve.add_argument("--batch-window-ms", type=float, default=10.0,
                        help="How long generation waits to batch concurrent requests together.")
