@@ -34,10 +34,10 @@ PROMPTS = ["Tell me a story about a cat.", "What did Lily find in the park?", "W
 LENGTHS = [16, 64, 32, 48, 24, 56, 40, 20]  # max_tokens of request i: LENGTHS[i % 8] (mixed lengths)
 
 
-def start_server(workspace: Path, model: str, port: int) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+def start_server(workspace: Path, model: str, port: int, dtype: str = "float32", threads: int = 0) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
     process = subprocess.Popen([sys.executable, "-m", "tunesmith", "serve", "--workspace", str(workspace),
-                                "--port", str(port), "--model", f"bench={model}"], env=env,
+                                "--port", str(port), "--model", f"bench={model}", "--dtype", dtype], env=env,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     for _ in range(600):
         try:
@@ -49,7 +49,7 @@ def start_server(workspace: Path, model: str, port: int) -> subprocess.Popen:
     raise SystemExit("the server did not start")
 
 
-def make_adapters(workspace: Path, model: str, count: int = 2) -> list[str]:
+def make_adapters(workspace: Path, model: str, count: int = 2, dtype: str = "float32") -> list[str]:
     """Random LoRA adapters of the base (small, so that replies stay text), saved as plain peft runs."""
     import torch
     from peft import LoraConfig, get_peft_model
@@ -57,7 +57,7 @@ def make_adapters(workspace: Path, model: str, count: int = 2) -> list[str]:
     sys.path.insert(0, str(REPO / "src"))
     from tunesmith.inference.generate import load_for_inference
 
-    base, _ = load_for_inference(model)
+    base, _ = load_for_inference(model, dtype=dtype)
     ids = []
     for index in range(count):
         torch.manual_seed(index)
@@ -125,10 +125,13 @@ def main() -> None:
     parser.add_argument("--alone", type=int, default=0, help="Requests of the mix sent one at a time (0: all).")
     parser.add_argument("--no-adapters", action="store_true", help="Skip the mixed-adapter run.")
     parser.add_argument("--port", type=int, default=8917)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="serve --dtype.")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="OMP_NUM_THREADS of the server (0: its default); 1 is steadier on a busy machine.")
     args = parser.parse_args()
     workspace = Path(tempfile.mkdtemp(prefix="tunesmith-serve-bench-"))
-    adapters = [] if args.no_adapters else make_adapters(workspace, args.model)
-    server = start_server(workspace, args.model, args.port)
+    adapters = [] if args.no_adapters else make_adapters(workspace, args.model, dtype=args.dtype)
+    server = start_server(workspace, args.model, args.port, args.dtype, args.threads)
     rows = []
     try:
         url = f"http://127.0.0.1:{args.port}"
@@ -144,7 +147,7 @@ def main() -> None:
         server.terminate()
         server.wait()
         shutil.rmtree(workspace, ignore_errors=True)
-    print(f"model {args.model}, streamed chat requests, max_tokens {LENGTHS} in turn, greedy; "
+    print(f"model {args.model} ({args.dtype}, threads {args.threads or 'default'}), streamed chat requests, max_tokens {LENGTHS} in turn, greedy; "
           f"load average (1 min) at the end: {os.getloadavg()[0]:.1f}")
     print("| requests | answered | latency p50 (s) | latency p95 (s) | TTFT p50 (s) | TTFT p95 (s) | wall (s) | "
           "completion tokens | tokens/s | tokens/s vs one at a time | p50 vs one at a time |")

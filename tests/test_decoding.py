@@ -98,3 +98,58 @@ def test_a_model_without_the_llama_layout_decodes_without_the_lean_step():
 
     model = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=1, n_head=2))
     assert LeanDecoder.fit(model) is None
+
+
+def shared_start_prompts(count: int, start: int = 20, seed: int = 4) -> list[list[int]]:
+    """Prompts that begin with the same ``start`` tokens (a chat template's system prompt) and differ after."""
+    generator = torch.Generator().manual_seed(seed)
+    common = torch.randint(3, VOCAB, (start,), generator=generator).tolist()
+    return [common + tail for tail in prompts(count, seed=seed + 1)]
+
+
+@pytest.mark.parametrize("name", ["llama", "llama-bfloat16", "llama-lora"])
+def test_a_shared_prompt_start_is_computed_once_and_decodes_as_generate(name):
+    from tunesmith.inference.decoding import MIN_PREFIX, common_prefix
+
+    model = MODELS[name]()
+    asked = shared_start_prompts(4)
+    assert common_prefix(asked) >= 20 >= MIN_PREFIX
+    with_prefix = RowBatch(model)
+    with_prefix.join([Row(prompt) for prompt in asked[:3]], room=8)
+    shared = common_prefix(asked[:3])
+    assert len(with_prefix.prefixes[None].tokens) == shared
+    assert with_prefix.prefill_length(Row(asked[3])) == len(asked[3]) - shared  # what the server's budget counts
+    assert with_prefix.prefill_length(Row([5] + asked[3])) == len(asked[3]) + 1
+    with_prefix.join([Row(asked[3])], room=8)  # a later row reuses the shared start (one row computes none)
+    without = RowBatch(model)
+    for prompt in asked:
+        without.join([Row(prompt)], room=8)
+    assert not without.prefixes
+    for _ in range(3):
+        with_prefix.step(), without.step()
+    tolerance = 0.05 if name == "llama-bfloat16" else 1e-5
+    for layer in range(2):  # the slots hold the same keys and values either way
+        for mine, theirs in ((with_prefix.cache.keys, without.cache.keys), (with_prefix.cache.values, without.cache.values)):
+            torch.testing.assert_close(mine[layer][:4], theirs[layer][:4], atol=tolerance, rtol=tolerance)
+    expected = []
+    for prompt in asked:
+        output = model.generate(input_ids=torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                                max_new_tokens=10, do_sample=False, eos_token_id=None, pad_token_id=0)
+        expected.append(output[0, len(prompt):].tolist())
+    if name != "llama-bfloat16":  # bfloat16 rounds the shared start's forward differently: tokens may part
+        assert decode(model, asked, 10) == expected
+
+
+def test_rows_of_different_adapters_share_a_start_per_adapter():
+    model = MODELS["llama-lora"]()
+    asked = shared_start_prompts(4)
+    batch = RowBatch(model, mixed_adapters=True)
+    adapters = ["default", "__base__", "default", "__base__"]
+    batch.join([Row(prompt, adapter=adapter) for prompt, adapter in zip(asked, adapters)], room=4)
+    assert set(batch.prefixes) == {"default", "__base__"}
+    alone = []
+    for prompt, adapter in zip(asked, adapters):
+        single = RowBatch(model, mixed_adapters=True)
+        single.join([Row(prompt, adapter=adapter)], room=4)
+        alone.append(single.rows[0].tokens)
+    assert sorted(row.tokens for row in batch.rows) == sorted(alone)

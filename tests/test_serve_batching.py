@@ -272,3 +272,53 @@ def test_loopback_load_streams_every_request_and_answers_as_alone(tiny_llama, tm
         app.state.jobs.close()
     assert together == alone and all(alone)
     assert max(app.state.generator.batch_sizes) > 1
+
+
+def test_serve_dtype_loads_every_served_model_in_it(tiny_llama, tmp_path):
+    """``serve --dtype bfloat16``: the pool loads in it and the batcher decodes it (a KV cache of that dtype)."""
+    import shutil
+
+    from tunesmith.serve.batching import BatchingGenerator, GenerationRequest
+    from tunesmith.serve.pool import ModelPool
+    from tunesmith.serve.workspace import Workspace
+
+    shutil.copytree(tiny_llama, tmp_path / "models" / "tiny")
+    pool = ModelPool(Workspace(tmp_path), dtype="bfloat16")
+    served = pool.get("models/tiny")
+    assert next(served.model.parameters()).dtype == torch.bfloat16
+    generator = BatchingGenerator(pool, window_s=0.0)
+    try:
+        events = []
+        done = threading.Event()
+
+        def sink(event):
+            events.append(event)
+            if event[0] in ("done", "error"):
+                done.set()
+
+        generator.submit(GenerationRequest("models/tiny", lambda tokenizer: "Once upon a time", sink, max_tokens=5))
+        assert done.wait(120)
+        assert events[-1][0] == "done" and events[-1][3] >= 1, events
+    finally:
+        generator.close()
+
+
+def test_batcher_seed_holds_when_company_shares_the_prompt_start(batcher, monkeypatch):
+    """Prefix caching: in company the seeded row reads a shared start computed once; alone, its whole prompt."""
+    from tunesmith.inference.decoding import RowBatch
+
+    used = []
+    original = RowBatch._prefix_for
+    monkeypatch.setattr(RowBatch, "_prefix_for", lambda self, rows: used.append(original(self, rows)) or used[-1])
+    model = random_llama(eos=VOCAB + 5)
+    generator = batcher({"m": servable("m", model)})
+    start = list(range(3, 23))  # 20 tokens: at least MIN_PREFIX
+    prompt = start + prompts(1, seed=8)[0]
+    fields = {"temperature": 1.0, "top_p": 0.95, "seed": 5}
+    finished, alone, *_ = ask(generator, "m", prompt, 16, **fields)
+    assert finished.wait(60) and not any(used)
+    company = [ask(generator, "m", start + p, 30, temperature=1.0) for p in prompts(4, seed=9)]
+    finished, together, *_ = ask(generator, "m", prompt, 16, **fields)
+    assert finished.wait(60) and all(done.wait(60) for done, *_ in company)
+    assert any(prefix is not None and len(prefix.tokens) >= 16 for prefix in used)
+    assert tokens(alone) == tokens(together) and len(tokens(alone)) == 16

@@ -37,7 +37,7 @@ def is_loopback(host: str) -> bool:
 def create_app(workspace: str | Path, api_key: Optional[str] = None, bases: Optional[dict[str, str]] = None,
                device: str = "cpu", max_upload_mb: int = 200, max_body_kb: int = 1024,
                batch_window_ms: float = 10.0, max_batch: int = 32, allow_code: bool = False,
-               allow_remote_models: bool = False) -> FastAPI:
+               allow_remote_models: bool = False, dtype: str = "float32") -> FastAPI:
     """The server as an ASGI app.
 
     Args:
@@ -51,6 +51,7 @@ def create_app(workspace: str | Path, api_key: Optional[str] = None, bases: Opti
             trust_remote_code, lm-eval include paths); see :mod:`tunesmith.serve.safety`.
         allow_remote_models: ``serve --allow-remote-models``: recipes from the browser may name a hub id as
             ``model.name`` (the job downloads it).
+        dtype: ``serve --dtype``: the weights of served models, ``float32`` or ``bfloat16``.
     """
     from tunesmith.serve import guided, jobs_api, openai_api, playground, studio_api, studio_data
     from tunesmith.serve.batching import BatchingGenerator
@@ -65,7 +66,7 @@ def create_app(workspace: str | Path, api_key: Optional[str] = None, bases: Opti
     app = FastAPI(title="tunesmith serve", docs_url="/api/docs", openapi_url="/api/openapi.json", redoc_url=None,
                   lifespan=lifespan)
     app.state.workspace = Workspace(workspace)
-    app.state.pool = ModelPool(app.state.workspace, bases, device)
+    app.state.pool = ModelPool(app.state.workspace, bases, device, dtype)
     app.state.safety = SafetyRules(app.state.workspace, dict(app.state.pool.bases), allow_code,
                                   allow_remote_models)
     app.state.generator = BatchingGenerator(app.state.pool, batch_window_ms / 1000, max_batch)

@@ -142,7 +142,8 @@ class BatchingGenerator:
             requests sent together are prefilled together.
         max_batch: Most rows decoded together per base model; more wait for a free slot.
         prefill_tokens: Most prompt tokens prefilled between two decode steps (at least one row):
-            a crowd of new requests is prefilled in parts, the running rows stepping in between.
+            a crowd of new requests is prefilled in parts, the running rows stepping in between. Tokens
+            of a shared start the running batch already holds (prefix caching) are not counted.
     """
 
     def __init__(self, pool: ModelPool, window_s: float = 0.01, max_batch: int = 32, prefill_tokens: int = 512) -> None:
@@ -253,7 +254,7 @@ class BatchingGenerator:
             taken = len(self.batches[key]) if key in self.batches else 0
             if taken + len(joining.get(key, [])) >= self.max_batch:
                 break
-            budget -= len(choice.decoding.prompt)
+            budget -= self.batches[key].prefill_length(choice.decoding) if key in self.batches else len(choice.decoding.prompt)
             self.waiting.popleft()
             if not choice.request.cancelled.is_set():
                 joining.setdefault(key, []).append(choice)

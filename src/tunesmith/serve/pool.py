@@ -76,10 +76,12 @@ class Servable:
 class ModelPool:
     """Resolves model ids and keeps what was loaded (one copy per base)."""
 
-    def __init__(self, workspace: Workspace, bases: dict[str, str] | None = None, device: str = "cpu") -> None:
+    def __init__(self, workspace: Workspace, bases: dict[str, str] | None = None, device: str = "cpu",
+                 dtype: str = "float32") -> None:
         self.workspace = workspace
         self.bases = dict(bases or {})  # id given at start -> alias or folder
         self.device = device
+        self.dtype = dtype  # of every loaded model (serve --dtype)
         self.loaded: dict[str, LoadedBase] = {}
         self.separate: dict[str, Servable] = {}  # results that cannot share a base (full, partial)
         self.lock = threading.Lock()
@@ -162,7 +164,7 @@ class ModelPool:
 
         base = self.loaded.get(spec.base)
         if base is None:
-            model, tokenizer = load_for_inference(spec.base, device=self.device)
+            model, tokenizer = load_for_inference(spec.base, dtype=self.dtype, device=self.device)
             base = self.loaded[spec.base] = LoadedBase(model, tokenizer)
         if spec.adapter is None:
             return Servable(spec.model_id, base.model, base.tokenizer, None)
@@ -171,7 +173,7 @@ class ModelPool:
         adapter = Path(spec.adapter)
         if not (adapter / "adapter_config.json").is_file():
             # full or partial fine-tuning rewrites base weights: it gets a model of its own
-            model, tokenizer = load_for_inference(spec.base, spec.adapter, device=self.device)
+            model, tokenizer = load_for_inference(spec.base, spec.adapter, self.dtype, self.device)
             self.separate[spec.adapter] = Servable(spec.model_id, model, tokenizer, None)
             return self.separate[spec.adapter]
         tokenizer = _result_tokenizer(adapter, spec.base, base.tokenizer)
