@@ -165,7 +165,7 @@ def activation_bytes(recipe: Recipe, section, model, tokenizer, data, micro_toke
     def pack(tensor):
         storage = tensor.untyped_storage()
         seen[storage.data_ptr()] = (max(seen.get(storage.data_ptr(), (0, ()))[0], storage.nbytes()), tuple(tensor.shape))
-        return tensor
+        return tensor.detach()  # not the tensor: a saved output would keep its graph alive (shapes.forward_saved_bytes)
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
         loss = speed.token_loss(trial, batch)

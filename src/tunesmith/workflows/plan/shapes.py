@@ -159,7 +159,10 @@ def forward_saved_bytes(model, tokens: int) -> int:
         if tuple(tensor.shape) not in shapes:
             storage = tensor.untyped_storage()
             seen[storage.data_ptr()] = max(seen.get(storage.data_ptr(), 0), storage.nbytes())
-        return tensor
+        # The storage, not the tensor: a saved output holds its own grad_fn, which holds it (a cycle in C++ that
+        # Python's gc cannot see), so returning the tensor kept the whole graph and the model alive after the
+        # measurement (2 GB at 1.7B in the plan check before every QLoRA run, docs/plan.md).
+        return tensor.detach()
 
     body = model.get_base_model().model if hasattr(model, "get_base_model") else model.model
     model.train()
