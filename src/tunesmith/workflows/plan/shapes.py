@@ -98,10 +98,14 @@ def plan_shape(config, name: str, tokens: int = 512, r: int = 16, available: Opt
         for checkpointing in (False, True):
             activations = checkpointed_bytes(per_token, blocks, config, tokens) if checkpointing else per_token * tokens
             weights = base_weight_bytes(model, kind, quantize, total)
+            # a QLoRA base's bfloat16 weights that are not quantised (nor linear: the adapters are) stay views of the
+            # mapped bfloat16 checkpoint
+            mapped = 2 * (total - quantisable_weight_count(model)) if quantize != "none" else 0
             chunk = min(1024, tokens)
             memory = Memory(process=process, weights=weights, gradients=4 * trainable, optimizer=8 * trainable,
                             activations=int(activations), logits=2 * chunk * config.vocab_size * 4, regularisers=0,
-                            checkpoint=2 * total if quantize != "none" else 0)  # a bfloat16 checkpoint, as published
+                            checkpoint=2 * total if quantize != "none" else 0,  # a bfloat16 checkpoint, as published
+                            mapped_weights=mapped)
             flops = matmul_flops_per_token(kind, trainable, total, checkpointing)
             baseline = baseline or flops
             label = {"none": "bf16 LoRA", "nf4": "QLoRA nf4"}[quantize] + f" r={r}" if kind == "lora" else "full"
