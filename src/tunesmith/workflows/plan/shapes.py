@@ -13,8 +13,9 @@ The parameters are counted on the ``meta`` device (no weight of the model is all
 - the chunked loss's logits (two float32 chunks of ``loss_chunk_tokens`` x vocabulary);
 - on this machine the training process's own footprint (:func:`training_process_bytes`), on a GPU a CUDA context;
 - QLoRA's load peak on this machine: the bfloat16 checkpoint mapped whole while bitsandbytes quantises it, beside
-  the quantised weights (:func:`~tunesmith.workflows.plan.memory.load_peak_bytes`). Mapped file pages can be dropped by the
-  kernel, so whether an option fits is judged on the training peak; the load peak is printed beside it.
+  the quantised weights (:func:`~tunesmith.workflows.plan.memory.load_peak_bytes`); the checkpoint stays mapped while
+  the steps run, its unquantised bfloat16 weights views of it (``Memory.resident_peak``). Mapped file pages can be
+  dropped by the kernel, so whether an option fits is judged on the training peak; the load peak is printed beside it.
 
 The sum is scaled by the allocator's overhead, as :class:`~tunesmith.workflows.plan.memory.Memory` does.
 """
