@@ -7,7 +7,7 @@ depend on the weights' values) with SmolLM2-135M-Instruct's tokenizer, then for 
 ``model.dtype: bfloat16``; QLoRA: ``model.quantize: nf4``) trained for --steps steps with ``tunesmith train`` in
 a fresh process, ONE AT A TIME (free memory is printed first). The plan is :func:`plan_shape` for the run's own
 largest micro-batch (drawn as the run draws it). Printed per run: planned peak (for QLoRA the larger of
-the training peak and the load peak, plan/memory.py), measured peak (whole-process peak resident memory,
+the load peak and the training peak with the checkpoint still mapped, plan/memory.py: resident_peak), measured peak (whole-process peak resident memory,
 summary.json), their ratio, and tokens per second. The load average is printed: on a busy
 machine (as when the table in docs/plan.md was taken) the times are noise, the memory is not.
 """

@@ -151,3 +151,26 @@ def test_every_frozen_base_method_trains_over_an_nf4_base(kind: str, tiny_llama:
         optimizer.step()
         losses.append(float(loss))
     assert losses[-1] < losses[0]
+
+
+def test_a_served_qlora_run_answers_as_generate_loads_it(tiny_llama: str, tmp_path: Path) -> None:
+    """The server loads a QLoRA run over its base quantised and dequantised as in training (the manifest's
+    ``quantized_base``), exactly as ``generate`` does, on a model of its own (not the shared float base)."""
+    pytest.importorskip("bitsandbytes")
+    from tunesmith.inference.generate import load_for_inference
+    from tunesmith.pipeline.finetune import finetune
+    from tunesmith.serve.pool import ModelPool
+    from tunesmith.serve.workspace import Workspace
+
+    workspace = Workspace(tmp_path / "workspace")
+    finetune(_recipe(tiny_llama, workspace.root / "runs" / "qlora", max_steps=2, checkpoint_every=None), progress=False)
+    pool = ModelPool(workspace, {"base": tiny_llama})
+    served = pool.get("runs/qlora")
+    reference, _ = load_for_inference(tiny_llama, str(workspace.root / "runs" / "qlora"))
+    plain = pool.get("base").model
+    ids = torch.tensor([[1, 5, 9, 13, 17, 21]])
+    with torch.no_grad(), served.active():
+        logits = served.model(input_ids=ids).logits
+        torch.testing.assert_close(logits, reference(input_ids=ids).logits, rtol=0, atol=0)
+        assert not torch.equal(logits, plain(input_ids=ids).logits)  # not the adapter on the checkpoint's weights
+    assert served.model is not plain and list(pool.loaded) == [tiny_llama]

@@ -162,20 +162,24 @@ class ModelPool:
     def _load(self, spec: ModelSpec) -> Servable:
         from tunesmith.inference.generate import load_for_inference, load_trained
 
+        if spec.adapter in self.separate:
+            return self.separate[spec.adapter]
+        adapter = Path(spec.adapter) if spec.adapter is not None else None
+        if adapter is not None and (not (adapter / "adapter_config.json").is_file() or _trained_over_quantised(adapter)):
+            # full or partial fine-tuning rewrites base weights, and a QLoRA adapter learned against the base's
+            # rounded weights (load_result rebuilds them, as generate does): each gets a model of its own
+            from peft import PeftModel
+
+            model, tokenizer = load_for_inference(spec.base, spec.adapter, dtype=self.dtype, device=self.device)
+            name = model.active_adapter if isinstance(model, PeftModel) else None  # None on a peft model: adapters off
+            self.separate[spec.adapter] = Servable(spec.model_id, model, tokenizer, name)
+            return self.separate[spec.adapter]
         base = self.loaded.get(spec.base)
         if base is None:
             model, tokenizer = load_for_inference(spec.base, dtype=self.dtype, device=self.device)
             base = self.loaded[spec.base] = LoadedBase(model, tokenizer)
-        if spec.adapter is None:
+        if adapter is None:
             return Servable(spec.model_id, base.model, base.tokenizer, None)
-        if spec.adapter in self.separate:
-            return self.separate[spec.adapter]
-        adapter = Path(spec.adapter)
-        if not (adapter / "adapter_config.json").is_file():
-            # full or partial fine-tuning rewrites base weights: it gets a model of its own
-            model, tokenizer = load_for_inference(spec.base, spec.adapter, self.dtype, self.device)
-            self.separate[spec.adapter] = Servable(spec.model_id, model, tokenizer, None)
-            return self.separate[spec.adapter]
         tokenizer = _result_tokenizer(adapter, spec.base, base.tokenizer)
         if spec.adapter not in base.adapters:
             from peft import PeftModel
@@ -188,6 +192,12 @@ class ModelPool:
                 name = base.model.active_adapter
             base.adapters[spec.adapter] = name
         return Servable(spec.model_id, base.model, tokenizer, base.adapters[spec.adapter])
+
+
+def _trained_over_quantised(folder: Path) -> bool:
+    """Whether the result in ``folder`` was trained over a quantised base (its manifest's ``quantized_base``)."""
+    found = locate_result(folder)
+    return bool(found is not None and (found.manifest or {}).get("quantized_base"))
 
 
 def _result_tokenizer(adapter: Path, base: str, base_tokenizer):

@@ -13,8 +13,9 @@ The parameters are counted on the ``meta`` device (no weight of the model is all
 - the chunked loss's logits (two float32 chunks of ``loss_chunk_tokens`` x vocabulary);
 - on this machine the training process's own footprint (:func:`training_process_bytes`), on a GPU a CUDA context;
 - QLoRA's load peak on this machine: the bfloat16 checkpoint mapped whole while bitsandbytes quantises it, beside
-  the quantised weights (:func:`~tunesmith.workflows.plan.memory.load_peak_bytes`). Mapped file pages can be dropped by the
-  kernel, so whether an option fits is judged on the training peak; the load peak is printed beside it.
+  the quantised weights (:func:`~tunesmith.workflows.plan.memory.load_peak_bytes`); the checkpoint stays mapped while
+  the steps run, its unquantised bfloat16 weights views of it (``Memory.resident_peak``). Mapped file pages can be
+  dropped by the kernel, so whether an option fits is judged on the training peak; the load peak is printed beside it.
 
 The sum is scaled by the allocator's overhead, as :class:`~tunesmith.workflows.plan.memory.Memory` does.
 """
@@ -98,10 +99,14 @@ def plan_shape(config, name: str, tokens: int = 512, r: int = 16, available: Opt
         for checkpointing in (False, True):
             activations = checkpointed_bytes(per_token, blocks, config, tokens) if checkpointing else per_token * tokens
             weights = base_weight_bytes(model, kind, quantize, total)
+            # a QLoRA base's bfloat16 weights that are not quantised (nor linear: the adapters are) stay views of the
+            # mapped bfloat16 checkpoint
+            mapped = 2 * (total - quantisable_weight_count(model)) if quantize != "none" else 0
             chunk = min(1024, tokens)
             memory = Memory(process=process, weights=weights, gradients=4 * trainable, optimizer=8 * trainable,
                             activations=int(activations), logits=2 * chunk * config.vocab_size * 4, regularisers=0,
-                            checkpoint=2 * total if quantize != "none" else 0)  # a bfloat16 checkpoint, as published
+                            checkpoint=2 * total if quantize != "none" else 0,  # a bfloat16 checkpoint, as published
+                            mapped_weights=mapped)
             flops = matmul_flops_per_token(kind, trainable, total, checkpointing)
             baseline = baseline or flops
             label = {"none": "bf16 LoRA", "nf4": "QLoRA nf4"}[quantize] + f" r={r}" if kind == "lora" else "full"
@@ -159,7 +164,10 @@ def forward_saved_bytes(model, tokens: int) -> int:
         if tuple(tensor.shape) not in shapes:
             storage = tensor.untyped_storage()
             seen[storage.data_ptr()] = max(seen.get(storage.data_ptr(), 0), storage.nbytes())
-        return tensor
+        # The storage, not the tensor: a saved output holds its own grad_fn, which holds it (a cycle in C++ that
+        # Python's gc cannot see), so returning the tensor kept the whole graph and the model alive after the
+        # measurement (2 GB at 1.7B in the plan check before every QLoRA run, docs/plan.md).
+        return tensor.detach()
 
     body = model.get_base_model().model if hasattr(model, "get_base_model") else model.model
     model.train()
