@@ -14,6 +14,7 @@ import torch
 
 from tunesmith.config import Recipe
 from tunesmith.config.recipe import TRAINS_BASE_WEIGHTS
+from tunesmith.core.files import write_text_atomic
 from tunesmith.core.runtime import cache_dir, pick_device, process_memory_bytes
 from tunesmith.methods import build_method, count_parameters
 from tunesmith.methods.base import logical_numel, transformer_blocks
@@ -125,8 +126,10 @@ def training_process_bytes() -> int:
 
     key = hashlib.sha256(f"{sys.executable} {torch.__version__} {transformers.__version__}".encode()).hexdigest()[:12]
     cache = cache_dir() / "plan" / f"process-{key}.json"
-    if cache.is_file():
+    try:
         return json.loads(cache.read_text())["bytes"]
+    except (OSError, ValueError, KeyError):  # absent or unreadable: measure again (it is written whole, atomically)
+        pass
     code = ("import tunesmith.pipeline.finetune, transformers.models.llama.modeling_llama, peft\n"
             "from tunesmith.core.runtime import process_memory_bytes\nprint(process_memory_bytes())")
     completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
@@ -135,7 +138,7 @@ def training_process_bytes() -> int:
         return process_memory_bytes()
     measured = int(completed.stdout.strip().splitlines()[-1])
     cache.parent.mkdir(parents=True, exist_ok=True)
-    cache.write_text(json.dumps({"bytes": measured}) + "\n")
+    write_text_atomic(cache, json.dumps({"bytes": measured}) + "\n")
     return measured
 
 
