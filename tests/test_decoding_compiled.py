@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_decoding import prompts, random_model
 
+from test_decoding import prompts, random_model
 from tunesmith.inference.compiled import CompiledStep
 from tunesmith.inference.decoding import decode
 
@@ -68,3 +68,13 @@ def _init_with(step):
         self._step = step
 
     return init
+
+
+@pytest.mark.slow
+def test_stream_reply_with_compile_gives_the_reply_without_it(tiny_llama):
+    from tunesmith.inference.generate import generate, load_for_inference, stream_reply
+
+    model, tokenizer = load_for_inference(tiny_llama)
+    conversation = [{"role": "user", "content": "Lily went to the park."}]
+    plain = generate(model, tokenizer, [conversation], max_new_tokens=12)[0]
+    assert "".join(stream_reply(model, tokenizer, conversation, max_new_tokens=12, compile=True)).strip() == plain
