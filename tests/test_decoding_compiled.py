@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from test_decoding import prompts, random_model
-from tunesmith.inference.compiled import CompiledStep
+from tunesmith.inference.compiled import ATTRIBUTE, CompiledStep
 from tunesmith.inference.decoding import decode
 
 
@@ -30,9 +30,7 @@ def llama():
 def test_compiled_greedy_equals_generate_and_sampling_is_seeded(llama):
     prompt = prompts(1, seed=4)[0]
     assert decode(llama, [prompt], 20, compile=True) == [greedy_reference(llama, prompt, 20)]
-    from tunesmith.inference.compiled import _STEPS
-
-    step = _STEPS[llama]
+    step = getattr(llama, ATTRIBUTE)
     assert not step.failed and step.compile_seconds > 0 and step._capacities == {128}
 
     def sampled(compile: bool) -> list[list[int]]:

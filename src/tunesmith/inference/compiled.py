@@ -7,7 +7,7 @@ needs shapes that do not change from step to step, so the step attends to the wh
 cache (its capacity, a power of two) with a mask that hides the positions not yet written, instead
 of to the filled part, and writes the new key and value in place with ``index_copy_``.
 
-One compiled step is kept per model and recompiled per cache capacity (``dynamic=False``; the slot
+One compiled step is kept per model (an attribute of the model) and recompiled per cache capacity (``dynamic=False``; the slot
 cache grows by doubling, so capacities are powers of two). Compiling costs minutes of CPU time on a
 busy two-core machine (less with inductor's on-disk cache warm), so it is asked for, not automatic:
 ``decode(..., compile=True)``, ``tunesmith generate --compile``. A compile that fails prints one
@@ -18,20 +18,19 @@ from __future__ import annotations
 
 import sys
 import time
-import weakref
-from typing import TYPE_CHECKING, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
-if TYPE_CHECKING:  # decoding imports this module; these are its types
-    from tunesmith.inference.decoding import LeanDecoder, SlotCache
+# decoding imports this module, so its types (LeanDecoder, SlotCache) are named in the docstrings only
+LeanStep = Callable[..., torch.Tensor]
 
 
 class _StaticView:
     """What the lean step's attention sees of slot 0: the new key/value written in place at ``position``,
     the whole capacity read back (the mask hides what lies past the row's new token)."""
 
-    def __init__(self, cache: "SlotCache", position: torch.Tensor) -> None:
+    def __init__(self, cache: Any, position: torch.Tensor) -> None:
         self.cache, self.position = cache, position  # position: (1,) the new token's place in the slot
 
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, **kwargs):
@@ -48,20 +47,20 @@ class CompiledStep:
     of more than one row) and the caller takes the lean step instead.
     """
 
-    def __init__(self, lean: "LeanDecoder", mode: str = "default") -> None:
+    def __init__(self, lean: LeanStep, mode: str = "default") -> None:
         self.lean, self.mode, self.failed = lean, mode, False
         self.compile_seconds = 0.0  # spent in the calls that compiled (first call per capacity)
         self._capacities: set[int] = set()
         self._step = torch.compile(self._eager, dynamic=False, fullgraph=True,
                                    mode=None if mode == "default" else mode)
 
-    def _eager(self, ids: torch.Tensor, position: torch.Tensor, cache: "SlotCache") -> torch.Tensor:
+    def _eager(self, ids: torch.Tensor, position: torch.Tensor, cache: Any) -> torch.Tensor:
         keys = torch.arange(cache.capacity, device=ids.device)
         mask = (keys <= position)[None, None, None, :]  # (1, 1, 1, capacity)
         return self.lean(ids, position[None, :], mask, _StaticView(cache, position))
 
     @torch.no_grad()
-    def __call__(self, ids: torch.Tensor, cache: "SlotCache") -> Optional[torch.Tensor]:
+    def __call__(self, ids: torch.Tensor, cache: Any) -> Optional[torch.Tensor]:
         """Logits (1, 1, vocabulary) of row 0's next token, or None (the caller steps the lean way)."""
         if self.failed or ids.shape[0] != 1:
             return None
@@ -82,14 +81,14 @@ class CompiledStep:
         return logits
 
 
-_STEPS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> CompiledStep
+ATTRIBUTE = "_tunesmith_compiled_step"  # where a model keeps its compiled step (a cycle the GC collects with it)
 
 
-def compiled_step(model, lean: Optional["LeanDecoder"]) -> Optional[CompiledStep]:
+def compiled_step(model, lean: Optional[LeanStep]) -> Optional[CompiledStep]:
     """The compiled single-row step of ``model``, made once per model (its compiled code is cached per
     capacity), or None where the lean step does not fit the model (``lean`` is None)."""
     if lean is None:
         return None
-    if model not in _STEPS:
-        _STEPS[model] = CompiledStep(lean)
-    return _STEPS[model]
+    if getattr(model, ATTRIBUTE, None) is None:
+        setattr(model, ATTRIBUTE, CompiledStep(lean))
+    return getattr(model, ATTRIBUTE)
