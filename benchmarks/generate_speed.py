@@ -4,10 +4,13 @@
     python benchmarks/generate_speed.py --new-tokens 64 --repeats 1
 
 One greedy chat reply of exactly ``--new-tokens`` tokens (no stop token ends it) from the same prompt:
-plain ``model.generate`` and ``tunesmith.inference.decoding.decode`` (its lean decode step), each in float32
-(as loaded) and with the weights in bfloat16 (``--dtype bfloat16``), and llama.cpp through
+plain ``model.generate`` and ``tunesmith.inference.decoding.decode`` (its lean decode step, and its compiled
+step: ``decode(..., compile=True)``, ``tunesmith generate --compile``), each in float32 (as loaded) and with
+the weights in bfloat16 (``--dtype bfloat16``), and llama.cpp through
 node-llama-cpp on the same model written as an f16 GGUF by tunesmith's exporter. Prefill included, model load excluded; the best of ``--repeats`` rounds, each round running
-every PyTorch engine once in turn (llama.cpp runs its repeats in its own process).
+every PyTorch engine once in turn (llama.cpp runs its repeats in its own process). The compile of the
+compiled step happens in its warm-up (not timed in the rounds); its seconds are printed, with the number
+of new tokens after which it has paid for itself against the lean step.
 A benchmark, not a test: the ratios were measured in one run, on whatever else the machine was doing.
 """
 
@@ -96,25 +99,34 @@ def main() -> None:
                                       min_new_tokens=n, do_sample=False, pad_token_id=tokenizer.pad_token_id)
         return output.shape[1] - len(prompt)
 
-    def ours(weights, n: int = n) -> int:
-        return len(decode(weights, [prompt], n)[0])
+    def ours(weights, n: int = n, compile: bool = False) -> int:
+        return len(decode(weights, [prompt], n, compile=compile)[0])
 
     engines = {"model.generate (float32)": functools.partial(plain, model),
                "tunesmith decode (float32)": functools.partial(ours, model),
                "model.generate (bfloat16 weights)": functools.partial(plain, halved),
-               "tunesmith decode (bfloat16 weights)": functools.partial(ours, halved)}
-    for run in engines.values():
-        run(n=8)  # warm up
+               "tunesmith decode (bfloat16 weights)": functools.partial(ours, halved),
+               "tunesmith decode, compiled (float32)": functools.partial(ours, model, compile=True),
+               "tunesmith decode, compiled (bfloat16 weights)": functools.partial(ours, halved, compile=True)}
+    compile_seconds = {}
+    for name, run in engines.items():
+        started = time.perf_counter()
+        run(n=n if "compiled" in name else 8)  # warm up; the compiled step compiles for the cache's capacity here
+        if "compiled" in name:
+            compile_seconds[name] = time.perf_counter() - started
+            print(f"  {name}: warm-up with its compile {compile_seconds[name]:.0f} s", file=sys.stderr, flush=True)
     rounds = round_rates(engines, n, args.repeats)
     rows = {name: max(values) for name, values in rounds.items()}
     stops = stop_token_ids(tokenizer)
-    same = decode(model, [prompt], 48, stops)[0] == plain_tokens(model, ids, 48, len(prompt), tokenizer, stops)
+    expected = plain_tokens(model, ids, 48, len(prompt), tokenizer, stops)
+    same = decode(model, [prompt], 48, stops)[0] == expected
+    same_compiled = decode(model, [prompt], 200, stops, compile=True)[0][:48] == expected
     llama = {"skipped": "--no-llama-cpp"} if args.no_llama_cpp else llama_cpp_rate(model, tokenizer, prompt, n,
                                                                                      args.repeats, args.threads)
     if "rate" in llama:
         rows["llama.cpp f16 GGUF (node-llama-cpp)"] = llama["rate"]
     print(f"model {args.model}, {n} new tokens greedy, {args.threads} threads, prompt {len(prompt)} tokens; "
-          f"float32 greedy tokens equal to model.generate's: {same}; load average (1 min) at the end: "
+          f"float32 greedy tokens equal to model.generate's: {same} (lean), {same_compiled} (compiled); load average (1 min) at the end: "
           f"{os.getloadavg()[0]:.1f}" + ("" if "rate" in llama else f"; llama.cpp skipped: {llama['skipped']}"))
     reference = rows["model.generate (float32)"]
     print("| engine | tokens/s (best) | vs model.generate | vs model.generate, median of rounds | vs llama.cpp |")
@@ -124,6 +136,13 @@ def main() -> None:
         paired = [mine / theirs for mine, theirs in zip(rounds.get(name, []), rounds["model.generate (float32)"])]
         median = f"{statistics.median(paired):.2f}x" if paired else "-"
         print(f"| {name} | {rate:.1f} | {rate / reference:.2f}x | {median} | {versus} |")
+    for name, seconds in compile_seconds.items():
+        lean = rows[name.replace(", compiled", "")]
+        saved = 1 / lean - 1 / rows[name]  # seconds per token
+        warm = seconds - n / rows[name]  # the warm-up less its decoding
+        payback = f"{warm / saved:.0f} new tokens" if saved > 0 else "never (not faster)"
+        print(f"{name}: compile about {warm:.0f} s (warm-up {seconds:.0f} s less its {n} tokens); "
+              f"pays back against the lean step after {payback}")
 
 
 def plain_tokens(model, ids, n: int, prompt_length: int, tokenizer, stops: list[int]) -> list[int]:

@@ -14,6 +14,9 @@ def register(commands) -> None:
         sub.add_argument("--system", help="System message.")
         sub.add_argument("--max-new-tokens", type=at_least(1), default=256)
         sub.add_argument("--temperature", type=at_least(0.0, float), default=0.0, help="0 means greedy.")
+        sub.add_argument("--compile", action="store_true",
+                         help="torch.compile the decode step: faster per token, but minutes to compile first "
+                              "(worth it for long or many replies; docs/speed.md).")
         if name == "generate":
             sub.add_argument("--prompt", required=True, help="The user message.")
         sub.set_defaults(handler=cmd_generate if name == "generate" else cmd_chat)
@@ -44,7 +47,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     model, tokenizer = load_model_from_args(args)
     check_generation_length(model, tokenizer, args.max_new_tokens)
     conversation = _conversation(args.system) + [{"role": "user", "content": args.prompt}]
-    print(generate(model, tokenizer, [conversation], args.max_new_tokens, args.temperature)[0])
+    print(generate(model, tokenizer, [conversation], args.max_new_tokens, args.temperature,
+                   compile=args.compile)[0])
     return 0
 
 
@@ -72,7 +76,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
         conversation.append({"role": "user", "content": user})
         print("model> ", end="", flush=True)
         reply = ""
-        for piece in stream_reply(model, tokenizer, conversation, args.max_new_tokens, args.temperature):
+        for piece in stream_reply(model, tokenizer, conversation, args.max_new_tokens, args.temperature,
+                                  compile=args.compile):
             reply += piece
             print(piece, end="", flush=True)
         print()

@@ -25,6 +25,8 @@ from typing import Optional
 
 import torch
 
+from tunesmith.inference.compiled import CompiledStep, compiled_step
+
 BASE_ADAPTER = "__base__"  # peft's name for "no adapter" in a mixed batch
 
 
@@ -195,9 +197,10 @@ class RowBatch:
         model: A causal LM whose attention layers call ``cache.update`` (transformers' Llama, Qwen2,
             Mistral, ... families), optionally wrapped by peft.
         mixed_adapters: Pass each row's peft adapter name (peft's mixed-batch LoRA forward).
+        compiled: The compiled single-row step (:mod:`tunesmith.inference.compiled`), taken while one row decodes.
     """
 
-    def __init__(self, model, mixed_adapters: bool = False) -> None:
+    def __init__(self, model, mixed_adapters: bool = False, compiled: Optional[CompiledStep] = None) -> None:
         config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         parameter = next(model.parameters())
@@ -210,6 +213,7 @@ class RowBatch:
         self.rows: list[Row] = []  # row i lives in slot i
         self.prefixes: dict[Optional[str], Prefix] = {}  # per adapter: the shared prompt start computed last
         self.lean = LeanDecoder.fit(model)  # the decode step without transformers' per-call machinery
+        self.compiled = None if mixed_adapters else compiled
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -266,9 +270,10 @@ class RowBatch:
         keys = torch.arange(max(lengths) + 1, device=self.device)[None, :]  # (1, longest + 1)
         mask = keys <= positions  # (rows, longest + 1): each row reads its own slot up to its new token
         self.cache.plan_decode(count, self.device)
-        if self.lean is not None and not self.mixed_adapters:
+        logits = self.compiled(ids, self.cache) if self.compiled is not None and count == 1 else None  # None: not run
+        if logits is None and self.lean is not None and not self.mixed_adapters:
             logits = self.lean(ids, positions, mask[:, None, None], self.cache)
-        else:
+        elif logits is None:
             logits = self._forward(ids, positions, mask[:, None, None], self.rows)
         for slot in range(count):
             self.cache.lengths[slot] += 1
@@ -401,7 +406,7 @@ def supports_slots(model) -> bool:
 
 def decode(model, prompts: list[list[int]], max_new_tokens: int, stop_ids: set[int] | list[int] = (),
            temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
-           generator: Optional[torch.Generator] = None, max_rows: int = 64) -> list[list[int]]:
+           generator: Optional[torch.Generator] = None, max_rows: int = 64, compile: bool = False) -> list[list[int]]:
     """New tokens for each prompt, greedy (temperature 0) or sampled; a row ends at a stop id or the limit.
 
     Rows leave the batch as they finish and waiting prompts take their slots (at most ``max_rows``
@@ -409,12 +414,15 @@ def decode(model, prompts: list[list[int]], max_new_tokens: int, stop_ids: set[i
 
     Args:
         generator: Where sampling draws from (all rows share it); None draws from torch's global RNG.
+        compile: Decode a lone row (one prompt, or the last one left) with the compiled step
+            (:mod:`tunesmith.inference.compiled`): faster per token, minutes to compile the first time.
     """
     stop_ids = set(stop_ids)
     if not supports_slots(model):
         return _decode_with_generate(model, prompts, max_new_tokens, stop_ids, temperature, top_p, top_k, max_rows)
     rows = [Row(list(prompt), temperature, top_p, top_k, generator) for prompt in prompts]
-    waiting, batch = list(rows), RowBatch(model)
+    compiled = compiled_step(model, LeanDecoder.fit(model)) if compile else None
+    waiting, batch = list(rows), RowBatch(model, compiled=compiled)
     room = max_new_tokens + 1
     while waiting or len(batch):
         if waiting and len(batch) < max_rows:

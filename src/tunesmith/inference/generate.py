@@ -9,7 +9,8 @@ import torch
 
 from tunesmith.core.errors import TunesmithError
 from tunesmith.data.encode import render_prompt
-from tunesmith.inference.decoding import Row, RowBatch, decode, supports_slots
+from tunesmith.inference.compiled import compiled_step
+from tunesmith.inference.decoding import LeanDecoder, Row, RowBatch, decode, supports_slots
 from tunesmith.inference.results import (
     LoadedResult,
     base_shape,
@@ -65,23 +66,24 @@ def _generation_kwargs(tokenizer, max_new_tokens: int, temperature: float) -> di
 
 @torch.no_grad()
 def generate(model, tokenizer, conversations: list[list[dict[str, str]]], max_new_tokens: int = 128,
-             temperature: float = 0.0, batch_size: int = 16) -> list[str]:
+             temperature: float = 0.0, batch_size: int = 16, compile: bool = False) -> list[str]:
     """Replies to each conversation (greedy when temperature is 0), up to ``batch_size`` decoded together.
 
     Decodes through :func:`tunesmith.inference.decoding.decode` (rows leave as they finish, waiting ones join);
-    sampling uses the model's generation config's top-k and top-p, as ``model.generate`` would.
+    sampling uses the model's generation config's top-k and top-p, as ``model.generate`` would. ``compile``
+    decodes a lone row with the compiled step (:mod:`tunesmith.inference.compiled`).
     """
 
     prompts = [tokenizer(render_prompt(tokenizer, c), add_special_tokens=False)["input_ids"] for c in conversations]
     config = getattr(model, "generation_config", None)
     sampling = {"top_k": getattr(config, "top_k", 0) or 0, "top_p": getattr(config, "top_p", 1.0) or 1.0}
     new_tokens = decode(model, prompts, max_new_tokens, stop_token_ids(tokenizer), temperature, max_rows=batch_size,
-                        **(sampling if temperature > 0 else {}))
+                        compile=compile, **(sampling if temperature > 0 else {}))
     return [text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
 
 
 def stream_reply(model, tokenizer, conversation: list[dict[str, str]], max_new_tokens: int = 256,
-                 temperature: float = 0.0) -> Iterator[str]:
+                 temperature: float = 0.0, compile: bool = False) -> Iterator[str]:
     """Yield the reply to ``conversation`` piece by piece as it is generated.
 
     Decodes on :class:`tunesmith.inference.decoding.RowBatch` (the lean decode step) where the model fits the
@@ -89,7 +91,7 @@ def stream_reply(model, tokenizer, conversation: list[dict[str, str]], max_new_t
     """
 
     if supports_slots(model):
-        yield from _stream_on_slots(model, tokenizer, conversation, max_new_tokens, temperature)
+        yield from _stream_on_slots(model, tokenizer, conversation, max_new_tokens, temperature, compile)
         return
     from transformers import TextIteratorStreamer
 
@@ -105,14 +107,17 @@ def stream_reply(model, tokenizer, conversation: list[dict[str, str]], max_new_t
 
 
 @torch.no_grad()
-def _stream_on_slots(model, tokenizer, conversation, max_new_tokens: int, temperature: float) -> Iterator[str]:
+def _stream_on_slots(model, tokenizer, conversation, max_new_tokens: int, temperature: float,
+                     compile: bool) -> Iterator[str]:
     """:func:`stream_reply` on one row of a :class:`~tunesmith.inference.decoding.RowBatch`: new text after every token."""
 
     prompt = tokenizer(render_prompt(tokenizer, conversation), add_special_tokens=False)["input_ids"]
     config = getattr(model, "generation_config", None)
     sampling = (temperature, getattr(config, "top_p", 1.0) or 1.0, getattr(config, "top_k", 0) or 0) \
         if temperature > 0 else (0.0, 1.0, 0)
-    row, batch, stops, sent = Row(list(prompt), *sampling), RowBatch(model), set(stop_token_ids(tokenizer)), ""
+    compiled = compiled_step(model, LeanDecoder.fit(model)) if compile else None
+    row, batch = Row(list(prompt), *sampling), RowBatch(model, compiled=compiled)
+    stops, sent = set(stop_token_ids(tokenizer)), ""
     batch.join([row], room=max_new_tokens + 1)
     while True:
         ended = row.tokens[-1] in stops or len(row.tokens) >= max_new_tokens
