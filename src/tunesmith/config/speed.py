@@ -54,6 +54,10 @@ class SpeedSection(Section):
         True, description="LoRA without dropout: the update is added by one addmm instead of a scale and an add "
         "(bfloat16 rounds once instead of three times)."
     )
+    fused_optimizer: bool = Field(
+        True, description="torch's fused AdamW (one pass per parameter) instead of whole-model temporaries: "
+        "about 0.5 GB less at a SmolLM2 full fine-tune's step, and a faster step. Same weights bit for bit on CPU."
+    )
     release_memory: bool = Field(
         True, description="Hand the memory freed by each step back to the operating system before the next "
         "forward (glibc's malloc_trim), so peak RSS stays near one step's activations instead of growing "
