@@ -51,7 +51,7 @@ class SpeedSection(Section):
         "float32 copies (Llama-form norms: Llama, Qwen, Mistral, SmolLM...). Same forward; gradients to rounding."
     )
     fused_lora: bool = Field(
-        True, description="LoRA without dropout: the update is added by one addmm instead of a scale and an add "
+        True, description="LoRA: each update is added by one addmm instead of a scale and an add "
         "(bfloat16 rounds once instead of three times)."
     )
     fused_optimizer: bool = Field(

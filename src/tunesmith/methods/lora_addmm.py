@@ -2,13 +2,13 @@
 
 peft computes ``result + lora_B(lora_A(dropout(x))) * scaling``: after the two small products it
 reads and writes the whole (tokens x out) activation twice more, once to scale and once to add,
-and autograd keeps the scaled copy's inputs. With dropout off (the default) the same sum is
-``torch.addmm(result, x·Aᵀ, Bᵀ, alpha=scaling)``: one kernel that accumulates into ``result``,
+and autograd keeps the scaled copy's inputs. The same sum is
+``torch.addmm(result, dropout(x)·Aᵀ, Bᵀ, alpha=scaling)``: one kernel that accumulates into ``result``,
 whose backward scales only the (tokens x rank) products. In float32 the result equals peft's to
 rounding; under bfloat16 autocast it rounds once instead of three times.
 
 :func:`fuse_lora_updates` swaps this forward in for one run on peft's plain ``Linear`` LoRA layers
-where it holds (one active adapter, no dropout, no DoRA or other variant, no LoRA bias, an
+where it holds (one active adapter, no DoRA or other variant, no LoRA bias, an
 ``nn.Linear`` base); every other case, and every forward it cannot take (merged, adapters disabled,
 mixed adapters per row, dtypes that differ outside autocast), goes to peft's own forward.
 """
@@ -34,7 +34,7 @@ def _single_plain_adapter(layer: nn.Module) -> bool:
         return False
     name = layer.active_adapters[0]
     return (name in layer.lora_A and name not in layer.lora_variant and not layer.use_dora.get(name, False)
-            and isinstance(layer.lora_dropout[name], nn.Identity) and layer.lora_B[name].bias is None)
+            and layer.lora_B[name].bias is None)
 
 
 def addmm_forward(layer: nn.Module, name: str, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
@@ -54,7 +54,7 @@ def addmm_forward(layer: nn.Module, name: str, x: torch.Tensor, *args, **kwargs)
     result = layer.base_layer(x)  # (..., out)
     if not torch.is_autocast_enabled(x.device.type) and len({x.dtype, result.dtype, weight_a.dtype}) != 1:
         return type(layer).forward(layer, x)  # peft's casts decide the dtypes
-    down = F.linear(x, weight_a)  # (..., rank)
+    down = F.linear(layer.lora_dropout[name](x), weight_a)  # (..., rank): peft's dropout, the same draw
     summed = torch.addmm(result.reshape(-1, result.shape[-1]), down.reshape(-1, down.shape[-1]), weight_b.t(),
                          alpha=layer.scaling[name])  # (tokens, out)
     return summed.view(result.shape)
