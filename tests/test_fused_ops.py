@@ -145,3 +145,28 @@ def test_lora_addmm_with_dropout_draws_peft_s_mask():
     torch.testing.assert_close(loss, reference_loss, rtol=1e-6, atol=1e-6)
     for name, grad in grads.items():
         torch.testing.assert_close(grad, reference[name], rtol=1e-5, atol=1e-6)
+
+
+def test_fused_adamw_matches_the_default_one():
+    """build_optimizer's fused AdamW (train.speed.fused_optimizer) leaves the weights of foreach AdamW, to float rounding."""
+    from tunesmith.config import SpeedSection, TrainSection
+    from tunesmith.training.schedule import build_optimizer
+
+    torch.manual_seed(0)
+    start = nn.Sequential(nn.Linear(16, 32), nn.LayerNorm(32), nn.Linear(32, 4))
+    gradients = [[torch.randn_like(p) for p in start.parameters()] for _ in range(4)]
+    results = []
+    for fused in (True, False):
+        model = nn.Sequential(nn.Linear(16, 32), nn.LayerNorm(32), nn.Linear(32, 4))
+        model.load_state_dict(start.state_dict())
+        optimizer = build_optimizer(model, TrainSection(lr=1e-2, weight_decay=0.1,
+                                                        speed=SpeedSection(fused_optimizer=fused)))
+        assert optimizer.defaults["fused"] is (True if fused else None)
+        for step in gradients:
+            for parameter, gradient in zip(model.parameters(), step):
+                parameter.grad = gradient.clone()
+            optimizer.step()
+        results.append([p.detach() for p in model.parameters()])
+    for fused, default in zip(*results):
+        torch.testing.assert_close(fused, default, rtol=1e-6, atol=1e-7)
+    assert not torch.equal(results[0][0], start[0].weight)

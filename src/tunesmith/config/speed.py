@@ -56,7 +56,7 @@ class SpeedSection(Section):
     )
     fused_optimizer: bool = Field(
         True, description="torch's fused AdamW (one pass per parameter) instead of whole-model temporaries: "
-        "about 0.5 GB less at a SmolLM2 full fine-tune's step, and a faster step. Same weights bit for bit on CPU."
+        "about 0.5 GB less at a SmolLM2 full fine-tune's step, and a faster step. Same weights to float rounding."
     )
     release_memory: bool = Field(
         True, description="Hand the memory freed by each step back to the operating system before the next "

@@ -51,9 +51,10 @@ def addmm_forward(layer: nn.Module, name: str, x: torch.Tensor, *args, **kwargs)
     if args or kwargs or layer.disable_adapters or layer.merged or layer.active_adapters != [name]:
         return type(layer).forward(layer, x, *args, **kwargs)
     weight_a, weight_b = layer.lora_A[name].weight, layer.lora_B[name].weight  # (rank, in), (out, rank)
-    result = layer.base_layer(x)  # (..., out)
-    if not torch.is_autocast_enabled(x.device.type) and len({x.dtype, result.dtype, weight_a.dtype}) != 1:
+    if not torch.is_autocast_enabled(x.device.type) and len({x.dtype, layer.base_layer.weight.dtype,
+                                                              weight_a.dtype, weight_b.dtype}) != 1:
         return type(layer).forward(layer, x)  # peft's casts decide the dtypes
+    result = layer.base_layer(x)  # (..., out)
     down = F.linear(layer.lora_dropout[name](x), weight_a)  # (..., rank): peft's dropout, the same draw
     summed = torch.addmm(result.reshape(-1, result.shape[-1]), down.reshape(-1, down.shape[-1]), weight_b.t(),
                          alpha=layer.scaling[name])  # (tokens, out)
