@@ -335,7 +335,8 @@ def profile_step(args) -> dict:
     model = method.apply(model)
     train = TrainSection(batch_size=BATCH, lr=LR, speed=SpeedSection(**json.loads(args.speed)))
     setup = apply_speed(model, method, train.speed, train, torch.device("cpu"))
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR, weight_decay=0.0)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR, weight_decay=0.0,
+                                  fused=train.speed.fused_optimizer or None)  # as training/schedule.py builds it
 
     def step(index: int) -> int:
         batch = setup.collate_fn([examples[i] for i in order[index * BATCH:(index + 1) * BATCH]], 0)
@@ -417,7 +418,7 @@ def stack_environment(stack: str, reference_policy: str) -> dict:
     from tunesmith.core.runtime import thread_environment
 
     env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
-    same = stack == "tunesmith" or reference_policy == "tunesmith"
+    same = stack.startswith("tunesmith") or reference_policy == "tunesmith"
     return {**env, **thread_environment(env)} if same else env
 
 
@@ -426,7 +427,7 @@ def run_configuration(size: str, stack: str, method: str, steps: int, speed: dic
     env = stack_environment(stack, reference_policy)
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
-    if size == "smollm2" and stack == "tunesmith":
+    if size == "smollm2" and stack.startswith("tunesmith"):
         return smollm2_tunesmith(method, steps, speed, env)
     command = [sys.executable, __file__, "--worker", "--size", size, "--stack", stack, "--method", method,
                "--steps", str(steps), "--speed", json.dumps(speed)] + (["--threads", str(threads)] if threads else [])
@@ -484,7 +485,7 @@ def report(results: dict, ceilings: dict, stacks: list[str]) -> str:
             lines.append(f"| {method} | {stack} | {median_of(runs, 'tokens_per_s'):.0f} | "
                          f"{median_of(runs, 'peak_rss_mb'):.0f} | {mfu} | {median_of(runs, 'final_loss'):.4f} | {gap:.4f}"
                          f"{'' if gap <= LOSS_TOLERANCE else ' (over tolerance)'} {ratios}")
-        references = [s for s in stacks if s != "tunesmith"]
+        references = [s for s in stacks if s.startswith("reference:")]
         fastest = max(references, key=lambda s: median_of(results[(s, method)], "tokens_per_s"))
         ref = results[(fastest, method)]
         lines.append(f"| {method} | **tunesmith / fastest reference ({fastest})** | "
@@ -512,6 +513,9 @@ def main() -> None:
     parser.add_argument("--references", default="fp32,bf16,bf16-flat",
                         help=f"comma-separated reference configurations: {', '.join(REFERENCES)}")
     parser.add_argument("--speed", default="{}", help="tunesmith's train.speed as JSON (default: its defaults)")
+    parser.add_argument("--before-speed", default=None,
+                        help="also run tunesmith with this train.speed (JSON) as stack tunesmith:before, in the same "
+                        "repeats, and profile it too: a before/after measured in one run")
     parser.add_argument("--threads", type=int, default=None, help="torch threads in every run (default: torch's)")
     parser.add_argument("--reference-policy", choices=("tunesmith", "torch"), default="tunesmith",
                         help="the reference's OpenMP wait policy: tunesmith's (the default, so that only the "
@@ -532,6 +536,10 @@ def main() -> None:
         return
     size = "quick" if args.quick else args.model
     stacks = [f"reference:{name}" for name in args.references.split(",")] + ["tunesmith"]
+    speeds = {"tunesmith": json.loads(args.speed)}
+    if args.before_speed is not None:
+        stacks.insert(-1, "tunesmith:before")
+        speeds["tunesmith:before"] = json.loads(args.before_speed)
     shape = MODELS.get(size, "SmolLM2-135M-Instruct, alpaca_en_demo.json, max_length 512")
     print(f"model {size}: {shape}; batch {BATCH}; {args.steps} steps; {args.repeats} repeats; "
           f"tunesmith train.speed = {args.speed}; {torch.get_num_threads()} threads; "
@@ -547,8 +555,8 @@ def main() -> None:
     for repeat in range(args.repeats):
         for method in args.methods.split(","):
             for stack in stacks:
-                run = run_configuration(size, stack, method, args.steps, json.loads(args.speed), args.threads,
-                                        args.reference_policy)
+                run = run_configuration(size, stack, method, args.steps, speeds.get(stack, speeds["tunesmith"]),
+                                        args.threads, args.reference_policy)
                 results.setdefault((stack, method), []).append(run)
                 print(f"repeat {repeat + 1} {method:4} {stack:19}: {run['tokens_per_s']:7.0f} tokens/s, "
                       f"{run['peak_rss_mb']:6.0f} MB, final loss {run['final_loss']:.4f}, "
@@ -557,8 +565,12 @@ def main() -> None:
     print(report(results, ceilings, stacks))
     if not args.no_profile:
         print()
-        print(profile_report({method: run_profile(size, method, args.profile_steps, args.speed, args.threads)
-                              for method in args.methods.split(",")}))
+        profiles = {method: run_profile(size, method, args.profile_steps, args.speed, args.threads)
+                    for method in args.methods.split(",")}
+        if args.before_speed is not None:
+            profiles |= {f"{method} (before)": run_profile(size, method, args.profile_steps, args.before_speed,
+                                                           args.threads) for method in args.methods.split(",")}
+        print(profile_report(profiles))
 
 
 def run_profile(size: str, method: str, steps: int, speed: str, threads) -> dict:

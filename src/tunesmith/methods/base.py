@@ -11,7 +11,7 @@ import difflib
 import json
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import ClassVar, Optional
+from typing import Callable, ClassVar, Optional
 
 import torch
 from torch import nn
@@ -98,6 +98,14 @@ class Method(ABC):
     def cast_for_autocast(self, model: nn.Module, dtype: torch.dtype = torch.bfloat16,
                              store_frozen_base: bool = True) -> None:
         """Adjust ``model`` (after :meth:`apply`) for training under ``dtype`` autocast; nothing by default."""
+
+    def fuse_for_training(self, model: nn.Module) -> tuple[int, Callable[[], None]]:
+        """Swap faster training forwards into the method's own layers (after :meth:`apply`), for one run.
+
+        Returns:
+            How many layers were swapped, and what puts their own forwards back; none by default.
+        """
+        return 0, lambda: None
 
     def base_model(self, model: nn.Module) -> nn.Module:
         """The transformers model inside what :meth:`apply` returned (its config, decoder, attention)."""

@@ -12,11 +12,13 @@ dropout (the cause of "method 'lora' does not fit Qwen3MoeForCausalLM" at the de
 from __future__ import annotations
 
 import logging
+from typing import Callable
 
 from torch import nn
 
 from tunesmith.methods.base import METHODS, check_module_names, decay_groups
 from tunesmith.methods.loftq import loftq_initialise
+from tunesmith.methods.lora_addmm import fuse_lora_updates
 from tunesmith.methods.peft_method import PeftMethod, peft_task_type
 
 logger = logging.getLogger(__name__)
@@ -73,6 +75,10 @@ class LoRA(PeftMethod):
                     for adapter in module.lora_dropout:
                         module.lora_dropout[adapter] = nn.Dropout(p=self.config.dropout).train(module.training)
         return adapted
+
+    def fuse_for_training(self, model: nn.Module) -> tuple[int, Callable[[], None]]:
+        """The update of each layer with one plain adapter added by one ``addmm`` (:mod:`methods.lora_addmm`)."""
+        return fuse_lora_updates(model)
 
     def summary(self) -> str:
         """With ``method.init: loftq``: how much of the base's rounding error the start corrects."""

@@ -62,7 +62,20 @@ def build_optimizer(model: torch.nn.Module, section: TrainSection,
             {"params": decay, "weight_decay": section.weight_decay},
             {"params": no_decay, "weight_decay": 0.0},
         ]
-    return torch.optim.AdamW([g for g in param_groups if g["params"]], lr=section.lr, betas=section.betas)
+    groups = [g for g in param_groups if g["params"]]
+    fused = section.speed.fused_optimizer and can_fuse_adamw([p for g in groups for p in g["params"]])
+    return torch.optim.AdamW(groups, lr=section.lr, betas=section.betas, fused=fused or None)
+
+
+def can_fuse_adamw(parameters: list[torch.Tensor]) -> bool:
+    """Whether torch's fused AdamW kernel takes ``parameters``: floating point, on the CPU or a CUDA GPU.
+
+    The fused kernel updates each parameter in one pass. The default (``foreach``) builds whole-model
+    temporaries (the square root of every second moment, then the update): on a SmolLM2 full fine-tune
+    about 0.5 GB more at the optimizer step, and a step several times slower. The updated weights equal
+    foreach's to float rounding (tested).
+    """
+    return bool(parameters) and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in parameters)
 
 
 def add_param_groups(optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR,

@@ -21,6 +21,7 @@ from tunesmith.config import SpeedSection, TrainSection
 from tunesmith.methods.base import Method
 from tunesmith.training.batching import collate
 from tunesmith.training.chunked_loss import chunked_loss_sum, plain_loss_sum, unwrap
+from tunesmith.training.fused_norm import fuse_rms_norms
 from tunesmith.training.packing import enable_packed_attention, pack_collate, restore_attention
 
 logger = logging.getLogger(__name__)
@@ -127,6 +128,16 @@ def apply_speed(model: torch.nn.Module, method: Method, section: SpeedSection, t
     if section.activation_checkpointing:
         enable_activation_checkpointing(base)
         notes.append("activation checkpointing")
+    if section.fused_norm:
+        count, put_back = fuse_rms_norms(base)
+        restore.append(put_back)
+        if count:
+            notes.append(f"fused RMSNorm ({count})")
+    if section.fused_lora:
+        count, put_back = method.fuse_for_training(model)
+        restore.append(put_back)
+        if count:
+            notes.append(f"LoRA update by addmm ({count} layers)")
     if section.compile:
         restore.append(compile_decoder_layers(base))
         notes.append("torch.compile")

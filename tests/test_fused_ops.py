@@ -1,0 +1,172 @@
+"""The fused training ops against the implementations they replace: transformers' RMSNorm and peft's LoRA forward."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from transformers import LlamaConfig, LlamaForCausalLM
+from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
+from transformers.models.llama.modeling_llama import LlamaRMSNorm
+from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
+
+from tunesmith.methods.lora_addmm import fuse_lora_updates
+from tunesmith.training.fused_norm import fuse_rms_norms, rms_norm
+
+
+def _gradients(module: nn.Module, hidden: torch.Tensor, grad_output: torch.Tensor):
+    hidden = hidden.detach().clone().requires_grad_()
+    output = module(hidden)
+    output.backward(grad_output)
+    return output.detach(), hidden.grad, module.weight.grad
+
+
+@pytest.mark.parametrize("dtype, weight_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                                 (torch.bfloat16, torch.float32)])
+def test_fused_rms_norm_matches_transformers(dtype, weight_dtype):
+    """Same output bit for bit; input and weight gradients equal within float rounding of the input's dtype."""
+    torch.manual_seed(0)
+    norm = LlamaRMSNorm(96, eps=1e-5).to(weight_dtype)
+    with torch.no_grad():
+        norm.weight.normal_(1.0, 0.2)
+    hidden = (torch.randn(2, 37, 96) * 3).to(dtype)
+    grad_output = torch.randn(2, 37, 96).to(torch.promote_types(dtype, weight_dtype))
+    reference = _gradients(norm, hidden, grad_output)
+    norm.weight.grad = None
+    count, restore = fuse_rms_norms(norm)
+    assert count == 1
+    fused = _gradients(norm, hidden, grad_output)
+    restore()
+    assert "forward" not in norm.__dict__
+    assert torch.equal(fused[0], reference[0])  # the forward is the same ops in the same order
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    for mine, theirs in zip(fused[1:], reference[1:]):
+        assert mine.dtype == theirs.dtype
+        torch.testing.assert_close(mine.float(), theirs.float(), rtol=tolerance, atol=tolerance)
+
+
+def test_fused_rms_norm_saves_less_for_backward():
+    """A bfloat16 input keeps itself and one float32 rstd per token, not a float32 copy of the input."""
+    hidden = torch.randn(512, 576, dtype=torch.bfloat16, requires_grad=True)
+    weight = torch.ones(576, dtype=torch.bfloat16)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        LlamaRMSNorm.forward(type("N", (), {"weight": weight, "variance_epsilon": 1e-5})(), hidden)
+    theirs = sum(t.numel() * t.element_size() for t in saved if t is not hidden)
+    saved.clear()
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        rms_norm(hidden, weight, 1e-5)
+    mine = sum(t.numel() * t.element_size() for t in saved if t is not hidden)
+    assert mine == 512 * 4 + 576 * 2  # rstd and the weight
+    assert theirs >= 512 * 576 * 4  # a float32 copy of the input at least
+
+
+def test_fused_rms_norm_swaps_llama_forms_only():
+    """Qwen2's copy of Llama's norm is swapped; Gemma's (1 + w) norm keeps its own forward."""
+    model = nn.ModuleList([Qwen2RMSNorm(8), GemmaRMSNorm(8), LlamaRMSNorm(8)])
+    count, restore = fuse_rms_norms(model)
+    assert count == 2
+    assert "forward" in model[0].__dict__ and "forward" not in model[1].__dict__
+    restore()
+    assert all("forward" not in module.__dict__ for module in model)
+
+
+def _tiny_lora(dropout: float = 0.0, dora: bool = False):
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    model = get_peft_model(LlamaForCausalLM(config), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
+                                                                lora_dropout=dropout, use_dora=dora))
+    for name, parameter in model.named_parameters():
+        if "lora_B" in name:  # B starts at zero: give the update something to carry
+            nn.init.normal_(parameter, std=0.1)
+    return model
+
+
+def _loss_and_grads(model, input_ids):
+    model.zero_grad(set_to_none=True)
+    loss = model(input_ids=input_ids, labels=input_ids).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_lora_addmm_matches_peft():
+    """Loss and every adapter gradient equal to peft's forward in float32 (to rounding); restore puts peft's back."""
+    model = _tiny_lora()
+    input_ids = torch.randint(0, 64, (2, 19))
+    reference_loss, reference = _loss_and_grads(model, input_ids)
+    count, restore = fuse_lora_updates(model)
+    assert count == 14  # q, k, v, o, gate, up, down in each of two layers
+    loss, grads = _loss_and_grads(model, input_ids)
+    torch.testing.assert_close(loss, reference_loss, rtol=1e-6, atol=1e-6)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, reference[name], rtol=1e-5, atol=1e-6)
+    with model.disable_adapter():  # a forward it cannot take goes to peft's own
+        assert model(input_ids=input_ids).logits.shape == (2, 19, 64)
+    restore()
+    assert not any("forward" in module.__dict__ for module in model.modules())
+
+
+def test_lora_addmm_under_bfloat16_autocast_stays_close():
+    """With a bfloat16 base under autocast the update rounds once instead of three times: close to peft's."""
+    model = _tiny_lora()
+    for name, parameter in model.named_parameters():
+        if not parameter.requires_grad:
+            parameter.data = parameter.data.to(torch.bfloat16)
+    input_ids = torch.randint(0, 64, (2, 19))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        reference_loss, reference = _loss_and_grads(model, input_ids)
+        count, restore = fuse_lora_updates(model)
+        loss, grads = _loss_and_grads(model, input_ids)
+    restore()
+    assert count == 14
+    assert abs(loss.item() - reference_loss.item()) < 0.02
+    for name, grad in grads.items():
+        assert grad.dtype == torch.float32
+        torch.testing.assert_close(grad, reference[name], rtol=0.1, atol=0.05 * reference[name].abs().max().item())
+
+
+def test_lora_addmm_leaves_dora_to_peft():
+    assert fuse_lora_updates(_tiny_lora(dora=True))[0] == 0
+
+
+def test_lora_addmm_with_dropout_draws_peft_s_mask():
+    """With dropout the same seed gives the same mask, so the same loss and gradients as peft's forward."""
+    model = _tiny_lora(dropout=0.3).train()
+    input_ids = torch.randint(0, 64, (2, 19))
+    torch.manual_seed(1)
+    reference_loss, reference = _loss_and_grads(model, input_ids)
+    restore = fuse_lora_updates(model)[1]
+    torch.manual_seed(1)
+    loss, grads = _loss_and_grads(model, input_ids)
+    restore()
+    torch.testing.assert_close(loss, reference_loss, rtol=1e-6, atol=1e-6)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, reference[name], rtol=1e-5, atol=1e-6)
+
+
+def test_fused_adamw_matches_the_default_one():
+    """build_optimizer's fused AdamW (train.speed.fused_optimizer) leaves the weights of foreach AdamW, to float rounding."""
+    from tunesmith.config import SpeedSection, TrainSection
+    from tunesmith.training.schedule import build_optimizer
+
+    torch.manual_seed(0)
+    start = nn.Sequential(nn.Linear(16, 32), nn.LayerNorm(32), nn.Linear(32, 4))
+    gradients = [[torch.randn_like(p) for p in start.parameters()] for _ in range(4)]
+    results = []
+    for fused in (True, False):
+        model = nn.Sequential(nn.Linear(16, 32), nn.LayerNorm(32), nn.Linear(32, 4))
+        model.load_state_dict(start.state_dict())
+        optimizer = build_optimizer(model, TrainSection(lr=1e-2, weight_decay=0.1,
+                                                        speed=SpeedSection(fused_optimizer=fused)))
+        assert optimizer.defaults["fused"] is (True if fused else None)
+        for step in gradients:
+            for parameter, gradient in zip(model.parameters(), step):
+                parameter.grad = gradient.clone()
+            optimizer.step()
+        results.append([p.detach() for p in model.parameters()])
+    for fused, default in zip(*results):
+        torch.testing.assert_close(fused, default, rtol=1e-6, atol=1e-7)
+    assert not torch.equal(results[0][0], start[0].weight)
