@@ -112,7 +112,7 @@ def test_lora_addmm_matches_peft():
 def test_lora_addmm_under_bfloat16_autocast_stays_close():
     """With a bfloat16 base under autocast the update rounds once instead of three times: close to peft's."""
     model = _tiny_lora()
-    for name, parameter in model.named_parameters():
+    for parameter in model.parameters():
         if not parameter.requires_grad:
             parameter.data = parameter.data.to(torch.bfloat16)
     input_ids = torch.randint(0, 64, (2, 19))

@@ -379,3 +379,13 @@ def test_freed_memory_released_before_each_forward(tiny_llama) -> None:
     assert "freed memory released each step" not in off.notes
     with torch.no_grad():
         assert torch.equal(on.token_loss(model, batch), off.token_loss(model, batch))
+
+
+@pytest.mark.parametrize("setting, on", [(True, True), (False, False), ("auto", False)])
+def test_unresolved_auto_checkpointing_is_off(tiny_llama, setting, on) -> None:
+    """``auto`` is resolved by ``tunesmith train``'s plan check; a run started from Python without it does not
+    recompute activations (the string 'auto' once counted as true)."""
+    model = load_llama(tiny_llama)
+    apply_speed(model, build_method(FullMethod()), SpeedSection(autocast="off", activation_checkpointing=setting),
+                TrainSection(), CPU.device)
+    assert model.is_gradient_checkpointing is on

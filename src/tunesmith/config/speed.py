@@ -63,3 +63,9 @@ class SpeedSection(Section):
         "forward (glibc's malloc_trim), so peak RSS stays near one step's activations instead of growing "
         "with the longest batches seen. No effect off Linux/glibc."
     )
+
+    @property
+    def checkpointing(self) -> bool:
+        """Whether activations are recomputed: ``auto`` that no plan check resolved (a run started from Python
+        rather than ``tunesmith train``) counts as off, the setting of a run that nothing said would not fit."""
+        return self.activation_checkpointing is True

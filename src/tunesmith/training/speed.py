@@ -119,13 +119,13 @@ def apply_speed(model: torch.nn.Module, method: Method, section: SpeedSection, t
     notes.append(f"chunked loss ({section.loss_chunk_tokens} tokens)" if section.chunked_loss else "full logits")
     dtype, why = autocast_choice(section, device)
     if dtype is not None:
-        if not section.activation_checkpointing:  # its recompute runs in the backward pass, outside the forward's casts
+        if not section.checkpointing:  # its recompute runs in the backward pass, outside the forward's casts
             loss = functools.partial(without_adapter_input_casts, loss)
         loss = functools.partial(autocast_loss, loss, dtype)
         # FSDP flattens each block's parameters into one tensor of one dtype: there the base keeps its dtype.
         method.cast_for_autocast(model, dtype, store_frozen_base=train.distributed != "fsdp")
     notes.append(why)
-    if section.activation_checkpointing:
+    if section.checkpointing:
         enable_activation_checkpointing(base)
         notes.append("activation checkpointing")
     if section.fused_norm:
