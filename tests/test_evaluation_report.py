@@ -159,9 +159,11 @@ def test_report_numbers_equal_an_independent_computation(tuned_run, tiny_llama):
                         "bias": tasks["bias"]["tasks"]["counterfactual_pairs"]["score"]}
     base, tuned = scores["base"], scores["tuned"]
     comparison = document["comparison"]
-    # Perplexity: relative reduction in percent; shares (accuracies, the stereotype share): points.
+    # Perplexity: relative reduction in percent; shares (accuracies, the stereotype share): points. Each
+    # perplexity agrees to rel 1e-5 above, so the gain 100 (b - t) / b to 100 x 2e-5 = 2e-3 points (a relative
+    # bound on the gain itself grows as b / (b - t) and failed at 1.2e-5 on a gain of 11.6%).
     assert comparison["task_gain"] == pytest.approx(100 * (base["perplexity"] - tuned["perplexity"]) / base["perplexity"],
-                                                    rel=1e-5)
+                                                    abs=2e-3)
     general = [100 * (tuned[task] - base[task]) for task in ("mmlu", "sst2", "gsm8k")]
     assert comparison["general_change"] == pytest.approx(sum(general) / 3, abs=1e-9)
     assert comparison["bias_change"] == pytest.approx(100 * (tuned["bias"] - base["bias"]), abs=1e-9)
