@@ -388,4 +388,4 @@ def test_unresolved_auto_checkpointing_is_off(tiny_llama, setting, on) -> None:
     model = load_llama(tiny_llama)
     apply_speed(model, build_method(FullMethod()), SpeedSection(autocast="off", activation_checkpointing=setting),
                 TrainSection(), CPU.device)
-    assert model.is_gradient_checkpointing is on
+    assert model.is_activation_checkpointing is on
