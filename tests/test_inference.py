@@ -25,6 +25,7 @@ def test_generate_and_chat_commands_on_a_trained_adapter(tiny_recipe, tmp_path, 
     generated = run_cli("generate", "--model", tiny_llama, "--adapter", adapter, "--prompt", "Once upon a time",
                         "--max-new-tokens", "8")
     assert generated.returncode == 0, generated.stderr
+    assert "trust_remote_code" not in generated.stderr  # bitsandbytes' hub-kernel warning is not shown (-v shows it)
     once = [{"role": "user", "content": "Once upon a time"}]
     assert generated.stdout.strip() == generate(model, tokenizer, [once], max_new_tokens=8)[0]
 

@@ -35,6 +35,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger(__name__).info(threads)
+    if not args.verbose:
+        # bitsandbytes warns on every import that its optimised CPU kernel could not be fetched from the hub,
+        # advising trust_remote_code: offline that is noise, and not advice a user of this tool should follow
+        logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     if args.command in STARTS_SLOWLY:
         status(f"tunesmith {args.command}: loading torch and transformers ...")
     if args.command in ("train", "plan", "sweep", "generate", "chat", "eval", "methods", "export", "cai", "score", "reproduce",
