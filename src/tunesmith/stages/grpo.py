@@ -83,7 +83,11 @@ def token_logps(model: nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.T
     input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
     attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
     length = completion_ids.shape[1]
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=length + 1).logits
+    # The kept positions as an index tensor, not ``length + 1``: transformers then hands the head a contiguous
+    # copy rather than a strided slice, which a bfloat16 base's head multiplies 10-400x slower on CPU (oneDNN;
+    # measured 2.0 s against 0.09 s for 8 rows of 160 tokens keeping 65, SmolLM2's head).
+    keep = torch.arange(input_ids.shape[1] - length - 1, input_ids.shape[1], device=input_ids.device)
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep).logits
     logits = logits[:, -length - 1 : -1].float() / temperature  # (N, T, vocab): each predicts the next completion token
     chosen = logits.gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1)
     return chosen - torch.logsumexp(logits, dim=-1)
