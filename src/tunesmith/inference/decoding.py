@@ -11,8 +11,10 @@ reads each slot up to its own length (a boolean mask hides the rest of the slot)
 Why not transformers' continuous-batching manager (``init_continuous_batching``)? It flattens all
 rows into one sequence of batch size 1 with paged attention, so peft's per-row adapter selection
 (``adapter_names``, one name per batch row) cannot tell the rows apart, and serving several adapters
-of one base in one batch is the point here. This module keeps a real batch dimension instead:
-per-row LoRA is peft's mixed-batch forward, unchanged.
+of one base in one batch is the point here. This module keeps a real batch dimension instead: rows of
+different adapters run as one batch, each row with its own adapter's update (:mod:`tunesmith.methods.lora_rows`:
+two products per layer for all rows, in the lean decode step too; peft's mixed-batch forward, with
+``adapter_names``, for the adapter kinds it does not handle).
 
 Sampling draws from each row's own ``torch.Generator``, so a seeded row samples the same tokens
 whatever else shares its batch. Greedy rows take the argmax and draw nothing.
@@ -20,14 +22,14 @@ whatever else shares its batch. Greedy rows take the argmax and draw nothing.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
 
 from tunesmith.inference.compiled import CompiledStep, compiled_step
-
-BASE_ADAPTER = "__base__"  # peft's name for "no adapter" in a mixed batch
+from tunesmith.methods.lora_rows import BASE_ROW, RowLora
 
 
 class SlotCache:
@@ -196,7 +198,8 @@ class RowBatch:
     Args:
         model: A causal LM whose attention layers call ``cache.update`` (transformers' Llama, Qwen2,
             Mistral, ... families), optionally wrapped by peft.
-        mixed_adapters: Pass each row's peft adapter name (peft's mixed-batch LoRA forward).
+        mixed_adapters: Rows carry their own peft adapter (``Row.adapter``; None: the base): per-row LoRA
+            (:class:`tunesmith.methods.lora_rows.RowLora`), or peft's mixed-batch forward where that cannot serve.
         compiled: The compiled single-row step (:mod:`tunesmith.inference.compiled`), taken while one row decodes.
     """
 
@@ -213,6 +216,7 @@ class RowBatch:
         self.rows: list[Row] = []  # row i lives in slot i
         self.prefixes: dict[Optional[str], Prefix] = {}  # per adapter: the shared prompt start computed last
         self.lean = LeanDecoder.fit(model)  # the decode step without transformers' per-call machinery
+        self._row_lora: Optional[RowLora] = None  # per-row LoRA of self.model (made on the first mixed call)
         self.compiled = None if mixed_adapters else compiled
 
     def __len__(self) -> int:
@@ -271,8 +275,10 @@ class RowBatch:
         mask = keys <= positions  # (rows, longest + 1): each row reads its own slot up to its new token
         self.cache.plan_decode(count, self.device)
         logits = self.compiled(ids, self.cache) if self.compiled is not None and count == 1 else None  # None: not run
-        if logits is None and self.lean is not None and not self.mixed_adapters:
-            logits = self.lean(ids, positions, mask[:, None, None], self.cache)
+        row_lora = self._row_lora_for(self.rows)
+        if logits is None and self.lean is not None and (row_lora is not None or not self.mixed_adapters):
+            with row_lora.rows([row.adapter for row in self.rows]) if row_lora is not None else contextlib.nullcontext():
+                logits = self.lean(ids, positions, mask[:, None, None], self.cache)
         elif logits is None:
             logits = self._forward(ids, positions, mask[:, None, None], self.rows)
         for slot in range(count):
@@ -315,12 +321,24 @@ class RowBatch:
         self.cache.lengths[len(self.rows)] = 0
         row.slot = -1
 
+    def _row_lora_for(self, rows: list[Row]) -> Optional[RowLora]:
+        """The per-row LoRA that serves ``rows`` of a mixed-adapter batch; None: not mixed, or peft's forward must."""
+        if not self.mixed_adapters:
+            return None
+        if self._row_lora is None or self._row_lora.model is not self.model:  # the server may swap in a new wrapper
+            self._row_lora = RowLora(self.model)
+        return self._row_lora if self._row_lora.supports([row.adapter for row in rows]) else None
+
     def _forward(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, rows: list[Row]):
-        extra = {}
-        if self.mixed_adapters:
-            extra["adapter_names"] = [row.adapter or BASE_ADAPTER for row in rows]
-        output = self.model(input_ids=ids, position_ids=positions, attention_mask=mask, cache=self.cache,
-                            use_cache=True, logits_to_keep=1, **extra)
+        extra, per_row = {}, contextlib.nullcontext()
+        row_lora = self._row_lora_for(rows)
+        if row_lora is not None:
+            per_row = row_lora.rows([row.adapter for row in rows])
+        elif self.mixed_adapters:  # adapters only peft serves (DoRA, modules_to_save, ...): its mixed-batch forward
+            extra["adapter_names"] = [row.adapter or BASE_ROW for row in rows]
+        with per_row:
+            output = self.model(input_ids=ids, position_ids=positions, attention_mask=mask, cache=self.cache,
+                                use_cache=True, logits_to_keep=1, **extra)
         return output.logits  # (rows, 1, vocabulary)
 
 
@@ -332,7 +350,8 @@ class LeanDecoder:
     of every layer. This runs the same modules (embedding, rotary, norms, projections, MLP, LM head)
     and the model's own attention function in the same order with the same arguments, so the logits
     are the ones ``model(...)`` gives, bit for bit (tested against ``model.generate``). A LoRA-wrapped
-    model runs its LoRA layers (the active adapter); mixed-adapter batches go through ``model(...)``.
+    model runs its LoRA layers (the active adapter, or each row's own under :class:`RowLora`); mixed-adapter
+    batches that only peft's mixed-batch forward can serve go through ``model(...)``.
     """
 
     def __init__(self, causal_lm, rotary, attend) -> None:
