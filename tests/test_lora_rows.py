@@ -123,3 +123,29 @@ def test_a_mixed_row_batch_decodes_in_the_lean_step_as_each_adapter_alone():
         alone.append(single.rows[0].tokens)
     assert [row.tokens for row in rows] == alone
     assert len({tuple(tokens) for tokens in alone}) > 2  # the adapters lead to different tokens
+
+
+@torch.no_grad()
+def test_rows_of_several_adapters_sharing_a_start_join_in_two_forwards():
+    from tunesmith.inference.decoding import Row, RowBatch
+
+    from test_decoding import shared_start_prompts
+
+    model = two_adapters()
+    asked = shared_start_prompts(len(ADAPTERS))
+    batch = RowBatch(model, mixed_adapters=True)
+    forwards = []
+    original = batch._forward
+    batch._forward = lambda ids, *rest: forwards.append(tuple(ids.shape)) or original(ids, *rest)
+    rows = [Row(prompt, adapter=adapter) for prompt, adapter in zip(asked, ADAPTERS)]
+    batch.join(rows, room=6)
+    assert len(forwards) == 2 and forwards[0][0] == 4  # the start of each of the 4 adapters (None too), then all rows
+    assert set(batch.prefixes) == {"a0", "a1", "__base__", None}
+    for _ in range(5):
+        batch.step()
+    for row, prompt, adapter in zip(rows, asked, ADAPTERS):
+        single = RowBatch(model, mixed_adapters=True)  # alone: no shared start, the whole prompt
+        single.join([Row(prompt, adapter=adapter)], room=6)
+        for _ in range(5):
+            single.step()
+        assert row.tokens == single.rows[0].tokens

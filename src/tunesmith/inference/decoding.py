@@ -73,14 +73,15 @@ class SlotCache:
                 buffers[layer] = grown
         self.lengths += [0] * (new_slots - len(self.lengths))
 
-    def plan_prefill(self, slots: list[int], pads: list[int], prefix: Optional["Prefix"] = None) -> None:
-        """The next forward is left-padded prompts (``pads[i]`` pad tokens first) for these slots; with a
-        ``prefix``, the prompts' parts after it (the prefix's keys/values go first into every slot)."""
-        self._plan = ("prefill", slots, pads, prefix)
+    def plan_prefill(self, slots: list[int], pads: list[int], prefixes: Optional[list["Prefix"]] = None) -> None:
+        """The next forward is left-padded prompts (``pads[i]`` pad tokens first) for these consecutive slots; with
+        ``prefixes`` (one per row, all of the same tokens; per adapter, LoRA changes keys and values), the prompts'
+        parts after it (row i's prefix keys/values go first into its slot)."""
+        self._plan = ("prefill", slots, pads, prefixes)
 
-    def plan_capture(self, prefix: "Prefix") -> None:
-        """The next forward is one sequence whose keys/values are kept in ``prefix`` (no slot is written)."""
-        self._plan = ("capture", prefix)
+    def plan_capture(self, prefixes: list["Prefix"]) -> None:
+        """The next forward is one sequence per prefix whose keys/values are kept in it (no slot is written)."""
+        self._plan = ("capture", prefixes)
 
     def plan_decode(self, rows: int, device) -> None:
         """The next forward is one new token for each of slots ``0 .. rows - 1``."""
@@ -103,23 +104,28 @@ class SlotCache:
         """Store this step's keys/values (batch, kv_heads, new, head_dim); return what attention reads."""
         keys, values = self.keys[layer_idx], self.values[layer_idx]
         if self._plan[0] == "capture":
-            self._plan[1].keys.append(key)
-            self._plan[1].values.append(value)
+            for row, prefix in enumerate(self._plan[1]):
+                prefix.keys.append(key[row : row + 1])
+                prefix.values.append(value[row : row + 1])
             return key, value
         if self._plan[0] == "prefill":
-            _, slots, pads, prefix = self._plan
-            shared = 0 if prefix is None else len(prefix.tokens)
+            _, slots, pads, prefixes = self._plan
+            shared = 0 if prefixes is None else len(prefixes[0].tokens)
             for row, (slot, pad) in enumerate(zip(slots, pads)):
                 keys[slot, :, shared : shared + key.shape[2] - pad] = key[row, :, pad:]
                 values[slot, :, shared : shared + key.shape[2] - pad] = value[row, :, pad:]
-            if prefix is None:
+            if prefixes is None:
                 return key, value  # the prompt attends to itself (left-padded, masked by the caller)
-            shared_keys, shared_values = prefix.keys[layer_idx], prefix.values[layer_idx]  # (1, kv_heads, shared, head_dim)
+            rows = key.shape[0]
+            if all(prefix is prefixes[0] for prefix in prefixes):  # (1, kv_heads, shared, head_dim), read by every row
+                shared_keys = prefixes[0].keys[layer_idx].expand(rows, -1, -1, -1)
+                shared_values = prefixes[0].values[layer_idx].expand(rows, -1, -1, -1)
+            else:  # rows of different adapters: each its adapter's  (rows, kv_heads, shared, head_dim)
+                shared_keys = torch.cat([prefix.keys[layer_idx] for prefix in prefixes])
+                shared_values = torch.cat([prefix.values[layer_idx] for prefix in prefixes])
             keys[slots[0] : slots[-1] + 1, :, :shared] = shared_keys  # the joining slots are consecutive
             values[slots[0] : slots[-1] + 1, :, :shared] = shared_values
-            rows = key.shape[0]
-            return (torch.cat([shared_keys.expand(rows, -1, -1, -1), key], 2),
-                    torch.cat([shared_values.expand(rows, -1, -1, -1), value], 2))
+            return torch.cat([shared_keys, key], 2), torch.cat([shared_values, value], 2)
         _, rows, flat, longest = self._plan
         head_dim = keys.shape[-1]
         keys.view(-1, head_dim).index_copy_(0, flat, key[:, :, 0].reshape(-1, head_dim).to(keys.dtype))
@@ -228,19 +234,17 @@ class RowBatch:
 
         Prefix caching: a start that the joining rows share (at least ``MIN_PREFIX`` tokens, e.g. a chat
         template's system prompt) is computed once, or taken from an earlier join of this batch, and its
-        keys/values are copied into each row's slot; the forward then runs only the rest of each prompt.
+        keys/values are copied into each row's slot; the forward then runs only the rest of each prompt. Rows of
+        different adapters join in one forward (each row's LoRA its own); the shared start is per adapter,
+        all of them computed in one forward too.
 
         Args:
             room: Positions to keep free after each prompt (the row's token budget).
         """
         if not rows:
             return
-        if self.mixed_adapters and len({row.adapter for row in rows}) > 1:
-            for adapter in dict.fromkeys(row.adapter for row in rows):  # a shared start is per adapter
-                self.join([row for row in rows if row.adapter == adapter], room)
-            return
-        prefix = self._prefix_for(rows)
-        shared = len(prefix.tokens) if prefix is not None else 0
+        prefixes = self._prefixes_for(rows)
+        shared = len(prefixes[0].tokens) if prefixes is not None else 0
         first = len(self.rows)
         longest = max(len(row.prompt) for row in rows) - shared  # of the parts after the shared start
         self.cache.reserve(first + len(rows), shared + longest + room)
@@ -258,7 +262,7 @@ class RowBatch:
         mask = (causal[None] & real[:, None, :]) | torch.eye(longest, dtype=torch.bool, device=self.device)[None]
         if shared:  # every query reads the whole shared start first
             mask = torch.cat([mask.new_ones(len(rows), longest, shared), mask], dim=2)  # (rows, longest, shared + longest)
-        self.cache.plan_prefill([row.slot for row in rows], pads, prefix)
+        self.cache.plan_prefill([row.slot for row in rows], pads, prefixes)
         logits = self._forward(ids, positions, mask[:, None], rows)
         self.rows += rows
         _pick_each(rows, logits[:, -1])
@@ -290,26 +294,30 @@ class RowBatch:
         known = self.prefixes.get(row.adapter)
         return len(row.prompt) - len(known.tokens) if known is not None and known.starts(row.prompt) else len(row.prompt)
 
-    def _prefix_for(self, rows: list[Row]) -> Optional[Prefix]:
-        """The shared start to reuse for ``rows`` (one adapter): the last one if all rows begin with it, else
-        their longest common start when it is at least ``MIN_PREFIX`` tokens (computed now), else None."""
-        adapter = rows[0].adapter
-        known = self.prefixes.get(adapter)
-        if known is not None and all(known.starts(row.prompt) for row in rows):
-            return known
+    def _prefixes_for(self, rows: list[Row]) -> Optional[list[Prefix]]:
+        """Per row, the shared start to reuse (each row's adapter's; all of the same tokens): the last ones if
+        every row begins with them, else the rows' longest common start when it is at least ``MIN_PREFIX``
+        tokens (the adapters' missing ones computed now, in one forward), else None."""
+        adapters = list(dict.fromkeys(row.adapter for row in rows))
+        known = [self.prefixes.get(adapter) for adapter in adapters]
+        if all(prefix is not None and prefix.tokens == known[0].tokens for prefix in known) and \
+                all(known[0].starts(row.prompt) for row in rows):
+            return [self.prefixes[row.adapter] for row in rows]
         if len(rows) < 2:
             return None
         shared = common_prefix([row.prompt for row in rows])
         if shared < MIN_PREFIX:
             return None
-        prefix = Prefix(rows[0].prompt[:shared], adapter)
-        ids = torch.tensor([prefix.tokens], device=self.device)
-        positions = torch.arange(shared, device=self.device)[None]  # (1, shared)
+        tokens = rows[0].prompt[:shared]
+        made = [Prefix(tokens, adapter) for adapter, prefix in zip(adapters, known)
+                if prefix is None or prefix.tokens != tokens]
+        ids = torch.tensor([tokens] * len(made), device=self.device)
+        positions = torch.arange(shared, device=self.device)[None].expand(len(made), -1)  # (adapters, shared)
         mask = torch.ones(shared, shared, dtype=torch.bool, device=self.device).tril()[None, None]
-        self.cache.plan_capture(prefix)
-        self._forward(ids, positions, mask, rows[:1])
-        self.prefixes[adapter] = prefix
-        return prefix
+        self.cache.plan_capture(made)
+        self._forward(ids, positions, mask, [Row(tokens, adapter=prefix.adapter) for prefix in made])
+        self.prefixes.update((prefix.adapter, prefix) for prefix in made)
+        return [self.prefixes[row.adapter] for row in rows]
 
     def leave(self, row: Row) -> None:
         """Free ``row``'s slot: the last row moves into it, nobody else is touched."""
