@@ -344,9 +344,13 @@ class RowBatch:
             per_row = row_lora.rows([row.adapter for row in rows])
         elif self.mixed_adapters:  # adapters only peft serves (DoRA, modules_to_save, ...): its mixed-batch forward
             extra["adapter_names"] = [row.adapter or BASE_ROW for row in rows]
+        # the last position as an index tensor: the LM head then reads a contiguous copy of the rows' last hidden
+        # states. ``logits_to_keep=1`` slices them (a strided view), and a bfloat16 matmul over that view took
+        # 8.9 s for 32 rows of SmolLM2 against 0.014 s contiguous (float32: 0.28 s against 0.037 s), one thread
+        last = torch.tensor([ids.shape[1] - 1], device=self.device)
         with per_row:
             output = self.model(input_ids=ids, position_ids=positions, attention_mask=mask, cache=self.cache,
-                                use_cache=True, logits_to_keep=1, **extra)
+                                use_cache=True, logits_to_keep=last, **extra)
         return output.logits  # (rows, 1, vocabulary)
 
 
