@@ -50,16 +50,21 @@ def test_a_mixed_batch_gives_peft_mixed_forward_logits():
 
 
 @torch.no_grad()
-def test_bfloat16_base_with_float32_adapters_casts_as_peft():
+def test_a_bfloat16_base_is_as_close_to_float32_as_peft_mixed_forward():
+    """The update is computed in the base's bfloat16 (peft: in the float32 adapters, then cast): measured
+    0.0109 from the float32 logits against peft's 0.0109, logits up to 0.97."""
     model = two_adapters()
+    ids = torch.randint(3, 80, (len(ADAPTERS), 5), generator=torch.Generator().manual_seed(1))
+    names = [name or "__base__" for name in ADAPTERS]
+    exact = model(input_ids=ids, adapter_names=names).logits
     for name, parameter in model.named_parameters():
         if "lora_" not in name:
             parameter.data = parameter.data.to(torch.bfloat16)  # peft keeps a bf16 base's adapters in float32
-    ids = torch.randint(3, 80, (len(ADAPTERS), 5), generator=torch.Generator().manual_seed(1))
-    expected = model(input_ids=ids, adapter_names=[name or "__base__" for name in ADAPTERS]).logits
+    peft_error = (model(input_ids=ids, adapter_names=names).logits.float() - exact).abs().max()
     with RowLora(model).rows(ADAPTERS):
         got = model(input_ids=ids).logits
-    torch.testing.assert_close(got.float(), expected.float(), rtol=0.02, atol=0.02)
+    assert got.dtype == torch.bfloat16
+    assert (got.float() - exact).abs().max() <= 1.25 * peft_error
 
 
 def test_changed_adapter_weights_are_read_again():
