@@ -10,9 +10,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tunesmith.methods.lora_rows import RowLora
-
 from test_decoding import random_model
+from tunesmith.methods.lora_rows import RowLora
 
 
 def two_adapters(dtype=torch.float32):
@@ -97,9 +96,8 @@ def test_dora_adapters_are_left_to_peft():
 
 @torch.no_grad()
 def test_a_mixed_row_batch_decodes_in_the_lean_step_as_each_adapter_alone():
-    from tunesmith.inference.decoding import Row, RowBatch
-
     from test_decoding import prompts
+    from tunesmith.inference.decoding import Row, RowBatch
 
     model = two_adapters()
     asked = prompts(len(ADAPTERS), seed=5)
@@ -132,9 +130,8 @@ def test_a_mixed_row_batch_decodes_in_the_lean_step_as_each_adapter_alone():
 
 @torch.no_grad()
 def test_rows_of_several_adapters_sharing_a_start_join_in_two_forwards():
-    from tunesmith.inference.decoding import Row, RowBatch
-
     from test_decoding import shared_start_prompts
+    from tunesmith.inference.decoding import Row, RowBatch
 
     model = two_adapters()
     asked = shared_start_prompts(len(ADAPTERS))
