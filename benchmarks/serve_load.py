@@ -127,7 +127,7 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=8917)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="serve --dtype.")
     parser.add_argument("--threads", type=int, default=0,
-                        help="OMP_NUM_THREADS of the server (0: its default); 1 is steadier on a busy machine.")
+                        help="OMP_NUM_THREADS of the server (0: its default; the server sets GOMP_SPINCOUNT, so 2 threads hold up beside a busy process).")
     args = parser.parse_args()
     workspace = Path(tempfile.mkdtemp(prefix="tunesmith-serve-bench-"))
     adapters = [] if args.no_adapters else make_adapters(workspace, args.model, dtype=args.dtype)

@@ -308,8 +308,8 @@ def test_batcher_seed_holds_when_company_shares_the_prompt_start(batcher, monkey
     from tunesmith.inference.decoding import RowBatch
 
     used = []
-    original = RowBatch._prefix_for
-    monkeypatch.setattr(RowBatch, "_prefix_for", lambda self, rows: used.append(original(self, rows)) or used[-1])
+    original = RowBatch._prefixes_for
+    monkeypatch.setattr(RowBatch, "_prefixes_for", lambda self, rows: used.append(original(self, rows)) or used[-1])
     model = random_llama(eos=VOCAB + 5)
     generator = batcher({"m": servable("m", model)})
     start = list(range(3, 23))  # 20 tokens: at least MIN_PREFIX
@@ -320,5 +320,5 @@ def test_batcher_seed_holds_when_company_shares_the_prompt_start(batcher, monkey
     company = [ask(generator, "m", start + p, 30, temperature=1.0) for p in prompts(4, seed=9)]
     finished, together, *_ = ask(generator, "m", prompt, 16, **fields)
     assert finished.wait(60) and all(done.wait(60) for done, *_ in company)
-    assert any(prefix is not None and len(prefix.tokens) >= 16 for prefix in used)
+    assert any(prefixes is not None and len(prefixes[0].tokens) >= 16 for prefixes in used)
     assert tokens(alone) == tokens(together) and len(tokens(alone)) == 16

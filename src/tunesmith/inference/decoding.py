@@ -11,8 +11,10 @@ reads each slot up to its own length (a boolean mask hides the rest of the slot)
 Why not transformers' continuous-batching manager (``init_continuous_batching``)? It flattens all
 rows into one sequence of batch size 1 with paged attention, so peft's per-row adapter selection
 (``adapter_names``, one name per batch row) cannot tell the rows apart, and serving several adapters
-of one base in one batch is the point here. This module keeps a real batch dimension instead:
-per-row LoRA is peft's mixed-batch forward, unchanged.
+of one base in one batch is the point here. This module keeps a real batch dimension instead: rows of
+different adapters run as one batch, each row with its own adapter's update (:mod:`tunesmith.methods.lora_rows`:
+two products per layer for all rows, in the lean decode step too; peft's mixed-batch forward, with
+``adapter_names``, for the adapter kinds it does not handle).
 
 Sampling draws from each row's own ``torch.Generator``, so a seeded row samples the same tokens
 whatever else shares its batch. Greedy rows take the argmax and draw nothing.
@@ -20,14 +22,14 @@ whatever else shares its batch. Greedy rows take the argmax and draw nothing.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
 
 from tunesmith.inference.compiled import CompiledStep, compiled_step
-
-BASE_ADAPTER = "__base__"  # peft's name for "no adapter" in a mixed batch
+from tunesmith.methods.lora_rows import BASE_ROW, RowLora
 
 
 class SlotCache:
@@ -71,14 +73,15 @@ class SlotCache:
                 buffers[layer] = grown
         self.lengths += [0] * (new_slots - len(self.lengths))
 
-    def plan_prefill(self, slots: list[int], pads: list[int], prefix: Optional["Prefix"] = None) -> None:
-        """The next forward is left-padded prompts (``pads[i]`` pad tokens first) for these slots; with a
-        ``prefix``, the prompts' parts after it (the prefix's keys/values go first into every slot)."""
-        self._plan = ("prefill", slots, pads, prefix)
+    def plan_prefill(self, slots: list[int], pads: list[int], prefixes: Optional[list["Prefix"]] = None) -> None:
+        """The next forward is left-padded prompts (``pads[i]`` pad tokens first) for these consecutive slots; with
+        ``prefixes`` (one per row, all of the same tokens; per adapter, LoRA changes keys and values), the prompts'
+        parts after it (row i's prefix keys/values go first into its slot)."""
+        self._plan = ("prefill", slots, pads, prefixes)
 
-    def plan_capture(self, prefix: "Prefix") -> None:
-        """The next forward is one sequence whose keys/values are kept in ``prefix`` (no slot is written)."""
-        self._plan = ("capture", prefix)
+    def plan_capture(self, prefixes: list["Prefix"]) -> None:
+        """The next forward is one sequence per prefix whose keys/values are kept in it (no slot is written)."""
+        self._plan = ("capture", prefixes)
 
     def plan_decode(self, rows: int, device) -> None:
         """The next forward is one new token for each of slots ``0 .. rows - 1``."""
@@ -101,23 +104,28 @@ class SlotCache:
         """Store this step's keys/values (batch, kv_heads, new, head_dim); return what attention reads."""
         keys, values = self.keys[layer_idx], self.values[layer_idx]
         if self._plan[0] == "capture":
-            self._plan[1].keys.append(key)
-            self._plan[1].values.append(value)
+            for row, prefix in enumerate(self._plan[1]):
+                prefix.keys.append(key[row : row + 1])
+                prefix.values.append(value[row : row + 1])
             return key, value
         if self._plan[0] == "prefill":
-            _, slots, pads, prefix = self._plan
-            shared = 0 if prefix is None else len(prefix.tokens)
+            _, slots, pads, prefixes = self._plan
+            shared = 0 if prefixes is None else len(prefixes[0].tokens)
             for row, (slot, pad) in enumerate(zip(slots, pads)):
                 keys[slot, :, shared : shared + key.shape[2] - pad] = key[row, :, pad:]
                 values[slot, :, shared : shared + key.shape[2] - pad] = value[row, :, pad:]
-            if prefix is None:
+            if prefixes is None:
                 return key, value  # the prompt attends to itself (left-padded, masked by the caller)
-            shared_keys, shared_values = prefix.keys[layer_idx], prefix.values[layer_idx]  # (1, kv_heads, shared, head_dim)
+            rows = key.shape[0]
+            if all(prefix is prefixes[0] for prefix in prefixes):  # (1, kv_heads, shared, head_dim), read by every row
+                shared_keys = prefixes[0].keys[layer_idx].expand(rows, -1, -1, -1)
+                shared_values = prefixes[0].values[layer_idx].expand(rows, -1, -1, -1)
+            else:  # rows of different adapters: each its adapter's  (rows, kv_heads, shared, head_dim)
+                shared_keys = torch.cat([prefix.keys[layer_idx] for prefix in prefixes])
+                shared_values = torch.cat([prefix.values[layer_idx] for prefix in prefixes])
             keys[slots[0] : slots[-1] + 1, :, :shared] = shared_keys  # the joining slots are consecutive
             values[slots[0] : slots[-1] + 1, :, :shared] = shared_values
-            rows = key.shape[0]
-            return (torch.cat([shared_keys.expand(rows, -1, -1, -1), key], 2),
-                    torch.cat([shared_values.expand(rows, -1, -1, -1), value], 2))
+            return torch.cat([shared_keys, key], 2), torch.cat([shared_values, value], 2)
         _, rows, flat, longest = self._plan
         head_dim = keys.shape[-1]
         keys.view(-1, head_dim).index_copy_(0, flat, key[:, :, 0].reshape(-1, head_dim).to(keys.dtype))
@@ -196,7 +204,8 @@ class RowBatch:
     Args:
         model: A causal LM whose attention layers call ``cache.update`` (transformers' Llama, Qwen2,
             Mistral, ... families), optionally wrapped by peft.
-        mixed_adapters: Pass each row's peft adapter name (peft's mixed-batch LoRA forward).
+        mixed_adapters: Rows carry their own peft adapter (``Row.adapter``; None: the base): per-row LoRA
+            (:class:`tunesmith.methods.lora_rows.RowLora`), or peft's mixed-batch forward where that cannot serve.
         compiled: The compiled single-row step (:mod:`tunesmith.inference.compiled`), taken while one row decodes.
     """
 
@@ -213,6 +222,7 @@ class RowBatch:
         self.rows: list[Row] = []  # row i lives in slot i
         self.prefixes: dict[Optional[str], Prefix] = {}  # per adapter: the shared prompt start computed last
         self.lean = LeanDecoder.fit(model)  # the decode step without transformers' per-call machinery
+        self._row_lora: Optional[RowLora] = None  # per-row LoRA of self.model (made on the first mixed call)
         self.compiled = None if mixed_adapters else compiled
 
     def __len__(self) -> int:
@@ -224,19 +234,17 @@ class RowBatch:
 
         Prefix caching: a start that the joining rows share (at least ``MIN_PREFIX`` tokens, e.g. a chat
         template's system prompt) is computed once, or taken from an earlier join of this batch, and its
-        keys/values are copied into each row's slot; the forward then runs only the rest of each prompt.
+        keys/values are copied into each row's slot; the forward then runs only the rest of each prompt. Rows of
+        different adapters join in one forward (each row's LoRA its own); the shared start is per adapter,
+        all of them computed in one forward too.
 
         Args:
             room: Positions to keep free after each prompt (the row's token budget).
         """
         if not rows:
             return
-        if self.mixed_adapters and len({row.adapter for row in rows}) > 1:
-            for adapter in dict.fromkeys(row.adapter for row in rows):  # a shared start is per adapter
-                self.join([row for row in rows if row.adapter == adapter], room)
-            return
-        prefix = self._prefix_for(rows)
-        shared = len(prefix.tokens) if prefix is not None else 0
+        prefixes = self._prefixes_for(rows)
+        shared = len(prefixes[0].tokens) if prefixes is not None else 0
         first = len(self.rows)
         longest = max(len(row.prompt) for row in rows) - shared  # of the parts after the shared start
         self.cache.reserve(first + len(rows), shared + longest + room)
@@ -254,7 +262,7 @@ class RowBatch:
         mask = (causal[None] & real[:, None, :]) | torch.eye(longest, dtype=torch.bool, device=self.device)[None]
         if shared:  # every query reads the whole shared start first
             mask = torch.cat([mask.new_ones(len(rows), longest, shared), mask], dim=2)  # (rows, longest, shared + longest)
-        self.cache.plan_prefill([row.slot for row in rows], pads, prefix)
+        self.cache.plan_prefill([row.slot for row in rows], pads, prefixes)
         logits = self._forward(ids, positions, mask[:, None], rows)
         self.rows += rows
         _pick_each(rows, logits[:, -1])
@@ -271,8 +279,10 @@ class RowBatch:
         mask = keys <= positions  # (rows, longest + 1): each row reads its own slot up to its new token
         self.cache.plan_decode(count, self.device)
         logits = self.compiled(ids, self.cache) if self.compiled is not None and count == 1 else None  # None: not run
-        if logits is None and self.lean is not None and not self.mixed_adapters:
-            logits = self.lean(ids, positions, mask[:, None, None], self.cache)
+        row_lora = self._row_lora_for(self.rows)
+        if logits is None and self.lean is not None and (row_lora is not None or not self.mixed_adapters):
+            with row_lora.rows([row.adapter for row in self.rows]) if row_lora is not None else contextlib.nullcontext():
+                logits = self.lean(ids, positions, mask[:, None, None], self.cache)
         elif logits is None:
             logits = self._forward(ids, positions, mask[:, None, None], self.rows)
         for slot in range(count):
@@ -284,26 +294,30 @@ class RowBatch:
         known = self.prefixes.get(row.adapter)
         return len(row.prompt) - len(known.tokens) if known is not None and known.starts(row.prompt) else len(row.prompt)
 
-    def _prefix_for(self, rows: list[Row]) -> Optional[Prefix]:
-        """The shared start to reuse for ``rows`` (one adapter): the last one if all rows begin with it, else
-        their longest common start when it is at least ``MIN_PREFIX`` tokens (computed now), else None."""
-        adapter = rows[0].adapter
-        known = self.prefixes.get(adapter)
-        if known is not None and all(known.starts(row.prompt) for row in rows):
-            return known
+    def _prefixes_for(self, rows: list[Row]) -> Optional[list[Prefix]]:
+        """Per row, the shared start to reuse (each row's adapter's; all of the same tokens): the last ones if
+        every row begins with them, else the rows' longest common start when it is at least ``MIN_PREFIX``
+        tokens (the adapters' missing ones computed now, in one forward), else None."""
+        adapters = list(dict.fromkeys(row.adapter for row in rows))
+        known = [self.prefixes.get(adapter) for adapter in adapters]
+        if all(prefix is not None and prefix.tokens == known[0].tokens for prefix in known) and \
+                all(known[0].starts(row.prompt) for row in rows):
+            return [self.prefixes[row.adapter] for row in rows]
         if len(rows) < 2:
             return None
         shared = common_prefix([row.prompt for row in rows])
         if shared < MIN_PREFIX:
             return None
-        prefix = Prefix(rows[0].prompt[:shared], adapter)
-        ids = torch.tensor([prefix.tokens], device=self.device)
-        positions = torch.arange(shared, device=self.device)[None]  # (1, shared)
+        tokens = rows[0].prompt[:shared]
+        made = [Prefix(tokens, adapter) for adapter, prefix in zip(adapters, known)
+                if prefix is None or prefix.tokens != tokens]
+        ids = torch.tensor([tokens] * len(made), device=self.device)
+        positions = torch.arange(shared, device=self.device)[None].expand(len(made), -1)  # (adapters, shared)
         mask = torch.ones(shared, shared, dtype=torch.bool, device=self.device).tril()[None, None]
-        self.cache.plan_capture(prefix)
-        self._forward(ids, positions, mask, rows[:1])
-        self.prefixes[adapter] = prefix
-        return prefix
+        self.cache.plan_capture(made)
+        self._forward(ids, positions, mask, [Row(tokens, adapter=prefix.adapter) for prefix in made])
+        self.prefixes.update((prefix.adapter, prefix) for prefix in made)
+        return [self.prefixes[row.adapter] for row in rows]
 
     def leave(self, row: Row) -> None:
         """Free ``row``'s slot: the last row moves into it, nobody else is touched."""
@@ -315,12 +329,28 @@ class RowBatch:
         self.cache.lengths[len(self.rows)] = 0
         row.slot = -1
 
+    def _row_lora_for(self, rows: list[Row]) -> Optional[RowLora]:
+        """The per-row LoRA that serves ``rows`` of a mixed-adapter batch; None: not mixed, or peft's forward must."""
+        if not self.mixed_adapters:
+            return None
+        if self._row_lora is None or self._row_lora.model is not self.model:  # the server may swap in a new wrapper
+            self._row_lora = RowLora(self.model)
+        return self._row_lora if self._row_lora.supports([row.adapter for row in rows]) else None
+
     def _forward(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, rows: list[Row]):
-        extra = {}
-        if self.mixed_adapters:
-            extra["adapter_names"] = [row.adapter or BASE_ADAPTER for row in rows]
-        output = self.model(input_ids=ids, position_ids=positions, attention_mask=mask, cache=self.cache,
-                            use_cache=True, logits_to_keep=1, **extra)
+        extra, per_row = {}, contextlib.nullcontext()
+        row_lora = self._row_lora_for(rows)
+        if row_lora is not None:
+            per_row = row_lora.rows([row.adapter for row in rows])
+        elif self.mixed_adapters:  # adapters only peft serves (DoRA, modules_to_save, ...): its mixed-batch forward
+            extra["adapter_names"] = [row.adapter or BASE_ROW for row in rows]
+        # the last position as an index tensor: the LM head then reads a contiguous copy of the rows' last hidden
+        # states. ``logits_to_keep=1`` slices them (a strided view), and a bfloat16 matmul over that view took
+        # 8.9 s for 32 rows of SmolLM2 against 0.014 s contiguous (float32: 0.28 s against 0.037 s), one thread
+        last = torch.tensor([ids.shape[1] - 1], device=self.device)
+        with per_row:
+            output = self.model(input_ids=ids, position_ids=positions, attention_mask=mask, cache=self.cache,
+                                use_cache=True, logits_to_keep=last, **extra)
         return output.logits  # (rows, 1, vocabulary)
 
 
@@ -332,7 +362,8 @@ class LeanDecoder:
     of every layer. This runs the same modules (embedding, rotary, norms, projections, MLP, LM head)
     and the model's own attention function in the same order with the same arguments, so the logits
     are the ones ``model(...)`` gives, bit for bit (tested against ``model.generate``). A LoRA-wrapped
-    model runs its LoRA layers (the active adapter); mixed-adapter batches go through ``model(...)``.
+    model runs its LoRA layers (the active adapter, or each row's own under :class:`RowLora`); mixed-adapter
+    batches that only peft's mixed-batch forward can serve go through ``model(...)``.
     """
 
     def __init__(self, causal_lm, rotary, attend) -> None:

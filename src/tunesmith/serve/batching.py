@@ -5,7 +5,7 @@ One worker thread owns the models and keeps one running batch per loaded base mo
 batch (their prompts are prefilled together into free KV-cache slots) and rows that finished or
 were cancelled leave it, so a short request never waits for a long one and a new one waits at
 most one step. Rows of one batch may differ in everything: model id (adapters of one base are
-applied per row, peft's mixed-batch LoRA), temperature, top-p, seed, stop strings, token limit.
+applied per row: :mod:`tunesmith.methods.lora_rows`), temperature, top-p, seed, stop strings, token limit.
 Each row samples from its own ``torch.Generator`` (seeded from the request's ``seed``), so a seed
 gives the same text whatever else is being generated. Streaming and non-streaming requests are
 batched alike; each row stops on its own end-of-sequence token, stop string or token limit.

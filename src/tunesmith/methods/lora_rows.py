@@ -1,0 +1,178 @@
+"""Per-row LoRA: a batch whose rows use different adapters of one base, in two products per layer.
+
+peft's mixed batch (``model(..., adapter_names=[one per row])``) loops, in every adapted layer, over the
+adapters present: it gathers each adapter's rows, runs that adapter's A and B on them and adds the result
+back into those rows (index, two products, scale, cast, index-add per adapter per layer). Serving systems
+(punica/S-LoRA's BGMV kernel, LoRAX, vLLM's multi-LoRA) instead run one base product for all rows and give
+each row its own A and B. On a CPU, with the few adapters a batch holds, the cheapest form of that is two
+plain products over the present adapters' matrices side by side::
+
+    down = x · [A_1; A_2; ...]ᵀ        (rows, tokens, R)  R: the present adapters' ranks summed
+    down = down * keep                  keep (rows, R): a row's own adapter's columns times its scaling, others 0
+    out  = base(x) + down · [B_1, B_2, ...]ᵀ
+
+A row's update is its own adapter's (the other columns are multiplied by exact zeros), a base row's is
+zero; the sum equals peft's to float rounding (tests/test_lora_rows.py). The extra work is
+``R * (in + out)`` per token, against ``in * out`` for the base product: a handful of adapters of rank 8–16
+stays a few percent of the layer. (With dozens of adapters per batch a gather of each row's own A and B,
+BGMV's form, would do less work; not built: a batch of 32 rows on one base rarely holds more than a few.)
+
+What this handles: peft's plain ``Linear`` LoRA layers (an ``nn.Linear`` base, no DoRA or other variant,
+no LoRA bias), any ranks and scalings, adapters that target different modules (a layer without a row's
+adapter gives that row no update, as peft does). What keeps peft's own mixed-batch forward (the caller
+asks :meth:`RowLora.supports`): DoRA and the other LoRA variants (aLoRA, ...), a LoRA bias, LoRA on an
+embedding or convolution, ``modules_to_save`` and trainable tokens; and, per call, a merged layer or a
+layer in training mode (dropout), which :func:`_rows_forward` hands to peft with ``adapter_names``.
+
+The forward is swapped in on the adapted layers for one model call only (:meth:`RowLora.rows`, as
+:mod:`tunesmith.methods.lora_addmm` does for one run): outside it the model is peft's, untouched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+BASE_ROW = "__base__"  # peft's name for "no adapter" in a mixed batch
+_KEPT_STACKS = 8  # combinations of present adapters whose side-by-side matrices are kept
+
+
+@dataclass
+class _Stack:
+    """One layer's present adapters side by side, and which adapter owns each column of ``down``."""
+
+    down: torch.Tensor  # (R, in): the A matrices stacked
+    up: torch.Tensor  # (out, R): the B matrices side by side
+    owners: tuple[tuple[str, int, float], ...]  # (adapter, rank, scaling) in column order
+
+
+def _plain(layer: nn.Module, adapter: str) -> bool:
+    """Whether ``adapter`` on peft's LoRA ``Linear`` ``layer`` is a plain product pair (no variant, no bias)."""
+    return (adapter not in layer.lora_variant and not layer.use_dora.get(adapter, False)
+            and layer.lora_B[adapter].bias is None)
+
+
+class RowLora:
+    """The per-row LoRA of one peft model (see the module's text); build once, use per call.
+
+    Args:
+        model: A peft model holding LoRA adapters.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self._walked_for: Optional[tuple] = None  # the adapter names loaded when the layers were listed
+        self._layers: list[nn.Module] = []  # peft's LoRA Linear layers
+        self._unsupported: set[str] = set()  # adapters only peft's mixed forward can serve
+        self._stacks: dict[tuple, dict[int, Optional[_Stack]]] = {}  # present adapters + weight versions -> per layer
+        self._plan: Optional[tuple] = None  # during a call: (rows' adapters, {owners: keep (rows, R)})
+
+    def supports(self, adapters: list[Optional[str]]) -> bool:
+        """Whether rows with these adapters (None or ``"__base__"``: the base) can take the per-row path."""
+        self._walk()
+        return not self._unsupported.intersection(adapters)
+
+    @contextlib.contextmanager
+    def rows(self, adapters: list[Optional[str]]):
+        """For one model call whose batch row i uses ``adapters[i]``: every LoRA layer adds each row's own update.
+
+        Raises:
+            ValueError: If :meth:`supports` says no for these adapters.
+        """
+        if not self.supports(adapters):
+            raise ValueError(f"adapters {sorted(self._unsupported.intersection(adapters))} need peft's mixed-batch forward")
+        names = [adapter or BASE_ROW for adapter in adapters]
+        stacks = self._stacks_for(sorted(set(names) - {BASE_ROW}))
+        self._plan = (names, {})
+        for layer in self._layers:
+            layer.forward = functools.partial(_rows_forward, layer, self, stacks.get(id(layer)))
+        try:
+            yield
+        finally:
+            for layer in self._layers:
+                layer.__dict__.pop("forward", None)
+            self._plan = None
+
+    def keep(self, stack: _Stack, like: torch.Tensor) -> torch.Tensor:
+        """(rows, R): column j of row i is its adapter's scaling where that adapter owns column j, else 0."""
+        names, made = self._plan
+        found = made.get(stack.owners)
+        if found is None:
+            columns = []
+            for adapter, rank, scaling in stack.owners:
+                columns += [[scaling if name == adapter else 0.0 for name in names]] * rank
+            found = made[stack.owners] = torch.tensor(columns, dtype=like.dtype, device=like.device).t()
+        return found
+
+    def _walk(self) -> None:
+        """List the LoRA layers and the adapters peft must serve, again whenever the loaded adapters change."""
+        from peft.tuners.lora.layer import Linear as LoraLinear
+        from peft.tuners.tuners_utils import BaseTunerLayer
+        from peft.utils.other import AuxiliaryTrainingWrapper
+
+        loaded = tuple(getattr(self.model, "peft_config", {}))
+        if loaded == self._walked_for:
+            return
+        self._layers, self._unsupported, self._stacks = [], set(), {}
+        for module in self.model.modules():
+            if type(module) is LoraLinear and type(module.base_layer) is nn.Linear:
+                self._layers.append(module)
+                self._unsupported.update(adapter for adapter in module.lora_A if not _plain(module, adapter))
+            elif isinstance(module, (BaseTunerLayer, AuxiliaryTrainingWrapper)):
+                self._unsupported.update(loaded)  # an embedding/conv LoRA, modules_to_save, trainable tokens
+        self._walked_for = loaded
+
+    def _stacks_for(self, present: list[str]) -> dict[int, Optional[_Stack]]:
+        """Per layer (by id) the present adapters side by side (None: the layer holds none of them), kept per
+        combination and rebuilt when an adapter's weights change (their version counters)."""
+        versions = sum(layer.lora_A[name].weight._version + layer.lora_B[name].weight._version
+                       for layer in self._layers for name in present if name in layer.lora_A)
+        key = (tuple(present), versions)
+        if key not in self._stacks:
+            if len(self._stacks) >= _KEPT_STACKS:
+                self._stacks.clear()
+            self._stacks[key] = {id(layer): _stack(layer, present) for layer in self._layers}
+        return self._stacks[key]
+
+
+def _stack(layer: nn.Module, present: list[str]) -> Optional[_Stack]:
+    held = [name for name in present if name in layer.lora_A]
+    if not held:
+        return None
+    downs = [layer.lora_A[name].weight for name in held]  # each (rank, in)
+    ups = [layer.lora_B[name].weight for name in held]  # each (out, rank)
+    owners = tuple((name, down.shape[0], float(layer.scaling[name])) for name, down in zip(held, downs))
+    # in the base's dtype: peft keeps a bfloat16 base's adapters in float32 and casts each row's input up and its
+    # update down, three more kernels per layer (a 32-row bfloat16 step's cost beside the bare model's); the update
+    # then rounds to bfloat16 once more (tests/test_lora_rows.py holds it to peft's within bfloat16 tolerance)
+    dtype = layer.base_layer.weight.dtype
+    return _Stack(torch.cat(downs).to(dtype), torch.cat(ups, dim=1).to(dtype), owners)
+
+
+def _rows_forward(layer: nn.Module, row_lora: RowLora, stack: Optional[_Stack], x: torch.Tensor, *args, **kwargs):
+    """peft's LoRA ``Linear`` forward for a batch of rows each with its own adapter (see the module's text).
+
+    Args:
+        x: (rows, tokens, in).
+
+    Returns:
+        (rows, tokens, out) in the base product's dtype, as peft's mixed forward returns.
+    """
+    names = row_lora._plan[0]
+    if args or kwargs or layer.merged or layer.training or x.dim() != 3 or x.shape[0] != len(names):
+        return type(layer).forward(layer, x, *args, adapter_names=names, **kwargs)  # peft's own mixed forward
+    result = layer.base_layer(x)  # (rows, tokens, out)
+    if stack is None or layer.disable_adapters:
+        return result
+    down = F.linear(x.to(stack.down.dtype), stack.down)  # (rows, tokens, R)
+    down = down * row_lora.keep(stack, down)[:, None, :]
+    if result.dtype == stack.up.dtype:
+        summed = torch.addmm(result.reshape(-1, result.shape[-1]), down.reshape(-1, down.shape[-1]), stack.up.t())
+        return summed.view(result.shape)
+    return result + F.linear(down, stack.up).to(result.dtype)  # peft casts each update to the result's dtype
