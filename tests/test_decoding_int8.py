@@ -110,3 +110,14 @@ def test_refusals_are_one_sentence(capsys, tmp_path):
                 ("--quantize int4 is not known", "int8"))
     code, output = run_main(case.argv(tmp_path), capsys)
     check_refusal(case, code, output, tmp_path)
+
+
+@pytest.mark.slow
+def test_int8_composes_with_the_compiled_step():
+    from tunesmith.inference.compiled import ATTRIBUTE
+
+    model, prompt = random_model("llama", seed=2), prompts(1, seed=4)[0]
+    lean = decode(model, [prompt], 16, quantize="int8")
+    assert decode(model, [prompt], 16, quantize="int8", compile=True) == lean
+    step = getattr(int8_twin(model), ATTRIBUTE)  # the twin's own compiled step; the float model has none
+    assert not step.failed and step.compile_seconds > 0 and getattr(model, ATTRIBUTE, None) is None
