@@ -121,3 +121,16 @@ def test_int8_composes_with_the_compiled_step():
     assert decode(model, [prompt], 16, quantize="int8", compile=True) == lean
     step = getattr(int8_twin(model), ATTRIBUTE)  # the twin's own compiled step; the float model has none
     assert not step.failed and step.compile_seconds > 0 and getattr(model, ATTRIBUTE, None) is None
+
+
+@pytest.mark.slow  # a subprocess: about 6 s
+def test_generate_command_with_quantize_int8_prints_the_int8_reply(tiny_llama):
+    from conftest import run_cli
+    from tunesmith.inference.generate import generate, load_for_inference
+
+    printed = run_cli("generate", "--model", tiny_llama, "--prompt", "Once upon a time", "--max-new-tokens", "8",
+                      "--quantize", "int8")
+    assert printed.returncode == 0, printed.stderr
+    model, tokenizer = load_for_inference(tiny_llama)
+    conversation = [{"role": "user", "content": "Once upon a time"}]
+    assert printed.stdout.strip() == generate(model, tokenizer, [conversation], 8, quantize="int8")[0]
