@@ -6,8 +6,9 @@
 One greedy chat reply of exactly ``--new-tokens`` tokens (no stop token ends it) from the same prompt:
 plain ``model.generate`` and ``tunesmith.inference.decoding.decode`` (its lean decode step, and its compiled
 step: ``decode(..., compile=True)``, ``tunesmith generate --compile``), each in float32 (as loaded) and with
-the weights in bfloat16 (``--dtype bfloat16``), and llama.cpp through
-node-llama-cpp on the same model written as an f16 GGUF by tunesmith's exporter. Prefill included, model load excluded; the best of ``--repeats`` rounds, each round running
+the weights in bfloat16 (``--dtype bfloat16``) and in int8 (``decode(..., quantize="int8")``, ``tunesmith generate
+--quantize int8``), and llama.cpp through node-llama-cpp on the same model written by tunesmith's exporter as an
+f16 GGUF and as a Q8_0 GGUF (int8 blocks of 32 weights: the fair match for the int8 rows). Prefill included, model load excluded; the best of ``--repeats`` rounds, each round running
 every PyTorch engine once in turn (llama.cpp runs its repeats in its own process). The compile of the
 compiled step happens in its warm-up (not timed in the rounds); its seconds are printed, with the number
 of new tokens after which it has paid for itself against the lean step.
@@ -50,7 +51,8 @@ def round_rates(engines: dict, new_tokens: int, repeats: int) -> dict[str, list[
     return rates
 
 
-def llama_cpp_rate(model, tokenizer, prompt: list[int], new_tokens: int, repeats: int, threads: int) -> dict:
+def llama_cpp_rate(model, tokenizer, prompt: list[int], new_tokens: int, repeats: int, threads: int,
+                   quantize: str = "f16") -> dict:
     from tunesmith.core.runtime import node_llama_cpp_dir
     from tunesmith.export.gguf import write_gguf
     from tunesmith.export.llama_cpp import llama_cpp_unavailable
@@ -60,8 +62,8 @@ def llama_cpp_rate(model, tokenizer, prompt: list[int], new_tokens: int, repeats
     if reason:
         return {"skipped": reason}
     with tempfile.TemporaryDirectory(prefix="tunesmith-generate-speed-") as folder:
-        gguf = Path(folder) / "model-f16.gguf"
-        write_gguf(model, tokenizer, gguf, "f16", "bench", stop_token_ids(tokenizer)[-1])
+        gguf = Path(folder) / f"model-{quantize}.gguf"
+        write_gguf(model, tokenizer, gguf, quantize, "bench", stop_token_ids(tokenizer)[-1])
         request = {"model": str(gguf), "prompt": prompt, "new_tokens": new_tokens, "threads": threads,
                    "repeats": repeats + 1}  # the first run warms up
         done = subprocess.run(["node", str(REPO / "benchmarks" / "llama_cpp_speed.mjs")], input=json.dumps(request),
@@ -99,15 +101,17 @@ def main() -> None:
                                       min_new_tokens=n, do_sample=False, pad_token_id=tokenizer.pad_token_id)
         return output.shape[1] - len(prompt)
 
-    def ours(weights, n: int = n, compile: bool = False) -> int:
-        return len(decode(weights, [prompt], n, compile=compile)[0])
+    def ours(weights, n: int = n, compile: bool = False, quantize=None) -> int:
+        return len(decode(weights, [prompt], n, compile=compile, quantize=quantize)[0])
 
     engines = {"model.generate (float32)": functools.partial(plain, model),
                "tunesmith decode (float32)": functools.partial(ours, model),
                "model.generate (bfloat16 weights)": functools.partial(plain, halved),
                "tunesmith decode (bfloat16 weights)": functools.partial(ours, halved),
                "tunesmith decode, compiled (float32)": functools.partial(ours, model, compile=True),
-               "tunesmith decode, compiled (bfloat16 weights)": functools.partial(ours, halved, compile=True)}
+               "tunesmith decode, compiled (bfloat16 weights)": functools.partial(ours, halved, compile=True),
+               "tunesmith decode (int8 weights)": functools.partial(ours, model, quantize="int8"),
+               "tunesmith decode, compiled (int8 weights)": functools.partial(ours, model, compile=True, quantize="int8")}
     compile_seconds = {}
     for name, run in engines.items():
         started = time.perf_counter()
@@ -121,23 +125,30 @@ def main() -> None:
     expected = plain_tokens(model, ids, 48, len(prompt), tokenizer, stops)
     same = decode(model, [prompt], 48, stops)[0] == expected
     same_compiled = decode(model, [prompt], 200, stops, compile=True)[0][:48] == expected
+    same_int8 = decode(model, [prompt], 48, stops, quantize="int8")[0] == expected
     llama = {"skipped": "--no-llama-cpp"} if args.no_llama_cpp else llama_cpp_rate(model, tokenizer, prompt, n,
                                                                                      args.repeats, args.threads)
     if "rate" in llama:
         rows["llama.cpp f16 GGUF (node-llama-cpp)"] = llama["rate"]
+        q8 = llama_cpp_rate(model, tokenizer, prompt, n, args.repeats, args.threads, "q8_0")
+        if "rate" in q8:
+            rows["llama.cpp Q8_0 GGUF (node-llama-cpp)"] = q8["rate"]
     print(f"model {args.model}, {n} new tokens greedy, {args.threads} threads, prompt {len(prompt)} tokens; "
-          f"float32 greedy tokens equal to model.generate's: {same} (lean), {same_compiled} (compiled); load average (1 min) at the end: "
+          f"float32 greedy tokens equal to model.generate's: {same} (lean), {same_compiled} (compiled), "
+          f"int8's (48 tokens): {same_int8}; load average (1 min) at the end: "
           f"{os.getloadavg()[0]:.1f}" + ("" if "rate" in llama else f"; llama.cpp skipped: {llama['skipped']}"))
     reference = rows["model.generate (float32)"]
-    print("| engine | tokens/s (best) | vs model.generate | vs model.generate, median of rounds | vs llama.cpp |")
-    print("|---|---|---|---|---|")
+    q8_rate = rows.get("llama.cpp Q8_0 GGUF (node-llama-cpp)")
+    print("| engine | tokens/s (best) | vs model.generate | vs model.generate, median of rounds | vs llama.cpp f16 | vs llama.cpp Q8_0 |")
+    print("|---|---|---|---|---|---|")
     for name, rate in rows.items():
         versus = f"{rate / llama['rate']:.2f}x" if "rate" in llama else "-"
+        versus += f" | {rate / q8_rate:.2f}x" if q8_rate else " | -"
         paired = [mine / theirs for mine, theirs in zip(rounds.get(name, []), rounds["model.generate (float32)"])]
         median = f"{statistics.median(paired):.2f}x" if paired else "-"
         print(f"| {name} | {rate:.1f} | {rate / reference:.2f}x | {median} | {versus} |")
     for name, seconds in compile_seconds.items():
-        lean = rows[name.replace(", compiled", "")]
+        lean = rows[name.replace(", compiled", "")]  # the same weights' lean step
         saved = 1 / lean - 1 / rows[name]  # seconds per token
         warm = seconds - n / rows[name]  # the warm-up less its decoding
         payback = f"{warm / saved:.0f} new tokens" if saved > 0 else "never (not faster)"

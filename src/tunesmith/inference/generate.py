@@ -11,6 +11,7 @@ from tunesmith.core.errors import TunesmithError
 from tunesmith.data.encode import render_prompt
 from tunesmith.inference.compiled import compiled_step
 from tunesmith.inference.decoding import LeanDecoder, Row, RowBatch, decode, supports_slots
+from tunesmith.inference.quantized import check_quantize, int8_twin
 from tunesmith.inference.results import (
     LoadedResult,
     base_shape,
@@ -66,30 +67,35 @@ def _generation_kwargs(tokenizer, max_new_tokens: int, temperature: float) -> di
 
 @torch.no_grad()
 def generate(model, tokenizer, conversations: list[list[dict[str, str]]], max_new_tokens: int = 128,
-             temperature: float = 0.0, batch_size: int = 16, compile: bool = False) -> list[str]:
+             temperature: float = 0.0, batch_size: int = 16, compile: bool = False,
+             quantize: Optional[str] = None) -> list[str]:
     """Replies to each conversation (greedy when temperature is 0), up to ``batch_size`` decoded together.
 
     Decodes through :func:`tunesmith.inference.decoding.decode` (rows leave as they finish, waiting ones join);
     sampling uses the model's generation config's top-k and top-p, as ``model.generate`` would. ``compile``
-    decodes a lone row with the compiled step (:mod:`tunesmith.inference.compiled`).
+    decodes a lone row with the compiled step (:mod:`tunesmith.inference.compiled`); ``quantize="int8"``
+    with int8 weights (:mod:`tunesmith.inference.quantized`).
     """
 
     prompts = [tokenizer(render_prompt(tokenizer, c), add_special_tokens=False)["input_ids"] for c in conversations]
     config = getattr(model, "generation_config", None)
     sampling = {"top_k": getattr(config, "top_k", 0) or 0, "top_p": getattr(config, "top_p", 1.0) or 1.0}
     new_tokens = decode(model, prompts, max_new_tokens, stop_token_ids(tokenizer), temperature, max_rows=batch_size,
-                        compile=compile, **(sampling if temperature > 0 else {}))
+                        compile=compile, quantize=quantize, **(sampling if temperature > 0 else {}))
     return [text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
 
 
 def stream_reply(model, tokenizer, conversation: list[dict[str, str]], max_new_tokens: int = 256,
-                 temperature: float = 0.0, compile: bool = False) -> Iterator[str]:
+                 temperature: float = 0.0, compile: bool = False, quantize: Optional[str] = None) -> Iterator[str]:
     """Yield the reply to ``conversation`` piece by piece as it is generated.
 
     Decodes on :class:`tunesmith.inference.decoding.RowBatch` (the lean decode step) where the model fits the
-    slot cache, else streams from ``model.generate``.
+    slot cache, else streams from ``model.generate``; ``quantize="int8"`` decodes with int8 weights.
     """
 
+    check_quantize(model, quantize)
+    if quantize == "int8":
+        model = int8_twin(model)
     if supports_slots(model):
         yield from _stream_on_slots(model, tokenizer, conversation, max_new_tokens, temperature, compile)
         return

@@ -1,0 +1,97 @@
+"""What int8 weight-only decoding (``tunesmith generate --quantize int8``) costs in quality, measured.
+
+    python benchmarks/int8_quality.py                      # SmolLM2, 40 Vicuna questions x 64 tokens, 16k tokens of text
+    python benchmarks/int8_quality.py --prompts 10 --text-tokens 4096
+
+Two figures, float32 weights against their int8 twin (``tunesmith.inference.quantized``):
+
+- greedy agreement: the same chat prompts (Vicuna's questions from the shared assets, or built-in ones
+  where the assets are missing), ``--new-tokens`` greedy tokens each; how many replies are identical,
+  and the mean share of each reply's tokens before its first difference (after a difference the two
+  replies continue from different texts, so later tokens say nothing more);
+- perplexity of held-out text (the shared assets' ``wiki_demo.txt``, Wikipedia, from its end), in
+  windows of ``--window`` tokens, float32 against int8.
+
+The assets are a benchmark's input only; without them the script says so and stops.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "src"))
+
+import torch  # noqa: E402
+
+ASSETS = Path(os.environ.get("TUNESMITH_TEST_ASSETS", REPO.parent / "shared" / "assets"))
+
+
+def agreement(model, tokenizer, questions: list[str], new_tokens: int) -> dict:
+    from tunesmith.inference.decoding import decode
+
+    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
+                                             tokenize=True, return_dict=True)["input_ids"] for q in questions]
+    started = time.perf_counter()
+    float32 = decode(model, [list(p) for p in prompts], new_tokens, max_rows=8)
+    int8 = decode(model, [list(p) for p in prompts], new_tokens, max_rows=8, quantize="int8")
+    shares, identical = [], 0
+    for ours, theirs in zip(float32, int8):
+        first = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
+        identical += ours == theirs
+        shares.append(first / max(len(ours), 1) if ours != theirs else 1.0)
+    return {"prompts": len(prompts), "identical": identical, "mean_share_before_first_difference": sum(shares) / len(shares),
+            "seconds": time.perf_counter() - started}
+
+
+@torch.no_grad()
+def perplexity(model, ids: torch.Tensor, window: int) -> float:
+    total, count = 0.0, 0
+    for start in range(0, ids.numel() - 1, window):
+        chunk = ids[start : start + window + 1][None]
+        if chunk.shape[1] < 2:
+            break
+        logits = model(input_ids=chunk[:, :-1]).logits.float()
+        loss = torch.nn.functional.cross_entropy(logits[0], chunk[0, 1:], reduction="sum")
+        total, count = total + float(loss), count + chunk.shape[1] - 1
+    return math.exp(total / count)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--prompts", type=int, default=40)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--text-tokens", type=int, default=16384)
+    parser.add_argument("--window", type=int, default=512)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    from tunesmith.inference.generate import load_for_inference
+    from tunesmith.inference.quantized import Int8Linear, int8_twin
+
+    questions_file, text_file = ASSETS / "data/mtbench/vicuna_question.jsonl", ASSETS / "data/llama_factory/wiki_demo.txt"
+    if not (questions_file.exists() and text_file.exists()):
+        sys.exit(f"the shared assets are missing ({ASSETS}); set TUNESMITH_TEST_ASSETS")
+    model, tokenizer = load_for_inference(args.model)
+    questions = [json.loads(line)["turns"][0] for line in questions_file.read_text().splitlines()[: args.prompts]]
+    twin = int8_twin(model)
+    quantised = sum(isinstance(m, Int8Linear) for m in twin.modules())
+    linears = quantised + sum(type(m) is torch.nn.Linear for m in twin.modules())
+    text = text_file.read_text()
+    ids = torch.tensor(tokenizer(text[-100_000:], add_special_tokens=False)["input_ids"][-args.text_tokens :])
+    result = {"model": args.model, "int8_layers": f"{quantised} of {linears}", **agreement(model, tokenizer, questions, args.new_tokens),
+              "new_tokens": args.new_tokens, "text_tokens": int(ids.numel()), "window": args.window,
+              "perplexity_float32": perplexity(model, ids, args.window), "perplexity_int8": perplexity(twin, ids, args.window)}
+    result["perplexity_ratio"] = result["perplexity_int8"] / result["perplexity_float32"]
+    print(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
