@@ -125,8 +125,9 @@ def test_int8_composes_with_the_compiled_step():
 
 @pytest.mark.slow  # a subprocess: about 6 s
 def test_generate_command_with_quantize_int8_prints_the_int8_reply(tiny_llama):
-    from conftest import run_cli
     from tunesmith.inference.generate import generate, load_for_inference
+
+    from conftest import run_cli
 
     printed = run_cli("generate", "--model", tiny_llama, "--prompt", "Once upon a time", "--max-new-tokens", "8",
                       "--quantize", "int8")
