@@ -11,6 +11,7 @@ from transformers.models.llama.modeling_llama import LlamaRMSNorm
 from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
 
 from tunesmith.methods.lora_addmm import fuse_lora_updates
+from tunesmith.training.fused_mlp import fuse_gated_mlps, silu_mul
 from tunesmith.training.fused_norm import fuse_rms_norms, rms_norm
 
 
@@ -170,3 +171,71 @@ def test_fused_adamw_matches_the_default_one():
     for fused, default in zip(*results):
         torch.testing.assert_close(fused, default, rtol=1e-6, atol=1e-7)
     assert not torch.equal(results[0][0], start[0].weight)
+
+
+def _mlp_outputs_and_grads(mlp: nn.Module, hidden: torch.Tensor, grad_output: torch.Tensor, autocast: bool):
+    mlp.zero_grad(set_to_none=True)
+    hidden = hidden.detach().clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        output = mlp(hidden)
+    output.backward(grad_output.to(output.dtype))
+    return [output.detach(), hidden.grad] + [p.grad for p in mlp.parameters()]
+
+
+@pytest.mark.parametrize("dtype, autocast", [(torch.float32, False), (torch.bfloat16, False), (torch.float32, True)])
+def test_fused_silu_mul_matches_llama_mlp(dtype, autocast):
+    """transformers' LlamaMLP with silu(gate)·up fused: output and every gradient bit for bit (float32, bfloat16
+    weights, bfloat16 autocast), since the backward runs the ops autograd would; restore puts LlamaMLP's back."""
+    from transformers.models.llama.modeling_llama import LlamaMLP
+
+    torch.manual_seed(0)
+    mlp = LlamaMLP(LlamaConfig(hidden_size=64, intermediate_size=176, hidden_act="silu")).to(dtype)
+    hidden = torch.randn(3, 29, 64).to(dtype)
+    grad_output = torch.randn(3, 29, 64)
+    reference = _mlp_outputs_and_grads(mlp, hidden, grad_output, autocast)
+    count, restore = fuse_gated_mlps(mlp)
+    assert count == 1 and "forward" in mlp.__dict__
+    fused = _mlp_outputs_and_grads(mlp, hidden, grad_output, autocast)
+    restore()
+    assert "forward" not in mlp.__dict__
+    for mine, theirs in zip(fused, reference):
+        assert mine.dtype == theirs.dtype
+        assert torch.equal(mine, theirs)
+
+
+def test_fused_silu_mul_with_lora_matches_peft_gradients():
+    """A peft LoRA model with the MLPs fused: loss and every adapter gradient equal to peft's own (float32)."""
+    model = _tiny_lora()
+    input_ids = torch.randint(0, 64, (2, 19))
+    reference_loss, reference = _loss_and_grads(model, input_ids)
+    count, restore = fuse_gated_mlps(model)
+    assert count == 2
+    loss, grads = _loss_and_grads(model, input_ids)
+    restore()
+    assert torch.equal(loss, reference_loss)
+    for name, grad in grads.items():
+        assert torch.equal(grad, reference[name]), name
+
+
+def test_fused_silu_mul_keeps_two_activations_not_three():
+    """For the backward the fused product keeps gate and up; eager keeps gate, silu(gate) and up."""
+    gate = torch.randn(256, 1536, dtype=torch.bfloat16, requires_grad=True)
+    up = torch.randn(256, 1536, dtype=torch.bfloat16, requires_grad=True)
+
+    def kept(function) -> int:
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            function(gate, up)
+        return sum(t.numel() * t.element_size() for t in saved)
+
+    assert kept(lambda g, u: torch.nn.functional.silu(g) * u) == 3 * 256 * 1536 * 2
+    assert kept(silu_mul) == 2 * 256 * 1536 * 2
+
+
+def test_fused_silu_mul_skips_other_activations():
+    """An MLP with GELU (or a module that is not Llama's MLP) keeps its own forward."""
+    from transformers.models.llama.modeling_llama import LlamaMLP
+
+    gelu = LlamaMLP(LlamaConfig(hidden_size=16, intermediate_size=32, num_attention_heads=4, hidden_act="gelu"))
+    count, _ = fuse_gated_mlps(nn.ModuleList([gelu, nn.Linear(4, 4)]))
+    assert count == 0 and "forward" not in gelu.__dict__
