@@ -11,7 +11,7 @@ from transformers.models.llama.modeling_llama import LlamaRMSNorm
 from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
 
 from tunesmith.methods.lora_addmm import fuse_lora_updates
-from tunesmith.training.fused_mlp import fuse_gated_mlps, silu_mul
+from tunesmith.training.fused_mlp import fuse_gated_mlps
 from tunesmith.training.fused_norm import fuse_rms_norms, rms_norm
 
 
@@ -217,19 +217,59 @@ def test_fused_silu_mul_with_lora_matches_peft_gradients():
         assert torch.equal(grad, reference[name]), name
 
 
-def test_fused_silu_mul_keeps_two_activations_not_three():
-    """For the backward the fused product keeps gate and up; eager keeps gate, silu(gate) and up."""
-    gate = torch.randn(256, 1536, dtype=torch.bfloat16, requires_grad=True)
-    up = torch.randn(256, 1536, dtype=torch.bfloat16, requires_grad=True)
+def test_fused_mlp_keeps_two_intermediate_activations_not_four():
+    """Counted through an enclosing saved-tensor hook (which the fused MLP hands every other tensor to): eager
+    LlamaMLP keeps gate, silu(gate), up and the product for the backward; the fused one gate and up, the product
+    recomputed for down_proj. Gradients through the enclosing hook are still eager's, bit for bit."""
+    from transformers.models.llama.modeling_llama import LlamaMLP
 
-    def kept(function) -> int:
-        saved = []
-        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-            function(gate, up)
-        return sum(t.numel() * t.element_size() for t in saved)
+    torch.manual_seed(0)
+    mlp = LlamaMLP(LlamaConfig(hidden_size=64, intermediate_size=176, num_attention_heads=4, hidden_act="silu"))
+    hidden, grad_output = torch.randn(2, 31, 64), torch.randn(2, 31, 64)
+    weights = {p.data_ptr() for p in mlp.parameters()}
 
-    assert kept(lambda g, u: torch.nn.functional.silu(g) * u) == 3 * 256 * 1536 * 2
-    assert kept(silu_mul) == 2 * 256 * 1536 * 2
+    def kept_and_grads():
+        saved = {}
+
+        def pack(tensor):
+            if tensor.untyped_storage().data_ptr() not in weights:
+                saved[tensor.untyped_storage().data_ptr()] = tuple(tensor.shape)
+            return ("counted", tensor)
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda packed: packed[1]):
+            grads = _mlp_outputs_and_grads(mlp, hidden, grad_output, autocast=False)
+        return sorted(shape[-1] for shape in saved.values()), grads
+
+    eager_kept, eager = kept_and_grads()
+    _, restore = fuse_gated_mlps(mlp)
+    fused_kept, fused = kept_and_grads()
+    restore()
+    assert eager_kept == [64, 176, 176, 176, 176]  # x, then gate, silu(gate), up, product
+    assert fused_kept == [64, 176, 176]  # x, gate, up
+    assert all(torch.equal(mine, theirs) for mine, theirs in zip(fused, eager))
+
+
+def test_fused_mlp_under_activation_checkpointing():
+    """With the product not recomputed (apply_speed's choice under checkpointing), checkpointed layers give
+    eager's gradients bit for bit."""
+    from torch.utils.checkpoint import checkpoint
+    from transformers.models.llama.modeling_llama import LlamaMLP
+
+    torch.manual_seed(0)
+    mlp = LlamaMLP(LlamaConfig(hidden_size=64, intermediate_size=176, num_attention_heads=4, hidden_act="silu"))
+    hidden = torch.randn(2, 31, 64, requires_grad=True)
+
+    def grads():
+        mlp.zero_grad(set_to_none=True)
+        hidden.grad = None
+        checkpoint(mlp, hidden, use_reentrant=False).square().sum().backward()
+        return [hidden.grad] + [p.grad for p in mlp.parameters()]
+
+    eager = grads()
+    _, restore = fuse_gated_mlps(mlp, recompute_product=False)
+    fused = grads()
+    restore()
+    assert all(torch.equal(mine, theirs) for mine, theirs in zip(fused, eager))
 
 
 def test_fused_silu_mul_skips_other_activations():

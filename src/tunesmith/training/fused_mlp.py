@@ -6,8 +6,11 @@ factors of the product, ``silu(gate)`` and ``up``, for the product's: three (tok
 tensors. :class:`SiluMulFunction` computes the same forward (the same two ops, bit for bit), keeps
 ``gate`` and ``up`` and recomputes ``silu(gate)`` in the backward, which then runs the very ops
 autograd would (``grad · silu(gate)``, ``silu_backward(grad · up, gate)``): the gradients are bit for bit
-eager's too. On SmolLM2 (intermediate 1,536, 30 layers) that is 2,243 tokens x 1,536 x 30 x 2 bytes,
-about 0.2 GB less kept for the backward of a bfloat16 step, for one SiLU more in the backward.
+eager's too. down_proj keeps its input, the product, for its own backward (its weight's gradient,
+or LoRA's A); a saved-tensor hook holds that as the gate and up already kept and recomputes it there.
+Per layer, four (tokens x intermediate) tensors kept become two: on SmolLM2 (intermediate 1,536,
+30 layers) at 2,243 tokens, 2 x 2,243 x 1,536 x 30 x 2 bytes = 0.41 GB less for a bfloat16 step, for
+one SiLU and one product more in the backward.
 
 :func:`fuse_gated_mlps` swaps it in, for one run, on every module whose ``forward`` is Llama's MLP
 forward (compared by bytecode) and whose activation is SiLU, and returns what puts their own back.
@@ -17,7 +20,8 @@ from __future__ import annotations
 
 import functools
 import logging
-from typing import Callable
+import weakref
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -50,8 +54,68 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return SiluMulFunction.apply(gate, up)
 
 
-def _fused_forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    return module.down_proj(silu_mul(module.gate_proj(x), module.up_proj(x)))
+class _Recomputed:
+    """A saved view of ``silu(gate) · up``, held as what recomputes it (gate and up, kept anyway)."""
+
+    __slots__ = ("gate", "up", "nbytes", "size", "stride", "offset", "last")
+
+    def __init__(self, gate: torch.Tensor, up: torch.Tensor, view: torch.Tensor) -> None:
+        self.gate, self.up, self.nbytes = gate, up, view.untyped_storage().nbytes()
+        self.size, self.stride, self.offset = view.size(), view.stride(), view.storage_offset()
+        self.last: Optional[weakref.ref] = None
+
+    def unpack(self) -> torch.Tensor:
+        product = self.last() if self.last is not None else None  # a second op unpacking it shares one recompute
+        if product is None:
+            product = F.silu(self.gate) * self.up  # the forward's ops on the forward's inputs: the same bits
+            if product.untyped_storage().nbytes() != self.nbytes:
+                raise RuntimeError("fused SiLU·up: the recomputed product has another layout than the saved one")
+            self.last = weakref.ref(product)
+        return product.as_strided(self.size, self.stride, self.offset)
+
+
+class _Delegated:
+    """What an enclosing saved-tensor hook (a memory count, say) packed."""
+
+    __slots__ = ("packed",)
+
+    def __init__(self, packed) -> None:
+        self.packed = packed
+
+
+def _down_without_keeping_product(module: nn.Module, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """``down_proj(silu(gate) · up)`` where the product, saved by down_proj for its backward, is recomputed there.
+
+    down_proj (its weight's gradient, or LoRA's A) keeps its input, one more (tokens x intermediate)
+    tensor per layer; a saved-tensor hook replaces exactly that tensor (same storage and dtype: not a
+    copy that autocast made) by the gate and up that :class:`SiluMulFunction` keeps anyway. Every other
+    saved tensor goes to the enclosing hook, if any, as if this one were not there.
+    """
+    product = silu_mul(gate, up)
+    if not (torch.is_grad_enabled() and product.requires_grad):
+        return module.down_proj(product)
+    outer = torch._C._autograd._top_saved_tensors_default_hooks(False)  # what torch.utils.checkpoint reads too
+    address, dtype = product.untyped_storage().data_ptr(), product.dtype
+
+    def pack(tensor: torch.Tensor):
+        if tensor.dtype == dtype and tensor.untyped_storage().data_ptr() == address:
+            return _Recomputed(gate, up, tensor)
+        return tensor if outer is None else _Delegated(outer[0](tensor))
+
+    def unpack(packed) -> torch.Tensor:
+        if isinstance(packed, _Recomputed):
+            return packed.unpack()
+        return packed if outer is None else outer[1](packed.packed)
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+        return module.down_proj(product)
+
+
+def _fused_forward(module: nn.Module, x: torch.Tensor, recompute_product: bool = True) -> torch.Tensor:
+    gate, up = module.gate_proj(x), module.up_proj(x)
+    if recompute_product:
+        return _down_without_keeping_product(module, gate, up)
+    return module.down_proj(silu_mul(gate, up))
 
 
 @functools.lru_cache(maxsize=None)
@@ -74,8 +138,13 @@ def _is_silu(activation) -> bool:
         and type(activation).forward is SiLUActivation.forward
 
 
-def fuse_gated_mlps(model: nn.Module) -> tuple[int, Callable[[], None]]:
+def fuse_gated_mlps(model: nn.Module, recompute_product: bool = True) -> tuple[int, Callable[[], None]]:
     """Swap :func:`silu_mul` into every Llama-form SiLU MLP of ``model``, for one run.
+
+    Args:
+        recompute_product: Also recompute ``silu(gate) · up`` where down_proj's backward needs it
+            instead of keeping it. Not with activation checkpointing, whose own saved-tensor hooks
+            recompute the whole layer.
 
     Returns:
         How many MLPs were swapped, and what puts their own forward back.
@@ -83,7 +152,8 @@ def fuse_gated_mlps(model: nn.Module) -> tuple[int, Callable[[], None]]:
     swapped = [module for module in model.modules()
                if _has_llama_forward(type(module)) and _is_silu(getattr(module, "act_fn", None))]
     for module in swapped:
-        module.forward = functools.partial(_fused_forward, module)  # an instance attribute, removed by restore
+        # an instance attribute, removed by restore
+        module.forward = functools.partial(_fused_forward, module, recompute_product=recompute_product)
     if swapped:
         logger.info("fused SiLU·up on %d %s modules", len(swapped), type(swapped[0]).__name__)
 

@@ -135,7 +135,7 @@ def apply_speed(model: torch.nn.Module, method: Method, section: SpeedSection, t
         if count:
             notes.append(f"fused RMSNorm ({count})")
     if section.fused_mlp:
-        count, put_back = fuse_gated_mlps(base)
+        count, put_back = fuse_gated_mlps(base, recompute_product=not section.checkpointing)
         restore.append(put_back)
         if count:
             notes.append(f"fused SiLU·up ({count})")
