@@ -2,14 +2,15 @@
 
 On a busy machine separate runs differ by more than these levers do, so this script loads SmolLM2
 once, applies ``train.speed`` with the levers off, and then alternates forward+backward steps on one
-fixed packed micro-batch with the fused RMSNorm and LoRA's addmm swapped in (``on``) and out
-(``off``), several rounds, reporting the median of on/off step-time ratios. It also counts the
+fixed packed micro-batch with the fused levers (RMSNorm, LoRA's addmm, SiLU·up; ``--levers``) swapped
+in (``on``) and out (``off``), several rounds, reporting the median of on/off step-time ratios. It also counts the
 bytes autograd keeps for the backward pass (``saved_tensors_hooks``), which is deterministic and
 so exact on any machine, and the optimizer step's time and resident-set growth with the fused and
 the default (``foreach``) AdamW.
 
     python benchmarks/fused_ab.py --method lora --rounds 6
     python benchmarks/fused_ab.py --method full --rounds 4
+    python benchmarks/fused_ab.py --method lora --levers mlp   # one lever against the others on
 """
 
 from __future__ import annotations
@@ -28,10 +29,11 @@ from speed import BATCH, smollm2_model_and_examples  # noqa: E402  (after the pa
 
 from tunesmith.config import FullMethod, LoraMethod, SpeedSection, TrainSection  # noqa: E402
 from tunesmith.methods import build_method  # noqa: E402
+from tunesmith.training.fused_mlp import fuse_gated_mlps  # noqa: E402
 from tunesmith.training.fused_norm import fuse_rms_norms  # noqa: E402
 from tunesmith.training.speed import apply_speed  # noqa: E402
 
-OFF = {"fused_norm": False, "fused_lora": False}
+LEVERS = ("norm", "lora", "mlp")  # train.speed.fused_<lever>
 
 
 def saved_bytes(step) -> int:
@@ -53,13 +55,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--method", default="lora", choices=("lora", "full"))
     parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--levers", default=",".join(LEVERS),
+                        help="comma-separated fused levers swapped in and out (the others stay on): "
+                        + ", ".join(LEVERS))
     parser.add_argument("--batch", type=int, default=2, help="which step's micro-batch (of the sampler's order)")
     args = parser.parse_args()
+    levers = [lever for lever in args.levers.split(",") if lever]
+    unknown = set(levers) - set(LEVERS)
+    if unknown:
+        parser.error(f"--levers: unknown {sorted(unknown)}; choose from {', '.join(LEVERS)}")
     model, examples, order = smollm2_model_and_examples(args.method, args.batch + 1)
     lora = args.method == "lora"
     method = build_method(LoraMethod(r=16, alpha=32, dropout=0.0, targets="all-linear") if lora else FullMethod())
     model = method.apply(model)
-    train = TrainSection(batch_size=BATCH, speed=SpeedSection(**OFF))
+    train = TrainSection(batch_size=BATCH, speed=SpeedSection(**{f"fused_{lever}": False for lever in levers}))
     setup = apply_speed(model, method, train.speed, train, torch.device("cpu"))
     batch = setup.collate_fn([examples[i] for i in order[args.batch * BATCH:(args.batch + 1) * BATCH]], 0)
     tokens = int(batch["attention_mask"].sum())
@@ -74,7 +83,10 @@ def main() -> None:
         return loss
 
     def swapped_in():
-        restores = [fuse_rms_norms(method.base_model(model))[1], method.fuse_for_training(model)[1]]
+        base = method.base_model(model)
+        swaps = {"norm": lambda: fuse_rms_norms(base), "lora": lambda: method.fuse_for_training(model),
+                 "mlp": lambda: fuse_gated_mlps(base)}
+        restores = [swaps[lever]()[1] for lever in levers]
         return lambda: [restore() for restore in restores]
 
     def timed() -> float:
@@ -98,7 +110,8 @@ def main() -> None:
         restore()
         ratios.append(off / on)
         print(f"round {round_ + 1}: off {off:.2f} s, on {on:.2f} s, speed on/off {off / on:.2f}×", flush=True)
-    print(f"fused norm + LoRA addmm: median speed on/off {statistics.median(ratios):.2f}× over {args.rounds} rounds")
+    print(f"fused {' + '.join(levers)}: median speed on/off {statistics.median(ratios):.2f}× "
+          f"over {args.rounds} rounds")
     optimizer_ab(model, step, args.rounds)
 
 

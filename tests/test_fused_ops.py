@@ -11,6 +11,7 @@ from transformers.models.llama.modeling_llama import LlamaRMSNorm
 from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
 
 from tunesmith.methods.lora_addmm import fuse_lora_updates
+from tunesmith.training.fused_mlp import fuse_gated_mlps
 from tunesmith.training.fused_norm import fuse_rms_norms, rms_norm
 
 
@@ -170,3 +171,111 @@ def test_fused_adamw_matches_the_default_one():
     for fused, default in zip(*results):
         torch.testing.assert_close(fused, default, rtol=1e-6, atol=1e-7)
     assert not torch.equal(results[0][0], start[0].weight)
+
+
+def _mlp_outputs_and_grads(mlp: nn.Module, hidden: torch.Tensor, grad_output: torch.Tensor, autocast: bool):
+    mlp.zero_grad(set_to_none=True)
+    hidden = hidden.detach().clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        output = mlp(hidden)
+    output.backward(grad_output.to(output.dtype))
+    return [output.detach(), hidden.grad] + [p.grad for p in mlp.parameters()]
+
+
+@pytest.mark.parametrize("dtype, autocast", [(torch.float32, False), (torch.bfloat16, False), (torch.float32, True)])
+def test_fused_silu_mul_matches_llama_mlp(dtype, autocast):
+    """transformers' LlamaMLP with silu(gate)·up fused: output and every gradient bit for bit (float32, bfloat16
+    weights, bfloat16 autocast), since the backward runs the ops autograd would; restore puts LlamaMLP's back."""
+    from transformers.models.llama.modeling_llama import LlamaMLP
+
+    torch.manual_seed(0)
+    mlp = LlamaMLP(LlamaConfig(hidden_size=64, intermediate_size=176, hidden_act="silu")).to(dtype)
+    hidden = torch.randn(3, 29, 64).to(dtype)
+    grad_output = torch.randn(3, 29, 64)
+    reference = _mlp_outputs_and_grads(mlp, hidden, grad_output, autocast)
+    count, restore = fuse_gated_mlps(mlp)
+    assert count == 1 and "forward" in mlp.__dict__
+    fused = _mlp_outputs_and_grads(mlp, hidden, grad_output, autocast)
+    restore()
+    assert "forward" not in mlp.__dict__
+    for mine, theirs in zip(fused, reference):
+        assert mine.dtype == theirs.dtype
+        assert torch.equal(mine, theirs)
+
+
+def test_fused_silu_mul_with_lora_matches_peft_gradients():
+    """A peft LoRA model with the MLPs fused: loss and every adapter gradient equal to peft's own (float32)."""
+    model = _tiny_lora()
+    input_ids = torch.randint(0, 64, (2, 19))
+    reference_loss, reference = _loss_and_grads(model, input_ids)
+    count, restore = fuse_gated_mlps(model)
+    assert count == 2
+    loss, grads = _loss_and_grads(model, input_ids)
+    restore()
+    assert torch.equal(loss, reference_loss)
+    for name, grad in grads.items():
+        assert torch.equal(grad, reference[name]), name
+
+
+def test_fused_mlp_keeps_two_intermediate_activations_not_four():
+    """Counted through an enclosing saved-tensor hook (which the fused MLP hands every other tensor to): eager
+    LlamaMLP keeps gate, silu(gate), up and the product for the backward; the fused one gate and up, the product
+    recomputed for down_proj. Gradients through the enclosing hook are still eager's, bit for bit."""
+    from transformers.models.llama.modeling_llama import LlamaMLP
+
+    torch.manual_seed(0)
+    mlp = LlamaMLP(LlamaConfig(hidden_size=64, intermediate_size=176, num_attention_heads=4, hidden_act="silu"))
+    hidden, grad_output = torch.randn(2, 31, 64), torch.randn(2, 31, 64)
+    weights = {p.data_ptr() for p in mlp.parameters()}
+
+    def kept_and_grads():
+        saved = {}
+
+        def pack(tensor):
+            if tensor.untyped_storage().data_ptr() not in weights:
+                saved[tensor.untyped_storage().data_ptr()] = tuple(tensor.shape)
+            return ("counted", tensor)
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda packed: packed[1]):
+            grads = _mlp_outputs_and_grads(mlp, hidden, grad_output, autocast=False)
+        return sorted(shape[-1] for shape in saved.values()), grads
+
+    eager_kept, eager = kept_and_grads()
+    _, restore = fuse_gated_mlps(mlp)
+    fused_kept, fused = kept_and_grads()
+    restore()
+    assert eager_kept == [64, 176, 176, 176, 176]  # x, then gate, silu(gate), up, product
+    assert fused_kept == [64, 176, 176]  # x, gate, up
+    assert all(torch.equal(mine, theirs) for mine, theirs in zip(fused, eager))
+
+
+def test_fused_mlp_under_activation_checkpointing():
+    """With the product not recomputed (apply_speed's choice under checkpointing), checkpointed layers give
+    eager's gradients bit for bit."""
+    from torch.utils.checkpoint import checkpoint
+    from transformers.models.llama.modeling_llama import LlamaMLP
+
+    torch.manual_seed(0)
+    mlp = LlamaMLP(LlamaConfig(hidden_size=64, intermediate_size=176, num_attention_heads=4, hidden_act="silu"))
+    hidden = torch.randn(2, 31, 64, requires_grad=True)
+
+    def grads():
+        mlp.zero_grad(set_to_none=True)
+        hidden.grad = None
+        checkpoint(mlp, hidden, use_reentrant=False).square().sum().backward()
+        return [hidden.grad] + [p.grad for p in mlp.parameters()]
+
+    eager = grads()
+    _, restore = fuse_gated_mlps(mlp, recompute_product=False)
+    fused = grads()
+    restore()
+    assert all(torch.equal(mine, theirs) for mine, theirs in zip(fused, eager))
+
+
+def test_fused_silu_mul_skips_other_activations():
+    """An MLP with GELU (or a module that is not Llama's MLP) keeps its own forward."""
+    from transformers.models.llama.modeling_llama import LlamaMLP
+
+    gelu = LlamaMLP(LlamaConfig(hidden_size=16, intermediate_size=32, num_attention_heads=4, hidden_act="gelu"))
+    count, _ = fuse_gated_mlps(nn.ModuleList([gelu, nn.Linear(4, 4)]))
+    assert count == 0 and "forward" not in gelu.__dict__

@@ -389,3 +389,26 @@ def test_unresolved_auto_checkpointing_is_off(tiny_llama, setting, on) -> None:
     apply_speed(model, build_method(FullMethod()), SpeedSection(autocast="off", activation_checkpointing=setting),
                 TrainSection(), CPU.device)
     assert model.is_activation_checkpointing is on
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_fused_mlp_leaves_packed_loss_and_gradients_bit_for_bit(tiny_llama, checkpointing) -> None:
+    """train.speed.fused_mlp through apply_speed (full fine-tuning, packed, bfloat16 autocast): the same loss and
+    gradients as with it off, bit for bit; under activation checkpointing the product is not recomputed."""
+    batch = pack_collate(make_examples(6), 0)
+    results = []
+    for fused in (False, True):
+        model, method = load_llama(tiny_llama), build_method(FullMethod())
+        setup = apply_speed(model, method, SpeedSection(autocast="bfloat16", fused_mlp=fused,
+                                                        activation_checkpointing=checkpointing),
+                            TrainSection(), CPU.device)
+        mlps = [m for m in model.modules() if "forward" in m.__dict__ and hasattr(m, "down_proj")]
+        assert len(mlps) == (model.config.num_hidden_layers if fused else 0)
+        assert all(m.forward.keywords == {"recompute_product": not checkpointing} for m in mlps)
+        loss = setup.token_loss(model, batch)
+        loss.backward()
+        results.append((loss.detach(), [p.grad for p in model.parameters()]))
+        setup.undo()
+    (plain, plain_grads), (fused, fused_grads) = results
+    assert torch.equal(fused, plain)
+    assert all(torch.equal(a, b) for a, b in zip(fused_grads, plain_grads))

@@ -50,6 +50,11 @@ class SpeedSection(Section):
         True, description="RMSNorm that keeps its input and one rstd per token for the backward pass instead of "
         "float32 copies (Llama-form norms: Llama, Qwen, Mistral, SmolLM...). Same forward; gradients to rounding."
     )
+    fused_mlp: bool = Field(
+        True, description="Llama-form SiLU MLPs: silu(gate)·up as one autograd function that keeps gate and up and "
+        "recomputes SiLU in the backward (one (tokens x intermediate) tensor less per layer). Same forward and "
+        "gradients, bit for bit."
+    )
     fused_lora: bool = Field(
         True, description="LoRA: each update is added by one addmm instead of a scale and an add "
         "(bfloat16 rounds once instead of three times)."

@@ -21,6 +21,7 @@ from tunesmith.config import SpeedSection, TrainSection
 from tunesmith.methods.base import Method
 from tunesmith.training.batching import collate
 from tunesmith.training.chunked_loss import chunked_loss_sum, plain_loss_sum, unwrap
+from tunesmith.training.fused_mlp import fuse_gated_mlps
 from tunesmith.training.fused_norm import fuse_rms_norms
 from tunesmith.training.packing import enable_packed_attention, pack_collate, restore_attention
 
@@ -133,6 +134,11 @@ def apply_speed(model: torch.nn.Module, method: Method, section: SpeedSection, t
         restore.append(put_back)
         if count:
             notes.append(f"fused RMSNorm ({count})")
+    if section.fused_mlp:
+        count, put_back = fuse_gated_mlps(base, recompute_product=not section.checkpointing)
+        restore.append(put_back)
+        if count:
+            notes.append(f"fused SiLU·up ({count})")
     if section.fused_lora:
         count, put_back = method.fuse_for_training(model)
         restore.append(put_back)
