@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tunesmith.core.swaps import swap_forwards
+
 logger = logging.getLogger(__name__)
 
 
@@ -68,14 +70,8 @@ def fuse_lora_updates(model: nn.Module) -> tuple[int, Callable[[], None]]:
         How many layers were swapped, and what puts peft's forward back.
     """
     swapped = [module for module in model.modules() if _single_plain_adapter(module)]
-    for module in swapped:
-        module.forward = functools.partial(addmm_forward, module, module.active_adapters[0])  # an instance attribute, removed by restore
+    restore = swap_forwards(swapped, lambda module: functools.partial(addmm_forward, module, module.active_adapters[0]))
     if swapped:
         logger.info("LoRA updates added by addmm on %d layers", len(swapped))
-
-    def restore() -> None:
-        for module in swapped:
-            module.__dict__.pop("forward", None)
-
     return len(swapped), restore
 

@@ -39,6 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tunesmith.core.swaps import swap_forwards
+
 BASE_ROW = "__base__"  # peft's name for "no adapter" in a mixed batch
 _KEPT_STACKS = 8  # combinations of present adapters whose side-by-side matrices are kept
 
@@ -90,13 +92,12 @@ class RowLora:
         names = [adapter or BASE_ROW for adapter in adapters]
         stacks = self._stacks_for(sorted(set(names) - {BASE_ROW}))
         self._plan = (names, {})
-        for layer in self._layers:
-            layer.forward = functools.partial(_rows_forward, layer, self, stacks.get(id(layer)))
+        restore = swap_forwards(self._layers, lambda layer: functools.partial(_rows_forward, layer, self,
+                                                                               stacks.get(id(layer))))
         try:
             yield
         finally:
-            for layer in self._layers:
-                layer.__dict__.pop("forward", None)
+            restore()
             self._plan = None
 
     def keep(self, stack: _Stack, like: torch.Tensor) -> torch.Tensor:

@@ -27,6 +27,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from tunesmith.core.swaps import same_code, swap_forwards
+
 logger = logging.getLogger(__name__)
 
 
@@ -123,9 +125,7 @@ def _has_llama_forward(cls: type) -> bool:
     """Whether ``cls.forward`` is Llama's MLP forward, instruction for instruction."""
     from transformers.models.llama.modeling_llama import LlamaMLP
 
-    mine, llama = getattr(cls.forward, "__code__", None), LlamaMLP.forward.__code__
-    return mine is not None and all(getattr(mine, name) == getattr(llama, name)
-                                    for name in ("co_code", "co_consts", "co_names", "co_varnames"))
+    return same_code(cls.forward, LlamaMLP.forward)
 
 
 def _is_silu(activation) -> bool:
@@ -151,14 +151,8 @@ def fuse_gated_mlps(model: nn.Module, recompute_product: bool = True) -> tuple[i
     """
     swapped = [module for module in model.modules()
                if _has_llama_forward(type(module)) and _is_silu(getattr(module, "act_fn", None))]
-    for module in swapped:
-        # an instance attribute, removed by restore
-        module.forward = functools.partial(_fused_forward, module, recompute_product=recompute_product)
+    restore = swap_forwards(swapped, lambda module: functools.partial(_fused_forward, module,
+                                                                      recompute_product=recompute_product))
     if swapped:
         logger.info("fused SiLU·up on %d %s modules", len(swapped), type(swapped[0]).__name__)
-
-    def restore() -> None:
-        for module in swapped:
-            module.__dict__.pop("forward", None)
-
     return len(swapped), restore

@@ -22,6 +22,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from tunesmith.core.swaps import same_code, swap_forwards
+
 logger = logging.getLogger(__name__)
 
 
@@ -70,9 +72,7 @@ def _has_llama_forward(cls: type) -> bool:
     """Whether ``cls.forward`` is Llama's RMSNorm forward, instruction for instruction."""
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-    mine, llama = getattr(cls.forward, "__code__", None), LlamaRMSNorm.forward.__code__
-    return mine is not None and all(getattr(mine, name) == getattr(llama, name)
-                                    for name in ("co_code", "co_consts", "co_names", "co_varnames"))
+    return same_code(cls.forward, LlamaRMSNorm.forward)
 
 
 def fuse_rms_norms(model: nn.Module) -> tuple[int, Callable[[], None]]:
@@ -84,13 +84,7 @@ def fuse_rms_norms(model: nn.Module) -> tuple[int, Callable[[], None]]:
     swapped = [module for module in model.modules()
                if isinstance(getattr(module, "weight", None), torch.Tensor) and hasattr(module, "variance_epsilon")
                and _has_llama_forward(type(module))]
-    for module in swapped:
-        module.forward = functools.partial(_fused_forward, module)  # an instance attribute, removed by restore
+    restore = swap_forwards(swapped, lambda module: functools.partial(_fused_forward, module))
     if swapped:
         logger.info("fused RMSNorm on %d %s modules", len(swapped), type(swapped[0]).__name__)
-
-    def restore() -> None:
-        for module in swapped:
-            module.__dict__.pop("forward", None)
-
     return len(swapped), restore
