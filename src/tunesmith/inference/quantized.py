@@ -30,6 +30,7 @@ from typing import Optional
 import torch
 
 from tunesmith.core.errors import TunesmithError
+from tunesmith.inference.compiled import ATTRIBUTE as COMPILED_STEP
 
 QUANTIZATIONS = ("int8",)  # what ``--quantize`` / ``decode(quantize=...)`` accept; None keeps the weights as loaded
 
@@ -123,7 +124,7 @@ def int8_twin(model):
     if kept is not None and kept[1] == versions:
         return kept[0]
     memo = {id(tensor): tensor for tensor in [*model.parameters(), *model.buffers()]}  # shared, not copied
-    for attribute in (ATTRIBUTE, "_tunesmith_compiled_step"):  # kept steps and twins are not the twin's
+    for attribute in (ATTRIBUTE, COMPILED_STEP):  # kept steps and twins are not the twin's
         if model.__dict__.get(attribute) is not None:
             memo[id(model.__dict__[attribute])] = None
     twin = copy.deepcopy(model, memo=memo)
