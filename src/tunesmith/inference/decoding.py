@@ -29,6 +29,7 @@ from typing import Optional
 import torch
 
 from tunesmith.inference.compiled import CompiledStep, compiled_step
+from tunesmith.inference.invariant import row_invariant
 from tunesmith.inference.quantized import check_quantize, int8_twin
 from tunesmith.methods.lora_rows import BASE_ROW, RowLora
 
@@ -208,9 +209,14 @@ class RowBatch:
         mixed_adapters: Rows carry their own peft adapter (``Row.adapter``; None: the base): per-row LoRA
             (:class:`tunesmith.methods.lora_rows.RowLora`), or peft's mixed-batch forward where that cannot serve.
         compiled: The compiled single-row step (:mod:`tunesmith.inference.compiled`), taken while one row decodes.
+        invariant: Every forward runs batch-invariant (:mod:`tunesmith.inference.invariant`): a row's logits are
+            bit for bit the ones it gets alone, whatever else is in the batch (for bfloat16 serving, where
+            rounding makes batches visible). Shared prompt starts are then not cached (their forward is not
+            the lone row's).
     """
 
-    def __init__(self, model, mixed_adapters: bool = False, compiled: Optional[CompiledStep] = None) -> None:
+    def __init__(self, model, mixed_adapters: bool = False, compiled: Optional[CompiledStep] = None,
+                 invariant: bool = False) -> None:
         config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         parameter = next(model.parameters())
@@ -225,6 +231,7 @@ class RowBatch:
         self.lean = LeanDecoder.fit(model)  # the decode step without transformers' per-call machinery
         self._row_lora: Optional[RowLora] = None  # per-row LoRA of self.model (made on the first mixed call)
         self.compiled = None if mixed_adapters else compiled
+        self.invariant = invariant
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -264,7 +271,8 @@ class RowBatch:
         if shared:  # every query reads the whole shared start first
             mask = torch.cat([mask.new_ones(len(rows), longest, shared), mask], dim=2)  # (rows, longest, shared + longest)
         self.cache.plan_prefill([row.slot for row in rows], pads, prefixes)
-        logits = self._forward(ids, positions, mask[:, None], rows)
+        with row_invariant(self.model, prefill=True, enabled=self.invariant):
+            logits = self._forward(ids, positions, mask[:, None], rows)
         self.rows += rows
         _pick_each(rows, logits[:, -1])
 
@@ -281,11 +289,12 @@ class RowBatch:
         self.cache.plan_decode(count, self.device)
         logits = self.compiled(ids, self.cache) if self.compiled is not None and count == 1 else None  # None: not run
         row_lora = self._row_lora_for(self.rows)
-        if logits is None and self.lean is not None and (row_lora is not None or not self.mixed_adapters):
-            with row_lora.rows([row.adapter for row in self.rows]) if row_lora is not None else contextlib.nullcontext():
-                logits = self.lean(ids, positions, mask[:, None, None], self.cache)
-        elif logits is None:
-            logits = self._forward(ids, positions, mask[:, None, None], self.rows)
+        with row_invariant(self.model, prefill=False, enabled=self.invariant):
+            if logits is None and self.lean is not None and (row_lora is not None or not self.mixed_adapters):
+                with row_lora.rows([row.adapter for row in self.rows]) if row_lora is not None else contextlib.nullcontext():
+                    logits = self.lean(ids, positions, mask[:, None, None], self.cache)
+            elif logits is None:
+                logits = self._forward(ids, positions, mask[:, None, None], self.rows)
         for slot in range(count):
             self.cache.lengths[slot] += 1
         _pick_each(self.rows, logits[:, -1])
@@ -299,6 +308,8 @@ class RowBatch:
         """Per row, the shared start to reuse (each row's adapter's; all of the same tokens): the last ones if
         every row begins with them, else the rows' longest common start when it is at least ``MIN_PREFIX``
         tokens (the adapters' missing ones computed now, in one forward), else None."""
+        if self.invariant:
+            return None
         adapters = list(dict.fromkeys(row.adapter for row in rows))
         known = [self.prefixes.get(adapter) for adapter in adapters]
         if all(prefix is not None and prefix.tokens == known[0].tokens for prefix in known) and \

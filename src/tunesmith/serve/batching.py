@@ -274,7 +274,7 @@ class BatchingGenerator:
         model = choices[0].servable.model  # the newest wrapper of this base (an adapter may have just been added)
         batch = self.batches.get(key)
         if batch is None:
-            batch = self.batches[key] = RowBatch(model)
+            batch = self.batches[key] = RowBatch(model, invariant=choices[0].servable.invariant)
             self.rows[key] = []
         batch.model, batch.mixed_adapters = model, isinstance(model, PeftModel)
         batch.join([choice.decoding for choice in choices], room=max(c.request.max_tokens for c in choices) + 1)

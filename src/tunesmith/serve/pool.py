@@ -47,6 +47,7 @@ class LoadedBase:
     model: object
     tokenizer: object
     adapters: dict[str, str] = field(default_factory=dict)  # adapter folder -> peft adapter name
+    invariant: bool = False  # decodes batch-invariant (see batch_invariant)
 
 
 @dataclass
@@ -57,6 +58,7 @@ class Servable:
     model: object
     tokenizer: object
     adapter_name: Optional[str]  # peft adapter to set; None with a peft model means "adapters off"
+    invariant: bool = False  # its batches run batch-invariant: a seed gives the same tokens in any company
 
     @contextlib.contextmanager
     def active(self):
@@ -172,14 +174,14 @@ class ModelPool:
 
             model, tokenizer = load_for_inference(spec.base, spec.adapter, dtype=self.dtype, device=self.device)
             name = model.active_adapter if isinstance(model, PeftModel) else None  # None on a peft model: adapters off
-            self.separate[spec.adapter] = Servable(spec.model_id, model, tokenizer, name)
+            self.separate[spec.adapter] = Servable(spec.model_id, model, tokenizer, name, batch_invariant(model))
             return self.separate[spec.adapter]
         base = self.loaded.get(spec.base)
         if base is None:
             model, tokenizer = load_for_inference(spec.base, dtype=self.dtype, device=self.device)
-            base = self.loaded[spec.base] = LoadedBase(model, tokenizer)
+            base = self.loaded[spec.base] = LoadedBase(model, tokenizer, invariant=batch_invariant(model))
         if adapter is None:
-            return Servable(spec.model_id, base.model, base.tokenizer, None)
+            return Servable(spec.model_id, base.model, base.tokenizer, None, base.invariant)
         tokenizer = _result_tokenizer(adapter, spec.base, base.tokenizer)
         if spec.adapter not in base.adapters:
             from peft import PeftModel
@@ -191,7 +193,16 @@ class ModelPool:
                 base.model = load_trained(base.model, adapter).eval()
                 name = base.model.active_adapter
             base.adapters[spec.adapter] = name
-        return Servable(spec.model_id, base.model, tokenizer, base.adapters[spec.adapter])
+        return Servable(spec.model_id, base.model, tokenizer, base.adapters[spec.adapter], base.invariant)
+
+
+def batch_invariant(model) -> bool:
+    """Whether ``model``'s batches should run batch-invariant: it computes in bfloat16/float16 (float32 batches
+    differ from lone rows only in bits that rarely reach a token) and this machine's kernels allow it for its shapes
+    (checked now; a log line says so when they do not)."""
+    from tunesmith.inference.invariant import check_row_invariance, wants_row_invariance
+
+    return wants_row_invariance(model) and check_row_invariance(model)
 
 
 def _trained_over_quantised(folder: Path) -> bool:

@@ -1,0 +1,169 @@
+"""Batch-invariant low-precision decoding: a row's bits do not depend on what else is in its batch.
+
+A served row must give the same tokens for the same seed whether it runs alone or beside 31 others. In
+float32 the few bits in which a batched kernel differs from a lone one rarely move a logit far enough to change
+a token. In bfloat16 they do: each product and each attention output is rounded to 8 bits of mantissa, so one
+last-place difference in a hidden state moves logits by about 1e-2 and sampled tokens part. Two kernels make a
+row's bits depend on its company (measured with SmolLM2-135M's shapes on two threads, oneDNN, torch 2.13):
+
+- a bfloat16 ``F.linear`` / ``addmm`` over more than about 32 rows switches kernel, and for some shapes
+  (576→1536, 576→576) a row's result then depends on how many rows the call holds; at 32 rows or fewer each
+  row gets the bits it gets alone. Prefill runs rows × prompt tokens through every product.
+- scaled-dot-product attention over a padded batch: a row's output depends on how many masked keys follow its
+  own (a decode step reads every slot up to the longest row) and on its left padding in a prefill.
+
+:func:`row_invariant` removes both for the duration of a forward, in one place (a ``TorchFunctionMode``, so it
+reaches the base products, the LM head and per-row LoRA's products alike): every bfloat16/float16 linear
+product runs in chunks of at most :data:`CHUNK_ROWS` rows, and attention with a boolean mask runs row by row on
+each row's own real queries and keys (no pads, no masked tail), the same call a lone row makes.
+:func:`check_row_invariance` tests at load time that this holds for a model's shapes on this machine.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+logger = logging.getLogger(__name__)
+
+CHUNK_ROWS = 32  # most rows a decode product runs over (oneDNN's bfloat16 linear is row-exact up to here)
+BLOCK_ROWS = 128  # rows of every prefill product: a fixed shape gives each row the same bits wherever it sits
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+def _row_chunks(flat: torch.Tensor, block: Optional[int], rows: int) -> tuple[list[torch.Tensor], int]:
+    """``flat`` (M, in) cut for row-exact products: chunks of at most ``rows`` rows, or (``block`` given) chunks of
+    exactly ``block`` rows, the last one padded with zero rows; and M."""
+    count = flat.shape[0]
+    if block is None:
+        return ([flat] if count <= rows else list(flat.split(rows))), count
+    padded = -(-count // block) * block
+    if padded > count:
+        flat = torch.cat([flat, flat.new_zeros(padded - count, flat.shape[1])])
+    return list(flat.split(block)), count
+
+
+def chunked_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+                   rows: int = CHUNK_ROWS, block: Optional[int] = None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` over ``x``'s flattened rows cut as :func:`_row_chunks` cuts them."""
+    flat = x.reshape(-1, x.shape[-1])
+    if block is None and flat.shape[0] <= rows:
+        return F.linear(x, weight, bias)
+    chunks, count = _row_chunks(flat, block, rows)
+    out = torch.cat([F.linear(chunk, weight, bias) for chunk in chunks])[:count]
+    return out.view(*x.shape[:-1], weight.shape[0])
+
+
+def chunked_addmm(input: torch.Tensor, mat1: torch.Tensor, mat2: torch.Tensor, *, beta=1, alpha=1,
+                  rows: int = CHUNK_ROWS, block: Optional[int] = None) -> torch.Tensor:
+    """``torch.addmm`` over ``mat1``'s rows cut as :func:`_row_chunks` cuts them."""
+    if block is None and mat1.shape[0] <= rows:
+        return torch.addmm(input, mat1, mat2, beta=beta, alpha=alpha)
+    chunks, count = _row_chunks(mat1, block, rows)
+    full = input.expand(count, mat2.shape[1])
+    full = torch.cat([full, full.new_zeros(sum(map(len, chunks)) - count, full.shape[1])]) if block else full
+    return torch.cat([torch.addmm(part, chunk, mat2, beta=beta, alpha=alpha)
+                      for part, chunk in zip(full.split(len(chunks[0])), chunks)])[:count]
+
+
+def rowwise_attention(query, key, value, attn_mask, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+    """Scaled-dot-product attention row by row, each on its own real keys and queries only.
+
+    ``attn_mask`` (rows, 1, queries, keys) boolean: a row's real keys are those its last query reads (every
+    query that is real is at the end: prompts are left-padded, a decode step has one query); its real queries
+    are its last ``min(queries, real keys)`` ones, attending causally. Pad queries get zeros (nobody reads them).
+    """
+    rows, queries = query.shape[0], query.shape[2]
+    out = query.new_zeros(query.shape[:-1] + (value.shape[-1],))
+    reads = attn_mask[:, 0, -1]  # (rows, keys)
+    for row in range(rows):
+        real = reads[row]
+        count = int(real.sum())
+        if count == real.shape[0] or bool(real[:count].all()):  # the usual case: keys 0 .. count - 1
+            row_key, row_value = key[row : row + 1, :, :count], value[row : row + 1, :, :count]
+        else:  # left-padded: the real keys are the last ones
+            row_key, row_value = key[row : row + 1, :, real], value[row : row + 1, :, real]
+        asked = min(queries, count)
+        out[row : row + 1, :, queries - asked :] = F.scaled_dot_product_attention(
+            query[row : row + 1, :, queries - asked :].contiguous(), row_key.contiguous(), row_value.contiguous(),
+            dropout_p=dropout_p, is_causal=asked > 1, scale=scale, enable_gqa=enable_gqa)
+    return out
+
+
+class _RowInvariant(TorchFunctionMode):
+    """Routes low-precision linear products through :func:`chunked_linear` / :func:`chunked_addmm` and masked
+    attention through :func:`rowwise_attention`; every other call passes through untouched."""
+
+    def __init__(self, block: Optional[int], small: frozenset[int]) -> None:
+        super().__init__()
+        self.block, self.small = block, small
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.linear:
+            weight = args[1] if len(args) > 1 else kwargs["weight"]
+            if weight.dtype in LOW_PRECISION:
+                bias = args[2] if len(args) > 2 else kwargs.get("bias")
+                block = None if id(weight) in self.small else self.block
+                return chunked_linear(args[0], weight, bias, block=block)
+        elif func is torch.addmm or func is torch.Tensor.addmm:
+            if args[1].dtype in LOW_PRECISION and args[1].dim() == 2:
+                return chunked_addmm(*args[:3], block=self.block, **kwargs)
+        elif func is F.scaled_dot_product_attention:
+            mask = args[3] if len(args) > 3 else kwargs.get("attn_mask")
+            query = args[0]
+            if mask is not None and mask.dtype == torch.bool and mask.dim() == 4 and query.dim() == 4 \
+                    and query.dtype in LOW_PRECISION:
+                names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+                return rowwise_attention(**{**dict(zip(names, args)), **kwargs})
+        return func(*args, **kwargs)
+
+
+def row_invariant(model, prefill: bool, enabled: bool = True):
+    """A context in which ``model``'s low-precision forward is batch-invariant (see the module's text).
+
+    Args:
+        prefill: The forward runs prompts (several tokens a row): its products go in padded blocks of
+            :data:`BLOCK_ROWS` rows, the LM head's (one row per prompt) in chunks of at most :data:`CHUNK_ROWS`;
+            else (a decode step) every product goes in chunks of at most :data:`CHUNK_ROWS` rows.
+        enabled: False gives a context that changes nothing.
+    """
+    if not enabled:
+        return contextlib.nullcontext()
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    small = frozenset([id(head.weight)] if head is not None else [])
+    return _RowInvariant(BLOCK_ROWS if prefill else None, small)
+
+
+def wants_row_invariance(model) -> bool:
+    """Whether ``model`` computes in a precision whose rounding makes batches visible (bfloat16, float16)."""
+    return next(model.parameters()).dtype in LOW_PRECISION
+
+
+def check_row_invariance(model) -> bool:
+    """Whether, on this machine, each of ``model``'s linear shapes gives a row the same bits alone and in company:
+    inside products of 2, 16 and 32 rows (decode) and anywhere in a :data:`BLOCK_ROWS`-row block (prefill).
+    Logs one line when it does not."""
+    generator = torch.Generator().manual_seed(0)
+    weights = {tuple(module.weight.shape): module.weight.detach() for module in model.modules()
+               if isinstance(module, torch.nn.Linear)}
+    for (out_features, in_features), weight in weights.items():
+        x = torch.randn(BLOCK_ROWS, in_features, generator=generator).to(weight.dtype)
+        with torch.no_grad():
+            alone = torch.cat([F.linear(x[row : row + 1], weight) for row in range(CHUNK_ROWS)])
+            decode = all(torch.equal(F.linear(x[:size], weight), alone[:size]) for size in (2, 16, CHUNK_ROWS))
+            block = chunked_linear(x[:1], weight, block=BLOCK_ROWS)
+            prefill = all(torch.equal(chunked_linear(x.roll(shift, 0), weight, block=BLOCK_ROWS)[shift], block[0])
+                          for shift in (0, 1, BLOCK_ROWS - 1))
+        if not (decode and prefill):
+            logger.warning("batch invariance does not hold on this machine: its %s product %d→%d gives a row other "
+                           "bits in a batch (%s); a seed then reproduces only to rounding across batches "
+                           "(docs/serving.md)", str(weight.dtype).removeprefix("torch."), in_features, out_features,
+                           "decode" if not decode else "prefill")
+            return False
+    return True
