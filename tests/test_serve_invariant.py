@@ -20,7 +20,7 @@ from tunesmith.inference.decoding import Row, RowBatch
 from tunesmith.inference.invariant import (BLOCK_ROWS, CHUNK_ROWS, check_row_invariance, chunked_addmm,
                                            chunked_linear, row_invariant, rowwise_attention)
 
-from test_serve_batching import ask, servable, tokens
+from test_serve_batching import ask, batcher, tokens  # noqa: F401  (batcher: the fixture)
 
 VOCAB = 96
 
@@ -161,3 +161,77 @@ def test_a_rows_logits_are_its_lone_ones_in_any_company(monkeypatch, mixed):
         assert all(torch.equal(a, b) for a, b in zip(alone, together, strict=True))
     differs = [not all(torch.equal(a, b) for a, b in zip(row_in(0, False)[0], row_in(12, False)[0]))]
     assert any(differs)  # without it the same row's bits move with its company: the test can fail
+
+
+def test_batcher_bfloat16_seeded_and_greedy_requests_answer_alone_as_in_company(batcher):
+    """The server's batcher over a bfloat16 base with two adapters: a seeded sampled request (two choices) and a
+    greedy one give the same tokens alone as among other requests of other lengths, adapters and settings, some
+    of them sharing its prompt start. (Without batch invariance the 40 seeded tokens part here.)"""
+    from tunesmith.serve.pool import Servable
+
+    from test_serve_batching import TokenTokenizer
+
+    model = two_adapters(small_llama())
+    generator = batcher({name: Servable(name, model, TokenTokenizer(), adapter, True)
+                         for name, adapter in (("base", None), ("a0", "a0"), ("a1", "a1"))})
+    prompt = prompts(1, seed=7)[0] + list(range(3, 23))
+    sampled = {"temperature": 1.0, "top_p": 0.95, "seed": 11, "n": 2}
+    alone = [ask(generator, "a1", prompt, 40, **sampled), ask(generator, "base", prompt[::-1], 12, temperature=0.0)]
+    assert all(finished.wait(120) for finished, *_ in alone)
+    company = [ask(generator, ("a0", "base", "a1")[i % 3], prompt[:20] + p, 20, temperature=0.7 * (i % 2), seed=i)
+               for i, p in enumerate(prompts(7, seed=8))]
+    together = [ask(generator, "a1", prompt, 40, **sampled), ask(generator, "base", prompt[::-1], 12, temperature=0.0)]
+    assert all(finished.wait(120) for finished, *_ in together + company)
+    for (_, lone, *_), (_, joined, *_) in zip(alone, together):
+        assert tokens(lone, 0) == tokens(joined, 0) and len(tokens(lone, 0)) >= 12
+    assert tokens(alone[0][1], 1) == tokens(together[0][1], 1) != tokens(alone[0][1], 0)
+    assert max(generator.batch_sizes) >= 5
+
+
+@pytest.mark.slow
+def test_loopback_bfloat16_server_gives_a_seed_the_same_text_alone_and_under_load(tiny_llama, tmp_path):
+    """``serve --dtype bfloat16`` on 127.0.0.1: 10 concurrent seeded sampled completions equal the same ten sent
+    one at a time."""
+    import asyncio
+    import shutil
+
+    pytest.importorskip("fastapi", reason="needs the serve extra: pip install 'tunesmith[serve]'")
+    import httpx
+    import uvicorn
+
+    from tunesmith.serve.app import create_app
+
+    from serve_support import free_port
+
+    shutil.copytree(tiny_llama, tmp_path / "models" / "tiny")
+    app = create_app(tmp_path, dtype="bfloat16")
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    words = ["Once", "The cat sat on the mat and", "A dog ran", "Tell me a story about a", "Why"]
+    bodies = [{"model": "models/tiny", "prompt": words[i % 5], "max_tokens": 6 + 3 * (i % 4), "temperature": 1.0,
+               "seed": 100 + i} for i in range(10)]
+
+    async def run():
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=60) as http:
+            async def text(body):
+                return (await http.post("/v1/completions", json=body)).json()["choices"][0]["text"]
+
+            alone = [await text(body) for body in bodies]
+            together = await asyncio.gather(*(text(body) for body in bodies))
+        return alone, together
+
+    try:
+        deadline = time.monotonic() + 30
+        while not server.started and time.monotonic() < deadline:
+            time.sleep(0.05)
+        alone, together = asyncio.run(asyncio.wait_for(run(), timeout=120))
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        app.state.generator.close()
+        app.state.jobs.close()
+    assert together == alone and all(alone)
+    assert app.state.pool.get("models/tiny").invariant
+    assert max(app.state.generator.batch_sizes) > 1
