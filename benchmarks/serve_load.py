@@ -1,7 +1,11 @@
 """Load test of ``tunesmith serve`` (continuous batching) on loopback: N concurrent streamed chat
 requests of mixed lengths against the same requests sent one at a time, and N concurrent requests
 spread over the base and two LoRA adapters of it (one batch, per-row LoRA). Prints latency and
-time to first token (p50/p95), aggregate completion tokens/s and the ratios.
+time to first token (p50/p95), aggregate completion tokens/s and the ratios, for each ``--dtype`` in one run
+(float32 and bfloat16 by default; bfloat16 serving is batch-invariant, so each concurrent greedy reply is
+checked against the same request's reply alone: "same text"). Then the float32 bound: what the matmuls of one
+decode step cost at 32 rows against one row, measured here (a scheduler that decodes 32 rows together cannot
+get their p50 latency below about that multiple of a lone request's).
 
     python benchmarks/serve_load.py                          # stories260k from ../shared/assets, 32 requests
     python benchmarks/serve_load.py --model smollm2-135m-instruct --requests 32 --alone 8
@@ -77,6 +81,7 @@ def make_adapters(workspace: Path, model: str, count: int = 2, dtype: str = "flo
 
 
 async def one(client: httpx.AsyncClient, index: int, model: str, max_tokens: int | None = None) -> dict:
+    text = ""
     started, first = time.perf_counter(), None
     body = {"model": model, "messages": [{"role": "user", "content": PROMPTS[index % len(PROMPTS)]}],
             "max_tokens": max_tokens or LENGTHS[index % len(LENGTHS)], "temperature": 0, "stream": True,
@@ -90,10 +95,11 @@ async def one(client: httpx.AsyncClient, index: int, model: str, max_tokens: int
             chunk = json.loads(line[6:])
             if chunk.get("usage"):
                 tokens = chunk["usage"]["completion_tokens"]
-            elif first is None and chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
-                first = time.perf_counter() - started
+            elif chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+                first = time.perf_counter() - started if first is None else first
+                text += chunk["choices"][0]["delta"]["content"]
     return {"latency": time.perf_counter() - started, "ttft": first if first is not None else float("nan"),
-            "tokens": tokens}
+            "tokens": tokens, "text": text}
 
 
 def percentile(values: list[float], share: float) -> float:
@@ -113,9 +119,36 @@ async def measure(url: str, indices: list[int], models: list[str], concurrent: b
         wall = time.perf_counter() - started
     latencies, ttfts = [r["latency"] for r in results], [r["ttft"] for r in results]
     tokens = sum(r["tokens"] for r in results)
-    return {"answered": len(results), "p50": statistics.median(latencies), "p95": percentile(latencies, 0.95),
+    return {"answered": len(results), "texts": [r["text"] for r in results], "p50": statistics.median(latencies), "p95": percentile(latencies, 0.95),
             "ttft50": statistics.median(ttfts), "ttft95": percentile(ttfts, 0.95), "wall": wall, "tokens": tokens,
             "tokens_per_s": tokens / wall}
+
+
+def matmul_bound(model: str, dtype: str, rows: int = 32, repeats: int = 5) -> tuple[float, float, int]:
+    """Seconds of one decode step's matmuls (every linear layer of the model once) at 1 and at ``rows`` rows,
+    best of ``repeats``, in ``dtype``, on this process's threads; and how many products a step runs."""
+    import torch
+    import torch.nn.functional as F
+
+    sys.path.insert(0, str(REPO / "src"))
+    from tunesmith.inference.generate import load_for_inference
+
+    loaded, _ = load_for_inference(model, dtype=dtype)
+    weights = [module.weight.detach() for module in loaded.modules() if isinstance(module, torch.nn.Linear)]
+    inputs = {count: {w.shape[1]: torch.randn(count, w.shape[1], dtype=w.dtype) for w in weights} for count in (1, rows)}
+
+    def step(count: int) -> float:
+        best = float("inf")
+        for _ in range(repeats):
+            started = time.perf_counter()
+            with torch.no_grad():
+                for weight in weights:
+                    F.linear(inputs[count][weight.shape[1]], weight)
+            best = min(best, time.perf_counter() - started)
+        return best
+
+    step(1), step(rows)  # warm
+    return step(1), step(rows), len(weights)
 
 
 def main() -> None:
@@ -125,13 +158,31 @@ def main() -> None:
     parser.add_argument("--alone", type=int, default=0, help="Requests of the mix sent one at a time (0: all).")
     parser.add_argument("--no-adapters", action="store_true", help="Skip the mixed-adapter run.")
     parser.add_argument("--port", type=int, default=8917)
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="serve --dtype.")
+    parser.add_argument("--dtype", default="float32,bfloat16",
+                        help="serve --dtype, or several separated by commas, each served and measured in turn.")
     parser.add_argument("--threads", type=int, default=0,
                         help="OMP_NUM_THREADS of the server (0: its default; the server sets GOMP_SPINCOUNT, so 2 threads hold up beside a busy process).")
     args = parser.parse_args()
+    for dtype in args.dtype.split(","):
+        serve_and_measure(args, dtype)
+    if "float32" in args.dtype.split(","):
+        import torch
+
+        torch.set_num_threads(args.threads or torch.get_num_threads())
+        lone, crowd, count = matmul_bound(args.model, "float32")
+        print(f"float32 bound: the {count} matmuls of one decode step take {crowd * 1e3:.1f} ms at 32 rows against "
+              f"{lone * 1e3:.1f} ms at one row ({torch.get_num_threads()} threads): {crowd / lone:.2f}x, so 32 float32 "
+              f"rows decoded together answer no faster than about {crowd / lone:.1f}x a lone request's latency")
+        lone16, crowd16, _ = matmul_bound(args.model, "bfloat16")
+        print(f"bfloat16, same products: {crowd16 * 1e3:.1f} ms at 32 rows against {lone16 * 1e3:.1f} ms at one row: "
+              f"{crowd16 / lone16:.2f}x")
+
+
+def serve_and_measure(args, dtype: str) -> None:
+    """One server in ``dtype``: one at a time, all concurrent, all concurrent over the base and two adapters."""
     workspace = Path(tempfile.mkdtemp(prefix="tunesmith-serve-bench-"))
-    adapters = [] if args.no_adapters else make_adapters(workspace, args.model, dtype=args.dtype)
-    server = start_server(workspace, args.model, args.port, args.dtype, args.threads)
+    adapters = [] if args.no_adapters else make_adapters(workspace, args.model, dtype=dtype)
+    server = start_server(workspace, args.model, args.port, dtype, args.threads)
     rows = []
     try:
         url = f"http://127.0.0.1:{args.port}"
@@ -147,16 +198,17 @@ def main() -> None:
         server.terminate()
         server.wait()
         shutil.rmtree(workspace, ignore_errors=True)
-    print(f"model {args.model} ({args.dtype}, threads {args.threads or 'default'}), streamed chat requests, max_tokens {LENGTHS} in turn, greedy; "
+    print(f"model {args.model} ({dtype}, threads {args.threads or 'default'}), streamed chat requests, max_tokens {LENGTHS} in turn, greedy; "
           f"load average (1 min) at the end: {os.getloadavg()[0]:.1f}")
     print("| requests | answered | latency p50 (s) | latency p95 (s) | TTFT p50 (s) | TTFT p95 (s) | wall (s) | "
-          "completion tokens | tokens/s | tokens/s vs one at a time | p50 vs one at a time |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          "completion tokens | tokens/s | tokens/s vs one at a time | p50 vs one at a time | same text as alone |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for name, row in rows:
+        same = "—" if "adapters" in name else f"{sum(a == b for a, b in zip(alone['texts'], row['texts']))}/{len(alone['texts'])}"
         print(f"| {name} | {row['answered']} | {row['p50']:.2f} | {row['p95']:.2f} | {row['ttft50']:.2f} | "
               f"{row['ttft95']:.2f} | {row['wall']:.1f} | {row['tokens']} | {row['tokens_per_s']:.1f} | "
-              f"{row['tokens_per_s'] / alone['tokens_per_s']:.2f}x | {row['p50'] / alone['p50']:.2f}x |")
-
+              f"{row['tokens_per_s'] / alone['tokens_per_s']:.2f}x | {row['p50'] / alone['p50']:.2f}x | "
+              f"{same} |")
 
 if __name__ == "__main__":
     main()
