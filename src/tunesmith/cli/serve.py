@@ -18,9 +18,11 @@ def register(commands) -> None:
     serve.add_argument("--model", action="append", default=[], metavar="[ID=]PATH",
                        help="A base model outside the workspace to serve and train from (repeatable).")
     serve.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (for serving; jobs use their recipe's)")
-    serve.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
-                       help="Weights of served models. bfloat16 decodes a crowd of requests about twice as fast on a CPU "
-                            "with AMX, but a seed then reproduces a reply only under the same traffic (docs/speed.md).")
+    serve.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "auto"],
+                       help="Weights of served models. bfloat16 decodes a crowd of requests faster on a CPU with AMX "
+                            "and stays batch-invariant (a seed gives the same reply alone or in a crowd); replies "
+                            "differ from float32's by rounding. auto: bfloat16 where the CPU/GPU computes it "
+                            "natively, else float32 (docs/speed.md).")
     serve.add_argument("--max-upload-mb", type=int, default=200, help="Largest data file the studio accepts.")
     serve.add_argument("--batch-window-ms", type=float, default=10.0,
                        help="How long generation waits to batch concurrent requests together.")
@@ -100,10 +102,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
                              "(or bind to 127.0.0.1)")
     bases = parse_bases(args.model)
     check_start(args, bases)
-    status(f"starting the server on {args.host}:{args.port} ...")
     app = create_app(args.workspace, args.api_key, bases, args.device, args.max_upload_mb,
                      batch_window_ms=args.batch_window_ms, allow_code=args.allow_code,
                      allow_remote_models=args.allow_remote_models, dtype=args.dtype)
+    status(f"starting the server on {args.host}:{args.port}, models in {app.state.pool.dtype_reason} ...")
     print(f"tunesmith studio on http://{args.host}:{args.port}/  (workspace {app.state.workspace.root})", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0

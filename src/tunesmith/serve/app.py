@@ -51,7 +51,8 @@ def create_app(workspace: str | Path, api_key: Optional[str] = None, bases: Opti
             trust_remote_code, lm-eval include paths); see :mod:`tunesmith.serve.safety`.
         allow_remote_models: ``serve --allow-remote-models``: recipes from the browser may name a hub id as
             ``model.name`` (the job downloads it).
-        dtype: ``serve --dtype``: the weights of served models, ``float32`` or ``bfloat16``.
+        dtype: ``serve --dtype``: the weights of served models, ``float32``, ``bfloat16`` or ``auto``
+            (bfloat16 where the device computes it natively, else float32: :func:`tunesmith.serve.pool.serving_dtype`).
     """
     from tunesmith.serve import guided, jobs_api, openai_api, playground, studio_api, studio_data
     from tunesmith.serve.batching import BatchingGenerator

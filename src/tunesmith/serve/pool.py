@@ -83,7 +83,7 @@ class ModelPool:
         self.workspace = workspace
         self.bases = dict(bases or {})  # id given at start -> alias or folder
         self.device = device
-        self.dtype = dtype  # of every loaded model (serve --dtype)
+        self.dtype, self.dtype_reason = serving_dtype(dtype, device)  # of every loaded model (serve --dtype)
         self.loaded: dict[str, LoadedBase] = {}
         self.separate: dict[str, Servable] = {}  # results that cannot share a base (full, partial)
         self.lock = threading.Lock()
@@ -194,6 +194,21 @@ class ModelPool:
                 name = base.model.active_adapter
             base.adapters[spec.adapter] = name
         return Servable(spec.model_id, base.model, tokenizer, base.adapters[spec.adapter], base.invariant)
+
+
+def serving_dtype(asked: str, device: str) -> tuple[str, str]:
+    """``serve --dtype``'s dtype and why: ``auto`` is bfloat16 where ``device`` computes it natively (AMX, AVX-512
+    BF16, a recent GPU), else float32 (emulated bfloat16 is slower)."""
+    if asked != "auto":
+        return asked, f"{asked} (--dtype {asked})"
+    import torch
+
+    from tunesmith.training.speed import bfloat16_support
+
+    support = bfloat16_support(torch.device(device))
+    if support is None:
+        return "float32", f"float32 (--dtype auto: no native bfloat16 on this {torch.device(device).type.upper()})"
+    return "bfloat16", f"bfloat16, batch-invariant (--dtype auto: {support})"
 
 
 def batch_invariant(model) -> bool:
