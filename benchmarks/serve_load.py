@@ -163,6 +163,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0,
                         help="OMP_NUM_THREADS of the server (0: its default; the server sets GOMP_SPINCOUNT, so 2 threads hold up beside a busy process).")
     args = parser.parse_args()
+    sys.path.insert(0, str(REPO / "src"))
+    from tunesmith.core.runtime import configure_threads
+
+    configure_threads()  # OpenMP's short spin, as in the server (before torch loads here: the float32 bound)
     for dtype in args.dtype.split(","):
         serve_and_measure(args, dtype)
     if "float32" in args.dtype.split(","):

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from tunesmith.inference.decoding import Row, RowBatch
 from tunesmith.inference.invariant import (BLOCK_ROWS, CHUNK_ROWS, check_row_invariance, chunked_addmm,
-                                           chunked_linear, row_invariant, rowwise_attention)
+                                           chunked_linear, prompt_attention)
 
 from test_serve_batching import ask, batcher, tokens  # noqa: F401  (batcher: the fixture)
 
@@ -85,9 +85,10 @@ def test_the_load_time_check_passes_here_and_names_a_failure(caplog, monkeypatch
     assert "does not hold on this machine" in caplog.text and "64→48" in caplog.text
 
 
-def test_rowwise_attention_is_each_rows_lone_call():
+def test_prompt_attention_gives_each_query_its_lone_bits_and_sdpas_values():
+    """Left-padded rows, and a row whose start is a cached prefix: each query's output is the one it gets alone."""
     generator = torch.Generator().manual_seed(0)
-    lengths = [5, 17, 1, 30]
+    lengths = [5, 40, 1, 70]
     longest = max(lengths)
     query = torch.randn(4, 6, longest, 32, generator=generator).bfloat16()
     key, value = (torch.randn(4, 2, longest, 32, generator=generator).bfloat16() for _ in range(2))
@@ -95,17 +96,23 @@ def test_rowwise_attention_is_each_rows_lone_call():
     real = torch.arange(longest)[None] >= torch.tensor(pads)[:, None]
     mask = torch.ones(longest, longest, dtype=torch.bool).tril()[None] & real[:, None, :]
     mask = (mask | torch.eye(longest, dtype=torch.bool)[None])[:, None]
-    out = rowwise_attention(query, key, value, mask, scale=0.2, enable_gqa=True)
-    for row, pad in enumerate(pads):
-        lone = F.scaled_dot_product_attention(query[row : row + 1, :, pad:].contiguous(), key[row : row + 1, :, pad:],
-                                              value[row : row + 1, :, pad:], is_causal=lengths[row] > 1, scale=0.2,
-                                              enable_gqa=True)
-        assert torch.equal(out[row : row + 1, :, pad:], lone)
+    out = prompt_attention(query, key, value, mask, scale=0.2)
+    for row, (pad, length) in enumerate(zip(pads, lengths)):
+        causal = torch.ones(length, length, dtype=torch.bool).tril()[None, None]
+        parts = [t[row : row + 1, :, pad:] for t in (query, key, value)]
+        assert torch.equal(out[row : row + 1, :, pad:], prompt_attention(*parts, causal, scale=0.2))
         assert not out[row, :, :pad].any()
-    reference = F.scaled_dot_product_attention(query.float(), key.float(), value.float(), attn_mask=mask, scale=0.2,
-                                               enable_gqa=True)
-    assert torch.allclose(out.float()[real[:, None, :, None].expand_as(out)], reference[real[:, None, :, None].expand_as(out)],
-                          atol=2e-2)
+        reference = F.scaled_dot_product_attention(*(t.float() for t in parts), is_causal=True, scale=0.2,
+                                                   enable_gqa=True)
+        assert torch.allclose(out[row : row + 1, :, pad:].float(), reference, atol=2e-2)
+    # row 3's first 33 positions as a cached start, the rest after it: the same bits as its whole prompt at once
+    shared = 33
+    rest = [t[3:4, :, shared:] for t in (query,)] + [t[3:4] for t in (key, value)]
+    after = torch.ones(longest - shared, longest, dtype=torch.bool).tril(shared)[None, None]
+    assert torch.equal(prompt_attention(*rest, after, scale=0.2), out[3:4, :, shared:])
+    start = [t[3:4, :, :shared] for t in (query, key, value)]
+    assert torch.equal(prompt_attention(*start, torch.ones(shared, shared, dtype=torch.bool).tril()[None, None],
+                                        scale=0.2), out[3:4, :, :shared])
 
 
 def record_logits(monkeypatch) -> dict:

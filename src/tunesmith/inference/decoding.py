@@ -29,7 +29,7 @@ from typing import Optional
 import torch
 
 from tunesmith.inference.compiled import CompiledStep, compiled_step
-from tunesmith.inference.invariant import row_invariant
+from tunesmith.inference.invariant import CHUNK_ROWS, decode_attention, padded_keys, row_invariant
 from tunesmith.inference.quantized import check_quantize, int8_twin
 from tunesmith.methods.lora_rows import BASE_ROW, RowLora
 
@@ -85,15 +85,16 @@ class SlotCache:
         """The next forward is one sequence per prefix whose keys/values are kept in it (no slot is written)."""
         self._plan = ("capture", prefixes)
 
-    def plan_decode(self, rows: int, device) -> None:
-        """The next forward is one new token for each of slots ``0 .. rows - 1``."""
+    def plan_decode(self, rows: int, device, keys: Optional[int] = None) -> None:
+        """The next forward is one new token for each of slots ``0 .. rows - 1``; attention reads ``keys`` positions
+        of each slot (default: up to the longest row's new token)."""
         positions = torch.tensor(self.lengths[:rows], device=device)  # where each row's new token goes
         heads, capacity = self.keys[0].shape[1], self.capacity
         # the flat position of (row, head, new token) in a buffer viewed as (slots * heads * capacity, head_dim):
         # one index_copy_ per layer writes them all (advanced-index assignment took ~1 ms a layer at 32 rows)
         flat = (torch.arange(rows, device=device)[:, None] * heads + torch.arange(heads, device=device)[None]) \
             * capacity + positions[:, None]  # (rows, heads)
-        self._plan = ("decode", rows, flat.reshape(-1), max(self.lengths[:rows]) + 1)
+        self._plan = ("decode", rows, flat.reshape(-1), keys or max(self.lengths[:rows]) + 1)
 
     def move(self, source: int, target: int) -> None:
         """Copy slot ``source`` into slot ``target`` (a row leaving makes room this way)."""
@@ -211,8 +212,7 @@ class RowBatch:
         compiled: The compiled single-row step (:mod:`tunesmith.inference.compiled`), taken while one row decodes.
         invariant: Every forward runs batch-invariant (:mod:`tunesmith.inference.invariant`): a row's logits are
             bit for bit the ones it gets alone, whatever else is in the batch (for bfloat16 serving, where
-            rounding makes batches visible). Shared prompt starts are then not cached (their forward is not
-            the lone row's).
+            rounding makes batches visible).
     """
 
     def __init__(self, model, mixed_adapters: bool = False, compiled: Optional[CompiledStep] = None,
@@ -232,6 +232,8 @@ class RowBatch:
         self._row_lora: Optional[RowLora] = None  # per-row LoRA of self.model (made on the first mixed call)
         self.compiled = None if mixed_adapters else compiled
         self.invariant = invariant
+        if invariant and self.lean is not None:  # all rows in one attention call, keys padded (invariant.py)
+            self.lean = LeanDecoder(self.lean.causal_lm, self.lean.rotary, decode_attention)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -281,15 +283,16 @@ class RowBatch:
         """One new token for every row (each row's last token goes in, the next comes out)."""
         count = len(self.rows)
         lengths = self.cache.lengths[:count]
-        self.cache.reserve(count, max(lengths) + 1)
+        width = padded_keys(max(lengths) + 1) if self.invariant else max(lengths) + 1  # keys attention reads
+        self.cache.reserve(count, width)
         ids = torch.tensor([[row.tokens[-1]] for row in self.rows], device=self.device)
         positions = torch.tensor(lengths, device=self.device)[:, None]  # (rows, 1)
-        keys = torch.arange(max(lengths) + 1, device=self.device)[None, :]  # (1, longest + 1)
-        mask = keys <= positions  # (rows, longest + 1): each row reads its own slot up to its new token
-        self.cache.plan_decode(count, self.device)
+        keys = torch.arange(width, device=self.device)[None, :]  # (1, width)
+        mask = keys <= positions  # (rows, width): each row reads its own slot up to its new token
+        self.cache.plan_decode(count, self.device, width)
         logits = self.compiled(ids, self.cache) if self.compiled is not None and count == 1 else None  # None: not run
         row_lora = self._row_lora_for(self.rows)
-        with row_invariant(self.model, prefill=False, enabled=self.invariant):
+        with row_invariant(self.model, prefill=False, enabled=self.invariant and count > CHUNK_ROWS):
             if logits is None and self.lean is not None and (row_lora is not None or not self.mixed_adapters):
                 with row_lora.rows([row.adapter for row in self.rows]) if row_lora is not None else contextlib.nullcontext():
                     logits = self.lean(ids, positions, mask[:, None, None], self.cache)
@@ -308,8 +311,6 @@ class RowBatch:
         """Per row, the shared start to reuse (each row's adapter's; all of the same tokens): the last ones if
         every row begins with them, else the rows' longest common start when it is at least ``MIN_PREFIX``
         tokens (the adapters' missing ones computed now, in one forward), else None."""
-        if self.invariant:
-            return None
         adapters = list(dict.fromkeys(row.adapter for row in rows))
         known = [self.prefixes.get(adapter) for adapter in adapters]
         if all(prefix is not None and prefix.tokens == known[0].tokens for prefix in known) and \

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -71,28 +72,79 @@ def chunked_addmm(input: torch.Tensor, mat1: torch.Tensor, mat2: torch.Tensor, *
                       for part, chunk in zip(full.split(len(chunks[0])), chunks)])[:count]
 
 
-def rowwise_attention(query, key, value, attn_mask, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
-    """Scaled-dot-product attention row by row, each on its own real keys and queries only.
+KV_BLOCK = 64  # keys attention reads, padded to a multiple of this: the kernel's reductions then see whole vectors
+Q_BLOCK = 32  # prompt queries attend in blocks of this many, aligned to absolute positions
 
-    ``attn_mask`` (rows, 1, queries, keys) boolean: a row's real keys are those its last query reads (every
-    query that is real is at the end: prompts are left-padded, a decode step has one query); its real queries
-    are its last ``min(queries, real keys)`` ones, attending causally. Pad queries get zeros (nobody reads them).
+
+def padded_keys(count: int) -> int:
+    """Keys a row reading ``count`` of them attends over: ``count`` rounded up to a multiple of :data:`KV_BLOCK`."""
+    return -(-count // KV_BLOCK) * KV_BLOCK
+
+
+def decode_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """A decode step's attention (transformers' attention-function signature): one call for all rows, keys padded
+    to a multiple of :data:`KV_BLOCK` by the caller and masked; each row's bits are then its lone ones."""
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, scale=scaling, enable_gqa=True)
+    return out.transpose(1, 2).contiguous(), None
+
+
+@dataclass(frozen=True)
+class _PromptPlan:
+    """Where each query and key of a prefill goes in :func:`prompt_attention`'s blocks (the same for every layer)."""
+
+    query_index: torch.Tensor  # (entries, Q_BLOCK): flat query row of each block slot (the zero row: a pad)
+    key_index: torch.Tensor  # (entries, width): flat key row of each block's keys (the zero row: padding)
+    mask: torch.Tensor  # (entries, 1, Q_BLOCK, width)
+
+
+def _prompt_plan(attn_mask: torch.Tensor, rows: int, queries: int, keys: int) -> _PromptPlan:
+    shared = keys - queries
+    reads = attn_mask[:, 0, -1].expand(rows, -1)  # (rows, keys): the real keys of each row (its last query is real)
+    keys_of = [row_reads.nonzero().squeeze(1) for row_reads in reads]
+    counts = [len(found) for found in keys_of]
+    width = padded_keys(max(counts))
+    zero_query, zero_key = rows * queries, rows * keys  # index of an appended zero row
+    query_index, key_index, positions, owners = [], [], [], []
+    for row, (found, count) in enumerate(zip(keys_of, counts)):
+        own = count - shared  # this row's real queries: the last ``own``, at absolute positions shared .. count - 1
+        for start in range(shared // Q_BLOCK * Q_BLOCK, count, Q_BLOCK):
+            block = torch.arange(start, start + Q_BLOCK)
+            real = (block >= shared) & (block < count)
+            query_index.append(torch.where(real, row * queries + queries - own + block - shared, zero_query))
+            positions.append(torch.where(real, block, -1))
+            key_index.append(torch.cat([row * keys + found, torch.full((width - count,), zero_key)]))
+            owners.append(count)
+    positions, key_position = torch.stack(positions), torch.arange(width)
+    mask = (key_position[None, None] <= positions[:, :, None]) & \
+        (key_position[None, None] < torch.tensor(owners)[:, None, None])
+    mask[:, :, 0] = True  # a block's pad queries read key 0 (no empty softmax row); nobody reads their output
+    device = attn_mask.device
+    return _PromptPlan(torch.stack(query_index).to(device), torch.stack(key_index).to(device), mask[:, None].to(device))
+
+
+def prompt_attention(query, key, value, attn_mask, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False,
+                     plan: Optional[_PromptPlan] = None):
+    """A prefill's attention in a form each query's bits do not depend on its batch, padding or prefix.
+
+    ``attn_mask`` (rows or 1, 1, queries, keys) boolean; ``key`` holds a shared start of ``keys - queries``
+    positions (0 without prefix caching) and then each row's left-padded prompt. Every row's real queries are
+    cut into blocks of :data:`Q_BLOCK` aligned to absolute positions, each block one batch entry attending over
+    the row's real keys padded to a multiple of :data:`KV_BLOCK`, causally; the kernel computes each entry and each
+    query alike whatever the others hold, so a query gets the same bits alone, in company or after a cached start.
     """
-    rows, queries = query.shape[0], query.shape[2]
-    out = query.new_zeros(query.shape[:-1] + (value.shape[-1],))
-    reads = attn_mask[:, 0, -1]  # (rows, keys)
-    for row in range(rows):
-        real = reads[row]
-        count = int(real.sum())
-        if count == real.shape[0] or bool(real[:count].all()):  # the usual case: keys 0 .. count - 1
-            row_key, row_value = key[row : row + 1, :, :count], value[row : row + 1, :, :count]
-        else:  # left-padded: the real keys are the last ones
-            row_key, row_value = key[row : row + 1, :, real], value[row : row + 1, :, real]
-        asked = min(queries, count)
-        out[row : row + 1, :, queries - asked :] = F.scaled_dot_product_attention(
-            query[row : row + 1, :, queries - asked :].contiguous(), row_key.contiguous(), row_value.contiguous(),
-            dropout_p=dropout_p, is_causal=asked > 1, scale=scale, enable_gqa=enable_gqa)
-    return out
+    rows, heads, queries, dim = query.shape
+    kv_heads, width = key.shape[1], value.shape[-1]
+    plan = plan or _prompt_plan(attn_mask, rows, queries, key.shape[2])
+    flat_query = torch.cat([query.transpose(1, 2).reshape(rows * queries, heads, dim), query.new_zeros(1, heads, dim)])
+    flat_key = torch.cat([key.transpose(1, 2).reshape(-1, kv_heads, dim), key.new_zeros(1, kv_heads, dim)])
+    flat_value = torch.cat([value.transpose(1, 2).reshape(-1, kv_heads, width), value.new_zeros(1, kv_heads, width)])
+    entries = F.scaled_dot_product_attention(
+        flat_query[plan.query_index].transpose(1, 2), flat_key[plan.key_index].transpose(1, 2),
+        flat_value[plan.key_index].transpose(1, 2), attn_mask=plan.mask, scale=scale,
+        enable_gqa=kv_heads != heads)  # (entries, heads, Q_BLOCK, width)
+    out = query.new_zeros(rows * queries + 1, heads, width)
+    out[plan.query_index.reshape(-1)] = entries.transpose(1, 2).reshape(-1, heads, width)
+    return out[:-1].view(rows, queries, heads, width).transpose(1, 2)
 
 
 class _RowInvariant(TorchFunctionMode):
@@ -102,6 +154,7 @@ class _RowInvariant(TorchFunctionMode):
     def __init__(self, block: Optional[int], small: frozenset[int]) -> None:
         super().__init__()
         self.block, self.small = block, small
+        self.plans: dict[tuple, _PromptPlan] = {}  # per mask of this forward (every layer reads the same one)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -118,9 +171,13 @@ class _RowInvariant(TorchFunctionMode):
             mask = args[3] if len(args) > 3 else kwargs.get("attn_mask")
             query = args[0]
             if mask is not None and mask.dtype == torch.bool and mask.dim() == 4 and query.dim() == 4 \
-                    and query.dtype in LOW_PRECISION:
+                    and query.shape[2] > 1 and query.dtype in LOW_PRECISION:  # a prefill (a decode step is padded)
                 names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
-                return rowwise_attention(**{**dict(zip(names, args)), **kwargs})
+                named = {**dict(zip(names, args)), **kwargs}
+                shape = (mask.data_ptr(), tuple(mask.shape), mask.stride(), tuple(query.shape), named["key"].shape[2])
+                if shape not in self.plans:
+                    self.plans[shape] = _prompt_plan(mask, query.shape[0], query.shape[2], named["key"].shape[2])
+                return prompt_attention(**named, plan=self.plans[shape])
         return func(*args, **kwargs)
 
 
