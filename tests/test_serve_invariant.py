@@ -16,11 +16,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tunesmith.inference.decoding import Row, RowBatch
-from tunesmith.inference.invariant import (BLOCK_ROWS, CHUNK_ROWS, check_row_invariance, chunked_addmm,
-                                           chunked_linear, prompt_attention)
-
 from test_serve_batching import ask, batcher, tokens  # noqa: F401  (batcher: the fixture)
+from tunesmith.inference.decoding import Row, RowBatch
+from tunesmith.inference.invariant import (
+    BLOCK_ROWS,
+    CHUNK_ROWS,
+    check_row_invariance,
+    chunked_addmm,
+    chunked_linear,
+    prompt_attention,
+)
 
 VOCAB = 96
 
@@ -170,13 +175,12 @@ def test_a_rows_logits_are_its_lone_ones_in_any_company(monkeypatch, mixed):
     assert any(differs)  # without it the same row's bits move with its company: the test can fail
 
 
-def test_batcher_bfloat16_seeded_and_greedy_requests_answer_alone_as_in_company(batcher):
+def test_batcher_bfloat16_seeded_and_greedy_requests_answer_alone_as_in_company(batcher):  # noqa: F811
     """The server's batcher over a bfloat16 base with two adapters: a seeded sampled request (two choices) and a
     greedy one give the same tokens alone as among other requests of other lengths, adapters and settings, some
     of them sharing its prompt start. (Without batch invariance the 40 seeded tokens part here.)"""
-    from tunesmith.serve.pool import Servable
-
     from test_serve_batching import TokenTokenizer
+    from tunesmith.serve.pool import Servable
 
     model = two_adapters(small_llama())
     generator = batcher({name: Servable(name, model, TokenTokenizer(), adapter, True)
