@@ -273,8 +273,7 @@ class RowBatch:
         if shared:  # every query reads the whole shared start first
             mask = torch.cat([mask.new_ones(len(rows), longest, shared), mask], dim=2)  # (rows, longest, shared + longest)
         self.cache.plan_prefill([row.slot for row in rows], pads, prefixes)
-        with row_invariant(self.model, prefill=True, enabled=self.invariant):
-            logits = self._forward(ids, positions, mask[:, None], rows)
+        logits = self._forward(ids, positions, mask[:, None], rows)
         self.rows += rows
         _pick_each(rows, logits[:, -1])
 
@@ -292,12 +291,12 @@ class RowBatch:
         self.cache.plan_decode(count, self.device, width)
         logits = self.compiled(ids, self.cache) if self.compiled is not None and count == 1 else None  # None: not run
         row_lora = self._row_lora_for(self.rows)
-        with row_invariant(self.model, prefill=False, enabled=self.invariant and count > CHUNK_ROWS):
-            if logits is None and self.lean is not None and (row_lora is not None or not self.mixed_adapters):
-                with row_lora.rows([row.adapter for row in self.rows]) if row_lora is not None else contextlib.nullcontext():
-                    logits = self.lean(ids, positions, mask[:, None, None], self.cache)
-            elif logits is None:
-                logits = self._forward(ids, positions, mask[:, None, None], self.rows)
+        if logits is None and self.lean is not None and (row_lora is not None or not self.mixed_adapters):
+            with row_invariant(self.model, prefill=False, enabled=self.invariant and count > CHUNK_ROWS), \
+                    row_lora.rows([row.adapter for row in self.rows]) if row_lora is not None else contextlib.nullcontext():
+                logits = self.lean(ids, positions, mask[:, None, None], self.cache)
+        elif logits is None:
+            logits = self._forward(ids, positions, mask[:, None, None], self.rows)
         for slot in range(count):
             self.cache.lengths[slot] += 1
         _pick_each(self.rows, logits[:, -1])
@@ -351,6 +350,10 @@ class RowBatch:
         return self._row_lora if self._row_lora.supports([row.adapter for row in rows]) else None
 
     def _forward(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, rows: list[Row]):
+        """Logits (rows, 1, vocabulary) at the last position, through the model's own forward (batch-invariant
+        when ``self.invariant``: every prefill, a decode step of more than ``CHUNK_ROWS`` rows)."""
+        prefill = ids.shape[1] > 1 or self.cache._plan[0] != "decode"
+        invariant = row_invariant(self.model, prefill, enabled=self.invariant and (prefill or len(rows) > CHUNK_ROWS))
         extra, per_row = {}, contextlib.nullcontext()
         row_lora = self._row_lora_for(rows)
         if row_lora is not None:
@@ -361,7 +364,7 @@ class RowBatch:
         # states. ``logits_to_keep=1`` slices them (a strided view), and a bfloat16 matmul over that view took
         # 8.9 s for 32 rows of SmolLM2 against 0.014 s contiguous (float32: 0.28 s against 0.037 s), one thread
         last = torch.tensor([ids.shape[1] - 1], device=self.device)
-        with per_row:
+        with invariant, per_row:
             output = self.model(input_ids=ids, position_ids=positions, attention_mask=mask, cache=self.cache,
                                 use_cache=True, logits_to_keep=last, **extra)
         return output.logits  # (rows, 1, vocabulary)
