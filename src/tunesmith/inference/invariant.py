@@ -28,8 +28,8 @@ reaches the base products, the LM head and per-row LoRA's products alike) and tw
   or on whether its prompt's start came from the prefix cache.
 
 :func:`check_row_invariance` tests at load time that the products and attention hold it for a model's shapes
-on this machine. Costs, SmolLM2-135M, 32 rows, busy machine, one process: a decode step as fast as without
-(1.04×), a crowd's prefill 2.3× slower than plain bfloat16's (still faster than float32's).
+on this machine. Costs, SmolLM2-135M, 32 rows, busy machine, one process: a decode step 1.02× plain bfloat16's,
+a crowd's prefill 2.1× plain bfloat16's (0.93× float32's); benchmarks/RESULTS.md, session 9.
 """
 
 from __future__ import annotations
