@@ -9,7 +9,7 @@ eager seconds per token over compiled seconds per token on the later steps. Thes
 behind ``compile: auto`` (``tunesmith.training.speed.COMPILE_SECONDS`` and ``COMPILE_SPEEDUP``).
 
     python benchmarks/compile_cost.py                                  # smollm2-135m shape, LoRA and full
-    python benchmarks/compile_cost.py --shape smollm2-1.7b --methods lora --steps 4 --tokens 256
+    python benchmarks/compile_cost.py --shape smollm2-1.7b --methods lora --steps 4 --tokens 128
 
 Weights are random: compile time and step time do not depend on their values.
 """
@@ -38,6 +38,10 @@ def config_of(shape: str):
 
     from tunesmith.models.shapes import shape_config
 
+    if shape == "tiny":  # to check the script
+        values = dict(SMOLLM2_135M, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=512)
+        return AutoConfig.for_model(values.pop("model_type"), **values)
     if shape == "smollm2-135m":
         values = dict(SMOLLM2_135M)
         return AutoConfig.for_model(values.pop("model_type"), **values)
@@ -68,8 +72,9 @@ def worker(shape: str, method_kind: str, compile_on: bool, steps: int, tokens: i
     generator = torch.Generator().manual_seed(1)
     times, counts = [], []
     for step in range(steps):
-        length = tokens + (step * 37) % (tokens // 2)  # varied lengths: packed rows differ step to step
-        pieces = [length // 3, length // 3, length - 2 * (length // 3)]
+        # Eight examples a step, lengths uniform up to ``tokens`` (as chat data of varied length): rows differ.
+        pieces = torch.randint(16, tokens, (8,), generator=generator).tolist()
+        length = sum(pieces)
         examples = []
         for piece in pieces:
             ids = torch.randint(3, config.vocab_size, (piece,), generator=generator).tolist()
@@ -99,7 +104,7 @@ def main() -> None:
     parser.add_argument("--shape", default="smollm2-135m", help="smollm2-135m or a built-in shape (smollm2-1.7b...)")
     parser.add_argument("--methods", default="lora,full")
     parser.add_argument("--steps", type=int, default=8, help="steps per run; the last half are timed for the ratio")
-    parser.add_argument("--tokens", type=int, default=512, help="about this many tokens a step (varied)")
+    parser.add_argument("--tokens", type=int, default=512, help="longest example (eight a step, lengths uniform below it)")
     parser.add_argument("--compile", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
