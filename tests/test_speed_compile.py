@@ -202,4 +202,4 @@ def test_compiled_training_keeps_the_loss_curve(tiny_llama, method) -> None:
     compiled = train_losses(tiny_llama, speed.model_copy(update={"compile": True}), method)
     torch._dynamo.reset()
     assert max(abs(a - b) for a, b in zip(eager, compiled)) < LOSS_TOLERANCE
-    assert len(compiled) == 4 and eager[-1] < eager[0]
+    assert len(compiled) == len(eager) == 4
