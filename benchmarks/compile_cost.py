@@ -39,7 +39,7 @@ def config_of(shape: str):
     from tunesmith.models.shapes import shape_config
 
     if shape == "tiny":  # to check the script
-        values = dict(SMOLLM2_135M, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        values = dict(SMOLLM2_135M, hidden_size=64, intermediate_size=128, num_hidden_layers=int(os.environ.get("TINY_LAYERS", 2)), num_attention_heads=4,
                       num_key_value_heads=2, vocab_size=512)
         return AutoConfig.for_model(values.pop("model_type"), **values)
     if shape == "smollm2-135m":
@@ -71,7 +71,7 @@ def worker(shape: str, method_kind: str, compile_on: bool, steps: int, tokens: i
     setup = apply_speed(model, method, section, TrainSection(), torch.device("cpu"))
     generator = torch.Generator().manual_seed(1)
     times, counts = [], []
-    for step in range(steps):
+    for _ in range(steps):
         # Eight examples a step, lengths uniform up to ``tokens`` (as chat data of varied length): rows differ.
         pieces = torch.randint(16, tokens, (8,), generator=generator).tolist()
         length = sum(pieces)
@@ -99,6 +99,11 @@ def run(shape: str, method: str, compile_on: bool, steps: int, tokens: int) -> d
     return json.loads(out.strip().splitlines()[-1])
 
 
+def rate(run: dict, start: int) -> float:
+    """Tokens per second over the steps from ``start``."""
+    return sum(run["tokens"][start:]) / sum(run["times"][start:])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", default="smollm2-135m", help="smollm2-135m or a built-in shape (smollm2-1.7b...)")
@@ -115,11 +120,10 @@ def main() -> None:
         eager = run(args.shape, method, False, args.steps, args.tokens)
         compiled = run(args.shape, method, True, args.steps, args.tokens)
         half = args.steps // 2
-        rate = lambda r: sum(r["tokens"][half:]) / sum(r["times"][half:])  # noqa: E731
         compile_seconds = sum(compiled["times"][:half]) - sum(eager["times"][:half])
         print(json.dumps({"shape": args.shape, "method": method, "compile_seconds": round(compile_seconds, 1),
                           "eager_step_s": round(sum(eager["times"][half:]) / (args.steps - half), 2),
-                          "speedup": round(rate(compiled) / rate(eager), 3),
+                          "speedup": round(rate(compiled, half) / rate(eager, half), 3),
                           "eager": [round(t, 2) for t in eager["times"]],
                           "compiled": [round(t, 2) for t in compiled["times"]]}), flush=True)
 
