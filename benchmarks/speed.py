@@ -358,7 +358,7 @@ def profile_step(args) -> dict:
         group = next((name for name, patterns in PROFILE_GROUPS if any(p in event.key for p in patterns)), "other")
         shares[group] += event.self_cpu_time_total / total
     top = sorted(events, key=lambda e: -e.self_cpu_time_total)[:12]
-    return {"shares": shares, "tokens": tokens, "seconds": seconds, "notes": setup.describe(),
+    return {"shares": shares, "tokens": tokens, "seconds": seconds, "notes": setup.describe().replace("\n", "; "),
             "top": [(e.key, e.self_cpu_time_total / total, e.count) for e in top]}
 
 
