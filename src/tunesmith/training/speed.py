@@ -209,7 +209,8 @@ def planned_workload(recipe: Recipe, data: EncodedData, parameters: tuple[int, i
     """
     train = recipe.train
     sampler = build_sampler(len(data.train), data.sources, train.batch_size, train.grad_accum, processes, 0, train.seed)
-    mean_length = sum(len(example.input_ids) for example in data.train) / max(1, len(data.train))
+    # Preference pairs and prompts have no input_ids: their stages are not measured, the length does not matter.
+    mean_length = sum(len(getattr(example, "input_ids", ())) for example in data.train) / max(1, len(data.train))
     trainable, total = parameters
     return Workload(planned_steps(train, sampler.steps_per_epoch), mean_length * train.batch_size * train.grad_accum,
                     4.0 * total + 2.0 * trainable, processes, recipe.model.quantize != "none", recipe.stage.kind)
