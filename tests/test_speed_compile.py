@@ -61,8 +61,6 @@ def test_auto_compiles_only_where_the_planned_steps_pay_back() -> None:
     even = COMPILE_SECONDS / per_step
     assert not compile_choice(AUTO, "full", CPU, bf16, replace(long_run, steps=int(even) - 1))[0]
     assert compile_choice(AUTO, "full", CPU, bf16, replace(long_run, steps=int(even) + 2))[0]
-    # Full fine-tuning saves more per step than LoRA: it pays back sooner.
-    assert COMPILE_SPEEDUP["full"] > COMPILE_SPEEDUP["lora"]
     # true/false keep their meaning whatever the run.
     assert compile_choice(SpeedSection(compile=True), "dora", torch.device("cuda"), None, None) == \
         (True, "torch.compile: on (train.speed.compile: true)")

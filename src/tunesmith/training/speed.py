@@ -163,9 +163,10 @@ def apply_speed(model: torch.nn.Module, method: Method, section: SpeedSection, t
                       compile_note if section.compile is not False else "")
 
 
-# The figures behind ``compile: auto`` (benchmarks/RESULTS.md, docs/speed.md), measured on a 2-core AVX-512 BF16 CPU
-# under bfloat16 autocast, one process, packed rows: compiled over eager tokens/s on SmolLM2 (quiet, session 8) ...
-COMPILE_SPEEDUP = {"lora": 1.09, "full": 1.26}
+# The figures behind ``compile: auto`` (benchmarks/RESULTS.md, docs/speed.md), measured on a 2-core AMX CPU under
+# bfloat16 autocast, one process, packed rows: compiled over eager tokens/s on SmolLM2 with every layer compiled
+# (session 9, busy: 1.64x-1.66x LoRA, 1.49x-1.75x full; rounded down) ...
+COMPILE_SPEEDUP = {"lora": 1.6, "full": 1.5}
 # ... the cold compile of the decoder layers (forward and backward, empty inductor cache), the largest measured
 # over SmolLM2-135M and a 1.7B shape (benchmarks/compile_cost.py, busy machine: an upper bound) ...
 COMPILE_SECONDS = 150.0
