@@ -35,7 +35,7 @@ LOSS_TOLERANCE = 0.01  # nats per step, benchmarks/speed.py's "same curve"
 
 def smollm2_workload(steps: int, tokens_per_step: float, **changes) -> Workload:
     trainable, total = SMOLLM2_LORA
-    return replace(Workload(steps, tokens_per_step, 4.0 * total + 2.0 * trainable), **changes)
+    return replace(Workload(steps, tokens_per_step, 4.0 * total + 2.0 * trainable, parameters=total), **changes)
 
 
 def examples(count: int, seed: int = 0) -> list[EncodedExample]:
@@ -75,12 +75,13 @@ def test_auto_compiles_only_where_the_planned_steps_pay_back() -> None:
     (dict(kind="dora"), "not measured for method dora"),
     (dict(dtype=None), "measured under bfloat16 autocast only"),
     (dict(stage="dpo"), "not measured for stage dpo"),
+    (dict(parameters=1_711_376_384), "no gain measured above 200M parameters"),  # a 1.7B base
     (dict(workload=None), "the run's steps are not known here"),
 ])
 def test_auto_stays_off_where_compile_was_not_measured(change, why) -> None:
     """A run that would pay back on the measured CPU path stays eager wherever the figures were not taken."""
     workload = smollm2_workload(5000, 8 * 512)
-    fields = {"processes", "quantized", "stage"}
+    fields = {"processes", "quantized", "stage", "parameters"}
     workload = replace(workload, **{k: v for k, v in change.items() if k in fields}) if change.get("workload", 1) else None
     args = dict(section=AUTO, kind="full", device=CPU, dtype=torch.bfloat16, workload=workload)
     args.update({k: v for k, v in change.items() if k not in fields and k != "workload"})
@@ -122,6 +123,7 @@ def test_planned_steps_are_the_trainers_own_and_outlive_a_resume(tiny_llama) -> 
     assert workload.steps == trainer.total_steps == round(2.5 * (30 // 6))
     mean = sum(len(e.input_ids) for e in data.train) / 30
     assert workload.tokens_per_step == pytest.approx(mean * 6)
+    assert workload.parameters == count_parameters(model)[1]
     trainer.state.step = 3  # as after a resume: nothing the workload reads has changed
     assert planned_workload(recipe, data, count_parameters(model), 1) == workload
 

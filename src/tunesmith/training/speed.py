@@ -174,6 +174,9 @@ COMPILE_SECONDS = 150.0
 # planned FLOPs into seconds. Fixed numbers, not this process's timings: a resumed run decides the same way.
 EAGER_FLOPS_PER_SECOND = 250e9
 COMPILE_STAGES = ("sft", "pt")  # token cross-entropy, the step measured
+# SmolLM2-135M gained; a 1.7B shape (LoRA, random weights, 2 timed steps, busy) showed none (0.94x): larger bases
+# stay eager under auto until a measurement says otherwise.
+COMPILE_MAX_PARAMETERS = 200_000_000
 
 
 @dataclass(frozen=True)
@@ -187,6 +190,7 @@ class Workload:
         processes: Training processes.
         quantized: The frozen base is quantised (nf4, int8).
         stage: The stage's kind.
+        parameters: The model's parameters (all of them).
     """
 
     steps: int
@@ -195,6 +199,7 @@ class Workload:
     processes: int = 1
     quantized: bool = False
     stage: str = "sft"
+    parameters: int = 0
 
     @property
     def step_seconds(self) -> float:
@@ -214,7 +219,8 @@ def planned_workload(recipe: Recipe, data: EncodedData, parameters: tuple[int, i
     mean_length = sum(len(getattr(example, "input_ids", ())) for example in data.train) / max(1, len(data.train))
     trainable, total = parameters
     return Workload(planned_steps(train, sampler.steps_per_epoch), mean_length * train.batch_size * train.grad_accum,
-                    4.0 * total + 2.0 * trainable, processes, recipe.model.quantize != "none", recipe.stage.kind)
+                    4.0 * total + 2.0 * trainable, processes, recipe.model.quantize != "none", recipe.stage.kind,
+                    total)
 
 
 def compile_choice(section: SpeedSection, kind: str, device: torch.device, dtype: Optional[torch.dtype],
@@ -222,7 +228,7 @@ def compile_choice(section: SpeedSection, kind: str, device: torch.device, dtype
     """Whether the decoder layers are compiled, and the run's log line saying why.
 
     ``auto`` compiles only where it was measured (CPU, one process, LoRA or full fine-tuning of an unquantised
-    base under bfloat16 autocast, no checkpointing, a token cross-entropy stage) and where the planned steps'
+    base of at most 200M parameters under bfloat16 autocast, no checkpointing, a token cross-entropy stage) and where the planned steps'
     saving, ``steps x step seconds x (1 - 1/speedup)``, exceeds the cold compile's seconds.
     """
     if section.compile != "auto":
@@ -237,6 +243,8 @@ def compile_choice(section: SpeedSection, kind: str, device: torch.device, dtype
         (kind not in COMPILE_SPEEDUP, f"not measured for method {kind}"),
         (dtype is None, "measured under bfloat16 autocast only"),
         (workload is not None and workload.stage not in COMPILE_STAGES, f"not measured for stage {workload and workload.stage}"),
+        (workload is not None and workload.parameters > COMPILE_MAX_PARAMETERS,
+         f"no gain measured above {COMPILE_MAX_PARAMETERS / 1e6:.0f}M parameters"),
     ) if unfit), None)
     if unmeasured:
         return False, f"torch.compile: off (auto: {unmeasured})"
