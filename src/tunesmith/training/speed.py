@@ -167,8 +167,8 @@ def apply_speed(model: torch.nn.Module, method: Method, section: SpeedSection, t
 # bfloat16 autocast, one process, packed rows: compiled over eager tokens/s on SmolLM2 with every layer compiled
 # (session 9, busy: 1.64x-1.66x LoRA, 1.49x-1.75x full; rounded down) ...
 COMPILE_SPEEDUP = {"lora": 1.6, "full": 1.5}
-# ... the cold compile of the decoder layers (forward and backward, empty inductor cache), the largest measured
-# over SmolLM2-135M and a 1.7B shape (benchmarks/compile_cost.py, busy machine: an upper bound) ...
+# ... the cold compile of the decoder layers (forward and backward, empty inductor cache): SmolLM2-135M LoRA took
+# 122 s on a busy machine (benchmarks/speed.py's first step less eager's), rounded up ...
 COMPILE_SECONDS = 150.0
 # ... and the eager step's matrix-product rate on SmolLM2 (LoRA 226, full 270 GFLOP/s, quiet), to turn a step's
 # planned FLOPs into seconds. Fixed numbers, not this process's timings: a resumed run decides the same way.
@@ -228,8 +228,8 @@ def compile_choice(section: SpeedSection, kind: str, device: torch.device, dtype
     """Whether the decoder layers are compiled, and the run's log line saying why.
 
     ``auto`` compiles only where it was measured (CPU, one process, LoRA or full fine-tuning of an unquantised
-    base of at most 200M parameters under bfloat16 autocast, no checkpointing, a token cross-entropy stage) and where the planned steps'
-    saving, ``steps x step seconds x (1 - 1/speedup)``, exceeds the cold compile's seconds.
+    base of at most 200M parameters under bfloat16 autocast, no checkpointing, a token cross-entropy stage)
+    and where the planned steps' saving, ``steps x step seconds x (1 - 1/speedup)``, exceeds the cold compile.
     """
     if section.compile != "auto":
         return bool(section.compile), f"torch.compile: {'on' if section.compile else 'off'} " \
