@@ -295,10 +295,11 @@ def smollm2_tunesmith(method: str, steps: int, speed: dict, env: dict) -> dict:
     timed = steps_logged[1:]  # step 1 is warm-up
     tokens = [b["tokens"] - a["tokens"] for a, b in zip(steps_logged, steps_logged[1:])]
     seconds = sum(t / r["tokens_per_s"] for t, r in zip(tokens, timed))
-    first_lines = [line for line in done.stdout.splitlines() if line.startswith(("speed:", "threads:"))]
+    first_lines = [line for line in done.stdout.splitlines() if line.startswith(("speed:", "threads:", "torch.compile:"))]
+    first_step = steps_logged[0]["step_s"]  # the warm-up: a compile falls in it
     return {"tokens_per_s": sum(tokens) / seconds, "flops_per_s": None, "peak_rss_mb": summary["peak_memory_mb"],
             "losses": [r["loss"] for r in steps_logged], "final_loss": steps_logged[-1]["loss"],
-            "notes": first_lines}
+            "notes": first_lines + [f"first step {first_step:.1f} s"]}
 
 
 # Every op of the profile falls in one group; the first pattern that matches the op's name wins.
@@ -357,7 +358,7 @@ def profile_step(args) -> dict:
         group = next((name for name, patterns in PROFILE_GROUPS if any(p in event.key for p in patterns)), "other")
         shares[group] += event.self_cpu_time_total / total
     top = sorted(events, key=lambda e: -e.self_cpu_time_total)[:12]
-    return {"shares": shares, "tokens": tokens, "seconds": seconds, "notes": setup.describe(),
+    return {"shares": shares, "tokens": tokens, "seconds": seconds, "notes": setup.describe().replace("\n", "; "),
             "top": [(e.key, e.self_cpu_time_total / total, e.count) for e in top]}
 
 

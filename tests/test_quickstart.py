@@ -18,6 +18,7 @@ def test_quickstart_teaches_smollm2_iso_dates(tmp_path):
     result = run_cli("train", "examples/quickstart.yaml", f"output.dir={out}", "--no-progress", timeout=1500)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "exact_match on examples/data/quickstart/test.jsonl: before" in result.stdout
+    assert "\ntorch.compile: off (auto: ~40 planned steps" in result.stdout  # the quick start never compiles
     task = json.loads((out / "summary.json").read_text())["task"]
     assert task["before"] <= 0.3 and task["after"] >= 0.8, task
     reply = run_cli("generate", "--adapter", str(out / "adapter"), "--system", "You are a helpful assistant.",

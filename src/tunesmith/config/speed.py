@@ -2,8 +2,8 @@
 
 Defaults are the levers that are exact (packing with per-example attention, the chunked loss,
 length grouping inside a step) and bfloat16 autocast where the hardware computes bfloat16
-natively (``autocast: auto``; float32 elsewhere). The ones that cost warm-up or speed
-(``torch.compile``, activation checkpointing) are off until asked for. See ``docs/speed.md``.
+natively (``autocast: auto``; float32 elsewhere). ``torch.compile`` costs warm-up: ``auto`` turns it on only
+for runs long enough to pay it back; activation checkpointing costs speed and is off until asked for. See ``docs/speed.md``.
 """
 
 from __future__ import annotations
@@ -34,9 +34,10 @@ class SpeedSection(Section):
         "hardware computes bfloat16 natively (AVX-512 BF16/AMX CPUs, Ampere+ GPUs), else float32; 'bfloat16' "
         "forces it; 'off' is float32.",
     )
-    compile: bool = Field(
-        False, description="torch.compile the decoder layers (about a minute of warm-up; falls back to eager "
-        "where compilation fails)."
+    compile: Union[bool, Literal["auto"]] = Field(
+        "auto", description="torch.compile the decoder layers (minutes of warm-up; falls back to eager where "
+        "compilation fails). 'auto' (default): on only where the run's planned steps pay the compile back, by "
+        "measured figures (CPU, one process, LoRA or full under bfloat16 autocast); the log says why. true/false force it."
     )
     group_by_length: bool = Field(
         True, description="Without packing: sort each step's examples by length before splitting them into "

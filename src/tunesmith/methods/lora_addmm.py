@@ -15,8 +15,8 @@ mixed adapters per row, dtypes that differ outside autocast), goes to peft's own
 
 from __future__ import annotations
 
-import functools
 import logging
+import types
 from typing import Callable
 
 import torch
@@ -63,6 +63,15 @@ def addmm_forward(layer: nn.Module, name: str, x: torch.Tensor, *args, **kwargs)
     return summed.view(result.shape)
 
 
+def active_addmm_forward(layer: nn.Module, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """:func:`addmm_forward` for the layer's one active adapter where it is plain, else peft's own forward."""
+    names = layer.active_adapters  # as _single_plain_adapter checked when swapping in; another may be active now
+    if (len(names) != 1 or names[0] not in layer.lora_A or names[0] in layer.lora_variant
+            or layer.use_dora.get(names[0], False) or layer.lora_B[names[0]].bias is not None):
+        return type(layer).forward(layer, x, *args, **kwargs)
+    return addmm_forward(layer, names[0], x, *args, **kwargs)
+
+
 def fuse_lora_updates(model: nn.Module) -> tuple[int, Callable[[], None]]:
     """Swap :func:`addmm_forward` in for every LoRA ``Linear`` of ``model`` with one plain adapter, for one run.
 
@@ -70,7 +79,8 @@ def fuse_lora_updates(model: nn.Module) -> tuple[int, Callable[[], None]]:
         How many layers were swapped, and what puts peft's forward back.
     """
     swapped = [module for module in model.modules() if _single_plain_adapter(module)]
-    restore = swap_forwards(swapped, lambda module: functools.partial(addmm_forward, module, module.active_adapters[0]))
+    # A bound method of one shared function (not a partial per layer): torch.compile compiles a decoder layer once.
+    restore = swap_forwards(swapped, lambda module: types.MethodType(active_addmm_forward, module))
     if swapped:
         logger.info("LoRA updates added by addmm on %d layers", len(swapped))
     return len(swapped), restore

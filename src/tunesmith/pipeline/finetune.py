@@ -39,7 +39,7 @@ from tunesmith.training.hooks import Hook
 from tunesmith.training.loop import Trainer, TrainResult
 from tunesmith.training.run_folder import RunFolder, open_run_folder
 from tunesmith.training.sharding import check_sharded_recipe
-from tunesmith.training.speed import apply_speed, autocast_choice
+from tunesmith.training.speed import apply_speed, autocast_choice, planned_workload
 from tunesmith.training.trackers import Trackers
 
 
@@ -91,7 +91,8 @@ def finetune(recipe: Recipe, resume: bool = False, extra_hooks: Sequence[Hook] =
             say(note)
         parameters = count_parameters(model)  # before gradual unfreezing adds any
         say(describe_parameters(method, parameters))
-        speed = apply_speed(model, method, recipe.train.speed, recipe.train, runtime.device)
+        speed = apply_speed(model, method, recipe.train.speed, recipe.train, runtime.device,
+                            planned_workload(recipe, data, parameters, runtime.world_size))  # compile: auto by it
         describe_assembly(context, data, speed)
         penalties = safeguards.compute_anchor_penalties(model, tokenizer)  # EWC's Fisher: passes over its data
         safeguards.add_neftune_noise(model)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import types
 import weakref
 from typing import Callable, Optional
 
@@ -120,6 +121,10 @@ def _fused_forward(module: nn.Module, x: torch.Tensor, recompute_product: bool =
     return module.down_proj(silu_mul(gate, up))
 
 
+def _fused_forward_keeping_product(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return _fused_forward(module, x, recompute_product=False)
+
+
 @functools.lru_cache(maxsize=None)
 def _has_llama_forward(cls: type) -> bool:
     """Whether ``cls.forward`` is Llama's MLP forward, instruction for instruction."""
@@ -151,8 +156,8 @@ def fuse_gated_mlps(model: nn.Module, recompute_product: bool = True) -> tuple[i
     """
     swapped = [module for module in model.modules()
                if _has_llama_forward(type(module)) and _is_silu(getattr(module, "act_fn", None))]
-    restore = swap_forwards(swapped, lambda module: functools.partial(_fused_forward, module,
-                                                                      recompute_product=recompute_product))
+    forward = _fused_forward if recompute_product else _fused_forward_keeping_product
+    restore = swap_forwards(swapped, lambda module: types.MethodType(forward, module))  # one function: one compile
     if swapped:
         logger.info("fused SiLU·up on %d %s modules", len(swapped), type(swapped[0]).__name__)
     return len(swapped), restore

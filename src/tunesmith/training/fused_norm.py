@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import types
 from typing import Callable
 
 import torch
@@ -84,7 +85,9 @@ def fuse_rms_norms(model: nn.Module) -> tuple[int, Callable[[], None]]:
     swapped = [module for module in model.modules()
                if isinstance(getattr(module, "weight", None), torch.Tensor) and hasattr(module, "variance_epsilon")
                and _has_llama_forward(type(module))]
-    restore = swap_forwards(swapped, lambda module: functools.partial(_fused_forward, module))
+    # A bound method of one shared function (not a partial per module): torch.compile's guards then see the same
+    # forward in every layer and compile the layer once, not once per layer up to dynamo's recompile limit.
+    restore = swap_forwards(swapped, lambda module: types.MethodType(_fused_forward, module))
     if swapped:
         logger.info("fused RMSNorm on %d %s modules", len(swapped), type(swapped[0]).__name__)
     return len(swapped), restore

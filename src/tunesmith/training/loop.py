@@ -26,7 +26,7 @@ from tunesmith.training.faults import StopRequest, check_finite
 from tunesmith.training.hooks import Hook
 from tunesmith.training.objective import Objective
 from tunesmith.training.sampler import Sampler
-from tunesmith.training.schedule import add_param_groups, build_optimizer, build_scheduler
+from tunesmith.training.schedule import add_param_groups, build_optimizer, build_scheduler, planned_steps
 from tunesmith.training.sharding import (
     full_state_dict,
     gradient_sync,
@@ -87,7 +87,7 @@ class Trainer:
     def __post_init__(self) -> None:
         config = self.train_config
         self.sampler, self.objective, self.hooks = self.seams.sampler, self.seams.objective, self.seams.hooks
-        self.total_steps = config.max_steps or max(1, round(config.epochs * self.sampler.steps_per_epoch))
+        self.total_steps = planned_steps(config, self.sampler.steps_per_epoch)
         self.method.bind_training(self.sampler.steps_per_epoch, self.total_steps)
         self.sharded = config.distributed == "fsdp"
         if self.sharded:  # before the optimizer: it must hold the sharded parameters

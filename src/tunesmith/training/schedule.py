@@ -11,6 +11,11 @@ from tunesmith.config import TrainSection
 from tunesmith.training.galore import build_galore_optimizer
 
 
+def planned_steps(section: TrainSection, steps_per_epoch: int) -> int:
+    """The run's optimizer steps: ``max_steps``, else ``epochs`` passes of the sampler's steps (at least one)."""
+    return section.max_steps or max(1, round(section.epochs * steps_per_epoch))
+
+
 def warmup_steps(section: TrainSection, total_steps: int) -> int:
     """Warmup length: ``warmup_steps`` if given, else ``warmup_ratio`` of all steps."""
     if section.warmup_steps is not None:

@@ -17,13 +17,16 @@ from typing import Callable, Iterator, Optional
 
 import torch
 
-from tunesmith.config import SpeedSection, TrainSection
+from tunesmith.config import Recipe, SpeedSection, TrainSection
+from tunesmith.data.encoded import EncodedData
 from tunesmith.methods.base import Method
 from tunesmith.training.batching import collate
 from tunesmith.training.chunked_loss import chunked_loss_sum, plain_loss_sum, unwrap
 from tunesmith.training.fused_mlp import fuse_gated_mlps
 from tunesmith.training.fused_norm import fuse_rms_norms
 from tunesmith.training.packing import enable_packed_attention, pack_collate, restore_attention
+from tunesmith.training.sampler import build_sampler
+from tunesmith.training.schedule import planned_steps
 
 logger = logging.getLogger(__name__)
 
@@ -48,13 +51,14 @@ class SpeedSetup:
     group_by_length: bool = False
     notes: list[str] = field(default_factory=list)
     restore: list[Callable[[], None]] = field(default_factory=list)
+    compile_note: str = ""  # "torch.compile: on/off (why)", where compile is on or left to auto
 
     def under_autocast(self, loss_fn: Callable) -> Callable:
         """``loss_fn`` with its forward under this run's autocast (itself when there is none)."""
         return loss_fn if self.autocast_dtype is None else functools.partial(autocast_loss, loss_fn, self.autocast_dtype)
 
     def describe(self) -> str:
-        return "speed: " + ", ".join(self.notes)
+        return "speed: " + ", ".join(self.notes) + (f"\n{self.compile_note}" if self.compile_note else "")
 
     def undo(self) -> None:
         """Put back what was switched process-wide or on the model (attention implementation, dynamo)."""
@@ -96,7 +100,7 @@ def autocast_choice(section: SpeedSection, device: torch.device) -> tuple[Option
 
 
 def apply_speed(model: torch.nn.Module, method: Method, section: SpeedSection, train: TrainSection,
-                  device: torch.device) -> SpeedSetup:
+                  device: torch.device, workload: Optional[Workload] = None) -> SpeedSetup:
     """Prepare ``model`` in place for ``section`` and say how batches and the token loss are made.
 
     Args:
@@ -105,6 +109,7 @@ def apply_speed(model: torch.nn.Module, method: Method, section: SpeedSection, t
         section: The recipe's ``train.speed``.
         train: The recipe's ``train`` (accumulation decides whether length grouping helps).
         device: Where the model trains.
+        workload: What the whole run computes (``compile: auto`` decides by it); None: ``auto`` is off.
 
     Returns:
         The levers switched on; call :meth:`SpeedSetup.undo` when training ends.
@@ -144,7 +149,8 @@ def apply_speed(model: torch.nn.Module, method: Method, section: SpeedSection, t
         restore.append(put_back)
         if count:
             notes.append(f"LoRA update by addmm ({count} layers)")
-    if section.compile:
+    compiles, compile_note = compile_choice(section, method.kind, device, dtype, workload)
+    if compiles:
         restore.append(compile_decoder_layers(base))
         notes.append("torch.compile")
     group = section.group_by_length and not packing and train.grad_accum > 1
@@ -153,7 +159,100 @@ def apply_speed(model: torch.nn.Module, method: Method, section: SpeedSection, t
     if section.release_memory and device.type == "cpu" and release_freed_memory():
         loss = functools.partial(after_releasing_memory, loss)
         notes.append("freed memory released each step")
-    return SpeedSetup(loss, pack_collate if packing else collate, packing, dtype, group, notes, restore)
+    return SpeedSetup(loss, pack_collate if packing else collate, packing, dtype, group, notes, restore,
+                      compile_note if section.compile is not False else "")
+
+
+# The figures behind ``compile: auto`` (benchmarks/RESULTS.md, docs/speed.md), measured on a 2-core AMX CPU under
+# bfloat16 autocast, one process, packed rows: compiled over eager tokens/s on SmolLM2 with every layer compiled
+# (session 9, busy: 1.64x-1.66x LoRA, 1.49x-1.75x full; rounded down) ...
+COMPILE_SPEEDUP = {"lora": 1.6, "full": 1.5}
+# ... the cold compile of the decoder layers (forward and backward, empty inductor cache): SmolLM2-135M LoRA took
+# 122 s on a busy machine (benchmarks/speed.py's first step less eager's), rounded up ...
+COMPILE_SECONDS = 150.0
+# ... and the eager step's matrix-product rate on SmolLM2 (LoRA 226, full 270 GFLOP/s, quiet), to turn a step's
+# planned FLOPs into seconds. Fixed numbers, not this process's timings: a resumed run decides the same way.
+EAGER_FLOPS_PER_SECOND = 250e9
+COMPILE_STAGES = ("sft", "pt")  # token cross-entropy, the step measured
+# SmolLM2-135M gained; a 1.7B shape (LoRA, random weights, 2 timed steps, busy) showed none (0.94x): larger bases
+# stay eager under auto until a measurement says otherwise.
+COMPILE_MAX_PARAMETERS = 200_000_000
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What the whole run computes, from the recipe and its data alone (:func:`planned_workload`).
+
+    Attributes:
+        steps: Planned optimizer steps of the whole run (not those left after a resume).
+        tokens_per_step: Mean tokens one process computes in a step (mean example length x batch x accumulation).
+        flops_per_token: Matrix-product FLOPs per token of a step: forward 2N, input gradients 2N, 2 per trained weight.
+        processes: Training processes.
+        quantized: The frozen base is quantised (nf4, int8).
+        stage: The stage's kind.
+        parameters: The model's parameters (all of them).
+    """
+
+    steps: int
+    tokens_per_step: float
+    flops_per_token: float
+    processes: int = 1
+    quantized: bool = False
+    stage: str = "sft"
+    parameters: int = 0
+
+    @property
+    def step_seconds(self) -> float:
+        """One eager step's planned seconds, at the measured rate."""
+        return self.tokens_per_step * self.flops_per_token / EAGER_FLOPS_PER_SECOND
+
+
+def planned_workload(recipe: Recipe, data: EncodedData, parameters: tuple[int, int], processes: int) -> Workload:
+    """The run's :class:`Workload`: its steps as the run's sampler counts them, its examples' mean length.
+
+    Args:
+        parameters: (trainable, total) after the method is applied.
+    """
+    train = recipe.train
+    sampler = build_sampler(len(data.train), data.sources, train.batch_size, train.grad_accum, processes, 0, train.seed)
+    # Preference pairs and prompts have no input_ids: their stages are not measured, the length does not matter.
+    mean_length = sum(len(getattr(example, "input_ids", ())) for example in data.train) / max(1, len(data.train))
+    trainable, total = parameters
+    return Workload(planned_steps(train, sampler.steps_per_epoch), mean_length * train.batch_size * train.grad_accum,
+                    4.0 * total + 2.0 * trainable, processes, recipe.model.quantize != "none", recipe.stage.kind,
+                    total)
+
+
+def compile_choice(section: SpeedSection, kind: str, device: torch.device, dtype: Optional[torch.dtype],
+                   workload: Optional[Workload]) -> tuple[bool, str]:
+    """Whether the decoder layers are compiled, and the run's log line saying why.
+
+    ``auto`` compiles only where it was measured (CPU, one process, LoRA or full fine-tuning of an unquantised
+    base of at most 200M parameters under bfloat16 autocast, no checkpointing, a token cross-entropy stage)
+    and where the planned steps' saving, ``steps x step seconds x (1 - 1/speedup)``, exceeds the cold compile.
+    """
+    if section.compile != "auto":
+        return bool(section.compile), f"torch.compile: {'on' if section.compile else 'off'} " \
+            f"(train.speed.compile: {str(section.compile).lower()})"
+    unmeasured = next((why for unfit, why in (
+        (workload is None, "the run's steps are not known here"),
+        (device.type != "cpu", f"not measured on {device.type.upper()}"),
+        (workload is not None and workload.processes > 1, "not measured with several processes"),
+        (workload is not None and workload.quantized, "not measured on a quantised base"),
+        (section.checkpointing, "not measured with activation checkpointing"),
+        (kind not in COMPILE_SPEEDUP, f"not measured for method {kind}"),
+        (dtype is None, "measured under bfloat16 autocast only"),
+        (workload is not None and workload.stage not in COMPILE_STAGES, f"not measured for stage {workload and workload.stage}"),
+        (workload is not None and workload.parameters > COMPILE_MAX_PARAMETERS,
+         f"no gain measured above {COMPILE_MAX_PARAMETERS / 1e6:.0f}M parameters"),
+    ) if unfit), None)
+    if unmeasured:
+        return False, f"torch.compile: off (auto: {unmeasured})"
+    step = workload.step_seconds
+    saved = workload.steps * step * (1 - 1 / COMPILE_SPEEDUP[kind])
+    on = saved > COMPILE_SECONDS
+    return on, (f"torch.compile: {'on' if on else 'off'} (auto: ~{workload.steps} planned steps × ~{step:.2g} s, "
+                f"compile ~{COMPILE_SECONDS:.0f} s, {COMPILE_SPEEDUP[kind]}× a step would save ~{saved:.0f} s)")
 
 
 def autocast_loss(loss_fn: Callable, dtype: torch.dtype, model: torch.nn.Module,
