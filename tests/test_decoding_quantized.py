@@ -18,7 +18,7 @@ from test_decoding import prompts, random_model, with_lora
 from tunesmith.core.errors import TunesmithError
 from tunesmith.inference import quantized
 from tunesmith.inference.decoding import Row, RowBatch, decode
-from tunesmith.inference.quantized import (GROUP, LAYERS, Int4Linear, Int8Linear, check_quantize, int4_grid,
+from tunesmith.inference.quantized import (GROUP, HEADS, LAYERS, Int4Linear, Int8Linear, check_quantize, int4_grid,
                                            quantized_twin)
 
 KINDS = list(LAYERS)
@@ -90,7 +90,7 @@ def dequantised_reference(model, kind):
     twin, reference = quantized_twin(model, kind), copy.deepcopy(model)
     layers = dict(twin.named_modules())
     for name, module in reference.named_modules():
-        if isinstance(layers.get(name), LAYERS[kind]):
+        if isinstance(layers.get(name), (Int8Linear, Int4Linear)):
             module.weight = torch.nn.Parameter(layers[name].dequantized())  # unties the LM head from the embedding
     return reference
 
@@ -99,7 +99,8 @@ def dequantised_reference(model, kind):
 def test_twin_logits_match_the_dequantised_float_model(kind):
     model = random_model("llama")
     twin, reference = quantized_twin(model, kind), dequantised_reference(model, kind)
-    assert sum(isinstance(module, LAYERS[kind]) for module in twin.modules()) == 2 * 7 + 1  # 2 layers' 7 + LM head
+    assert sum(isinstance(module, LAYERS[kind]) for module in twin.model.modules()) == 2 * 7  # 2 layers' 7
+    assert type(twin.lm_head) is HEADS.get(kind, LAYERS[kind])  # int4's head in int8
     assert twin.model.embed_tokens.weight is model.model.embed_tokens.weight  # shared, not copied
     assert all(type(module) is torch.nn.Linear for module in model.modules() if isinstance(module, torch.nn.Linear))
     ids = torch.tensor([prompts(1, seed=3)[0]])
@@ -142,6 +143,7 @@ def test_greedy_int8_tokens_equal_float32_on_a_trained_model(stories260k):
     assert kinds == {"self_attn.q_proj": "Int4Linear", "self_attn.k_proj": "Int4Linear", "self_attn.v_proj": "Int4Linear",
                      "self_attn.o_proj": "Int4Linear", "mlp.gate_proj": "Linear", "mlp.up_proj": "Linear",
                      "mlp.down_proj": "Linear"}  # 172 rows are not blocks of 16, 172 columns not groups of 32
+    assert type(int4.lm_head) is Int8Linear
     assert tokenizer.decode(decode(model, [prompt], 24, quantize="int4")[0]).startswith("She loved to play")
 
 
@@ -151,6 +153,7 @@ def test_lora_keeps_its_adapter_in_float_on_quantised_base_layers(kind):
     twin = quantized_twin(model, kind)
     kinds = {name.rsplit(".", 1)[-1]: type(module) for name, module in twin.named_modules()}
     assert kinds["base_layer"] is LAYERS[kind] and kinds["default"] is torch.nn.Linear  # lora_A/B.default stay float
+    assert type(twin.get_base_model().lm_head) is HEADS.get(kind, LAYERS[kind])
     ids = torch.tensor([prompts(1, seed=8)[0]])
     reference = dequantised_reference(model, kind)
     with torch.no_grad():

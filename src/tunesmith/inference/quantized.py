@@ -24,7 +24,7 @@ same 211 matrices on two threads (int8's kernel 0.60x, measured in one run). Asy
 columns (as GGUF's Q4_1): ``scale = (max - min) / 15`` and ``w = (q - 8) * scale + zero`` with ``q`` in 0..15. Its
 kernel needs bfloat16 activations too (float32 ones took 20x longer), the input size a multiple of the
 group and the output size a multiple of 16 (``_convert_weight_to_int4pack_for_cpu`` refuses others): other
-layers stay float (stories260k's MLP, 172 wide).
+layers stay float (stories260k's MLP, 172 wide). The LM head stays int8 (:data:`HEADS`).
 
 The quantised model is a twin of the float one (:func:`quantized_twin`): it shares every parameter but
 the linear layers' weights, which it holds quantised (a quarter, int4 an eighth, of their float32 size
@@ -147,6 +147,10 @@ class Int4Linear(torch.nn.Module):
 
 
 LAYERS = {"int8": Int8Linear, "int4": Int4Linear}  # ``--quantize`` name -> the layer that replaces nn.Linear
+# ``--quantize`` name -> the layer the LM head (the output embedding) takes instead, where it differs. Int4's 16
+# levels lose the most there (llama.cpp's 4-bit files keep it at 8 bits too): on SmolLM2 the head in int4 raised
+# the perplexity of held-out text by 4.4%, in int8 (the rest int4) by nothing measurable (benchmarks/RESULTS.md).
+HEADS = {"int4": Int8Linear}
 QUANTIZATIONS = tuple(LAYERS)  # what ``--quantize`` / ``decode(quantize=...)`` accept; None keeps the weights as loaded
 
 
@@ -195,24 +199,37 @@ def check_quantize(model, quantize: Optional[str]) -> None:
                              f"leave --quantize out (bfloat16 weights serve a GPU better)")
 
 
-def _float_linears(model, quantize: str) -> list[tuple[str, torch.nn.Linear]]:
-    """The plain ``nn.Linear`` layers ``quantize``'s layer takes (its ``fits``: every one of SmolLM2's;
-    stories260k's ``down_proj``, 172 wide, stays float, and with int4 its ``up_proj``/``gate_proj`` too), not
-    LoRA's own small matrices (``lora_A``/``lora_B``: they stay float and add their update)."""
-    fits = LAYERS[quantize].fits
-    return [(name, module) for name, module in model.named_modules()
-            if type(module) is torch.nn.Linear and ".lora_" not in f".{name}" and fits(module)]
+def _head_names(model) -> set[str]:
+    """The names the LM head goes by in ``model``: the output embedding's, and its ``base_layer`` under LoRA."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
+    names = {name for name, module in model.named_modules() if head is not None and module is head}
+    return names | {f"{name}.base_layer" for name in names}
+
+
+def _float_linears(model, quantize: str) -> list[tuple[str, torch.nn.Linear, type]]:
+    """The plain ``nn.Linear`` layers to quantise and the layer each becomes (:data:`LAYERS`, the head
+    :data:`HEADS`): those its ``fits`` takes (every one of SmolLM2's; stories260k's ``down_proj``, 172 wide, stays
+    float, and with int4 its ``up_proj``/``gate_proj`` too), not LoRA's own small matrices (``lora_A``/``lora_B``:
+    they stay float and add their update)."""
+    heads, found = _head_names(model), []
+    for name, module in model.named_modules():
+        layer = HEADS.get(quantize, LAYERS[quantize]) if name in heads else LAYERS[quantize]
+        if type(module) is torch.nn.Linear and ".lora_" not in f".{name}" and layer.fits(module):
+            found.append((name, module, layer))
+    return found
 
 
 ATTRIBUTE = "_tunesmith_quantized_twins"  # where a model keeps its twins: {kind: (twin, weight versions it was made from)}
 
 
 def _versions(model, quantize: str) -> tuple[int, ...]:
-    return tuple(module.weight._version for _, module in _float_linears(model, quantize))
+    return tuple(module.weight._version for _, module, _ in _float_linears(model, quantize))
 
 
 def quantized_twin(model, quantize: str):
-    """``model`` with ``quantize``'s linear layers (:data:`LAYERS`), sharing every other parameter and buffer.
+    """``model`` with ``quantize``'s linear layers (:data:`LAYERS`; the LM head :data:`HEADS`), sharing every
+    other parameter and buffer.
 
     Made once per model and kind and kept on it; made again when one of the float weights changed in place
     since. The twin's compiled step (``decode(..., compile=True)``) is kept on the twin, so it is reused with it.
@@ -227,8 +244,8 @@ def quantized_twin(model, quantize: str):
         if model.__dict__.get(attribute) is not None:
             memo[id(model.__dict__[attribute])] = None
     twin = copy.deepcopy(model, memo=memo)
-    for name, module in _float_linears(twin, quantize):
+    for name, module, layer in _float_linears(twin, quantize):
         parent_name, _, child = name.rpartition(".")
-        setattr(twin.get_submodule(parent_name), child, LAYERS[quantize].from_linear(module))
+        setattr(twin.get_submodule(parent_name), child, layer.from_linear(module))
     twins[quantize] = (twin, versions)
     return twin
