@@ -1,21 +1,22 @@
 """What weight-only decoding (``tunesmith generate --quantize int8|int4``) costs in quality, measured.
 
-    python benchmarks/quantize_quality.py --quantize int8         # SmolLM2, 40 Vicuna questions x 64 tokens, 16k tokens of text
+    python benchmarks/quantize_quality.py                          # SmolLM2, int8 and int4, 40 Vicuna questions x 64 tokens, 16k tokens of text
     python benchmarks/quantize_quality.py --quantize int4 --prompts 10 --text-tokens 4096
     python benchmarks/quantize_quality.py --quantize int4 --noise 0.2   # weights moved off their 4-bit grid first
     python benchmarks/quantize_quality.py --quantize int4 --model ../shared/assets/models/stories260k
 
-Two figures, float32 weights against their quantised twin (``tunesmith.inference.quantized``):
+Two figures, float32 weights against each quantised twin (``tunesmith.inference.quantized``; ``--quantize``
+names the kinds):
 
-- greedy agreement: the same chat prompts (Vicuna's questions from the shared assets, or built-in ones
-  where the assets are missing), ``--new-tokens`` greedy tokens each; how many replies are identical,
+- greedy agreement: the same chat prompts (Vicuna's questions from the shared assets), ``--new-tokens`` greedy tokens each; how many replies are identical,
   and the mean share of each reply's tokens before its first difference (after a difference the two
   replies continue from different texts, so later tokens say nothing more);
 - perplexity of held-out text (the shared assets' ``wiki_demo.txt``, Wikipedia, from its end), in
   windows of ``--window`` tokens, float32 against the twin.
 
 SmolLM2-135M-Instruct here is converted from a Q4_1 GGUF (groups of 32 with a scale and a minimum): its
-weights already sit on a 4-bit grid that int4's groups of 32 find again, so int4 looks nearly free on it.
+projections already sit on a 4-bit grid that int4's groups of 32 find again (all but the LM head, its tied
+embedding: about 29 distinct values in a group of 32, and int4 keeps it in int8), so int4 looks nearly free on it.
 ``--noise S`` first adds Gaussian noise of S times each linear weight's own standard deviation to it (seeded),
 which moves the weights off that grid; the noisy float32 model is then the reference, so the figures say
 what int4 costs a model whose weights are not already 4-bit. A model without a chat template (stories260k)
@@ -42,7 +43,8 @@ import torch  # noqa: E402
 ASSETS = Path(os.environ.get("TUNESMITH_TEST_ASSETS", REPO.parent / "shared" / "assets"))
 
 
-def agreement(model, tokenizer, questions: list[str], new_tokens: int, quantize: str) -> dict:
+def agreement(model, tokenizer, questions: list[str], new_tokens: int, kinds: list[str]) -> dict:
+    """Per kind: how many greedy replies equal float32's, and the mean share of tokens before the first difference."""
     from tunesmith.inference.decoding import decode
 
     if tokenizer.chat_template:
@@ -50,16 +52,17 @@ def agreement(model, tokenizer, questions: list[str], new_tokens: int, quantize:
                                                  tokenize=True, return_dict=True)["input_ids"] for q in questions]
     else:
         prompts = [tokenizer(q)["input_ids"] for q in questions]
-    started = time.perf_counter()
     float32 = decode(model, [list(p) for p in prompts], new_tokens, max_rows=8)
-    quantised = decode(model, [list(p) for p in prompts], new_tokens, max_rows=8, quantize=quantize)
-    shares, identical = [], 0
-    for ours, theirs in zip(float32, quantised):
-        first = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
-        identical += ours == theirs
-        shares.append(first / max(len(ours), 1) if ours != theirs else 1.0)
-    return {"prompts": len(prompts), "identical": identical, "mean_share_before_first_difference": sum(shares) / len(shares),
-            "seconds": time.perf_counter() - started}
+    result = {"prompts": len(prompts)}
+    for kind in kinds:
+        quantised = decode(model, [list(p) for p in prompts], new_tokens, max_rows=8, quantize=kind)
+        shares, identical = [], 0
+        for ours, theirs in zip(float32, quantised):
+            first = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
+            identical += ours == theirs
+            shares.append(first / max(len(ours), 1) if ours != theirs else 1.0)
+        result[kind] = {"identical": identical, "mean_share_before_first_difference": sum(shares) / len(shares)}
+    return result
 
 
 @torch.no_grad()
@@ -88,7 +91,7 @@ def add_noise(model, scale: float) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m-instruct")
-    parser.add_argument("--quantize", default="int8", choices=("int8", "int4"))
+    parser.add_argument("--quantize", default="int8,int4", help="the kinds to measure, comma-separated")
     parser.add_argument("--noise", type=float, default=0.0,
                         help="add Gaussian noise of this many times each linear weight's standard deviation first")
     parser.add_argument("--prompts", type=int, default=40)
@@ -108,18 +111,20 @@ def main() -> None:
     if args.noise:
         add_noise(model, args.noise)
     questions = [json.loads(line)["turns"][0] for line in questions_file.read_text().splitlines()[: args.prompts]]
-    twin = quantized_twin(model, args.quantize)
-    quantised = sum(isinstance(m, tuple(LAYERS.values())) for m in twin.modules())  # int4's head is int8
-    linears = quantised + sum(type(m) is torch.nn.Linear for m in twin.modules())
+    kinds = args.quantize.split(",")
     text = text_file.read_text()
     ids = torch.tensor(tokenizer(text[-100_000:], add_special_tokens=False)["input_ids"][-args.text_tokens :])
-    result = {"model": args.model, "quantize": args.quantize, "noise": args.noise,
-              "quantised_layers": f"{quantised} of {linears}",
-              **agreement(model, tokenizer, questions, args.new_tokens, args.quantize),
-              "new_tokens": args.new_tokens, "text_tokens": int(ids.numel()), "window": args.window,
-              "perplexity_float32": perplexity(model, ids, args.window),
-              f"perplexity_{args.quantize}": perplexity(twin, ids, args.window)}
-    result["perplexity_ratio"] = result[f"perplexity_{args.quantize}"] / result["perplexity_float32"]
+    started = time.perf_counter()
+    result = {"model": args.model, "noise": args.noise, "new_tokens": args.new_tokens, "text_tokens": int(ids.numel()),
+              "window": args.window, **agreement(model, tokenizer, questions, args.new_tokens, kinds),
+              "perplexity_float32": perplexity(model, ids, args.window)}
+    for kind in kinds:
+        twin = quantized_twin(model, kind)
+        quantised = sum(isinstance(m, tuple(LAYERS.values())) for m in twin.modules())  # int4's head is int8
+        linears = quantised + sum(type(m) is torch.nn.Linear for m in twin.modules())
+        result[kind].update(quantised_layers=f"{quantised} of {linears}", perplexity=perplexity(twin, ids, args.window))
+        result[kind]["perplexity_ratio"] = result[kind]["perplexity"] / result["perplexity_float32"]
+    result["seconds"] = time.perf_counter() - started
     print(json.dumps(result, indent=1))
 
 
