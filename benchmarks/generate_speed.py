@@ -83,6 +83,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-llama-cpp", action="store_true")
+    parser.add_argument("--skip", default="", help="leave out the PyTorch engines whose name contains one of these "
+                                                   "comma-separated words (each compile costs minutes on a busy machine)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     from tunesmith.inference.decoding import decode
@@ -115,6 +117,9 @@ def main() -> None:
                "tunesmith decode, compiled (int8 weights)": functools.partial(ours, model, compile=True, quantize="int8"),
                "tunesmith decode (int4 weights)": functools.partial(ours, model, quantize="int4"),
                "tunesmith decode, compiled (int4 weights)": functools.partial(ours, model, compile=True, quantize="int4")}
+    skipped = [word for word in args.skip.split(",") if word]
+    engines = {name: run for name, run in engines.items()
+               if name == "model.generate (float32)" or not any(word in name for word in skipped)}
     compile_seconds = {}
     for name, run in engines.items():
         started = time.perf_counter()
