@@ -156,16 +156,17 @@ QUANTIZATIONS = tuple(LAYERS)  # what ``--quantize`` / ``decode(quantize=...)`` 
 
 @functools.lru_cache(maxsize=None)
 def kernel_missing(quantize: str) -> Optional[str]:
-    """Why this torch cannot run ``quantize``'s kernel (it lacks the op, or the op fails on a small layer), or None."""
-    layer = LAYERS[quantize]
-    if not hasattr(torch, layer.kernel):
-        return f"torch {torch.__version__} has no torch.{layer.kernel}"
-    try:
-        probe = torch.nn.Linear(2 * GROUP, 16)
-        with torch.no_grad():
-            layer.from_linear(probe)(torch.ones(1, 2 * GROUP))
-    except Exception as error:  # noqa: BLE001 - any failure of the kernel means it cannot serve here
-        return f"torch.{layer.kernel} fails in torch {torch.__version__} ({type(error).__name__})"
+    """Why this torch cannot run ``quantize``'s kernels (its layer's and its head's: it lacks the op, or the op
+    fails on a small layer), or None."""
+    for layer in dict.fromkeys([LAYERS[quantize], HEADS.get(quantize, LAYERS[quantize])]):
+        if not hasattr(torch, layer.kernel):
+            return f"torch {torch.__version__} has no torch.{layer.kernel}"
+        try:
+            probe = torch.nn.Linear(2 * GROUP, 16)
+            with torch.no_grad():
+                layer.from_linear(probe)(torch.ones(1, 2 * GROUP))
+        except Exception as error:  # noqa: BLE001 - any failure of the kernel means it cannot serve here
+            return f"torch.{layer.kernel} fails in torch {torch.__version__} ({type(error).__name__})"
     return None
 
 
