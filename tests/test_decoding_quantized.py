@@ -18,8 +18,16 @@ from test_decoding import prompts, random_model, with_lora
 from tunesmith.core.errors import TunesmithError
 from tunesmith.inference import quantized
 from tunesmith.inference.decoding import Row, RowBatch, decode
-from tunesmith.inference.quantized import (GROUP, HEADS, LAYERS, Int4Linear, Int8Linear, check_quantize, int4_grid,
-                                           quantized_twin)
+from tunesmith.inference.quantized import (
+    GROUP,
+    HEADS,
+    LAYERS,
+    Int4Linear,
+    Int8Linear,
+    check_quantize,
+    int4_grid,
+    quantized_twin,
+)
 
 KINDS = list(LAYERS)
 

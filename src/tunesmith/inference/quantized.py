@@ -43,6 +43,7 @@ import torch
 from tunesmith.core.errors import TunesmithError
 from tunesmith.inference.compiled import ATTRIBUTE as COMPILED_STEP
 
+
 class Int8Linear(torch.nn.Module):
     """``y = x @ (q * scale).T + bias`` with ``q`` int8 (out, in) and ``scale`` bfloat16 (out,).
 
