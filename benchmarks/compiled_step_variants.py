@@ -22,7 +22,7 @@ import torch._inductor.config as inductor_config  # noqa: E402
 from tunesmith.inference.compiled import CompiledStep  # noqa: E402
 from tunesmith.inference.decoding import LeanDecoder, Row, RowBatch  # noqa: E402
 from tunesmith.inference.generate import load_for_inference  # noqa: E402
-from tunesmith.inference.quantized import int8_twin  # noqa: E402
+from tunesmith.inference.quantized import quantized_twin  # noqa: E402
 
 OPTIONS = {"": {}, "cppwrap": {"cpp_wrapper": True}, "freeze": {"freezing": True}}
 
@@ -33,7 +33,7 @@ def main() -> None:
     model, tokenizer = load_for_inference(os.environ.get("MODEL", "smollm2-135m-instruct"))
     prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Tell me a story about a cat who learns to swim."}],
                                            add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
-    weights = {"fp32": model, "int8": int8_twin(model)}
+    weights = {"fp32": model, "int8": quantized_twin(model, "int8")}
 
     def run(m, step, count: int = n) -> list[int]:
         batch, row = RowBatch(m, compiled=step), Row(list(prompt))

@@ -6,9 +6,10 @@
 One greedy chat reply of exactly ``--new-tokens`` tokens (no stop token ends it) from the same prompt:
 plain ``model.generate`` and ``tunesmith.inference.decoding.decode`` (its lean decode step, and its compiled
 step: ``decode(..., compile=True)``, ``tunesmith generate --compile``), each in float32 (as loaded) and with
-the weights in bfloat16 (``--dtype bfloat16``) and in int8 (``decode(..., quantize="int8")``, ``tunesmith generate
---quantize int8``), and llama.cpp through node-llama-cpp on the same model written by tunesmith's exporter as an
-f16 GGUF and as a Q8_0 GGUF (int8 blocks of 32 weights: the fair match for the int8 rows). Prefill included, model load excluded; the best of ``--repeats`` rounds, each round running
+the weights in bfloat16 (``--dtype bfloat16``), in int8 (``decode(..., quantize="int8")``, ``tunesmith generate
+--quantize int8``) and in int4 (``--quantize int4``), and llama.cpp through node-llama-cpp on the same model written
+by tunesmith's exporter as an f16 GGUF, as a Q8_0 GGUF (int8 blocks of 32 weights: the fair match for the int8 rows)
+and as a Q4_0 GGUF (4-bit blocks of 32, the embedding and output matrices Q8_0: the match for the int4 rows). Prefill included, model load excluded; the best of ``--repeats`` rounds, each round running
 every PyTorch engine once in turn (llama.cpp runs its repeats in its own process). The compile of the
 compiled step happens in its warm-up (not timed in the rounds); its seconds are printed, with the number
 of new tokens after which it has paid for itself against the lean step.
@@ -82,6 +83,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-llama-cpp", action="store_true")
+    parser.add_argument("--skip", default="", help="leave out the PyTorch engines whose name contains one of these "
+                                                   "comma-separated words (each compile costs minutes on a busy machine)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     from tunesmith.inference.decoding import decode
@@ -111,7 +114,12 @@ def main() -> None:
                "tunesmith decode, compiled (float32)": functools.partial(ours, model, compile=True),
                "tunesmith decode, compiled (bfloat16 weights)": functools.partial(ours, halved, compile=True),
                "tunesmith decode (int8 weights)": functools.partial(ours, model, quantize="int8"),
-               "tunesmith decode, compiled (int8 weights)": functools.partial(ours, model, compile=True, quantize="int8")}
+               "tunesmith decode, compiled (int8 weights)": functools.partial(ours, model, compile=True, quantize="int8"),
+               "tunesmith decode (int4 weights)": functools.partial(ours, model, quantize="int4"),
+               "tunesmith decode, compiled (int4 weights)": functools.partial(ours, model, compile=True, quantize="int4")}
+    skipped = [word for word in args.skip.split(",") if word]
+    engines = {name: run for name, run in engines.items()
+               if name == "model.generate (float32)" or not any(word in name for word in skipped)}
     compile_seconds = {}
     for name, run in engines.items():
         started = time.perf_counter()
@@ -126,24 +134,29 @@ def main() -> None:
     same = decode(model, [prompt], 48, stops)[0] == expected
     same_compiled = decode(model, [prompt], 200, stops, compile=True)[0][:48] == expected
     same_int8 = decode(model, [prompt], 48, stops, quantize="int8")[0] == expected
+    same_int4 = decode(model, [prompt], 48, stops, quantize="int4")[0] == expected
     llama = {"skipped": "--no-llama-cpp"} if args.no_llama_cpp else llama_cpp_rate(model, tokenizer, prompt, n,
                                                                                      args.repeats, args.threads)
     if "rate" in llama:
         rows["llama.cpp f16 GGUF (node-llama-cpp)"] = llama["rate"]
-        q8 = llama_cpp_rate(model, tokenizer, prompt, n, args.repeats, args.threads, "q8_0")
-        if "rate" in q8:
-            rows["llama.cpp Q8_0 GGUF (node-llama-cpp)"] = q8["rate"]
+        for quantize in ("q8_0", "q4_0"):
+            quantised = llama_cpp_rate(model, tokenizer, prompt, n, args.repeats, args.threads, quantize)
+            if "rate" in quantised:
+                rows[f"llama.cpp {quantize.upper()} GGUF (node-llama-cpp)"] = quantised["rate"]
     print(f"model {args.model}, {n} new tokens greedy, {args.threads} threads, prompt {len(prompt)} tokens; "
           f"float32 greedy tokens equal to model.generate's: {same} (lean), {same_compiled} (compiled), "
-          f"int8's (48 tokens): {same_int8}; load average (1 min) at the end: "
+          f"int8's (48 tokens): {same_int8}, int4's: {same_int4}; load average (1 min) at the end: "
           f"{os.getloadavg()[0]:.1f}" + ("" if "rate" in llama else f"; llama.cpp skipped: {llama['skipped']}"))
     reference = rows["model.generate (float32)"]
     q8_rate = rows.get("llama.cpp Q8_0 GGUF (node-llama-cpp)")
-    print("| engine | tokens/s (best) | vs model.generate | vs model.generate, median of rounds | vs llama.cpp f16 | vs llama.cpp Q8_0 |")
-    print("|---|---|---|---|---|---|")
+    q4_rate = rows.get("llama.cpp Q4_0 GGUF (node-llama-cpp)")
+    print("| engine | tokens/s (best) | vs model.generate | vs model.generate, median of rounds | vs llama.cpp f16 | "
+          "vs llama.cpp Q8_0 | vs llama.cpp Q4_0 |")
+    print("|---|---|---|---|---|---|---|")
     for name, rate in rows.items():
         versus = f"{rate / llama['rate']:.2f}x" if "rate" in llama else "-"
         versus += f" | {rate / q8_rate:.2f}x" if q8_rate else " | -"
+        versus += f" | {rate / q4_rate:.2f}x" if q4_rate else " | -"
         paired = [mine / theirs for mine, theirs in zip(rounds.get(name, []), rounds["model.generate (float32)"])]
         median = f"{statistics.median(paired):.2f}x" if paired else "-"
         print(f"| {name} | {rate:.1f} | {rate / reference:.2f}x | {median} | {versus} |")

@@ -17,9 +17,9 @@ def register(commands) -> None:
         sub.add_argument("--compile", action="store_true",
                          help="torch.compile the decode step: faster per token, but minutes to compile first "
                               "(worth it for long or many replies; docs/speed.md).")
-        sub.add_argument("--quantize", metavar="int8",
-                         help="Decode with int8 copies of the linear layers' weights (per-channel scales): about "
-                              "twice the float32 speed on a CPU, at a small cost in quality (docs/speed.md).")
+        sub.add_argument("--quantize", metavar="int8|int4",
+                         help="Decode with int8 (per-channel scales) or int4 (groups of 32) copies of the linear "
+                              "layers' weights: faster on a CPU, at a measured cost in quality (docs/speed.md).")
         if name == "generate":
             sub.add_argument("--prompt", required=True, help="The user message.")
         sub.set_defaults(handler=cmd_generate if name == "generate" else cmd_chat)

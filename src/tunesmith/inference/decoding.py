@@ -30,7 +30,7 @@ import torch
 
 from tunesmith.inference.compiled import CompiledStep, compiled_step
 from tunesmith.inference.invariant import CHUNK_ROWS, decode_attention, padded_keys, row_invariant
-from tunesmith.inference.quantized import check_quantize, int8_twin
+from tunesmith.inference.quantized import check_quantize, quantized_twin
 from tunesmith.methods.lora_rows import BASE_ROW, RowLora
 
 
@@ -464,13 +464,13 @@ def decode(model, prompts: list[list[int]], max_new_tokens: int, stop_ids: set[i
         generator: Where sampling draws from (all rows share it); None draws from torch's global RNG.
         compile: Decode a lone row (one prompt, or the last one left) with the compiled step
             (:mod:`tunesmith.inference.compiled`): faster per token, minutes to compile the first time.
-        quantize: ``"int8"`` decodes with int8 copies of the linear layers' weights
+        quantize: ``"int8"`` or ``"int4"`` decodes with quantised copies of the linear layers' weights
             (:mod:`tunesmith.inference.quantized`; ``model`` itself is left as it is), None as loaded.
     """
     stop_ids = set(stop_ids)
     check_quantize(model, quantize)
-    if quantize == "int8":
-        model = int8_twin(model)
+    if quantize is not None:
+        model = quantized_twin(model, quantize)
     if not supports_slots(model):
         return _decode_with_generate(model, prompts, max_new_tokens, stop_ids, temperature, top_p, top_k, max_rows)
     rows = [Row(list(prompt), temperature, top_p, top_k, generator) for prompt in prompts]

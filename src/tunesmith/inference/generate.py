@@ -11,7 +11,7 @@ from tunesmith.core.errors import TunesmithError
 from tunesmith.data.encode import render_prompt
 from tunesmith.inference.compiled import compiled_step
 from tunesmith.inference.decoding import LeanDecoder, Row, RowBatch, decode, supports_slots
-from tunesmith.inference.quantized import check_quantize, int8_twin
+from tunesmith.inference.quantized import check_quantize, quantized_twin
 from tunesmith.inference.results import (
     LoadedResult,
     base_shape,
@@ -74,7 +74,7 @@ def generate(model, tokenizer, conversations: list[list[dict[str, str]]], max_ne
     Decodes through :func:`tunesmith.inference.decoding.decode` (rows leave as they finish, waiting ones join);
     sampling uses the model's generation config's top-k and top-p, as ``model.generate`` would. ``compile``
     decodes a lone row with the compiled step (:mod:`tunesmith.inference.compiled`); ``quantize="int8"``
-    with int8 weights (:mod:`tunesmith.inference.quantized`).
+    or ``"int4"`` with quantised weights (:mod:`tunesmith.inference.quantized`).
     """
 
     prompts = [tokenizer(render_prompt(tokenizer, c), add_special_tokens=False)["input_ids"] for c in conversations]
@@ -90,12 +90,12 @@ def stream_reply(model, tokenizer, conversation: list[dict[str, str]], max_new_t
     """Yield the reply to ``conversation`` piece by piece as it is generated.
 
     Decodes on :class:`tunesmith.inference.decoding.RowBatch` (the lean decode step) where the model fits the
-    slot cache, else streams from ``model.generate``; ``quantize="int8"`` decodes with int8 weights.
+    slot cache, else streams from ``model.generate``; ``quantize="int8"``/``"int4"`` decodes with quantised weights.
     """
 
     check_quantize(model, quantize)
-    if quantize == "int8":
-        model = int8_twin(model)
+    if quantize is not None:
+        model = quantized_twin(model, quantize)
     if supports_slots(model):
         yield from _stream_on_slots(model, tokenizer, conversation, max_new_tokens, temperature, compile)
         return
