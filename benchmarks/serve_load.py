@@ -175,8 +175,8 @@ def main() -> None:
         torch.set_num_threads(args.threads or torch.get_num_threads())
         lone, crowd, count = matmul_bound(args.model, "float32")
         print(f"float32 bound: the {count} matmuls of one decode step take {crowd * 1e3:.1f} ms at 32 rows against "
-              f"{lone * 1e3:.1f} ms at one row ({torch.get_num_threads()} threads): {crowd / lone:.2f}x, so 32 float32 "
-              f"rows decoded together answer no faster than about {crowd / lone:.1f}x a lone request's latency")
+              f"{lone * 1e3:.1f} ms at one row ({torch.get_num_threads()} threads): {crowd / lone:.2f}x (the products of "
+              f"a step, not its other work nor the crowd's prefill: compare the p50 ratio above)")
         lone16, crowd16, _ = matmul_bound(args.model, "bfloat16")
         print(f"bfloat16, same products: {crowd16 * 1e3:.1f} ms at 32 rows against {lone16 * 1e3:.1f} ms at one row: "
               f"{crowd16 / lone16:.2f}x")
