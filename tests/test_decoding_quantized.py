@@ -24,6 +24,7 @@ from tunesmith.inference.quantized import (
     LAYERS,
     Int4Linear,
     Int8Linear,
+    RescoredHead,
     check_quantize,
     int4_grid,
     quantized_twin,
@@ -108,7 +109,7 @@ def test_twin_logits_match_the_dequantised_float_model(kind):
     model = random_model("llama")
     twin, reference = quantized_twin(model, kind), dequantised_reference(model, kind)
     assert sum(isinstance(module, LAYERS[kind]) for module in twin.model.modules()) == 2 * 7  # 2 layers' 7
-    assert type(twin.lm_head) is HEADS.get(kind, LAYERS[kind])  # int4's head in int8
+    assert type(twin.lm_head) is RescoredHead and type(twin.lm_head.quantized) is HEADS.get(kind, LAYERS[kind])
     assert twin.model.embed_tokens.weight is model.model.embed_tokens.weight  # shared, not copied
     assert all(type(module) is torch.nn.Linear for module in model.modules() if isinstance(module, torch.nn.Linear))
     ids = torch.tensor([prompts(1, seed=3)[0]])
@@ -119,6 +120,24 @@ def test_twin_logits_match_the_dequantised_float_model(kind):
     batch = RowBatch(twin)
     batch.join([Row(ids[0].tolist())], room=4)
     assert batch.rows[0].tokens == [int(got[0, -1].argmax())]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_the_head_computes_its_highest_logits_again_in_float(kind):
+    """The quantised head's output is rounded to bfloat16; its top logits per row are the float head's, exactly."""
+    model = random_model("llama")
+    twin = quantized_twin(model, kind)
+    hidden = torch.randn(3, 5, model.config.hidden_size) * 4
+    with torch.no_grad():
+        got = twin.lm_head(hidden)
+        rounded = twin.lm_head.quantized(hidden).float()
+    exact = torch.nn.functional.linear(hidden, model.lm_head.weight)  # float32, the shared weight
+    chosen = rounded.topk(quantized.RESCORED, dim=-1).indices
+    torch.testing.assert_close(got.gather(-1, chosen), exact.gather(-1, chosen), rtol=1e-6, atol=1e-5)
+    assert (rounded.gather(-1, chosen) - exact.gather(-1, chosen)).abs().max() > 1e-4  # what it mends
+    others = torch.ones_like(got, dtype=torch.bool).scatter(-1, chosen, False)
+    assert torch.equal(got[others], rounded[others])  # the rest keep the quantised product's
+    assert twin.lm_head.float_weight is model.lm_head.weight  # shared, not copied
 
 
 def test_twins_are_kept_per_kind_and_made_again_after_an_in_place_change():
@@ -151,7 +170,7 @@ def test_greedy_int8_tokens_equal_float32_on_a_trained_model(stories260k):
     assert kinds == {"self_attn.q_proj": "Int4Linear", "self_attn.k_proj": "Int4Linear", "self_attn.v_proj": "Int4Linear",
                      "self_attn.o_proj": "Int4Linear", "mlp.gate_proj": "Linear", "mlp.up_proj": "Linear",
                      "mlp.down_proj": "Linear"}  # 172 rows are not blocks of 16, 172 columns not groups of 32
-    assert type(int4.lm_head) is Int8Linear
+    assert type(int4.lm_head.quantized) is Int8Linear
     assert tokenizer.decode(decode(model, [prompt], 24, quantize="int4")[0]).startswith("She loved to play")
 
 
@@ -161,7 +180,7 @@ def test_lora_keeps_its_adapter_in_float_on_quantised_base_layers(kind):
     twin = quantized_twin(model, kind)
     kinds = {name.rsplit(".", 1)[-1]: type(module) for name, module in twin.named_modules()}
     assert kinds["base_layer"] is LAYERS[kind] and kinds["default"] is torch.nn.Linear  # lora_A/B.default stay float
-    assert type(twin.get_base_model().lm_head) is HEADS.get(kind, LAYERS[kind])
+    assert type(twin.get_base_model().lm_head.quantized) is HEADS.get(kind, LAYERS[kind])
     ids = torch.tensor([prompts(1, seed=8)[0]])
     reference = dequantised_reference(model, kind)
     with torch.no_grad():

@@ -147,6 +147,34 @@ class Int4Linear(torch.nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, int4 weights in groups of {GROUP}"
 
 
+class RescoredHead(torch.nn.Module):
+    """A quantised LM head whose :data:`RESCORED` highest logits per row are computed again from the float weight.
+
+    The kernels return bfloat16, so the head's logits come out rounded to 8 bits of mantissa: 0.125 apart
+    near 25, where SmolLM2's top logits sit. Near-tied candidates then tie or swap by rounding alone. Asked
+    "What is the capital of France?", SmolLM2's int4 twin computed "The" and "L" both as 25.125 and answered
+    in French; the same hidden state through the float head gives 25.044 against 25.034 ("The", then "Paris").
+    The float weight is the twin's own shared parameter (the tied embedding), so this costs no memory, and
+    per row one top-k and a (k x hidden) product (greedy and top-p sampling read these logits; the rest keep
+    the quantised product's).
+    """
+
+    def __init__(self, quantized: torch.nn.Module, linear: torch.nn.Linear) -> None:
+        super().__init__()
+        self.quantized = quantized
+        self.float_weight, self.bias = linear.weight, linear.bias  # shared parameters, not copies
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.quantized(x).float()  # (..., vocabulary)
+        flat, rows = logits.reshape(-1, logits.shape[-1]), x.reshape(-1, x.shape[-1]).float()
+        chosen = flat.topk(min(RESCORED, flat.shape[-1]), dim=-1).indices  # (tokens, k)
+        exact = torch.einsum("td,tkd->tk", rows, self.float_weight.float()[chosen])
+        if self.bias is not None:
+            exact = exact + self.bias.float()[chosen]
+        return flat.scatter(-1, chosen, exact).reshape(logits.shape).to(x.dtype)
+
+
+RESCORED = 16  # logits per row a quantised head computes again in float (RescoredHead)
 LAYERS = {"int8": Int8Linear, "int4": Int4Linear}  # ``--quantize`` name -> the layer that replaces nn.Linear
 # ``--quantize`` name -> the layer the LM head (the output embedding) takes instead, where it differs. Int4's 16
 # levels lose the most there (llama.cpp's 4-bit files keep it at 8 bits too): on SmolLM2 the head in int4 raised
@@ -246,8 +274,12 @@ def quantized_twin(model, quantize: str):
         if model.__dict__.get(attribute) is not None:
             memo[id(model.__dict__[attribute])] = None
     twin = copy.deepcopy(model, memo=memo)
+    heads = _head_names(twin)
     for name, module, layer in _float_linears(twin, quantize):
         parent_name, _, child = name.rpartition(".")
-        setattr(twin.get_submodule(parent_name), child, layer.from_linear(module))
+        quantized_layer = layer.from_linear(module)
+        if name in heads:
+            quantized_layer = RescoredHead(quantized_layer, module)
+        setattr(twin.get_submodule(parent_name), child, quantized_layer)
     twins[quantize] = (twin, versions)
     return twin
