@@ -253,16 +253,16 @@ def test_loopback_bfloat16_server_gives_a_seed_the_same_text_alone_and_under_loa
 def test_serve_dtype_auto_is_bfloat16_where_native_and_checked_at_load(tiny_llama, tmp_path, monkeypatch):
     import shutil
 
-    import tunesmith.training.speed as speed
+    import tunesmith.core.runtime as runtime
     from tunesmith.serve.pool import ModelPool
     from tunesmith.serve.workspace import Workspace
 
     shutil.copytree(tiny_llama, tmp_path / "models" / "tiny")
-    monkeypatch.setattr(speed, "bfloat16_support", lambda device: None)
+    monkeypatch.setattr(runtime, "bfloat16_support", lambda device: None)
     pool = ModelPool(Workspace(tmp_path), dtype="auto")
     assert pool.dtype == "float32" and "no native bfloat16" in pool.dtype_reason
     assert not pool.get("models/tiny").invariant  # float32: no invariance needed, none paid for
-    monkeypatch.setattr(speed, "bfloat16_support", lambda device: "CPU has AMX")
+    monkeypatch.setattr(runtime, "bfloat16_support", lambda device: "CPU has AMX")
     pool = ModelPool(Workspace(tmp_path), dtype="auto")
     assert pool.dtype == "bfloat16" and "CPU has AMX" in pool.dtype_reason
     served = pool.get("models/tiny")

@@ -230,6 +230,17 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
+def bfloat16_support(device: torch.device) -> Optional[str]:
+    """What computes bfloat16 natively on ``device`` (e.g. "CPU has AVX-512 BF16"), or None: training's autocast
+    and ``serve --dtype auto`` both ask."""
+    import torch
+
+    if device.type == "cuda":
+        return "GPU computes bfloat16" if torch.cuda.is_bf16_supported(including_emulation=False) else None
+    detectors = {"_is_amx_tile_supported": "CPU has AMX", "_is_avx512_bf16_supported": "CPU has AVX-512 BF16"}
+    return next((phrase for name, phrase in detectors.items() if getattr(torch.cpu, name, lambda: False)()), None)
+
+
 def process_memory_bytes() -> int:
     """This process's resident memory now (what the interpreter and the imported libraries take)."""
     status = Path("/proc/self/status")

@@ -203,7 +203,7 @@ def serving_dtype(asked: str, device: str) -> tuple[str, str]:
         return asked, f"{asked} (--dtype {asked})"
     import torch
 
-    from tunesmith.training.speed import bfloat16_support
+    from tunesmith.core.runtime import bfloat16_support
 
     support = bfloat16_support(torch.device(device))
     if support is None:

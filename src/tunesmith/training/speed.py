@@ -18,6 +18,7 @@ from typing import Callable, Iterator, Optional
 import torch
 
 from tunesmith.config import Recipe, SpeedSection, TrainSection
+from tunesmith.core.runtime import bfloat16_support
 from tunesmith.data.encoded import EncodedData
 from tunesmith.methods.base import Method
 from tunesmith.training.batching import collate
@@ -72,14 +73,6 @@ def native_bfloat16(device: torch.device) -> bool:
     CPUs: AVX-512 BF16 or AMX tiles (torch's own detection); GPUs: what CUDA reports (Ampere on).
     """
     return bfloat16_support(device) is not None
-
-
-def bfloat16_support(device: torch.device) -> Optional[str]:
-    """What computes bfloat16 natively on ``device`` (e.g. "CPU has AVX-512 BF16"), or None."""
-    if device.type == "cuda":
-        return "GPU computes bfloat16" if torch.cuda.is_bf16_supported(including_emulation=False) else None
-    detectors = {"_is_amx_tile_supported": "CPU has AMX", "_is_avx512_bf16_supported": "CPU has AVX-512 BF16"}
-    return next((phrase for name, phrase in detectors.items() if getattr(torch.cpu, name, lambda: False)()), None)
 
 
 def autocast_dtype(section: SpeedSection, device: torch.device) -> Optional[torch.dtype]:
