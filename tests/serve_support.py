@@ -1,7 +1,8 @@
-"""Helpers of the ``tunesmith serve`` tests: a workspace on a tiny model, a real server process."""
+"""Helpers of the ``tunesmith serve`` tests: a workspace on a tiny model, a real server process, an app on loopback."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -9,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -54,6 +56,28 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def app_on_loopback(app):
+    """``app`` served by uvicorn in a thread on 127.0.0.1, a free port (yielded) once it has started; on exit the
+    server stops and the app's batcher and job runner are closed."""
+    import uvicorn
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not server.started and time.monotonic() < deadline:
+            time.sleep(0.05)
+        yield port
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        app.state.generator.close()
+        app.state.jobs.close()
 
 
 class Server:

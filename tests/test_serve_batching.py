@@ -230,18 +230,13 @@ def test_loopback_load_streams_every_request_and_answers_as_alone(tiny_llama, tm
 
     pytest.importorskip("fastapi", reason="needs the serve extra: pip install 'tunesmith[serve]'")
     import httpx
-    import uvicorn
 
     from tunesmith.serve.app import create_app
 
-    from serve_support import free_port
+    from serve_support import app_on_loopback
 
     shutil.copytree(tiny_llama, tmp_path / "models" / "tiny")
     app = create_app(tmp_path)
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
     words = ["Once", "The cat", "A dog ran", "Tell me", "Why", "Lily and Tom went"]
     bodies = [{"model": "models/tiny", "prompt": words[i % 6], "max_tokens": 4 + 3 * (i % 5), "temperature": 0}
               for i in range(12)]
@@ -260,16 +255,8 @@ def test_loopback_load_streams_every_request_and_answers_as_alone(tiny_llama, tm
             together = await asyncio.gather(*(streamed(http, body) for body in bodies))
         return alone, together
 
-    try:
-        deadline = time.monotonic() + 30
-        while not server.started and time.monotonic() < deadline:
-            time.sleep(0.05)
+    with app_on_loopback(app) as port:
         alone, together = asyncio.run(asyncio.wait_for(run(), timeout=120))
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
-        app.state.generator.close()
-        app.state.jobs.close()
     assert together == alone and all(alone)
     assert max(app.state.generator.batch_sizes) > 1
 

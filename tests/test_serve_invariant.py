@@ -9,9 +9,6 @@ and greedy requests alone and in company, and a real server on 127.0.0.1 (``serv
 
 from __future__ import annotations
 
-import threading
-import time
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -210,18 +207,13 @@ def test_loopback_bfloat16_server_gives_a_seed_the_same_text_alone_and_under_loa
 
     pytest.importorskip("fastapi", reason="needs the serve extra: pip install 'tunesmith[serve]'")
     import httpx
-    import uvicorn
 
     from tunesmith.serve.app import create_app
 
-    from serve_support import free_port
+    from serve_support import app_on_loopback
 
     shutil.copytree(tiny_llama, tmp_path / "models" / "tiny")
     app = create_app(tmp_path, dtype="bfloat16")
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
     words = ["Once", "The cat sat on the mat and", "A dog ran", "Tell me a story about a", "Why"]
     bodies = [{"model": "models/tiny", "prompt": words[i % 5], "max_tokens": 6 + 3 * (i % 4), "temperature": 1.0,
                "seed": 100 + i} for i in range(10)]
@@ -235,16 +227,8 @@ def test_loopback_bfloat16_server_gives_a_seed_the_same_text_alone_and_under_loa
             together = await asyncio.gather(*(text(body) for body in bodies))
         return alone, together
 
-    try:
-        deadline = time.monotonic() + 30
-        while not server.started and time.monotonic() < deadline:
-            time.sleep(0.05)
+    with app_on_loopback(app) as port:
         alone, together = asyncio.run(asyncio.wait_for(run(), timeout=120))
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
-        app.state.generator.close()
-        app.state.jobs.close()
     assert together == alone and all(alone)
     assert app.state.pool.get("models/tiny").invariant
     assert max(app.state.generator.batch_sizes) > 1
