@@ -44,27 +44,52 @@ from tunesmith.core.errors import TunesmithError
 from tunesmith.inference.compiled import ATTRIBUTE as COMPILED_STEP
 
 
-class Int8Linear(torch.nn.Module):
+class QuantizedLinear(torch.nn.Module):
+    """What the quantised layers share: made from an ``nn.Linear`` (its bias shared, not copied), and a forward
+    that casts the input rows to bfloat16 (what the kernels take), runs the subclass's :meth:`product` and
+    casts back."""
+
+    kernel = ""  # the torch op the subclass needs
+    weights = ""  # how its weights are held, for the module's repr
+
+    def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> None:
+        super().__init__()
+        self.bias = bias  # the float layer's own parameter (shared), or None
+        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
+
+    @classmethod
+    def from_linear(cls, linear: torch.nn.Linear) -> "QuantizedLinear":
+        return cls(linear.weight, linear.bias)
+
+    def product(self, rows: torch.Tensor) -> torch.Tensor:
+        """``rows`` (tokens, in) bfloat16 times the weight: (tokens, out) bfloat16."""
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)  # (tokens, in)
+        output = self.product(rows).to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+        return output if self.bias is None else output + self.bias
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, {self.weights}"
+
+
+class Int8Linear(QuantizedLinear):
     """``y = x @ (q * scale).T + bias`` with ``q`` int8 (out, in) and ``scale`` bfloat16 (out,).
 
     Symmetric per-output-channel quantisation: ``scale = max|w_row| / 127``, ``q = round(w / scale)``.
     """
 
-    kernel = "_weight_int8pack_mm"  # the torch op it needs
+    kernel = "_weight_int8pack_mm"
+    weights = "int8 weights"
 
     def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> None:
-        super().__init__()
+        super().__init__(weight, bias)
         float_weight = weight.detach().float()
         scale = (float_weight.abs().amax(dim=1) / 127).clamp(min=1e-12).to(torch.bfloat16)  # (out,)
         quantized = torch.round(float_weight / scale.float()[:, None]).clamp(-127, 127).to(torch.int8)
         self.register_buffer("weight", quantized, persistent=False)  # (out, in)
         self.register_buffer("scale", scale, persistent=False)
-        self.bias = bias  # the float layer's own parameter (shared), or None
-        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
-
-    @classmethod
-    def from_linear(cls, linear: torch.nn.Linear) -> "Int8Linear":
-        return cls(linear.weight, linear.bias)
 
     @staticmethod
     def fits(linear: torch.nn.Linear) -> bool:
@@ -76,14 +101,8 @@ class Int8Linear(torch.nn.Module):
         """The float32 weight this layer multiplies by (the reference its products are tested against)."""
         return self.weight.float() * self.scale.float()[:, None]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)  # (tokens, in)
-        output = torch._weight_int8pack_mm(rows, self.weight, self.scale).to(x.dtype)  # (tokens, out)
-        output = output.reshape(*x.shape[:-1], self.out_features)
-        return output if self.bias is None else output + self.bias
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, int8 weights"
+    def product(self, rows: torch.Tensor) -> torch.Tensor:
+        return torch._weight_int8pack_mm(rows, self.weight, self.scale)
 
 
 GROUP = 32  # input columns sharing one scale and zero (the kernel takes 32, 64, 128 or 256)
@@ -105,25 +124,20 @@ def int4_grid(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.T
     return q.to(torch.int32).reshape(out_features, in_features), scale, zero
 
 
-class Int4Linear(torch.nn.Module):
+class Int4Linear(QuantizedLinear):
     """``y = x @ w.T + bias`` with ``w = (q - 8) * scale + zero`` per group of :data:`GROUP` input columns
     (:func:`int4_grid`), ``q`` packed two to a byte in the kernel's own layout."""
 
-    kernel = "_weight_int4pack_mm_for_cpu"  # the torch op it needs
+    kernel = "_weight_int4pack_mm_for_cpu"
+    weights = f"int4 weights in groups of {GROUP}"
 
     def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> None:
-        super().__init__()
+        super().__init__(weight, bias)
         q, scale, zero = int4_grid(weight)
         packed = torch._convert_weight_to_int4pack_for_cpu(q, 1)  # (out, in / 2) uint8
         self.register_buffer("weight", packed, persistent=False)
         self.register_buffer("scales_and_zeros", torch.stack([scale.t(), zero.t()], dim=-1).contiguous(),
                              persistent=False)  # (in / GROUP, out, 2) bfloat16, as the kernel reads them
-        self.bias = bias  # the float layer's own parameter (shared), or None
-        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
-
-    @classmethod
-    def from_linear(cls, linear: torch.nn.Linear) -> "Int4Linear":
-        return cls(linear.weight, linear.bias)
 
     @staticmethod
     def fits(linear: torch.nn.Linear) -> bool:
@@ -137,14 +151,8 @@ class Int4Linear(torch.nn.Module):
         identity = torch.eye(self.in_features)
         return torch._weight_int4pack_mm_for_cpu(identity, self.weight, GROUP, self.scales_and_zeros.float()).t()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)  # (tokens, in)
-        output = torch._weight_int4pack_mm_for_cpu(rows, self.weight, GROUP, self.scales_and_zeros).to(x.dtype)
-        output = output.reshape(*x.shape[:-1], self.out_features)
-        return output if self.bias is None else output + self.bias
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, int4 weights in groups of {GROUP}"
+    def product(self, rows: torch.Tensor) -> torch.Tensor:
+        return torch._weight_int4pack_mm_for_cpu(rows, self.weight, GROUP, self.scales_and_zeros)
 
 
 class RescoredHead(torch.nn.Module):
