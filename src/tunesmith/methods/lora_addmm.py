@@ -16,14 +16,13 @@ mixed adapters per row, dtypes that differ outside autocast), goes to peft's own
 from __future__ import annotations
 
 import logging
-import types
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tunesmith.core.swaps import swap_forwards
+from tunesmith.core.swaps import bound, swap_forwards
 
 logger = logging.getLogger(__name__)
 
@@ -79,8 +78,7 @@ def fuse_lora_updates(model: nn.Module) -> tuple[int, Callable[[], None]]:
         How many layers were swapped, and what puts peft's forward back.
     """
     swapped = [module for module in model.modules() if _single_plain_adapter(module)]
-    # A bound method of one shared function (not a partial per layer): torch.compile compiles a decoder layer once.
-    restore = swap_forwards(swapped, lambda module: types.MethodType(active_addmm_forward, module))
+    restore = swap_forwards(swapped, bound(active_addmm_forward))
     if swapped:
         logger.info("LoRA updates added by addmm on %d layers", len(swapped))
     return len(swapped), restore

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import types
 import weakref
 from typing import Callable, Optional
 
@@ -28,7 +27,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from tunesmith.core.swaps import same_code, swap_forwards
+from tunesmith.core.swaps import bound, same_code, swap_forwards
 
 logger = logging.getLogger(__name__)
 
@@ -157,7 +156,7 @@ def fuse_gated_mlps(model: nn.Module, recompute_product: bool = True) -> tuple[i
     swapped = [module for module in model.modules()
                if _has_llama_forward(type(module)) and _is_silu(getattr(module, "act_fn", None))]
     forward = _fused_forward if recompute_product else _fused_forward_keeping_product
-    restore = swap_forwards(swapped, lambda module: types.MethodType(forward, module))  # one function: one compile
+    restore = swap_forwards(swapped, bound(forward))
     if swapped:
         logger.info("fused SiLU·up on %d %s modules", len(swapped), type(swapped[0]).__name__)
     return len(swapped), restore

@@ -17,13 +17,12 @@ from __future__ import annotations
 
 import functools
 import logging
-import types
 from typing import Callable
 
 import torch
 from torch import nn
 
-from tunesmith.core.swaps import same_code, swap_forwards
+from tunesmith.core.swaps import bound, same_code, swap_forwards
 
 logger = logging.getLogger(__name__)
 
@@ -85,9 +84,7 @@ def fuse_rms_norms(model: nn.Module) -> tuple[int, Callable[[], None]]:
     swapped = [module for module in model.modules()
                if isinstance(getattr(module, "weight", None), torch.Tensor) and hasattr(module, "variance_epsilon")
                and _has_llama_forward(type(module))]
-    # A bound method of one shared function (not a partial per module): torch.compile's guards then see the same
-    # forward in every layer and compile the layer once, not once per layer up to dynamo's recompile limit.
-    restore = swap_forwards(swapped, lambda module: types.MethodType(_fused_forward, module))
+    restore = swap_forwards(swapped, bound(_fused_forward))
     if swapped:
         logger.info("fused RMSNorm on %d %s modules", len(swapped), type(swapped[0]).__name__)
     return len(swapped), restore
