@@ -30,7 +30,7 @@ import torch
 
 from tunesmith.inference.compiled import CompiledStep, compiled_step
 from tunesmith.inference.invariant import CHUNK_ROWS, decode_attention, padded_keys, row_invariant
-from tunesmith.inference.quantized import check_quantize, quantized_twin
+from tunesmith.inference.quantized import quantized_twin
 from tunesmith.methods.lora_rows import BASE_ROW, RowLora
 
 
@@ -468,9 +468,8 @@ def decode(model, prompts: list[list[int]], max_new_tokens: int, stop_ids: set[i
             (:mod:`tunesmith.inference.quantized`; ``model`` itself is left as it is), None as loaded.
     """
     stop_ids = set(stop_ids)
-    check_quantize(model, quantize)
     if quantize is not None:
-        model = quantized_twin(model, quantize)
+        model = quantized_twin(model, quantize)  # checks it can apply (one sentence where not)
     if not supports_slots(model):
         return _decode_with_generate(model, prompts, max_new_tokens, stop_ids, temperature, top_p, top_k, max_rows)
     rows = [Row(list(prompt), temperature, top_p, top_k, generator) for prompt in prompts]

@@ -11,7 +11,7 @@ from tunesmith.core.errors import TunesmithError
 from tunesmith.data.encode import render_prompt
 from tunesmith.inference.compiled import compiled_step
 from tunesmith.inference.decoding import LeanDecoder, Row, RowBatch, decode, supports_slots
-from tunesmith.inference.quantized import check_quantize, quantized_twin
+from tunesmith.inference.quantized import quantized_twin
 from tunesmith.inference.results import (
     LoadedResult,
     base_shape,
@@ -93,9 +93,8 @@ def stream_reply(model, tokenizer, conversation: list[dict[str, str]], max_new_t
     slot cache, else streams from ``model.generate``; ``quantize="int8"``/``"int4"`` decodes with quantised weights.
     """
 
-    check_quantize(model, quantize)
     if quantize is not None:
-        model = quantized_twin(model, quantize)
+        model = quantized_twin(model, quantize)  # checks it can apply (one sentence where not)
     if supports_slots(model):
         yield from _stream_on_slots(model, tokenizer, conversation, max_new_tokens, temperature, compile)
         return
