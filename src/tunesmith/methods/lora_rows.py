@@ -11,6 +11,13 @@ plain products over the present adapters' matrices side by side::
     down = down * keep                  keep (rows, R): a row's own adapter's columns times its scaling, others 0
     out  = base(x) + down · [B_1, B_2, ...]ᵀ
 
+Layers that read the same input (q/k/v of one attention, gate/up of one MLP: siblings of one parent with the
+same input width) run their ``down`` products as one: the first sibling called multiplies the input by all
+their A matrices side by side and scales it once, the others take their columns of that result while the same
+input tensor (object and version) comes in. ``B`` is kept transposed and contiguous (the form the product
+reads). A 32-row bfloat16 decode step of SmolLM2 with two adapters ran 4 such ``down`` products and 4 scalings
+per decoder layer instead of 7 and 7 (benchmarks/RESULTS.md, session 10).
+
 A row's update is its own adapter's (the other columns are multiplied by exact zeros), a base row's is
 zero; the sum equals peft's to float rounding (tests/test_lora_rows.py). The extra work is
 ``R * (in + out)`` per token, against ``in * out`` for the base product: a handful of adapters of rank 8–16
@@ -45,13 +52,23 @@ BASE_ROW = "__base__"  # peft's name for "no adapter" in a mixed batch
 _KEPT_STACKS = 8  # combinations of present adapters whose side-by-side matrices are kept
 
 
-@dataclass
+@dataclass(eq=False)
+class _Group:
+    """The ``down`` matrices of sibling layers that read one input (q/k/v, gate/up), stacked: one product for all."""
+
+    down: torch.Tensor  # (sum of the members' R, in)
+    owners: tuple[tuple[str, int, float], ...]  # the members' owners one after another (keep's columns)
+
+
+@dataclass(eq=False)
 class _Stack:
     """One layer's present adapters side by side, and which adapter owns each column of ``down``."""
 
     down: torch.Tensor  # (R, in): the A matrices stacked
-    up: torch.Tensor  # (out, R): the B matrices side by side
+    up: torch.Tensor  # (R, out): the B matrices side by side, transposed, contiguous (the product's right side)
     owners: tuple[tuple[str, int, float], ...]  # (adapter, rank, scaling) in column order
+    group: Optional[_Group] = None  # siblings sharing this layer's input (None: it has none)
+    columns: Optional[slice] = None  # this layer's columns of the group's ``down``
 
 
 def _plain(layer: nn.Module, adapter: str) -> bool:
@@ -73,7 +90,9 @@ class RowLora:
         self._layers: list[nn.Module] = []  # peft's LoRA Linear layers
         self._unsupported: set[str] = set()  # adapters only peft's mixed forward can serve
         self._stacks: dict[tuple, dict[int, Optional[_Stack]]] = {}  # present adapters + weight versions -> per layer
+        self._siblings: dict[int, tuple] = {}  # layer id -> (parent's name, input width): layers that may share input
         self._plan: Optional[tuple] = None  # during a call: (rows' adapters, {owners: keep (rows, R)})
+        self._downs: dict[int, tuple] = {}  # during a call: group id -> (input, its version, scaled down (rows, t, R))
 
     def supports(self, adapters: list[Optional[str]]) -> bool:
         """Whether rows with these adapters (None or ``"__base__"``: the base) can take the per-row path."""
@@ -98,12 +117,25 @@ class RowLora:
             yield
         finally:
             restore()
-            self._plan = None
+            self._plan, self._downs = None, {}
+
+    def down(self, stack: _Stack, x: torch.Tensor) -> torch.Tensor:
+        """(rows, tokens, R): ``x`` times the layer's A matrices, each row's columns scaled by :meth:`keep`; from its
+        group's product when a sibling already ran it on this very input."""
+        group = stack.group
+        if group is None:
+            down = F.linear(x.to(stack.down.dtype), stack.down)
+            return down * self.keep(stack, down)[:, None, :]
+        found = self._downs.get(id(group))
+        if found is None or found[0] is not x or found[1] != x._version:
+            down = F.linear(x.to(group.down.dtype), group.down)
+            found = self._downs[id(group)] = (x, x._version, down * self.keep(group, down)[:, None, :])
+        return found[2][..., stack.columns]
 
     def keep(self, stack: _Stack, like: torch.Tensor) -> torch.Tensor:
         """(rows, R): column j of row i is its adapter's scaling where that adapter owns column j, else 0."""
         names, made = self._plan
-        found = made.get(stack.owners)
+        found = made.get(stack.owners)  # stack: a _Stack or a _Group
         if found is None:
             columns = []
             for adapter, rank, scaling in stack.owners:
@@ -120,10 +152,11 @@ class RowLora:
         loaded = tuple(getattr(self.model, "peft_config", {}))
         if loaded == self._walked_for:
             return
-        self._layers, self._unsupported, self._stacks = [], set(), {}
-        for module in self.model.modules():
+        self._layers, self._unsupported, self._stacks, self._siblings = [], set(), {}, {}
+        for name, module in self.model.named_modules():
             if type(module) is LoraLinear and type(module.base_layer) is nn.Linear:
                 self._layers.append(module)
+                self._siblings[id(module)] = (name.rpartition(".")[0], module.base_layer.in_features)
                 self._unsupported.update(adapter for adapter in module.lora_A if not _plain(module, adapter))
             elif isinstance(module, (BaseTunerLayer, AuxiliaryTrainingWrapper)):
                 self._unsupported.update(loaded)  # an embedding/conv LoRA, modules_to_save, trainable tokens
@@ -138,8 +171,30 @@ class RowLora:
         if key not in self._stacks:
             if len(self._stacks) >= _KEPT_STACKS:
                 self._stacks.clear()
-            self._stacks[key] = {id(layer): _stack(layer, present) for layer in self._layers}
+            stacks = {id(layer): _stack(layer, present) for layer in self._layers}
+            _group(stacks, self._siblings)
+            self._stacks[key] = stacks
         return self._stacks[key]
+
+
+def _group(stacks: dict[int, Optional[_Stack]], siblings: dict[int, tuple]) -> None:
+    """Give the stacks of layers with one parent and input width a shared :class:`_Group` (in place).
+
+    Siblings of one width need not read one input (an attention's ``o_proj`` often has the width of its
+    ``q_proj``): :meth:`RowLora.down` checks that the input is the same tensor before reusing a product."""
+    members: dict[tuple, list[_Stack]] = {}
+    for layer_id, stack in stacks.items():
+        if stack is not None:
+            members.setdefault((siblings[layer_id], stack.down.dtype), []).append(stack)
+    for group_stacks in members.values():
+        if len(group_stacks) < 2:
+            continue
+        group = _Group(torch.cat([stack.down for stack in group_stacks]),
+                       tuple(owner for stack in group_stacks for owner in stack.owners))
+        start = 0
+        for stack in group_stacks:
+            stack.group, stack.columns = group, slice(start, start + stack.down.shape[0])
+            start += stack.down.shape[0]
 
 
 def _stack(layer: nn.Module, present: list[str]) -> Optional[_Stack]:
@@ -153,7 +208,7 @@ def _stack(layer: nn.Module, present: list[str]) -> Optional[_Stack]:
     # update down, three more kernels per layer (a 32-row bfloat16 step's cost beside the bare model's); the update
     # then rounds to bfloat16 once more (tests/test_lora_rows.py holds it to peft's within bfloat16 tolerance)
     dtype = layer.base_layer.weight.dtype
-    return _Stack(torch.cat(downs).to(dtype), torch.cat(ups, dim=1).to(dtype), owners)
+    return _Stack(torch.cat(downs).to(dtype), torch.cat(ups, dim=1).t().to(dtype).contiguous(), owners)
 
 
 def _rows_forward(layer: nn.Module, row_lora: RowLora, stack: Optional[_Stack], x: torch.Tensor, *args, **kwargs):
@@ -171,9 +226,7 @@ def _rows_forward(layer: nn.Module, row_lora: RowLora, stack: Optional[_Stack], 
     result = layer.base_layer(x)  # (rows, tokens, out)
     if stack is None or layer.disable_adapters:
         return result
-    down = F.linear(x.to(stack.down.dtype), stack.down)  # (rows, tokens, R)
-    down = down * row_lora.keep(stack, down)[:, None, :]
+    down = row_lora.down(stack, x).reshape(-1, stack.up.shape[0])  # (rows * tokens, R), each row's own columns kept
     if result.dtype == stack.up.dtype:
-        summed = torch.addmm(result.reshape(-1, result.shape[-1]), down.reshape(-1, down.shape[-1]), stack.up.t())
-        return summed.view(result.shape)
-    return result + F.linear(down, stack.up).to(result.dtype)  # peft casts each update to the result's dtype
+        return torch.addmm(result.reshape(-1, result.shape[-1]), down, stack.up).view(result.shape)
+    return result + (down @ stack.up).view(result.shape).to(result.dtype)  # peft casts each update to the result's dtype
