@@ -1,6 +1,8 @@
 """Load test of ``tunesmith serve`` (continuous batching) on loopback: N concurrent streamed chat
 requests of mixed lengths against the same requests sent one at a time, and N concurrent requests
-spread over the base and two LoRA adapters of it (one batch, per-row LoRA). Prints latency and
+spread over the base and two LoRA adapters of it (one batch, per-row LoRA), each against the same mix sent one
+at a time (before session 10 the adapters' run was set against the base's one at a time: unfair, the random
+adapters' replies may differ in length; both figures are printed). Prints latency and
 time to first token (p50/p95), aggregate completion tokens/s and the ratios, for each ``--dtype`` in one run
 (float32 and bfloat16 by default; bfloat16 serving is batch-invariant, so each concurrent greedy reply is
 checked against the same request's reply alone: "same text"). Then what the matmuls of one decode step cost at
@@ -121,7 +123,8 @@ async def measure(url: str, indices: list[int], models: list[str], concurrent: b
     tokens = sum(r["tokens"] for r in results)
     return {"answered": len(results), "texts": [r["text"] for r in results], "p50": statistics.median(latencies), "p95": percentile(latencies, 0.95),
             "ttft50": statistics.median(ttfts), "ttft95": percentile(ttfts, 0.95), "wall": wall, "tokens": tokens,
-            "tokens_per_s": tokens / wall}
+            "tokens_per_s": tokens / wall,
+            "per_token50": statistics.median(r["latency"] / max(r["tokens"], 1) for r in results)}
 
 
 def matmul_bound(model: str, dtype: str, rows: int = 32, repeats: int = 5) -> tuple[float, float, int]:
@@ -195,8 +198,11 @@ def serve_and_measure(args, dtype: str) -> None:
         rows.append(("one at a time", alone))
         together = asyncio.run(measure(url, everyone, ["bench"], concurrent=True))
         rows.append((f"{args.requests} concurrent", together))
-        if adapters:
-            mixed = asyncio.run(measure(url, everyone, ["bench", *adapters], concurrent=True))
+        if adapters:  # against the same mix sent one at a time: an adapter's replies may run longer than the base's
+            models = ["bench", *adapters]
+            mixed_alone = asyncio.run(measure(url, everyone[: args.alone or args.requests], models, concurrent=False))
+            rows.append((f"one at a time, base + {len(adapters)} adapters", mixed_alone))
+            mixed = asyncio.run(measure(url, everyone, models, concurrent=True))
             rows.append((f"{args.requests} concurrent, base + {len(adapters)} adapters", mixed))
     finally:
         server.terminate()
@@ -204,15 +210,24 @@ def serve_and_measure(args, dtype: str) -> None:
         shutil.rmtree(workspace, ignore_errors=True)
     print(f"model {args.model} ({dtype}, threads {args.threads or 'default'}), streamed chat requests, max_tokens {LENGTHS} in turn, greedy; "
           f"load average (1 min) at the end: {os.getloadavg()[0]:.1f}")
+    print("Each row is compared with the one-at-a-time row of its own mix (the base's, or base + adapters'): the same "
+          "requests to the same models, so replies of other lengths do not count as latency. "
+          "Per token: a request's latency over its completion tokens, p50.")
     print("| requests | answered | latency p50 (s) | latency p95 (s) | TTFT p50 (s) | TTFT p95 (s) | wall (s) | "
-          "completion tokens | tokens/s | tokens/s vs one at a time | p50 vs one at a time | same text as alone |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "completion tokens (per request) | tokens/s | tokens/s vs one at a time | p50 vs one at a time | "
+          "p50 per token vs one at a time | same text as alone |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    reference = alone
     for name, row in rows:
-        same = "—" if "adapters" in name else f"{sum(a == b for a, b in zip(alone['texts'], row['texts']))}/{len(alone['texts'])}"
+        reference = row if name.startswith("one at a time") else reference
+        same = f"{sum(a == b for a, b in zip(reference['texts'], row['texts']))}/{len(reference['texts'])}"
         print(f"| {name} | {row['answered']} | {row['p50']:.2f} | {row['p95']:.2f} | {row['ttft50']:.2f} | "
-              f"{row['ttft95']:.2f} | {row['wall']:.1f} | {row['tokens']} | {row['tokens_per_s']:.1f} | "
-              f"{row['tokens_per_s'] / alone['tokens_per_s']:.2f}x | {row['p50'] / alone['p50']:.2f}x | "
-              f"{same} |")
+              f"{row['ttft95']:.2f} | {row['wall']:.1f} | {row['tokens']} ({row['tokens'] / row['answered']:.1f}) | "
+              f"{row['tokens_per_s']:.1f} | {row['tokens_per_s'] / reference['tokens_per_s']:.2f}x | "
+              f"{row['p50'] / reference['p50']:.2f}x | {row['per_token50'] / reference['per_token50']:.2f}x | {same} |")
+    if len(rows) > 3:  # the comparison this benchmark made before session 10: the mix against the base alone
+        print(f"(base + adapters concurrent against the base's one at a time, the earlier comparison: p50 "
+              f"{rows[3][1]['p50'] / alone['p50']:.2f}x, tokens/s {rows[3][1]['tokens_per_s'] / alone['tokens_per_s']:.2f}x)")
 
 if __name__ == "__main__":
     main()
