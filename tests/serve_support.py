@@ -95,7 +95,11 @@ class Server:
         env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
         self.log = open(self.workspace / f"server-{self.port}.log", "a")
         self.process = subprocess.Popen([sys.executable, "-m", "tunesmith", "serve", "--workspace", str(self.workspace),
-                                         "--port", str(self.port), *self.extra], env=env, stdout=self.log,
+                                         "--port", str(self.port), *self.extra,
+                                         # float32 unless a test asks: the tests hold served replies equal to
+                                         # generate's, the judge's, the rewriter's (serve's default is auto)
+                                         *([] if "--dtype" in self.extra else ["--dtype", "float32"])],
+                                        env=env, stdout=self.log,
                                         stderr=subprocess.STDOUT, cwd=self.cwd)
         deadline = time.time() + timeout
         while time.time() < deadline:

@@ -251,3 +251,18 @@ def test_serve_dtype_auto_is_bfloat16_where_native_and_checked_at_load(tiny_llam
     assert pool.dtype == "bfloat16" and "CPU has AMX" in pool.dtype_reason
     served = pool.get("models/tiny")
     assert next(served.model.parameters()).dtype == torch.bfloat16 and served.invariant
+
+
+def test_serve_defaults_to_auto_and_create_app_to_float32():
+    """``tunesmith serve`` serves in the model's fast dtype where the machine has it (auto); the library's
+    ``create_app`` stays float32, whose replies equal ``tunesmith generate``'s (docs/speed.md)."""
+    import argparse
+    import inspect
+
+    from tunesmith.cli.serve import register
+    from tunesmith.serve.app import create_app
+
+    commands = argparse.ArgumentParser().add_subparsers(dest="command")
+    register(commands)
+    assert commands.choices["serve"].parse_args([]).dtype == "auto"
+    assert inspect.signature(create_app).parameters["dtype"].default == "float32"

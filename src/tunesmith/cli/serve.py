@@ -18,11 +18,12 @@ def register(commands) -> None:
     serve.add_argument("--model", action="append", default=[], metavar="[ID=]PATH",
                        help="A base model outside the workspace to serve and train from (repeatable).")
     serve.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (for serving; jobs use their recipe's)")
-    serve.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "auto"],
-                       help="Weights of served models. bfloat16 decodes a crowd of requests faster on a CPU with AMX "
-                            "and stays batch-invariant (a seed gives the same reply alone or in a crowd); replies "
-                            "differ from float32's by rounding. auto: bfloat16 where the CPU/GPU computes it "
-                            "natively, else float32 (docs/speed.md).")
+    serve.add_argument("--dtype", default="auto", choices=["float32", "bfloat16", "auto"],
+                       help="Weights of served models. auto (the default): bfloat16 where the CPU/GPU computes it "
+                            "natively (AMX, AVX-512 BF16, a recent GPU), else float32; the start line says which. "
+                            "bfloat16 decodes a crowd of requests faster and stays batch-invariant (a seed gives the "
+                            "same reply alone or in a crowd); its replies differ from float32's (tunesmith "
+                            "generate's) by rounding. float32: replies equal generate's (docs/speed.md).")
     serve.add_argument("--max-upload-mb", type=int, default=200, help="Largest data file the studio accepts.")
     serve.add_argument("--batch-window-ms", type=float, default=10.0,
                        help="How long generation waits to batch concurrent requests together.")
