@@ -53,6 +53,7 @@ def create_app(workspace: str | Path, api_key: Optional[str] = None, bases: Opti
             ``model.name`` (the job downloads it).
         dtype: ``serve --dtype``: the weights of served models, ``float32``, ``bfloat16`` or ``auto``
             (bfloat16 where the device computes it natively, else float32: :func:`tunesmith.serve.pool.serving_dtype`).
+            float32 here, whose replies equal ``tunesmith generate``'s; the ``serve`` command's default is ``auto``.
     """
     from tunesmith.serve import guided, jobs_api, openai_api, playground, studio_api, studio_data
     from tunesmith.serve.batching import BatchingGenerator
