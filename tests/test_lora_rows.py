@@ -151,3 +151,30 @@ def test_rows_of_several_adapters_sharing_a_start_join_in_two_forwards():
         for _ in range(5):
             single.step()
         assert row.tokens == single.rows[0].tokens
+
+
+@torch.no_grad()
+def test_siblings_reading_one_input_run_one_down_product():
+    """q/k/v (one input) and gate/up (another) each take their ``down`` columns from one product: 4 ``down``
+    products per decoder layer (q/k/v, o, gate/up, down), not one per adapted layer (7)."""
+    import torch.nn.functional as F
+    from torch.overrides import TorchFunctionMode
+
+    model = two_adapters()
+    ids = torch.randint(3, 80, (len(ADAPTERS), 5), generator=torch.Generator().manual_seed(1))
+    row_lora = RowLora(model)
+    seen = []
+
+    class Count(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if func is F.linear:
+                seen.append(id(args[1]))
+            return func(*args, **(kwargs or {}))
+
+    with row_lora.rows(ADAPTERS), Count():
+        got = model(input_ids=ids).logits
+    stacks = [stack for per_layer in row_lora._stacks.values() for stack in per_layer.values() if stack is not None]
+    downs = {id(stack.down) for stack in stacks} | {id(stack.group.down) for stack in stacks if stack.group}
+    assert sum(weight in downs for weight in seen) == 4 * model.config.num_hidden_layers
+    expected = model(input_ids=ids, adapter_names=[name or "__base__" for name in ADAPTERS]).logits
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
