@@ -92,7 +92,7 @@ class RowLora:
         self._stacks: dict[tuple, dict[int, Optional[_Stack]]] = {}  # present adapters + weight versions -> per layer
         self._siblings: dict[int, tuple] = {}  # layer id -> (parent's name, input width): layers that may share input
         self._plan: Optional[tuple] = None  # during a call: (rows' adapters, {owners: keep (rows, R)})
-        self._downs: dict[int, tuple] = {}  # during a call: group id -> (input, its version, scaled down (rows, t, R))
+        self._last_down: Optional[tuple] = None  # during a call: (group, input, its version, scaled down (rows, t, R))
 
     def supports(self, adapters: list[Optional[str]]) -> bool:
         """Whether rows with these adapters (None or ``"__base__"``: the base) can take the per-row path."""
@@ -117,7 +117,7 @@ class RowLora:
             yield
         finally:
             restore()
-            self._plan, self._downs = None, {}
+            self._plan, self._last_down = None, None
 
     def down(self, stack: _Stack, x: torch.Tensor) -> torch.Tensor:
         """(rows, tokens, R): ``x`` times the layer's A matrices, each row's columns scaled by :meth:`keep`; from its
@@ -126,11 +126,11 @@ class RowLora:
         if group is None:
             down = F.linear(x.to(stack.down.dtype), stack.down)
             return down * self.keep(stack, down)[:, None, :]
-        found = self._downs.get(id(group))
-        if found is None or found[0] is not x or found[1] != x._version:
+        found = self._last_down  # one kept: siblings are called one after another, and a prefill's inputs are large
+        if found is None or found[0] is not group or found[1] is not x or found[2] != x._version:
             down = F.linear(x.to(group.down.dtype), group.down)
-            found = self._downs[id(group)] = (x, x._version, down * self.keep(group, down)[:, None, :])
-        return found[2][..., stack.columns]
+            found = self._last_down = (group, x, x._version, down * self.keep(group, down)[:, None, :])
+        return found[3][..., stack.columns]
 
     def keep(self, stack: _Stack, like: torch.Tensor) -> torch.Tensor:
         """(rows, R): column j of row i is its adapter's scaling where that adapter owns column j, else 0."""
