@@ -22,6 +22,7 @@ import torch
 
 from tunesmith.data.encode import IGNORE_INDEX, EncodedExample
 from tunesmith.models import is_encoder
+from tunesmith.training.packed_attention import COMPILED_BACKWARD, packed_causal_attention
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +82,9 @@ def varlen_sdpa_attention(module: torch.nn.Module, query: torch.Tensor, key: tor
                                       **kwargs)
     lengths = cu_seq_lens_q.diff().tolist()
     window = kwargs.get("sliding_window")  # Mistral, Gemma 3's local layers, Qwen2 with use_sliding_window
+    if compiled_backward_fits(module, query, dropout, window, lengths):
+        output = packed_causal_attention(query, key, value, lengths, scaling)
+        return output.transpose(1, 2).contiguous(), None
     # split, not slicing: a slice's backward builds a zero tensor of the whole row per example.
     outputs = []
     for q, k, v in zip(query.split(lengths, dim=2), key.split(lengths, dim=2), value.split(lengths, dim=2)):
@@ -92,6 +96,18 @@ def varlen_sdpa_attention(module: torch.nn.Module, query: torch.Tensor, key: tor
             outputs.append(sdpa_attention_forward(module, q, k, v, None, dropout=dropout, scaling=scaling,
                                                   is_causal=True)[0])
     return torch.cat(outputs, dim=1), None
+
+
+def compiled_backward_fits(module: torch.nn.Module, query: torch.Tensor, dropout: float, window, lengths) -> bool:
+    """Whether this call takes :func:`packed_causal_attention` (its backward compiled) rather than flash per example.
+
+    Only where it was measured faster (benchmarks/packed_attention.py): training under ``train.speed.compile``
+    (the attention module marked by ``compile_packed_attention``), on CPU, in bfloat16, with no dropout and
+    no document longer than a sliding window (those keep the windowed mask below).
+    """
+    return (getattr(module, COMPILED_BACKWARD, False) and torch.is_grad_enabled() and query.requires_grad
+            and query.device.type == "cpu" and query.dtype == torch.bfloat16 and dropout == 0.0
+            and (window is None or max(lengths) <= window))
 
 
 def sliding_window_mask(length: int, window: int, device) -> torch.Tensor:
