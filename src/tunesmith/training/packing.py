@@ -8,7 +8,8 @@ devices without those kernels we register our own attention implementation with 
 per example, so packing costs ``sum(l²)`` attention work instead of ``(sum l)²`` and no example
 ever sees another. transformers' own answer on CPU (position ids alone) builds a dense
 block-diagonal mask over the whole row and is honoured only with the KV cache off; measured
-slower, and easy to lose silently (see docs/speed.md).
+slower, and easy to lose silently (see docs/speed.md). Under ``train.speed.compile`` (bfloat16, CPU) the same
+per-example forward takes a compiled backward instead of flash's (training/packed_attention.py).
 
 The micro-batch still holds exactly the examples the sampler chose, so gradient accumulation,
 token normalisation, resuming and DDP are unchanged: only the layout differs.
@@ -82,7 +83,7 @@ def varlen_sdpa_attention(module: torch.nn.Module, query: torch.Tensor, key: tor
                                       **kwargs)
     lengths = cu_seq_lens_q.diff().tolist()
     window = kwargs.get("sliding_window")  # Mistral, Gemma 3's local layers, Qwen2 with use_sliding_window
-    if compiled_backward_fits(module, query, dropout, window, lengths):
+    if compiled_backward_fits(module, (query, key, value), dropout, window, lengths):
         output = packed_causal_attention(query, key, value, lengths, scaling)
         return output.transpose(1, 2).contiguous(), None
     # split, not slicing: a slice's backward builds a zero tensor of the whole row per example.
@@ -98,15 +99,17 @@ def varlen_sdpa_attention(module: torch.nn.Module, query: torch.Tensor, key: tor
     return torch.cat(outputs, dim=1), None
 
 
-def compiled_backward_fits(module: torch.nn.Module, query: torch.Tensor, dropout: float, window, lengths) -> bool:
+def compiled_backward_fits(module: torch.nn.Module, tensors: tuple[torch.Tensor, ...], dropout: float, window,
+                           lengths: list[int]) -> bool:
     """Whether this call takes :func:`packed_causal_attention` (its backward compiled) rather than flash per example.
 
     Only where it was measured faster (benchmarks/packed_attention.py): training under ``train.speed.compile``
     (the attention module marked by ``compile_packed_attention``), on CPU, in bfloat16, with no dropout and
     no document longer than a sliding window (those keep the windowed mask below).
     """
-    return (getattr(module, COMPILED_BACKWARD, False) and torch.is_grad_enabled() and query.requires_grad
-            and query.device.type == "cpu" and query.dtype == torch.bfloat16 and dropout == 0.0
+    return (getattr(module, COMPILED_BACKWARD, False) and torch.is_grad_enabled()
+            and any(tensor.requires_grad for tensor in tensors) and dropout == 0.0
+            and all(tensor.device.type == "cpu" and tensor.dtype == torch.bfloat16 for tensor in tensors)
             and (window is None or max(lengths) <= window))
 
 
