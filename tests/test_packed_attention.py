@@ -173,3 +173,23 @@ def test_float32_no_grad_and_windowed_calls_keep_flash() -> None:
         assert varlen_sdpa_attention(module, q, k, v, None, cu_seq_lens_q=bounds)[0].grad_fn is None
     unmarked = varlen_sdpa_attention(unmarked, q, k, v, None, cu_seq_lens_q=bounds)[0]
     assert "PackedCausalAttentionBackward" not in graph_names(unmarked)
+
+
+def test_float32_queries_under_bfloat16_autocast_take_it_like_sdpa_would() -> None:
+    """Full fine-tuning under autocast: RoPE's float32 cos/sin make q and k float32, v is bfloat16. SDPA would cast
+    all three to bfloat16; so does the compiled-backward path, and its output is the flash path's, bit for bit."""
+    module, unmarked = torch.nn.Module(), torch.nn.Module()
+    for each in (module, unmarked):
+        each.num_key_value_groups, each.is_causal = 2, True
+    setattr(module, COMPILED_BACKWARD, True)
+    tensors, _ = inputs(4, 2, torch.float32)
+    tensors[2] = tensors[2].to(torch.bfloat16)
+    bounds = torch.tensor([0, *LENGTHS], dtype=torch.int32).cumsum(0, dtype=torch.int32)
+    outputs = []
+    for each in (module, unmarked):
+        q, k, v = (t.clone().requires_grad_() for t in tensors)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            outputs.append(varlen_sdpa_attention(each, q, k, v, None, cu_seq_lens_q=bounds)[0])
+    assert "PackedCausalAttentionBackward" in graph_names(outputs[0])
+    assert "PackedCausalAttentionBackward" not in graph_names(outputs[1])
+    assert torch.equal(outputs[0], outputs[1])

@@ -84,6 +84,8 @@ def varlen_sdpa_attention(module: torch.nn.Module, query: torch.Tensor, key: tor
     lengths = cu_seq_lens_q.diff().tolist()
     window = kwargs.get("sliding_window")  # Mistral, Gemma 3's local layers, Qwen2 with use_sliding_window
     if compiled_backward_fits(module, (query, key, value), dropout, window, lengths):
+        # Autocast casts SDPA's inputs to its dtype (full fine-tuning's float32 RoPE makes q and k float32): the same here.
+        query, key, value = (tensor.to(torch.bfloat16) for tensor in (query, key, value))
         output = packed_causal_attention(query, key, value, lengths, scaling)
         return output.transpose(1, 2).contiguous(), None
     # split, not slicing: a slice's backward builds a zero tensor of the whole row per example.
@@ -104,12 +106,15 @@ def compiled_backward_fits(module: torch.nn.Module, tensors: tuple[torch.Tensor,
     """Whether this call takes :func:`packed_causal_attention` (its backward compiled) rather than flash per example.
 
     Only where it was measured faster (benchmarks/packed_attention.py): training under ``train.speed.compile``
-    (the attention module marked by ``compile_packed_attention``), on CPU, in bfloat16, with no dropout and
-    no document longer than a sliding window (those keep the windowed mask below).
+    (the attention module marked by ``compile_packed_attention``), on CPU, in bfloat16 (or under bfloat16
+    autocast, which would cast SDPA's inputs), with no dropout and no document longer than a sliding window
+    (those keep the windowed mask below).
     """
+    bfloat16 = all(tensor.dtype == torch.bfloat16 for tensor in tensors) or (
+        torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16)
     return (getattr(module, COMPILED_BACKWARD, False) and torch.is_grad_enabled()
-            and any(tensor.requires_grad for tensor in tensors) and dropout == 0.0
-            and all(tensor.device.type == "cpu" and tensor.dtype == torch.bfloat16 for tensor in tensors)
+            and any(tensor.requires_grad for tensor in tensors) and dropout == 0.0 and bfloat16
+            and all(tensor.device.type == "cpu" for tensor in tensors)
             and (window is None or max(lengths) <= window))
 
 
