@@ -120,9 +120,9 @@ def test_compiled_backward_equals_eager_and_does_not_recompile_per_length() -> N
 @pytest.mark.slow  # compiles the backward (cold: ~10 s each dtype)
 def test_varlen_attention_takes_the_compiled_backward_only_when_marked(tiny_llama) -> None:
     """Marked and bfloat16: the packed model's logits are the flash path's, bit for bit, and its gradients agree."""
-    from test_speed import make_examples
     from transformers import AutoModelForCausalLM
 
+    from test_speed import make_examples
     from tunesmith.training.loss import model_inputs
 
     model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.bfloat16)
