@@ -5,9 +5,12 @@
 
 Every variant gets the same packed (1, heads, tokens, dim) bfloat16 query and (1, kv heads, tokens,
 dim) key/value and the same output gradient; the table gives the median time of forward + backward
-over interleaved repeats and the ratio against today's kernel (scaled-dot-product attention's CPU
-flash kernel, once per document: ``tunesmith.training.packing``), and each variant's largest
-difference from it. On a shared machine only the ratios of one run mean anything.
+over interleaved repeats and the ratio against the eager kernel (scaled-dot-product attention's CPU
+flash kernel, once per document: ``tunesmith.training.packing``), each variant's largest difference
+from it, and each variant's largest gradient error against the same attention in float64 (the flash
+backward's own error is the yardstick). ``tunesmith.training.packed_attention`` is the path taken
+under ``train.speed.compile``: the flash forward, the backward written out from its log-sum-exp and
+compiled (its cold compile is reported). On a shared machine only the ratios of one run mean anything.
 """
 
 from __future__ import annotations
@@ -72,6 +75,12 @@ def flex_document_mask(lengths):
     return lambda q, k, v, lengths: compiled(q, k, v, block_mask=mask, enable_gqa=True)
 
 
+def compiled_backward(compiled):
+    from tunesmith.training.packed_attention import packed_causal_attention
+
+    return lambda q, k, v, lengths: packed_causal_attention(q, k, v, lengths, compiled=compiled)
+
+
 def forward_backward(variant, inputs, grad, lengths):
     q, k, v = (x.clone().requires_grad_() for x in inputs)
     out = variant(q, k, v, lengths)
@@ -83,13 +92,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lengths", default="120,180,215,260,310,400,150,300", help="document lengths, packed")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     lengths = [int(n) for n in args.lengths.split(",")]
     torch.manual_seed(0)
     total = sum(lengths)
     inputs = [torch.randn(1, heads, total, DIM, dtype=torch.bfloat16) for heads in (HEADS, KV_HEADS, KV_HEADS)]
     grad = torch.randn(1, HEADS, total, DIM, dtype=torch.bfloat16)
-    variants = {"per-document flash (today)": per_document(flash), "one padded flash call": padded,
+    variants = {"per-document flash (today)": per_document(flash),
+                "flash forward, compiled backward from log-sum-exp (tunesmith, compile on)": compiled_backward(True),
+                "flash forward, the same backward eager": compiled_backward(False),
+                "one padded flash call": padded,
                 "per-document math backend": per_document(math_backend),
                 "per-document written out (bf16)": per_document(written_out),
                 "per-document flash in float32": per_document(flash_float32)}
@@ -98,15 +113,19 @@ def main() -> None:
     except Exception as error:  # noqa: BLE001  (reported, not hidden)
         print(f"flex_attention unavailable: {error}")
     reference = forward_backward(variants["per-document flash (today)"], inputs, grad, lengths)
-    differences = {}
+    exact = forward_backward(per_document(flash), [x.double() for x in inputs], grad.double(), lengths)
+    differences, errors, first_call = {}, {}, {}
     for name, variant in list(variants.items()):
         try:
+            started = time.perf_counter()
             result = forward_backward(variant, inputs, grad, lengths)
+            first_call[name] = time.perf_counter() - started
         except Exception as error:  # noqa: BLE001
             print(f"{name}: {type(error).__name__}: {str(error)[:160]}")
             del variants[name]
             continue
         differences[name] = max(float((a.float() - b.float()).abs().max()) for a, b in zip(result, reference))
+        errors[name] = max(float((a.double() - b).abs().max()) for a, b in zip(result[1:], exact[1:]))
     times = {name: [] for name in variants}
     for _ in range(args.repeats):
         for name, variant in variants.items():
@@ -116,10 +135,12 @@ def main() -> None:
     today = statistics.median(times["per-document flash (today)"])
     print(f"lengths {lengths} ({total} tokens), {HEADS} heads, {KV_HEADS} KV heads, dim {DIM}, bfloat16, "
           f"{torch.get_num_threads()} threads, {args.repeats} interleaved repeats")
-    print("\n| variant | forward + backward (ms, median) | speed vs today | largest difference |\n|---|---|---|---|")
+    print("\n| variant | forward + backward (ms, median) | speed vs today | largest difference | gradient error vs "
+          "float64 | first call (s) |\n|---|---|---|---|---|---|")
     for name, measured in times.items():
         median = statistics.median(measured)
-        print(f"| {name} | {1000 * median:.1f} | {today / median:.2f}× | {differences[name]:.3f} |")
+        print(f"| {name} | {1000 * median:.1f} | {today / median:.2f}× | {differences[name]:.3f} | "
+              f"{errors[name]:.3f} | {first_call[name]:.1f} |")
 
 
 if __name__ == "__main__":

@@ -8,7 +8,8 @@ devices without those kernels we register our own attention implementation with 
 per example, so packing costs ``sum(l²)`` attention work instead of ``(sum l)²`` and no example
 ever sees another. transformers' own answer on CPU (position ids alone) builds a dense
 block-diagonal mask over the whole row and is honoured only with the KV cache off; measured
-slower, and easy to lose silently (see docs/speed.md).
+slower, and easy to lose silently (see docs/speed.md). Under ``train.speed.compile`` (bfloat16, CPU) the same
+per-example forward takes a compiled backward instead of flash's (training/packed_attention.py).
 
 The micro-batch still holds exactly the examples the sampler chose, so gradient accumulation,
 token normalisation, resuming and DDP are unchanged: only the layout differs.
@@ -22,6 +23,7 @@ import torch
 
 from tunesmith.data.encode import IGNORE_INDEX, EncodedExample
 from tunesmith.models import is_encoder
+from tunesmith.training.packed_attention import COMPILED_BACKWARD, packed_causal_attention
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +83,11 @@ def varlen_sdpa_attention(module: torch.nn.Module, query: torch.Tensor, key: tor
                                       **kwargs)
     lengths = cu_seq_lens_q.diff().tolist()
     window = kwargs.get("sliding_window")  # Mistral, Gemma 3's local layers, Qwen2 with use_sliding_window
+    if compiled_backward_fits(module, (query, key, value), dropout, window, lengths):
+        # Autocast casts SDPA's inputs to its dtype (full fine-tuning's float32 RoPE makes q and k float32): the same here.
+        query, key, value = (tensor.to(torch.bfloat16) for tensor in (query, key, value))
+        output = packed_causal_attention(query, key, value, lengths, scaling)
+        return output.transpose(1, 2).contiguous(), None
     # split, not slicing: a slice's backward builds a zero tensor of the whole row per example.
     outputs = []
     for q, k, v in zip(query.split(lengths, dim=2), key.split(lengths, dim=2), value.split(lengths, dim=2)):
@@ -92,6 +99,23 @@ def varlen_sdpa_attention(module: torch.nn.Module, query: torch.Tensor, key: tor
             outputs.append(sdpa_attention_forward(module, q, k, v, None, dropout=dropout, scaling=scaling,
                                                   is_causal=True)[0])
     return torch.cat(outputs, dim=1), None
+
+
+def compiled_backward_fits(module: torch.nn.Module, tensors: tuple[torch.Tensor, ...], dropout: float, window,
+                           lengths: list[int]) -> bool:
+    """Whether this call takes :func:`packed_causal_attention` (its backward compiled) rather than flash per example.
+
+    Only where it was measured faster (benchmarks/packed_attention.py): training under ``train.speed.compile``
+    (the attention module marked by ``compile_packed_attention``), on CPU, in bfloat16 (or under bfloat16
+    autocast, which would cast SDPA's inputs), with no dropout and no document longer than a sliding window
+    (those keep the windowed mask below).
+    """
+    bfloat16 = all(tensor.dtype == torch.bfloat16 for tensor in tensors) or (
+        torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16)
+    return (getattr(module, COMPILED_BACKWARD, False) and torch.is_grad_enabled()
+            and any(tensor.requires_grad for tensor in tensors) and dropout == 0.0 and bfloat16
+            and all(tensor.device.type == "cpu" for tensor in tensors)
+            and (window is None or max(lengths) <= window))
 
 
 def sliding_window_mask(length: int, window: int, device) -> torch.Tensor:

@@ -25,6 +25,7 @@ from tunesmith.training.batching import collate
 from tunesmith.training.chunked_loss import chunked_loss_sum, plain_loss_sum, unwrap
 from tunesmith.training.fused_mlp import fuse_gated_mlps
 from tunesmith.training.fused_norm import fuse_rms_norms
+from tunesmith.training.packed_attention import compile_packed_attention
 from tunesmith.training.packing import enable_packed_attention, pack_collate, restore_attention
 from tunesmith.training.sampler import build_sampler
 from tunesmith.training.schedule import planned_steps
@@ -146,6 +147,8 @@ def apply_speed(model: torch.nn.Module, method: Method, section: SpeedSection, t
     if compiles:
         restore.append(compile_decoder_layers(base))
         notes.append("torch.compile")
+        if packing:  # the packed attention's backward compiled too (training/packed_attention.py)
+            restore.append(compile_packed_attention(base))
     group = section.group_by_length and not packing and train.grad_accum > 1
     if group:
         notes.append("length-grouped micro-batches")
