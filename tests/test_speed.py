@@ -143,6 +143,22 @@ def test_linear_cross_entropy_equals_autograd(with_bias: bool) -> None:
         torch.testing.assert_close(tensor.grad, grad, rtol=1e-5, atol=1e-6)
 
 
+def test_fused_head_scales_its_weight_gradient_exactly() -> None:
+    """The head's weight gradient is scaled in place in the backward pass: bit for bit the kept gradient times
+    the incoming one (as the copy it replaces), in float32 and under a bfloat16 compute dtype."""
+    generator = torch.Generator().manual_seed(1)
+    hidden = torch.randn(29, 16, generator=generator)
+    weight = torch.randn(50, 16, generator=generator)
+    targets = torch.randint(0, 50, (29,), generator=generator)
+    for dtype in (torch.float32, torch.bfloat16):
+        grads = []
+        for scale in (1.0, 0.37):
+            leaf = weight.clone().requires_grad_(True)
+            (LinearCrossEntropy.apply(hidden, leaf, None, targets, 8, dtype) * scale).backward()
+            grads.append(leaf.grad)
+        assert torch.equal(grads[1], grads[0] * 0.37)
+
+
 def test_chunked_loss_falls_back_for_wrapped_heads(tiny_llama) -> None:
     """A head that is not a plain Linear (here LoRA on lm_head) goes through the checkpointed chunks."""
     from peft import LoraConfig, get_peft_model
@@ -366,23 +382,37 @@ def test_train_end_to_end_with_fast_options(tmp_path, tiny_llama, tiny_data, cap
     assert VARLEN_ATTENTION not in saved
 
 
-def test_freed_memory_released_before_each_forward(tiny_llama) -> None:
-    """On glibc the run's token loss hands freed pages back first (the run's log says so); the loss is the same."""
+@pytest.mark.parametrize("setting, releases", [(True, [True] * 6), (False, [False] * 6),
+                                               ("auto", [True, False, True, False, False, True])])
+def test_freed_memory_released_as_release_memory_says(tiny_llama, monkeypatch, setting, releases) -> None:
+    """On glibc the token loss hands freed pages back before every forward (true), never (false), or only before
+    a batch with more tokens than any before it (auto); the run's log says which; the loss is the same."""
     import platform
 
+    from tunesmith.training import speed
     from tunesmith.training.speed import release_freed_memory
 
-    model = load_llama(tiny_llama)
-    method = build_method(FullMethod())
-    batch = pack_collate(make_examples(4), 0)
-    on = apply_speed(model, method, SpeedSection(autocast="off"), TrainSection(), CPU.device)
-    off = apply_speed(model, method, SpeedSection(autocast="off", release_memory=False), TrainSection(), CPU.device)
     glibc = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
     assert release_freed_memory() is glibc
-    assert ("freed memory released each step" in on.notes) is glibc
-    assert "freed memory released each step" not in off.notes
+    model = load_llama(tiny_llama)
+    method = build_method(FullMethod())
+    examples = make_examples(12)
+    batches = [pack_collate(examples[:count], 0) for count in (4, 2, 6, 6, 1, 9)]  # new longest: 1st, 3rd, 6th
+    kept = apply_speed(model, method, SpeedSection(autocast="off", release_memory=False), TrainSection(), CPU.device)
+    setup = apply_speed(model, method, SpeedSection(autocast="off", release_memory=setting), TrainSection(),
+                        CPU.device)
+    calls = []
+    monkeypatch.setattr(speed, "release_freed_memory", lambda: calls.append(True) or True)
+    seen = []
     with torch.no_grad():
-        assert torch.equal(on.token_loss(model, batch), off.token_loss(model, batch))
+        for batch in batches:
+            before = len(calls)
+            assert torch.equal(setup.token_loss(model, batch), kept.token_loss(model, batch))
+            seen.append(len(calls) > before)
+    phrase = {True: "released before every forward", False: "kept (train.speed.release_memory: false)",
+              "auto": "released before a longer batch than any before (auto)"}[setting]
+    assert any(phrase in note for note in setup.notes) is (glibc or setting is False)
+    assert seen == (releases if glibc else [False] * 6)
 
 
 @pytest.mark.parametrize("setting, on", [(True, True), (False, False), ("auto", False)])
