@@ -100,18 +100,25 @@ class LinearCrossEntropy(torch.autograd.Function):
                 logits = rows @ matrix.T  # (chunk, vocab), in compute_dtype
                 if bias is not None:
                     logits = logits + bias.to(compute_dtype)
-                # Softmax in compute_dtype (its kernel accumulates in float32): no float32 copy of the logits.
+                largest_logit = logits.amax(-1).float()
+                target_logit = logits.gather(1, chunk_targets[:, None]).squeeze(1).float()
+                # Softmax in compute_dtype (its kernel accumulates in float32): no float32 copy of the logits,
+                # which go as soon as it is taken (one (chunk x vocabulary) matrix less while the gradients are
+                # formed: at the forward's end, where every activation is held, a full fine-tune's peak).
                 probabilities = torch.softmax(logits, dim=-1)
+                del logits
                 # log-sum-exp = max logit - log(largest probability); that probability is ≥ 1/vocab, so
                 # it never underflows, and in bfloat16 it is off by at most 2^-9 relative (0.002 nats).
-                log_norm = logits.amax(-1).float() - probabilities.amax(-1).float().log()
-                total += (log_norm - logits.gather(1, chunk_targets[:, None]).squeeze(1).float()).sum()
+                log_norm = largest_logit - probabilities.amax(-1).float().log()
+                total += (log_norm - target_logit).sum()
                 # d(sum of losses)/d(logits) = softmax - one-hot, in place.
                 probabilities[torch.arange(chunk_targets.shape[0], device=hidden.device), chunk_targets] -= 1
                 if grad_hidden is not None:
                     grad_hidden[start:start + chunk_tokens] = probabilities @ matrix
                 if grad_weight is not None:
-                    grad_weight += (probabilities.T @ rows).float()
+                    # Added in float32 straight from the compute-dtype product: the same sums as adding its
+                    # float32 copy, without the copy (vocabulary x hidden float32, 113 MB on SmolLM2).
+                    grad_weight.add_(probabilities.T @ rows)
                 if grad_bias is not None:
                     grad_bias += probabilities.sum(0, dtype=torch.float32)
         ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
