@@ -15,7 +15,13 @@ from tunesmith.data.encode import IGNORE_INDEX, EncodedExample
 from tunesmith.data.encoded import EncodedData
 from tunesmith.methods import build_method
 from tunesmith.training.batching import collate
-from tunesmith.training.chunked_loss import LinearCrossEntropy, chunked_loss_sum, model_inputs, plain_loss_sum
+from tunesmith.training.chunked_loss import (
+    LinearCrossEntropy,
+    chunked_loss_sum,
+    model_inputs,
+    plain_loss_sum,
+    softmax_rows,
+)
 from tunesmith.training.fused_mlp import _fused_forward, _fused_forward_keeping_product
 from tunesmith.training.hooks import Hook
 from tunesmith.training.loop import LoopSeams, Trainer
@@ -141,6 +147,17 @@ def test_linear_cross_entropy_equals_autograd(with_bias: bool) -> None:
     assert float(fused) == pytest.approx(float(expected), rel=1e-6)
     for tensor, grad in zip([t for t in (hidden, weight, bias) if t is not None], expected_grads):
         torch.testing.assert_close(tensor.grad, grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(37, 50), (8, 49152)])  # SmolLM2's vocabulary: the vectorised kernel's long rows
+def test_softmax_written_over_the_logits_is_torchs(dtype, shape) -> None:
+    """The fused head's softmax over its own logits (CPU): the same bits as torch.softmax, in the same storage."""
+    logits = (torch.randn(shape, generator=torch.Generator().manual_seed(2)) * 4).to(dtype)
+    expected = torch.softmax(logits, dim=-1)
+    probabilities = softmax_rows(logits)
+    assert probabilities.data_ptr() == logits.data_ptr()
+    assert torch.equal(probabilities, expected)
 
 
 def reference_head_loss_and_weight_gradient(hidden, weight, targets, chunk_tokens, dtype):
