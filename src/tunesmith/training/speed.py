@@ -305,8 +305,10 @@ def releasing_memory(loss_fn: Callable, section: SpeedSection, device: torch.dev
     the longest seen fits in the blocks glibc already holds free, and only a longer one makes the heap
     grow (measured: the resident set grew at each new longest step, benchmarks/RESULTS.md). Releasing
     every step holds the peak to what is live but hands back pages the next forward faults in again:
-    compiled SmolLM2 LoRA ran 1.07x-1.23x faster without it (session 9 quiet, session 10 busy).
-    ``auto`` keeps the peak of ``true`` at the cost of a release per new longest batch, a handful in a run.
+    compiled SmolLM2 LoRA ran 1.07x-1.23x faster without it (session 9 quiet, session 10 busy, one repeat
+    each), and ``auto`` against ``true`` 1.18x and 1.05x at +4% RSS (session 10, busy; full fine-tuning 1.81x
+    and 0.83x, no verdict, at the same RSS). The cost is glibc's fragmentation in the steps not released
+    before: 60-98 MB over the longest step's peak in two steps (docs/speed.md).
     """
     if section.release_memory is False:
         return loss_fn, "freed memory kept (train.speed.release_memory: false)"
