@@ -6,7 +6,8 @@ order), applies ``train.speed`` (``--speed``, default the defaults) and the meth
 None), while a thread samples the resident set every millisecond. It prints, per step and phase,
 the resident set at the phase's start and its highest point during it, next to the bytes that the
 parts that cannot be cut hold: float32 weights, their gradients, AdamW's two states, and what autograd
-keeps for the backward pass (counted exactly with ``saved_tensors_hooks``).
+keeps for the backward pass (counted exactly with ``saved_tensors_hooks``; not under ``compile``, whose
+graphs such hooks would break).
 
     python benchmarks/memory_timeline.py --method full
     python benchmarks/memory_timeline.py --method full --speed '{"fused_mlp": false}'
@@ -85,6 +86,7 @@ def main() -> None:
     print(f"SmolLM2 {args.method}; {setup.describe()}")
     print(f"resident before loading: {started_mb:.0f} MB; after loading and preparing: {rss_mb():.0f} MB; "
           f"weights {weights:.0f} MB, their trainable part's gradients {grads:.0f} MB, AdamW states {2 * grads:.0f} MB")
+    compiled = "torch.compile" in setup.notes
     timeline = Timeline()
     for step in range(args.steps):
         batch = setup.collate_fn([examples[i] for i in order[step * BATCH:(step + 1) * BATCH]], 0)
@@ -96,9 +98,12 @@ def main() -> None:
             return tensor
 
         timeline.enter(f"step {step + 1} forward ({int(batch['attention_mask'].sum())} tokens)")
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        if compiled:  # dynamo cannot trace saved-tensor hooks: they would break every compiled layer's graph
             loss = setup.token_loss(model, batch)
-        timeline.rows[-1][0] += f", keeps {sum(kept.values()) / MB:.0f} MB for backward"
+        else:
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+                loss = setup.token_loss(model, batch)
+            timeline.rows[-1][0] += f", keeps {sum(kept.values()) / MB:.0f} MB for backward"
         timeline.enter(f"step {step + 1} backward")
         loss.backward()
         del loss

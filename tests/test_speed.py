@@ -15,7 +15,13 @@ from tunesmith.data.encode import IGNORE_INDEX, EncodedExample
 from tunesmith.data.encoded import EncodedData
 from tunesmith.methods import build_method
 from tunesmith.training.batching import collate
-from tunesmith.training.chunked_loss import LinearCrossEntropy, chunked_loss_sum, model_inputs, plain_loss_sum
+from tunesmith.training.chunked_loss import (
+    LinearCrossEntropy,
+    chunked_loss_sum,
+    model_inputs,
+    plain_loss_sum,
+    softmax_rows,
+)
 from tunesmith.training.fused_mlp import _fused_forward, _fused_forward_keeping_product
 from tunesmith.training.hooks import Hook
 from tunesmith.training.loop import LoopSeams, Trainer
@@ -141,6 +147,50 @@ def test_linear_cross_entropy_equals_autograd(with_bias: bool) -> None:
     assert float(fused) == pytest.approx(float(expected), rel=1e-6)
     for tensor, grad in zip([t for t in (hidden, weight, bias) if t is not None], expected_grads):
         torch.testing.assert_close(tensor.grad, grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(37, 50), (8, 49152)])  # SmolLM2's vocabulary: the vectorised kernel's long rows
+def test_softmax_written_over_the_logits_is_torchs(dtype, shape) -> None:
+    """The fused head's softmax over its own logits (CPU): the same bits as torch.softmax, in the same storage."""
+    logits = (torch.randn(shape, generator=torch.Generator().manual_seed(2)) * 4).to(dtype)
+    expected = torch.softmax(logits, dim=-1)
+    probabilities = softmax_rows(logits)
+    assert probabilities.data_ptr() == logits.data_ptr()
+    assert torch.equal(probabilities, expected)
+
+
+def reference_head_loss_and_weight_gradient(hidden, weight, targets, chunk_tokens, dtype):
+    """The fused head's sums written out with every temporary kept: the logits beside their softmax, the
+    weight gradient's product copied to float32 before it is added, the scaled gradient a new tensor."""
+    matrix, total = weight.to(dtype), torch.zeros(())
+    grad_weight = torch.zeros_like(weight, dtype=torch.float32)
+    for start in range(0, targets.shape[0], chunk_tokens):
+        rows, chunk = hidden[start:start + chunk_tokens].to(dtype), targets[start:start + chunk_tokens]
+        logits = rows @ matrix.T
+        probabilities = torch.softmax(logits, dim=-1)
+        log_norm = logits.amax(-1).float() - probabilities.amax(-1).float().log()
+        total += (log_norm - logits.gather(1, chunk[:, None]).squeeze(1).float()).sum()
+        probabilities[torch.arange(chunk.shape[0]), chunk] -= 1
+        grad_weight += (probabilities.T @ rows).float()
+    return total, grad_weight
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_head_frees_its_temporaries_exactly(dtype) -> None:
+    """The fused head drops each chunk's logits once softmaxed, adds the weight gradient's product without a
+    float32 copy and scales the kept gradient in place (full fine-tuning's peak, docs/speed.md): the loss and
+    the weight gradient are bit for bit those of the written-out sums with every temporary kept."""
+    generator = torch.Generator().manual_seed(1)
+    hidden = torch.randn(29, 16, generator=generator)
+    weight = torch.randn(50, 16, generator=generator)
+    targets = torch.randint(0, 50, (29,), generator=generator)
+    expected_loss, expected_grad = reference_head_loss_and_weight_gradient(hidden, weight, targets, 8, dtype)
+    leaf = weight.clone().requires_grad_(True)
+    loss = LinearCrossEntropy.apply(hidden, leaf, None, targets, 8, dtype)  # 4 chunks, last partial
+    (loss * 0.37).backward()
+    assert torch.equal(loss.detach(), expected_loss)
+    assert torch.equal(leaf.grad, expected_grad * 0.37)
 
 
 def test_chunked_loss_falls_back_for_wrapped_heads(tiny_llama) -> None:
@@ -366,23 +416,37 @@ def test_train_end_to_end_with_fast_options(tmp_path, tiny_llama, tiny_data, cap
     assert VARLEN_ATTENTION not in saved
 
 
-def test_freed_memory_released_before_each_forward(tiny_llama) -> None:
-    """On glibc the run's token loss hands freed pages back first (the run's log says so); the loss is the same."""
+@pytest.mark.parametrize("setting, releases", [(True, [True] * 6), (False, [False] * 6),
+                                               ("auto", [True, False, True, False, False, True])])
+def test_freed_memory_released_as_release_memory_says(tiny_llama, monkeypatch, setting, releases) -> None:
+    """On glibc the token loss hands freed pages back before every forward (true), never (false), or only before
+    a batch with more tokens than any before it (auto); the run's log says which; the loss is the same."""
     import platform
 
+    from tunesmith.training import speed
     from tunesmith.training.speed import release_freed_memory
 
-    model = load_llama(tiny_llama)
-    method = build_method(FullMethod())
-    batch = pack_collate(make_examples(4), 0)
-    on = apply_speed(model, method, SpeedSection(autocast="off"), TrainSection(), CPU.device)
-    off = apply_speed(model, method, SpeedSection(autocast="off", release_memory=False), TrainSection(), CPU.device)
     glibc = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
     assert release_freed_memory() is glibc
-    assert ("freed memory released each step" in on.notes) is glibc
-    assert "freed memory released each step" not in off.notes
+    model = load_llama(tiny_llama)
+    method = build_method(FullMethod())
+    examples = make_examples(12)
+    batches = [pack_collate(examples[:count], 0) for count in (4, 2, 6, 6, 1, 9)]  # new longest: 1st, 3rd, 6th
+    kept = apply_speed(model, method, SpeedSection(autocast="off", release_memory=False), TrainSection(), CPU.device)
+    setup = apply_speed(model, method, SpeedSection(autocast="off", release_memory=setting), TrainSection(),
+                        CPU.device)
+    calls = []
+    monkeypatch.setattr(speed, "release_freed_memory", lambda: calls.append(True) or True)
+    seen = []
     with torch.no_grad():
-        assert torch.equal(on.token_loss(model, batch), off.token_loss(model, batch))
+        for batch in batches:
+            before = len(calls)
+            assert torch.equal(setup.token_loss(model, batch), kept.token_loss(model, batch))
+            seen.append(len(calls) > before)
+    phrase = {True: "released before every forward", False: "kept (train.speed.release_memory: false)",
+              "auto": "released before a longer batch than any before (auto)"}[setting]
+    assert any(phrase in note for note in setup.notes) is (glibc or setting is False)
+    assert seen == (releases if glibc else [False] * 6)
 
 
 @pytest.mark.parametrize("setting, on", [(True, True), (False, False), ("auto", False)])

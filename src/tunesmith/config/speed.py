@@ -64,10 +64,12 @@ class SpeedSection(Section):
         True, description="torch's fused AdamW (one pass per parameter) instead of whole-model temporaries: "
         "about 0.5 GB less at a SmolLM2 full fine-tune's step, and a faster step. Same weights to float rounding."
     )
-    release_memory: bool = Field(
-        True, description="Hand the memory freed by each step back to the operating system before the next "
-        "forward (glibc's malloc_trim), so peak RSS stays near one step's activations instead of growing "
-        "with the longest batches seen. No effect off Linux/glibc."
+    release_memory: Union[bool, Literal["auto"]] = Field(
+        "auto", description="Hand the memory glibc holds free back to the operating system before a forward "
+        "(malloc_trim), so peak RSS stays near one step's activations instead of growing with the longest batches "
+        "seen. 'auto' (default): only before a micro-batch longer than any before it, the only steps whose "
+        "activations outgrow the freed blocks (the pages are not faulted in again every step); true: before every "
+        "forward; false: never. The run's log says which. No effect off Linux/glibc."
     )
 
     @property

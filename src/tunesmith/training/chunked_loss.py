@@ -26,7 +26,7 @@ from tunesmith.data.encode import IGNORE_INDEX
 from tunesmith.training.loss import loss_sum as plain_loss_sum  # the reference the chunked loss must equal
 from tunesmith.training.loss import model_inputs
 
-__all__ = ["LinearCrossEntropy", "chunked_loss_sum", "model_inputs", "plain_loss_sum", "unwrap"]
+__all__ = ["LinearCrossEntropy", "chunked_loss_sum", "model_inputs", "plain_loss_sum", "softmax_rows", "unwrap"]
 
 
 def chunked_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk_tokens: int = 1024) -> torch.Tensor:
@@ -100,18 +100,25 @@ class LinearCrossEntropy(torch.autograd.Function):
                 logits = rows @ matrix.T  # (chunk, vocab), in compute_dtype
                 if bias is not None:
                     logits = logits + bias.to(compute_dtype)
-                # Softmax in compute_dtype (its kernel accumulates in float32): no float32 copy of the logits.
-                probabilities = torch.softmax(logits, dim=-1)
+                largest_logit = logits.amax(-1).float()
+                target_logit = logits.gather(1, chunk_targets[:, None]).squeeze(1).float()
+                # Softmax in compute_dtype (its kernel accumulates in float32): no float32 copy of the logits,
+                # which are not needed after it: on the CPU it is written over them (one (chunk x vocabulary)
+                # matrix less at the forward's end, where every activation is held: a full fine-tune's peak).
+                probabilities = softmax_rows(logits)
+                del logits
                 # log-sum-exp = max logit - log(largest probability); that probability is ≥ 1/vocab, so
                 # it never underflows, and in bfloat16 it is off by at most 2^-9 relative (0.002 nats).
-                log_norm = logits.amax(-1).float() - probabilities.amax(-1).float().log()
-                total += (log_norm - logits.gather(1, chunk_targets[:, None]).squeeze(1).float()).sum()
+                log_norm = largest_logit - probabilities.amax(-1).float().log()
+                total += (log_norm - target_logit).sum()
                 # d(sum of losses)/d(logits) = softmax - one-hot, in place.
                 probabilities[torch.arange(chunk_targets.shape[0], device=hidden.device), chunk_targets] -= 1
                 if grad_hidden is not None:
                     grad_hidden[start:start + chunk_tokens] = probabilities @ matrix
                 if grad_weight is not None:
-                    grad_weight += (probabilities.T @ rows).float()
+                    # Added in float32 straight from the compute-dtype product: the same sums as adding its
+                    # float32 copy, without the copy (vocabulary x hidden float32, 113 MB on SmolLM2).
+                    grad_weight.add_(probabilities.T @ rows)
                 if grad_bias is not None:
                     grad_bias += probabilities.sum(0, dtype=torch.float32)
         ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
@@ -122,10 +129,25 @@ class LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_output: torch.Tensor):
         grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
         weight_dtype, bias_dtype = ctx.dtypes
+        # The head's weight gradient is scaled in place: it is needed only here, and a scaled copy would hold a
+        # second (vocabulary x hidden) float32 matrix, 113 MB on SmolLM2, at the start of the backward pass, where
+        # every activation is still held (full fine-tuning's peak). The same product, bit for bit.
         return (None if grad_hidden is None else grad_hidden * grad_output.to(grad_hidden.dtype),
-                None if grad_weight is None else (grad_weight * grad_output).to(weight_dtype),
+                None if grad_weight is None else grad_weight.mul_(grad_output).to(weight_dtype),
                 None if grad_bias is None else (grad_bias * grad_output).to(bias_dtype),
                 None, None, None)
+
+
+def softmax_rows(logits: torch.Tensor) -> torch.Tensor:
+    """``torch.softmax(logits, dim=-1)``, written over ``logits`` on the CPU (the caller gives them up).
+
+    The CPU kernel reads each row's max and sum before it writes the row, element by element, so
+    writing over the input gives the same bits (tested in float32 and bfloat16 at the head's sizes);
+    other devices get a new tensor, their kernels' order is not checked here.
+    """
+    if logits.device.type != "cpu":
+        return torch.softmax(logits, dim=-1)
+    return torch.ops.aten._softmax.out(logits, -1, False, out=logits)
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
