@@ -39,6 +39,11 @@ class SpeedSection(Section):
         "compilation fails). 'auto' (default): on only where the run's planned steps pay the compile back, by "
         "measured figures (CPU, one process, LoRA or full under bfloat16 autocast); the log says why. true/false force it."
     )
+    compiled_attention: bool = Field(
+        True, description="With compile on and packed rows on a CPU in bfloat16: the packed attention's backward "
+        "written out per document and compiled (training/packed_attention.py) instead of the CPU flash kernel's; "
+        "the forward stays flash's (same losses), gradients differ by bfloat16 rounding. false: flash's backward."
+    )
     group_by_length: bool = Field(
         True, description="Without packing: sort each step's examples by length before splitting them into "
         "micro-batches (same global batch, less padding)."

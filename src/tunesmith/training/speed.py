@@ -147,8 +147,9 @@ def apply_speed(model: torch.nn.Module, method: Method, section: SpeedSection, t
     if compiles:
         restore.append(compile_decoder_layers(base))
         notes.append("torch.compile")
-        if packing:  # the packed attention's backward compiled too (training/packed_attention.py)
+        if packing and section.compiled_attention:  # its backward compiled too (training/packed_attention.py)
             restore.append(compile_packed_attention(base))
+            notes.append("compiled attention backward")
     group = section.group_by_length and not packing and train.grad_accum > 1
     if group:
         notes.append("length-grouped micro-batches")
