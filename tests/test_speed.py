@@ -481,3 +481,23 @@ def test_fused_mlp_leaves_packed_loss_and_gradients_bit_for_bit(tiny_llama, chec
     (plain, plain_grads), (fused, fused_grads) = results
     assert torch.equal(fused, plain)
     assert all(torch.equal(a, b) for a, b in zip(fused_grads, plain_grads))
+
+
+@pytest.mark.parametrize("compiled_attention", [True, False])
+def test_compiled_attention_lever_marks_the_packed_attention(tiny_llama, compiled_attention) -> None:
+    """Under compile with packed rows, ``compiled_attention`` decides whether the attention modules take the compiled
+    backward (their mark), and the run's speed line says so; the setup's restore takes the marks off again."""
+    from tunesmith.training.packed_attention import COMPILED_BACKWARD
+
+    model = load_llama(tiny_llama)
+    section = SpeedSection(autocast="off", compile=True, compiled_attention=compiled_attention)
+    setup = apply_speed(model, build_method(FullMethod()), section, TrainSection(), CPU.device)
+    attentions = [layer.self_attn for layer in model.model.layers]
+    try:
+        assert setup.packing
+        assert [getattr(module, COMPILED_BACKWARD, False) for module in attentions] == [compiled_attention] * len(attentions)
+        assert ("compiled attention backward" in setup.notes) is compiled_attention
+    finally:
+        for restore in setup.restore:
+            restore()
+    assert not any(hasattr(module, COMPILED_BACKWARD) for module in attentions)
