@@ -178,3 +178,29 @@ def test_siblings_reading_one_input_run_one_down_product():
     assert sum(weight in downs for weight in seen) == 4 * model.config.num_hidden_layers
     expected = model(input_ids=ids, adapter_names=[name or "__base__" for name in ADAPTERS]).logits
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_one_adapters_rows_skip_the_scaling_kernel_with_the_same_bits(dtype, monkeypatch):
+    """A batch whose rows all use one adapter with power-of-two scalings (a0: alpha/r = 2) multiplies by its
+    scaled A matrices, no ``keep``: bit for bit the logits of the general path (product, then times ``keep``),
+    which a non-power-of-two scaling (a1: 6/2 = 3) still takes."""
+    model = two_adapters(dtype)
+    ids = torch.randint(3, 80, (3, 6), generator=torch.Generator().manual_seed(2))
+    row_lora = RowLora(model)
+    for adapter, fast in (("a0", True), ("a1", False)):
+        kept = []
+        original = RowLora.keep
+        monkeypatch.setattr(RowLora, "keep", lambda self, *args: kept.append(1) or original(self, *args))
+        with row_lora.rows([adapter] * 3):
+            got = model(input_ids=ids).logits
+        assert (not kept) == fast
+        with row_lora.rows([adapter] * 3):
+            row_lora._one_adapter = False  # the general path for the same rows
+            general = model(input_ids=ids).logits
+        monkeypatch.undo()
+        assert torch.equal(got, general)
+        model.set_adapter(adapter)
+        torch.testing.assert_close(got, model(input_ids=ids).logits, **({} if dtype == torch.float32 else
+                                                                         {"rtol": 0.05, "atol": 0.05}))

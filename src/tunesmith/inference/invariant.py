@@ -69,7 +69,15 @@ def chunked_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.T
     if block is None and flat.shape[0] <= rows:
         return F.linear(x, weight, bias)
     chunks, count = _row_chunks(flat, block, rows)
-    out = torch.cat([F.linear(chunk, weight, bias) for chunk in chunks])[:count]
+    if bias is not None:
+        out = torch.cat([F.linear(chunk, weight, bias) for chunk in chunks])[:count]
+    else:  # each chunk's product written into its rows of one buffer (the same bits; one copy fewer)
+        out = flat.new_empty(sum(len(chunk) for chunk in chunks), weight.shape[0])
+        start = 0
+        for chunk in chunks:
+            torch.mm(chunk, weight.t(), out=out[start : start + len(chunk)])
+            start += len(chunk)
+        out = out[:count]
     return out.view(*x.shape[:-1], weight.shape[0])
 
 
@@ -83,6 +91,26 @@ def chunked_addmm(input: torch.Tensor, mat1: torch.Tensor, mat2: torch.Tensor, *
     full = torch.cat([full, full.new_zeros(sum(map(len, chunks)) - count, full.shape[1])]) if block else full
     return torch.cat([torch.addmm(part, chunk, mat2, beta=beta, alpha=alpha)
                       for part, chunk in zip(full.split(len(chunks[0])), chunks)])[:count]
+
+
+def chunked_addmm_(input: torch.Tensor, mat1: torch.Tensor, mat2: torch.Tensor, *, beta=1, alpha=1,
+                   rows: int = CHUNK_ROWS, block: Optional[int] = None) -> torch.Tensor:
+    """``input.addmm_(mat1, mat2)`` (``input`` 2-D, one row per row of ``mat1``) over ``mat1``'s rows cut as
+    :func:`_row_chunks` cuts them: the bits of :func:`chunked_addmm`, without its copies of ``input``."""
+    count = mat1.shape[0]
+    if block is None and count <= rows:
+        return input.addmm_(mat1, mat2, beta=beta, alpha=alpha)
+    size = block or rows
+    for start in range(0, count, size):
+        part, chunk = input[start : start + size], mat1[start : start + size]
+        if block is not None and len(chunk) < block:  # the last block, padded to exactly ``block`` rows
+            padded = torch.cat([part, part.new_zeros(block - len(chunk), part.shape[1])])
+            padded.addmm_(torch.cat([chunk, chunk.new_zeros(block - len(chunk), chunk.shape[1])]), mat2,
+                          beta=beta, alpha=alpha)
+            part.copy_(padded[: len(chunk)])
+        else:
+            part.addmm_(chunk, mat2, beta=beta, alpha=alpha)
+    return input
 
 
 KV_BLOCK = 64  # keys attention reads, padded to a multiple of this: the kernel's reductions then see whole vectors
@@ -161,8 +189,9 @@ def prompt_attention(query, key, value, attn_mask, dropout_p=0.0, is_causal=Fals
 
 
 class _RowInvariant(TorchFunctionMode):
-    """Routes low-precision linear products through :func:`chunked_linear` / :func:`chunked_addmm` and masked
-    attention through :func:`rowwise_attention`; every other call passes through untouched."""
+    """Routes low-precision linear products through :func:`chunked_linear` / :func:`chunked_addmm` /
+    :func:`chunked_addmm_` and masked attention through :func:`rowwise_attention`; every other call passes
+    through untouched."""
 
     def __init__(self, block: Optional[int], small: frozenset[int]) -> None:
         super().__init__()
@@ -180,6 +209,9 @@ class _RowInvariant(TorchFunctionMode):
         elif func is torch.addmm or func is torch.Tensor.addmm:
             if args[1].dtype in LOW_PRECISION and args[1].dim() == 2:
                 return chunked_addmm(*args[:3], block=self.block, **kwargs)
+        elif func is torch.Tensor.addmm_:  # per-row LoRA adds its update into the base product's result
+            if args[1].dtype in LOW_PRECISION and args[1].dim() == 2 and args[0].shape[0] == args[1].shape[0]:
+                return chunked_addmm_(*args[:3], block=self.block, **kwargs)
         elif func is F.scaled_dot_product_attention:
             mask = args[3] if len(args) > 3 else kwargs.get("attn_mask")
             query = args[0]

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -58,6 +59,7 @@ class _Group:
 
     down: torch.Tensor  # (sum of the members' R, in)
     owners: tuple[tuple[str, int, float], ...]  # the members' owners one after another (keep's columns)
+    scaled: Optional[torch.Tensor] = None  # ``down`` with each row times its owner's scaling (see _scaled)
 
 
 @dataclass(eq=False)
@@ -67,6 +69,7 @@ class _Stack:
     down: torch.Tensor  # (R, in): the A matrices stacked
     up: torch.Tensor  # (R, out): the B matrices side by side, transposed, contiguous (the product's right side)
     owners: tuple[tuple[str, int, float], ...]  # (adapter, rank, scaling) in column order
+    scaled: Optional[torch.Tensor] = None  # ``down`` with each row times its owner's scaling (see _scaled)
     group: Optional[_Group] = None  # siblings sharing this layer's input (None: it has none)
     columns: Optional[slice] = None  # this layer's columns of the group's ``down``
 
@@ -93,6 +96,7 @@ class RowLora:
         self._siblings: dict[int, tuple] = {}  # layer id -> (parent's name, input width): layers that may share input
         self._plan: Optional[tuple] = None  # during a call: (rows' adapters, {owners: keep (rows, R)})
         self._last_down: Optional[tuple] = None  # during a call: (group, input, its version, scaled down (rows, t, R))
+        self._one_adapter = False  # during a call: every row uses one adapter (no base row)
 
     def supports(self, adapters: list[Optional[str]]) -> bool:
         """Whether rows with these adapters (None or ``"__base__"``: the base) can take the per-row path."""
@@ -111,26 +115,34 @@ class RowLora:
         names = [adapter or BASE_ROW for adapter in adapters]
         stacks = self._stacks_for(sorted(set(names) - {BASE_ROW}))
         self._plan = (names, {})
+        self._one_adapter = len(set(names)) == 1 and names[0] != BASE_ROW
         restore = swap_forwards(self._layers, lambda layer: functools.partial(_rows_forward, layer, self,
                                                                                stacks.get(id(layer))))
         try:
             yield
         finally:
             restore()
-            self._plan, self._last_down = None, None
+            self._plan, self._last_down, self._one_adapter = None, None, False
 
     def down(self, stack: _Stack, x: torch.Tensor) -> torch.Tensor:
         """(rows, tokens, R): ``x`` times the layer's A matrices, each row's columns scaled by :meth:`keep`; from its
         group's product when a sibling already ran it on this very input."""
         group = stack.group
         if group is None:
-            down = F.linear(x.to(stack.down.dtype), stack.down)
-            return down * self.keep(stack, down)[:, None, :]
+            return self._scaled_down(stack, x)
         found = self._last_down  # one kept: siblings are called one after another, and a prefill's inputs are large
         if found is None or found[0] is not group or found[1] is not x or found[2] != x._version:
-            down = F.linear(x.to(group.down.dtype), group.down)
-            found = self._last_down = (group, x, x._version, down * self.keep(group, down)[:, None, :])
+            found = self._last_down = (group, x, x._version, self._scaled_down(group, x))
         return found[3][..., stack.columns]
+
+    def _scaled_down(self, stack, x: torch.Tensor) -> torch.Tensor:
+        """(rows, tokens, R) of a _Stack or _Group: when every row uses one adapter and its scalings are powers of two,
+        one product with the scaled A matrices (the same bits: scaling by 2^k is exact); else the product times
+        :meth:`keep` (each row's own columns scaled, the others zeroed)."""
+        if self._one_adapter and stack.scaled is not None:
+            return F.linear(x.to(stack.scaled.dtype), stack.scaled)
+        down = F.linear(x.to(stack.down.dtype), stack.down)
+        return down.mul_(self.keep(stack, down)[:, None, :])
 
     def keep(self, stack: _Stack, like: torch.Tensor) -> torch.Tensor:
         """(rows, R): column j of row i is its adapter's scaling where that adapter owns column j, else 0."""
@@ -189,8 +201,9 @@ def _group(stacks: dict[int, Optional[_Stack]], siblings: dict[int, tuple]) -> N
     for group_stacks in members.values():
         if len(group_stacks) < 2:
             continue
-        group = _Group(torch.cat([stack.down for stack in group_stacks]),
-                       tuple(owner for stack in group_stacks for owner in stack.owners))
+        owners = tuple(owner for stack in group_stacks for owner in stack.owners)
+        down = torch.cat([stack.down for stack in group_stacks])
+        group = _Group(down, owners, _scaled(down, owners))
         start = 0
         for stack in group_stacks:
             stack.group, stack.columns = group, slice(start, start + stack.down.shape[0])
@@ -208,7 +221,19 @@ def _stack(layer: nn.Module, present: list[str]) -> Optional[_Stack]:
     # update down, three more kernels per layer (a 32-row bfloat16 step's cost beside the bare model's); the update
     # then rounds to bfloat16 once more (tests/test_lora_rows.py holds it to peft's within bfloat16 tolerance)
     dtype = layer.base_layer.weight.dtype
-    return _Stack(torch.cat(downs).to(dtype), torch.cat(ups, dim=1).t().to(dtype).contiguous(), owners)
+    down = torch.cat(downs).to(dtype)
+    return _Stack(down, torch.cat(ups, dim=1).t().to(dtype).contiguous(), owners, _scaled(down, owners))
+
+
+def _scaled(down: torch.Tensor, owners: tuple[tuple[str, int, float], ...]) -> Optional[torch.Tensor]:
+    """``down`` (R, in) with each adapter's rows times its scaling, where every scaling is a power of two (LoRA's
+    usual alpha / r: 2, 1, 0.5): x · (sA)ᵀ is then bit for bit (x · Aᵀ) · s, so a batch of one adapter's rows skips
+    the scaling's kernel and still gets the bits it gets among other adapters' rows. None where one is not."""
+    if not all(scaling > 0 and math.frexp(scaling)[0] == 0.5 for _, _, scaling in owners):
+        return None
+    scalings = torch.tensor([scaling for _, rank, scaling in owners for _ in range(rank)], dtype=down.dtype,
+                            device=down.device)
+    return down * scalings[:, None]
 
 
 def _rows_forward(layer: nn.Module, row_lora: RowLora, stack: Optional[_Stack], x: torch.Tensor, *args, **kwargs):
@@ -227,6 +252,8 @@ def _rows_forward(layer: nn.Module, row_lora: RowLora, stack: Optional[_Stack], 
     if stack is None or layer.disable_adapters:
         return result
     down = row_lora.down(stack, x).reshape(-1, stack.up.shape[0])  # (rows * tokens, R), each row's own columns kept
-    if result.dtype == stack.up.dtype:
-        return torch.addmm(result.reshape(-1, result.shape[-1]), down, stack.up).view(result.shape)
+    if result.dtype == stack.up.dtype:  # into the base product's fresh result: no copy of it (an ``addmm``'s)
+        result = result.contiguous()
+        result.view(-1, result.shape[-1]).addmm_(down, stack.up)
+        return result
     return result + (down @ stack.up).view(result.shape).to(result.dtype)  # peft casts each update to the result's dtype
