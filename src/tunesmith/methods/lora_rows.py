@@ -18,6 +18,15 @@ input tensor (object and version) comes in. ``B`` is kept transposed and contigu
 reads). A 32-row bfloat16 decode step of SmolLM2 with two adapters ran 4 such ``down`` products and 4 scalings
 per decoder layer instead of 7 and 7 (benchmarks/RESULTS.md, session 10).
 
+A batch whose rows all use one adapter (a lone adapter request, the commonest case) needs no ``keep``: where
+the adapter's scalings are powers of two (LoRA's usual alpha / r), ``down`` is one product with the A matrices
+already scaled, bit for bit ``(x · Aᵀ) · s`` (a scaling by 2^k is exact), so such a row gets the bits it gets
+among other adapters' rows. The update is added in place into the base product's fresh result (``addmm_``: an
+``addmm`` copies its input first). Per decoder layer a lone adapter row then runs 4 + 7 small products, no
+scaling and no copy (before session 11: 4 products, 4 scalings, 7 ``addmm`` each with its copy). Merging the
+adapter into the base weights while it is alone in flight would cost nothing per step but gives other bits
+(``W + s·B·A`` rounds differently) than the same request beside other adapters' rows: not done.
+
 A row's update is its own adapter's (the other columns are multiplied by exact zeros), a base row's is
 zero; the sum equals peft's to float rounding (tests/test_lora_rows.py). The extra work is
 ``R * (in + out)`` per token, against ``in * out`` for the base product: a handful of adapters of rank 8–16
