@@ -79,6 +79,28 @@ def test_bfloat16_products_give_each_row_its_lone_bits(shape):
                        chunked_addmm(bias, x[7:8], weight.t(), block=BLOCK_ROWS)[0])
 
 
+@pytest.mark.parametrize("rank", [8, 24])
+def test_in_place_update_has_the_bits_of_chunked_addmm(rank):
+    """Per-row LoRA adds its update in place (``addmm_``, routed to ``chunked_addmm_``): the bits of the
+    out-of-place ``chunked_addmm`` over the same chunks (decode: ≤ 32 rows, more in chunks; prefill: padded
+    blocks), and under the mode each row's bits are its lone ones."""
+    from tunesmith.inference.invariant import chunked_addmm_, row_invariant
+
+    generator = torch.Generator().manual_seed(1)
+    down = torch.randn(3 * BLOCK_ROWS // 2, rank, generator=generator).bfloat16()
+    up = (torch.randn(rank, 1536, generator=generator) * 0.05).bfloat16()
+    result = torch.randn(len(down), 1536, generator=generator).bfloat16()
+    for rows, block in ((7, None), (CHUNK_ROWS, None), (len(down), None), (5, BLOCK_ROWS), (len(down), BLOCK_ROWS)):
+        expected = chunked_addmm(result[:rows], down[:rows], up, block=block)
+        assert torch.equal(chunked_addmm_(result[:rows].clone(), down[:rows], up, block=block), expected)
+    model = torch.nn.Linear(4, 4).bfloat16()
+    with row_invariant(model, prefill=True):
+        together = result.clone().addmm_(down, up)
+    with row_invariant(model, prefill=True):
+        alone = result[9:10].clone().addmm_(down[9:10], up)
+    assert torch.equal(together[9], alone[0])
+
+
 def test_the_load_time_check_passes_here_and_names_a_failure(caplog, monkeypatch):
     assert check_row_invariance(small_llama())
     original = F.linear
