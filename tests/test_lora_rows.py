@@ -191,8 +191,8 @@ def test_one_adapters_rows_skip_the_scaling_kernel_with_the_same_bits(dtype, mon
     row_lora = RowLora(model)
     for adapter, fast in (("a0", True), ("a1", False)):
         kept = []
-        original = RowLora.keep
-        monkeypatch.setattr(RowLora, "keep", lambda self, *args: kept.append(1) or original(self, *args))
+        monkeypatch.setattr(RowLora, "keep", lambda self, *args, kept=kept, original=RowLora.keep:
+                            kept.append(1) or original(self, *args))
         with row_lora.rows([adapter] * 3):
             got = model(input_ids=ids).logits
         assert (not kept) == fast
