@@ -176,11 +176,14 @@ def reference_head_loss_and_weight_gradient(hidden, weight, targets, chunk_token
     return total, grad_weight
 
 
+@pytest.mark.parametrize("block_rows", [8192, 16])  # the default (one block here), and 4 blocks, the last partial
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_fused_head_frees_its_temporaries_exactly(dtype) -> None:
+def test_fused_head_frees_its_temporaries_exactly(dtype, block_rows, monkeypatch) -> None:
     """The fused head drops each chunk's logits once softmaxed, adds the weight gradient's product without a
-    float32 copy and scales the kept gradient in place (full fine-tuning's peak, docs/speed.md): the loss and
-    the weight gradient are bit for bit those of the written-out sums with every temporary kept."""
+    float32 copy and a block of vocabulary rows at a time, and scales the kept gradient in place (full
+    fine-tuning's peak, docs/speed.md): the loss and the weight gradient are bit for bit those of the
+    written-out sums with every temporary kept."""
+    monkeypatch.setattr("tunesmith.training.chunked_loss.WEIGHT_GRADIENT_ROWS", block_rows)
     generator = torch.Generator().manual_seed(1)
     hidden = torch.randn(29, 16, generator=generator)
     weight = torch.randn(50, 16, generator=generator)
@@ -501,3 +504,39 @@ def test_compiled_attention_lever_marks_the_packed_attention(tiny_llama, compile
         for restore in setup.restore:
             restore()
     assert not any(hasattr(module, COMPILED_BACKWARD) for module in attentions)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("max_norm", [1e-6, 1e3, None])
+def test_clip_and_step_updates_as_clip_grad_norm_then_step(fused: bool, max_norm) -> None:
+    """The loop's clip folded into fused AdamW's pass: the weights clip_grad_norm_ + step give, to one rounding
+    where the gradients are scaled (1e-6: every step clips, to gradients near AdamW's eps, so an unclipped step
+    lands far off), bit for bit where they are not (1e3, None) and without the fused kernel (the plain multiply)."""
+    from tunesmith.training.schedule import clip_and_step
+
+    def parameters_and_optimizer():
+        torch.manual_seed(0)
+        weights = [torch.nn.Parameter(torch.randn(shape)) for shape in ((64, 32), (32,), (7, 5))]
+        return weights, torch.optim.AdamW(weights, lr=1e-2, weight_decay=0.1, fused=fused or None)
+
+    (reference, reference_optimizer), (ours, optimizer), (unclipped, plain) = (parameters_and_optimizer()
+                                                                               for _ in range(3))
+    for step in range(3):
+        gradients = [torch.randn(p.shape, generator=torch.Generator().manual_seed(step * 10 + i))
+                     for i, p in enumerate(reference)]
+        for weights in (reference, ours, unclipped):
+            for p, g in zip(weights, gradients):
+                p.grad = g.clone()
+        if max_norm is not None:
+            torch.nn.utils.clip_grad_norm_(reference, max_norm)
+        reference_optimizer.step()
+        plain.step()
+        clip_and_step(optimizer, ours, max_norm, torch.nn.utils.get_total_norm([p.grad for p in ours]))
+        assert not hasattr(optimizer, "grad_scale")  # taken off again: the next step is not scaled by it
+    for mine, theirs, off in zip(ours, reference, unclipped):
+        if max_norm == 1e-6:
+            assert (off - theirs).abs().max() > 1e-3  # the clip matters here
+        if fused and max_norm == 1e-6:
+            torch.testing.assert_close(mine, theirs, rtol=1e-6, atol=1e-6)
+        else:
+            assert torch.equal(mine, theirs)
