@@ -420,10 +420,11 @@ def test_train_end_to_end_with_fast_options(tmp_path, tiny_llama, tiny_data, cap
 
 
 @pytest.mark.parametrize("setting, releases", [(True, [True] * 6), (False, [False] * 6),
-                                               ("auto", [True, False, True, False, False, True])])
+                                               ("auto", [True, False, True, True, False, True])])
 def test_freed_memory_released_as_release_memory_says(tiny_llama, monkeypatch, setting, releases) -> None:
     """On glibc the token loss hands freed pages back before every forward (true), never (false), or only before
-    a batch with more tokens than any before it (auto); the run's log says which; the loss is the same."""
+    a batch with 3/4 or more of the longest one's tokens (auto: 66, 19, 95, 95, 6, 145 tokens); the run's log says
+    which; the loss is the same."""
     import platform
 
     from tunesmith.training import speed
@@ -447,7 +448,7 @@ def test_freed_memory_released_as_release_memory_says(tiny_llama, monkeypatch, s
             assert torch.equal(setup.token_loss(model, batch), kept.token_loss(model, batch))
             seen.append(len(calls) > before)
     phrase = {True: "released before every forward", False: "kept (train.speed.release_memory: false)",
-              "auto": "released before a longer batch than any before (auto)"}[setting]
+              "auto": "released before a batch of 75%+ of the longest one's tokens (auto)"}[setting]
     assert any(phrase in note for note in setup.notes) is (glibc or setting is False)
     assert seen == (releases if glibc else [False] * 6)
 
