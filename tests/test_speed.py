@@ -419,12 +419,10 @@ def test_train_end_to_end_with_fast_options(tmp_path, tiny_llama, tiny_data, cap
     assert VARLEN_ATTENTION not in saved
 
 
-@pytest.mark.parametrize("setting, releases", [(True, [True] * 6), (False, [False] * 6),
-                                               ("auto", [True, False, True, True, False, True])])
+@pytest.mark.parametrize("setting, releases", [(True, [True] * 6), (False, [False] * 6), ("auto", [True] * 6)])
 def test_freed_memory_released_as_release_memory_says(tiny_llama, monkeypatch, setting, releases) -> None:
-    """On glibc the token loss hands freed pages back before every forward (true), never (false), or only before
-    a batch with 3/4 or more of the longest one's tokens (auto: 66, 19, 95, 95, 6, 145 tokens); the run's log says
-    which; the loss is the same."""
+    """On glibc a full fine-tune's token loss hands freed pages back before every forward (true, and auto for
+    full fine-tuning) or never (false); the run's log says which; the loss is the same."""
     import platform
 
     from tunesmith.training import speed
@@ -448,9 +446,30 @@ def test_freed_memory_released_as_release_memory_says(tiny_llama, monkeypatch, s
             assert torch.equal(setup.token_loss(model, batch), kept.token_loss(model, batch))
             seen.append(len(calls) > before)
     phrase = {True: "released before every forward", False: "kept (train.speed.release_memory: false)",
-              "auto": "released before a batch of 75%+ of the longest one's tokens (auto)"}[setting]
+              "auto": "released before every forward (auto: full fine-tuning)"}[setting]
     assert any(phrase in note for note in setup.notes) is (glibc or setting is False)
     assert seen == (releases if glibc else [False] * 6)
+
+
+def test_auto_release_before_near_longest_batches_for_other_methods(monkeypatch) -> None:
+    """``release_memory: auto`` outside full fine-tuning: freed pages go back before a batch with 3/4 or more of
+    the longest one's tokens (66, 19, 95, 95, 6, 145: the 1st, 3rd, 4th and 6th), and the log says so."""
+    import platform
+
+    from tunesmith.training import speed
+    from tunesmith.training.speed import releasing_memory
+
+    glibc = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+    loss_fn, note = releasing_memory(lambda model, batch: batch["input_ids"].sum(), SpeedSection(), CPU.device, "lora")
+    assert ("released before a batch of 75%+ of the longest one's tokens (auto)" in note) is glibc
+    calls = []
+    monkeypatch.setattr(speed, "release_freed_memory", lambda: calls.append(True) or True)
+    seen = []
+    for tokens in (66, 19, 95, 95, 6, 145):
+        before = len(calls)
+        assert int(loss_fn(None, {"input_ids": torch.ones(1, tokens, dtype=torch.long)})) == tokens
+        seen.append(len(calls) > before)
+    assert seen == ([True, False, True, True, False, True] if glibc else [False] * 6)
 
 
 @pytest.mark.parametrize("setting, on", [(True, True), (False, False), ("auto", False)])
