@@ -519,8 +519,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6, help="optimizer steps per run (the first is warm-up)")
     parser.add_argument("--methods", default="lora,full", help="comma-separated: lora, full")
     parser.add_argument("--references", default="fp32,bf16,bf16-flat",
-                        help=f"comma-separated reference configurations: {', '.join(REFERENCES)}; '' for none (an A/B of "
-                        "--speed against --before-speed alone)")
+                        help=f"comma-separated reference configurations: {', '.join(REFERENCES)}; '' for "
+                        "none (an A/B of --speed against --before-speed alone)")
     parser.add_argument("--speed", default="{}", help="tunesmith's train.speed as JSON (default: its defaults)")
     parser.add_argument("--before-speed", default=None,
                         help="also run tunesmith with this train.speed (JSON) as stack tunesmith:before, in the same "

@@ -74,7 +74,8 @@ class SpeedSection(Section):
         "(malloc_trim), so peak RSS stays near one step's activations instead of growing with the longest batches "
         "seen. 'auto' (default): before every forward for full fine-tuning (its peak RSS binds), else only before a "
         "micro-batch with 3/4 or more of the longest one's tokens, the steps whose activations outgrow the freed "
-        "blocks (the pages are not faulted in again every step); true: before every forward; false: never. The run's log says which. No effect off Linux/glibc."
+        "blocks (the pages are not faulted in again every step); true: before every forward; false: never. "
+        "The run's log says which. No effect off Linux/glibc."
     )
 
     @property
