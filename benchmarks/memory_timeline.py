@@ -87,9 +87,10 @@ def main() -> None:
     print(f"resident before loading: {started_mb:.0f} MB; after loading and preparing: {rss_mb():.0f} MB; "
           f"weights {weights:.0f} MB, their trainable part's gradients {grads:.0f} MB, AdamW states {2 * grads:.0f} MB")
     compiled = "torch.compile" in setup.notes
-    timeline = Timeline()
+    timeline, lengths = Timeline(), []
     for step in range(args.steps):
         batch = setup.collate_fn([examples[i] for i in order[step * BATCH:(step + 1) * BATCH]], 0)
+        lengths.append(int(batch["attention_mask"].sum()))
         kept: dict[int, int] = {}
 
         def pack(tensor, kept=kept):
@@ -112,10 +113,17 @@ def main() -> None:
         timeline.enter(f"step {step + 1} optimizer")
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        if step == 0:
+            print("\n| phase | RSS at start (MB) | highest during (MB) |\n|---|---|---|")
+        timeline.enter("between steps")  # closes the optimizer's row: a long run's rows print as it goes
+        for name, start, high in timeline.rows[-5:-1]:
+            print(f"| {name} | {start:.0f} | {high:.0f} |", flush=True)
     timeline.close()
-    print("\n| phase | RSS at start (MB) | highest during (MB) |\n|---|---|---|")
-    for name, start, high in timeline.rows[:-1]:
-        print(f"| {name} | {start:.0f} | {high:.0f} |")
+    peaks = [max(high for _, _, high in timeline.rows[5 * step:5 * step + 4]) for step in range(args.steps)]
+    longest = max(range(args.steps), key=lambda step: lengths[step])
+    print(f"\npeak {max(peaks):.0f} MB at step {peaks.index(max(peaks)) + 1}; the longest step ({lengths[longest]} "
+          f"tokens, step {longest + 1}) peaked at {peaks[longest]:.0f} MB; the last five steps' peaks: "
+          + ", ".join(f"{peak:.0f}" for peak in peaks[-5:]))
 
 
 if __name__ == "__main__":

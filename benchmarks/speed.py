@@ -486,7 +486,14 @@ def report(results: dict, ceilings: dict, stacks: list[str]) -> str:
             lines.append(f"| {method} | {stack} | {median_of(runs, 'tokens_per_s'):.0f} | "
                          f"{median_of(runs, 'peak_rss_mb'):.0f} | {mfu} | {median_of(runs, 'final_loss'):.4f} | {gap:.4f}"
                          f"{'' if gap <= LOSS_TOLERANCE else ' (over tolerance)'} {ratios}")
+        if "tunesmith:before" in stacks:  # the A/B: each repeat's pair ran back to back, under the same load
+            pairs = zip(ours, results[("tunesmith:before", method)])
+            lines.append(f"| {method} | per repeat tunesmith / tunesmith:before | " + ", ".join(
+                f"{a['tokens_per_s'] / b['tokens_per_s']:.2f}× at {a['peak_rss_mb'] / b['peak_rss_mb']:.2f}× RSS"
+                for a, b in pairs) + " | | | | | | | |")
         references = [s for s in stacks if s.startswith("reference:")]
+        if not references:
+            continue
         fastest = max(references, key=lambda s: median_of(results[(s, method)], "tokens_per_s"))
         ref = results[(fastest, method)]
         lines.append(f"| {method} | **tunesmith / fastest reference ({fastest})** | "
@@ -512,7 +519,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6, help="optimizer steps per run (the first is warm-up)")
     parser.add_argument("--methods", default="lora,full", help="comma-separated: lora, full")
     parser.add_argument("--references", default="fp32,bf16,bf16-flat",
-                        help=f"comma-separated reference configurations: {', '.join(REFERENCES)}")
+                        help=f"comma-separated reference configurations: {', '.join(REFERENCES)}; '' for "
+                        "none (an A/B of --speed against --before-speed alone)")
     parser.add_argument("--speed", default="{}", help="tunesmith's train.speed as JSON (default: its defaults)")
     parser.add_argument("--before-speed", default=None,
                         help="also run tunesmith with this train.speed (JSON) as stack tunesmith:before, in the same "
@@ -536,7 +544,7 @@ def main() -> None:
         print(json.dumps(worker(args)))
         return
     size = "quick" if args.quick else args.model
-    stacks = [f"reference:{name}" for name in args.references.split(",")] + ["tunesmith"]
+    stacks = [f"reference:{name}" for name in args.references.split(",") if name] + ["tunesmith"]
     speeds = {"tunesmith": json.loads(args.speed)}
     if args.before_speed is not None:
         stacks.insert(-1, "tunesmith:before")

@@ -176,11 +176,14 @@ def reference_head_loss_and_weight_gradient(hidden, weight, targets, chunk_token
     return total, grad_weight
 
 
+@pytest.mark.parametrize("block_rows", [8192, 16])  # the default (one block here), and 4 blocks, the last partial
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_fused_head_frees_its_temporaries_exactly(dtype) -> None:
+def test_fused_head_frees_its_temporaries_exactly(dtype, block_rows, monkeypatch) -> None:
     """The fused head drops each chunk's logits once softmaxed, adds the weight gradient's product without a
-    float32 copy and scales the kept gradient in place (full fine-tuning's peak, docs/speed.md): the loss and
-    the weight gradient are bit for bit those of the written-out sums with every temporary kept."""
+    float32 copy and a block of vocabulary rows at a time, and scales the kept gradient in place (full
+    fine-tuning's peak, docs/speed.md): the loss and the weight gradient are bit for bit those of the
+    written-out sums with every temporary kept."""
+    monkeypatch.setattr("tunesmith.training.chunked_loss.WEIGHT_GRADIENT_ROWS", block_rows)
     generator = torch.Generator().manual_seed(1)
     hidden = torch.randn(29, 16, generator=generator)
     weight = torch.randn(50, 16, generator=generator)
@@ -416,11 +419,10 @@ def test_train_end_to_end_with_fast_options(tmp_path, tiny_llama, tiny_data, cap
     assert VARLEN_ATTENTION not in saved
 
 
-@pytest.mark.parametrize("setting, releases", [(True, [True] * 6), (False, [False] * 6),
-                                               ("auto", [True, False, True, False, False, True])])
+@pytest.mark.parametrize("setting, releases", [(True, [True] * 6), (False, [False] * 6), ("auto", [True] * 6)])
 def test_freed_memory_released_as_release_memory_says(tiny_llama, monkeypatch, setting, releases) -> None:
-    """On glibc the token loss hands freed pages back before every forward (true), never (false), or only before
-    a batch with more tokens than any before it (auto); the run's log says which; the loss is the same."""
+    """On glibc a full fine-tune's token loss hands freed pages back before every forward (true, and auto for
+    full fine-tuning) or never (false); the run's log says which; the loss is the same."""
     import platform
 
     from tunesmith.training import speed
@@ -444,9 +446,30 @@ def test_freed_memory_released_as_release_memory_says(tiny_llama, monkeypatch, s
             assert torch.equal(setup.token_loss(model, batch), kept.token_loss(model, batch))
             seen.append(len(calls) > before)
     phrase = {True: "released before every forward", False: "kept (train.speed.release_memory: false)",
-              "auto": "released before a longer batch than any before (auto)"}[setting]
+              "auto": "released before every forward (auto: full fine-tuning)"}[setting]
     assert any(phrase in note for note in setup.notes) is (glibc or setting is False)
     assert seen == (releases if glibc else [False] * 6)
+
+
+def test_auto_release_before_near_longest_batches_for_other_methods(monkeypatch) -> None:
+    """``release_memory: auto`` outside full fine-tuning: freed pages go back before a batch with 3/4 or more of
+    the longest one's tokens (66, 19, 95, 95, 6, 145: the 1st, 3rd, 4th and 6th), and the log says so."""
+    import platform
+
+    from tunesmith.training import speed
+    from tunesmith.training.speed import releasing_memory
+
+    glibc = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+    loss_fn, note = releasing_memory(lambda model, batch: batch["input_ids"].sum(), SpeedSection(), CPU.device, "lora")
+    assert ("released before a batch of 75%+ of the longest one's tokens (auto)" in note) is glibc
+    calls = []
+    monkeypatch.setattr(speed, "release_freed_memory", lambda: calls.append(True) or True)
+    seen = []
+    for tokens in (66, 19, 95, 95, 6, 145):
+        before = len(calls)
+        assert int(loss_fn(None, {"input_ids": torch.ones(1, tokens, dtype=torch.long)})) == tokens
+        seen.append(len(calls) > before)
+    assert seen == ([True, False, True, True, False, True] if glibc else [False] * 6)
 
 
 @pytest.mark.parametrize("setting, on", [(True, True), (False, False), ("auto", False)])
@@ -501,3 +524,39 @@ def test_compiled_attention_lever_marks_the_packed_attention(tiny_llama, compile
         for restore in setup.restore:
             restore()
     assert not any(hasattr(module, COMPILED_BACKWARD) for module in attentions)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("max_norm", [1e-6, 1e3, None])
+def test_clip_and_step_updates_as_clip_grad_norm_then_step(fused: bool, max_norm) -> None:
+    """The loop's clip folded into fused AdamW's pass: the weights clip_grad_norm_ + step give, to one rounding
+    where the gradients are scaled (1e-6: every step clips, to gradients near AdamW's eps, so an unclipped step
+    lands far off), bit for bit where they are not (1e3, None) and without the fused kernel (the plain multiply)."""
+    from tunesmith.training.schedule import clip_and_step
+
+    def parameters_and_optimizer():
+        torch.manual_seed(0)
+        weights = [torch.nn.Parameter(torch.randn(shape)) for shape in ((64, 32), (32,), (7, 5))]
+        return weights, torch.optim.AdamW(weights, lr=1e-2, weight_decay=0.1, fused=fused or None)
+
+    (reference, reference_optimizer), (ours, optimizer), (unclipped, plain) = (parameters_and_optimizer()
+                                                                               for _ in range(3))
+    for step in range(3):
+        gradients = [torch.randn(p.shape, generator=torch.Generator().manual_seed(step * 10 + i))
+                     for i, p in enumerate(reference)]
+        for weights in (reference, ours, unclipped):
+            for p, g in zip(weights, gradients):
+                p.grad = g.clone()
+        if max_norm is not None:
+            torch.nn.utils.clip_grad_norm_(reference, max_norm)
+        reference_optimizer.step()
+        plain.step()
+        clip_and_step(optimizer, ours, max_norm, torch.nn.utils.get_total_norm([p.grad for p in ours]))
+        assert not hasattr(optimizer, "grad_scale")  # taken off again: the next step is not scaled by it
+    for mine, theirs, off in zip(ours, reference, unclipped):
+        if max_norm == 1e-6:
+            assert (off - theirs).abs().max() > 1e-3  # the clip matters here
+        if fused and max_norm == 1e-6:
+            torch.testing.assert_close(mine, theirs, rtol=1e-6, atol=1e-6)
+        else:
+            assert torch.equal(mine, theirs)

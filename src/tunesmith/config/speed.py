@@ -72,9 +72,10 @@ class SpeedSection(Section):
     release_memory: Union[bool, Literal["auto"]] = Field(
         "auto", description="Hand the memory glibc holds free back to the operating system before a forward "
         "(malloc_trim), so peak RSS stays near one step's activations instead of growing with the longest batches "
-        "seen. 'auto' (default): only before a micro-batch longer than any before it, the only steps whose "
-        "activations outgrow the freed blocks (the pages are not faulted in again every step); true: before every "
-        "forward; false: never. The run's log says which. No effect off Linux/glibc."
+        "seen. 'auto' (default): before every forward for full fine-tuning (its peak RSS binds), else only before a "
+        "micro-batch with 3/4 or more of the longest one's tokens, the steps whose activations outgrow the freed "
+        "blocks (the pages are not faulted in again every step); true: before every forward; false: never. "
+        "The run's log says which. No effect off Linux/glibc."
     )
 
     @property

@@ -26,7 +26,7 @@ from tunesmith.training.faults import StopRequest, check_finite
 from tunesmith.training.hooks import Hook
 from tunesmith.training.objective import Objective
 from tunesmith.training.sampler import Sampler
-from tunesmith.training.schedule import add_param_groups, build_optimizer, build_scheduler, planned_steps
+from tunesmith.training.schedule import add_param_groups, build_optimizer, build_scheduler, clip_and_step, planned_steps
 from tunesmith.training.sharding import (
     full_state_dict,
     gradient_sync,
@@ -195,14 +195,12 @@ class Trainer:
         for penalty in self.seams.penalties:
             penalty(self.model).backward()  # the same on every process: no gradient sync needed
         parameters = [p for p in self.model.parameters() if p.grad is not None]
-        max_norm = self.train_config.max_grad_norm
-        grad_norm = (torch.nn.utils.clip_grad_norm_(parameters, max_norm) if max_norm is not None
-                     else torch.nn.utils.get_total_norm([p.grad for p in parameters]))
+        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in parameters])
         loss = self.all_reduce_sum(float(step_loss)) / units
         check_finite(step + 1, loss, float(grad_norm), self.scheduler.get_last_lr()[0], self.checkpoint_dir,
                      lambda: [getattr(self.data.train[i], "source", "")
                               for indices in self.sampler.micro_batches(step) for i in indices])
-        self.optimizer.step()
+        clip_and_step(self.optimizer, parameters, self.train_config.max_grad_norm, grad_norm)
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return loss, int(real_tokens)

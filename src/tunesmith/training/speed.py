@@ -153,7 +153,7 @@ def apply_speed(model: torch.nn.Module, method: Method, section: SpeedSection, t
     group = section.group_by_length and not packing and train.grad_accum > 1
     if group:
         notes.append("length-grouped micro-batches")
-    loss, release_note = releasing_memory(loss, section, device)
+    loss, release_note = releasing_memory(loss, section, device, method.kind)
     notes.append(release_note)
     return SpeedSetup(loss, pack_collate if packing else collate, packing, dtype, group, notes, restore,
                       compile_note if section.compile is not False else "")
@@ -302,19 +302,25 @@ def adapter_input_casts_off(model: torch.nn.Module) -> Iterator[None]:
                 module.cast_input_dtype_enabled = value
 
 
-def releasing_memory(loss_fn: Callable, section: SpeedSection, device: torch.device) -> tuple[Callable, str]:
+def releasing_memory(loss_fn: Callable, section: SpeedSection, device: torch.device,
+                     method: str = "") -> tuple[Callable, str]:
     """``loss_fn`` releasing freed memory before its forward as ``train.speed.release_memory`` says, and the
     run's log phrase saying which.
 
-    ``true`` releases before every forward; ``auto`` only before a micro-batch with more tokens than any
-    before it. Activations are allocated at sizes set by the micro-batch's length: a batch no longer than
-    the longest seen fits in the blocks glibc already holds free, and only a longer one makes the heap
-    grow (measured: the resident set grew at each new longest step, benchmarks/RESULTS.md). Releasing
+    ``true`` releases before every forward; ``auto`` only before a micro-batch with at least 3/4 of the
+    tokens of the longest before it. Activations are allocated at sizes set by the micro-batch's length: a
+    much shorter batch fits in the blocks glibc already holds free, a new longest one makes the heap grow, and
+    so does a near-longest one once the free blocks are fragmented (measured over 24 steps, benchmarks/RESULTS.md:
+    session 10's rule, a new longest batch only, let a full fine-tune's peak creep by 1.3 GB). Releasing
     every step holds the peak to what is live but hands back pages the next forward faults in again:
     compiled SmolLM2 LoRA ran 1.07x-1.23x faster without it (session 9 quiet, session 10 busy, one repeat
     each), and ``auto`` against ``true`` 1.18x and 1.05x at +4% RSS (session 10, busy; full fine-tuning 1.81x
     and 0.83x, no verdict, at the same RSS). The cost is glibc's fragmentation in the steps not released
-    before: 60-98 MB over the longest step's peak in two steps (docs/speed.md).
+    before: 60-98 MB over the longest step's peak in two steps (docs/speed.md). For full fine-tuning
+    (:data:`RELEASE_EVERY_FORWARD`) ``auto`` releases before every forward: its peak RSS is what binds.
+
+    Args:
+        method: The method's kind (``auto`` decides by it).
     """
     if section.release_memory is False:
         return loss_fn, "freed memory kept (train.speed.release_memory: false)"
@@ -323,7 +329,11 @@ def releasing_memory(loss_fn: Callable, section: SpeedSection, device: torch.dev
     if section.release_memory is True:
         return functools.partial(after_releasing_memory, loss_fn), \
             "freed memory released before every forward (train.speed.release_memory: true)"
-    return ReleaseBeforeLongerBatch(loss_fn), "freed memory released before a longer batch than any before (auto)"
+    if method in RELEASE_EVERY_FORWARD:
+        return functools.partial(after_releasing_memory, loss_fn), \
+            f"freed memory released before every forward (auto: {method} fine-tuning)"
+    return ReleaseBeforeLongBatch(loss_fn), \
+        f"freed memory released before a batch of {NEAR_LONGEST:.0%}+ of the longest one's tokens (auto)"
 
 
 def after_releasing_memory(loss_fn: Callable, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -332,18 +342,29 @@ def after_releasing_memory(loss_fn: Callable, model: torch.nn.Module, batch: dic
     return loss_fn(model, batch)
 
 
-class ReleaseBeforeLongerBatch:
-    """``loss_fn`` that releases freed memory first when the batch has more tokens than any before it
-    (``release_memory: auto``, see :func:`releasing_memory`)."""
+# ``release_memory: auto`` releases before a micro-batch with at least this share of the longest one's tokens.
+# Releasing only before a new longest batch (session 10's rule) let a full fine-tune's resident set creep from
+# 4,126 MB to 5,437 MB in 23 steps: each near-longest batch that came after it (97%, 90%, 91% of the longest)
+# outgrew glibc's fragmented free blocks by 300-600 MB, the shorter ones by 10-30 MB (benchmarks/RESULTS.md).
+NEAR_LONGEST = 0.75
+# ... except for the methods whose resident set is what binds: a full fine-tune still crept 0.5 GB over its
+# longest step under that rule (5,030 MB in 24 steps; 4,778 MB releasing every step), and its speed A/Bs gave no verdict
+# (true at 0.55x, 1.20x, 0.69x, 1.13x auto's, busy). There ``auto`` releases before every forward.
+RELEASE_EVERY_FORWARD = ("full",)
+
+
+class ReleaseBeforeLongBatch:
+    """``loss_fn`` that releases freed memory first when the batch has at least :data:`NEAR_LONGEST` of the
+    tokens of the longest batch before it (``release_memory: auto``, see :func:`releasing_memory`)."""
 
     def __init__(self, loss_fn: Callable) -> None:
         self.loss_fn, self.longest = loss_fn, 0
 
     def __call__(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         tokens = batch["input_ids"].numel()
-        if tokens > self.longest:
-            self.longest = tokens
+        if tokens >= NEAR_LONGEST * self.longest:
             release_freed_memory()
+        self.longest = max(self.longest, tokens)
         return self.loss_fn(model, batch)
 
 
