@@ -172,6 +172,45 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict[str, str] | None = No
 
 
 @pytest.fixture
+def cli(capsys, monkeypatch):
+    """``tunesmith ARGS`` run in this process (``tunesmith.cli.main``), as ``run_cli`` runs it in a new one.
+
+    Returns a CompletedProcess (exit status, standard output, standard error). For the checks whose subject is
+    not the process boundary: each ``run_cli`` pays a fresh Python's import of torch and transformers (5-10 s
+    on two cores), this call nothing. An exception that escapes ``main`` fails the test where the process
+    would have printed a traceback. Keep ``run_cli`` for a journey's one real process, for what only a process
+    shows (library warnings on the real standard error, signals, exit on a crash), and where the test uses capfd.
+    """
+    import io
+    import subprocess
+    import sys
+
+    from tunesmith.cli import main
+
+    def call(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None, input: str | None = None):
+        capsys.readouterr()  # drop what the test printed before
+        saved = dict(os.environ)  # main() sets OpenMP's wait policy in the environment; put it back
+        with monkeypatch.context() as patch:
+            if cwd is not None:
+                patch.chdir(cwd)
+            for name, value in (env or {}).items():
+                patch.setenv(name, value)
+            if input is not None:
+                patch.setattr(sys, "stdin", io.StringIO(input))
+            try:
+                code = main(list(args))
+            except SystemExit as exit_:  # argparse's own refusals
+                code = exit_.code
+            finally:
+                os.environ.clear()
+                os.environ.update(saved)
+        captured = capsys.readouterr()
+        return subprocess.CompletedProcess(["tunesmith", *args], code, captured.out, captured.err)
+
+    return call
+
+
+@pytest.fixture
 def tiny_recipe(tiny_llama, tiny_data, tmp_path):
     """Factory of a fast recipe on the tiny Llama and the tiny data; overrides as dotted keys."""
     from tunesmith.config import apply_override, validate_recipe
