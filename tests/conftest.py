@@ -188,8 +188,15 @@ def cli(capsys, monkeypatch):
     from tunesmith.cli import main
 
     def call(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None, input: str | None = None):
+        import logging
+
+        from transformers.utils import logging as transformers_logging
+
         capsys.readouterr()  # drop what the test printed before
         saved = dict(os.environ)  # main() sets OpenMP's wait policy in the environment; put it back
+        # and quiets libraries for its process: put their logging back too, for the tests that follow
+        verbosity, bars = transformers_logging.get_verbosity(), transformers_logging.is_progress_bar_enabled()
+        bitsandbytes_level = logging.getLogger("bitsandbytes").level
         with monkeypatch.context() as patch:
             if cwd is not None:
                 patch.chdir(cwd)
@@ -204,6 +211,9 @@ def cli(capsys, monkeypatch):
             finally:
                 os.environ.clear()
                 os.environ.update(saved)
+                transformers_logging.set_verbosity(verbosity)
+                (transformers_logging.enable_progress_bar if bars else transformers_logging.disable_progress_bar)()
+                logging.getLogger("bitsandbytes").setLevel(bitsandbytes_level)
         captured = capsys.readouterr()
         return subprocess.CompletedProcess(["tunesmith", *args], code, captured.out, captured.err)
 
