@@ -209,7 +209,8 @@ def cli(capsys, monkeypatch):
             except SystemExit as exit_:  # argparse's own refusals
                 code = exit_.code
             finally:
-                os.environ.clear()
+                for name in set(os.environ) - set(saved):
+                    del os.environ[name]
                 os.environ.update(saved)
                 transformers_logging.set_verbosity(verbosity)
                 (transformers_logging.enable_progress_bar if bars else transformers_logging.disable_progress_bar)()
