@@ -172,6 +172,56 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict[str, str] | None = No
 
 
 @pytest.fixture
+def cli(capsys, monkeypatch):
+    """``tunesmith ARGS`` run in this process (``tunesmith.cli.main``), as ``run_cli`` runs it in a new one.
+
+    Returns a CompletedProcess (exit status, standard output, standard error). For the checks whose subject is
+    not the process boundary: each ``run_cli`` pays a fresh Python's import of torch and transformers (5-10 s
+    on two cores), this call nothing. An exception that escapes ``main`` fails the test where the process
+    would have printed a traceback. Keep ``run_cli`` for a journey's one real process, for what only a process
+    shows (library warnings on the real standard error, signals, exit on a crash), and where the test uses capfd.
+    """
+    import io
+    import subprocess
+    import sys
+
+    from tunesmith.cli import main
+
+    def call(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None, input: str | None = None):
+        import logging
+
+        from transformers.utils import logging as transformers_logging
+
+        capsys.readouterr()  # drop what the test printed before
+        saved = dict(os.environ)  # main() sets OpenMP's wait policy in the environment; put it back
+        # and quiets libraries for its process: put their logging back too, for the tests that follow
+        verbosity, bars = transformers_logging.get_verbosity(), transformers_logging.is_progress_bar_enabled()
+        bitsandbytes_level = logging.getLogger("bitsandbytes").level
+        with monkeypatch.context() as patch:
+            if cwd is not None:
+                patch.chdir(cwd)
+            for name, value in (env or {}).items():
+                patch.setenv(name, value)
+            if input is not None:
+                patch.setattr(sys, "stdin", io.StringIO(input))
+            try:
+                code = main(list(args))
+            except SystemExit as exit_:  # argparse's own refusals
+                code = exit_.code
+            finally:
+                for name in set(os.environ) - set(saved):
+                    del os.environ[name]
+                os.environ.update(saved)
+                transformers_logging.set_verbosity(verbosity)
+                (transformers_logging.enable_progress_bar if bars else transformers_logging.disable_progress_bar)()
+                logging.getLogger("bitsandbytes").setLevel(bitsandbytes_level)
+        captured = capsys.readouterr()
+        return subprocess.CompletedProcess(["tunesmith", *args], code, captured.out, captured.err)
+
+    return call
+
+
+@pytest.fixture
 def tiny_recipe(tiny_llama, tiny_data, tmp_path):
     """Factory of a fast recipe on the tiny Llama and the tiny data; overrides as dotted keys."""
     from tunesmith.config import apply_override, validate_recipe

@@ -66,14 +66,14 @@ def test_the_critique_sees_the_draft_and_the_revision_sees_the_critique(tiny_lla
                                  {"role": "user", "content": principle.revision_request}]
 
 
-def test_a_principles_file_without_pairs_names_the_line(tmp_path):
+def test_a_principles_file_without_pairs_names_the_line(tmp_path, cli):
     path = tmp_path / "principles.jsonl"
     path.write_text(json.dumps({"critique_request": "a", "revision_request": "b"}) + "\n"
                     + json.dumps({"name": "half", "critique_request": "only a critique"}) + "\n")
     with pytest.raises(TunesmithError, match=r"principles.jsonl, line 2: a principle needs a critique_request and a "
                                              r"revision_request"):
         read_principles(path)
-    result = run_cli("cai", "--principles", str(path), "--prompts", str(PROMPTS), "--out", str(tmp_path / "o"))
+    result = cli("cai", "--principles", str(path), "--prompts", str(PROMPTS), "--out", str(tmp_path / "o"))
     assert result.returncode == 2 and "line 2" in result.stderr and "Traceback" not in result.stderr
 
 

@@ -17,8 +17,6 @@ from tunesmith.data.formats import FormatOptions, detect_format
 from tunesmith.data.prepare.inspect import inspect_file
 from tunesmith.data.readers import read_records
 
-from conftest import run_cli
-
 ROWS = [{"headline": "Late goal wins the cup final", "topic": "sport", "note": "n1"},
         {"headline": "Parliament passes the budget", "topic": "politics", "note": "n2"},
         {"headline": "Telescope finds a new planet", "topic": "science", "note": "n3"}]
@@ -94,12 +92,12 @@ def test_inspect_counts_what_the_mapping_yields(tmp_path):
     assert list(mapped.lengths) == [7, 5, 6]  # prompt words + the label
 
 
-def test_cli_inspect_reads_the_same_mapping(tmp_path):
+def test_cli_inspect_reads_the_same_mapping(tmp_path, cli):
     path = write_table(tmp_path, ".tsv")
-    result = run_cli("data", "inspect", str(path), "--columns", "prompt=headline,label=topic")
+    result = cli("data", "inspect", str(path), "--columns", "prompt=headline,label=topic")
     assert result.returncode == 0, result.stderr
     assert "3 records (columns)" in result.stdout
-    bad = run_cli("data", "inspect", str(path), "--columns", "prompt=headline")
+    bad = cli("data", "inspect", str(path), "--columns", "prompt=headline")
     assert bad.returncode == 2 and "columns.answer or columns.label" in bad.stderr and "Traceback" not in bad.stderr
 
 

@@ -229,14 +229,12 @@ def test_quantized_decoding_composes_with_the_compiled_step(kind):
     assert not step.failed and step.compile_seconds > 0 and getattr(model, ATTRIBUTE, None) is None
 
 
-@pytest.mark.slow  # a subprocess: about 6 s
 @pytest.mark.parametrize("kind", KINDS)
-def test_generate_command_with_quantize_prints_the_quantised_reply(tiny_llama, kind):
+def test_generate_command_with_quantize_prints_the_quantised_reply(tiny_llama, kind, cli):
+    """The command in this process (``cli``; a subprocess cost about 6 s of imports): the subject is its reply."""
     from tunesmith.inference.generate import generate, load_for_inference
 
-    from conftest import run_cli
-
-    printed = run_cli("generate", "--model", tiny_llama, "--prompt", "Once upon a time", "--max-new-tokens", "8",
+    printed = cli("generate", "--model", tiny_llama, "--prompt", "Once upon a time", "--max-new-tokens", "8",
                       "--quantize", kind)
     assert printed.returncode == 0, printed.stderr
     model, tokenizer = load_for_inference(tiny_llama)

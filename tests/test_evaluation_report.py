@@ -170,7 +170,9 @@ def test_report_numbers_equal_an_independent_computation(tuned_run, tiny_llama):
 
 
 @pytest.mark.slow
-def test_cli_eval_single_model_and_compare(tuned_run, tiny_llama):
+def test_cli_eval_single_model_and_compare(tuned_run, tiny_llama, cli):
+    """The single-model eval as a user runs it (a process); the comparison in this process (``cli``): its
+    subject is the table and the results file, and a second fresh import of torch costs 5-10 s."""
     root, _ = tuned_run
     out = root / "cli"
     result = run_cli("eval", "--model", tiny_llama, "--adapter", str(root / "run" / "adapter"), "--bias",
@@ -180,7 +182,7 @@ def test_cli_eval_single_model_and_compare(tuned_run, tiny_llama):
     check_schema(document)
     assert document["comparison"] is None and list(document["runs"]) == ["model"]
 
-    result = run_cli("eval", "--compare", tiny_llama, str(root / "run"), "--bias", "--out", str(out / "two"))
+    result = cli("eval", "--compare", tiny_llama, str(root / "run"), "--bias", "--out", str(out / "two"))
     assert result.returncode == 0, result.stderr
     assert "bias change" in result.stdout
     document = json.loads((out / "two" / "results.json").read_text())
@@ -189,6 +191,6 @@ def test_cli_eval_single_model_and_compare(tuned_run, tiny_llama):
         ["runs"]["base"]["suites"]["bias"]["tasks"]["counterfactual_pairs"]["score"])
 
 
-def test_cli_names_a_missing_suite_file(tmp_path):
-    result = run_cli("eval", "--model", "unused", "--suite", str(tmp_path / "missing.yaml"))
+def test_cli_names_a_missing_suite_file(tmp_path, cli):
+    result = cli("eval", "--model", "unused", "--suite", str(tmp_path / "missing.yaml"))
     assert result.returncode == 2 and "missing.yaml does not exist" in result.stderr

@@ -10,8 +10,6 @@ import pytest
 
 from tunesmith.core.errors import TunesmithError
 
-from conftest import run_cli
-
 pytestmark = pytest.mark.slow
 
 
@@ -45,11 +43,11 @@ def test_export_keeps_the_head_and_labels(classifier, tmp_path, format):
     assert "head.safetensors and labels.json reloaded: 2 labels" in report.describe()
 
 
-def test_gguf_of_a_classifier_is_refused_naming_what_can_hold_it(classifier, tmp_path):
+def test_gguf_of_a_classifier_is_refused_naming_what_can_hold_it(classifier, tmp_path, cli):
     from tunesmith.export import export
 
     with pytest.raises(TunesmithError, match="GGUF cannot hold it; export it with --format hf .* or --format peft"):
         export(classifier, tmp_path / "gguf", "gguf")
     assert not (tmp_path / "gguf").exists()
-    result = run_cli("export", str(classifier), "--format", "gguf", "--out", str(tmp_path / "g"))
+    result = cli("export", str(classifier), "--format", "gguf", "--out", str(tmp_path / "g"))
     assert result.returncode == 2 and "Traceback" not in result.stderr

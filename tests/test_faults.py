@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from tests.conftest import REPO, StartedAt, StopAt, run_cli
+from tests.conftest import REPO, StartedAt, StopAt
 
 from tunesmith.core.errors import TunesmithError
 from tunesmith.pipeline.finetune import finetune
@@ -143,19 +143,21 @@ def test_read_only_output_folder_is_one_sentence_before_the_model_loads(tiny_rec
 
 # --- compare --------------------------------------------------------------------------------------------
 
-def test_compare_refuses_an_existing_run_folder_unless_asked(tmp_path, tiny_llama):
+def test_compare_refuses_an_existing_run_folder_unless_asked(tmp_path, tiny_llama, cli):
+    """In this process (``cli``), as the other refusals here: the subject is the sentence, the exit status and
+    the user's file, not the process."""
     out = tmp_path / "cmp"
     (out / "lora").mkdir(parents=True)
     (out / "lora" / "keep.txt").write_text("a user's file")
     recipe = tmp_path / "lora.yaml"
     recipe.write_text(f"model: {{name: {tiny_llama}}}\ndata: {{train: {REPO}/examples/data/tiny/train.jsonl}}\n"
                       "method: {kind: lora, r: 2}\ntrain: {max_steps: 1, device: cpu}\n")
-    completed = run_cli("compare", str(recipe), "--out", str(out), "--no-progress")
+    completed = cli("compare", str(recipe), "--out", str(out), "--no-progress")
     assert completed.returncode == 2 and "Traceback" not in completed.stderr, completed.stderr
     assert "already exist" in completed.stderr and "--overwrite" in completed.stderr
     assert (out / "lora" / "keep.txt").read_text() == "a user's file"
     # Asked to overwrite, train still refuses to delete a folder that is not a run.
-    completed = run_cli("compare", str(recipe), "--out", str(out), "--no-progress", "--overwrite")
+    completed = cli("compare", str(recipe), "--out", str(out), "--no-progress", "--overwrite")
     assert completed.returncode == 2 and "only replaces a tunesmith run" in completed.stderr, completed.stderr
     assert (out / "lora" / "keep.txt").read_text() == "a user's file"
 
@@ -167,14 +169,15 @@ def test_inf_in_a_recipe_is_a_schema_error(tiny_recipe):
         tiny_recipe("train.lr=.inf")
 
 
-def test_nan_loss_stops_with_exit_2_naming_the_step_and_records_and_saves_nothing(tmp_path, tiny_llama, tiny_data):
+def test_nan_loss_stops_with_exit_2_naming_the_step_and_records_and_saves_nothing(tmp_path, tiny_llama, tiny_data,
+                                                                                  cli):
     recipe = tmp_path / "nan.yaml"
     out = tmp_path / "run"
     recipe.write_text(f"model: {{name: {tiny_llama}}}\ndata: {{train: {tiny_data}, max_length: 96, template: simple}}\n"
                       "method: {kind: lora, r: 4}\n"
                       "train: {max_steps: 20, batch_size: 4, lr: 1.0e+30, checkpoint_every: 1, device: cpu}\n"
                       f"output: {{dir: {out}}}\n")
-    completed = run_cli("train", str(recipe), "--no-progress")
+    completed = cli("train", str(recipe), "--no-progress")
     assert completed.returncode == 2 and "Traceback" not in completed.stderr, completed.stderr
     message = completed.stderr
     assert "training stopped at step" in message and "instructions.json, record" in message
@@ -324,8 +327,8 @@ def test_resume_allow_changes_continues_with_a_warning_and_records_the_new_finge
     assert json.loads((last / "state.json").read_text())["fingerprint"] == run_fingerprint(changed)
 
 
-def test_allow_changes_without_resume_is_refused(tmp_path):
-    completed = run_cli("train", str(tmp_path / "r.yaml"), "--allow-changes")
+def test_allow_changes_without_resume_is_refused(tmp_path, cli):
+    completed = cli("train", str(tmp_path / "r.yaml"), "--allow-changes")
     assert completed.returncode == 2 and "--allow-changes only applies to --resume" in completed.stderr
 
 
@@ -711,7 +714,10 @@ def test_a_second_writer_is_refused_at_once_and_a_killed_holder_releases_the_loc
 
 
 @pytest.mark.slow
-def test_train_and_resume_beside_a_running_training_are_refused_without_a_traceback(tmp_path, tiny_llama):
+def test_train_and_resume_beside_a_running_training_are_refused_without_a_traceback(tmp_path, tiny_llama, cli):
+    """The running training is a real process; the refused ones run in this process (``cli``), which to the
+    lock is another process all the same, without a fresh import of torch each (5-10 s, far more beside a
+    training)."""
     out = tmp_path / "run"
     recipe = _recipe_file(tmp_path, tiny_llama, out, max_steps=100000, every=1)
     env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
@@ -723,7 +729,7 @@ def test_train_and_resume_beside_a_running_training_are_refused_without_a_traceb
             time.sleep(0.05)
         assert first.poll() is None, first.stderr.read()
         for extra in ([], ["--resume"], ["--overwrite"]):
-            second = run_cli("train", str(recipe), f"output.dir={out}", *extra, timeout=180)
+            second = cli("train", str(recipe), f"output.dir={out}", *extra)
             assert second.returncode == 2 and "Traceback" not in second.stderr, second.stderr
             assert (f"output folder {out} is being written by another tunesmith process (pid {first.pid}: "
                     f"tunesmith train {recipe} output.dir={out} --no-progress)") in second.stderr
@@ -732,5 +738,5 @@ def test_train_and_resume_beside_a_running_training_are_refused_without_a_traceb
         first.send_signal(signal.SIGKILL)
         first.wait(timeout=60)
     # The killed run's lock is gone with it: --resume passes the lock and reaches its own checks.
-    resumed = run_cli("train", str(recipe), f"output.dir={out}", "train.max_steps=1", "--resume", timeout=180)
+    resumed = cli("train", str(recipe), f"output.dir={out}", "train.max_steps=1", "--resume")
     assert resumed.returncode == 2 and "is below step" in resumed.stderr, resumed.stderr

@@ -192,8 +192,10 @@ def test_resume_is_exact_with_mixing_ewc_on_generations_neftune_and_lora(runs, t
 
 
 @pytest.mark.slow
-def test_compare_command_writes_table_json_and_plot(runs, tmp_path):
-    from tests.conftest import run_cli
+def test_compare_command_writes_table_json_and_plot(runs, tmp_path, cli):
+    """The command in this process (``cli``): it trains each recipe in a process of its own all the same (with
+    this checkout's sources, as ``run_cli`` gives them)."""
+    from tests.conftest import REPO
 
     root, _ = runs
     recipes = []
@@ -202,7 +204,8 @@ def test_compare_command_writes_table_json_and_plot(runs, tmp_path):
         path = tmp_path / f"{name}.yaml"
         path.write_text(config)
         recipes.append(str(path))
-    result = run_cli("compare", *recipes, "--out", str(tmp_path / "cmp"), "--no-progress", "--set", "train.max_steps=5")
+    result = cli("compare", *recipes, "--out", str(tmp_path / "cmp"), "--no-progress", "--set", "train.max_steps=5",
+                 env={"PYTHONPATH": str(REPO / "src")})
     assert result.returncode == 0, result.stderr
     rows = json.loads((tmp_path / "cmp" / "comparison.json").read_text())
     assert [r["recipe"] for r in rows] == ["full", "ewc"] and all(r["forgetting"] is not None for r in rows)

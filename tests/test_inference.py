@@ -8,7 +8,9 @@ def chat_replies(stdout: str) -> list[str]:
     return [part.split("\n", 1)[0].strip() for part in stdout.split("model> ")[1:]]
 
 
-def test_generate_and_chat_commands_on_a_trained_adapter(tiny_recipe, tmp_path, tiny_llama):
+def test_generate_and_chat_commands_on_a_trained_adapter(tiny_recipe, tmp_path, tiny_llama, cli):
+    """generate in a real process (its standard error shows no library warning); chat in this process (``cli``,
+    standard input given as a file): its subject is the conversation, kept and reset."""
     from tunesmith.data.templates import TEMPLATES
     from tunesmith.inference.generate import generate, load_for_inference, stream_reply
     from tunesmith.pipeline.finetune import finetune
@@ -31,8 +33,8 @@ def test_generate_and_chat_commands_on_a_trained_adapter(tiny_recipe, tmp_path, 
 
     system = {"role": "system", "content": "Be brief."}
     first, second = "Tell me a story.", "What is the opposite of hot?"
-    chat = run_cli("chat", "--model", tiny_llama, "--adapter", adapter, "--max-new-tokens", "8", "--system",
-                   "Be brief.", input=f"{first}\n{second}\n/reset\n{second}\n/exit\n")
+    chat = cli("chat", "--model", tiny_llama, "--adapter", adapter, "--max-new-tokens", "8", "--system",
+               "Be brief.", input=f"{first}\n{second}\n/reset\n{second}\n/exit\n")
     assert chat.returncode == 0, chat.stderr
 
     def reply(conversation, tok=tokenizer):

@@ -31,8 +31,8 @@ def test_every_method_has_an_example_recipe_that_validates_and_names_its_command
     assert kinds == set(METHODS.names())
 
 
-def test_methods_command_lists_every_method_and_counts_parameters(tiny_llama: str) -> None:
-    result = run_cli("methods", "--model", tiny_llama)
+def test_methods_command_lists_every_method_and_counts_parameters(tiny_llama: str, cli) -> None:
+    result = cli("methods", "--model", tiny_llama)  # in this process: the subject is the table, not the process
     assert result.returncode == 0, result.stderr
     for kind in METHODS.names():
         assert re.search(rf"^{kind} ", result.stdout, re.MULTILINE), kind
@@ -100,9 +100,11 @@ def test_export_of_an_adapter_without_merge_asks_for_it(tiny_llama: str, tmp_pat
         export_result(result, tmp_path / "plain", merge=False)
 
 
-def test_export_command_writes_a_folder_that_reloads_with_the_trained_outputs(tiny_llama: str, tmp_path: Path) -> None:
+def test_export_command_writes_a_folder_that_reloads_with_the_trained_outputs(tiny_llama: str, tmp_path: Path,
+                                                                              cli) -> None:
     """``tunesmith export`` as a user runs it: a LoRA result merged, reloaded by plain transformers,
-    gives the trained model's logits and greedy text; a second export into the same folder is refused."""
+    gives the trained model's logits and greedy text; a second export into the same folder is refused
+    (the refusals in this process: their subject is the sentence and the exit status, not the process)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from tunesmith.inference.generate import generate, load_for_inference
@@ -126,9 +128,9 @@ def test_export_command_writes_a_folder_that_reloads_with_the_trained_outputs(ti
     assert generate(plain, plain_tokenizer, conversation, max_new_tokens=8) == generate(
         trained, trained_tokenizer, conversation, max_new_tokens=8)
 
-    again = run_cli("export", "--adapter", str(result), "--out", str(out), "--merge")
+    again = cli("export", "--adapter", str(result), "--out", str(out), "--merge")
     assert again.returncode == 2 and "is not empty" in again.stderr and "Traceback" not in again.stderr
-    refused = run_cli("export", "--adapter", str(result), "--out", str(tmp_path / "other"))
+    refused = cli("export", "--adapter", str(result), "--out", str(tmp_path / "other"))
     assert refused.returncode == 2 and "add --merge" in refused.stderr and not (tmp_path / "other").exists()
 
 

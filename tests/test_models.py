@@ -32,13 +32,15 @@ def test_hub_ids_pass_through_unchanged(tmp_path):
     assert resolve_model_path("HuggingFaceTB/SmolLM2-135M-Instruct", tmp_path) == "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 
-def test_cli_errors_are_sentences_not_tracebacks(tmp_path):
+def test_cli_errors_are_sentences_not_tracebacks(tmp_path, cli):
+    """generate's refusal in a real process (its standard error holds nothing but progress lines and the
+    sentence); the listing in this process (``cli``)."""
     result = run_cli("generate", "--model", "no-such-alias", "--prompt", "hi")
     *progress, error = result.stderr.splitlines()  # progress lines first (loading ...), then the one sentence
     assert result.returncode == 2 and error.startswith("error: unknown model alias")
     assert all(line.endswith("...") for line in progress)
     assert "Traceback" not in result.stderr
-    listing = run_cli("models")
+    listing = cli("models")
     assert listing.returncode == 0 and all(name in listing.stdout for name in ALIASES)
 
 

@@ -48,17 +48,19 @@ def test_reproduce_gives_a_bit_identical_adapter_and_the_same_loss_curve(tiny_ll
     assert report["changed"] == {}
 
 
-def test_reproduce_refuses_changed_data_and_an_existing_out(tiny_llama, tmp_path):
+def test_reproduce_refuses_changed_data_and_an_existing_out(tiny_llama, tmp_path, cli):
+    """The refusals run in this process (``cli``): their subject is the sentence and the exit status; the test
+    above keeps the real processes (a run trained by one process, reproduced bit-identically by another)."""
     recipe = write_recipe(tmp_path, tiny_llama)
-    assert run_cli("train", str(recipe), "--no-progress", cwd=tmp_path).returncode == 0
+    assert cli("train", str(recipe), "--no-progress", cwd=tmp_path).returncode == 0
     (tmp_path / "occupied").mkdir()
-    done = run_cli("reproduce", str(tmp_path / "run"), "--out", str(tmp_path / "occupied"))
+    done = cli("reproduce", str(tmp_path / "run"), "--out", str(tmp_path / "occupied"))
     assert done.returncode == 2 and "already exists; choose another --out" in done.stderr
     rows = json.loads((tmp_path / "data.json").read_text())
     (tmp_path / "data.json").write_text(json.dumps(rows[1:]))
-    done = run_cli("reproduce", str(tmp_path / "run"))
+    done = cli("reproduce", str(tmp_path / "run"))
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert f"data file {tmp_path / 'data.json'} changed since the run" in done.stderr
     assert not (tmp_path / "run-reproduced").exists()
-    done = run_cli("reproduce", str(tmp_path))
+    done = cli("reproduce", str(tmp_path))
     assert done.returncode == 2 and "is not a finished tunesmith run" in done.stderr

@@ -165,11 +165,11 @@ def test_model_card_loads_and_names_base_metric_and_recipe(tracked, tiny_llama):
     assert f"| tokens | {summary['tokens']} |" in card.text
 
 
-def test_export_carries_a_card_with_its_checks(tracked, tmp_path):
+def test_export_carries_a_card_with_its_checks(tracked, tmp_path, cli):
     from huggingface_hub import ModelCard
 
     run, _, _ = tracked
-    done = run_cli("export", str(run), "--format", "hf", "--out", str(tmp_path / "merged"))
+    done = cli("export", str(run), "--format", "hf", "--out", str(tmp_path / "merged"))
     assert done.returncode == 0, done.stderr[-2000:]
     card = ModelCard.load(tmp_path / "merged" / "README.md")
     assert card.data.library_name == "transformers" and "hf" in card.data.tags
