@@ -424,8 +424,10 @@ def stack_environment(stack: str, reference_policy: str) -> dict:
 
 
 def run_configuration(size: str, stack: str, method: str, steps: int, speed: dict, threads,
-                      reference_policy: str = "tunesmith") -> dict:
+                      reference_policy: str = "tunesmith", source: Optional[str] = None) -> dict:
     env = stack_environment(stack, reference_policy)
+    if source:  # another checkout's package (--before-src): a change without a lever, A/B'd in one run
+        env["PYTHONPATH"] = str(Path(source).resolve())
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
     if size == "smollm2" and stack.startswith("tunesmith"):
@@ -525,6 +527,9 @@ def main() -> None:
     parser.add_argument("--before-speed", default=None,
                         help="also run tunesmith with this train.speed (JSON) as stack tunesmith:before, in the same "
                         "repeats, and profile it too: a before/after measured in one run")
+    parser.add_argument("--before-src", default=None,
+                        help="the \"before\" configuration runs this src folder (e.g. ../main/src) instead of this "
+                             "checkout's: a change without a lever against the code before it, in one run")
     parser.add_argument("--threads", type=int, default=None, help="torch threads in every run (default: torch's)")
     parser.add_argument("--reference-policy", choices=("tunesmith", "torch"), default="tunesmith",
                         help="the reference's OpenMP wait policy: tunesmith's (the default, so that only the "
@@ -546,9 +551,9 @@ def main() -> None:
     size = "quick" if args.quick else args.model
     stacks = [f"reference:{name}" for name in args.references.split(",") if name] + ["tunesmith"]
     speeds = {"tunesmith": json.loads(args.speed)}
-    if args.before_speed is not None:
+    if args.before_speed is not None or args.before_src:
         stacks.insert(-1, "tunesmith:before")
-        speeds["tunesmith:before"] = json.loads(args.before_speed)
+        speeds["tunesmith:before"] = json.loads(args.before_speed or args.speed)
     shape = MODELS.get(size, "SmolLM2-135M-Instruct, alpaca_en_demo.json, max_length 512")
     print(f"model {size}: {shape}; batch {BATCH}; {args.steps} steps; {args.repeats} repeats; "
           f"tunesmith train.speed = {args.speed}; {torch.get_num_threads()} threads; "
@@ -565,7 +570,8 @@ def main() -> None:
         for method in args.methods.split(","):
             for stack in stacks:
                 run = run_configuration(size, stack, method, args.steps, speeds.get(stack, speeds["tunesmith"]),
-                                        args.threads, args.reference_policy)
+                                        args.threads, args.reference_policy,
+                                        args.before_src if stack == "tunesmith:before" else None)
                 results.setdefault((stack, method), []).append(run)
                 print(f"repeat {repeat + 1} {method:4} {stack:19}: {run['tokens_per_s']:7.0f} tokens/s, "
                       f"{run['peak_rss_mb']:6.0f} MB, final loss {run['final_loss']:.4f}, "

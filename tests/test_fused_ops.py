@@ -272,6 +272,35 @@ def test_fused_mlp_under_activation_checkpointing():
     assert all(torch.equal(mine, theirs) for mine, theirs in zip(fused, eager))
 
 
+def test_fused_mlp_for_compiled_layers_gives_eager_gradients():
+    """The compiled layers' MLP (the product recomputed by selective checkpointing), run eagerly as it runs where a
+    compile fell back: the output and every gradient equal to eager LlamaMLP's, bit for bit, in float32."""
+    from transformers.models.llama.modeling_llama import LlamaMLP
+
+    torch.manual_seed(0)
+    mlp = LlamaMLP(LlamaConfig(hidden_size=64, intermediate_size=176, num_attention_heads=4, hidden_act="silu"))
+    hidden, grad_output = torch.randn(2, 31, 64), torch.randn(2, 31, 64)
+    eager = _mlp_outputs_and_grads(mlp, hidden, grad_output, autocast=False)
+    count, restore = fuse_gated_mlps(mlp, compiled=True)
+    fused = _mlp_outputs_and_grads(mlp, hidden, grad_output, autocast=False)
+    restore()
+    assert count == 1
+    assert all(torch.equal(mine, theirs) for mine, theirs in zip(fused, eager))
+
+
+def test_fused_mlp_for_compiled_layers_with_lora_matches_peft_gradients():
+    """With peft's LoRA on the MLP: loss and every adapter gradient equal to peft's own (float32, eager)."""
+    model = _tiny_lora()
+    input_ids = torch.randint(0, 64, (2, 19))
+    reference_loss, reference = _loss_and_grads(model, input_ids)
+    _, restore = fuse_gated_mlps(model, compiled=True)
+    loss, grads = _loss_and_grads(model, input_ids)
+    restore()
+    assert torch.equal(loss, reference_loss)
+    for name, grad in grads.items():
+        assert torch.equal(grad, reference[name]), name
+
+
 def test_fused_silu_mul_skips_other_activations():
     """An MLP with GELU (or a module that is not Llama's MLP) keeps its own forward."""
     from transformers.models.llama.modeling_llama import LlamaMLP

@@ -22,7 +22,7 @@ from tunesmith.training.chunked_loss import (
     plain_loss_sum,
     softmax_rows,
 )
-from tunesmith.training.fused_mlp import _fused_forward, _fused_forward_keeping_product
+from tunesmith.training.fused_mlp import _fused_forward, _fused_forward_compiled, _fused_forward_keeping_product
 from tunesmith.training.hooks import Hook
 from tunesmith.training.loop import LoopSeams, Trainer
 from tunesmith.training.loss import count_real_tokens, count_target_tokens
@@ -560,3 +560,51 @@ def test_clip_and_step_updates_as_clip_grad_norm_then_step(fused: bool, max_norm
             torch.testing.assert_close(mine, theirs, rtol=1e-6, atol=1e-6)
         else:
             assert torch.equal(mine, theirs)
+
+
+@pytest.mark.parametrize("compiled", [True, False])
+def test_compiled_layers_recompute_the_mlp_product_by_selective_checkpointing(tiny_llama, compiled) -> None:
+    """Compiled, the fused MLP recomputes its product by selective checkpointing, which dynamo traces: the saved-tensor
+    hook that recomputes it eagerly would split each layer's graph (a graph break). Eager runs keep the hook."""
+    model = load_llama(tiny_llama)
+    section = SpeedSection(autocast="off", compile=compiled)
+    setup = apply_speed(model, build_method(FullMethod()), section, TrainSection(), CPU.device)
+    try:
+        forward = _fused_forward_compiled if compiled else _fused_forward
+        assert [layer.mlp.forward.__func__ for layer in model.model.layers] == [forward] * len(model.model.layers)
+    finally:
+        setup.undo()
+
+
+@pytest.mark.slow  # compiles the layers' forward and backward: 30-110 s on a busy machine
+def test_compiled_fused_mlp_has_no_graph_break(tiny_llama) -> None:
+    """The compiled layer's MLP traces as one graph: no graph break on saved-tensor hooks (session 10's profile had
+    three per layer, with down_proj and the residual run eagerly)."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    model = load_llama(tiny_llama)
+    setup = apply_speed(model, build_method(FullMethod()), SpeedSection(autocast="off", compile=True), TrainSection(),
+                        CPU.device)
+    try:
+        batch = pack_collate([EncodedExample(tuple(range(3, 3 + n)), tuple(range(3, 3 + n))) for n in (7, 12)], 0)
+        setup.token_loss(model, batch).backward()
+        reasons = " | ".join(str(reason) for reason in counters["graph_break"])
+        assert "saved_tensors" not in reasons, reasons
+        assert counters["stats"]["unique_graphs"] > 0  # the layers did compile
+        kept = {}
+
+        def pack(tensor):
+            kept[tensor.untyped_storage().data_ptr()] = tuple(tensor.shape)
+            return tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            loss = setup.token_loss(model, batch)
+        loss.backward()
+        wide = [shape for shape in kept.values() if shape == (19, model.config.intermediate_size)]  # (tokens, ·)
+        assert len(wide) == 2 * model.config.num_hidden_layers  # gate and up: the product is recomputed
+    finally:
+        setup.undo()
+        torch._dynamo.reset()

@@ -133,8 +133,9 @@ def apply_speed(model: torch.nn.Module, method: Method, section: SpeedSection, t
         restore.append(put_back)
         if count:
             notes.append(f"fused RMSNorm ({count})")
+    compiles, compile_note = compile_choice(section, method.kind, device, dtype, workload)
     if section.fused_mlp:
-        count, put_back = fuse_gated_mlps(base, recompute_product=not section.checkpointing)
+        count, put_back = fuse_gated_mlps(base, recompute_product=not section.checkpointing, compiled=compiles)
         restore.append(put_back)
         if count:
             notes.append(f"fused SiLU·up ({count})")
@@ -143,7 +144,6 @@ def apply_speed(model: torch.nn.Module, method: Method, section: SpeedSection, t
         restore.append(put_back)
         if count:
             notes.append(f"LoRA update by addmm ({count} layers)")
-    compiles, compile_note = compile_choice(section, method.kind, device, dtype, workload)
     if compiles:
         restore.append(compile_decoder_layers(base))
         notes.append("torch.compile")
