@@ -301,6 +301,26 @@ def test_fused_mlp_for_compiled_layers_with_lora_matches_peft_gradients():
         assert torch.equal(grad, reference[name]), name
 
 
+def test_compiled_fused_mlp_drops_only_torchs_context_fn_warning():
+    """Swapped in for compiled layers, the fused MLP's selective checkpoint silences torch's warning about in-place
+    ops in a context_fn (none in its region) and nothing else that logger says."""
+    import logging
+
+    from transformers.models.llama.modeling_llama import LlamaMLP
+
+    wrap_log = logging.getLogger("torch._higher_order_ops.wrap")
+
+    def passes(message: str) -> bool:
+        return wrap_log.filter(logging.LogRecord(wrap_log.name, logging.WARNING, __file__, 1, message, None, None))
+
+    warning = "\nDetected that context_fn is passed to torch.utils.checkpoint under torch.compile.\nPlease make sure"
+    mlp = LlamaMLP(LlamaConfig(hidden_size=8, intermediate_size=16, num_attention_heads=2, hidden_act="silu"))
+    _, restore = fuse_gated_mlps(mlp, compiled=True)
+    restore()
+    assert not passes(warning)
+    assert passes("any other warning")
+
+
 def test_fused_silu_mul_skips_other_activations():
     """An MLP with GELU (or a module that is not Llama's MLP) keeps its own forward."""
     from transformers.models.llama.modeling_llama import LlamaMLP

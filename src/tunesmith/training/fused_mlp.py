@@ -135,6 +135,18 @@ def _down_of_product(module: nn.Module, gate: torch.Tensor, up: torch.Tensor) ->
     return module.down_proj(silu_mul(gate, up))
 
 
+class _CheckpointContextWarning(logging.Filter):
+    """Drops torch's once-a-run warning that a checkpoint's ``context_fn`` under compile must not hold in-place ops:
+    the region it names here (down_proj of the product, LoRA's out-of-place addmm included) holds none, and in a
+    user's training log the advice would be noise about code the user never wrote."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "context_fn is passed to torch.utils.checkpoint" not in record.getMessage()
+
+
+_CHECKPOINT_CONTEXT_WARNING = _CheckpointContextWarning()
+
+
 def _fused_forward_compiled(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The MLP for a compiled layer: down_proj's saved input, the product, recomputed by selective checkpointing.
 
@@ -187,6 +199,8 @@ def fuse_gated_mlps(model: nn.Module, recompute_product: bool = True,
                if _has_llama_forward(type(module)) and _is_silu(getattr(module, "act_fn", None))]
     forward = _fused_forward_keeping_product if not recompute_product else (
         _fused_forward_compiled if compiled else _fused_forward)
+    if forward is _fused_forward_compiled:
+        logging.getLogger("torch._higher_order_ops.wrap").addFilter(_CHECKPOINT_CONTEXT_WARNING)
     restore = swap_forwards(swapped, bound(forward))
     if swapped:
         logger.info("fused SiLU·up on %d %s modules", len(swapped), type(swapped[0]).__name__)
