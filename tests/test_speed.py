@@ -562,6 +562,22 @@ def test_clip_and_step_updates_as_clip_grad_norm_then_step(fused: bool, max_norm
             assert torch.equal(mine, theirs)
 
 
+def test_undo_gives_the_layers_their_eager_call_again(tiny_llama) -> None:
+    """Compile's undo takes each decoder layer's compiled call off: the evaluation and generation after training call
+    the layers eagerly (with a KV cache they recompiled each layer up to dynamo's limit and logged its warning)."""
+    import torch._dynamo
+
+    model = load_llama(tiny_llama)
+    suppress_errors = torch._dynamo.config.suppress_errors
+    setup = apply_speed(model, build_method(FullMethod()), SpeedSection(autocast="off", compile=True), TrainSection(),
+                        CPU.device)
+    layers = list(model.model.layers)
+    assert all(layer._compiled_call_impl is not None for layer in layers)
+    setup.undo()
+    assert all(layer._compiled_call_impl is None for layer in layers)
+    assert torch._dynamo.config.suppress_errors == suppress_errors
+
+
 @pytest.mark.parametrize("compiled", [True, False])
 def test_compiled_layers_recompute_the_mlp_product_by_selective_checkpointing(tiny_llama, compiled) -> None:
     """Compiled, the fused MLP recomputes its product by selective checkpointing, which dynamo traces: the saved-tensor

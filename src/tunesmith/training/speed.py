@@ -414,17 +414,21 @@ def compile_decoder_layers(base: torch.nn.Module) -> Callable[[], None]:
     runs that layer eagerly instead of stopping the run.
 
     Returns:
-        What puts dynamo's process-wide setting back.
+        What puts dynamo's process-wide setting back and the layers' own eager call: the evaluation and
+        generation after training call them with other arguments (a KV cache), which recompiled each layer up
+        to dynamo's limit and logged its warning in the user's run.
     """
     import torch._dynamo
 
     before = torch._dynamo.config.suppress_errors
     torch._dynamo.config.suppress_errors = True  # the fallback: eager where a graph cannot be compiled
+    layers = getattr(base.get_decoder(), "layers", None)
 
     def restore() -> None:
         torch._dynamo.config.suppress_errors = before
+        for layer in layers or ():
+            layer._compiled_call_impl = None  # what nn.Module.compile set: its __call__ is the eager one again
 
-    layers = getattr(base.get_decoder(), "layers", None)
     if layers is None:
         logger.warning("torch.compile skipped: the model has no decoder.layers")
         return restore
