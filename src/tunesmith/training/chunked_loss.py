@@ -123,7 +123,8 @@ class LinearCrossEntropy(torch.autograd.Function):
                     # float32 copy, without the copy (vocabulary x hidden float32, 113 MB on SmolLM2); and a block
                     # of the vocabulary at a time, so the product's temporary is a block's, not the whole
                     # (vocabulary x hidden) matrix (56 MB in bfloat16 on SmolLM2, held at the forward's end, a full
-                    # fine-tune's peak). Each row of the product is the same dot products: the same bits (tested).
+                    # fine-tune's peak). Each row of the product is the same dot products; the BLAS may sum a small
+                    # block's in another order, so it agrees with the whole product to rounding (tested).
                     for first in range(0, grad_weight.shape[0], WEIGHT_GRADIENT_ROWS):
                         block = slice(first, first + WEIGHT_GRADIENT_ROWS)
                         grad_weight[block].add_(probabilities[:, block].T @ rows)
