@@ -21,6 +21,8 @@ from tunesmith.inference.invariant import (
     check_row_invariance,
     chunked_addmm,
     chunked_linear,
+    decode_rows,
+    lone_row_differs,
     prompt_attention,
 )
 
@@ -66,7 +68,7 @@ def test_bfloat16_products_give_each_row_its_lone_bits(shape):
     generator = torch.Generator().manual_seed(0)
     weight = (torch.randn(shape, generator=generator) * 0.05).bfloat16()
     x = torch.randn(3 * BLOCK_ROWS // 2, shape[1], generator=generator).bfloat16()
-    alone = torch.cat([F.linear(x[row : row + 1], weight) for row in range(len(x))])
+    alone = torch.cat([chunked_linear(x[row : row + 1], weight) for row in range(len(x))])  # padded if needed
     for rows in (2, 7, CHUNK_ROWS):  # a decode step's product: as it is, at most 32 rows
         assert torch.equal(chunked_linear(x[:rows], weight), F.linear(x[:rows], weight))
         assert torch.equal(chunked_linear(x[:rows], weight), alone[:rows])
@@ -77,6 +79,26 @@ def test_bfloat16_products_give_each_row_its_lone_bits(shape):
     bias = torch.randn(shape[0], generator=generator).bfloat16()
     assert torch.equal(chunked_addmm(bias, x, weight.t(), block=BLOCK_ROWS)[7],
                        chunked_addmm(bias, x[7:8], weight.t(), block=BLOCK_ROWS)[0])
+
+
+def test_a_lone_row_is_padded_where_its_product_differs_in_company(monkeypatch):
+    """Where a one-row product takes another kernel than the same row among others (a Zen 4 CPU's bfloat16
+    1536→576), the decode step's products give a lone row, and a one-row last chunk, a zero row beside it:
+    faked here by a kernel that rounds lone rows differently, so that the test holds on any machine."""
+    original = F.linear
+    monkeypatch.setattr(F, "linear", lambda x, w, b=None: original(x, w, b) + (x.shape[0] == 1) * 2 ** -4)
+    lone_row_differs.cache_clear()
+    try:
+        weight = torch.randn(48, 64).bfloat16()
+        x = torch.randn(CHUNK_ROWS + 1, 64).bfloat16()
+        assert lone_row_differs(64, 48, torch.bfloat16)
+        assert decode_rows(torch.nn.Sequential(torch.nn.Linear(64, 48)).bfloat16()) == 0
+        together = chunked_linear(x, weight)  # 32 rows, then a one-row chunk: padded
+        assert torch.equal(chunked_linear(x[:1], weight)[0], together[0])
+        assert torch.equal(chunked_linear(x[-1:], weight)[0], together[-1])
+        assert not torch.equal(F.linear(x[:1], weight)[0], together[0])  # the fake kernel's lone row, unpadded
+    finally:
+        lone_row_differs.cache_clear()
 
 
 @pytest.mark.parametrize("rank", [8, 24])

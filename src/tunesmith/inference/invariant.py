@@ -11,6 +11,9 @@ row's bits depend on its company (measured with SmolLM2-135M's shapes on two thr
   row gets the bits it gets alone. Prefill runs rows × prompt tokens through every product.
   Above 32 rows (a prefill: rows × prompt tokens) a row's bits stay the same only for a fixed row count, wherever
   the row sits in the call and whatever the others hold.
+- a lone row (one-row product) may take another kernel than the same row in company: on a Zen 4 CPU (AVX-512
+  BF16, no AMX) the 1536→576 product of one row differs from that row's in any product of 2–32 rows in about
+  one row in eight (machines with AMX give the same bits). :func:`lone_row_differs` probes each shape once.
 - scaled-dot-product attention over a padded batch: a row's output depends on how many masked keys follow its
   own (a decode step reads every slot up to the longest row) and on its left padding and block of queries in
   a prefill. Keys padded to a multiple of 64 give the same bits (the kernel's reductions then see whole vectors
@@ -19,9 +22,10 @@ row's bits depend on its company (measured with SmolLM2-135M's shapes on two thr
 What this module does about it, in one place for the products (a ``TorchFunctionMode`` around a forward, so it
 reaches the base products, the LM head and per-row LoRA's products alike) and two small pieces of attention:
 
-- decode step (``row_invariant(prefill=False)``, only needed above 32 rows): products in chunks of at most
-  :data:`CHUNK_ROWS` rows; attention (:func:`decode_attention`, the lean step's) in one call, every row's keys
-  padded to a multiple of :data:`KV_BLOCK` (``RowBatch`` reads that many positions of each slot);
+- decode step (``row_invariant(prefill=False)``, only needed above :func:`decode_rows` rows): products in chunks
+  of at most :data:`CHUNK_ROWS` rows, a one-row chunk padded to two where :func:`lone_row_differs`; attention
+  (:func:`decode_attention`, the lean step's) in one call, every row's keys padded to a multiple of
+  :data:`KV_BLOCK` (``RowBatch`` reads that many positions of each slot);
 - prefill (``row_invariant(prefill=True)``): products in padded blocks of exactly :data:`BLOCK_ROWS` rows (the
   LM head, one row per prompt, in decode chunks); attention (:func:`prompt_attention`) in blocks of
   :data:`Q_BLOCK` queries aligned to absolute positions, so that a query's bits do not depend on its padding
@@ -35,6 +39,7 @@ a crowd's prefill 2.1× plain bfloat16's (0.93× float32's); benchmarks/RESULTS.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 from dataclasses import dataclass
 from typing import Optional
@@ -50,12 +55,41 @@ BLOCK_ROWS = 128  # rows of every prefill product: a fixed shape gives each row 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
-def _row_chunks(flat: torch.Tensor, block: Optional[int], rows: int) -> tuple[list[torch.Tensor], int]:
-    """``flat`` (M, in) cut for row-exact products: chunks of at most ``rows`` rows, or (``block`` given) chunks of
-    exactly ``block`` rows, the last one padded with zero rows; and M."""
+@functools.lru_cache(maxsize=None)
+def lone_row_differs(in_features: int, out_features: int, dtype: torch.dtype) -> bool:
+    """Whether, on this machine, a one-row product ``in_features → out_features`` in ``dtype`` (``F.linear`` or
+    ``addmm``) can give a row other bits than the same row gets in a product of 2 to :data:`CHUNK_ROWS` rows.
+    Probed once per shape with random rows (on Zen 4, 1536→576 in bfloat16 differs for ~1 row in 8)."""
+    generator = torch.Generator().manual_seed(0)
+    weight = (torch.randn(out_features, in_features, generator=generator) * 0.05).to(dtype)
+    bias = torch.randn(out_features, generator=generator).to(dtype)
+    x = torch.randn(CHUNK_ROWS, in_features, generator=generator).to(dtype)
+    with torch.no_grad():
+        return not (torch.equal(torch.cat([F.linear(row[None], weight) for row in x]), F.linear(x, weight)) and
+                    torch.equal(torch.cat([torch.addmm(bias, row[None], weight.t()) for row in x]),
+                                torch.addmm(bias, x, weight.t())))
+
+
+def decode_rows(model) -> int:
+    """The most rows a decode step of ``model`` runs without :func:`row_invariant` keeping its rows' bits:
+    :data:`CHUNK_ROWS`, or 0 where a one-row product of one of its low-precision linear layers differs from the
+    same row in company (then a lone row's products are padded to two rows too)."""
+    shapes = {(module.in_features, module.out_features, module.weight.dtype) for module in model.modules()
+              if isinstance(module, torch.nn.Linear) and module.weight.dtype in LOW_PRECISION}
+    return 0 if any(lone_row_differs(*shape) for shape in shapes) else CHUNK_ROWS
+
+
+def _row_chunks(flat: torch.Tensor, block: Optional[int], rows: int,
+                pad_lone: bool = False) -> tuple[list[torch.Tensor], int]:
+    """``flat`` (M, in) cut for row-exact products: chunks of at most ``rows`` rows (a chunk of one row padded with
+    a zero row when ``pad_lone``), or (``block`` given) chunks of exactly ``block`` rows, the last one padded with
+    zero rows; and M."""
     count = flat.shape[0]
     if block is None:
-        return ([flat] if count <= rows else list(flat.split(rows))), count
+        chunks = [flat] if count <= rows else list(flat.split(rows))
+        if pad_lone and len(chunks[-1]) == 1:
+            chunks[-1] = torch.cat([chunks[-1], chunks[-1].new_zeros(1, flat.shape[1])])
+        return chunks, count
     padded = -(-count // block) * block
     if padded > count:
         flat = torch.cat([flat, flat.new_zeros(padded - count, flat.shape[1])])
@@ -64,11 +98,13 @@ def _row_chunks(flat: torch.Tensor, block: Optional[int], rows: int) -> tuple[li
 
 def chunked_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
                    rows: int = CHUNK_ROWS, block: Optional[int] = None) -> torch.Tensor:
-    """``F.linear(x, weight, bias)`` over ``x``'s flattened rows cut as :func:`_row_chunks` cuts them."""
+    """``F.linear(x, weight, bias)`` over ``x``'s flattened rows cut as :func:`_row_chunks` cuts them (a lone
+    row padded where :func:`lone_row_differs` for ``weight``'s shape)."""
     flat = x.reshape(-1, x.shape[-1])
-    if block is None and flat.shape[0] <= rows:
+    pad_lone = block is None and lone_row_differs(weight.shape[1], weight.shape[0], weight.dtype)
+    if block is None and flat.shape[0] <= rows and not (pad_lone and flat.shape[0] == 1):
         return F.linear(x, weight, bias)
-    chunks, count = _row_chunks(flat, block, rows)
+    chunks, count = _row_chunks(flat, block, rows, pad_lone)
     if bias is not None:
         out = torch.cat([F.linear(chunk, weight, bias) for chunk in chunks])[:count]
     else:  # each chunk's product written into its rows of one buffer (the same bits; one copy fewer)
@@ -83,12 +119,15 @@ def chunked_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.T
 
 def chunked_addmm(input: torch.Tensor, mat1: torch.Tensor, mat2: torch.Tensor, *, beta=1, alpha=1,
                   rows: int = CHUNK_ROWS, block: Optional[int] = None) -> torch.Tensor:
-    """``torch.addmm`` over ``mat1``'s rows cut as :func:`_row_chunks` cuts them."""
-    if block is None and mat1.shape[0] <= rows:
+    """``torch.addmm`` over ``mat1``'s rows cut as :func:`_row_chunks` cuts them (a lone row padded as in
+    :func:`chunked_linear`)."""
+    pad_lone = block is None and lone_row_differs(mat2.shape[0], mat2.shape[1], mat2.dtype)
+    if block is None and mat1.shape[0] <= rows and not (pad_lone and mat1.shape[0] == 1):
         return torch.addmm(input, mat1, mat2, beta=beta, alpha=alpha)
-    chunks, count = _row_chunks(mat1, block, rows)
+    chunks, count = _row_chunks(mat1, block, rows, pad_lone)
     full = input.expand(count, mat2.shape[1])
-    full = torch.cat([full, full.new_zeros(sum(map(len, chunks)) - count, full.shape[1])]) if block else full
+    missing = sum(map(len, chunks)) - count  # padded rows
+    full = torch.cat([full, full.new_zeros(missing, full.shape[1])]) if missing else full
     return torch.cat([torch.addmm(part, chunk, mat2, beta=beta, alpha=alpha)
                       for part, chunk in zip(full.split(len(chunks[0])), chunks)])[:count]
 
@@ -98,14 +137,16 @@ def chunked_addmm_(input: torch.Tensor, mat1: torch.Tensor, mat2: torch.Tensor, 
     """``input.addmm_(mat1, mat2)`` (``input`` 2-D, one row per row of ``mat1``) over ``mat1``'s rows cut as
     :func:`_row_chunks` cuts them: the bits of :func:`chunked_addmm`, without its copies of ``input``."""
     count = mat1.shape[0]
-    if block is None and count <= rows:
+    pad_lone = block is None and lone_row_differs(mat2.shape[0], mat2.shape[1], mat2.dtype)
+    if block is None and count <= rows and not (pad_lone and count == 1):
         return input.addmm_(mat1, mat2, beta=beta, alpha=alpha)
     size = block or rows
     for start in range(0, count, size):
         part, chunk = input[start : start + size], mat1[start : start + size]
-        if block is not None and len(chunk) < block:  # the last block, padded to exactly ``block`` rows
-            padded = torch.cat([part, part.new_zeros(block - len(chunk), part.shape[1])])
-            padded.addmm_(torch.cat([chunk, chunk.new_zeros(block - len(chunk), chunk.shape[1])]), mat2,
+        least = block or (2 if pad_lone else 1)  # rows the product must hold: a block, or two for a lone row
+        if len(chunk) < least:  # padded with zero rows
+            padded = torch.cat([part, part.new_zeros(least - len(chunk), part.shape[1])])
+            padded.addmm_(torch.cat([chunk, chunk.new_zeros(least - len(chunk), chunk.shape[1])]), mat2,
                           beta=beta, alpha=alpha)
             part.copy_(padded[: len(chunk)])
         else:
@@ -249,7 +290,7 @@ def wants_row_invariance(model) -> bool:
 
 def check_row_invariance(model) -> bool:
     """Whether, on this machine, each of ``model``'s linear shapes gives a row the same bits alone and in company:
-    inside products of 2, 16 and 32 rows (decode) and anywhere in a :data:`BLOCK_ROWS`-row block (prefill).
+    in a decode step's products of 1, 2, 16 and 32 rows and anywhere in a :data:`BLOCK_ROWS`-row block (prefill).
     Logs one line when it does not."""
     generator = torch.Generator().manual_seed(0)
     weights = {tuple(module.weight.shape): module.weight.detach() for module in model.modules()
@@ -257,8 +298,8 @@ def check_row_invariance(model) -> bool:
     for (out_features, in_features), weight in weights.items():
         x = torch.randn(BLOCK_ROWS, in_features, generator=generator).to(weight.dtype)
         with torch.no_grad():
-            alone = torch.cat([F.linear(x[row : row + 1], weight) for row in range(CHUNK_ROWS)])
-            decode = all(torch.equal(F.linear(x[:size], weight), alone[:size]) for size in (2, 16, CHUNK_ROWS))
+            alone = torch.cat([chunked_linear(x[row : row + 1], weight) for row in range(CHUNK_ROWS)])
+            decode = all(torch.equal(chunked_linear(x[:size], weight), alone[:size]) for size in (2, 16, CHUNK_ROWS))
             block = chunked_linear(x[:1], weight, block=BLOCK_ROWS)
             prefill = all(torch.equal(chunked_linear(x.roll(shift, 0), weight, block=BLOCK_ROWS)[shift], block[0])
                           for shift in (0, 1, BLOCK_ROWS - 1))
