@@ -84,10 +84,13 @@ def reference_step(steps: int):
 def category(event, tokens: set[int]) -> str:
     name = event.key
     if name in ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul") and event.input_shapes:
-        shapes = [s for s in event.input_shapes if len(s) == 2]
+        shapes = [s for s in event.input_shapes if len(s) in (2, 3)]
         if any(VOCAB in s or 8192 in s for s in shapes):  # the fused head works 8,192 vocabulary rows at a time
             return "matmul: head (forward, both gradients)"
-        if len(shapes) >= 2 and shapes[-2][1] in tokens:
+        if name == "aten::bmm":
+            return "attention (its backward's products)"
+        first = shapes[1] if name == "aten::addmm" and len(shapes) > 2 else shapes[0]  # addmm(bias, a, b)
+        if first[-1] in tokens:  # (out, tokens) @ (tokens, in): a weight's gradient
             return "matmul: weight gradients"
         return "matmul: forward + input gradients"
     if name.startswith("aten::") and ("mm" in name.split("::")[1][:3] or "linear" in name):
@@ -100,6 +103,8 @@ def category(event, tokens: set[int]) -> str:
         return "embedding gradient"
     if name in ("aten::copy_", "aten::_to_copy", "aten::to", "aten::clone", "aten::contiguous"):
         return "casts and copies"
+    if name.startswith("## Call CompiledFxGraph"):  # inductor's own kernels: the range's self time
+        return "compiled kernels (inductor elementwise)"
     if "Compiled" in name or "Inductor" in name or "graph" in name.lower() or "inductor" in name.lower():
         return "compiled kernels (inductor elementwise)"
     if name in ("aten::_softmax", "aten::amax", "aten::_log_softmax", "aten::_log_softmax_backward_data",
@@ -137,15 +142,15 @@ def main() -> None:
         count = int(batch["input_ids"].numel())
         real_tokens.update({count, count - 1})
         stamps, cpu = [time.perf_counter()], [time.process_time()]
-        with torch.profiler.record_function("## forward"):
+        with torch.profiler.record_function("phase: forward"):
             loss = forward(batch)
         stamps.append(time.perf_counter())
         cpu.append(time.process_time())
-        with torch.profiler.record_function("## backward"):
+        with torch.profiler.record_function("phase: backward"):
             loss.backward()
         stamps.append(time.perf_counter())
         cpu.append(time.process_time())
-        with torch.profiler.record_function("## optimizer"):
+        with torch.profiler.record_function("phase: optimizer"):
             optimize()
         stamps.append(time.perf_counter())
         cpu.append(time.process_time())
@@ -172,17 +177,17 @@ def main() -> None:
     detail: dict[str, float] = {}
     profiled = 0.0
     for event in profiler.events():
-        if event.key.startswith("## ") or event.self_cpu_time_total <= 0:
+        if event.key.startswith("phase: ") or event.self_cpu_time_total <= 0:
             continue
         parent = event.cpu_parent
-        while parent is not None and not parent.key.startswith("## "):
+        while parent is not None and not parent.key.startswith("phase: "):
             parent = parent.cpu_parent
-        phase = parent.key[3:] if parent is not None else "zero_grad and between"
+        phase = parent.key[7:] if parent is not None else "zero_grad and between"
         group = category(event, real_tokens)
         phase_shares.setdefault(phase, {})
         phase_shares[phase][group] = phase_shares[phase].get(group, 0.0) + event.self_cpu_time_total
         profiled += event.self_cpu_time_total
-        if group in ("casts and copies", "other", "fills and allocations", "attention") or "weight" in group:
+        if not group.startswith("matmul"):
             key = f"{phase} {event.key} {event.input_shapes}"[:160]
             detail[key] = detail.get(key, 0.0) + event.self_cpu_time_total
     shares = {phase: {k: round(v / profiled, 4) for k, v in sorted(groups.items(), key=lambda kv: -kv[1])}
