@@ -29,7 +29,6 @@ from tunesmith.training.packed_attention import compile_packed_attention
 from tunesmith.training.packing import enable_packed_attention, pack_collate, restore_attention
 from tunesmith.training.sampler import build_sampler
 from tunesmith.training.schedule import planned_steps
-from tunesmith.training.tied_embedding import sparse_tied_embedding_gradient
 
 logger = logging.getLogger(__name__)
 
@@ -151,11 +150,6 @@ def apply_speed(model: torch.nn.Module, method: Method, section: SpeedSection, t
         if packing and section.compiled_attention:  # its backward compiled too (training/packed_attention.py)
             restore.append(compile_packed_attention(base))
             notes.append("compiled attention backward")
-    if workload is None or workload.processes == 1:  # DDP would build sparse buckets for a sparse embedding
-        put_back = sparse_tied_embedding_gradient(base)
-        if put_back is not None:
-            restore.append(put_back)
-            notes.append("tied embedding's gradient by token rows")
     group = section.group_by_length and not packing and train.grad_accum > 1
     if group:
         notes.append("length-grouped micro-batches")
