@@ -93,9 +93,7 @@ class LinearCrossEntropy(torch.autograd.Function):
         with torch.autocast(hidden.device.type, enabled=False):
             matrix = weight.to(compute_dtype)
             grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
-            # Not zero-filled: the first chunk's product is copied in, not added to zeros (0 + x is x, and a pass over
-            # the (vocabulary x hidden) float32 matrix fewer, 113 MB on SmolLM2); no chunk at all leaves it zero below.
-            grad_weight = torch.empty_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
+            grad_weight = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
             grad_bias = torch.zeros_like(bias, dtype=torch.float32) if bias is not None and ctx.needs_input_grad[2] \
                 else None
             total = torch.zeros((), dtype=torch.float32, device=hidden.device)
@@ -128,14 +126,9 @@ class LinearCrossEntropy(torch.autograd.Function):
                     # fine-tune's peak). Each row of the product is the same dot products: the same bits (tested).
                     for first in range(0, grad_weight.shape[0], WEIGHT_GRADIENT_ROWS):
                         block = slice(first, first + WEIGHT_GRADIENT_ROWS)
-                        if start:
-                            grad_weight[block].add_(probabilities[:, block].T @ rows)
-                        else:
-                            grad_weight[block].copy_(probabilities[:, block].T @ rows)
+                        grad_weight[block].add_(probabilities[:, block].T @ rows)
                 if grad_bias is not None:
                     grad_bias += probabilities.sum(0, dtype=torch.float32)
-            if grad_weight is not None and targets.shape[0] == 0:
-                grad_weight.zero_()  # no scored row: no chunk wrote it
         ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
         ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
         return total
