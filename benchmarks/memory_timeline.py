@@ -87,7 +87,7 @@ def main() -> None:
     print(f"resident before loading: {started_mb:.0f} MB; after loading and preparing: {rss_mb():.0f} MB; "
           f"weights {weights:.0f} MB, their trainable part's gradients {grads:.0f} MB, AdamW states {2 * grads:.0f} MB")
     compiled = "torch.compile" in setup.notes
-    timeline, lengths = Timeline(), []
+    timeline, lengths, stamps = Timeline(), [], [time.perf_counter()]
     for step in range(args.steps):
         batch = setup.collate_fn([examples[i] for i in order[step * BATCH:(step + 1) * BATCH]], 0)
         lengths.append(int(batch["attention_mask"].sum()))
@@ -98,7 +98,8 @@ def main() -> None:
             kept[storage.data_ptr()] = storage.nbytes()
             return tensor
 
-        timeline.enter(f"step {step + 1} forward ({int(batch['attention_mask'].sum())} tokens)")
+        timeline.enter(f"step {step + 1} forward ({int(batch['attention_mask'].sum())} tokens, "
+                       f"{time.perf_counter() - stamps[0]:.0f} s in)")
         if compiled:  # dynamo cannot trace saved-tensor hooks: they would break every compiled layer's graph
             loss = setup.token_loss(model, batch)
         else:
@@ -113,6 +114,7 @@ def main() -> None:
         timeline.enter(f"step {step + 1} optimizer")
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        stamps.append(time.perf_counter())
         if step == 0:
             print("\n| phase | RSS at start (MB) | highest during (MB) |\n|---|---|---|")
         timeline.enter("between steps")  # closes the optimizer's row: a long run's rows print as it goes
@@ -124,6 +126,13 @@ def main() -> None:
     print(f"\npeak {max(peaks):.0f} MB at step {peaks.index(max(peaks)) + 1}; the longest step ({lengths[longest]} "
           f"tokens, step {longest + 1}) peaked at {peaks[longest]:.0f} MB; the last five steps' peaks: "
           + ", ".join(f"{peak:.0f}" for peak in peaks[-5:]))
+    # A long run's creep: the highest step peak in each tenth of the run, and the speed after the first step.
+    tenth = max(1, args.steps // 10)
+    print("highest peak per tenth of the run (MB): " + ", ".join(
+        f"steps {start + 1}-{min(start + tenth, args.steps)}: {max(peaks[start:start + tenth]):.0f}"
+        for start in range(0, args.steps, tenth)))
+    if args.steps > 1:
+        print(f"tokens/s over steps 2-{args.steps}: {sum(lengths[1:]) / (stamps[-1] - stamps[1]):.0f}")
 
 
 if __name__ == "__main__":

@@ -138,6 +138,14 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("TUNESMITH_CACHE", os.environ.get("TUNESMITH_TEST_CACHE", str(REPO / ".cache" / "tests")))
 
 
+@pytest.fixture(autouse=True)
+def _bitsandbytes_stays_importable(monkeypatch):
+    """A command run inside the test process (``main``, the ``cli`` fixture) must not keep bitsandbytes out of it
+    (``keep_bitsandbytes_out`` cannot be undone, and later tests quantise): there it does nothing. The check that
+    commands keep it out runs them in their own processes (tests/test_start_imports.py)."""
+    monkeypatch.setattr("tunesmith.core.runtime.keep_bitsandbytes_out", lambda: False)
+
+
 class StopAt(Hook):
     """A training hook that simulates Ctrl-C after a given step."""
 

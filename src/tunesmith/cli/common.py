@@ -89,10 +89,20 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--trust-remote-code", action="store_true")
 
 
-def load_model_from_args(args: argparse.Namespace):
-    """(model, tokenizer) named by --model/--adapter/--dtype/--device."""
+def load_model_from_args(args: argparse.Namespace, only_model: bool = False):
+    """(model, tokenizer) named by --model/--adapter/--dtype/--device.
+
+    Args:
+        only_model: The command loads no other model: unless this one is a QLoRA result, bitsandbytes is kept
+            out of the process (:func:`tunesmith.core.runtime.keep_bitsandbytes_out`, seconds of its start).
+    """
     status(f"loading {args.model}{f' with {args.adapter}' if args.adapter else ''} ...")
+    from tunesmith.core.runtime import keep_bitsandbytes_out
     from tunesmith.inference.generate import load_for_inference
+    from tunesmith.inference.results import quantises_base
+
+    if only_model and not quantises_base(args.adapter or args.model):
+        keep_bitsandbytes_out()
 
     return load_for_inference(args.model, args.adapter, args.dtype, args.device, args.trust_remote_code)
 

@@ -49,7 +49,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     refuse_scorers(args)
     check_quantize(None, args.quantize)
-    model, tokenizer = load_model_from_args(args)
+    model, tokenizer = load_model_from_args(args, only_model=True)
     check_generation_length(model, tokenizer, args.max_new_tokens)
     conversation = _conversation(args.system) + [{"role": "user", "content": args.prompt}]
     print(generate(model, tokenizer, [conversation], args.max_new_tokens, args.temperature,
@@ -63,7 +63,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
     refuse_scorers(args)
     check_quantize(None, args.quantize)
-    model, tokenizer = load_model_from_args(args)
+    model, tokenizer = load_model_from_args(args, only_model=True)
     check_generation_length(model, tokenizer, args.max_new_tokens)
     check_quantize(model, args.quantize)
     conversation = _conversation(args.system)

@@ -37,6 +37,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
         raise TunesmithError("tunesmith plan needs a recipe file, or --shape NAME to plan a model's shape")
     recipe = load_recipe(args.recipe, list(args.overrides))
+    if args.methods == "recipe" and recipe.model.quantize == "none":
+        from tunesmith.core.runtime import keep_bitsandbytes_out
+
+        keep_bitsandbytes_out()  # the calibration steps quantise nothing: peft would import it for seconds
     say = (lambda *a, **k: print(*a, file=sys.stderr, **k)) if args.json else print
     plan = plan_recipe(recipe, args.methods, calibrate=not args.no_calibration, say=say)
     print(json.dumps(plan.as_dict(), indent=2) if args.json else describe(plan))

@@ -25,6 +25,7 @@ def register(commands) -> None:
 def cmd_train(args: argparse.Namespace) -> int:
     from tunesmith.cli.config import check_inputs
     from tunesmith.config import load_recipe
+    from tunesmith.core.runtime import keep_bitsandbytes_out
     from tunesmith.pipeline.finetune import finetune
 
     if args.allow_changes and not args.resume:
@@ -32,6 +33,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     overrides = list(args.overrides) + (["output.overwrite=true"] if args.overwrite else [])
     recipe = load_recipe(args.recipe, overrides)
     check_inputs(recipe)  # what `tunesmith config check` resolves: a bad recipe fails before the model loads
+    if recipe.model.quantize == "none" and recipe.eval.report is None:  # (a report's suite may load a QLoRA result)
+        keep_bitsandbytes_out()  # peft would import it for nothing: seconds of the start (core/runtime.py)
     recipe = plan_check(recipe, skip=args.no_plan_check)
     # The resume command printed on interruption must name the same run: keep the overrides (output.dir=...).
     command = " ".join(shlex.quote(part) for part in [args.recipe, *args.overrides])

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import resource
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Mapping, Optional
@@ -85,6 +86,30 @@ def configure_threads() -> str:
         return f"threads: idle OpenMP threads spin {SPIN_COUNT} times, then sleep (GOMP_SPINCOUNT={SPIN_COUNT})"
     return "threads: OpenMP wait policy as set in the environment (" + ", ".join(
         f"{name}={os.environ[name]}" for name in WAIT_POLICY_VARIABLES if name in os.environ) + ")"
+
+
+def keep_bitsandbytes_out() -> bool:
+    """Keep bitsandbytes out of this process, for a command that loads no model quantised through it; whether
+    it is out (False when something imported it already).
+
+    peft imports bitsandbytes whenever it is installed (``peft.helpers``), and that import cost 5-6 s of a
+    LoRA run's start here (0.8-1.1 s for the rest of peft, busy machine; benchmarks/RESULTS.md, session 12): it
+    loads torch's inductor and, on a CPU with AVX-512 BF16, asks the hub for a kernel
+    (kernels-community/quantization-bitsandbytes) on every import, logging a warning when that fails. Neither
+    library has a setting that skips either. ``None`` in ``sys.modules`` is Python's own marker for a module that
+    cannot be imported (the import raises ModuleNotFoundError, ``importlib.util.find_spec`` answers None), so
+    peft and transformers see bitsandbytes as not installed. That cannot be undone in the process (peft caches
+    the answer), hence only for a command that will quantise nothing: see :func:`bitsandbytes_kept_out`.
+    """
+    if sys.modules.get("bitsandbytes") is not None:
+        return False
+    sys.modules["bitsandbytes"] = None
+    return True
+
+
+def bitsandbytes_kept_out() -> bool:
+    """Whether :func:`keep_bitsandbytes_out` kept bitsandbytes out of this process."""
+    return "bitsandbytes" in sys.modules and sys.modules["bitsandbytes"] is None
 
 
 def cache_dir() -> Path:

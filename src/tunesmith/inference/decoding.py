@@ -23,6 +23,7 @@ whatever else shares its batch. Greedy rows take the argmax and draw nothing.
 from __future__ import annotations
 
 import contextlib
+import sys
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -445,11 +446,13 @@ def supports_slots(model) -> bool:
     """Whether ``model`` can decode on the slot cache: a transformers causal LM of a family known to
     work, without sliding-window attention, bare or with LoRA adapters only (prompt and prefix
     tuning change the sequence the model sees; they decode through ``model.generate``)."""
-    from peft import PeftModel
     from transformers import PreTrainedModel
 
+    # A model wrapped by peft means peft is imported: asking sys.modules spares a bare model's command the import
+    # of peft (1-6 s here, bitsandbytes with it; benchmarks/RESULTS.md, session 12).
+    peft = sys.modules.get("peft")
     inner = model
-    if isinstance(model, PeftModel):
+    if peft is not None and isinstance(model, peft.PeftModel):
         if any(getattr(config.peft_type, "value", "") != "LORA" for config in model.peft_config.values()):
             return False
         inner = model.get_base_model()

@@ -106,6 +106,13 @@ def locate_result(path: str | Path) -> Optional[ResultFolder]:
                          "give a run folder, its adapter/ or model/ folder, or a model folder")
 
 
+def quantises_base(source: str | Path) -> bool:
+    """Whether :func:`load_result` quantises a base through bitsandbytes to load ``source`` (a QLoRA run's result,
+    rebuilt over the rounded weights it learned against)."""
+    location = locate_result(source)
+    return location is not None and bool((location.manifest or {}).get("quantized_base"))
+
+
 def load_result(source: str | Path, base_model: Optional[str] = None, dtype: str = "float32",
                 device: torch.device | str = "cpu", trust_remote_code: bool = False) -> LoadedResult:
     """Load a run folder, an adapter folder, a model folder or a model name, ready to generate.

@@ -12,6 +12,7 @@ from safetensors import SafetensorError
 from tunesmith.config import ModelSection
 from tunesmith.core.errors import TunesmithError
 from tunesmith.core.registry import did_you_mean
+from tunesmith.core.runtime import bitsandbytes_kept_out
 from tunesmith.models.aliases import ALIASES
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
@@ -179,6 +180,9 @@ def quantization_config(section: ModelSection):
     try:
         import bitsandbytes  # noqa: F401  (transformers would fail later with a longer message)
     except ImportError:
+        if bitsandbytes_kept_out():  # a command that said it would quantise nothing did
+            raise TunesmithError(f"model.quantize: {section.quantize} in a process that kept bitsandbytes out "
+                                 "(tunesmith.core.runtime.keep_bitsandbytes_out); run it as its own command") from None
         raise TunesmithError(f"model.quantize: {section.quantize} needs bitsandbytes; "
                              "pip install 'tunesmith[quantize]' (or drop model.quantize)") from None
     if section.quantize == "int8":
