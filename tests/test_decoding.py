@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tunesmith.inference.decoding import LeanDecoder, Row, RowBatch, decode
+from tunesmith.inference.decoding import LeanDecoder, Row, RowBatch, common_prefix, decode
 
 VOCAB = 80
 SHAPE = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -109,7 +109,7 @@ def shared_start_prompts(count: int, start: int = 20, seed: int = 4) -> list[lis
 
 @pytest.mark.parametrize("name", ["llama", "llama-bfloat16", "llama-lora"])
 def test_a_shared_prompt_start_is_computed_once_and_decodes_as_generate(name):
-    from tunesmith.inference.decoding import MIN_PREFIX, common_prefix
+    from tunesmith.inference.decoding import MIN_PREFIX
 
     model = MODELS[name]()
     asked = shared_start_prompts(4)
@@ -138,6 +138,25 @@ def test_a_shared_prompt_start_is_computed_once_and_decodes_as_generate(name):
         expected.append(output[0, len(prompt):].tolist())
     if name != "llama-bfloat16":  # bfloat16 rounds the shared start's forward differently: tokens may part
         assert decode(model, asked, 10) == expected
+
+
+def test_a_lone_row_of_another_adapter_computes_the_known_start_for_its_adapter():
+    """A start known for one adapter (the base's) that a lone row of another adapter begins with is computed once
+    for that adapter, kept, and the row decodes as it does without it."""
+    model = MODELS["llama-lora"]()
+    asked = shared_start_prompts(4)
+    batch = RowBatch(model, mixed_adapters=True)
+    batch.join([Row(prompt, adapter="__base__") for prompt in asked[:2]], room=4)
+    assert set(batch.prefixes) == {"__base__"}
+    batch.join([Row(asked[2], adapter="default")], room=4)
+    assert set(batch.prefixes) == {"__base__", "default"}
+    assert batch.prefixes["default"].tokens == batch.prefixes["__base__"].tokens
+    assert batch.prefill_length(Row(asked[3], adapter="default")) == len(asked[3]) - common_prefix(asked[:2])
+    alone = RowBatch(model, mixed_adapters=True)
+    alone.join([Row(asked[2], adapter="default")], room=4)
+    for _ in range(3):
+        batch.step(), alone.step()
+    assert batch.rows[2].tokens == alone.rows[0].tokens
 
 
 def test_rows_of_different_adapters_share_a_start_per_adapter():

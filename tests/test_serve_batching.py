@@ -290,6 +290,33 @@ def test_serve_dtype_loads_every_served_model_in_it(tiny_llama, tmp_path):
         generator.close()
 
 
+def test_batcher_keeps_a_shared_start_after_its_batch_is_gone(batcher, monkeypatch):
+    """The shared start a crowd computed outlives the crowd's batch: a lone request afterwards reads it (its prompt
+    after the start is all it prefills) and gives the tokens it gives without it."""
+    from tunesmith.inference.decoding import RowBatch
+
+    used = []
+    original = RowBatch._prefixes_for
+    monkeypatch.setattr(RowBatch, "_prefixes_for", lambda self, rows: used.append(original(self, rows)) or used[-1])
+    model = random_llama(eos=VOCAB + 5)
+    generator = batcher({"m": servable("m", model)})
+    start = list(range(3, 23))  # 20 tokens: at least MIN_PREFIX
+    prompt = start + prompts(1, seed=8)[0]
+    finished, alone, *_ = ask(generator, "m", prompt, 8)
+    assert finished.wait(60) and not any(used)
+    company = [ask(generator, "m", start + p, 6) for p in prompts(4, seed=9)]
+    assert all(done.wait(60) for done, *_ in company)
+    deadline = time.monotonic() + 10
+    while generator.batches and time.monotonic() < deadline:  # the crowd's rows leave, its batch with them
+        time.sleep(0.01)
+    assert not generator.batches
+    used.clear()
+    finished, later, *_ = ask(generator, "m", prompt, 8)
+    assert finished.wait(60)
+    assert used and used[-1] is not None and used[-1][0].tokens == start
+    assert tokens(later) == tokens(alone)
+
+
 def test_batcher_seed_holds_when_company_shares_the_prompt_start(batcher, monkeypatch):
     """Prefix caching: in company the seeded row reads a shared start computed once; alone, its whole prompt."""
     from tunesmith.inference.decoding import RowBatch

@@ -154,6 +154,12 @@ class Prefix:
 MIN_PREFIX = 16  # shortest shared prompt start worth computing once (a forward of its own)
 
 
+def prefill_length(prefixes: dict[Optional[str], Prefix], row: "Row") -> int:
+    """Tokens of ``row``'s prompt a join would run through the model, given the shared starts known per adapter."""
+    known = prefixes.get(row.adapter)
+    return len(row.prompt) - len(known.tokens) if known is not None and known.starts(row.prompt) else len(row.prompt)
+
+
 def common_prefix(prompts: list[list[int]]) -> int:
     """Length of the longest start all ``prompts`` share, leaving at least one token of each after it."""
     shortest = min(len(prompt) for prompt in prompts) - 1
@@ -214,10 +220,12 @@ class RowBatch:
         invariant: Every forward runs batch-invariant (:mod:`tunesmith.inference.invariant`): a row's logits are
             bit for bit the ones it gets alone, whatever else is in the batch (for bfloat16 serving, where
             rounding makes batches visible).
+        prefixes: Where the shared prompt starts live (per adapter); an earlier batch of the same model and adapters
+            may hand over its own (the server keeps them while it has no batch), else a new dict.
     """
 
     def __init__(self, model, mixed_adapters: bool = False, compiled: Optional[CompiledStep] = None,
-                 invariant: bool = False) -> None:
+                 invariant: bool = False, prefixes: Optional[dict[Optional[str], "Prefix"]] = None) -> None:
         config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         parameter = next(model.parameters())
@@ -228,7 +236,7 @@ class RowBatch:
             dtype = torch.get_autocast_dtype(self.device.type)
         self.cache = SlotCache(config.num_hidden_layers, config.num_key_value_heads, head_dim, dtype, parameter.device)
         self.rows: list[Row] = []  # row i lives in slot i
-        self.prefixes: dict[Optional[str], Prefix] = {}  # per adapter: the shared prompt start computed last
+        self.prefixes = {} if prefixes is None else prefixes  # per adapter: the shared prompt start computed last
         self.lean = LeanDecoder.fit(model)  # the decode step without transformers' per-call machinery
         self._row_lora: Optional[RowLora] = None  # per-row LoRA of self.model (made on the first mixed call)
         self.compiled = None if mixed_adapters else compiled
@@ -305,26 +313,34 @@ class RowBatch:
 
     def prefill_length(self, row: Row) -> int:
         """Tokens of ``row``'s prompt a join would run through the model (those after a known shared start)."""
-        known = self.prefixes.get(row.adapter)
-        return len(row.prompt) - len(known.tokens) if known is not None and known.starts(row.prompt) else len(row.prompt)
+        return prefill_length(self.prefixes, row)
 
     def _prefixes_for(self, rows: list[Row]) -> Optional[list[Prefix]]:
         """Per row, the shared start to reuse (each row's adapter's; all of the same tokens): the last ones if
-        every row begins with them, else the rows' longest common start when it is at least ``MIN_PREFIX``
-        tokens (the adapters' missing ones computed now, in one forward), else None."""
+        every row begins with them; else a start known for another adapter that every row begins with (a lone row
+        too: a chat template's system prompt, seen once for any adapter, is then computed once per adapter, not
+        again in every join of that adapter's rows); else the rows' longest common start when it is at least
+        ``MIN_PREFIX`` tokens. The adapters' missing ones are computed now, in one forward; None: no shared start."""
         adapters = list(dict.fromkeys(row.adapter for row in rows))
         known = [self.prefixes.get(adapter) for adapter in adapters]
         if all(prefix is not None and prefix.tokens == known[0].tokens for prefix in known) and \
                 all(known[0].starts(row.prompt) for row in rows):
             return [self.prefixes[row.adapter] for row in rows]
-        if len(rows) < 2:
+        template = next((prefix for prefix in self.prefixes.values() if all(prefix.starts(row.prompt) for row in rows)),
+                        None)
+        if template is not None:
+            tokens, shared = template.tokens, len(template.tokens)
+        elif len(rows) < 2:
             return None
-        shared = common_prefix([row.prompt for row in rows])
-        if shared < MIN_PREFIX:
-            return None
-        tokens = rows[0].prompt[:shared]
+        else:
+            shared = common_prefix([row.prompt for row in rows])
+            if shared < MIN_PREFIX:
+                return None
+            tokens = rows[0].prompt[:shared]
         made = [Prefix(tokens, adapter) for adapter, prefix in zip(adapters, known)
                 if prefix is None or prefix.tokens != tokens]
+        if not made:
+            return [self.prefixes[row.adapter] for row in rows]
         ids = torch.tensor([tokens] * len(made), device=self.device)
         positions = torch.arange(shared, device=self.device)[None].expand(len(made), -1)  # (adapters, shared)
         mask = torch.ones(shared, shared, dtype=torch.bool, device=self.device).tril()[None, None]

@@ -25,7 +25,7 @@ from typing import Callable, Optional
 
 import torch
 
-from tunesmith.inference.decoding import Row, RowBatch, supports_slots
+from tunesmith.inference.decoding import Prefix, Row, RowBatch, prefill_length, supports_slots
 from tunesmith.serve.pool import ModelPool, Servable
 
 logger = logging.getLogger(__name__)
@@ -143,7 +143,7 @@ class BatchingGenerator:
         max_batch: Most rows decoded together per base model; more wait for a free slot.
         prefill_tokens: Most prompt tokens prefilled between two decode steps (at least one row):
             a crowd of new requests is prefilled in parts, the running rows stepping in between. Tokens
-            of a shared start the running batch already holds (prefix caching) are not counted.
+            of a shared start already computed for the row's adapter (prefix caching) are not counted.
     """
 
     def __init__(self, pool: ModelPool, window_s: float = 0.01, max_batch: int = 32, prefill_tokens: int = 512) -> None:
@@ -153,6 +153,9 @@ class BatchingGenerator:
         self.batch_sizes: collections.deque[int] = collections.deque(maxlen=1000)  # rows per decode step (recent)
         self.batches: dict[int, RowBatch] = {}  # id of the base model -> its running batch
         self.rows: dict[int, list[_Row]] = {}  # the same key -> the rows of that batch, in no order
+        # the same key -> the shared prompt starts per adapter (prefix caching), kept while the batch is gone: a crowd
+        # after an idle spell, or a lone request, then skips the chat template's start (computed once per adapter)
+        self.prefixes: dict[int, dict[Optional[str], Prefix]] = {}
         self.waiting: collections.deque[_Row] = collections.deque()  # rows without a slot yet
         self.thread = threading.Thread(target=self._run, name="tunesmith-generate", daemon=True)
         self.thread.start()
@@ -254,7 +257,7 @@ class BatchingGenerator:
             taken = len(self.batches[key]) if key in self.batches else 0
             if taken + len(joining.get(key, [])) >= self.max_batch:
                 break
-            budget -= self.batches[key].prefill_length(choice.decoding) if key in self.batches else len(choice.decoding.prompt)
+            budget -= prefill_length(self.prefixes.get(key, {}), choice.decoding)
             self.waiting.popleft()
             if not choice.request.cancelled.is_set():
                 joining.setdefault(key, []).append(choice)
@@ -274,7 +277,8 @@ class BatchingGenerator:
         model = choices[0].servable.model  # the newest wrapper of this base (an adapter may have just been added)
         batch = self.batches.get(key)
         if batch is None:
-            batch = self.batches[key] = RowBatch(model, invariant=choices[0].servable.invariant)
+            batch = self.batches[key] = RowBatch(model, invariant=choices[0].servable.invariant,
+                                                 prefixes=self.prefixes.setdefault(key, {}))
             self.rows[key] = []
         batch.model, batch.mixed_adapters = model, isinstance(model, PeftModel)
         batch.join([choice.decoding for choice in choices], room=max(c.request.max_tokens for c in choices) + 1)
@@ -319,6 +323,7 @@ class BatchingGenerator:
                 choice.request.sink(("error", f"{type(error).__name__}: {error}"))
                 choice.finished = True
         self.batches.pop(key, None)
+        self.prefixes.pop(key, None)  # computed by a failing batch: not trusted
 
 
 def _base_key(servable: Servable) -> int:
