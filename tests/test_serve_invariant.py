@@ -21,8 +21,8 @@ from tunesmith.inference.invariant import (
     check_row_invariance,
     chunked_addmm,
     chunked_linear,
-    decode_rows,
     lone_row_differs,
+    pads_lone_rows,
     prompt_attention,
 )
 
@@ -92,7 +92,7 @@ def test_a_lone_row_is_padded_where_its_product_differs_in_company(monkeypatch):
         weight = torch.randn(48, 64).bfloat16()
         x = torch.randn(CHUNK_ROWS + 1, 64).bfloat16()
         assert lone_row_differs(64, 48, torch.bfloat16)
-        assert decode_rows(torch.nn.Sequential(torch.nn.Linear(64, 48)).bfloat16()) == 0
+        assert pads_lone_rows(torch.nn.Sequential(torch.nn.Linear(64, 48)).bfloat16())
         together = chunked_linear(x, weight)  # 32 rows, then a one-row chunk: padded
         assert torch.equal(chunked_linear(x[:1], weight)[0], together[0])
         assert torch.equal(chunked_linear(x[-1:], weight)[0], together[-1])

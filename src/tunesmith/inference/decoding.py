@@ -30,7 +30,7 @@ from typing import Optional
 import torch
 
 from tunesmith.inference.compiled import CompiledStep, compiled_step
-from tunesmith.inference.invariant import decode_attention, decode_rows, padded_keys, row_invariant
+from tunesmith.inference.invariant import CHUNK_ROWS, decode_attention, padded_keys, pads_lone_rows, row_invariant
 from tunesmith.inference.quantized import quantized_twin
 from tunesmith.methods.lora_rows import BASE_ROW, RowLora
 
@@ -241,7 +241,7 @@ class RowBatch:
         self._row_lora: Optional[RowLora] = None  # per-row LoRA of self.model (made on the first mixed call)
         self.compiled = None if mixed_adapters else compiled
         self.invariant = invariant
-        self._uncut: tuple = (None, 0)  # (model, decode_rows(model)): rows a decode step runs outside the mode
+        self._lone: tuple = (None, False)  # (model, pads_lone_rows(model))
         if invariant and self.lean is not None:  # all rows in one attention call, keys padded (invariant.py)
             self.lean = LeanDecoder(self.lean.causal_lm, self.lean.rotary, decode_attention)
 
@@ -302,7 +302,7 @@ class RowBatch:
         logits = self.compiled(ids, self.cache) if self.compiled is not None and count == 1 else None  # None: not run
         row_lora = self._row_lora_for(self.rows)
         if logits is None and self.lean is not None and (row_lora is not None or not self.mixed_adapters):
-            with row_invariant(self.model, prefill=False, enabled=self.invariant and count > self._uncut_rows()), \
+            with row_invariant(self.model, prefill=False, enabled=self.invariant and self._cut(count)), \
                     row_lora.rows([row.adapter for row in self.rows]) if row_lora is not None else contextlib.nullcontext():
                 logits = self.lean(ids, positions, mask[:, None, None], self.cache)
         elif logits is None:
@@ -367,19 +367,20 @@ class RowBatch:
             self._row_lora = RowLora(self.model)
         return self._row_lora if self._row_lora.supports([row.adapter for row in rows]) else None
 
-    def _uncut_rows(self) -> int:
-        """:func:`~tunesmith.inference.invariant.decode_rows` of ``self.model``, kept per model (the server may swap
-        in a new wrapper)."""
-        if self._uncut[0] is not self.model:
-            self._uncut = (self.model, decode_rows(self.model))
-        return self._uncut[1]
+    def _cut(self, count: int) -> bool:
+        """Whether a batch-invariant decode step of ``count`` rows needs :func:`row_invariant`: above ``CHUNK_ROWS``
+        rows, or one row where :func:`pads_lone_rows` (kept per model: the server may swap in a new wrapper); the
+        mode costs about 8 ms a SmolLM2 step on two threads, so 2 to 32 rows run without it."""
+        if self._lone[0] is not self.model:
+            self._lone = (self.model, pads_lone_rows(self.model))
+        return count > CHUNK_ROWS or (count == 1 and self._lone[1])
 
     def _forward(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, rows: list[Row]):
         """Logits (rows, 1, vocabulary) at the last position, through the model's own forward (batch-invariant
-        when ``self.invariant``: every prefill, a decode step of more rows than ``decode_rows``)."""
+        when ``self.invariant``: every prefill, a decode step :meth:`_cut` names)."""
         prefill = ids.shape[1] > 1 or self.cache._plan[0] != "decode"
         invariant = row_invariant(self.model, prefill,
-                                  enabled=self.invariant and (prefill or len(rows) > self._uncut_rows()))
+                                  enabled=self.invariant and (prefill or self._cut(len(rows))))
         extra, per_row = {}, contextlib.nullcontext()
         row_lora = self._row_lora_for(rows)
         if row_lora is not None:

@@ -22,7 +22,8 @@ row's bits depend on its company (measured with SmolLM2-135M's shapes on two thr
 What this module does about it, in one place for the products (a ``TorchFunctionMode`` around a forward, so it
 reaches the base products, the LM head and per-row LoRA's products alike) and two small pieces of attention:
 
-- decode step (``row_invariant(prefill=False)``, only needed above :func:`decode_rows` rows): products in chunks
+- decode step (``row_invariant(prefill=False)``, only needed above 32 rows or for one row where
+  :func:`pads_lone_rows`): products in chunks
   of at most :data:`CHUNK_ROWS` rows, a one-row chunk padded to two where :func:`lone_row_differs`; attention
   (:func:`decode_attention`, the lean step's) in one call, every row's keys padded to a multiple of
   :data:`KV_BLOCK` (``RowBatch`` reads that many positions of each slot);
@@ -70,13 +71,13 @@ def lone_row_differs(in_features: int, out_features: int, dtype: torch.dtype) ->
                                 torch.addmm(bias, x, weight.t())))
 
 
-def decode_rows(model) -> int:
-    """The most rows a decode step of ``model`` runs without :func:`row_invariant` keeping its rows' bits:
-    :data:`CHUNK_ROWS`, or 0 where a one-row product of one of its low-precision linear layers differs from the
-    same row in company (then a lone row's products are padded to two rows too)."""
+def pads_lone_rows(model) -> bool:
+    """Whether a one-row product of one of ``model``'s low-precision linear layers can differ from the same row's in
+    company (:func:`lone_row_differs`): then a decode step of one row runs under :func:`row_invariant` too, which
+    pads it to two rows (2 to :data:`CHUNK_ROWS` rows need nothing: they share one kernel)."""
     shapes = {(module.in_features, module.out_features, module.weight.dtype) for module in model.modules()
               if isinstance(module, torch.nn.Linear) and module.weight.dtype in LOW_PRECISION}
-    return 0 if any(lone_row_differs(*shape) for shape in shapes) else CHUNK_ROWS
+    return any(lone_row_differs(*shape) for shape in shapes)
 
 
 def _row_chunks(flat: torch.Tensor, block: Optional[int], rows: int,
