@@ -63,9 +63,11 @@ def test_lora_over_a_base_loaded_in_bfloat16_trains_as_over_one_cast_after_loadi
     assert sorted(got) == sorted(expected) and len(got) == 70
     for name in expected:
         assert got[name].dtype == torch.float32  # the adapter trains in float32 either way
-        # 3e-3: with the fused LoRA update (one bfloat16 rounding of A's and B's product under autocast, not
-        # peft's three) A's rounded start moved one element of 256 by 2.5e-3 after three Adam steps of lr 1e-2
-        torch.testing.assert_close(got[name], expected[name], rtol=0, atol=3e-3)
+        # 5e-3: with the fused LoRA update (one bfloat16 rounding of A's and B's product under autocast, not
+        # peft's three) A's rounded start moved one element of 256 by 2.5e-3 after three Adam steps of lr 1e-2 on
+        # an AMX machine and by 3.2e-3 on a Zen 4 one (other kernels): Adam's first steps move an element by up to
+        # lr whatever its gradient's size, so one whose gradient is near zero parts by a fraction of lr
+        torch.testing.assert_close(got[name], expected[name], rtol=0, atol=5e-3)
     assert _losses(straight) == pytest.approx(_losses(cast), rel=1e-3)
 
 
