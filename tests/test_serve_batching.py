@@ -290,18 +290,23 @@ def test_serve_dtype_loads_every_served_model_in_it(tiny_llama, tmp_path):
         generator.close()
 
 
-def test_batcher_keeps_a_shared_start_after_its_batch_is_gone(batcher, monkeypatch):
-    """The shared start a crowd computed outlives the crowd's batch: a lone request afterwards reads it (its prompt
-    after the start is all it prefills) and gives the tokens it gives without it."""
+def recorded_prefixes(batcher, monkeypatch):
+    """A batcher over a random model whose batches record each ``_prefixes_for`` answer (``used``), a 20-token start
+    (at least MIN_PREFIX) and a prompt that begins with it: (used, generator, start, prompt)."""
     from tunesmith.inference.decoding import RowBatch
 
     used = []
     original = RowBatch._prefixes_for
     monkeypatch.setattr(RowBatch, "_prefixes_for", lambda self, rows: used.append(original(self, rows)) or used[-1])
-    model = random_llama(eos=VOCAB + 5)
-    generator = batcher({"m": servable("m", model)})
-    start = list(range(3, 23))  # 20 tokens: at least MIN_PREFIX
-    prompt = start + prompts(1, seed=8)[0]
+    generator = batcher({"m": servable("m", random_llama(eos=VOCAB + 5))})
+    start = list(range(3, 23))
+    return used, generator, start, start + prompts(1, seed=8)[0]
+
+
+def test_batcher_keeps_a_shared_start_after_its_batch_is_gone(batcher, monkeypatch):
+    """The shared start a crowd computed outlives the crowd's batch: a lone request afterwards reads it (its prompt
+    after the start is all it prefills) and gives the tokens it gives without it."""
+    used, generator, start, prompt = recorded_prefixes(batcher, monkeypatch)
     finished, alone, *_ = ask(generator, "m", prompt, 8)
     assert finished.wait(60) and not any(used)
     company = [ask(generator, "m", start + p, 6) for p in prompts(4, seed=9)]
@@ -319,15 +324,7 @@ def test_batcher_keeps_a_shared_start_after_its_batch_is_gone(batcher, monkeypat
 
 def test_batcher_seed_holds_when_company_shares_the_prompt_start(batcher, monkeypatch):
     """Prefix caching: in company the seeded row reads a shared start computed once; alone, its whole prompt."""
-    from tunesmith.inference.decoding import RowBatch
-
-    used = []
-    original = RowBatch._prefixes_for
-    monkeypatch.setattr(RowBatch, "_prefixes_for", lambda self, rows: used.append(original(self, rows)) or used[-1])
-    model = random_llama(eos=VOCAB + 5)
-    generator = batcher({"m": servable("m", model)})
-    start = list(range(3, 23))  # 20 tokens: at least MIN_PREFIX
-    prompt = start + prompts(1, seed=8)[0]
+    used, generator, start, prompt = recorded_prefixes(batcher, monkeypatch)
     fields = {"temperature": 1.0, "top_p": 0.95, "seed": 5}
     finished, alone, *_ = ask(generator, "m", prompt, 16, **fields)
     assert finished.wait(60) and not any(used)
