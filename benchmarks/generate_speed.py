@@ -87,6 +87,7 @@ def main() -> None:
                                                    "comma-separated words (each compile costs minutes on a busy machine)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    from tunesmith.core.runtime import cpu_description
     from tunesmith.inference.decoding import decode
     from tunesmith.inference.generate import load_for_inference, stop_token_ids
 
@@ -146,7 +147,8 @@ def main() -> None:
     print(f"model {args.model}, {n} new tokens greedy, {args.threads} threads, prompt {len(prompt)} tokens; "
           f"float32 greedy tokens equal to model.generate's: {same} (lean), {same_compiled} (compiled), "
           f"int8's (48 tokens): {same_int8}, int4's: {same_int4}; load average (1 min) at the end: "
-          f"{os.getloadavg()[0]:.1f}" + ("" if "rate" in llama else f"; llama.cpp skipped: {llama['skipped']}"))
+          f"{os.getloadavg()[0]:.1f}; CPU: {cpu_description()}"
+          + ("" if "rate" in llama else f"; llama.cpp skipped: {llama['skipped']}"))
     reference = rows["model.generate (float32)"]
     q8_rate = rows.get("llama.cpp Q8_0 GGUF (node-llama-cpp)")
     q4_rate = rows.get("llama.cpp Q4_0 GGUF (node-llama-cpp)")

@@ -208,8 +208,10 @@ def serve_and_measure(args, dtype: str) -> None:
         server.terminate()
         server.wait()
         shutil.rmtree(workspace, ignore_errors=True)
+    from tunesmith.core.runtime import cpu_description
+
     print(f"model {args.model} ({dtype}, threads {args.threads or 'default'}), streamed chat requests, max_tokens {LENGTHS} in turn, greedy; "
-          f"load average (1 min) at the end: {os.getloadavg()[0]:.1f}")
+          f"load average (1 min) at the end: {os.getloadavg()[0]:.1f}; CPU: {cpu_description()}")
     print("Each row is compared with the one-at-a-time row of its own mix (the base's, or base + adapters'): the same "
           "requests to the same models, so replies of other lengths do not count as latency. "
           "Per token: a request's latency over its completion tokens, p50.")

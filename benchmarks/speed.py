@@ -559,6 +559,9 @@ def main() -> None:
           f"tunesmith train.speed = {args.speed}; {torch.get_num_threads()} threads; "
           f"reference wait policy: {args.reference_policy}'s; "
           f"load average before: {os.getloadavg()[0]:.2f}", flush=True)
+    from tunesmith.core.runtime import cpu_description
+
+    print(f"CPU: {cpu_description()}", flush=True)
     if size == "smollm2":
         from tunesmith.core.runtime import cache_dir
         from tunesmith.models.smollm2 import ensure_smollm2_folder

@@ -6,10 +6,13 @@ Its effect on speed is measured by ``benchmarks/busy.py`` (never a timed test).
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
-from tunesmith.core.runtime import SPIN_COUNT, thread_environment
+import torch
+
+from tunesmith.core.runtime import SPIN_COUNT, bfloat16_support, cpu_description, thread_environment
 
 from conftest import REPO
 
@@ -46,3 +49,14 @@ def test_cli_sets_the_policy_before_torch_loads() -> None:
     assert probe["policy"] is None and probe["spin"] == str(SPIN_COUNT)
     kept = run_probe(GOMP_SPINCOUNT="300000")
     assert kept["policy"] is None and kept["spin"] == "300000"
+
+
+def test_cpu_description_names_the_machine_the_figures_were_taken_on():
+    """Benchmarks print it beside their figures: the CPU model, its cores, torch's kernels and native bfloat16."""
+    description = cpu_description()
+    assert f"{os.cpu_count()} cores" in description
+    assert f"torch kernels {torch.backends.cpu.get_cpu_capability()}" in description
+    assert description.endswith(bfloat16_support(torch.device("cpu")) or "no native bfloat16")
+    if os.path.exists("/proc/cpuinfo"):
+        model = next(line for line in open("/proc/cpuinfo") if line.startswith("model name")).split(":", 1)[1]
+        assert description.startswith(model.strip())

@@ -266,6 +266,28 @@ def bfloat16_support(device: torch.device) -> Optional[str]:
     return next((phrase for name, phrase in detectors.items() if getattr(torch.cpu, name, lambda: False)()), None)
 
 
+def cpu_description() -> str:
+    """The CPU in one phrase for a benchmark's first line, e.g. "AMD EPYC (family 25 model 17), 2 cores, torch kernels
+    AVX512, CPU has AVX-512 BF16": machines differ between sessions, and only figures taken on the same CPU compare."""
+    import platform
+
+    import torch
+
+    fields: dict[str, str] = {}
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            key, _, value = line.partition(":")
+            if not key.strip():
+                break  # the first processor's block is enough
+            fields.setdefault(key.strip(), value.strip())
+    name = fields.get("model name") or platform.processor() or platform.machine()
+    if "cpu family" in fields and "model" in fields:
+        name += f" (family {fields['cpu family']} model {fields['model']})"
+    native = bfloat16_support(torch.device("cpu")) or "no native bfloat16"
+    return f"{name}, {os.cpu_count()} cores, torch kernels {torch.backends.cpu.get_cpu_capability()}, {native}"
+
+
 def process_memory_bytes() -> int:
     """This process's resident memory now (what the interpreter and the imported libraries take)."""
     status = Path("/proc/self/status")
