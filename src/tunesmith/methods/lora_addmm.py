@@ -16,11 +16,12 @@ Without dropout and with a frozen base (every LoRA run: the base never trains), 
 autograd function, :class:`LoraLinearFunction`, whose forward accumulates the update into the base
 product's own buffer and whose backward accumulates the LoRA part of x's gradient, ``(g·B)·A·s``, into
 ``g·W``'s. Written with ``addmm``, inductor lowers ``addmm(result, down, Bᵀ)`` to an ``addmm`` with
-``out=`` a new buffer, and aten first copies ``result`` into it: per SmolLM2 layer seven (tokens x out)
-copies in the forward and seven (tokens x in) in the backward, 420 a step (RESULTS.md, session 12 lora31);
-an in-place ``addmm_`` is functionalised back into the same copy. :func:`product_plus_low_rank` is one
-custom op that allocates the product and adds the update into it in place, so no graph sees a mutation
-and none needs a copy. The frozen base's gradient is never computed.
+``out=`` a new buffer, and aten first copies ``result`` into it: seven (tokens x out) copies per SmolLM2
+layer, 210 a step (RESULTS.md, sessions 12 lora31 and 13 inplace32); an in-place ``addmm_`` is
+functionalised back into the same copy. :func:`product_plus_low_rank` is one custom op that allocates the
+product and adds the update into it in place, so no graph sees a mutation and none needs a copy; in the
+backward it makes x's gradient one product and one accumulation instead of two products and a sum. The
+frozen base's gradient is never computed.
 """
 
 from __future__ import annotations
