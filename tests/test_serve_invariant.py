@@ -332,3 +332,40 @@ def test_serve_defaults_to_auto_and_create_app_to_float32():
     register(commands)
     assert commands.choices["serve"].parse_args([]).dtype == "auto"
     assert inspect.signature(create_app).parameters["dtype"].default == "float32"
+
+
+def test_a_lone_row_steps_beside_its_twin_with_its_bits_in_company(monkeypatch):
+    """Where one-row products round differently (faked in the decode steps: a kernel that rounds a lone row
+    differently, so that this holds on any machine), a lone row's decode step runs as two rows (the row and its
+    twin in a free slot): no product holds one row, and the row's logits at every step are those it gets beside
+    other rows. (Through the invariant mode instead, the fake would see the lone row before the mode pads it.)"""
+    original, product_rows = F.linear, []
+
+    def lone_rows_round_differently(x, w, b=None):
+        if product_rows is None:  # a join: the real kernel
+            return original(x, w, b)
+        product_rows.append(x.reshape(-1, x.shape[-1]).shape[0])
+        return original(x, w, b) + (product_rows[-1] == 1) * 2 ** -4
+
+    monkeypatch.setattr(F, "linear", lone_rows_round_differently)
+    model, seen = small_llama(), record_logits(monkeypatch)
+    lone_row_differs.cache_clear()
+    try:
+        assert pads_lone_rows(model)  # probed once per shape with the fake kernel, kept for the batches below
+
+        def steps(rows: list[Row]) -> list[int]:
+            nonlocal product_rows
+            batch, product_rows = RowBatch(model, invariant=True), None
+            batch.join(rows, room=7)
+            product_rows = []
+            for _ in range(5):
+                batch.step()
+            return product_rows
+
+        alone, together = Row(prompts(1, seed=3)[0]), Row(prompts(1, seed=3)[0])
+        assert min(steps([alone])) == 2
+        steps([Row(p) for p in prompts(3, seed=4)] + [together])
+        assert together.tokens == alone.tokens
+        assert all(torch.equal(a, b) for a, b in zip(seen[id(alone)], seen[id(together)], strict=True))
+    finally:
+        lone_row_differs.cache_clear()
