@@ -383,8 +383,9 @@ class RowBatch:
 
     def _cut(self, count: int) -> bool:
         """Whether a batch-invariant decode step of ``count`` rows needs :func:`row_invariant`: above ``CHUNK_ROWS``
-        rows, or one row where :func:`pads_lone_rows` (kept per model: the server may swap in a new wrapper); the
-        mode costs about 8 ms a SmolLM2 step on two threads, so 2 to 32 rows run without it."""
+        rows, or one row where :func:`pads_lone_rows` (kept per model: the server may swap in a new wrapper; the lean
+        step runs such a row beside its twin instead); the mode costs about 8 ms a SmolLM2 step on two threads, so 2
+        to 32 rows run without it."""
         if self._lone[0] is not self.model:
             self._lone = (self.model, pads_lone_rows(self.model))
         return count > CHUNK_ROWS or (count == 1 and self._lone[1])

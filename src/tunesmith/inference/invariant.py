@@ -73,8 +73,9 @@ def lone_row_differs(in_features: int, out_features: int, dtype: torch.dtype) ->
 
 def pads_lone_rows(model) -> bool:
     """Whether a one-row product of one of ``model``'s low-precision linear layers can differ from the same row's in
-    company (:func:`lone_row_differs`): then a decode step of one row runs under :func:`row_invariant` too, which
-    pads it to two rows (2 to :data:`CHUNK_ROWS` rows need nothing: they share one kernel)."""
+    company (:func:`lone_row_differs`): then a decode step of one row runs as two rows (``RowBatch.step``: the row
+    and its twin; a step through the model's own forward runs under :func:`row_invariant`, which pads each product);
+    2 to :data:`CHUNK_ROWS` rows need nothing: they share one kernel."""
     shapes = {(module.in_features, module.out_features, module.weight.dtype) for module in model.modules()
               if isinstance(module, torch.nn.Linear) and module.weight.dtype in LOW_PRECISION}
     return any(lone_row_differs(*shape) for shape in shapes)
