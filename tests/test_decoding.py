@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tunesmith.inference.decoding import LeanDecoder, Row, RowBatch, common_prefix, decode
+from tunesmith.inference.decoding import LeanDecoder, Row, RowBatch, common_prefix, decode, greedy_tokens
 
 VOCAB = 80
 SHAPE = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -172,3 +172,14 @@ def test_rows_of_different_adapters_share_a_start_per_adapter():
         single.join([Row(prompt, adapter=adapter)], room=4)
         alone.append(single.rows[0].tokens)
     assert sorted(row.tokens for row in batch.rows) == sorted(alone)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_greedy_tokens_are_argmax_on_ties_and_nan(dtype):
+    """The greedy pick goes through ``max`` (a faster kernel than ``argmax`` for bfloat16): the same index,
+    the first of tied maxima and a NaN's, row by row and for one row."""
+    generator = torch.Generator().manual_seed(0)
+    logits = (torch.randn(33, 49152, generator=generator) * 2).round().to(dtype)  # few distinct values: many ties
+    logits[3, [50, 100]] = float("nan")
+    assert torch.equal(greedy_tokens(logits), logits.argmax(-1))
+    assert greedy_tokens(logits[5]) == logits[5].argmax() and greedy_tokens(logits[3]) == 50

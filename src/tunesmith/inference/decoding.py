@@ -187,7 +187,7 @@ class Row:
     def pick(self, logits: torch.Tensor) -> int:
         """The next token from this row's logits (vocabulary,): argmax, or a draw (temperature, top-k, top-p)."""
         if self.temperature <= 0:
-            return int(logits.argmax())
+            return int(greedy_tokens(logits))
         logits = logits.float() / self.temperature
         if 0 < self.top_k < logits.shape[-1]:
             threshold = torch.topk(logits, self.top_k).values[-1]
@@ -201,9 +201,17 @@ class Row:
         return int(torch.multinomial(logits.softmax(-1), 1, generator=self.generator))
 
 
+def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
+    """The argmax of ``logits`` over its last dimension (the first index on ties, as ``argmax``).
+
+    Through ``max``: its kernel takes 1.4 ms for 32 rows of SmolLM2's 49,152 bfloat16 logits against 5.8 ms for
+    ``argmax``'s (44 against 176 µs for one row; two threads, benchmarks/RESULTS.md, session 13), the same index."""
+    return logits.max(-1).indices
+
+
 def _pick_each(rows: list[Row], logits: torch.Tensor) -> None:
     """Append each row's next token; ``logits`` (rows, vocabulary). Greedy rows share one argmax call."""
-    greedy = logits.argmax(-1).tolist()
+    greedy = greedy_tokens(logits).tolist()
     for row, token, row_logits in zip(rows, greedy, logits):
         row.tokens.append(token if row.temperature <= 0 else row.pick(row_logits))
 
@@ -291,25 +299,31 @@ class RowBatch:
     def step(self) -> None:
         """One new token for every row (each row's last token goes in, the next comes out)."""
         count = len(self.rows)
-        lengths = self.cache.lengths[:count]
+        compiled = self.compiled is not None and count == 1
+        row_lora = self._row_lora_for(self.rows)
+        lean = self.lean is not None and (row_lora is not None or not self.mixed_adapters)
+        # a lone row whose products would take the one-row kernel (pads_lone_rows) steps beside its twin, which
+        # writes and reads position 0 of the next (free) slot: two-row products give it its bits in company without
+        # the invariant mode, which cost 8 ms of a 44 ms SmolLM2 step (benchmarks/RESULTS.md, session 13)
+        stepped = self.rows * 2 if lean and not compiled and self.invariant and count == 1 and self._cut(1) else self.rows
+        lengths = self.cache.lengths[: len(stepped)]
         width = padded_keys(max(lengths) + 1) if self.invariant else max(lengths) + 1  # keys attention reads
-        self.cache.reserve(count, width)
-        ids = torch.tensor([[row.tokens[-1]] for row in self.rows], device=self.device)
+        self.cache.reserve(len(stepped), width)
+        ids = torch.tensor([[row.tokens[-1]] for row in stepped], device=self.device)
         positions = torch.tensor(lengths, device=self.device)[:, None]  # (rows, 1)
         keys = torch.arange(width, device=self.device)[None, :]  # (1, width)
         mask = keys <= positions  # (rows, width): each row reads its own slot up to its new token
-        self.cache.plan_decode(count, self.device, width)
-        logits = self.compiled(ids, self.cache) if self.compiled is not None and count == 1 else None  # None: not run
-        row_lora = self._row_lora_for(self.rows)
-        if logits is None and self.lean is not None and (row_lora is not None or not self.mixed_adapters):
-            with row_invariant(self.model, prefill=False, enabled=self.invariant and self._cut(count)), \
-                    row_lora.rows([row.adapter for row in self.rows]) if row_lora is not None else contextlib.nullcontext():
+        self.cache.plan_decode(len(stepped), self.device, width)
+        logits = self.compiled(ids, self.cache) if compiled else None  # None: not run (or its compile failed)
+        if logits is None and lean:
+            with row_invariant(self.model, prefill=False, enabled=self.invariant and self._cut(len(stepped))), \
+                    row_lora.rows([row.adapter for row in stepped]) if row_lora is not None else contextlib.nullcontext():
                 logits = self.lean(ids, positions, mask[:, None, None], self.cache)
         elif logits is None:
             logits = self._forward(ids, positions, mask[:, None, None], self.rows)
         for slot in range(count):
             self.cache.lengths[slot] += 1
-        _pick_each(self.rows, logits[:, -1])
+        _pick_each(self.rows, logits[:count, -1])
 
     def prefill_length(self, row: Row) -> int:
         """Tokens of ``row``'s prompt a join would run through the model (those after a known shared start)."""
@@ -369,8 +383,9 @@ class RowBatch:
 
     def _cut(self, count: int) -> bool:
         """Whether a batch-invariant decode step of ``count`` rows needs :func:`row_invariant`: above ``CHUNK_ROWS``
-        rows, or one row where :func:`pads_lone_rows` (kept per model: the server may swap in a new wrapper); the
-        mode costs about 8 ms a SmolLM2 step on two threads, so 2 to 32 rows run without it."""
+        rows, or one row where :func:`pads_lone_rows` (kept per model: the server may swap in a new wrapper; the lean
+        step runs such a row beside its twin instead); the mode costs about 8 ms a SmolLM2 step on two threads, so 2
+        to 32 rows run without it."""
         if self._lone[0] is not self.model:
             self._lone = (self.model, pads_lone_rows(self.model))
         return count > CHUNK_ROWS or (count == 1 and self._lone[1])

@@ -73,8 +73,9 @@ def lone_row_differs(in_features: int, out_features: int, dtype: torch.dtype) ->
 
 def pads_lone_rows(model) -> bool:
     """Whether a one-row product of one of ``model``'s low-precision linear layers can differ from the same row's in
-    company (:func:`lone_row_differs`): then a decode step of one row runs under :func:`row_invariant` too, which
-    pads it to two rows (2 to :data:`CHUNK_ROWS` rows need nothing: they share one kernel)."""
+    company (:func:`lone_row_differs`): then a decode step of one row runs as two rows (``RowBatch.step``: the row
+    and its twin; a step through the model's own forward runs under :func:`row_invariant`, which pads each product);
+    2 to :data:`CHUNK_ROWS` rows need nothing: they share one kernel."""
     shapes = {(module.in_features, module.out_features, module.weight.dtype) for module in model.modules()
               if isinstance(module, torch.nn.Linear) and module.weight.dtype in LOW_PRECISION}
     return any(lone_row_differs(*shape) for shape in shapes)
@@ -166,9 +167,22 @@ def padded_keys(count: int) -> int:
 
 def decode_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """A decode step's attention (transformers' attention-function signature): one call for all rows, keys padded
-    to a multiple of :data:`KV_BLOCK` by the caller and masked; each row's bits are then its lone ones."""
-    out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, scale=scaling, enable_gqa=True)
-    return out.transpose(1, 2).contiguous(), None
+    to a multiple of :data:`KV_BLOCK` by the caller and masked; each row's bits are then its lone ones.
+
+    ``query`` (rows, heads, 1, head_dim), ``key``/``value`` (rows, kv_heads, keys, head_dim), ``attention_mask``
+    boolean (rows, 1, 1, keys). Written out (two float32 batched products and a softmax, each query head beside the
+    others of its key/value head) instead of ``scaled_dot_product_attention``: the CPU flash kernel, one query a
+    row, took 1.2 ms a SmolLM2 layer at 32 rows against 0.23 ms for this (0.05 against 0.04 ms at one row; two
+    threads, benchmarks/RESULTS.md, session 13), a third of a 32-row decode step. Masked keys get exact zeros, so
+    a row's bits do not depend on how many padded keys follow its own (:func:`_attention_holds` checks it)."""
+    rows, heads, _, head_dim = query.shape
+    kv_heads = key.shape[1]
+    scale = head_dim**-0.5 if scaling is None else scaling
+    grouped = query.float().view(rows, kv_heads, heads // kv_heads, head_dim)  # (rows, kv_heads, group, head_dim)
+    scores = torch.matmul(grouped, key.float().transpose(2, 3)).mul_(scale)  # (rows, kv_heads, group, keys)
+    scores.masked_fill_(~attention_mask, float("-inf"))
+    out = torch.matmul(scores.softmax(-1), value.float())  # (rows, kv_heads, group, head_dim)
+    return out.view(rows, 1, heads, head_dim).to(query.dtype), None
 
 
 @dataclass(frozen=True)
