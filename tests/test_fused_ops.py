@@ -148,68 +148,6 @@ def test_lora_addmm_with_dropout_draws_peft_s_mask():
         torch.testing.assert_close(grad, reference[name], rtol=1e-5, atol=1e-6)
 
 
-def _copies_inside_products(run) -> int:
-    """How many ``aten::copy_`` calls a profiled ``run()`` made from inside a matrix product (addmm's ``out=`` copy)."""
-    from torch.profiler import profile
-
-    with profile() as profiled:
-        run()
-    return sum(1 for event in profiled.events() if event.name == "aten::copy_" and event.cpu_parent is not None
-               and event.cpu_parent.name in ("aten::addmm", "aten::mm", "aten::addmm_"))
-
-
-@pytest.mark.parametrize("bias", [False, True])
-def test_compiled_lora_layer_adds_its_update_in_the_base_product_s_buffer(bias):
-    """Compiled, a plain LoRA layer (frozen bfloat16 base, bfloat16 autocast) adds its update into the base
-    product's buffer and the LoRA part of x's gradient into ``g·W``'s: no product copies a (tokens x out) or
-    (tokens x in) tensor first, as inductor's ``addmm(result, down, Bᵀ, out=new)`` did (main: one copy each way).
-    A bias is broadcast into the product's buffer by addmm, one copy, as ``nn.Linear`` itself does. Output and
-    gradients stay peft's eager ones within bfloat16 rounding."""
-    from peft import LoraConfig, get_peft_model
-
-    torch.manual_seed(0)
-    model = get_peft_model(nn.Sequential(nn.Linear(64, 96, bias=bias)), LoraConfig(r=4, lora_alpha=8, target_modules=["0"]))
-    layer = model.base_model.model[0]
-    nn.init.normal_(layer.lora_B["default"].weight, std=0.1)
-    layer.base_layer.to(torch.bfloat16)
-    hidden, grad_output = torch.randn(37, 64, dtype=torch.bfloat16), torch.randn(37, 96, dtype=torch.bfloat16)
-
-    def run(forward):
-        model.zero_grad(set_to_none=True)
-        x = hidden.clone().requires_grad_()
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            output = forward(x)
-        output.backward(grad_output)
-        return [output.detach(), x.grad] + [p.grad for p in model.parameters() if p.requires_grad]
-
-    reference = run(layer)
-    restore = fuse_lora_updates(model)[1]
-    compiled = torch.compile(layer, dynamic=True)
-    results = run(compiled)
-    assert _copies_inside_products(lambda: run(compiled)) == int(bias)
-    restore()
-    for mine, theirs in zip(results, reference):
-        assert mine.dtype == theirs.dtype
-        torch.testing.assert_close(mine.float(), theirs.float(), rtol=0.02, atol=0.02 * theirs.abs().max().item())
-
-
-@pytest.mark.parametrize("compiled_form", [False, True])
-def test_lora_one_function_inside_the_fused_mlp_matches_peft(compiled_form):
-    """The LoRA layers' one-function form inside the fused MLP (its saved-tensor hook, or selective checkpointing
-    for compiled layers, run eagerly here): loss and every adapter gradient equal to peft's in float32."""
-    model = _tiny_lora()
-    input_ids = torch.randint(0, 64, (2, 19))
-    reference_loss, reference = _loss_and_grads(model, input_ids)
-    restore_lora = fuse_lora_updates(model)[1]
-    restore_mlp = fuse_gated_mlps(model, compiled=compiled_form)[1]
-    loss, grads = _loss_and_grads(model, input_ids)
-    restore_mlp()
-    restore_lora()
-    torch.testing.assert_close(loss, reference_loss, rtol=1e-6, atol=1e-6)
-    for name, grad in grads.items():
-        torch.testing.assert_close(grad, reference[name], rtol=1e-5, atol=1e-6)
-
-
 def test_fused_adamw_matches_the_default_one():
     """build_optimizer's fused AdamW (train.speed.fused_optimizer) leaves the weights of foreach AdamW, to float rounding."""
     from tunesmith.config import SpeedSection, TrainSection

@@ -137,8 +137,8 @@ def _down_of_product(module: nn.Module, gate: torch.Tensor, up: torch.Tensor) ->
 
 class _CheckpointContextWarning(logging.Filter):
     """Drops torch's once-a-run warning that a checkpoint's ``context_fn`` under compile must not hold in-place ops:
-    the region it names here (down_proj of the product, LoRA's custom op included: it mutates none of its
-    inputs) holds none, and in a user's training log the advice would be noise about code the user never wrote."""
+    the region it names here (down_proj of the product, LoRA's out-of-place addmm included) holds none, and in a
+    user's training log the advice would be noise about code the user never wrote."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         return "context_fn is passed to torch.utils.checkpoint" not in record.getMessage()
