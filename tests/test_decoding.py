@@ -10,7 +10,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tunesmith.inference.decoding import LeanDecoder, Row, RowBatch, common_prefix, decode, greedy_tokens
+from tunesmith.inference.decoding import (
+    LeanDecoder,
+    Row,
+    RowBatch,
+    common_prefix,
+    decode,
+    greedy_tokens,
+    prefill_length,
+)
 
 VOCAB = 80
 SHAPE = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -118,8 +126,8 @@ def test_a_shared_prompt_start_is_computed_once_and_decodes_as_generate(name):
     with_prefix.join([Row(prompt) for prompt in asked[:3]], room=8)
     shared = common_prefix(asked[:3])
     assert len(with_prefix.prefixes[None].tokens) == shared
-    assert with_prefix.prefill_length(Row(asked[3])) == len(asked[3]) - shared  # what the server's budget counts
-    assert with_prefix.prefill_length(Row([5] + asked[3])) == len(asked[3]) + 1
+    assert prefill_length(with_prefix.prefixes, Row(asked[3])) == len(asked[3]) - shared  # what the server's budget counts
+    assert prefill_length(with_prefix.prefixes, Row([5] + asked[3])) == len(asked[3]) + 1
     with_prefix.join([Row(asked[3])], room=8)  # a later row reuses the shared start (one row computes none)
     without = RowBatch(model)
     for prompt in asked:
@@ -151,7 +159,7 @@ def test_a_lone_row_of_another_adapter_computes_the_known_start_for_its_adapter(
     batch.join([Row(asked[2], adapter="default")], room=4)
     assert set(batch.prefixes) == {"__base__", "default"}
     assert batch.prefixes["default"].tokens == batch.prefixes["__base__"].tokens
-    assert batch.prefill_length(Row(asked[3], adapter="default")) == len(asked[3]) - common_prefix(asked[:2])
+    assert prefill_length(batch.prefixes, Row(asked[3], adapter="default")) == len(asked[3]) - common_prefix(asked[:2])
     alone = RowBatch(model, mixed_adapters=True)
     alone.join([Row(asked[2], adapter="default")], room=4)
     for _ in range(3):

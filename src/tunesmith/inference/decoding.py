@@ -325,10 +325,6 @@ class RowBatch:
             self.cache.lengths[slot] += 1
         _pick_each(self.rows, logits[:count, -1])
 
-    def prefill_length(self, row: Row) -> int:
-        """Tokens of ``row``'s prompt a join would run through the model (those after a known shared start)."""
-        return prefill_length(self.prefixes, row)
-
     def _prefixes_for(self, rows: list[Row]) -> Optional[list[Prefix]]:
         """Per row, the shared start to reuse (each row's adapter's; all of the same tokens): the last ones if
         every row begins with them; else a start known for another adapter that every row begins with (a lone row
